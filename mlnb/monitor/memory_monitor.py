@@ -1,0 +1,235 @@
+"""``MemoryMonitor``: measure the peak of a block and always clean up after it.
+
+torch keeps one global peak counter per device. A monitor resets it on entry, so when monitors nest (the per-cell
+monitor around a generation's), the inner reset would erase the outer's peak. Every monitor therefore folds the
+counter into all open monitors before resetting it and again when it closes: each one ends with the true peak of
+its own interval.
+"""
+
+from __future__ import annotations
+
+import gc
+import html
+import logging
+import threading
+from dataclasses import dataclass
+
+from ..device import Device, MemorySnapshot, get_device, host_peak_rss
+from ..units import format_bytes, format_gib
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MemoryMonitor", "MemoryReport", "cleanup"]
+
+_open: list["MemoryMonitor"] = []
+_open_lock = threading.Lock()
+
+
+def cleanup(device: Device | None = None, collect: bool = True, empty_cache: bool = True) -> list[str]:
+    """One cleanup phase: ``gc.collect()`` then the device cache clear. Returns the steps that ran."""
+    device = device or get_device()
+    steps = []
+    if collect:
+        gc.collect()
+        steps.append("gc_collect")
+    if empty_cache and device.empty_cache():
+        steps.append("cuda_cache_clear")
+    return steps
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """What memory did over one monitored block. Bytes; ``None`` is N/A (no GPU, NVML missing).
+
+    ``freed`` is what the closing cleanup returned: reserved GPU memory before minus after it (host RSS on a CPU).
+    ``host_peak_rss`` is exact when the process reached a new lifetime peak inside the block, else the larger of
+    start and end.
+    """
+
+    gpu: bool
+    device_name: str
+    seconds: float
+    start_allocated: int | None
+    peak_allocated: int | None
+    end_allocated: int | None
+    start_reserved: int | None
+    peak_reserved: int | None
+    end_reserved: int | None
+    device_used_start: int | None
+    device_used_end: int | None
+    device_total: int | None
+    host_rss_start: int | None
+    host_peak_rss: int | None
+    host_rss_end: int | None
+    freed: int | None
+    cleanup: tuple[str, ...] = ()
+    error: str | None = None  # the exception type that ended the block, if any
+
+    @property
+    def peak(self) -> int | None:
+        """The headline peak: allocated on a GPU, host RSS on a CPU."""
+        return self.peak_allocated if self.gpu else self.host_peak_rss
+
+    def summary(self) -> str:
+        """One line: ``peak 3.7 / 4.0 GiB · freed 3.6 GiB`` (GPU) or ``host RSS peak 1.2 GiB · freed 0 B`` (CPU)."""
+        if self.gpu:
+            total = f" / {format_gib(self.device_total)}" if self.device_total else ""
+            peak = f"peak {format_gib(self.peak_allocated)}{total} GiB"
+        else:
+            peak = f"host RSS peak {format_bytes(self.host_peak_rss)}"
+        return f"{peak} · freed {format_bytes(self.freed)}"
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        """``(what, start, peak, end)`` rows for tables."""
+        rows = []
+        if self.gpu:
+            rows.append(("allocated", *(format_bytes(v) for v in (self.start_allocated, self.peak_allocated, self.end_allocated))))
+            rows.append(("reserved", *(format_bytes(v) for v in (self.start_reserved, self.peak_reserved, self.end_reserved))))
+            rows.append(("device used (NVML)", format_bytes(self.device_used_start), "", format_bytes(self.device_used_end)))
+        rows.append(("host RSS", *(format_bytes(v) for v in (self.host_rss_start, self.host_peak_rss, self.host_rss_end))))
+        return rows
+
+    def __str__(self) -> str:
+        lines = [f"MemoryReport on {self.device_name}: {self.seconds:.2f} s · {self.summary()}"]
+        lines += [f"  {what:<20} {a:>10} {b:>10} {c:>10}" for what, a, b, c in [("", "start", "peak", "end"), *self.rows()]]
+        if self.error:
+            lines.append(f"  ended by {self.error}")
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(str(self))
+
+    def _repr_html_(self) -> str:
+        head = "<tr><th></th><th>start</th><th>peak</th><th>end</th></tr>"
+        body = "".join(
+            "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows()
+        )
+        caption = html.escape(f"{self.device_name}: {self.seconds:.2f} s · {self.summary()}")
+        return f"<table class='mlnb-memory'><caption>{caption}</caption>{head}{body}</table>"
+
+
+class MemoryMonitor:
+    """Context manager that measures the peak memory of a block and always cleans up after it.
+
+    On enter it synchronizes, records the start and resets the peak counter. On exit (also on an exception or
+    ``KeyboardInterrupt``) it records the peak and end, runs a cleanup phase and computes what was freed. Nesting is
+    safe: each monitor reports the peak of its own interval.
+
+    Args:
+        device: the device to watch (default: :func:`mlnb.device.get_device`).
+        collect: run ``gc.collect()`` in the closing cleanup.
+        empty_cache: clear the CUDA caching allocator in the closing cleanup.
+
+    Example:
+        ```python
+        >>> from mlnb import MemoryMonitor
+        >>> with MemoryMonitor() as mon:
+        ...     image = pipe("a fox").images[0]
+        >>> mon.get_peak_memory(), mon.report.freed
+        ```
+    """
+
+    def __init__(self, device: Device | None = None, collect: bool = True, empty_cache: bool = True) -> None:
+        self.device = device or get_device()
+        self.collect = collect
+        self.empty_cache = empty_cache
+        self.report: MemoryReport | None = None
+        self._start: MemorySnapshot | None = None
+        self._peak_allocated: int | None = None
+        self._peak_reserved: int | None = None
+        self._host_peak_at_start: int | None = None
+
+    # Peaks are folded in by monitors nested inside this one.
+    def _fold(self, snap: MemorySnapshot) -> None:
+        if snap.peak_allocated is not None:
+            self._peak_allocated = max(self._peak_allocated or 0, snap.peak_allocated)
+        if snap.peak_reserved is not None:
+            self._peak_reserved = max(self._peak_reserved or 0, snap.peak_reserved)
+
+    def __enter__(self) -> "MemoryMonitor":
+        dev = self.device
+        if dev.has_memory_counters:
+            dev.synchronize()
+        with _open_lock:
+            before = dev.snapshot()
+            for outer in _open:
+                if outer.device is dev:
+                    outer._fold(before)
+            dev.reset_peak()
+            self._start = dev.snapshot()
+            self._fold(self._start)
+            _open.append(self)
+        self._host_peak_at_start = host_peak_rss()
+        self.report = None
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        dev = self.device
+        try:
+            if dev.has_memory_counters:
+                dev.synchronize()
+        except BaseException as sync_error:  # a failed kernel can make synchronize raise; still clean up
+            logger.debug("synchronize failed during monitor exit: %s", sync_error)
+        with _open_lock:
+            at_exit = dev.snapshot()
+            self._fold(at_exit)
+            if self in _open:
+                _open.remove(self)
+            for outer in _open:
+                if outer.device is dev:
+                    outer._fold(at_exit)
+        # Drop our reference to the traceback's frames before collecting, so the cleanup can free them.
+        tb = None
+        steps = cleanup(dev, collect=self.collect, empty_cache=self.empty_cache)
+        end = dev.snapshot()
+        self.report = self._build_report(at_exit, end, steps, exc_type)
+        return False
+
+    def _build_report(self, at_exit: MemorySnapshot, end: MemorySnapshot, steps, exc_type) -> MemoryReport:
+        start = self._start
+        assert start is not None
+        gpu = self.device.has_memory_counters
+        info = self.device.info()
+        if gpu:
+            freed = max(0, (at_exit.reserved or 0) - (end.reserved or 0))
+        else:
+            freed = None if at_exit.host_rss is None or end.host_rss is None else max(0, at_exit.host_rss - end.host_rss)
+        host_candidates = [v for v in (start.host_rss, at_exit.host_rss, end.host_rss) if v is not None]
+        host_peak = max(host_candidates) if host_candidates else None
+        lifetime_peak = host_peak_rss()
+        if lifetime_peak is not None and self._host_peak_at_start is not None and lifetime_peak > self._host_peak_at_start:
+            host_peak = max(host_peak or 0, lifetime_peak)
+        return MemoryReport(
+            gpu=gpu,
+            device_name=info.name,
+            seconds=end.time - start.time,
+            start_allocated=start.allocated,
+            peak_allocated=self._peak_allocated if gpu else None,
+            end_allocated=end.allocated,
+            start_reserved=start.reserved,
+            peak_reserved=self._peak_reserved if gpu else None,
+            end_reserved=end.reserved,
+            device_used_start=start.device_used,
+            device_used_end=end.device_used,
+            device_total=info.total_bytes,
+            host_rss_start=start.host_rss,
+            host_peak_rss=host_peak,
+            host_rss_end=end.host_rss,
+            freed=freed,
+            cleanup=tuple(steps),
+            error=exc_type.__name__ if exc_type is not None else None,
+        )
+
+    def get_peak_memory(self) -> int | None:
+        """Peak bytes of the block so far (allocated on a GPU; host RSS on a CPU, known after exit)."""
+        if self.report is not None:
+            return self.report.peak
+        if self.device.has_memory_counters:
+            snap = self.device.snapshot()
+            self._fold(snap)
+            return self._peak_allocated
+        return None
+
+    def __repr__(self) -> str:
+        state = "open" if self.report is None else self.report.summary()
+        return f"MemoryMonitor({self.device.info().name}, {state})"

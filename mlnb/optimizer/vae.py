@@ -1,0 +1,66 @@
+"""VAE tiling and slicing, on ``pipe.vae`` (the pipeline-level switches are gone in diffusers 0.40+).
+
+``vae.enable_tiling()`` alone tiles at ``config.sample_size``, which is 1024 for SDXL: a 1024² image is then
+decoded in one piece and tiling does nothing. The tile size is therefore set for the budget
+(:func:`mlnb.levels.choose_vae_tile`) or taken from the config.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..levels import Technique, choose_vae_tile
+from .context import OptimizeContext, applied, not_requested, skipped
+from .report import TechniqueResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["apply_vae_tiling", "apply_vae_slicing", "vae_decode_dtype"]
+
+
+def vae_decode_dtype(pipe) -> str:
+    """The dtype the VAE decodes in: fp32 when the pipeline upcasts an fp16 VAE (SDXL's ``force_upcast``)."""
+    import torch
+
+    vae = pipe.vae
+    dtype = vae.dtype
+    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "upcast_vae"):
+        dtype = torch.float32
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def _scale(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def apply_vae_tiling(pipe, ctx: OptimizeContext) -> TechniqueResult:
+    tech = Technique.VAE_TILING
+    if not ctx.config.vae_tiling:
+        return not_requested(tech, ctx)
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, "enable_tiling"):
+        return skipped(tech, "the pipeline has no VAE with tiling")
+    if hasattr(vae, "tile_sample_min_size") and hasattr(vae, "tile_latent_min_size"):
+        sample_size = vae.config.sample_size
+        if isinstance(sample_size, (list, tuple)):
+            sample_size = sample_size[0]
+        tile = ctx.config.vae_tile_size or choose_vae_tile(ctx.free_bytes, sample_size, ctx.config.level)
+        vae.enable_tiling()
+        vae.tile_sample_min_size = tile
+        vae.tile_latent_min_size = tile // _scale(vae)
+        logger.debug("VAE tiles %d px (latent %d)", tile, vae.tile_latent_min_size)
+        dtype = vae_decode_dtype(pipe)
+        return applied(tech, f"{dtype} decode in {tile}x{tile} px tiles, 25% overlap", f"VAE {dtype} tiles {tile}")
+    vae.enable_tiling()
+    return applied(tech, f"{type(vae).__name__} tiles at its default size", "VAE tiles")
+
+
+def apply_vae_slicing(pipe, ctx: OptimizeContext) -> TechniqueResult:
+    tech = Technique.VAE_SLICING
+    if not ctx.config.vae_slicing:
+        return not_requested(tech, ctx)
+    vae = getattr(pipe, "vae", None)
+    if vae is None or not hasattr(vae, "enable_slicing"):
+        return skipped(tech, "the pipeline has no VAE with slicing")
+    vae.enable_slicing()
+    return applied(tech, "a batch is decoded one image at a time", None)

@@ -1,0 +1,213 @@
+"""Loading a diffusers pipeline safely: safetensors only unless the user opts in, never remote code by default.
+
+Every failure becomes one line that says what to do: a missing folder, a folder that is not a pipeline, pickle-only
+weights, a corrupt file, a hub id with no network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from ..device import Device
+from ..errors import ModelLoadError, ModelNotFoundError, OfflineError, UnsafeWeightsError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "resolve_model",
+    "check_local_weights",
+    "parse_dtype",
+    "default_dtype",
+    "load_diffusers_pipeline",
+    "weight_bytes",
+]
+
+_SAFE = (".safetensors",)
+_PICKLE = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+_NETWORK_HINTS = (
+    "offline", "connection", "resolve", "network", "couldn't connect", "could not connect", "max retries",
+    "name or service not known", "temporary failure", "timed out", "localentrynotfound", "cannot find the requested files",
+)
+
+
+def resolve_model(model: str | os.PathLike) -> tuple[str, bool]:
+    """``(source, is_local)``: a local folder (absolute path) or a hub id.
+
+    Raises:
+        ModelNotFoundError: a path that does not exist, or a folder without ``model_index.json``.
+    """
+    text = os.fspath(model).strip()
+    if not text:
+        raise ModelNotFoundError("no model given: pass a hub id (org/name) or a local diffusers folder")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"{text!r} is a folder but not a diffusers pipeline (no model_index.json); "
+                "save one with pipe.save_pretrained(folder)"
+            )
+        return str(path.resolve()), True
+    if path.is_file():
+        raise ModelNotFoundError(
+            f"{text!r} is a single file; mlnb loads diffusers pipeline folders or hub ids (org/name)"
+        )
+    looks_like_path = (
+        text.startswith(("/", "./", "../", "~", "\\"))
+        or text.count("/") > 1
+        or text.lower().endswith(_SAFE + _PICKLE)
+        or (len(text) > 1 and text[1] == ":")
+    )
+    if looks_like_path:
+        raise ModelNotFoundError(f"no model folder at {text!r}")
+    return text, False
+
+
+def check_local_weights(folder: str | os.PathLike, allow_pickle: bool) -> None:
+    """Refuse a local pipeline whose weights are pickle-only unless ``allow_pickle``.
+
+    Raises:
+        UnsafeWeightsError: naming the first pickle-only component and the ``allow_pickle`` opt-in.
+    """
+    root = Path(folder)
+    index = json.loads((root / "model_index.json").read_text())
+    for name, spec in index.items():
+        sub = root / name
+        if name.startswith("_") or not sub.is_dir() or not isinstance(spec, list):
+            continue
+        files = [p.name for p in sub.iterdir() if p.is_file()]
+        safe = [f for f in files if f.endswith(_SAFE)]
+        pickled = [f for f in files if f.endswith(_PICKLE)]
+        if pickled and not safe and not allow_pickle:
+            raise UnsafeWeightsError(
+                f"{name}/{pickled[0]} is a pickle file and there are no safetensors weights; pickle can run code "
+                "when loaded: pass allow_pickle=True (%%generate --allow-pickle) only if you trust this model"
+            )
+
+
+def parse_dtype(dtype):
+    """``"fp16"``, ``"float16"``, ``"bf16"``, ``"fp32"`` or a ``torch.dtype`` -> ``torch.dtype``."""
+    import torch
+
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    }
+    try:
+        return names[str(dtype).lower().replace("torch.", "")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}: use fp16, bf16 or fp32") from None
+
+
+def default_dtype(device: Device, local_folder: str | None = None):
+    """fp32 on a CPU; fp16 on CUDA, or bf16 for transformer-based pipelines on cards that support it."""
+    import torch
+
+    if not device.is_cuda:
+        return torch.float32
+    if local_folder is not None and device.info().supports_bf16:
+        try:
+            index = json.loads((Path(local_folder) / "model_index.json").read_text())
+            if "transformer" in index and "unet" not in index:
+                return torch.bfloat16
+        except (OSError, ValueError):
+            pass
+    return torch.float16
+
+
+def dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
+
+
+@contextlib.contextmanager
+def _quiet_loading():
+    """Hide diffusers'/transformers' per-component loading bars (the notebook shows mlnb's own line)."""
+    toggles = []
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            mod = importlib.import_module(module)
+            enabled = getattr(mod, "is_progress_bar_enabled", None)
+            if enabled is not None and enabled():
+                mod.disable_progress_bar()
+                toggles.append(mod)
+        except Exception:
+            continue
+    try:
+        yield
+    finally:
+        for mod in toggles:
+            mod.enable_progress_bar()
+
+
+def _dtype_keyword() -> str:
+    """Newer diffusers take ``dtype`` (``torch_dtype`` warns); 0.39 knows only ``torch_dtype``."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: bool = False, **kwargs):
+    """``DiffusionPipeline.from_pretrained`` with mlnb's safety rules and one-line errors.
+
+    Args:
+        model: hub id or local folder.
+        dtype: torch dtype for the weights.
+        allow_pickle: accept pickle (``.bin``/``.ckpt``) weights. Off by default: pickle can run code.
+        **kwargs: passed to ``from_pretrained`` (``variant``, ``revision``, ...). ``trust_remote_code`` stays
+            False unless given here explicitly.
+    """
+    source, is_local = resolve_model(model)
+    if is_local:
+        check_local_weights(source, allow_pickle)
+    from diffusers import DiffusionPipeline
+
+    kwargs.setdefault("trust_remote_code", False)
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    try:
+        with _quiet_loading():
+            pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        text = str(exc).lower()
+        if not is_local and any(h in type(exc).__name__.lower() or h in text for h in _NETWORK_HINTS):
+            raise OfflineError(
+                f"cannot reach the Hugging Face Hub for {source!r} (offline?): download it where there is network "
+                "and give the local folder, e.g. --model /content/models/name"
+            ) from None
+        if not allow_pickle and "safetensors" in text and ("not found" in text or "could not find" in text or "no such" in text):
+            raise UnsafeWeightsError(
+                f"{source!r} has no safetensors weights; pickle can run code when loaded: pass allow_pickle=True "
+                "(%%generate --allow-pickle) only if you trust this model"
+            ) from None
+        if not is_local and ("not found" in text or "404" in text or "repository" in text):
+            raise ModelNotFoundError(f"no model {source!r} on the Hugging Face Hub ({_one_line(exc)})") from None
+        raise ModelLoadError(f"could not load {source!r}: {_one_line(exc)}") from None
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def weight_bytes(pipe) -> int:
+    """Bytes of every parameter and buffer of the pipeline's torch components, in their current dtype."""
+    import torch
+
+    total = 0
+    for component in getattr(pipe, "components", {}).values():
+        if isinstance(component, torch.nn.Module):
+            total += sum(t.numel() * t.element_size() for t in component.parameters())
+            total += sum(t.numel() * t.element_size() for t in component.buffers())
+    return total

@@ -1,0 +1,445 @@
+"""``load_pipeline`` and ``ManagedPipeline``: load, optimize, cache, generate, clean up at every phase."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import secrets
+import threading
+import time
+import traceback
+from typing import Callable
+
+from ..device import Device, get_device
+from ..errors import (
+    GenerationInterrupted,
+    InvalidArgumentError,
+    OutOfMemoryRescueError,
+    UnsupportedPipelineError,
+)
+from ..levels import (
+    LevelChoice,
+    MemoryOptimizationConfig,
+    OptimizationLevel,
+    activation_reserve,
+    choose_level,
+    parse_level,
+    stronger_level,
+)
+from ..monitor import MemoryMonitor, cleanup
+from ..optimizer import MemoryOptimizer, OptimizationReport
+from ..optimizer.offload import vae_needs_upcast
+from ..units import format_bytes
+from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model, weight_bytes
+from .result import GenerationResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ManagedPipeline",
+    "load_pipeline",
+    "last_result",
+    "cached_pipelines",
+    "unload_all",
+    "generate_with_rescue",
+    "validate_generation_args",
+    "MAX_SIDE",
+    "MAX_IMAGES",
+]
+
+MAX_SIDE = 4096  # pixels; larger requests are almost always typos
+MAX_IMAGES = 16
+
+_cache: dict[tuple[str, str, str], "ManagedPipeline"] = {}
+_cache_lock = threading.RLock()
+_last: list[GenerationResult] = []
+
+
+def last_result() -> GenerationResult | None:
+    """The last :class:`GenerationResult` produced in this process, or None."""
+    return _last[-1] if _last else None
+
+
+def cached_pipelines() -> list["ManagedPipeline"]:
+    """The loaded pipelines, oldest first."""
+    with _cache_lock:
+        return list(_cache.values())
+
+
+def unload_all(device: Device | None = None) -> int:
+    """Unload every cached pipeline and clean up. Returns the number unloaded."""
+    with _cache_lock:
+        pipes = list(_cache.values())
+        for managed in pipes:
+            managed.unload()
+    cleanup(device or get_device())
+    return len(pipes)
+
+
+def validate_generation_args(
+    prompt, steps: int, width: int, height: int, num_images: int, guidance: float | None, seed: int | None
+) -> None:
+    """Check generation arguments before any work. Raises :class:`InvalidArgumentError` naming the rule."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidArgumentError("the prompt is empty: write it in the cell body (or pass prompt=...)")
+    if not isinstance(steps, int) or steps < 1:
+        raise InvalidArgumentError(f"steps must be a whole number >= 1, got {steps!r}")
+    for name, value in (("width", width), ("height", height)):
+        if not isinstance(value, int) or value < 8 or value % 8:
+            raise InvalidArgumentError(f"{name} must be a positive multiple of 8, got {value!r}")
+        if value > MAX_SIDE:
+            raise InvalidArgumentError(f"{name} must be at most {MAX_SIDE} px, got {value}")
+    if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES:
+        raise InvalidArgumentError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images!r}")
+    if guidance is not None and (not isinstance(guidance, (int, float)) or guidance < 0):
+        raise InvalidArgumentError(f"guidance must be a number >= 0, got {guidance!r}")
+    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise InvalidArgumentError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
+
+
+def _release_frames(exc: BaseException) -> None:
+    """Clear the locals of the finished frames an exception holds (latents, activations), so they can be freed."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if exc.__traceback__ is not None:
+            traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
+
+
+class ManagedPipeline:
+    """A diffusers pipeline with its level applied, owned by mlnb's cache.
+
+    Create it with :func:`load_pipeline`. ``generate`` runs inside a :class:`~mlnb.MemoryMonitor` and returns a
+    :class:`~mlnb.GenerationResult`.
+    """
+
+    def __init__(
+        self,
+        pipe,
+        model: str,
+        dtype,
+        choice: LevelChoice,
+        techniques: OptimizationReport,
+        device: Device,
+        load_kwargs: dict,
+    ) -> None:
+        self.pipe = pipe
+        self.model = model
+        self.dtype = dtype
+        self.choice = choice
+        self.techniques = techniques
+        self.device = device
+        self.load_kwargs = load_kwargs
+        self.weight_bytes = weight_bytes(pipe) if pipe is not None else 0
+
+    @property
+    def level(self) -> OptimizationLevel:
+        return self.choice.level
+
+    @property
+    def config(self) -> MemoryOptimizationConfig:
+        return MemoryOptimizationConfig.from_level(self.level)
+
+    @property
+    def loaded(self) -> bool:
+        return self.pipe is not None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return (self.model, dtype_name(self.dtype), self.level.value)
+
+    def default_size(self) -> tuple[int, int]:
+        """The model's native resolution (``sample_size`` × VAE scale factor), e.g. 1024×1024 for SDXL."""
+        return _native_size(self.pipe)
+
+    def weights_location(self) -> dict[str, str]:
+        """Where each component's weights live now: ``{"unet": "cpu", "vae": "cuda:0", ...}``."""
+        import torch
+
+        where = {}
+        if self.pipe is None:
+            return where
+        for name, component in self.pipe.components.items():
+            if isinstance(component, torch.nn.Module):
+                devices = sorted({str(p.device) for p in component.parameters()})
+                where[name] = "+".join(devices) if devices else "-"
+        return where
+
+    def _call_parameters(self) -> set[str]:
+        return set(inspect.signature(self.pipe.__call__).parameters)
+
+    def generate(
+        self,
+        prompt: str,
+        negative_prompt: str | None = None,
+        steps: int = 30,
+        guidance: float | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        progress: Callable[[int, int], None] | None = None,
+        **pipeline_kwargs,
+    ) -> GenerationResult:
+        """Generate images; memory is measured and cleaned up whatever happens.
+
+        Args:
+            prompt: the text prompt.
+            negative_prompt: what to steer away from.
+            steps: denoising steps.
+            guidance: classifier-free guidance scale (the pipeline's default when None).
+            seed: the seed; drawn at random and recorded when None. The same seed gives the same image.
+            width, height: pixels, multiples of 8 (the model's native size when None).
+            num_images: images per prompt.
+            progress: called as ``progress(step, total)`` after each denoising step.
+            **pipeline_kwargs: passed through to the pipeline call.
+
+        Raises:
+            InvalidArgumentError: a bad argument, before any work.
+            UnsupportedPipelineError: the pipeline does not take text-to-image arguments.
+            GenerationInterrupted: on KeyboardInterrupt; memory is freed and the pipeline stays loaded.
+
+        Example:
+            ```python
+            >>> result = mlnb.load_pipeline(folder).generate("a watercolor fox", steps=20, seed=1)
+            >>> result.images[0], result.report_line()
+            ```
+        """
+        if self.pipe is None:
+            raise InvalidArgumentError(f"pipeline {self.model!r} was unloaded; load it again with mlnb.load_pipeline")
+        default_w, default_h = self.default_size()
+        width = default_w if width is None else width
+        height = default_h if height is None else height
+        validate_generation_args(prompt, steps, width, height, num_images, guidance, seed)
+        accepted = self._call_parameters()
+        needed = {"prompt", "num_inference_steps", "width", "height", "generator"}
+        if not needed <= accepted:
+            missing = ", ".join(sorted(needed - accepted))
+            raise UnsupportedPipelineError(
+                f"{type(self.pipe).__name__} is not a text-to-image pipeline mlnb can drive (its call lacks {missing})"
+            )
+        import torch
+
+        seed = secrets.randbits(31) if seed is None else seed
+        kwargs = dict(
+            prompt=prompt,
+            num_inference_steps=steps,
+            width=width,
+            height=height,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            output_type="pil",
+        )
+        if negative_prompt:
+            kwargs["negative_prompt"] = negative_prompt
+        if guidance is not None and "guidance_scale" in accepted:
+            kwargs["guidance_scale"] = float(guidance)
+        if "num_images_per_prompt" in accepted:
+            kwargs["num_images_per_prompt"] = num_images
+        elif num_images != 1:
+            raise UnsupportedPipelineError(f"{type(self.pipe).__name__} makes one image per call")
+        if progress is not None and "callback_on_step_end" in accepted:
+
+            def on_step_end(pipe, step, timestep, callback_kwargs):
+                progress(step + 1, steps)
+                return callback_kwargs
+
+            kwargs["callback_on_step_end"] = on_step_end
+        kwargs.update(pipeline_kwargs)
+        if guidance is None:
+            sig = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
+            guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
+
+        config = self.config
+        monitor = MemoryMonitor(self.device, collect=config.gc_collect, empty_cache=config.cuda_cache_clear)
+        try:
+            with monitor:
+                start = time.perf_counter()
+                try:
+                    output = self.pipe(**kwargs)
+                    images = list(output.images)
+                    del output
+                except BaseException as exc:
+                    _release_frames(exc)
+                    raise
+                seconds = time.perf_counter() - start
+        except KeyboardInterrupt:
+            raise GenerationInterrupted(
+                f"generation interrupted; memory freed ({monitor.report.summary() if monitor.report else 'N/A'}), "
+                f"{self.model!r} stays loaded"
+            ) from None
+        params = dict(
+            prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
+            width=width, height=height, num_images=num_images,
+        )
+        result = GenerationResult(
+            images=images, seed=seed, params=params, memory=monitor.report, seconds=seconds,
+            level=self.level, techniques=self.techniques, model=self.model,
+        )
+        _last[:] = [result]
+        return result
+
+    def unload(self) -> None:
+        """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up."""
+        with _cache_lock:
+            if _cache.get(self.key) is self:
+                del _cache[self.key]
+        pipe, self.pipe = self.pipe, None
+        if pipe is not None:
+            try:
+                if hasattr(pipe, "remove_all_hooks"):
+                    pipe.remove_all_hooks()
+            except Exception as exc:  # hooks of a failed load can be half-installed; dropping the object is enough
+                logger.debug("remove_all_hooks failed: %s", exc)
+            del pipe
+        cleanup(self.device)
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.loaded else "unloaded"
+        return (
+            f"ManagedPipeline({self.model!r}, {dtype_name(self.dtype)}, level {self.level.value}: "
+            f"{self.techniques.summary()}; {format_bytes(self.weight_bytes)} weights, {state})"
+        )
+
+
+def load_pipeline(
+    model: str | os.PathLike,
+    level: str | OptimizationLevel = "auto",
+    dtype=None,
+    allow_pickle: bool = False,
+    device: Device | None = None,
+    config: MemoryOptimizationConfig | None = None,
+    **from_pretrained_kwargs,
+) -> ManagedPipeline:
+    """Load a diffusers pipeline, apply a memory level, and cache it by (model, dtype, level).
+
+    Args:
+        model: a hub id (``org/name``) or a local diffusers folder.
+        level: ``"auto"`` (chosen from free VRAM and the model's size), ``"none"``, ``"balanced"``,
+            ``"aggressive"`` or ``"ultra"``.
+        dtype: weights dtype; default fp16 on CUDA (bf16 for transformer pipelines where supported), fp32 on CPU.
+        allow_pickle: accept pickle weights. Off by default: pickle can run code when loaded.
+        device: the device to use (default: the current device).
+        config: explicit technique settings (overrides ``level``'s).
+        **from_pretrained_kwargs: passed to ``DiffusionPipeline.from_pretrained`` (``variant``, ``revision``...).
+
+    Returns:
+        A :class:`ManagedPipeline`. A second call with the same model, dtype and level returns the cached one.
+
+    Example:
+        ```python
+        >>> import mlnb
+        >>> pipe = mlnb.load_pipeline("stabilityai/stable-diffusion-xl-base-1.0", level="auto")
+        >>> result = pipe.generate("a watercolor fox", steps=20, seed=1)
+        ```
+    """
+    device = device or get_device()
+    requested = parse_level(config.level if config is not None else level)
+    source, is_local = resolve_model(model)
+    torch_dtype = parse_dtype(dtype) or default_dtype(device, source if is_local else None)
+    dname = dtype_name(torch_dtype)
+
+    with _cache_lock:
+        if requested is not None:
+            hit = _cache.get((source, dname, requested.value))
+            if hit is not None and config is None:
+                return hit
+        else:
+            # auto: any cached level of this model that auto chose before is reused.
+            for managed in _cache.values():
+                if managed.model == source and dtype_name(managed.dtype) == dname and managed.choice.auto:
+                    return managed
+
+    pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
+    try:
+        if requested is None:
+            w, h = _native_size(pipe)
+            reserve = activation_reserve(w, h, 1, vae_fp32=vae_needs_upcast(pipe))
+            choice = choose_level(device.free_bytes(), weight_bytes(pipe), reserve)
+        else:
+            choice = LevelChoice(requested, "chosen by the user", auto=False)
+        cfg = config if config is not None else MemoryOptimizationConfig.from_level(choice.level)
+        with _cache_lock:
+            # Same weights at another level: drop the old copy first, a small card cannot hold both.
+            for other in list(_cache.values()):
+                if other.model == source and dtype_name(other.dtype) == dname:
+                    logger.warning("unloading %s at level %s to load it at %s", source, other.level.value, choice.level.value)
+                    other.unload()
+        report = MemoryOptimizer(cfg, device).optimize_pipeline(pipe)
+    except BaseException:
+        del pipe
+        cleanup(device)
+        raise
+    managed = ManagedPipeline(pipe, source, torch_dtype, choice, report, device, dict(from_pretrained_kwargs, allow_pickle=allow_pickle))
+    with _cache_lock:
+        _cache[managed.key] = managed
+    logger.debug("loaded %r", managed)
+    return managed
+
+
+def _native_size(pipe) -> tuple[int, int]:
+    """The model's native resolution: the denoiser's ``sample_size`` times the VAE scale factor."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    size = getattr(getattr(denoiser, "config", None), "sample_size", 64) or 64
+    if isinstance(size, (list, tuple)):
+        size = size[0]
+    scale = getattr(pipe, "vae_scale_factor", 8)
+    return int(size) * scale, int(size) * scale
+
+
+def _fits_hint(width: int, height: int, num_images: int) -> str:
+    if num_images > 1:
+        return f"try --num-images {max(1, num_images // 2)}"
+    w, h = max(64, int(width * 0.75) // 64 * 64), max(64, int(height * 0.75) // 64 * 64)
+    return f"try a smaller size such as --width {w} --height {h}"
+
+
+def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> GenerationResult:
+    """Generate; on a GPU out-of-memory error free everything, retry once at the next stronger level.
+
+    Raises:
+        OutOfMemoryRescueError: still out of memory at ultra (or after the retry), with what would fit.
+    """
+    device = managed.device
+    try:
+        return managed.generate(**generate_kwargs)
+    except BaseException as exc:
+        if not device.is_oom(exc):
+            raise
+        _release_frames(exc)
+        first_error = f"{type(exc).__name__}"
+    del exc
+    cleanup(device)
+    width = generate_kwargs.get("width") or managed.default_size()[0]
+    height = generate_kwargs.get("height") or managed.default_size()[1]
+    num_images = generate_kwargs.get("num_images", 1)
+    hint = _fits_hint(width, height, num_images)
+    stronger = stronger_level(managed.level)
+    if stronger is None:
+        raise OutOfMemoryRescueError(
+            f"out of GPU memory at level ultra for {width}×{height} ×{num_images}; {hint}"
+        ) from None
+    logger.warning("out of memory at level %s (%s); retrying at %s", managed.level.value, first_error, stronger.value)
+    rescued_from = managed.level
+    retry = load_pipeline(
+        managed.model, level=stronger, dtype=managed.dtype, device=device,
+        **managed.load_kwargs,
+    )
+    try:
+        result = retry.generate(**generate_kwargs)
+    except BaseException as exc:
+        if not device.is_oom(exc):
+            raise
+        _release_frames(exc)
+        del exc
+        cleanup(device)
+        raise OutOfMemoryRescueError(
+            f"out of GPU memory at level {rescued_from.value} and again at {stronger.value} for "
+            f"{width}×{height} ×{num_images}; {hint}"
+        ) from None
+    import dataclasses
+
+    result = dataclasses.replace(result, rescued_from=rescued_from, notes=(f"out of memory at {rescued_from.value}",))
+    _last[:] = [result]
+    return result

@@ -1,0 +1,123 @@
+"""``GenerationResult``: images plus what it cost. Holds no GPU tensors, so keeping it never pins VRAM."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..levels import OptimizationLevel
+from ..monitor import MemoryReport
+from ..optimizer import OptimizationReport
+from ..units import format_bytes, format_gib
+
+__all__ = ["GenerationResult", "save_images"]
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The outcome of one generation.
+
+    Attributes:
+        images: PIL images.
+        seed: the seed used (drawn at random when none was given).
+        params: prompt, negative prompt, steps, guidance, width, height, num_images.
+        memory: the generation's :class:`~mlnb.MemoryReport`.
+        seconds: wall time of the pipeline call.
+        level: the level that produced the images.
+        techniques: the applied/skipped list of that level.
+        model: the model id or folder.
+        rescued_from: the level that ran out of memory first, when the OOM rescue retried.
+    """
+
+    images: list
+    seed: int
+    params: dict[str, Any]
+    memory: MemoryReport
+    seconds: float
+    level: OptimizationLevel
+    techniques: OptimizationReport
+    model: str
+    rescued_from: OptimizationLevel | None = None
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def image(self):
+        """The first image."""
+        return self.images[0]
+
+    def report_line(self) -> str:
+        """``1024×1024 · 30 steps · 41.2 s · peak 3.7 / 4.0 GiB · level ultra (...) · freed 3.6 GiB``."""
+        p = self.params
+        parts = [f"{p['width']}×{p['height']}"]
+        if p.get("num_images", 1) > 1:
+            parts[0] += f" ×{p['num_images']}"
+        parts.append(f"{p['steps']} steps")
+        parts.append(f"{self.seconds:.1f} s")
+        mem = self.memory
+        if mem.gpu:
+            total = f" / {format_gib(mem.device_total)}" if mem.device_total else ""
+            parts.append(f"peak {format_gib(mem.peak_allocated)}{total} GiB")
+        else:
+            parts.append(f"CPU, host RSS peak {format_bytes(mem.host_peak_rss)}")
+        level = f"level {self.level.value} ({self.techniques.summary()})"
+        if self.rescued_from is not None:
+            level += f" after OOM at {self.rescued_from.value}"
+        parts.append(level)
+        parts.append(f"freed {format_bytes(mem.freed)}")
+        return " · ".join(parts)
+
+    def save(self, path: str | os.PathLike, overwrite: bool = False) -> list[Path]:
+        """Save the images; see :func:`save_images`."""
+        return save_images(self.images, path, seed=self.seed, overwrite=overwrite)
+
+    def __repr__(self) -> str:
+        return f"GenerationResult({len(self.images)} image(s), seed={self.seed}: {self.report_line()})"
+
+    def _repr_pretty_(self, p, cycle) -> None:
+        p.text(self.report_line())
+
+    def _repr_html_(self) -> str:
+        imgs = "".join(
+            f"<img src='data:image/png;base64,{_png_b64(im)}' style='max-width:100%;margin:2px'/>" for im in self.images
+        )
+        return f"<div class='mlnb-result'>{imgs}<div><code>{html.escape(self.report_line())}</code></div></div>"
+
+
+def _png_b64(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def save_images(images: list, path: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> list[Path]:
+    """Save images to a file (one image) or into an existing folder (``mlnb-<seed>-<i>.png``).
+
+    Never overwrites silently.
+
+    Raises:
+        FileExistsError: a target file exists and ``overwrite`` is False.
+        FileNotFoundError: the parent folder does not exist.
+    """
+    target = Path(path).expanduser()
+    if target.is_dir():
+        paths = [target / f"mlnb-{seed}-{i}.png" for i in range(len(images))]
+    else:
+        if not target.parent.is_dir():
+            raise FileNotFoundError(f"--save: folder {str(target.parent)!r} does not exist")
+        if target.suffix == "":
+            raise FileNotFoundError(f"--save: folder {str(target)!r} does not exist (give a .png path or a folder)")
+        if len(images) == 1:
+            paths = [target]
+        else:
+            paths = [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(len(images))]
+    existing = [p for p in paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"--save: {str(existing[0])!r} exists; mlnb never overwrites, choose another name")
+    for image, p in zip(images, paths):
+        image.save(p)
+    return paths
