@@ -1,5 +1,6 @@
-"""Memory measurement: ``MemoryMonitor`` and ``MemoryReport``."""
+"""Memory measurement: ``MemoryMonitor``, ``MemoryReport`` and the per-cell history."""
 
+from .history import CellHistory, CellRecord, cell_history
 from .memory_monitor import MemoryMonitor, MemoryReport, cleanup
 
-__all__ = ["MemoryMonitor", "MemoryReport", "cleanup"]
+__all__ = ["MemoryMonitor", "MemoryReport", "cleanup", "CellRecord", "CellHistory", "cell_history"]

@@ -1,0 +1,150 @@
+"""The ``mlnb`` console script: ``mlnb demo``, ``mlnb doctor``, ``mlnb bench``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import sys
+from pathlib import Path
+
+__all__ = ["main", "doctor_report"]
+
+
+def _version(module: str) -> str:
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return "not installed"
+    except Exception as exc:  # e.g. an xformers built for another torch raises on import
+        return f"broken ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return str(getattr(mod, "__version__", "installed"))
+
+
+def doctor_report() -> list[tuple[str, str]]:
+    """``(what, value)`` rows about the environment, then ``("warning", ...)`` rows for known-bad combinations."""
+    from importlib import metadata
+
+    rows = [("python", platform.python_version()), ("platform", platform.platform())]
+    torch_version = _version("torch")
+    cuda = "N/A"
+    try:
+        import torch
+
+        cuda = torch.version.cuda or "CPU build"
+    except Exception:
+        pass
+    rows.append(("torch", f"{torch_version} (CUDA {cuda})"))
+    for name in ("diffusers", "transformers", "accelerate", "safetensors", "xformers", "IPython", "ipykernel", "ipywidgets", "tqdm"):
+        rows.append((name, _version(name)))
+    try:
+        rows.append(("nvidia-ml-py", metadata.version("nvidia-ml-py")))
+    except metadata.PackageNotFoundError:
+        rows.append(("nvidia-ml-py", "not installed"))
+
+    from .device import get_device
+    from .levels import choose_level
+    from .units import format_bytes
+
+    info = get_device().info()
+    if info.available:
+        cc = ".".join(map(str, info.compute_capability)) if info.compute_capability else "N/A"
+        rows.append(("GPU", f"{info.name}, compute capability {cc}, bf16 {'yes' if info.supports_bf16 else 'no'}"))
+        rows.append(("VRAM free / total", f"{format_bytes(info.free_bytes)} / {format_bytes(info.total_bytes)}"))
+        rows.append(("driver", info.driver_version or f"N/A ({info.nvml_error})"))
+    else:
+        rows.append(("GPU", "none (CPU only)"))
+    rows.append(("host RAM", f"{format_bytes(info.host_available_bytes)} available / {format_bytes(info.host_total_bytes)}"))
+    rows.append(("auto level", str(choose_level(info.free_bytes))))
+    rows += [("warning", w) for w in _known_bad(rows)]
+    return rows
+
+
+def _known_bad(rows: list[tuple[str, str]]) -> list[str]:
+    values = dict(rows)
+    warnings = []
+    xformers = values.get("xformers", "")
+    if xformers.startswith("broken"):
+        warnings.append(f"xformers fails to import ({xformers}); it is probably built for another torch. mlnb uses SDPA.")
+    elif xformers not in ("not installed", ""):
+        try:
+            from importlib import metadata
+
+            requires = metadata.requires("xformers") or []
+            pinned = [r for r in requires if r.replace(" ", "").startswith("torch==")]
+            torch_version = values.get("torch", "").split(" ")[0].split("+")[0]
+            for pin in pinned:
+                want = pin.replace(" ", "").split("==")[1].split(";")[0]
+                if torch_version and not torch_version.startswith(want.split("+")[0]):
+                    warnings.append(f"xformers {xformers} was built for torch {want}, this is torch {torch_version}")
+        except Exception:
+            pass
+    try:
+        import diffusers
+
+        major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
+        if (major, minor) < (0, 39):
+            warnings.append(f"diffusers {diffusers.__version__} is older than 0.39, the oldest mlnb supports")
+    except Exception:
+        warnings.append("diffusers is missing or broken")
+    return warnings
+
+
+def _doctor(args) -> int:
+    rows = doctor_report()
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _demo(args) -> int:
+    from IPython.testing.globalipapp import start_ipython
+
+    from .testing import default_tiny_model
+
+    model = args.model or str(default_tiny_model("sd"))
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    shell = start_ipython()
+    shell.run_line_magic("load_ext", "mlnb")
+    cell = f"--model {model} --steps {args.steps} --width {args.size} --height {args.size} --seed {args.seed} --out demo_result"
+    shell.run_cell_magic("generate", cell, args.prompt)
+    result = shell.user_ns["demo_result"]
+    paths = result.save(out, overwrite=True) if out.is_dir() else result.save(out)
+    print(shell.run_line_magic("vram", ""))
+    print(f"saved {', '.join(str(p) for p in paths)}")
+    print(result.report_line())
+    return 0
+
+
+def _bench(argv: list[str]) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
+    parser = argparse.ArgumentParser(prog="mlnb", description="Diffusion models on small GPUs, from a notebook.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="generate an image with the embedded tiny model (or --model) in an IPython shell")
+    demo.add_argument("--model", help="hub id or local diffusers folder (default: the embedded tiny model)")
+    demo.add_argument("--prompt", default="a watercolor fox in a snowy forest")
+    demo.add_argument("--steps", type=int, default=4)
+    demo.add_argument("--size", type=int, default=64, help="width and height in pixels (multiple of 8)")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--out", default=os.environ.get("MLNB_DEMO_OUT", "mlnb-demo"), help="folder for the PNG")
+    demo.set_defaults(func=_demo)
+    doctor = sub.add_parser("doctor", help="versions, GPU, driver, and known-bad combinations")
+    doctor.set_defaults(func=_doctor)
+    sub.add_parser("bench", help="benchmark levels against plain diffusers (see mlnb bench --help)")
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Shared fixtures: tiny pipelines saved to disk once per session, a fake GPU, and the gpu/browser markers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    has_cuda = _cuda_available()
+    browser = os.environ.get("MLNB_BROWSER_TEST") == "1"
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device (run scripts/gpu_check.sh on a GPU machine)")
+    skip_browser = pytest.mark.skip(reason="real-browser test: run by .ci/browser-test (MLNB_BROWSER_TEST=1)")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "browser" in item.keywords and not browser:
+            item.add_marker(skip_browser)
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("tiny-models")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_root):
+    """A tiny random-weight StableDiffusionPipeline folder (safetensors)."""
+    from mlnb.testing import tiny_pipeline
+
+    return tiny_pipeline("sd", tiny_root / "sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_root):
+    """A tiny random-weight StableDiffusionXLPipeline folder (safetensors, VAE with force_upcast)."""
+    from mlnb.testing import tiny_pipeline
+
+    return tiny_pipeline("sdxl", tiny_root / "sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_pickle(tiny_root):
+    """The tiny SD pipeline saved with pickle (.bin) weights only."""
+    from mlnb.testing import tiny_pipeline
+
+    return tiny_pipeline("sd", tiny_root / "sd-pickle", pickle=True)
+
+
+@pytest.fixture
+def fake_device():
+    """A simulated 4 GiB GPU installed as the current device for the test."""
+    from mlnb.device import FakeDevice, use_device
+
+    with use_device(FakeDevice(total=4 * 2**30)) as device:
+        yield device
+
+
+@pytest.fixture
+def clean_cache():
+    """Unload every cached pipeline before and after the test."""
+    from mlnb.pipeline import unload_all
+
+    unload_all()
+    yield
+    unload_all()
