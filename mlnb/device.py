@@ -14,6 +14,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -205,6 +206,10 @@ class Device:
         """True if ``exc`` is an accelerator out-of-memory error."""
         return isinstance(exc, FakeOutOfMemoryError) or _is_torch_oom(exc)
 
+    def owns_tensor(self, tensor) -> bool:
+        """True if ``tensor`` lives in this device's memory (it pins VRAM while referenced)."""
+        return False
+
     def free_bytes(self) -> int | None:
         """Free device memory in bytes, device-wide (None without a GPU)."""
         return None
@@ -251,6 +256,9 @@ class CudaDevice(Device):
     @property
     def torch_device(self) -> str:
         return f"cuda:{self.index}"
+
+    def owns_tensor(self, tensor) -> bool:
+        return bool(getattr(tensor, "is_cuda", False))
 
     @staticmethod
     def _cuda():
@@ -414,6 +422,19 @@ class FakeDevice(Device):
 
     kind = "fake"
     has_memory_counters = True
+
+    def __post_init__(self) -> None:
+        # id -> weak reference; tensors compare elementwise, so a WeakSet cannot hold them.
+        self._tracked: dict[int, weakref.ref] = {}
+
+    def track(self, tensor):
+        """Mark a CPU tensor as living on the fake GPU (for leak-finding tests); returns it."""
+        self._tracked[id(tensor)] = weakref.ref(tensor)
+        return tensor
+
+    def owns_tensor(self, tensor) -> bool:
+        ref = self._tracked.get(id(tensor))
+        return ref is not None and ref() is tensor
 
     def allocate(self, nbytes: int) -> None:
         """Simulate an allocation; raises :class:`FakeOutOfMemoryError` past the card's size."""

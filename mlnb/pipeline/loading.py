@@ -127,8 +127,8 @@ def dtype_name(dtype) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_loading():
-    """Hide diffusers'/transformers' per-component loading bars (the notebook shows mlnb's own line)."""
+def quiet_hf_progress():
+    """Hide diffusers'/transformers' loading and saving bars for the block (mlnb shows its own progress)."""
     toggles = []
     for module in ("diffusers.utils.logging", "transformers.utils.logging"):
         try:
@@ -177,7 +177,7 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
     if not allow_pickle:
         kwargs["use_safetensors"] = True
     try:
-        with _quiet_loading():
+        with quiet_hf_progress():
             pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)
     except (MemoryError, KeyboardInterrupt):
         raise

@@ -1,0 +1,155 @@
+"""Every cell inside a ``MemoryMonitor``, through ``pre_run_cell``/``post_run_cell``.
+
+``pre_execute``/``post_execute`` also fire for widget comm messages, so they would measure the dashboard, not the
+user's cells. After a cell that touched the GPU the allocator cache is cleared; after an error, the stored
+traceback's frames are cleared when they pin device tensors; an output that pins device tensors is pointed out.
+``gc.collect()`` runs only when it can free something: after an error, or when a GPU cell ended holding more than it
+started with (a reference cycle may be what holds it). Cells that did not touch the GPU are silent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import logging
+
+from ..device import Device, get_device
+from ..monitor import CellRecord, MemoryMonitor, cell_history
+from ..session import defaults
+from ..units import format_bytes
+from .tensors import clear_traceback_frames, find_device_tensors, stored_traceback, tensors_in_traceback
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CellMonitor", "touched_gpu"]
+
+
+def touched_gpu(report) -> bool:
+    """True if the monitored block allocated, freed or reserved GPU memory."""
+    if not report.gpu:
+        return False
+    return (
+        (report.peak_allocated or 0) > (report.start_allocated or 0)
+        or report.end_allocated != report.start_allocated
+        or report.end_reserved != report.start_reserved
+        or bool(report.freed)
+    )
+
+
+class CellMonitor:
+    """The per-cell hooks. ``pre_run_cell``/``post_run_cell`` are the bound methods registered on the shell.
+
+    Args:
+        shell: the IPython shell.
+        device: the device to watch (default: the current device, looked up at each cell).
+        echo: where the per-cell line goes (default ``print``).
+    """
+
+    def __init__(self, shell, device: Device | None = None, echo=print) -> None:
+        self.shell = shell
+        self._device = device
+        self.echo = echo
+        self._monitor: MemoryMonitor | None = None
+        self._cell: int | None = None
+        self._source = ""
+        self.quiet_current_cell = False  # set by %%generate, which prints its own report
+
+    @property
+    def device(self) -> Device:
+        return self._device or get_device()
+
+    def pre_run_cell(self, info=None) -> None:
+        try:
+            if self._monitor is not None:  # the last cell never reached post_run_cell
+                self._monitor.__exit__(None, None, None)
+                self._monitor = None
+            self.quiet_current_cell = False
+            if not defaults.monitor:
+                return
+            self._cell = getattr(self.shell, "execution_count", None)
+            raw = getattr(info, "raw_cell", "") or ""
+            first = next((line.strip() for line in raw.splitlines() if line.strip()), "")
+            self._source = first[:60] + ("…" if len(first) > 60 else "")
+            # Cleanup decisions are made after the cell, from what it did; the monitor only measures.
+            self._monitor = MemoryMonitor(self.device, collect=False, empty_cache=False).__enter__()
+        except Exception as exc:  # a hook must never break the user's cell
+            logger.debug("pre_run_cell failed: %s", exc)
+            self._monitor = None
+
+    def post_run_cell(self, result=None) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is None:
+            return
+        try:
+            self._after_cell(monitor, result)
+        except Exception as exc:
+            logger.debug("post_run_cell failed: %s", exc)
+
+    def _after_cell(self, monitor: MemoryMonitor, result) -> None:
+        error = getattr(result, "error_in_exec", None) or getattr(result, "error_before_exec", None)
+        exc_info = (type(error), error, error.__traceback__) if error is not None else (None, None, None)
+        monitor.__exit__(*exc_info)
+        report = monitor.report
+        device = self.device
+        notes: list[str] = []
+        touched = touched_gpu(report)
+
+        if error is not None:
+            pinned = tensors_in_traceback(stored_traceback(self.shell), device)
+            if pinned:
+                total = sum(r.nbytes for r in pinned)
+                frames = clear_traceback_frames(stored_traceback(self.shell))
+                notes.append(
+                    f"cleared {frames} traceback frame(s) pinning {format_bytes(total)} of GPU tensors "
+                    f"({pinned[0].path}); %debug will not see their locals"
+                )
+        value = getattr(result, "result", None)
+        pinned = find_device_tensors([(f"Out[{self._cell}]", value)], device) if value is not None else []
+        if pinned:
+            notes.append(
+                f"Out[{self._cell}] pins {format_bytes(sum(r.nbytes for r in pinned))} of GPU tensors; "
+                "%vram free --outputs drops it"
+            )
+
+        freed_extra = 0
+        if touched or error is not None:
+            before = device.snapshot()
+            if error is not None or (report.end_allocated or 0) > (report.start_allocated or 0):
+                gc.collect()
+            device.empty_cache()
+            after = device.snapshot()
+            if before.reserved is not None and after.reserved is not None:
+                freed_extra = max(0, before.reserved - after.reserved)
+        if freed_extra:
+            report = _with_freed(report, (report.freed or 0) + freed_extra, after)
+
+        cell = self._cell if self._cell is not None else len(cell_history) + 1
+        record = CellRecord(
+            cell=cell, source=self._source, report=report, touched_gpu=touched or bool(freed_extra),
+            error=type(error).__name__ if error is not None else None, notes=tuple(notes),
+        )
+        cell_history.append(record)
+        if self.quiet_current_cell:
+            for note in notes:
+                self.echo(f"[mlnb] {note}")
+            return
+        if record.touched_gpu or notes or defaults.verbose:
+            self.echo(self.line(record))
+
+    @staticmethod
+    def line(record: CellRecord) -> str:
+        """The per-cell line, e.g. ``[mlnb] cell 5 · 2.31 s · peak 3.7 GiB · end 0.2 GiB · freed 3.5 GiB``."""
+        r = record.report
+        if r.gpu:
+            mem = f"peak {format_bytes(r.peak_allocated)} · end {format_bytes(r.end_allocated)} · freed {format_bytes(r.freed)}"
+        else:
+            mem = f"host RSS {format_bytes(r.host_rss_end)} (peak {format_bytes(r.host_peak_rss)})"
+        text = f"[mlnb] cell {record.cell} · {r.seconds:.2f} s · {mem}"
+        if record.notes:
+            text += "\n" + "\n".join(f"[mlnb] {note}" for note in record.notes)
+        return text
+
+
+def _with_freed(report, freed: int, after):
+    return dataclasses.replace(report, freed=freed, end_allocated=after.allocated, end_reserved=after.reserved)
+

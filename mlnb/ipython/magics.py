@@ -1,0 +1,154 @@
+"""``%%generate`` and ``%vram``: parse, call the core, return a result object.
+
+User mistakes and mlnb's own one-line errors become ``UsageError``: IPython shows one line, no traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .. import session
+from ..device import get_device
+from ..errors import MlnbError
+from ..levels import LEVEL_NAMES
+from ..monitor import cell_history
+from .request import RequestError, build_request
+from .results import Notice, history_table, who_table
+from .tensors import drop_outputs, stored_traceback, tensors_in_namespace, tensors_in_outputs, tensors_in_traceback
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MlnbMagics"]
+
+_VRAM_ACTIONS = ["status", "history", "free", "who", "on", "off", "verbose", "level", "dashboard"]
+
+
+def _progress_bar(quiet: bool):
+    """A tqdm bar over the denoising steps (tqdm's notebook bar where widgets work); None when quiet."""
+    if quiet:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=1, desc="generate", unit="step", leave=False)
+
+
+@magics_class
+class MlnbMagics(Magics):
+    """The magics; ``cell_monitor`` is told when a cell prints its own report."""
+
+    def __init__(self, shell, cell_monitor=None) -> None:
+        super().__init__(shell)
+        self.cell_monitor = cell_monitor
+
+    @magic_arguments()
+    @argument("--model", help="hub id (org/name) or local diffusers folder; remembered for later cells (or $MLNB_MODEL)")
+    @argument("--level", help=f"memory level: {'|'.join(LEVEL_NAMES)} (default: the session's, auto)")
+    @argument("--steps", type=int, default=None, help="denoising steps (default 30)")
+    @argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
+    @argument("--seed", type=int, default=None, help="seed; the same seed gives the same image (default: random, reported)")
+    @argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
+    @argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
+    @argument("--negative", default=None, help="negative prompt; {var} expands too")
+    @argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
+    @argument("--out", default=None, metavar="VAR", help="store the GenerationResult in this variable")
+    @argument("--save", default=None, metavar="PATH", help="save PNGs to a file or an existing folder; never overwrites")
+    @argument("--quiet", action="store_true", help="no progress bar, no display (the result still goes to --out)")
+    @argument("--allow-pickle", action="store_true", help="accept pickle weights (can run code: only for trusted models)")
+    @cell_magic
+    def generate(self, line: str, cell: str):
+        """Generate images from the prompt in the cell body.
+
+        The cell body is the prompt; ``{var}`` expands from the notebook namespace. Prints a progress bar, then
+        shows the images and one report line. The result also goes to ``--out VAR`` and ``mlnb.last_result()``.
+        """
+        from ..pipeline import generate_with_rescue, load_pipeline
+
+        args = parse_argstring(self.generate, line)
+        try:
+            req = build_request(args, cell, self.shell.user_ns, session.default_model(), session.defaults.level)
+        except RequestError as exc:
+            raise UsageError(str(exc)) from None
+        if self.cell_monitor is not None:
+            self.cell_monitor.quiet_current_cell = True
+        bar = _progress_bar(req.quiet)
+
+        def progress(step: int, total: int) -> None:
+            if bar.total != total:
+                bar.reset(total=total)
+            bar.n = step
+            bar.refresh()
+
+        try:
+            managed = load_pipeline(req.model, level=req.level, allow_pickle=req.allow_pickle)
+            session.defaults.model = req.model
+            result = generate_with_rescue(managed, progress=progress if bar is not None else None, **req.generate_kwargs())
+            saved = result.save(req.save) if req.save else []
+        except (MlnbError, FileExistsError, FileNotFoundError) as exc:
+            raise UsageError(str(exc)) from None
+        finally:
+            if bar is not None:
+                bar.close()
+        if req.out:
+            self.shell.user_ns[req.out] = result
+        if saved:
+            print(f"saved {', '.join(str(p) for p in saved)}")
+        return None if req.quiet else result
+
+    @magic_arguments()
+    @argument("action", nargs="?", default="status", help=f"one of: {', '.join(_VRAM_ACTIONS)}")
+    @argument("name", nargs="?", default=None, help="the level for `%%vram level NAME`")
+    @argument("--outputs", action="store_true", help="with `free`: also drop Out-cache entries that pin GPU tensors")
+    @argument("-n", "--top", type=int, default=10, help="rows for `who` and `history`")
+    @line_magic
+    def vram(self, line: str = ""):
+        """GPU memory: status table, per-cell history, free, who holds tensors, monitor on/off, default level."""
+        args = parse_argstring(self.vram, line)
+        action = args.action
+        if action not in _VRAM_ACTIONS:
+            raise UsageError(f"%vram: unknown action {action!r}; use one of {', '.join(_VRAM_ACTIONS)}")
+        if args.name is not None and action != "level":
+            raise UsageError(f"%vram {action} takes no argument, got {args.name!r}")
+        if args.outputs and action != "free":
+            raise UsageError("--outputs goes with %vram free")
+        device = get_device()
+        if action == "status":
+            return session.status(device)
+        if action == "history":
+            return history_table(cell_history, args.top)
+        if action == "free":
+            drop = (lambda: drop_outputs(self.shell, device)) if args.outputs else None
+            return session.free_memory(device, drop_outputs=drop)
+        if action == "who":
+            sources = {
+                "namespace": tensors_in_namespace(self.shell.user_ns, device),
+                "Out cache": tensors_in_outputs(self.shell, device),
+                "last traceback": tensors_in_traceback(stored_traceback(self.shell), device),
+            }
+            return who_table(sources, args.top)
+        if action in ("on", "off"):
+            session.defaults.monitor = action == "on"
+            return Notice(f"per-cell memory monitor {action}")
+        if action == "verbose":
+            session.defaults.verbose = not session.defaults.verbose
+            state = "every cell" if session.defaults.verbose else "only cells that touch the GPU"
+            return Notice(f"per-cell line for {state}")
+        if action == "level":
+            if args.name is None:
+                return Notice(f"default level: {session.defaults.level}")
+            try:
+                return Notice(f"default level for %%generate: {session.defaults.set_level(args.name)}")
+            except ValueError as exc:
+                raise UsageError(f"%vram level: {exc}") from None
+        # dashboard
+        try:
+            from ..widgets import dashboard
+        except ImportError as exc:
+            raise UsageError(str(exc)) from None
+        try:
+            return dashboard()
+        except ImportError as exc:
+            raise UsageError(str(exc)) from None

@@ -1,0 +1,133 @@
+"""Turning ``%%generate`` options and a cell body into a checked generation request (pure, no torch)."""
+
+from __future__ import annotations
+
+import os
+import string
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..levels import parse_level
+from ..pipeline.managed import MAX_IMAGES, MAX_SIDE
+
+__all__ = ["GenerateRequest", "RequestError", "build_request", "expand_prompt"]
+
+
+class RequestError(ValueError):
+    """A user mistake in the magic's options or prompt; the UI turns it into a one-line ``UsageError``."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    model: str
+    level: str
+    prompt: str
+    negative: str | None
+    steps: int
+    guidance: float | None
+    seed: int | None
+    width: int | None
+    height: int | None
+    num_images: int
+    out: str | None
+    save: str | None
+    quiet: bool
+    allow_pickle: bool
+
+    def generate_kwargs(self) -> dict:
+        return dict(
+            prompt=self.prompt, negative_prompt=self.negative, steps=self.steps, guidance=self.guidance,
+            seed=self.seed, width=self.width, height=self.height, num_images=self.num_images,
+        )
+
+
+class _Namespace(dict):
+    """``format_map`` mapping over the notebook namespace that reports the first missing name."""
+
+    def __init__(self, user_ns: dict) -> None:
+        super().__init__()
+        self.user_ns = user_ns
+
+    def __missing__(self, key):
+        if key in self.user_ns:
+            return self.user_ns[key]
+        raise RequestError(f"{{{key}}} in the prompt names no variable in the notebook (write {{{{ for a literal brace)")
+
+
+def expand_prompt(text: str, user_ns: dict) -> str:
+    """Expand ``{var}`` (and ``{var.attr}``, ``{var[0]}``) from the namespace; ``{{``/``}}`` are literal braces."""
+    try:
+        # Parse first so an unmatched brace is reported as such, not as a missing name.
+        list(string.Formatter().parse(text))
+        return text.format_map(_Namespace(user_ns))
+    except RequestError:
+        raise
+    except (ValueError, IndexError) as exc:
+        raise RequestError(f"the prompt has a stray brace ({exc}); write {{{{ or }}}} for a literal brace") from None
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise RequestError(f"cannot expand the prompt: {type(exc).__name__}: {exc}") from None
+
+
+def _check_save(path: str, num_images: int) -> None:
+    target = Path(path).expanduser()
+    if target.is_dir():
+        return
+    if not target.parent.is_dir():
+        raise RequestError(f"--save: folder {str(target.parent)!r} does not exist")
+    if target.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise RequestError(f"--save: {path!r} is neither an existing folder nor a .png/.jpg/.webp file name")
+    if num_images == 1 and target.exists():
+        raise RequestError(f"--save: {path!r} exists; mlnb never overwrites, choose another name")
+
+
+def build_request(args, cell: str, user_ns: dict, default_model: str | None, default_level: str) -> GenerateRequest:
+    """Check everything a user can get wrong before any model is touched.
+
+    Args:
+        args: the parsed ``magic_arguments`` namespace.
+        cell: the cell body (the prompt).
+        user_ns: the notebook namespace for ``{var}``.
+        default_model: the remembered model or ``$MLNB_MODEL``.
+        default_level: the session's default level.
+
+    Raises:
+        RequestError: one line naming the option and the rule.
+    """
+    model = args.model or default_model
+    if not model:
+        raise RequestError(
+            "no model: name one with %%generate --model ID_OR_FOLDER (it is remembered for later cells), "
+            "or set MLNB_MODEL"
+        )
+    level = args.level or default_level
+    try:
+        parse_level(level)
+    except ValueError as exc:
+        raise RequestError(f"--level: {exc}") from None
+    prompt = expand_prompt(cell or "", user_ns).strip()
+    if not prompt:
+        raise RequestError("the prompt is empty: write it in the cell body below %%generate")
+    negative = expand_prompt(args.negative, user_ns) if args.negative else None
+    if args.steps is not None and args.steps < 1:
+        raise RequestError(f"--steps must be >= 1, got {args.steps}")
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and (value < 8 or value % 8):
+            raise RequestError(f"--{name} must be a positive multiple of 8, got {value}")
+        if value is not None and value > MAX_SIDE:
+            raise RequestError(f"--{name} must be at most {MAX_SIDE}, got {value}")
+    if not 1 <= args.num_images <= MAX_IMAGES:
+        raise RequestError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
+    if args.guidance is not None and args.guidance < 0:
+        raise RequestError(f"--guidance must be >= 0, got {args.guidance}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise RequestError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.out is not None and not args.out.isidentifier():
+        raise RequestError(f"--out must be a variable name, got {args.out!r}")
+    if args.save:
+        _check_save(args.save, args.num_images)
+    return GenerateRequest(
+        model=os.fspath(model), level=level, prompt=prompt, negative=negative, steps=args.steps or 30,
+        guidance=args.guidance, seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
+        out=args.out, save=args.save, quiet=bool(args.quiet), allow_pickle=bool(args.allow_pickle),
+    )
