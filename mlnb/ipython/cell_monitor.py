@@ -17,7 +17,8 @@ from ..device import Device, get_device
 from ..monitor import CellRecord, MemoryMonitor, cell_history
 from ..session import defaults
 from ..units import format_bytes
-from .tensors import clear_traceback_frames, find_device_tensors, stored_traceback, tensors_in_traceback
+from ..monitor import clear_frames
+from .tensors import find_device_tensors, stored_traceback, tensors_in_traceback
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class CellMonitor:
             pinned = tensors_in_traceback(stored_traceback(self.shell), device)
             if pinned:
                 total = sum(r.nbytes for r in pinned)
-                frames = clear_traceback_frames(stored_traceback(self.shell))
+                frames = clear_frames(stored_traceback(self.shell))
                 notes.append(
                     f"cleared {frames} traceback frame(s) pinning {format_bytes(total)} of GPU tensors "
                     f"({pinned[0].path}); %debug will not see their locals"

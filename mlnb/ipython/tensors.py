@@ -8,11 +8,11 @@ with the name or path that holds them, and drop the first two on request.
 from __future__ import annotations
 
 import sys
-import traceback
 import types
 from dataclasses import dataclass
 
 from ..device import Device
+from ..monitor import function_frames
 
 __all__ = [
     "TensorRef",
@@ -21,7 +21,6 @@ __all__ = [
     "tensors_in_outputs",
     "tensors_in_traceback",
     "drop_outputs",
-    "clear_traceback_frames",
 ]
 
 _MAX_DEPTH = 4
@@ -126,19 +125,10 @@ def tensors_in_outputs(shell, device: Device) -> list[TensorRef]:
     return find_device_tensors(_output_roots(shell), device)
 
 
-def _function_frames(tb):
-    while tb is not None:
-        frame = tb.tb_frame
-        # A module-level frame's locals are the notebook's namespace: that is not the traceback's to drop.
-        if frame.f_locals is not frame.f_globals:
-            yield frame
-        tb = tb.tb_next
-
-
 def tensors_in_traceback(tb, device: Device) -> list[TensorRef]:
     """Device tensors held by the locals of a traceback's function frames."""
     roots = []
-    for frame in _function_frames(tb):
+    for frame in function_frames(tb):
         for name, value in list(frame.f_locals.items()):
             roots.append((f"traceback: {frame.f_code.co_name}() local {name}", value))
     return find_device_tensors(roots, device)
@@ -152,19 +142,6 @@ def stored_traceback(shell):
         exc = getattr(result, "error_in_exec", None)
         tb = getattr(exc, "__traceback__", None)
     return tb
-
-
-def clear_traceback_frames(tb) -> int:
-    """Clear the locals of a traceback's finished frames; returns how many frames were cleared."""
-    count = 0
-    for frame in _function_frames(tb):
-        try:
-            frame.clear()
-            count += 1
-        except RuntimeError:  # a frame still executing cannot be cleared
-            continue
-    traceback.clear_frames(tb)
-    return count
 
 
 def drop_outputs(shell, device: Device) -> list[str]:

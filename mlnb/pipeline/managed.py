@@ -8,7 +8,6 @@ import os
 import secrets
 import threading
 import time
-import traceback
 from typing import Callable
 
 from ..device import Device, get_device
@@ -27,7 +26,7 @@ from ..levels import (
     parse_level,
     stronger_level,
 )
-from ..monitor import MemoryMonitor, cleanup
+from ..monitor import MemoryMonitor, cleanup, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
 from ..units import format_bytes
@@ -96,16 +95,6 @@ def validate_generation_args(
         raise InvalidArgumentError(f"guidance must be a number >= 0, got {guidance!r}")
     if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise InvalidArgumentError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
-
-
-def _release_frames(exc: BaseException) -> None:
-    """Clear the locals of the finished frames an exception holds (latents, activations), so they can be freed."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        if exc.__traceback__ is not None:
-            traceback.clear_frames(exc.__traceback__)
-        exc = exc.__cause__ or exc.__context__
 
 
 class ManagedPipeline:
@@ -261,7 +250,7 @@ class ManagedPipeline:
                     images = list(output.images)
                     del output
                 except BaseException as exc:
-                    _release_frames(exc)
+                    release_exception_frames(exc)
                     raise
                 seconds = time.perf_counter() - start
         except KeyboardInterrupt:
@@ -407,7 +396,7 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
     except BaseException as exc:
         if not device.is_oom(exc):
             raise
-        _release_frames(exc)
+        release_exception_frames(exc)
         first_error = f"{type(exc).__name__}"
     del exc
     cleanup(device)
@@ -431,7 +420,7 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
     except BaseException as exc:
         if not device.is_oom(exc):
             raise
-        _release_frames(exc)
+        release_exception_frames(exc)
         del exc
         cleanup(device)
         raise OutOfMemoryRescueError(

@@ -1,0 +1,183 @@
+"""The per-cell hooks on a fake shell built on IPython's real EventManager, with a fake GPU."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import types
+import weakref
+
+import pytest
+import torch
+from IPython.core.events import EventManager, available_events
+from IPython.core.interactiveshell import ExecutionResult
+
+from mlnb.device import FakeDevice, use_device
+from mlnb.ipython.cell_monitor import CellMonitor
+from mlnb.monitor import MemoryMonitor, cell_history
+from mlnb.session import defaults
+
+
+class FakeShell:
+    """Just enough of an InteractiveShell for the hooks: events, a namespace, the last result."""
+
+    def __init__(self) -> None:
+        self.events = EventManager(self, available_events)
+        self.user_ns: dict = {"Out": {}}
+        self.execution_count = 1
+        self.last_execution_result = None
+
+    def run(self, source: str, body=None):
+        """Fire pre_run_cell, run ``body()`` (its exception is the cell's error), fire post_run_cell."""
+        info = types.SimpleNamespace(raw_cell=source, store_history=True, silent=False, shell_futures=True, cell_id=None)
+        self.events.trigger("pre_run_cell", info)
+        result = ExecutionResult(info)
+        try:
+            if body is not None:
+                result.result = body()
+        except Exception as exc:
+            result.error_in_exec = exc
+            sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, exc.__traceback__
+        self.last_execution_result = result
+        self.events.trigger("post_run_cell", result)
+        self.execution_count += 1
+        return result
+
+
+@pytest.fixture
+def setup():
+    device = FakeDevice(total=4 * 2**30)
+    shell = FakeShell()
+    lines: list[str] = []
+    monitor = CellMonitor(shell, device=device, echo=lines.append)
+    shell.events.register("pre_run_cell", monitor.pre_run_cell)
+    shell.events.register("post_run_cell", monitor.post_run_cell)
+    cell_history.clear()
+    saved = (defaults.monitor, defaults.verbose)
+    with use_device(device):
+        yield shell, device, lines
+    defaults.monitor, defaults.verbose = saved
+    for name in ("last_type", "last_value", "last_traceback"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)
+
+
+def test_cell_without_gpu_is_silent_but_recorded(setup):
+    shell, device, lines = setup
+    shell.run("x = 1", lambda: None)
+    assert lines == []
+    (record,) = cell_history.records()
+    assert record.cell == 1 and record.source == "x = 1" and not record.touched_gpu
+    assert device.empty_cache_calls == 0
+
+
+def test_gpu_cell_gets_a_line_and_the_cache_cleared(setup):
+    shell, device, lines = setup
+
+    def cell():
+        device.allocate(512 * 2**20)
+        device.release(512 * 2**20)
+
+    shell.run("big = work()", cell)
+    (record,) = cell_history.records()
+    assert record.touched_gpu
+    assert record.report.peak_allocated == 512 * 2**20
+    assert record.report.freed == 512 * 2**20  # reserved went back to the driver
+    assert device.reserved == 0 and device.empty_cache_calls == 1
+    assert len(lines) == 1 and lines[0].startswith("[mlnb] cell 1 ·") and "peak 512.0 MiB" in lines[0]
+
+
+def test_verbose_prints_every_cell_and_off_records_nothing(setup):
+    shell, device, lines = setup
+    defaults.verbose = True
+    shell.run("x = 1", lambda: None)
+    assert len(lines) == 1
+    defaults.verbose = False
+    defaults.monitor = False
+    shell.run("y = 2", lambda: None)
+    assert len(cell_history) == 1 and len(lines) == 1
+
+
+def test_error_cell_frames_pinning_gpu_tensors_are_cleared(setup):
+    shell, device, lines = setup
+    holder = {}
+
+    def step():
+        latents = device.track(torch.zeros(1024))
+        holder["ref"] = weakref.ref(latents)
+        raise RuntimeError("boom")
+
+    shell.run("step()", step)
+    gc.collect()
+    assert holder["ref"]() is None, "the traceback still pins the tensor"
+    (record,) = cell_history.records()
+    assert record.error == "RuntimeError"
+    assert any("cleared" in n and "traceback frame" in n for n in record.notes)
+    assert any("%debug will not see" in line for line in lines)
+
+
+def test_error_cell_without_gpu_tensors_keeps_its_frames(setup):
+    shell, device, lines = setup
+
+    def step():
+        value = torch.zeros(4)  # not on the (fake) GPU
+        raise ValueError(str(value.shape))
+
+    shell.run("step()", step)
+    tb = sys.last_traceback
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    assert any("value" in f.f_locals for f in frames), "frames without GPU tensors must stay for %debug"
+    assert not cell_history.records()[0].notes
+
+
+def test_output_pinning_gpu_tensor_is_reported(setup):
+    shell, device, lines = setup
+    shell.run("t", lambda: device.track(torch.zeros(256)))
+    assert any("Out[1] pins" in line and "%vram free --outputs" in line for line in lines)
+
+
+def test_gc_runs_only_when_it_can_free_something(setup, monkeypatch):
+    shell, device, lines = setup
+    calls = []
+    monkeypatch.setattr(gc, "collect", lambda *a: calls.append(1) or 0)
+    shell.run("x = 1", lambda: None)
+    assert calls == []  # nothing touched the GPU
+
+    def grow():
+        device.allocate(2**20)  # ends holding more than it started with
+
+    shell.run("keep = alloc()", grow)
+    assert calls == [1]
+
+    def fail():
+        raise KeyError("x")
+
+    shell.run("d['x']", fail)
+    assert calls == [1, 1]
+
+
+def test_nested_generation_monitor_keeps_the_cell_peak(setup):
+    """torch has one global peak counter: the inner monitor resets it, the cell's peak must survive."""
+    shell, device, lines = setup
+
+    def cell():
+        device.allocate(300 * 2**20)
+        device.release(300 * 2**20)
+        with MemoryMonitor(device) as inner:
+            device.allocate(100 * 2**20)
+            device.release(100 * 2**20)
+        assert inner.report.peak_allocated == 100 * 2**20
+
+    shell.run("gen()", cell)
+    (record,) = cell_history.records()
+    assert record.report.peak_allocated == 300 * 2**20
+
+
+def test_hook_failure_never_breaks_the_cell(setup, monkeypatch):
+    shell, device, lines = setup
+    monkeypatch.setattr(device, "snapshot", lambda: (_ for _ in ()).throw(RuntimeError("driver gone")))
+    result = shell.run("x = 1", lambda: 42)
+    assert result.result == 42 and result.error_in_exec is None

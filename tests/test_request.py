@@ -1,0 +1,84 @@
+"""%%generate option checking and prompt expansion: pure functions, no torch."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from mlnb.ipython.request import RequestError, build_request, expand_prompt
+
+
+def args(**kw):
+    base = dict(model=None, level=None, steps=None, guidance=None, seed=None, width=None, height=None,
+                negative=None, num_images=1, out=None, save=None, quiet=False, allow_pickle=False)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def test_expand_prompt_from_namespace():
+    ns = {"animal": "fox", "colors": ["red", "blue"]}
+    assert expand_prompt("a {animal} in {colors[1]}", ns) == "a fox in blue"
+    assert expand_prompt("literal {{braces}}", ns) == "literal {braces}"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("a {missing} fox", "{missing} in the prompt names no variable"),
+    ("a {fox", "stray brace"),
+    ("a fox}", "stray brace"),
+])
+def test_expand_prompt_errors_are_one_line(text, needle):
+    with pytest.raises(RequestError) as info:
+        expand_prompt(text, {})
+    assert needle in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_request_uses_defaults_and_remembers_nothing_itself():
+    req = build_request(args(), "a fox\nin snow", {}, default_model="some/model", default_level="ultra")
+    assert req.model == "some/model" and req.level == "ultra"
+    assert req.prompt == "a fox\nin snow"
+    assert req.steps == 30 and req.num_images == 1
+    assert req.generate_kwargs()["prompt"] == "a fox\nin snow"
+
+
+def test_no_model_says_how_to_name_one():
+    with pytest.raises(RequestError, match="--model"):
+        build_request(args(), "a fox", {}, default_model=None, default_level="auto")
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(steps=0), "--steps must be >= 1"),
+    (dict(steps=-3), "--steps must be >= 1"),
+    (dict(width=65), "--width must be a positive multiple of 8"),
+    (dict(height=0), "--height must be a positive multiple of 8"),
+    (dict(width=100000), "--width must be at most"),
+    (dict(num_images=0), "--num-images must be between"),
+    (dict(num_images=99), "--num-images must be between"),
+    (dict(level="turbo"), "--level: unknown level 'turbo'"),
+    (dict(guidance=-1.0), "--guidance must be >= 0"),
+    (dict(seed=-1), "--seed must be in"),
+    (dict(out="not a name"), "--out must be a variable name"),
+])
+def test_bad_options(kw, needle):
+    with pytest.raises(RequestError) as info:
+        build_request(args(model="m", **kw), "a fox", {}, None, "auto")
+    assert needle in str(info.value)
+
+
+def test_empty_prompt():
+    with pytest.raises(RequestError, match="prompt is empty"):
+        build_request(args(model="m"), "  \n ", {}, None, "auto")
+
+
+def test_save_rules(tmp_path):
+    existing = tmp_path / "a.png"
+    existing.write_bytes(b"x")
+    with pytest.raises(RequestError, match="exists; mlnb never overwrites"):
+        build_request(args(model="m", save=str(existing)), "a fox", {}, None, "auto")
+    with pytest.raises(RequestError, match="does not exist"):
+        build_request(args(model="m", save=str(tmp_path / "nope" / "a.png")), "a fox", {}, None, "auto")
+    with pytest.raises(RequestError, match="neither an existing folder"):
+        build_request(args(model="m", save=str(tmp_path / "newfolder")), "a fox", {}, None, "auto")
+    assert build_request(args(model="m", save=str(tmp_path)), "a fox", {}, None, "auto").save == str(tmp_path)
+    assert build_request(args(model="m", save=str(tmp_path / "b.png")), "a fox", {}, None, "auto").save
