@@ -1,0 +1,266 @@
+"""MemoryOptimizer on tiny real diffusers pipelines: eleven honest results per level, techniques that really
+change the pipeline, and the SDXL force_upcast trap under group offloading (with a CUDA-like fake device)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mlnb.device import CpuDevice, FakeDevice
+from mlnb.levels import MemoryOptimizationConfig, OptimizationLevel, Technique, choose_vae_tile
+from mlnb.optimizer import MemoryOptimizer, OptimizationReport
+
+L = OptimizationLevel
+OFFLOADS = {"model_cpu_offload", "sequential_cpu_offload", "group_offload"}
+CUDA_ONLY = OFFLOADS | {"xformers", "cuda_cache_clear"}
+
+# What actually runs on a CPU at each level.
+APPLIED_ON_CPU = {
+    L.NONE: {"gc_collect"},
+    L.BALANCED: {"vae_tiling", "gc_collect"},
+    L.AGGRESSIVE: {"vae_tiling", "vae_slicing", "gc_collect"},
+    L.ULTRA: {"vae_tiling", "vae_slicing", "fp8_storage", "gc_collect"},
+}
+
+
+def load(folder, dtype=torch.float32):
+    """A fresh pipeline straight from diffusers (each optimization needs its own: it cannot be undone)."""
+    from diffusers import DiffusionPipeline
+
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe.to(dtype=dtype)
+    return pipe
+
+
+def run(pipe, size=64, steps=1):
+    # guidance 1 skips classifier-free guidance: one UNet batch instead of two, same code paths otherwise
+    return pipe(
+        "a fox", num_inference_steps=steps, width=size, height=size, guidance_scale=1.0, output_type="np",
+        generator=torch.Generator("cpu").manual_seed(0),
+    ).images
+
+
+class CudaLikeDevice(FakeDevice):
+    """A fake GPU that claims CUDA, so the offload paths run; the offload calls themselves are recorded."""
+
+    is_cuda = True
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every level on the CPU
+
+
+@pytest.mark.parametrize("level", list(L), ids=lambda lv: lv.value)
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_every_level_reports_eleven_honest_results_on_cpu(request, kind, level):
+    """Eleven results in technique order, each applied or skipped with a reason; on a CPU exactly the VAE, fp8
+    and gc techniques run, the CUDA-only ones say CUDA, slicing defers to SDPA, and UNet2DConditionModel has no
+    forward chunking."""
+    pipe = load(request.getfixturevalue(f"tiny_{kind}"))
+    config = MemoryOptimizationConfig.from_level(level)
+    report = MemoryOptimizer(config, CpuDevice()).optimize_pipeline(pipe)
+
+    assert isinstance(report, OptimizationReport) and report.level is level
+    assert len(report) == 11
+    assert [r.technique for r in report] == list(Technique)
+    for result in report:
+        assert isinstance(result.applied, bool)
+        assert result.detail.strip(), result.technique
+    assert {r.technique.value for r in report.applied} == APPLIED_ON_CPU[level]
+
+    for result in report:
+        name = result.technique.value
+        if not getattr(config, name):
+            assert not result.applied
+            assert result.detail == f"not part of level {level.value}"
+        elif name in CUDA_ONLY:
+            assert not result.applied and "CUDA" in result.detail, result
+    if config.attention_slicing:
+        assert "SDPA" in report["attention_slicing"].detail
+    if config.forward_chunking:
+        detail = report["forward_chunking"].detail
+        assert "UNet2DConditionModel" in detail and "enable_forward_chunking" in detail
+    # The one-line summary names applied techniques only.
+    for result in report.skipped:
+        assert result.label is None or result.label not in report.summary()
+    assert pipe._mlnb_optimized == level.value
+    assert str(report).splitlines()[0].startswith(f"level {level.value}: ")
+
+
+def test_optimizing_twice_raises(tiny_sd):
+    """Offload hooks cannot be stacked or undone, so a second optimization refuses and says why."""
+    pipe = load(tiny_sd)
+    MemoryOptimizer(MemoryOptimizationConfig.from_level("none"), CpuDevice()).optimize_pipeline(pipe)
+    with pytest.raises(RuntimeError, match="already optimized at level none"):
+        MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), CpuDevice()).optimize_pipeline(pipe)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Techniques really change the pipeline
+
+
+def test_vae_tiling_changes_the_vae(tiny_sd):
+    """Tiling turns on the VAE's own switch and sets the tile in pixels and latents (the VAE's 2x scale here)."""
+    pipe = load(tiny_sd)
+    assert pipe.vae.use_tiling is False
+    config = MemoryOptimizationConfig.from_level("balanced", vae_tile_size=128)
+    report = MemoryOptimizer(config, CpuDevice()).optimize_pipeline(pipe)
+    assert pipe.vae.use_tiling is True
+    assert pipe.vae.tile_sample_min_size == 128
+    assert pipe.vae.tile_latent_min_size == 64
+    assert report["vae_tiling"].label == "VAE fp32 tiles 128"
+
+
+def test_vae_tile_is_chosen_for_the_budget_when_not_given(tiny_sd):
+    """Without a configured size the tile comes from ``choose_vae_tile`` (capped at the VAE's sample size)."""
+    pipe = load(tiny_sd)
+    MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), CpuDevice()).optimize_pipeline(pipe)
+    expected = choose_vae_tile(None, pipe.vae.config.sample_size, L.ULTRA)
+    assert pipe.vae.tile_sample_min_size == expected
+    assert pipe.vae.use_slicing is True
+
+
+@pytest.mark.parametrize("tile, tiled", [(64, True), (128, False)])
+def test_configured_tile_size_decides_whether_decode_is_tiled(tiny_sd, monkeypatch, tile, tiled):
+    """A 128x128 image decoded with 64 px tiles really goes through ``vae.tiled_decode``; with 128 px tiles the
+    image fits one tile and does not."""
+    pipe = load(tiny_sd)
+    config = MemoryOptimizationConfig.from_level("balanced", vae_tile_size=tile)
+    MemoryOptimizer(config, CpuDevice()).optimize_pipeline(pipe)
+    calls = []
+    original = pipe.vae.tiled_decode
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.vae, "tiled_decode", spy)
+    images = run(pipe, size=128)
+    assert images.shape == (1, 128, 128, 3)
+    assert bool(calls) is tiled
+
+
+def test_fp8_storage_stores_denoiser_weights_in_fp8_and_still_generates(tiny_sd):
+    """At ultra the UNet's linear and conv weights are stored as float8_e4m3fn; norms and the text encoder keep
+    their dtype; a generation still gives a finite image."""
+    pipe = load(tiny_sd)
+    report = MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), CpuDevice()).optimize_pipeline(pipe)
+    assert report.is_applied("fp8_storage")
+    unet = pipe.unet
+    linear = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1.to_q
+    assert linear.weight.dtype == torch.float8_e4m3fn
+    assert unet.conv_in.weight.dtype == torch.float8_e4m3fn
+    assert unet.down_blocks[0].resnets[0].norm1.weight.dtype == torch.float32
+    dtypes = {p.dtype for p in unet.parameters()}
+    assert torch.float8_e4m3fn in dtypes
+    assert {p.dtype for p in pipe.text_encoder.parameters()} == {torch.float32}
+    assert {p.dtype for p in pipe.vae.parameters()} == {torch.float32}
+    images = run(pipe)
+    assert images.shape == (1, 64, 64, 3)
+    assert np.isfinite(images).all()
+    assert "computed in fp32" in report["fp8_storage"].detail
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Offload calls on a CUDA-like device, and the SDXL force_upcast trap
+
+
+@pytest.fixture
+def recorded(monkeypatch):
+    """Replace the pipeline's offload entry points and ``vae.to`` with recorders (the real ones need CUDA)."""
+
+    def install(pipe):
+        calls: dict[str, list] = {"group": [], "model": [], "sequential": [], "vae_to": [], "pipe_to": []}
+        monkeypatch.setattr(pipe, "enable_group_offload", lambda **kw: calls["group"].append(kw))
+        monkeypatch.setattr(pipe, "enable_model_cpu_offload", lambda **kw: calls["model"].append(kw))
+        monkeypatch.setattr(pipe, "enable_sequential_cpu_offload", lambda **kw: calls["sequential"].append(kw))
+        monkeypatch.setattr(pipe.vae, "to", lambda *a, **kw: calls["vae_to"].append((a, kw)))
+        monkeypatch.setattr(pipe, "to", lambda *a, **kw: calls["pipe_to"].append((a, kw)))
+        return calls
+
+    return install
+
+
+def test_sdxl_fp16_force_upcast_keeps_the_vae_out_of_group_offload(tiny_sdxl, recorded):
+    """SDXL in fp16 with ``force_upcast``: group offload excludes the VAE and the VAE is placed on the device, so
+    the fp32 upcast at decode cannot hit the group-offload dtype crash; the report says why."""
+    pipe = load(tiny_sdxl, torch.float16)
+    assert pipe.vae.config.force_upcast
+    calls = recorded(pipe)
+    device = CudaLikeDevice()
+    report = MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), device).optimize_pipeline(pipe)
+    assert len(calls["group"]) == 1
+    kwargs = calls["group"][0]
+    assert kwargs["exclude_modules"] == ["vae"]
+    assert kwargs["offload_type"] == "leaf_level" and kwargs["use_stream"] is True
+    assert kwargs["onload_device"] == torch.device(device.torch_device)
+    assert kwargs["offload_device"] == torch.device("cpu")
+    assert calls["vae_to"] == [((device.torch_device,), {})]
+    assert calls["model"] == calls["sequential"] == calls["pipe_to"] == []
+    group = report["group_offload"]
+    assert group.applied and group.label == "group offload leaf+stream"
+    assert "VAE kept on GPU" in group.detail and "force_upcast" in group.detail
+    assert report["vae_tiling"].label.startswith("VAE fp32 tiles")  # the decode really runs in fp32
+
+
+def test_sd_fp16_group_offload_excludes_nothing(tiny_sd, recorded):
+    """SD's VAE has no upcast: every component is group-offloaded and the VAE is not moved on its own."""
+    pipe = load(tiny_sd, torch.float16)
+    calls = recorded(pipe)
+    report = MemoryOptimizer(MemoryOptimizationConfig.from_level("aggressive"), CudaLikeDevice()).optimize_pipeline(pipe)
+    assert len(calls["group"]) == 1
+    assert calls["group"][0]["exclude_modules"] is None
+    assert calls["group"][0]["use_stream"] is False
+    assert calls["vae_to"] == []
+    assert report["group_offload"].label == "group offload leaf"
+    assert "VAE kept" not in report["group_offload"].detail
+    assert report["vae_tiling"].label.startswith("VAE fp16 tiles")
+
+
+def test_sdxl_fp32_needs_no_exclusion(tiny_sdxl, recorded):
+    """The trap is the fp16 upcast: an fp32 SDXL VAE is offloaded like everything else."""
+    pipe = load(tiny_sdxl)
+    calls = recorded(pipe)
+    MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), CudaLikeDevice()).optimize_pipeline(pipe)
+    assert calls["group"][0]["exclude_modules"] is None
+    assert calls["vae_to"] == []
+
+
+def test_balanced_uses_model_offload_and_none_places_the_pipeline(tiny_sd, recorded):
+    """On a CUDA device, balanced installs model offload on that device only; with no offload the whole pipeline
+    is moved to the device."""
+    device = CudaLikeDevice()
+    pipe = load(tiny_sd)
+    calls = recorded(pipe)
+    report = MemoryOptimizer(MemoryOptimizationConfig.from_level("balanced"), device).optimize_pipeline(pipe)
+    assert calls["model"] == [{"device": device.torch_device}]
+    assert calls["group"] == calls["sequential"] == calls["pipe_to"] == []
+    assert report.is_applied("model_cpu_offload") and not report.is_applied("group_offload")
+    assert report.is_applied("cuda_cache_clear")  # the fake device has a cache to clear
+    assert device.empty_cache_calls == 1
+
+    pipe = load(tiny_sd)
+    calls = recorded(pipe)
+    MemoryOptimizer(MemoryOptimizationConfig.from_level("none"), device).optimize_pipeline(pipe)
+    assert calls["pipe_to"] == [((device.torch_device,), {})]
+    assert calls["model"] == calls["group"] == calls["sequential"] == []
+
+
+def test_group_offload_falls_back_to_sequential_without_it(tiny_sd, recorded, monkeypatch):
+    """On a diffusers without ``enable_group_offload`` the group offload is skipped with the reason and
+    sequential offload runs instead, as the fallback."""
+    pipe = load(tiny_sd)
+    calls = recorded(pipe)
+    from diffusers import DiffusionPipeline
+
+    monkeypatch.delattr(pipe, "enable_group_offload")  # the recorder on the instance
+    monkeypatch.delattr(DiffusionPipeline, "enable_group_offload")  # and the method itself
+    report = MemoryOptimizer(MemoryOptimizationConfig.from_level("aggressive"), CudaLikeDevice()).optimize_pipeline(pipe)
+    assert not report.is_applied("group_offload")
+    assert "enable_group_offload" in report["group_offload"].detail
+    assert report.is_applied("sequential_cpu_offload")
+    assert "fallback" in report["sequential_cpu_offload"].detail
+    assert len(calls["sequential"]) == 1
