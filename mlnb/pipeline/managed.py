@@ -398,7 +398,6 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
             raise
         release_exception_frames(exc)
         first_error = f"{type(exc).__name__}"
-    del exc
     cleanup(device)
     width = generate_kwargs.get("width") or managed.default_size()[0]
     height = generate_kwargs.get("height") or managed.default_size()[1]
