@@ -153,6 +153,22 @@ def _dtype_keyword() -> str:
     return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
 
 
+def _is_network_error(exc: BaseException) -> bool:
+    """True when ``exc`` or any exception it was raised from is a network or offline-mode failure.
+
+    diffusers wraps the hub's ``OfflineModeIsEnabled``/connection error in a generic ``OSError`` ("not cached
+    locally"), so the cause has to be looked at too.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if any(h in type(exc).__name__.lower() or h in text for h in _NETWORK_HINTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -183,7 +199,7 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
         raise
     except Exception as exc:
         text = str(exc).lower()
-        if not is_local and any(h in type(exc).__name__.lower() or h in text for h in _NETWORK_HINTS):
+        if not is_local and _is_network_error(exc):
             raise OfflineError(
                 f"cannot reach the Hugging Face Hub for {source!r} (offline?): download it where there is network "
                 "and give the local folder, e.g. --model /content/models/name"
