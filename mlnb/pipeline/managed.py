@@ -377,11 +377,17 @@ def _native_size(pipe) -> tuple[int, int]:
     return int(size) * scale, int(size) * scale
 
 
-def _fits_hint(width: int, height: int, num_images: int) -> str:
+def _fits_hint(width: int, height: int, num_images: int, device: Device) -> str:
     if num_images > 1:
         return f"try --num-images {max(1, num_images // 2)}"
     w, h = max(64, int(width * 0.75) // 64 * 64), max(64, int(height * 0.75) // 64 * 64)
-    return f"try a smaller size such as --width {w} --height {h}"
+    if w * h < width * height:
+        return f"try a smaller size such as --width {w} --height {h}"
+    # Already at the smallest size worth suggesting: the memory is held by something else.
+    return (
+        f"even {width}×{height} does not fit in the {format_bytes(device.free_bytes())} free: "
+        "%vram who shows what holds GPU memory, %vram free releases it"
+    )
 
 
 def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> GenerationResult:
@@ -402,7 +408,7 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
     width = generate_kwargs.get("width") or managed.default_size()[0]
     height = generate_kwargs.get("height") or managed.default_size()[1]
     num_images = generate_kwargs.get("num_images", 1)
-    hint = _fits_hint(width, height, num_images)
+    hint = _fits_hint(width, height, num_images, device)
     stronger = stronger_level(managed.level)
     if stronger is None:
         raise OutOfMemoryRescueError(
