@@ -87,6 +87,9 @@ class CellMonitor:
             logger.debug("post_run_cell failed: %s", exc)
 
     def _after_cell(self, monitor: MemoryMonitor, result) -> None:
+        count = getattr(result, "execution_count", None)
+        if count is not None:  # ipykernel 7 has already advanced shell.execution_count when pre_run_cell fires
+            self._cell = count
         error = getattr(result, "error_in_exec", None) or getattr(result, "error_before_exec", None)
         exc_info = (type(error), error, error.__traceback__) if error is not None else (None, None, None)
         monitor.__exit__(*exc_info)

@@ -149,6 +149,8 @@ def drop_outputs(shell, device: Device) -> list[str]:
     user_ns = shell.user_ns
     out = user_ns.get("Out", {})
     hook = getattr(shell, "displayhook", None)
+    # The displayhook pushes _N, _, __ and ___ with interactive=False: user_ns_hidden holds a second reference to each.
+    hidden = getattr(shell, "user_ns_hidden", None) or {}
     dropped: list[str] = []
     pinned_ids = set()
     for n, value in list(out.items()):
@@ -156,6 +158,7 @@ def drop_outputs(shell, device: Device) -> list[str]:
             pinned_ids.add(id(value))
             del out[n]
             user_ns.pop(f"_{n}", None)
+            hidden.pop(f"_{n}", None)
             dropped.append(f"Out[{n}]")
     for name in ("_", "__", "___"):
         value = user_ns.get(name)
@@ -163,6 +166,8 @@ def drop_outputs(shell, device: Device) -> list[str]:
             continue
         if id(value) in pinned_ids or find_device_tensors([(name, value)], device):
             user_ns[name] = ""
+            if hidden.get(name) is value:
+                hidden[name] = ""
             if hook is not None and getattr(hook, name, None) is value:
                 setattr(hook, name, "")
             if id(value) not in pinned_ids:
