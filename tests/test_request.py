@@ -11,7 +11,7 @@ from mlnb.ipython.request import RequestError, build_request, expand_prompt
 
 def args(**kw):
     base = dict(model=None, level=None, steps=None, guidance=None, seed=None, width=None, height=None,
-                negative=None, num_images=1, out=None, save=None, quiet=False, allow_pickle=False)
+                negative=None, num_images=1, out=None, save=None, quiet=False, allow_pickle=False, vram=None)
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -82,3 +82,11 @@ def test_save_rules(tmp_path):
         build_request(args(model="m", save=str(tmp_path / "newfolder")), "a fox", {}, None, "auto")
     assert build_request(args(model="m", save=str(tmp_path)), "a fox", {}, None, "auto").save == str(tmp_path)
     assert build_request(args(model="m", save=str(tmp_path / "b.png")), "a fox", {}, None, "auto").save
+
+
+def test_vram_budget_option():
+    assert build_request(args(model="m", vram="4GiB"), "a fox", {}, None, "auto").budget == 4 * 2**30
+    with pytest.raises(RequestError, match="--vram: cannot read size"):
+        build_request(args(model="m", vram="lots"), "a fox", {}, None, "auto")
+    with pytest.raises(RequestError, match="cannot both be given"):
+        build_request(args(model="m", vram="4GiB", level="ultra"), "a fox", {}, None, "auto")

@@ -47,6 +47,7 @@ class MlnbMagics(Magics):
     @magic_arguments()
     @argument("--model", help="hub id (org/name) or local diffusers folder; remembered for later cells (or $MLNB_MODEL)")
     @argument("--level", help=f"memory level: {'|'.join(LEVEL_NAMES)} (default: the session's, auto)")
+    @argument("--vram", default=None, metavar="SIZE", help="a VRAM budget such as 4GiB instead of a level: keep what fits on the GPU, stream the rest")
     @argument("--steps", type=int, default=None, help="denoising steps (default 30)")
     @argument("--guidance", type=float, default=None, help="guidance scale (default: the pipeline's)")
     @argument("--seed", type=int, default=None, help="seed; the same seed gives the same image (default: random, reported)")
@@ -83,7 +84,7 @@ class MlnbMagics(Magics):
             bar.refresh()
 
         try:
-            managed = load_pipeline(req.model, level=req.level, allow_pickle=req.allow_pickle)
+            managed = load_pipeline(req.model, level=req.level, allow_pickle=req.allow_pickle, budget=req.budget)
             session.defaults.model = req.model
             result = generate_with_rescue(managed, progress=progress if bar is not None else None, **req.generate_kwargs())
             saved = result.save(req.save) if req.save else []

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..levels import parse_level
 from ..pipeline.managed import MAX_IMAGES, MAX_SIDE
+from ..units import parse_bytes
 
 __all__ = ["GenerateRequest", "RequestError", "build_request", "expand_prompt"]
 
@@ -33,6 +34,7 @@ class GenerateRequest:
     save: str | None
     quiet: bool
     allow_pickle: bool
+    budget: int | None = None
 
     def generate_kwargs(self) -> dict:
         return dict(
@@ -126,8 +128,16 @@ def build_request(args, cell: str, user_ns: dict, default_model: str | None, def
         raise RequestError(f"--out must be a variable name, got {args.out!r}")
     if args.save:
         _check_save(args.save, args.num_images)
+    budget = None
+    if getattr(args, "vram", None):
+        try:
+            budget = parse_bytes(args.vram)
+        except ValueError as exc:
+            raise RequestError(f"--vram: {exc}") from None
+        if args.level:
+            raise RequestError("--vram and --level cannot both be given: a budget replaces the level")
     return GenerateRequest(
         model=os.fspath(model), level=level, prompt=prompt, negative=negative, steps=args.steps or 30,
         guidance=args.guidance, seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
-        out=args.out, save=args.save, quiet=bool(args.quiet), allow_pickle=bool(args.allow_pickle),
+        out=args.out, save=args.save, quiet=bool(args.quiet), allow_pickle=bool(args.allow_pickle), budget=budget,
     )

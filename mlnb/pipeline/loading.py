@@ -15,6 +15,7 @@ from pathlib import Path
 
 from ..device import Device
 from ..errors import ModelLoadError, ModelNotFoundError, OfflineError, UnsafeWeightsError
+from ..monitor import release_exception_frames
 
 logger = logging.getLogger(__name__)
 
@@ -195,9 +196,13 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
     try:
         with quiet_hf_progress():
             pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)
-    except (MemoryError, KeyboardInterrupt):
+    except (MemoryError, KeyboardInterrupt) as exc:
+        release_exception_frames(exc)
         raise
     except Exception as exc:
+        # The loader's frames hold the components loaded before the failure, and the one-line error below keeps
+        # them alive (as its __context__) until the next error replaces sys.last_value: free them now.
+        release_exception_frames(exc)
         text = str(exc).lower()
         if not is_local and _is_network_error(exc):
             raise OfflineError(

@@ -19,6 +19,7 @@ from ..errors import (
 )
 from ..levels import (
     LevelChoice,
+    Technique,
     MemoryOptimizationConfig,
     OptimizationLevel,
     activation_reserve,
@@ -29,7 +30,11 @@ from ..levels import (
 from ..monitor import MemoryMonitor, cleanup, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
-from ..units import format_bytes
+from ..optimizer.budget import apply_plan, model_facts, plan_level
+from ..optimizer.context import skipped
+from ..plan import BudgetError, Plan, Workload, plan_for_budget
+from ..card_facts import card_facts
+from ..units import format_bytes, parse_bytes
 from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model, weight_bytes
 from .result import GenerationResult
 
@@ -113,8 +118,10 @@ class ManagedPipeline:
         techniques: OptimizationReport,
         device: Device,
         load_kwargs: dict,
+        plan: Plan | None = None,
     ) -> None:
         self.pipe = pipe
+        self.plan = plan
         self.model = model
         self.dtype = dtype
         self.choice = choice
@@ -136,8 +143,13 @@ class ManagedPipeline:
         return self.pipe is not None
 
     @property
+    def tag(self) -> str:
+        """``"ultra"``, or ``"budget 4.0 GiB"`` for a planned pipeline."""
+        return _budget_tag(self.plan.budget) if self.plan is not None else self.level.value
+
+    @property
     def key(self) -> tuple[str, str, str]:
-        return (self.model, dtype_name(self.dtype), self.level.value)
+        return (self.model, dtype_name(self.dtype), self.tag)
 
     def default_size(self) -> tuple[int, int]:
         """The model's native resolution (``sample_size`` × VAE scale factor), e.g. 1024×1024 for SDXL."""
@@ -265,6 +277,7 @@ class ManagedPipeline:
         result = GenerationResult(
             images=images, seed=seed, params=params, memory=monitor.report, seconds=seconds,
             level=self.level, techniques=self.techniques, model=self.model,
+            plan=str(self.plan) if self.plan is not None else None,
         )
         _last[:] = [result]
         return result
@@ -299,6 +312,7 @@ def load_pipeline(
     allow_pickle: bool = False,
     device: Device | None = None,
     config: MemoryOptimizationConfig | None = None,
+    budget: int | str | None = None,
     **from_pretrained_kwargs,
 ) -> ManagedPipeline:
     """Load a diffusers pipeline, apply a memory level, and cache it by (model, dtype, level).
@@ -311,6 +325,8 @@ def load_pipeline(
         allow_pickle: accept pickle weights. Off by default: pickle can run code when loaded.
         device: the device to use (default: the current device).
         config: explicit technique settings (overrides ``level``'s).
+        budget: a VRAM budget (``"4GiB"`` or bytes) instead of a level: the planner keeps what fits resident and
+            streams the rest (see :mod:`mlnb.plan`); it prints its predicted peak. Overrides ``level``.
         **from_pretrained_kwargs: passed to ``DiffusionPipeline.from_pretrained`` (``variant``, ``revision``...).
 
     Returns:
@@ -325,12 +341,20 @@ def load_pipeline(
     """
     device = device or get_device()
     requested = parse_level(config.level if config is not None else level)
+    try:
+        budget_bytes = parse_bytes(budget) if budget is not None else None
+    except ValueError as exc:
+        raise InvalidArgumentError(f"budget: {exc}") from None
     source, is_local = resolve_model(model)
     torch_dtype = parse_dtype(dtype) or default_dtype(device, source if is_local else None)
     dname = dtype_name(torch_dtype)
 
     with _cache_lock:
-        if requested is not None:
+        if budget_bytes is not None:
+            hit = _cache.get((source, dname, _budget_tag(budget_bytes)))
+            if hit is not None:
+                return hit
+        elif requested is not None:
             hit = _cache.get((source, dname, requested.value))
             if hit is not None and config is None:
                 return hit
@@ -341,8 +365,12 @@ def load_pipeline(
                     return managed
 
     pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
+    plan = None
     try:
-        if requested is None:
+        if budget_bytes is not None:
+            plan = _plan(pipe, budget_bytes, device)
+            choice = LevelChoice(plan_level(plan), f"plan for {format_bytes(budget_bytes)}: {plan.summary()}", auto=False)
+        elif requested is None:
             w, h = _native_size(pipe)
             reserve = activation_reserve(w, h, 1, vae_fp32=vae_needs_upcast(pipe))
             choice = choose_level(device.free_bytes(), weight_bytes(pipe), reserve)
@@ -353,18 +381,43 @@ def load_pipeline(
             # Same weights at another level: drop the old copy first, a small card cannot hold both.
             for other in list(_cache.values()):
                 if other.model == source and dtype_name(other.dtype) == dname:
-                    logger.warning("unloading %s at level %s to load it at %s", source, other.level.value, choice.level.value)
+                    logger.warning("unloading %s (%s) to load it again as %s", source, other.tag, choice.level.value)
                     other.unload()
-        report = MemoryOptimizer(cfg, device).optimize_pipeline(pipe)
+        if plan is None:
+            report = MemoryOptimizer(cfg, device).optimize_pipeline(pipe)
+        elif device.is_cuda:
+            report = apply_plan(pipe, plan, device.torch_device, use_stream=True, ctx_device=device)
+        else:
+            cleanup(device)
+            report = OptimizationReport(
+                plan_level(plan), tuple(skipped(t, "no CUDA device: the plan is computed, not applied") for t in Technique)
+            )
     except BaseException:
         del pipe
         cleanup(device)
         raise
-    managed = ManagedPipeline(pipe, source, torch_dtype, choice, report, device, dict(from_pretrained_kwargs, allow_pickle=allow_pickle))
+    load_kwargs = dict(from_pretrained_kwargs, allow_pickle=allow_pickle)
+    managed = ManagedPipeline(pipe, source, torch_dtype, choice, report, device, load_kwargs, plan=plan)
     with _cache_lock:
         _cache[managed.key] = managed
     logger.debug("loaded %r", managed)
     return managed
+
+
+def _budget_tag(budget: int) -> str:
+    return f"budget {format_bytes(budget)}"
+
+
+def _plan(pipe, budget: int, device: Device):
+    """The budget plan for ``pipe`` at its native size; a budget nothing fits is a one-line error."""
+    w, h = _native_size(pipe)
+    work = Workload(w, h, 1, steps=30, vae_fp32=vae_needs_upcast(pipe))
+    try:
+        plan = plan_for_budget(budget, model_facts(pipe), card_facts(device), work)
+    except BudgetError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    logger.warning("%s", plan)
+    return plan
 
 
 def _native_size(pipe) -> tuple[int, int]:

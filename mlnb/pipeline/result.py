@@ -32,6 +32,7 @@ class GenerationResult:
         techniques: the applied/skipped list of that level.
         model: the model id or folder.
         rescued_from: the level that ran out of memory first, when the OOM rescue retried.
+        plan: the budget plan with its predicted peak (compare with ``memory.peak_allocated``), if any.
     """
 
     images: list
@@ -44,6 +45,7 @@ class GenerationResult:
     model: str
     rescued_from: OptimizationLevel | None = None
     notes: tuple[str, ...] = field(default=())
+    plan: str | None = None  # the budget plan and its prediction, when a budget was given
 
     @property
     def image(self):
@@ -65,6 +67,8 @@ class GenerationResult:
         else:
             parts.append(f"CPU, host RSS peak {format_bytes(mem.host_peak_rss)}")
         level = f"level {self.level.value} ({self.techniques.summary()})"
+        if self.plan is not None:
+            level = self.plan
         if self.rescued_from is not None:
             level += f" after OOM at {self.rescued_from.value}"
         parts.append(level)

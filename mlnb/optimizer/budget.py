@@ -1,0 +1,184 @@
+"""Applying a budget :class:`~mlnb.plan.Plan` to a pipeline: resident blocks on the GPU, the rest streamed.
+
+The pieces are diffusers' and accelerate's own hooks: ``apply_group_offloading`` (leaf level, on a CUDA stream from
+pinned memory) on each streamed denoiser block only, so only streamed weights are pinned; accelerate's
+``cpu_offload_with_hook`` for the text encoders and the VAE (the VAE's ``decode`` triggers it through diffusers'
+``apply_forward_hook``), chained so each leaves the GPU when the next model starts; ``enable_layerwise_casting``
+for fp8 storage. Everything else of the denoiser is moved to the GPU part by part, never whole, so a card smaller
+than the denoiser never holds it all at once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..device import get_device
+from ..levels import OptimizationLevel, Technique
+from ..monitor import cleanup
+from ..plan import Block, ModelFacts, Plan
+from ..units import MiB, format_bytes
+from .context import applied, denoiser_of, skipped
+from .report import OptimizationReport, TechniqueResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["model_facts", "apply_plan", "plan_level"]
+
+_MAX_BLOCK = 256 * MiB  # blocks larger than this are split into their children: a finer double buffer
+
+
+def _nbytes(module) -> int:
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+def _split(name: str, module, max_block: int) -> list[tuple[str, object]]:
+    children = list(module.named_children())
+    if _nbytes(module) <= max_block or not children:
+        return [(name, module)]
+    out = []
+    for child_name, child in children:
+        if _nbytes(child):
+            out += _split(f"{name}.{child_name}", child, max_block)
+    return out  # parameters owned by this module itself count as the denoiser's "other" bytes
+
+
+def _blocks(denoiser, max_block: int) -> list[tuple[str, object]]:
+    import torch
+
+    found = []
+    for name, child in denoiser.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            for index, block in enumerate(child):
+                found += _split(f"{name}.{index}", block, max_block)
+        elif name in ("mid_block",) and child is not None:
+            found += _split(name, child, max_block)
+    return found
+
+
+def model_facts(pipe, max_block: int = _MAX_BLOCK) -> ModelFacts:
+    """Weight bytes of ``pipe`` by component and denoiser block (execution order)."""
+    import torch
+
+    denoiser = denoiser_of(pipe)
+    if denoiser is None:
+        raise ValueError(f"{type(pipe).__name__} has no unet or transformer to plan for")
+    blocks = [Block(name, _nbytes(module)) for name, module in _blocks(denoiser, max_block)]
+    encoders = {
+        name: _nbytes(module)
+        for name, module in pipe.components.items()
+        if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+    }
+    vae = getattr(pipe, "vae", None)
+    bytes_per_param = next(denoiser.parameters()).element_size()
+    return ModelFacts(
+        encoders=encoders,
+        vae=_nbytes(vae) if vae is not None else 0,
+        blocks=tuple(blocks),
+        denoiser_other=_nbytes(denoiser) - sum(b.nbytes for b in blocks),
+        bytes_per_param=bytes_per_param,
+    )
+
+
+def plan_level(plan: Plan) -> OptimizationLevel:
+    """The fixed level closest to a plan, for display and for the OOM rescue's next step."""
+    if plan.strategy == "resident":
+        return OptimizationLevel.NONE
+    if plan.strategy == "offload encoders and VAE":
+        return OptimizationLevel.BALANCED
+    return OptimizationLevel.ULTRA if plan.fp8 else OptimizationLevel.AGGRESSIVE
+
+
+def _move_except(module, prefix: str, streamed: set[str], device) -> None:
+    """Move ``module`` to ``device`` except the streamed sub-blocks (named by dotted path)."""
+    if prefix in streamed:
+        return
+    if not any(s.startswith(prefix + ".") or not prefix for s in streamed):
+        module.to(device)
+        return
+    for name, param in module.named_parameters(recurse=False):
+        param.data = param.data.to(device)
+    for name, buf in module.named_buffers(recurse=False):
+        module._buffers[name] = buf.to(device)
+    for name, child in module.named_children():
+        _move_except(child, f"{prefix}.{name}" if prefix else name, streamed, device)
+
+
+def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_device=None) -> OptimizationReport:
+    """Place ``pipe`` as ``plan`` says; returns the eleven techniques applied or skipped.
+
+    Args:
+        pipe: a freshly loaded pipeline on the CPU.
+        plan: from :func:`mlnb.plan.plan_for_budget`.
+        onload_device: where compute runs (``"cuda:0"``; ``"cpu"`` exercises the same hooks in tests).
+        use_stream: prefetch streamed blocks on a CUDA stream (CUDA only).
+        ctx_device: the mlnb device for the after-load cleanup (default: the current one).
+    """
+    import torch
+    from accelerate import cpu_offload_with_hook
+
+    ctx_device = ctx_device or get_device()
+    results: dict[Technique, TechniqueResult] = {}
+    denoiser = denoiser_of(pipe)
+    level = plan_level(plan)
+
+    if plan.fp8:
+        denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=denoiser.dtype)
+        denoiser._mlnb_fp8 = True
+        results[Technique.FP8_STORAGE] = applied(Technique.FP8_STORAGE, "denoiser weights stored as fp8 (needed to fit or faster)", "fp8 storage")
+    vae = getattr(pipe, "vae", None)
+    if plan.vae_tile and vae is not None and hasattr(vae, "tile_sample_min_size"):
+        vae.enable_tiling()
+        vae.tile_sample_min_size = plan.vae_tile
+        vae.tile_latent_min_size = plan.vae_tile // 2 ** (len(vae.config.block_out_channels) - 1)
+        results[Technique.VAE_TILING] = applied(Technique.VAE_TILING, f"decode in {plan.vae_tile} px tiles (needed to fit)", f"VAE tiles {plan.vae_tile}")
+
+    device = torch.device(onload_device)
+    hook = None
+    if plan.offload_encoders_vae:
+        names = [n for n in pipe.components if n.startswith("text_encoder")]
+        for name in names:
+            module = pipe.components[name]
+            if isinstance(module, torch.nn.Module):
+                _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
+        encoder_hook = hook
+        if encoder_hook is not None:
+            # The encoders leave the GPU before the denoiser's first step, as in diffusers' model offload.
+            denoiser.register_forward_pre_hook(lambda module, args: encoder_hook.offload())
+        if vae is not None:
+            cpu_offload_with_hook(vae, device)
+        results[Technique.MODEL_CPU_OFFLOAD] = applied(
+            Technique.MODEL_CPU_OFFLOAD, "text encoders and VAE on the GPU only while they run", "encoders+VAE offload"
+        )
+    else:
+        for name, module in pipe.components.items():
+            if isinstance(module, torch.nn.Module) and module is not denoiser:
+                module.to(device)
+
+    streamed = set(plan.streamed)
+    if streamed:
+        from diffusers.hooks import apply_group_offloading
+
+        modules = dict(denoiser.named_modules())
+        for name in plan.streamed:
+            apply_group_offloading(
+                modules[name], onload_device=device, offload_device=torch.device("cpu"),
+                offload_type="leaf_level", use_stream=use_stream,
+            )
+        moved = plan.streamed_bytes
+        results[Technique.GROUP_OFFLOAD] = applied(
+            Technique.GROUP_OFFLOAD,
+            f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed leaf-level"
+            f"{' on a CUDA stream from pinned memory' if use_stream else ''}; {len(plan.resident)} blocks resident",
+            f"stream {format_bytes(moved)}{'+stream' if use_stream else ''}, keep {len(plan.resident)} blocks",
+        )
+    _move_except(denoiser, "", streamed, device)
+
+    steps = cleanup(ctx_device, collect=True, empty_cache=True)
+    results[Technique.GC_COLLECT] = applied(Technique.GC_COLLECT, "ran after load; runs again after each generation")
+    if "cuda_cache_clear" in steps:
+        results[Technique.CUDA_CACHE_CLEAR] = applied(Technique.CUDA_CACHE_CLEAR, "ran after load; runs again after each generation")
+    for tech in Technique:
+        if tech not in results:
+            results[tech] = skipped(tech, f"not needed by the {plan.strategy} plan for {format_bytes(plan.budget)}")
+    pipe._mlnb_optimized = f"plan {format_bytes(plan.budget)}"
+    return OptimizationReport(level, tuple(results[t] for t in Technique))

@@ -1,0 +1,259 @@
+"""The budget planner: a VRAM budget in, the fastest placement that fits out (pure; no torch).
+
+A plan keeps as much of the denoiser resident on the GPU as fits beside the activation reserve and streams the rest
+block by block with group offloading on a CUDA stream (the next block's weights are copied while the current one
+computes). Text encoders and the VAE are moved onto the GPU only while they run, so they never add to the
+denoiser's peak. VAE tiling and fp8 storage are chosen only when they are needed to fit or make the plan faster.
+
+Memory model (bytes):
+    denoise peak = other + resident + 2 × largest streamed block (double buffer) + denoise reserve
+    decode peak  = other + resident + VAE + decode reserve(tile)
+    encode peak  = largest text encoder + 64 MiB
+Time model (seconds per image), from measured card facts:
+    steps × max(step compute, streamed bytes / H2D bandwidth) + (encoder + VAE bytes) / bandwidth + decode
+The reserves come from the plain-diffusers peaks measured on an H200 in the design notes (fp16, CFG, 20 steps):
+SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at 512; SDXL's fp32
+(upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .units import GiB, MiB, format_bytes
+
+__all__ = [
+    "Block",
+    "ModelFacts",
+    "CardFacts",
+    "Workload",
+    "Plan",
+    "BudgetError",
+    "denoise_reserve",
+    "decode_reserve",
+    "plan_for_budget",
+    "FP8_STEP_FACTOR",
+]
+
+# fp8 storage upcasts every layer's weights before use: SD1.5 ran 0.94 s vs 0.50 s per image (design notes, H200).
+FP8_STEP_FACTOR = 1.88
+_ENCODE_ACTIVATIONS = 64 * MiB
+_USABLE = 0.92  # keep 8% of the budget for allocator fragmentation
+
+
+class BudgetError(ValueError):
+    """No placement fits the budget; the message says what would."""
+
+
+@dataclass(frozen=True)
+class Block:
+    """A streamable piece of the denoiser (e.g. ``down_blocks.1``) and its weight bytes."""
+
+    name: str
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """Weight bytes of a pipeline, in its runtime dtype.
+
+    Args:
+        encoders: bytes of each text encoder.
+        vae: bytes of the VAE.
+        blocks: the denoiser's streamable blocks in execution order.
+        denoiser_other: denoiser bytes outside ``blocks`` (embeddings, in/out convs): always resident.
+        bytes_per_param: 2 for fp16/bf16 weights (fp8 storage halves it).
+    """
+
+    encoders: dict[str, int]
+    vae: int
+    blocks: tuple[Block, ...]
+    denoiser_other: int
+    bytes_per_param: int = 2
+
+    @property
+    def denoiser(self) -> int:
+        return self.denoiser_other + sum(b.nbytes for b in self.blocks)
+
+    @property
+    def total(self) -> int:
+        return sum(self.encoders.values()) + self.vae + self.denoiser
+
+
+@dataclass(frozen=True)
+class CardFacts:
+    """Measured facts about a card for one model and size; ``None`` when not measured yet."""
+
+    bandwidth: float | None = None  # pinned host-to-device bytes/s
+    step_seconds: float | None = None  # one denoising step, everything resident
+    decode_seconds: float | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    width: int = 1024
+    height: int = 1024
+    batch: int = 1
+    steps: int = 30
+    vae_fp32: bool = False  # the VAE decodes in fp32 (SDXL's force_upcast)
+
+    @property
+    def mpix(self) -> float:
+        return self.width * self.height * self.batch / 2**20
+
+
+def denoise_reserve(work: Workload) -> int:
+    """Activation bytes of the denoising loop (CFG included), never below 0.5 GiB."""
+    return int(max(0.5 * GiB, 0.76 * GiB * work.mpix))
+
+
+def decode_reserve(work: Workload, tile: int | None) -> int:
+    """Activation bytes of the VAE decode, untiled or in ``tile``-pixel tiles (fp32 decode costs twice fp16)."""
+    per_mpix = 5.1 * GiB if work.vae_fp32 else 2.55 * GiB
+    if tile is None:
+        return int(per_mpix * work.mpix)
+    one_tile = min(tile * tile / 2**20, work.width * work.height / 2**20)
+    return int(per_mpix * one_tile)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where each part of the pipeline lives for one budget, and what that is predicted to cost."""
+
+    budget: int
+    strategy: str  # "resident", "offload encoders and VAE", "stream"
+    resident: tuple[str, ...]
+    streamed: tuple[str, ...]
+    offload_encoders_vae: bool
+    fp8: bool
+    vae_tile: int | None
+    predicted_peak: int
+    predicted_seconds: float | None
+    streamed_bytes: int
+    notes: tuple[str, ...] = field(default=())
+
+    def summary(self) -> str:
+        parts = [self.strategy]
+        if self.streamed:
+            parts.append(f"{len(self.streamed)} blocks streamed ({format_bytes(self.streamed_bytes)}), {len(self.resident)} resident")
+        if self.fp8:
+            parts.append("fp8 storage")
+        if self.vae_tile:
+            parts.append(f"VAE tiles {self.vae_tile}")
+        return ", ".join(parts)
+
+    def prediction(self) -> str:
+        time = f"{self.predicted_seconds:.1f} s" if self.predicted_seconds is not None else "time unknown until measured"
+        return f"predicted peak {format_bytes(self.predicted_peak)} of {format_bytes(self.budget)}, {time}"
+
+    def __str__(self) -> str:
+        return f"plan for {format_bytes(self.budget)}: {self.summary()}; {self.prediction()}"
+
+
+def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp8: bool) -> float | None:
+    if card.step_seconds is None:
+        return None
+    step = card.step_seconds * (FP8_STEP_FACTOR if fp8 else 1.0)
+    if streamed:
+        if not card.bandwidth:
+            return None
+        step = max(step, streamed / card.bandwidth)
+    seconds = work.steps * step + (card.decode_seconds or 0.0)
+    if transfer_once:
+        if not card.bandwidth:
+            return None
+        seconds += transfer_once / card.bandwidth
+    return seconds
+
+
+def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
+    usable = budget * _USABLE
+    enc_total = sum(model.encoders.values())
+    enc_max = max(model.encoders.values(), default=0)
+    den_res = denoise_reserve(work)
+    for fp8 in (False, True):
+        scale = 0.5 if fp8 else 1.0
+        blocks = [Block(b.name, int(b.nbytes * scale)) for b in model.blocks]
+        other = int(model.denoiser_other * scale)
+        denoiser = other + sum(b.nbytes for b in blocks)
+        for tile in (None, 768, 512, 256):
+            if tile is not None and tile >= max(work.width, work.height):
+                continue
+            dec = decode_reserve(work, tile)
+            # Everything resident.
+            peak = model.total - (model.denoiser - denoiser) + max(den_res, dec)
+            yield Plan(budget, "resident", tuple(b.name for b in blocks), (), False, fp8, tile, peak,
+                       _time(card, work, 0, 0, fp8), 0)
+            # Encoders and VAE on the GPU only while they run; the denoiser stays.
+            peak = max(enc_max + _ENCODE_ACTIVATIONS, denoiser + den_res, denoiser + model.vae + dec)
+            yield Plan(budget, "offload encoders and VAE", tuple(b.name for b in blocks), (), True, fp8, tile, peak,
+                       _time(card, work, 0, enc_total + model.vae, fp8), 0)
+            # Stream what does not fit: keep the largest blocks resident (fewest bytes to move per step).
+            resident: list[Block] = []
+            streamed = sorted(blocks, key=lambda b: b.nbytes, reverse=True)
+            while streamed:
+                candidate = streamed[0]
+                rest = streamed[1:]
+                buffer = 2 * max((b.nbytes for b in rest), default=0)
+                size = other + sum(b.nbytes for b in resident) + candidate.nbytes
+                if max(size + buffer + den_res, size + model.vae + dec) > usable:
+                    break
+                resident.append(candidate)
+                streamed = rest
+            if not streamed:
+                continue  # nothing to stream: the plan above covers it
+            res_bytes = other + sum(b.nbytes for b in resident)
+            moved = sum(b.nbytes for b in streamed)
+            peak = max(
+                enc_max + _ENCODE_ACTIVATIONS,
+                res_bytes + 2 * max(b.nbytes for b in streamed) + den_res,
+                res_bytes + model.vae + dec,
+            )
+            order = {b.name: i for i, b in enumerate(model.blocks)}
+            yield Plan(
+                budget, "stream", tuple(sorted((b.name for b in resident), key=order.get)),
+                tuple(sorted((b.name for b in streamed), key=order.get)), True, fp8, tile, peak,
+                _time(card, work, moved, enc_total + model.vae, fp8), moved,
+            )
+
+
+_PREFERENCE = {"resident": 0, "offload encoders and VAE": 1, "stream": 2}
+
+
+def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = None, work: Workload | None = None) -> Plan:
+    """The fastest plan predicted to fit ``budget`` bytes.
+
+    With measured card facts, plans are ranked by predicted time; without them, by how little they move and
+    transform (resident, then offloaded encoders/VAE, then streaming with the most bytes resident; no fp8 or tiling
+    unless needed to fit).
+
+    Raises:
+        BudgetError: nothing fits; the message gives the smallest budget that would, and a smaller size.
+
+    Example:
+        ```python
+        >>> plan = plan_for_budget(4 * GiB, facts, CardFacts(bandwidth=20e9, step_seconds=0.07), Workload(1024, 1024))
+        >>> print(plan)
+        ```
+    """
+    card = card or CardFacts()
+    work = work or Workload()
+    plans = list(_candidates(budget, model, card, work))
+    fitting = [p for p in plans if p.predicted_peak <= budget * _USABLE]
+    if not fitting:
+        smallest = min(plans, key=lambda p: p.predicted_peak)
+        need = smallest.predicted_peak / _USABLE
+        side = max(64, int(min(work.width, work.height) * 0.75) // 64 * 64)
+        smaller = f" or try --width {side} --height {side}" if side < min(work.width, work.height) else ""
+        raise BudgetError(
+            f"no placement fits {format_bytes(budget)} for {work.width}×{work.height} ×{work.batch}: the smallest "
+            f"needs {format_bytes(need)} (activation reserve {format_bytes(denoise_reserve(work))}); "
+            f"give at least {format_bytes(need)}{smaller}"
+        )
+
+    def rank(p: Plan):
+        known = p.predicted_seconds is not None
+        structural = (p.fp8, p.vae_tile is not None, _PREFERENCE[p.strategy], p.streamed_bytes, -(p.vae_tile or 0))
+        return (0, p.predicted_seconds, structural) if known else (1, 0.0, structural)
+
+    return min(fitting, key=rank)

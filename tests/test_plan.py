@@ -1,0 +1,142 @@
+"""The budget planner: pure plans from fake model and card facts, and a plan applied for real on CPU."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import mlnb.plan as plan_mod
+from mlnb.plan import Block, BudgetError, CardFacts, ModelFacts, Workload, plan_for_budget
+from mlnb.units import GB, GiB, MiB
+
+FP16 = 2
+
+
+def sdxl_like() -> ModelFacts:
+    """SDXL-base weight bytes in fp16 (2.57 B UNet params in 40 blocks, CLIP-L + bigG, VAE)."""
+    unet = 2_567_463_684 * FP16
+    sizes = [unet * 0.9 / 40] * 40
+    return ModelFacts(
+        encoders={"text_encoder": 123_060_480 * FP16, "text_encoder_2": 694_659_840 * FP16},
+        vae=83_653_863 * FP16,
+        blocks=tuple(Block(f"b{i}", int(s)) for i, s in enumerate(sizes)),
+        denoiser_other=int(unet * 0.1),
+    )
+
+
+def sd15_like() -> ModelFacts:
+    unet = 859_520_964 * FP16
+    return ModelFacts(
+        encoders={"text_encoder": 123_060_480 * FP16},
+        vae=83_653_863 * FP16,
+        blocks=tuple(Block(f"b{i}", int(unet * 0.9 / 30)) for i in range(30)),
+        denoiser_other=int(unet * 0.1),
+    )
+
+
+SDXL_WORK = Workload(1024, 1024, 1, 20, vae_fp32=True)
+SD_WORK = Workload(512, 512, 1, 20)
+
+
+def test_whole_model_fits_means_no_offload():
+    plan = plan_for_budget(40 * GiB, sdxl_like(), CardFacts(), SDXL_WORK)
+    assert plan.strategy == "resident" and not plan.streamed and not plan.fp8 and plan.vae_tile is None
+    assert plan.predicted_peak <= 40 * GiB
+
+
+def test_t4_budget_keeps_sdxl_resident():
+    """Under a 15 GiB cap the whole SDXL fits: no needless offload (target 1.0x)."""
+    plan = plan_for_budget(15 * GiB, sdxl_like(), CardFacts(bandwidth=20e9, step_seconds=0.07), SDXL_WORK)
+    assert plan.strategy == "resident" and not plan.fp8
+
+
+def test_4gib_budget_streams_only_what_does_not_fit():
+    facts = sdxl_like()
+    plan = plan_for_budget(4 * GiB, facts, CardFacts(), SDXL_WORK)
+    assert plan.strategy == "stream"
+    assert plan.resident, "a 4 GiB budget can hold part of the UNet"
+    assert plan.predicted_peak <= 4 * GiB * 0.92
+    assert plan.streamed_bytes == sum(b.nbytes for b in facts.blocks if b.name in plan.streamed)
+    assert plan.vae_tile is not None, "SDXL's fp32 decode at 1024² needs tiles under 4 GiB"
+    # More budget keeps more resident and streams less.
+    bigger = plan_for_budget(6 * GiB, facts, CardFacts(), SDXL_WORK)
+    assert bigger.streamed_bytes < plan.streamed_bytes
+
+
+def test_fp8_only_when_needed():
+    facts = sd15_like()
+    roomy = plan_for_budget(2 * GiB, facts, CardFacts(), SD_WORK)
+    assert not roomy.fp8
+    tight = plan_for_budget(int(0.75 * GiB), facts, CardFacts(), SD_WORK)
+    assert tight.predicted_peak <= 0.75 * GiB * 0.92
+    loose_floor = min(p.predicted_peak for p in plan_mod._candidates(int(0.75 * GiB), facts, CardFacts(), SD_WORK) if not p.fp8)
+    assert tight.fp8 == (loose_floor > 0.75 * GiB * 0.92)
+
+
+def test_budget_below_the_reserve_says_what_would_fit():
+    with pytest.raises(BudgetError) as info:
+        plan_for_budget(400 * MiB, sdxl_like(), CardFacts(), SDXL_WORK)
+    message = str(info.value)
+    assert "no placement fits 400.0 MiB" in message and "give at least" in message
+    assert "--width 768 --height 768" in message
+    assert "\n" not in message
+
+
+def test_measured_card_ranks_by_predicted_time():
+    facts = sdxl_like()
+    card = CardFacts(bandwidth=25e9, step_seconds=0.07, decode_seconds=0.3)
+    plan = plan_for_budget(4 * GiB, facts, card, SDXL_WORK)
+    assert plan.predicted_seconds is not None
+    floor = SDXL_WORK.steps * max(card.step_seconds, plan.streamed_bytes / card.bandwidth)
+    assert plan.predicted_seconds >= floor
+    for other in plan_mod._candidates(4 * GiB, facts, card, SDXL_WORK):
+        if other.predicted_peak <= 4 * GiB * 0.92 and other.predicted_seconds is not None:
+            assert plan.predicted_seconds <= other.predicted_seconds
+
+
+def test_reserves_scale_with_pixels_and_dtype():
+    small, big = Workload(512, 512), Workload(1024, 1024)
+    assert plan_mod.denoise_reserve(big) > plan_mod.denoise_reserve(small)
+    assert plan_mod.decode_reserve(Workload(1024, 1024, vae_fp32=True), None) == 2 * plan_mod.decode_reserve(big, None)
+    assert plan_mod.decode_reserve(big, 512) < plan_mod.decode_reserve(big, None)
+
+
+def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
+    """Streamed blocks (group offloading), hooked encoders/VAE and resident parts compute the same image."""
+    from diffusers import DiffusionPipeline
+
+    from mlnb.optimizer.budget import apply_plan, model_facts
+
+    def run(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a fox", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(1))
+        return np.asarray(out.images[0])
+
+    reference = run(DiffusionPipeline.from_pretrained(tiny_sdxl))
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
+    facts = model_facts(pipe, max_block=200_000)
+    # Tiny models need tiny reserves for a plan that streams part of the UNet.
+    monkeypatch.setattr(plan_mod, "denoise_reserve", lambda work: 100_000)
+    monkeypatch.setattr(plan_mod, "decode_reserve", lambda work, tile: 100_000)
+    monkeypatch.setattr(plan_mod, "_ENCODE_ACTIVATIONS", 10_000)
+    need = facts.denoiser_other + 400_000 + 2 * max(b.nbytes for b in facts.blocks) + facts.vae + 300_000
+    plan = plan_for_budget(int(need / 0.92), facts, CardFacts(), Workload(64, 64, 1, 2))
+    assert plan.strategy == "stream" and plan.streamed and plan.resident
+    report = apply_plan(pipe, plan, "cpu", use_stream=False)
+    assert report.is_applied("group_offload") and report.is_applied("model_cpu_offload")
+    assert np.array_equal(run(pipe), reference)
+
+
+def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
+    import mlnb
+
+    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB")
+    assert managed.plan is not None and managed.tag == "budget 3.0 GiB"
+    result = managed.generate("a fox", steps=1, width=64, height=64, seed=1)
+    assert result.plan.startswith("plan for 3.0 GiB") and "predicted peak" in result.report_line()
+    assert mlnb.load_pipeline(tiny_sd, budget=3 * 2**30) is managed
+    with pytest.raises(mlnb.errors.InvalidArgumentError, match="no placement fits"):
+        mlnb.load_pipeline(tiny_sd, budget="1MiB")
+    with pytest.raises(mlnb.errors.InvalidArgumentError, match="budget: cannot read size"):
+        mlnb.load_pipeline(tiny_sd, budget="plenty")
