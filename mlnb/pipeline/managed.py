@@ -168,9 +168,6 @@ class ManagedPipeline:
                 where[name] = "+".join(devices) if devices else "-"
         return where
 
-    def _call_parameters(self) -> set[str]:
-        return set(inspect.signature(self.pipe.__call__).parameters)
-
     def generate(
         self,
         prompt: str,
@@ -214,13 +211,7 @@ class ManagedPipeline:
         width = default_w if width is None else width
         height = default_h if height is None else height
         validate_generation_args(prompt, steps, width, height, num_images, guidance, seed)
-        accepted = self._call_parameters()
-        needed = {"prompt", "num_inference_steps", "width", "height", "generator"}
-        if not needed <= accepted:
-            missing = ", ".join(sorted(needed - accepted))
-            raise UnsupportedPipelineError(
-                f"{type(self.pipe).__name__} is not a text-to-image pipeline mlnb can drive (its call lacks {missing})"
-            )
+        accepted = text_to_image_parameters(self.pipe)
         import torch
 
         seed = secrets.randbits(31) if seed is None else seed
@@ -367,6 +358,7 @@ def load_pipeline(
     pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
     plan = None
     try:
+        text_to_image_parameters(pipe)  # refuse it before it is optimized and cached: it could never generate
         if budget_bytes is not None:
             plan = _plan(pipe, budget_bytes, device)
             choice = LevelChoice(plan_level(plan), f"plan for {format_bytes(budget_bytes)}: {plan.summary()}", auto=False)
@@ -418,6 +410,21 @@ def _plan(pipe, budget: int, device: Device):
         raise InvalidArgumentError(str(exc)) from None
     logger.warning("%s", plan)
     return plan
+
+
+def text_to_image_parameters(pipe) -> set[str]:
+    """The parameters of ``pipe.__call__``.
+
+    Raises:
+        UnsupportedPipelineError: the call lacks one of prompt, num_inference_steps, width, height, generator.
+    """
+    accepted = set(inspect.signature(pipe.__call__).parameters)
+    missing = sorted({"prompt", "num_inference_steps", "width", "height", "generator"} - accepted)
+    if missing:
+        raise UnsupportedPipelineError(
+            f"{type(pipe).__name__} is not a text-to-image pipeline mlnb can drive (its call lacks {', '.join(missing)})"
+        )
+    return accepted
 
 
 def _native_size(pipe) -> tuple[int, int]:
