@@ -106,7 +106,14 @@ def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     """Streamed blocks (group offloading), hooked encoders/VAE and resident parts compute the same image."""
     from diffusers import DiffusionPipeline
 
+    from diffusers.hooks import apply_group_offloading
+
     from mlnb.optimizer.budget import apply_plan, model_facts
+
+    try:
+        apply_group_offloading(torch.nn.Linear(2, 2), onload_device=torch.device("cpu"), offload_type="leaf_level")
+    except AttributeError as exc:  # diffusers 0.39 asks torch.accelerator for a device that a CPU host lacks
+        pytest.skip(f"this diffusers' group offloading needs an accelerator ({exc})")
 
     def run(pipe):
         pipe.set_progress_bar_config(disable=True)
