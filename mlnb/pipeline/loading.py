@@ -11,6 +11,7 @@ import importlib
 import json
 import logging
 import os
+import sys
 from pathlib import Path
 
 from ..device import Device
@@ -170,6 +171,14 @@ def _is_network_error(exc: BaseException) -> bool:
     return False
 
 
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as it is now: huggingface_hub reads it once, at import, and notebooks often set it later."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    constants = sys.modules.get("huggingface_hub.constants")
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
@@ -193,6 +202,9 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
     kwargs.setdefault("trust_remote_code", False)
     if not allow_pickle:
         kwargs["use_safetensors"] = True
+    offline = not is_local and _hub_offline()
+    if offline:  # cache only: no hub round trip, and no multi-line "Couldn't connect to the Hub" warning first
+        kwargs.setdefault("local_files_only", True)
     try:
         with quiet_hf_progress():
             pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)
@@ -204,6 +216,11 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
         # them alive (as its __context__) until the next error replaces sys.last_value: free them now.
         release_exception_frames(exc)
         text = str(exc).lower()
+        if offline:
+            raise OfflineError(
+                f"HF_HUB_OFFLINE is set (offline) and {source!r} is not in the local Hugging Face cache: download it "
+                "where there is network and give the local folder, e.g. --model /content/models/name"
+            ) from None
         if not is_local and _is_network_error(exc):
             raise OfflineError(
                 f"cannot reach the Hugging Face Hub for {source!r} (offline?): download it where there is network "
