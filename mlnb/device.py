@@ -222,6 +222,10 @@ class Device:
         """Pinned host-to-device copy bandwidth in bytes/s, or None without a GPU."""
         return None
 
+    def device_used_bytes(self) -> int | None:
+        """Device-wide used memory (NVML, all processes) in bytes; cheap enough to sample in a thread."""
+        return None
+
 
 def _is_torch_oom(exc: BaseException) -> bool:
     oom_type = None
@@ -252,6 +256,7 @@ class CudaDevice(Device):
 
     def __init__(self, index: int = 0) -> None:
         self.index = index
+        self._cap: int | None = None  # bytes, from set_memory_cap; free/total figures honour it
 
     @property
     def torch_device(self) -> str:
@@ -266,18 +271,32 @@ class CudaDevice(Device):
 
         return torch.cuda
 
+    def _capped(self, free: int | None, total: int | None) -> tuple[int | None, int | None]:
+        # Under a memory cap the process sees a smaller card: mem_get_info alone would still show the real one.
+        if self._cap is None:
+            return free, total
+        try:
+            reserved = int(self._cuda().memory_reserved(self.index))
+        except Exception:
+            reserved = 0
+        left = max(0, self._cap - reserved)
+        return (left if free is None else min(int(free), left)), (self._cap if total is None else min(int(total), self._cap))
+
     def free_bytes(self) -> int | None:
         try:
-            free, _ = self._cuda().mem_get_info(self.index)
-            return int(free)
+            free, total = self._cuda().mem_get_info(self.index)
         except Exception:
             return None
+        return self._capped(int(free), int(total))[0]
+
+    def device_used_bytes(self) -> int | None:
+        return _nvml.memory(self.index)[0]
 
     def info(self) -> DeviceInfo:
         cuda = self._cuda()
         host_total, host_available = host_memory()
         try:
-            free, total = cuda.mem_get_info(self.index)
+            free, total = self._capped(*cuda.mem_get_info(self.index))
         except Exception:
             free = total = None
         try:
@@ -353,6 +372,7 @@ class CudaDevice(Device):
         _, total = cuda.mem_get_info(self.index)
         fraction = 1.0 if cap_bytes is None else min(1.0, cap_bytes / total)
         cuda.set_per_process_memory_fraction(fraction, self.index)
+        self._cap = None if cap_bytes is None else min(int(cap_bytes), int(total))
 
     def h2d_bandwidth(self, nbytes: int = 256 * 2**20, repeats: int = 5) -> float | None:
         import torch
@@ -510,6 +530,9 @@ class FakeDevice(Device):
 
     def h2d_bandwidth(self, nbytes: int = 256 * 2**20, repeats: int = 5) -> float | None:
         return 12e9
+
+    def device_used_bytes(self) -> int | None:
+        return None if self.nvml_fails else self.reserved + self.other_processes
 
 
 # ----------------------------------------------------------------------------------------------------------------

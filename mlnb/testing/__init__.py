@@ -38,9 +38,9 @@ def _write_tokenizer(folder: Path) -> int:
     (folder / "merges.txt").write_text("#version: 0.2\n")
     from transformers import CLIPTokenizer
 
-    tokenizer = CLIPTokenizer(
-        vocab_file=str(folder / "vocab.json"), merges_file=str(folder / "merges.txt"), model_max_length=77
-    )
+    # transformers 5 takes ``vocab``/``merges``; it silently ignores the old ``vocab_file``/``merges_file`` names and
+    # builds a two-token vocabulary in which every prompt encodes to nothing.
+    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
     tokenizer.save_pretrained(folder)
     return len(vocab)
 

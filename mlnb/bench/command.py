@@ -1,0 +1,227 @@
+"""``mlnb bench``: parse the options, build the models, run every recipe in its own process, report.
+
+The parent process never touches the GPU: a ``probe`` worker reads the card and its bandwidth, ``build`` workers
+make the random-weight model folders, and one ``run`` worker per (model, recipe, cap) does the measuring.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..units import GiB
+from . import report
+from .models import ARCHS, ModelSource, model_source, native_size, tiny_source
+from .recipes import RECIPES, parse_recipes
+from .runner import DEFAULT_PROMPT, RunSpec, parse_caps, plan_runs, run_job
+from .worker import probe
+
+__all__ = ["main", "build_parser"]
+
+QUICK_RECIPES = "mlnb-auto"  # the uncapped diffusers-none baseline is always added
+QUICK_CAPS = "sdxl:4,sdxl:15,sd15:2"
+FULL_CAPS = "sdxl:none,sdxl:4,sdxl:15,sd15:none,sd15:2"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mlnb bench`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="mlnb bench",
+        description=(
+            "Benchmark mlnb's levels against plain diffusers on the real SD1.5 and SDXL architectures (random "
+            "weights), each recipe in its own process, optionally under a memory cap that simulates a smaller card. "
+            "Without a CUDA device (or with --device cpu) it runs the tiny test models: a check of the harness, "
+            "not of performance."
+        ),
+        epilog="recipes: " + ", ".join(RECIPES) + ". See docs/benchmarks.md.",
+    )
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a few minutes on one GPU: 8 steps, recipes {QUICK_RECIPES} (+ baseline), caps {QUICK_CAPS}")
+    parser.add_argument("--models", default="sd15,sdxl", help="architectures to build: sd15, sdxl (default both)")
+    parser.add_argument("--model", help="a real model (local diffusers folder or hub id) instead of --models")
+    parser.add_argument("--recipes", help="all (default), diffusers, mlnb, or a comma list such as diffusers-none,mlnb-ultra")
+    parser.add_argument("--steps", type=int, help="denoising steps per image (default 20; --quick 8; CPU 2)")
+    caps = parser.add_mutually_exclusive_group()
+    caps.add_argument("--caps", help=f"memory caps in GiB: '4,15', 'none', or per model 'sdxl:4,sd15:2' (default {FULL_CAPS})")
+    caps.add_argument("--cap-gib", type=float, metavar="N", help="one cap of N GiB for every model (same as --caps N)")
+    parser.add_argument("--size", type=int, help="image side in pixels (default: native, 512 for SD1.5, 1024 for SDXL)")
+    parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
+                        help="auto (default): CUDA if present, else the CPU harness check")
+    parser.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")
+    parser.add_argument("--markdown", help="also write the results as a Markdown section to this file")
+    parser.add_argument("--work-dir", help="keep the built model folders here and reuse them (default: a temp folder, deleted)")
+    parser.add_argument("--log-dir", help="keep each worker's log here (default: a temp folder, deleted)")
+    parser.add_argument("--timeout", type=float, help="seconds per run before it is stopped (default 900; --quick 300)")
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _model_names(args) -> list[str]:
+    if args.model:
+        return [model_source(args.model).name]
+    names = [m.strip() for m in args.models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in ARCHS]
+    if unknown or not names:
+        raise ValueError(f"--models: unknown {', '.join(unknown) or '(empty)'}; use {', '.join(ARCHS)}")
+    return names
+
+
+def _sources(args, device: str, work: Path, logs: Path, timeout: float) -> tuple[list[ModelSource], list[dict]]:
+    """The models to run and, for the built ones, how building went."""
+    if args.model:
+        return [model_source(args.model, args.size)], []
+    names = _model_names(args)
+    if device == "cpu":
+        return [tiny_source(m) for m in names], []
+    sources, builds = [], []
+    for name in names:
+        folder = work / name
+        _say(f"building {name} (real shapes, random weights) in {folder} ...")
+        job = {"job": "build", "model": name, "folder": str(folder), "device": device, "seed": args.seed}
+        result = run_job(job, logs / f"build-{name}.log", timeout=timeout)
+        builds.append(dict(result, model=name))
+        if result.get("status") == "error":
+            _say(f"  build failed: {result.get('error')}\n{result.get('log_tail', '')}")
+        else:
+            how = "reused" if result.get("reused") else f"{result.get('seconds', 0):.1f} s"
+            _say(f"  {how}, {result.get('disk_bytes', 0) / GiB:.2f} GiB on disk")
+        sources.append(ModelSource(name, str(folder), "arch", args.size or native_size(name), result))
+    return sources, builds
+
+
+def _settings(args) -> tuple[str | None, str]:
+    recipes = args.recipes or (QUICK_RECIPES if args.quick else None)
+    # A --model has no per-architecture defaults: it runs uncapped unless --caps says otherwise.
+    caps = args.caps or (f"{args.cap_gib:g}" if args.cap_gib else None) or ("none" if args.model else QUICK_CAPS if args.quick else FULL_CAPS)
+    return recipes, caps
+
+
+def _run_all(runs: list[RunSpec], failed_builds: dict[str, str], logs: Path, timeout: float) -> list[dict]:
+    rows = []
+    for index, spec in enumerate(runs, 1):
+        base = {k: getattr(spec, k) for k in ("model", "recipe", "cap_bytes", "steps", "width", "height")}
+        if spec.model in failed_builds:
+            row = dict(base, status="error", phase="build", error=failed_builds[spec.model])
+        else:
+            log = logs / f"run-{index:02d}-{spec.model}-{spec.recipe}-{'nocap' if spec.cap_bytes is None else spec.cap_bytes // 2**20}.log"
+            row = run_job(spec.job(), log, timeout=timeout)
+            row = {**base, **{k: v for k, v in row.items() if v is not None or k not in base}}
+        rows.append(row)
+        seconds = "" if row.get("seconds") is None else f" {row['seconds']:.2f} s/img"
+        level = f" ({row['level']})" if row.get("level") and spec.recipe == "mlnb-auto" else ""
+        status = row.get("status")
+        why = f": {row.get('error')}" if status not in ("ok",) and row.get("error") else ""
+        _say(f"[{index}/{len(runs)}] {spec.label()}{level}: {status}{seconds}{why}")
+        if status == "error" and row.get("log_tail"):
+            _say(row["log_tail"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``mlnb bench``: run the benchmark and write the table, the targets and the JSON.
+
+    Args:
+        argv: the options after ``bench`` (default ``sys.argv[1:]``); see ``mlnb bench --help``.
+
+    Returns:
+        0 when every run finished as ``ok``, ``OOM`` or ``skipped`` (an OOM under a cap is a result), 1 when a run
+        or a build failed with an error, 2 for bad options.
+
+    Example:
+        ```python
+        >>> from mlnb.bench import main
+        >>> main(["--quick", "--json", "bench-results.json"])
+        ```
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    recipes_text, caps_text = _settings(args)
+    try:  # every option is checked before anything starts
+        recipes = parse_recipes(recipes_text)
+        caps = parse_caps(caps_text, _model_names(args), ignore_other_models=not (args.caps or args.cap_gib))
+        if args.steps is not None and args.steps < 1:
+            raise ValueError(f"--steps must be >= 1, got {args.steps}")
+        if args.size is not None and (args.size < 64 or args.size % 8):
+            raise ValueError(f"--size must be a multiple of 8 and at least 64, got {args.size}")
+    except ValueError as exc:
+        parser.error(str(exc))
+    command = "mlnb bench" + (" " + shlex.join(argv) if argv else "")
+    start = time.perf_counter()
+    scratch = Path(tempfile.mkdtemp(prefix="mlnb-bench-"))
+    logs = Path(args.log_dir) if args.log_dir else scratch / "logs"
+    work = Path(args.work_dir) if args.work_dir else scratch / "models"
+    timeout = args.timeout or (300.0 if args.quick else 900.0)
+    try:
+        if args.device == "cpu":  # nothing to isolate: no CUDA context is created
+            machine = probe({"device": "cpu"})
+        else:
+            machine = run_job({"job": "probe", "device": args.device}, logs / "probe.log", timeout=timeout)
+        if machine.get("status") == "error":
+            _say(f"probe failed: {machine.get('error')}\n{machine.get('log_tail', '')}")
+            return 1
+        device = "cuda" if machine.get("device") == "cuda" else "cpu"
+        if args.device == "cuda" and device != "cuda":
+            parser.error("--device cuda: torch sees no CUDA device here")
+        steps = args.steps or (2 if device == "cpu" else 8 if args.quick else 20)
+        sources, builds = _sources(args, device, work, logs, timeout)
+        if device == "cpu":
+            _say("no CUDA device: running the tiny models on the CPU (checks the harness; the numbers mean nothing)")
+            if any(c is not None for cs in caps.values() for c in cs):
+                _say("memory caps need a CUDA device: the CPU runs are uncapped")
+            caps = {s.name: [None] for s in sources}
+        else:
+            bandwidth = machine.get("h2d_bandwidth")
+            _say(f"{machine.get('card')}: pinned host-to-device {bandwidth / 1e9:.1f} GB/s" if bandwidth else f"{machine.get('card')}")
+        failed = {b["model"]: f"build failed: {b.get('error')}" for b in builds if b.get("status") == "error"}
+        models = [(s.name, s.path, s.size, s.size) for s in sources]
+        runs = plan_runs(models, recipes, caps, steps, device, seed=args.seed, prompt=args.prompt)
+        rows = report.add_derived(_run_all(runs, failed, logs, timeout), machine.get("h2d_bandwidth"))
+        targets = report.evaluate_targets(rows, gpu=device == "cuda")
+        doc = {
+            "schema": 1,
+            "date": _now(),
+            "command": command,
+            "argv": argv,
+            "machine": {k: v for k, v in machine.items() if k not in ("versions", "wall_seconds")},
+            "versions": dict(machine.get("versions", {}), cuda=machine.get("cuda"), driver=machine.get("driver")),
+            "settings": {
+                "device": device, "quick": args.quick, "steps": steps, "recipes": [r.name for r in recipes],
+                "caps": caps, "prompt": args.prompt, "seed": args.seed,
+                "models": [{"name": s.name, "kind": s.kind, "path": s.path if s.kind == "model" else None, "size": s.size} for s in sources],
+            },
+            "floor_formula": "floor = max(compute_s, max(0, denoiser_fp16_bytes - max(0, cap - activations)) * steps / h2d_bandwidth)",
+            "builds": builds,
+            "runs": rows,
+            "targets": targets,
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).expanduser().write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        if args.markdown:
+            Path(args.markdown).expanduser().write_text(report.format_markdown(doc) + "\n")
+        _say("")
+        _say(report.format_table(rows))
+        _say("")
+        _say(report.format_targets(targets))
+        _say(f"\nwrote {args.json} ({doc['seconds']:.0f} s)")
+        errors = [r for r in rows if r.get("status") == "error"] + [b for b in builds if b.get("status") == "error"]
+        return 1 if errors else 0
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

@@ -1,0 +1,191 @@
+"""The benchmark's recipes: plain diffusers set-ups, and every mlnb level through :func:`mlnb.load_pipeline`.
+
+Plain diffusers, as a user would write it:
+
+- ``diffusers-none``: ``pipe.to("cuda")``. This is the baseline every ratio is taken against (uncapped).
+- ``diffusers-model-offload``: ``pipe.enable_model_cpu_offload()``.
+- ``diffusers-sequential``: ``pipe.enable_sequential_cpu_offload()``.
+- ``diffusers-group-stream``: ``pipe.enable_group_offload(offload_type="leaf_level", use_stream=True)``, with the
+  VAE kept in fp16 (``force_upcast`` disabled: the fp32 upcast crashes group offloading) and tiled at 512 px
+  (``vae.enable_tiling()`` alone tiles at SDXL's 1024 px, which does nothing for a 1024² image), so that it runs.
+
+mlnb: ``mlnb-none``, ``mlnb-balanced``, ``mlnb-aggressive``, ``mlnb-ultra`` and ``mlnb-auto`` load the same folder
+with ``mlnb.load_pipeline(folder, level=...)`` and generate with ``ManagedPipeline.generate``, exactly as a notebook
+does. Every recipe loads the same saved folder, so loading is the same for all of them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Recipe", "RECIPES", "BASELINE", "RecipeSkipped", "Prepared", "parse_recipes", "prepare"]
+
+BASELINE = "diffusers-none"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """One way of running a pipeline.
+
+    Args:
+        name: the recipe's name on the command line and in the table.
+        family: ``"diffusers"`` (plain diffusers calls) or ``"mlnb"`` (``mlnb.load_pipeline`` at a level).
+        setting: the diffusers set-up (``none``, ``model_offload``, ``sequential``, ``group_stream``) or the level.
+        description: one line for the docs and ``--help``.
+        needs_cuda: the recipe installs offload hooks, which need a CUDA device to onload to.
+    """
+
+    name: str
+    family: str
+    setting: str
+    description: str
+    needs_cuda: bool = False
+
+
+_ALL = (
+    Recipe(BASELINE, "diffusers", "none", "plain diffusers, whole pipeline on the GPU (the baseline)"),
+    Recipe("diffusers-model-offload", "diffusers", "model_offload", "plain enable_model_cpu_offload()", True),
+    Recipe("diffusers-sequential", "diffusers", "sequential", "plain enable_sequential_cpu_offload()", True),
+    Recipe(
+        "diffusers-group-stream", "diffusers", "group_stream",
+        "plain enable_group_offload(leaf_level, use_stream=True); VAE fp16 (force_upcast off), tiles 512", True,
+    ),
+    Recipe("mlnb-none", "mlnb", "none", "mlnb.load_pipeline(level='none')"),
+    Recipe("mlnb-balanced", "mlnb", "balanced", "mlnb.load_pipeline(level='balanced')"),
+    Recipe("mlnb-aggressive", "mlnb", "aggressive", "mlnb.load_pipeline(level='aggressive')"),
+    Recipe("mlnb-ultra", "mlnb", "ultra", "mlnb.load_pipeline(level='ultra')"),
+    Recipe("mlnb-auto", "mlnb", "auto", "mlnb.load_pipeline(level='auto'): the level chosen from free VRAM"),
+)
+RECIPES: dict[str, Recipe] = {r.name: r for r in _ALL}
+
+
+class RecipeSkipped(Exception):
+    """The recipe cannot run here (for example an offload without a CUDA device); the message says why."""
+
+
+def parse_recipes(text: str | None) -> list[Recipe]:
+    """``"all"``, ``"diffusers"``, ``"mlnb"`` or a comma list of names (``"ultra"`` means ``"mlnb-ultra"``).
+
+    Raises:
+        ValueError: naming the unknown recipe and the known ones.
+    """
+    if text is None or text.strip() in ("", "all"):
+        return list(_ALL)
+    chosen: list[Recipe] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        if item in ("diffusers", "mlnb"):
+            found = [r for r in _ALL if r.family == item]
+        elif item in RECIPES:
+            found = [RECIPES[item]]
+        elif f"mlnb-{item}" in RECIPES:
+            found = [RECIPES[f"mlnb-{item}"]]
+        else:
+            raise ValueError(f"unknown recipe {item!r}: use all, diffusers, mlnb or some of {', '.join(RECIPES)}")
+        chosen += [r for r in found if r not in chosen]
+    if not chosen:
+        raise ValueError("--recipes is empty: name at least one recipe")
+    return chosen
+
+
+@dataclass
+class Prepared:
+    """A loaded recipe, ready to generate.
+
+    Args:
+        generate: makes one image with the benchmark's prompt, steps, size and seed.
+        pipe: the underlying diffusers pipeline (to count parameters).
+        level: the mlnb level that runs (``auto`` resolved), ``None`` for plain diffusers.
+        detail: what was set up (the applied techniques, or the diffusers calls).
+    """
+
+    generate: Callable[[], Any]
+    pipe: Any
+    level: str | None
+    detail: str
+
+
+def _fp16_vae_tiles(pipe, tile: int) -> None:
+    """Keep the VAE in fp16 (no fp32 upcast) and tile its decode at ``tile`` pixels."""
+    vae = pipe.vae
+    if getattr(vae.config, "force_upcast", False):
+        vae.register_to_config(force_upcast=False)
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile
+    vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
+    import torch
+
+    from ..pipeline.loading import load_diffusers_pipeline
+
+    if recipe.needs_cuda and not device.is_cuda:
+        raise RecipeSkipped(f"{recipe.name} installs offload hooks and needs a CUDA device")
+    pipe = load_diffusers_pipeline(path, dtype=dtype)
+    target = device.torch_device
+    if recipe.setting == "none":
+        pipe.to(target)
+        detail = f"pipe.to({target!r})"
+    elif recipe.setting == "model_offload":
+        pipe.enable_model_cpu_offload(device=target)
+        detail = "enable_model_cpu_offload()"
+    elif recipe.setting == "sequential":
+        pipe.enable_sequential_cpu_offload(device=target)
+        detail = "enable_sequential_cpu_offload()"
+    elif recipe.setting == "group_stream":
+        _fp16_vae_tiles(pipe, 512)
+        pipe.enable_group_offload(
+            onload_device=torch.device(target), offload_device=torch.device("cpu"),
+            offload_type="leaf_level", use_stream=True,
+        )
+        detail = "enable_group_offload(leaf_level, use_stream=True), VAE fp16 tiles 512"
+    else:  # the table above is the only source of settings
+        raise AssertionError(recipe.setting)
+
+    def generate():
+        return pipe(
+            prompt=call["prompt"], num_inference_steps=call["steps"], width=call["width"], height=call["height"],
+            generator=torch.Generator(device="cpu").manual_seed(call["seed"]), output_type="pil",
+        ).images
+
+    return Prepared(generate, pipe, None, detail)
+
+
+def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
+    from ..pipeline import load_pipeline
+
+    managed = load_pipeline(path, level=recipe.setting, dtype=dtype, device=device)
+
+    def generate():
+        return managed.generate(
+            call["prompt"], steps=call["steps"], width=call["width"], height=call["height"], seed=call["seed"]
+        ).images
+
+    detail = managed.techniques.summary()
+    if managed.choice.auto:
+        detail = f"{managed.choice}: {detail}"
+    return Prepared(generate, managed.pipe, managed.level.value, detail)
+
+
+def prepare(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
+    """Load ``path`` the way ``recipe`` says and return a :class:`Prepared` that generates one image.
+
+    Args:
+        recipe: what to set up.
+        path: the model folder (or hub id).
+        device: the :class:`mlnb.device.Device` to run on.
+        dtype: the weights' torch dtype.
+        call: ``prompt``, ``steps``, ``width``, ``height`` and ``seed`` of every generation.
+
+    Raises:
+        RecipeSkipped: the recipe cannot run on this device.
+    """
+    if recipe.family == "diffusers":
+        return _prepare_diffusers(recipe, path, device, dtype, call)
+    return _prepare_mlnb(recipe, path, device, dtype, call)

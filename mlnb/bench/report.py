@@ -1,0 +1,282 @@
+"""What the benchmark's numbers mean: ratios, the streaming floor, the four targets, the table and the JSON. Pure.
+
+The streaming floor is the least time a recipe could take under a budget. Compute cannot get faster than the
+uncapped no-offload run, and the denoiser weights that do not fit in the budget must cross the PCIe bus once per
+step::
+
+    fit       = max(0, budget - activations)                 # bytes of weights that can stay on the GPU
+    streamed  = max(0, denoiser_fp16_bytes - fit) * steps     # bytes copied host -> device per image
+    floor     = max(compute_seconds, streamed / h2d_bandwidth)
+
+``compute_seconds`` is the seconds per image of the uncapped ``diffusers-none`` run of the same model, size and steps;
+``activations`` is :func:`mlnb.levels.activation_reserve` for the image size (derived from measured fp16 peaks);
+``h2d_bandwidth`` is the card's pinned host-to-device copy rate (:meth:`mlnb.device.Device.h2d_bandwidth`). Text
+encoders and the VAE run once per image and are left out, so the floor stays a lower bound. fp8 storage (ultra)
+halves the bytes that really cross the bus, so a recipe using it can beat this fp16 floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..levels import activation_reserve
+from ..units import GiB, format_bytes, format_gib
+from .recipes import BASELINE
+
+__all__ = [
+    "streamed_bytes",
+    "streaming_floor",
+    "add_derived",
+    "Target",
+    "TARGETS",
+    "evaluate_targets",
+    "format_table",
+    "format_targets",
+    "format_markdown",
+]
+
+RATIO_TOLERANCE = 0.05  # "1.0x" allows 5% run-to-run timing noise
+
+
+def streamed_bytes(denoiser_bytes: int, budget_bytes: int | None, activation_bytes: int, steps: int) -> int:
+    """Bytes of denoiser weights copied to the GPU per image under ``budget_bytes`` (0 when uncapped)."""
+    if budget_bytes is None:
+        return 0
+    fit = max(0, budget_bytes - activation_bytes)
+    return max(0, denoiser_bytes - fit) * steps
+
+
+def streaming_floor(
+    compute_seconds: float | None,
+    denoiser_bytes: int | None,
+    budget_bytes: int | None,
+    activation_bytes: int,
+    steps: int,
+    bandwidth: float | None,
+) -> float | None:
+    """``max(compute_seconds, streamed / bandwidth)``: the least seconds per image under the budget.
+
+    Returns ``None`` when it cannot be known: no compute time, or weights to stream and no bandwidth figure.
+
+    Example:
+        ```python
+        >>> streaming_floor(1.0, 5 * GiB, 4 * GiB, 1 * GiB, 10, 20 * GiB)   # 2 GiB x 10 steps at 20 GiB/s
+        1.0
+        >>> streaming_floor(0.5, 5 * GiB, 4 * GiB, 1 * GiB, 10, 10 * GiB)
+        2.0
+        ```
+    """
+    if compute_seconds is None:
+        return None
+    streamed = streamed_bytes(denoiser_bytes or 0, budget_bytes, activation_bytes, steps)
+    if streamed == 0:
+        return compute_seconds
+    if not bandwidth:
+        return None
+    return max(compute_seconds, streamed / bandwidth)
+
+
+def _key(row: dict) -> tuple:
+    return (row.get("model"), row.get("width"), row.get("height"), row.get("steps"))
+
+
+def _baselines(rows: list[dict]) -> dict[tuple, dict]:
+    return {
+        _key(r): r
+        for r in rows
+        if r.get("recipe") == BASELINE and r.get("cap_bytes") is None and r.get("status") == "ok" and r.get("seconds")
+    }
+
+
+def add_derived(rows: list[dict], bandwidth: float | None) -> list[dict]:
+    """Each row with ``ratio`` (to the uncapped baseline of the same model, size and steps) and ``floor_seconds``."""
+    baselines = _baselines(rows)
+    out = []
+    for row in rows:
+        row = dict(row)
+        base = baselines.get(_key(row))
+        compute = base["seconds"] if base else None
+        ok = row.get("status") == "ok" and row.get("seconds")
+        row["ratio"] = row["seconds"] / compute if ok and compute else None
+        activations = activation_reserve(row.get("width") or 1024, row.get("height") or 1024)
+        denoiser = row.get("denoiser_fp16_bytes") or (base or {}).get("denoiser_fp16_bytes")
+        row["floor_seconds"] = streaming_floor(
+            compute, denoiser, row.get("cap_bytes"), activations, row.get("steps") or 0, bandwidth
+        )
+        out.append(row)
+    return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """One of the four goals the benchmark checks.
+
+    Args:
+        key: short id.
+        text: the goal in words.
+        model: the model it is about (``None``: every model).
+        size: the image side in pixels.
+        cap_gib: the budget, in GiB.
+        max_ratio: the most seconds per image allowed, as a multiple of the uncapped no-offload run.
+        host_ratio: the most host RSS allowed, as a multiple of the fp16 weight bytes.
+    """
+
+    key: str
+    text: str
+    model: str | None = None
+    size: int | None = None
+    cap_gib: float | None = None
+    max_ratio: float | None = None
+    host_ratio: float | None = None
+
+
+TARGETS = (
+    Target("sdxl-4gib", "SDXL 1024² under a 4 GiB cap fits and takes ≤ 1.5× the uncapped no-offload time", "sdxl", 1024, 4, 1.5),
+    Target("sd15-2gib", "SD1.5 512² under a 2 GiB cap takes ≤ 1.3× the uncapped no-offload time", "sd15", 512, 2, 1.3),
+    Target(
+        "sdxl-15gib", "SDXL 1024² under a 15 GiB cap takes 1.0× the uncapped no-offload time (no needless offload)",
+        "sdxl", 1024, 15, 1.0 + RATIO_TOLERANCE,
+    ),
+    Target("host-ram", "host RAM peak ≤ 1.3× the fp16 model bytes (every mlnb run)", host_ratio=1.3),
+)
+
+
+def _pick(candidates: list[dict]) -> dict | None:
+    """The row a target is judged on: ``mlnb-auto`` (what users get) if measured, else the fastest mlnb level."""
+    for row in candidates:
+        if row.get("recipe") == "mlnb-auto":
+            return row
+    ok = [r for r in candidates if r.get("status") == "ok" and r.get("seconds")]
+    if ok:
+        return min(ok, key=lambda r: r["seconds"])
+    return candidates[0] if candidates else None
+
+
+def _judge_ratio(target: Target, rows: list[dict]) -> tuple[str, str]:
+    cap = int(target.cap_gib * GiB)
+    candidates = [
+        r for r in rows
+        if r.get("model") == target.model and r.get("width") == target.size and r.get("height") == target.size
+        and r.get("cap_bytes") == cap and str(r.get("recipe", "")).startswith("mlnb-")
+    ]
+    row = _pick(candidates)
+    if row is None:
+        return "not measured", f"no mlnb run of {target.model} {target.size}² under a {target.cap_gib:g} GiB cap"
+    name = row["recipe"] + (f" ({row['level']})" if row.get("level") and row["recipe"] == "mlnb-auto" else "")
+    if row.get("status") != "ok":
+        return "not met", f"{name}: {row.get('status')} in {row.get('phase')}: {row.get('error')}"
+    if row.get("ratio") is None:
+        return "not measured", f"{name} ran, but there is no uncapped {BASELINE} run to compare with"
+    verdict = "met" if row["ratio"] <= target.max_ratio else "not met"
+    return verdict, f"{name}: {row['seconds']:.2f} s/img = {row['ratio']:.2f}× (limit {target.max_ratio:g}×)"
+
+
+def _judge_host(target: Target, rows: list[dict]) -> tuple[str, str]:
+    measured = [
+        r for r in rows
+        if str(r.get("recipe", "")).startswith("mlnb-") and r.get("status") == "ok"
+        and r.get("host_rss_peak") and r.get("fp16_weight_bytes")
+    ]
+    if not measured:
+        return "not measured", "no mlnb run finished with a host RSS figure"
+    worst = max(measured, key=lambda r: r["host_rss_peak"] / r["fp16_weight_bytes"])
+    ratio = worst["host_rss_peak"] / worst["fp16_weight_bytes"]
+    verdict = "met" if ratio <= target.host_ratio else "not met"
+    cap = "no cap" if worst.get("cap_bytes") is None else f"cap {format_gib(worst['cap_bytes'], digits=0)} GiB"
+    return verdict, (
+        f"worst: {worst['model']} {worst['recipe']} {cap}: {format_bytes(worst['host_rss_peak'])} = {ratio:.2f}× "
+        f"of {format_bytes(worst['fp16_weight_bytes'])} (limit {target.host_ratio:g}×)"
+    )
+
+
+def evaluate_targets(rows: list[dict], gpu: bool = True) -> list[dict]:
+    """Each target's status: ``met``, ``not met`` or ``not measured``, with the figures behind it.
+
+    Rows must carry ``ratio`` (see :func:`add_derived`). Without a GPU nothing is measured: CPU runs of the tiny
+    models check the harness, not the targets.
+    """
+    results = []
+    for target in TARGETS:
+        if not gpu:
+            status, detail = "not measured", "CPU run of the tiny models: a harness check, not a measurement"
+        elif target.host_ratio is not None:
+            status, detail = _judge_host(target, rows)
+        else:
+            status, detail = _judge_ratio(target, rows)
+        results.append({"key": target.key, "target": target.text, "status": status, "detail": detail})
+    return results
+
+
+_COLUMNS = (
+    ("model", "model"), ("size", "size"), ("recipe", "recipe"), ("cap", "cap GiB"), ("s", "s/img"),
+    ("ratio", "×none"), ("floor", "floor s"), ("alloc", "peak alloc GiB"), ("reserved", "peak rsrv GiB"),
+    ("nvml", "NVML peak GiB"), ("host", "host RSS GiB"), ("status", "status"),
+)
+
+
+def _cells(row: dict) -> dict[str, str]:
+    def num(value, fmt):
+        return "—" if value is None else format(value, fmt)
+
+    recipe = row.get("recipe", "?")
+    if recipe == "mlnb-auto" and row.get("level"):
+        recipe += f"→{row['level']}"
+    status = row.get("status", "error")
+    if status != "ok" and row.get("phase"):
+        status += f" ({row['phase']})"
+    return {
+        "model": str(row.get("model", "?")),
+        "size": f"{row.get('width')}²" if row.get("width") == row.get("height") else f"{row.get('width')}×{row.get('height')}",
+        "recipe": recipe,
+        "cap": "none" if row.get("cap_bytes") is None else format_gib(row["cap_bytes"], digits=0),
+        "s": num(row.get("seconds"), ".2f"),
+        "ratio": num(row.get("ratio"), ".2f"),
+        "floor": num(row.get("floor_seconds"), ".2f"),
+        "alloc": format_gib(row.get("peak_allocated"), na="—", digits=2),
+        "reserved": format_gib(row.get("peak_reserved"), na="—", digits=2),
+        "nvml": format_gib(row.get("nvml_peak"), na="—", digits=2),
+        "host": format_gib(row.get("host_rss_peak"), na="—", digits=2),
+        "status": status,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """The results as a fixed-width text table, one line per run."""
+    cells = [_cells(r) for r in rows]
+    widths = {k: max([len(title)] + [len(c[k]) for c in cells]) for k, title in _COLUMNS}
+    left = {"model", "recipe", "status"}
+
+    def line(values: dict[str, str]) -> str:
+        return "  ".join(values[k].ljust(widths[k]) if k in left else values[k].rjust(widths[k]) for k, _ in _COLUMNS).rstrip()
+
+    header = line({k: title for k, title in _COLUMNS})
+    return "\n".join([header, "-" * len(header), *(line(c) for c in cells)])
+
+
+def format_targets(targets: list[dict]) -> str:
+    """One line per target: ``[met] SDXL 1024² under ... — mlnb-auto (ultra): 3.10 s/img = 1.42×``."""
+    return "\n".join(f"[{t['status']}] {t['target']}\n    {t['detail']}" for t in targets)
+
+
+def format_markdown(doc: dict) -> str:
+    """A Markdown section for ``docs/benchmarks.md``: where and how it was measured, the table and the targets."""
+    machine, ver = doc.get("machine", {}), doc.get("versions", {})
+    names = ("torch", "diffusers", "transformers", "accelerate", "mlnb", "python")
+    versions = ", ".join(f"{n} {ver.get(n)}" for n in names if ver.get(n))
+    bandwidth = machine.get("h2d_bandwidth")
+    lines = [
+        f"- card: {machine.get('card')} (CUDA {machine.get('cuda') or 'N/A'}, driver {machine.get('driver') or 'N/A'})",
+        f"- host: {machine.get('platform')}, {machine.get('cpu_count')} CPUs, {format_bytes(machine.get('host_total_bytes'))} RAM",
+        f"- pinned host-to-device bandwidth: {'N/A' if not bandwidth else f'{bandwidth / 1e9:.1f} GB/s'}",
+        f"- versions: {versions}",
+        f"- date: {doc.get('date')}",
+        f"- command: `{doc.get('command')}`",
+        "",
+    ]
+    cells = [_cells(r) for r in doc.get("runs", [])]
+    lines.append("| " + " | ".join(title for _, title in _COLUMNS) + " |")
+    lines.append("|" + "|".join("---" for _ in _COLUMNS) + "|")
+    lines += ["| " + " | ".join(c[k] for k, _ in _COLUMNS) + " |" for c in cells]
+    lines.append("")
+    lines += [f"- **{t['status']}**: {t['target']} ({t['detail']})" for t in doc.get("targets", [])]
+    return "\n".join(lines)

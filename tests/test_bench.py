@@ -1,0 +1,353 @@
+"""``mlnb bench``: pure planning and reporting, one recipe in-process, and the CPU harness end to end in subprocesses.
+
+The numbers of a CPU run mean nothing; these tests check that the harness measures, isolates, reports OOM as OOM
+and writes complete JSON. The GPU figures come from ``scripts/gpu_check.sh``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+from mlnb.bench import main, report
+from mlnb.bench.models import ARCHS, arch_params, folder_native_size, load_arch, native_size
+from mlnb.bench.recipes import BASELINE, RECIPES, parse_recipes
+from mlnb.bench.runner import RunSpec, parse_caps, plan_runs, run_job
+from mlnb.device import CudaDevice, FakeDevice, FakeOutOfMemoryError
+from mlnb.units import GiB, MiB
+
+RUN_FIELDS = (
+    "model", "recipe", "cap_bytes", "steps", "width", "height", "status", "phase", "error", "level", "detail",
+    "device", "card", "seconds", "warmup_seconds", "load_seconds", "peak_allocated", "peak_reserved", "nvml_peak",
+    "nvml_baseline", "host_rss_peak", "host_rss_baseline", "params", "fp16_weight_bytes", "denoiser_fp16_bytes",
+    "resident_after_load", "ratio", "floor_seconds", "wall_seconds",
+)
+
+
+def _row(**kw) -> dict:
+    row = dict(
+        model="sdxl", recipe="mlnb-auto", cap_bytes=4 * GiB, steps=8, width=1024, height=1024, status="ok",
+        phase=None, error=None, level="ultra", seconds=2.0, peak_allocated=3 * GiB, peak_reserved=int(3.5 * GiB),
+        nvml_peak=4 * GiB, host_rss_peak=8 * GiB, fp16_weight_bytes=7 * GiB, denoiser_fp16_bytes=5 * GiB,
+    )
+    row.update(kw)
+    return row
+
+
+def _baseline(**kw) -> dict:
+    return _row(recipe=BASELINE, cap_bytes=None, level=None, seconds=1.0, **kw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure: architectures, recipes, caps, planning
+
+
+def test_arch_configs_are_the_public_models_shapes():
+    """The packaged configs carry the public parameter counts and native sizes."""
+    assert ARCHS == ("sd15", "sdxl")
+    assert arch_params("sdxl")["unet"] == 2567463684
+    assert arch_params("sd15")["unet"] == 859520964
+    assert load_arch("sdxl")["unet"]["cross_attention_dim"] == 2048
+    assert (native_size("sd15"), native_size("sdxl")) == (512, 1024)
+    with pytest.raises(ValueError, match="unknown architecture 'sd3'"):
+        load_arch("sd3")
+
+
+def test_parse_recipes_accepts_families_names_and_bare_levels():
+    assert [r.name for r in parse_recipes(None)] == list(RECIPES)
+    assert [r.name for r in parse_recipes("diffusers")] == [n for n in RECIPES if n.startswith("diffusers-")]
+    assert [r.name for r in parse_recipes("ultra,diffusers-none,ultra")] == ["mlnb-ultra", "diffusers-none"]
+    with pytest.raises(ValueError, match="unknown recipe 'turbo'"):
+        parse_recipes("turbo")
+
+
+def test_parse_caps_per_model_and_for_all():
+    assert parse_caps("sdxl:4,sdxl:15,sd15:2", ["sd15", "sdxl"]) == {"sd15": [2 * GiB], "sdxl": [4 * GiB, 15 * GiB]}
+    assert parse_caps("none,4", ["sd15", "sdxl"]) == {"sd15": [None, 4 * GiB], "sdxl": [None, 4 * GiB]}
+    assert parse_caps("sdxl:4", ["sd15", "sdxl"]) == {"sd15": [None], "sdxl": [4 * GiB]}
+    assert parse_caps("0.5", ["m"]) == {"m": [512 * MiB]}
+    with pytest.raises(ValueError, match="not among"):
+        parse_caps("sd3:4", ["sd15"])
+    assert parse_caps("sdxl:4,sd15:2", ["sd15"], ignore_other_models=True) == {"sd15": [2 * GiB]}
+    with pytest.raises(ValueError, match="use GiB"):
+        parse_caps("four", ["sd15"])
+
+
+def test_plan_puts_the_uncapped_baseline_first_once():
+    recipes = parse_recipes("mlnb-auto,diffusers-none")
+    runs = plan_runs([("sdxl", "/m", 1024, 1024)], recipes, {"sdxl": [4 * GiB, None]}, 8, "cuda")
+    assert [(r.recipe, r.cap_bytes) for r in runs] == [
+        (BASELINE, None), ("mlnb-auto", 4 * GiB), ("mlnb-auto", None), (BASELINE, 4 * GiB),
+    ]
+    quick = plan_runs([("sd15", "/a", 512, 512)], parse_recipes("mlnb-auto"), {"sd15": [2 * GiB]}, 8, "cuda")
+    assert [(r.recipe, r.cap_bytes) for r in quick] == [(BASELINE, None), ("mlnb-auto", 2 * GiB)]
+    assert quick[1].label() == "sd15 512x512 mlnb-auto cap 2 GiB"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure: the floor, the ratios, the targets, the table
+
+
+def test_streaming_floor_formula():
+    """floor = max(compute, max(0, W - max(0, cap - A)) * steps / bandwidth)."""
+    assert report.streamed_bytes(5 * GiB, None, GiB, 10) == 0
+    assert report.streamed_bytes(5 * GiB, 4 * GiB, GiB, 10) == 20 * GiB
+    assert report.streamed_bytes(5 * GiB, 16 * GiB, GiB, 10) == 0
+    assert report.streamed_bytes(5 * GiB, GiB // 2, GiB, 10) == 50 * GiB  # activations eat the whole budget
+    assert report.streaming_floor(1.0, 5 * GiB, 4 * GiB, GiB, 10, 20 * GiB) == 1.0
+    assert report.streaming_floor(0.5, 5 * GiB, 4 * GiB, GiB, 10, 10 * GiB) == 2.0
+    assert report.streaming_floor(0.5, 5 * GiB, None, GiB, 10, None) == 0.5  # uncapped: compute only
+    assert report.streaming_floor(0.5, 5 * GiB, 4 * GiB, GiB, 10, None) is None  # must stream, rate unknown
+    assert report.streaming_floor(None, 5 * GiB, 4 * GiB, GiB, 10, 1e9) is None
+
+
+def test_add_derived_ratio_and_floor_against_the_same_model_size_and_steps():
+    rows = report.add_derived(
+        [_baseline(), _row(), _row(steps=20), _row(status="OOM", seconds=None, phase="generate")], bandwidth=10 * GiB
+    )
+    assert rows[0]["ratio"] == 1.0 and rows[0]["floor_seconds"] == 1.0
+    assert rows[1]["ratio"] == 2.0
+    activations = report.activation_reserve(1024, 1024)
+    expected = max(1.0, (5 * GiB - (4 * GiB - activations)) * 8 / (10 * GiB))
+    assert rows[1]["floor_seconds"] == pytest.approx(expected)
+    assert rows[2]["ratio"] is None  # 20 steps: no baseline at 20 steps
+    assert rows[3]["ratio"] is None and rows[3]["floor_seconds"] == pytest.approx(expected)
+
+
+def _targets(rows, gpu=True):
+    return {t["key"]: t for t in report.evaluate_targets(report.add_derived(rows, 10 * GiB), gpu=gpu)}
+
+
+def test_targets_met_not_met_and_not_measured():
+    rows = [
+        _baseline(),
+        _row(seconds=1.4),  # sdxl 4 GiB: 1.4x <= 1.5x
+        _row(cap_bytes=15 * GiB, level="none", seconds=1.2),  # 1.2x > 1.05x
+        _row(model="sd15", recipe=BASELINE, cap_bytes=None, level=None, width=512, height=512, seconds=0.5),
+    ]
+    t = _targets(rows)
+    assert t["sdxl-4gib"]["status"] == "met" and "1.40×" in t["sdxl-4gib"]["detail"]
+    assert t["sdxl-15gib"]["status"] == "not met"
+    assert t["sd15-2gib"]["status"] == "not measured"
+    assert t["host-ram"]["status"] == "met"  # 8 GiB RSS for 7 GiB weights: 1.14x
+    assert all(v["status"] == "not measured" for v in _targets(rows, gpu=False).values())
+
+
+def test_target_oom_is_not_met_and_says_oom():
+    t = _targets([_baseline(), _row(status="OOM", seconds=None, phase="warm-up", error="OutOfMemoryError: CUDA out of memory")])
+    assert t["sdxl-4gib"]["status"] == "not met"
+    assert "OOM in warm-up" in t["sdxl-4gib"]["detail"]
+
+
+def test_target_without_baseline_is_not_measured_and_auto_is_preferred():
+    t = _targets([_row(recipe="mlnb-ultra", seconds=0.5), _row(seconds=9.0)])
+    assert t["sdxl-4gib"]["status"] == "not measured" and "mlnb-auto (ultra)" in t["sdxl-4gib"]["detail"]
+
+
+def test_host_ram_target_names_the_worst_run():
+    t = _targets([_baseline(), _row(host_rss_peak=10 * GiB), _row(cap_bytes=15 * GiB, host_rss_peak=7 * GiB)])
+    assert t["host-ram"]["status"] == "not met"
+    assert "sdxl mlnb-auto cap 4 GiB" in t["host-ram"]["detail"] and "1.43×" in t["host-ram"]["detail"]
+
+
+def test_table_has_every_column_and_marks_missing_values():
+    rows = report.add_derived(
+        [_baseline(), _row(), _row(recipe="diffusers-sequential", status="OOM", phase="load", seconds=None, level=None)], 10 * GiB
+    )
+    text = report.format_table(rows)
+    header = text.splitlines()[0]
+    for title in ("model", "size", "recipe", "cap GiB", "s/img", "×none", "floor s", "peak alloc GiB", "peak rsrv GiB",
+                  "NVML peak GiB", "host RSS GiB", "status"):
+        assert title in header
+    lines = text.splitlines()[2:]
+    assert len(lines) == 3
+    assert "mlnb-auto→ultra" in lines[1] and "2.00" in lines[1] and lines[1].rstrip().endswith("ok")
+    assert "OOM (load)" in lines[2] and "—" in lines[2]
+    doc = {"machine": {"card": "H100"}, "versions": {"torch": "2.11"}, "date": "d", "command": "mlnb bench --quick",
+           "runs": rows, "targets": report.evaluate_targets(rows)}
+    markdown = report.format_markdown(doc)
+    assert "`mlnb bench --quick`" in markdown and "| model |" in markdown and "torch 2.11" in markdown
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The device layer under a cap
+
+
+class _CappedCuda:
+    def mem_get_info(self, index):
+        return 70 * GiB, 80 * GiB
+
+    def memory_reserved(self, index):
+        return 1 * GiB
+
+    def set_per_process_memory_fraction(self, fraction, index):
+        self.fraction = fraction
+
+
+def test_cuda_free_bytes_honour_the_memory_cap(monkeypatch):
+    """Under a cap the process sees the smaller card, so the auto level is chosen for it."""
+    cuda = _CappedCuda()
+    monkeypatch.setattr(CudaDevice, "_cuda", staticmethod(lambda: cuda))
+    dev = CudaDevice(0)
+    assert dev.free_bytes() == 70 * GiB
+    dev.set_memory_cap(4 * GiB)
+    assert cuda.fraction == pytest.approx(4 / 80)
+    assert dev.free_bytes() == 3 * GiB  # cap minus what this process reserved
+    assert dev._capped(70 * GiB, 80 * GiB) == (3 * GiB, 4 * GiB)
+    dev.set_memory_cap(None)
+    assert dev.free_bytes() == 70 * GiB and cuda.fraction == 1.0
+
+
+def test_device_used_bytes():
+    assert FakeDevice(other_processes=GiB).device_used_bytes() == GiB
+    assert FakeDevice(nvml_fails=True).device_used_bytes() is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One recipe in-process (the worker's run function) on the tiny model
+
+
+@pytest.fixture
+def cpu_current():
+    """The worker makes the CPU the current device; restore the previous one after the test."""
+    from mlnb.device import CpuDevice, use_device
+
+    with use_device(CpuDevice()):
+        yield
+
+
+def _job(path, recipe, **kw) -> dict:
+    spec = RunSpec("sd15", str(path), recipe, None, 1, 64, 64, "cpu")
+    return dict(spec.job(), **kw)
+
+
+def test_worker_run_measures_one_recipe(tiny_sd, clean_cache, cpu_current):
+    from mlnb.bench.worker import run
+
+    row = run(_job(tiny_sd, "mlnb-auto"))
+    assert row["status"] == "ok", row
+    assert row["level"] == "none" and "no CUDA device" in row["detail"]
+    assert row["seconds"] > 0 and row["warmup_seconds"] > 0 and row["load_seconds"] > 0
+    assert row["host_rss_peak"] >= row["host_rss_baseline"] > 0
+    assert row["peak_allocated"] is None and row["nvml_peak"] is None  # no GPU: N/A, never invented
+    assert row["fp16_weight_bytes"] == 2 * sum(row["params"].values()) and row["denoiser_fp16_bytes"] > 0
+    assert (row["width"], row["height"]) == (64, 64)
+
+
+def test_worker_reports_oom_as_oom(tiny_sd, clean_cache, cpu_current, monkeypatch):
+    """A generation that runs out of memory gives an OOM row with the phase, not an error and not a crash."""
+    from mlnb.bench.worker import run
+    from mlnb.pipeline import ManagedPipeline
+
+    def out_of_memory(self, *args, **kwargs):
+        raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ManagedPipeline, "generate", out_of_memory)
+    row = run(_job(tiny_sd, "mlnb-ultra"))
+    assert (row["status"], row["phase"]) == ("OOM", "warm-up")
+    assert "out of memory" in row["error"] and row.get("seconds") is None
+
+
+def test_worker_skips_offload_recipes_without_cuda(tiny_sd, cpu_current):
+    from mlnb.bench.worker import run
+
+    row = run(_job(tiny_sd, "diffusers-group-stream"))
+    assert row["status"] == "skipped" and "needs a CUDA device" in row["error"]
+
+
+def test_classify_follows_the_exception_chain():
+    from mlnb.bench.worker import classify
+
+    dev = FakeDevice()
+    try:
+        try:
+            raise FakeOutOfMemoryError("CUDA out of memory")
+        except FakeOutOfMemoryError as inner:
+            raise RuntimeError("loading failed") from inner
+    except RuntimeError as outer:
+        assert classify(outer, dev) == "OOM"
+    assert classify(ValueError("x"), dev) == "error"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Subprocesses: the OOM path through a real worker, and the CPU harness end to end
+
+
+def test_crashing_worker_becomes_an_error_row(tmp_path):
+    row = run_job({"job": "run"}, tmp_path / "w.log", timeout=60, launcher=[sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+    assert row["status"] == "error" and "status 3" in row["error"] and "boom" in row["log_tail"]
+
+
+# Loaded by every worker process of the end-to-end test (PYTHONPATH): mlnb recipes load for real, then their
+# generation raises the fake out-of-memory error, as a capped GPU would.
+_OOM_SITECUSTOMIZE = """
+from mlnb.bench import recipes
+from mlnb.device import FakeOutOfMemoryError
+
+_prepare_mlnb = recipes._prepare_mlnb
+
+
+def _out_of_memory():
+    raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+
+def _prepare_then_oom(*args, **kwargs):
+    prepared = _prepare_mlnb(*args, **kwargs)
+    prepared.generate = _out_of_memory
+    return prepared
+
+
+recipes._prepare_mlnb = _prepare_then_oom
+"""
+
+
+def test_cpu_bench_end_to_end_writes_valid_json(tiny_sd, tmp_path, monkeypatch, capsys):
+    """``mlnb bench --device cpu`` on the tiny SD model, each recipe in its own worker process: the baseline runs,
+    the mlnb recipe goes out of memory in its worker and comes back as an OOM row; the JSON has every field."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(tiny_sd, cache / "tiny-sd")  # the tiny model the CPU mode stands in for sd15
+    monkeypatch.setenv("MLNB_CACHE", str(cache))
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_OOM_SITECUSTOMIZE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hooks), os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "out" / "bench.json"
+    md = tmp_path / "bench.md"
+    argv = ["--device", "cpu", "--models", "sd15", "--recipes", "mlnb-auto", "--steps", "1", "--caps", "2",
+            "--json", str(out), "--markdown", str(md), "--log-dir", str(tmp_path / "logs")]
+    assert main(argv) == 0  # an OOM is a result, not a failure
+    printed = capsys.readouterr().out
+    assert "memory caps need a CUDA device" in printed and "[not measured]" in printed
+    assert "OOM (warm-up)" in printed
+    doc = json.loads(out.read_text())
+    for key in ("schema", "date", "command", "argv", "machine", "versions", "settings", "floor_formula", "builds",
+                "runs", "targets"):
+        assert key in doc, key
+    assert doc["command"] == "mlnb bench " + " ".join(argv)
+    assert doc["machine"]["card"] == "CPU (no CUDA device)" and doc["machine"]["device"] == "cpu"
+    for name in ("torch", "diffusers", "transformers", "accelerate", "python", "cuda", "driver"):
+        assert name in doc["versions"], name
+    base, auto = doc["runs"]
+    assert (base["recipe"], base["cap_bytes"], base["status"]) == (BASELINE, None, "ok")
+    missing = [f for f in RUN_FIELDS if f not in base]
+    assert not missing, missing
+    assert base["ratio"] == 1.0 and base["seconds"] > 0 and base["host_rss_peak"] > 0
+    assert (auto["recipe"], auto["status"], auto["phase"], auto["level"]) == ("mlnb-auto", "OOM", "warm-up", "none")
+    assert "out of memory" in auto["error"] and auto["ratio"] is None
+    assert [t["status"] for t in doc["targets"]] == ["not measured"] * 4
+    assert len(list((tmp_path / "logs").glob("run-*.log"))) == 2 and "| model |" in md.read_text()
+
+
+def test_bad_options_exit_with_usage_errors(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--recipes", "turbo", "--device", "cpu"])
+    assert exc.value.code == 2 and "unknown recipe" in capsys.readouterr().err
+
+
+def test_folder_native_size(tiny_sd, tmp_path):
+    assert folder_native_size(tiny_sd) == 64
+    assert folder_native_size(tmp_path) is None
