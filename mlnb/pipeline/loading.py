@@ -216,7 +216,7 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
         # them alive (as its __context__) until the next error replaces sys.last_value: free them now.
         release_exception_frames(exc)
         text = str(exc).lower()
-        if offline:
+        if offline and _is_network_error(exc):
             raise OfflineError(
                 f"HF_HUB_OFFLINE is set (offline) and {source!r} is not in the local Hugging Face cache: download it "
                 "where there is network and give the local folder, e.g. --model /content/models/name"
