@@ -96,8 +96,8 @@ def validate_generation_args(
             raise InvalidArgumentError(f"{name} must be at most {MAX_SIDE} px, got {value}")
     if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES:
         raise InvalidArgumentError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images!r}")
-    if guidance is not None and (not isinstance(guidance, (int, float)) or guidance < 0):
-        raise InvalidArgumentError(f"guidance must be a number >= 0, got {guidance!r}")
+    if guidance is not None and (not isinstance(guidance, (int, float)) or not 0 <= guidance < float("inf")):
+        raise InvalidArgumentError(f"guidance must be a finite number >= 0, got {guidance!r}")
     if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
         raise InvalidArgumentError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
 
