@@ -121,7 +121,7 @@ def build_request(args, cell: str, user_ns: dict, default_model: str | None, def
     if not 1 <= args.num_images <= MAX_IMAGES:
         raise RequestError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
     if args.guidance is not None and not 0 <= args.guidance < float("inf"):  # also refuses nan
-        raise RequestError(f"--guidance must be a finite number >= 0, got {args.guidance}")
+        raise RequestError(f"--guidance must be >= 0 and finite, got {args.guidance}")
     if args.seed is not None and not 0 <= args.seed < 2**63:
         raise RequestError(f"--seed must be in [0, 2**63), got {args.seed}")
     if args.out is not None and not args.out.isidentifier():
