@@ -1,0 +1,434 @@
+"""load_pipeline and ManagedPipeline.generate on tiny real pipelines (CPU): levels, determinism, the result object,
+the cache, safe loading with one-line errors, argument checks, Ctrl-C, and the out-of-memory rescue."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import gc
+import re
+import shutil
+import weakref
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import mlnb
+from mlnb.device import CpuDevice, FakeDevice, FakeOutOfMemoryError, use_device
+from mlnb.errors import (
+    GenerationInterrupted,
+    InvalidArgumentError,
+    ModelLoadError,
+    ModelNotFoundError,
+    OfflineError,
+    OutOfMemoryRescueError,
+    UnsafeWeightsError,
+)
+from mlnb.levels import OptimizationLevel
+from mlnb.monitor import MemoryReport
+from mlnb.optimizer import OptimizationReport
+from mlnb.pipeline import GenerationResult, ManagedPipeline, cached_pipelines, generate_with_rescue, last_result
+
+L = OptimizationLevel
+FAST = dict(steps=2, width=64, height=64)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frozen_heap(tiny_sd, tiny_sdxl):
+    """Import everything a load touches (one throwaway load), then move the heap (torch, diffusers, transformers:
+    ~400k objects) into the permanent generation, so mlnb's cleanup phases, which each run a full ``gc.collect()``,
+    only walk what the tests create."""
+    from diffusers import DiffusionPipeline
+
+    DiffusionPipeline.from_pretrained(tiny_sdxl)
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(autouse=True)
+def cpu(clean_cache):
+    """Every test here runs on the CPU device (also on a GPU machine) with an empty pipeline cache."""
+    with use_device(CpuDevice()) as device:
+        yield device
+
+
+def pixels(result: GenerationResult) -> np.ndarray:
+    return np.asarray(result.images[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Generation
+
+
+@pytest.mark.parametrize("level", ["none", "balanced", "aggressive", "ultra", "auto"])
+@pytest.mark.parametrize("kind", ["sd", "sdxl"])
+def test_generates_at_every_level(request, kind, level):
+    """Each level (and auto, which is none on a CPU) loads, optimizes and returns a PIL image of the asked size."""
+    managed = mlnb.load_pipeline(request.getfixturevalue(f"tiny_{kind}"), level=level)
+    result = managed.generate("a watercolor fox", seed=3, **FAST)
+    expected = L.NONE if level == "auto" else L(level)
+    assert managed.level is expected and result.level is expected
+    assert managed.choice.auto is (level == "auto")
+    assert isinstance(result.images[0], Image.Image)
+    assert result.images[0].size == (64, 64)
+    assert result.image is result.images[0]
+    assert result.seed == 3
+    assert result.params == dict(
+        prompt="a watercolor fox", negative_prompt=None, steps=2, guidance=result.params["guidance"],
+        width=64, height=64, num_images=1,
+    )
+    assert isinstance(result.params["guidance"], float)  # the pipeline's default, recorded
+    assert result.techniques is managed.techniques and len(result.techniques) == 11
+    assert last_result() is result
+
+
+def test_same_seed_same_image_and_different_seed_different_image(tiny_sd):
+    """The seed fully determines the image; another seed gives another image."""
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    a = pixels(managed.generate("a fox", seed=11, **FAST))
+    b = pixels(managed.generate("a fox", seed=11, **FAST))
+    c = pixels(managed.generate("a fox", seed=12, **FAST))
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_seed_is_drawn_and_recorded_when_not_given(tiny_sd):
+    """Without a seed one is drawn; reusing the recorded seed reproduces the image."""
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    first = managed.generate("a fox", steps=1, width=64, height=64)
+    again = managed.generate("a fox", steps=1, width=64, height=64, seed=first.seed)
+    assert isinstance(first.seed, int)
+    assert np.array_equal(pixels(first), pixels(again))
+
+
+def _walk(value, path="result"):
+    """Yield ``(path, value)`` for every value reachable through dataclasses, dicts and sequences."""
+    yield path, value
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            yield from _walk(getattr(value, f.name), f"{path}.{f.name}")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _walk(v, f"{path}[{k!r}]")
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for i, v in enumerate(value):
+            yield from _walk(v, f"{path}[{i}]")
+
+
+def test_result_holds_no_tensors_and_carries_a_memory_report(tiny_sd):
+    """Keeping a result never pins memory: nothing in it is a torch tensor or module; ``memory`` is a report."""
+    import torch
+
+    result = mlnb.load_pipeline(tiny_sd, level="ultra").generate("a fox", seed=1, **FAST)
+    seen = list(_walk(result))
+    assert len(seen) > 20  # the walk really went through the fields
+    for path, value in seen:
+        assert not isinstance(value, (torch.Tensor, torch.nn.Module, torch.Generator)), path
+    assert isinstance(result.memory, MemoryReport)
+    assert result.memory.gpu is False and result.memory.host_peak_rss > 0
+    assert isinstance(result.techniques, OptimizationReport)
+    assert result.seconds > 0
+
+
+def test_report_line_format(tiny_sd):
+    """The one line after a generation: size, steps, time, memory, level with techniques, freed."""
+    result = mlnb.load_pipeline(tiny_sd, level="ultra").generate("a fox", seed=1, **FAST)
+    line = result.report_line()
+    pattern = (
+        r"64×64 · 2 steps · \d+\.\d s · CPU, host RSS peak \d+\.\d [KMG]iB · "
+        r"level ultra \(VAE fp32 tiles 64, fp8 storage\) · freed (\d+ B|\d+\.\d [KMG]iB)"
+    )
+    assert re.fullmatch(pattern, line), line
+    assert line in repr(result)
+    assert "<img src='data:image/png;base64," in result._repr_html_()
+
+
+def test_report_line_with_several_images_and_a_gpu_report(tiny_sd, monkeypatch):
+    """``×N`` follows the size for several images; a GPU report shows ``peak X / Y GiB``."""
+    result = mlnb.load_pipeline(tiny_sd, level="none").generate("a fox", seed=1, num_images=2, steps=1, width=64, height=64)
+    assert len(result.images) == 2
+    assert result.report_line().startswith("64×64 ×2 · 1 steps · ")
+    gpu = dataclasses.replace(
+        result.memory, gpu=True, peak_allocated=int(3.7 * 2**30), device_total=4 * 2**30, freed=int(3.6 * 2**30)
+    )
+    line = dataclasses.replace(result, memory=gpu).report_line()
+    assert " · peak 3.7 / 4.0 GiB · " in line and line.endswith(" · freed 3.6 GiB")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cache
+
+
+def test_same_model_dtype_level_returns_the_cached_object(tiny_sd):
+    """A second load with the same model, dtype and level is the same object (path spelled differently too)."""
+    a = mlnb.load_pipeline(tiny_sd, level="balanced")
+    b = mlnb.load_pipeline(str(tiny_sd) + "/", level="balanced")
+    assert a is b
+    assert cached_pipelines() == [a]
+    assert a.key == (str(tiny_sd.resolve()), "fp32", "balanced")
+
+
+def test_auto_reuses_what_auto_loaded(tiny_sd):
+    """``auto`` again returns the pipeline auto chose before."""
+    a = mlnb.load_pipeline(tiny_sd)
+    assert mlnb.load_pipeline(tiny_sd, level="auto") is a
+
+
+def test_loading_another_level_unloads_the_old_one(tiny_sd):
+    """A small card cannot hold two copies: the other level of the same model is unloaded first."""
+    old = mlnb.load_pipeline(tiny_sd, level="none")
+    new = mlnb.load_pipeline(tiny_sd, level="aggressive")
+    assert new is not old
+    assert not old.loaded and new.loaded
+    assert cached_pipelines() == [new]
+
+
+def test_different_models_are_cached_side_by_side(tiny_sd, tiny_sdxl):
+    """Only the same model is replaced; another model stays loaded."""
+    sd = mlnb.load_pipeline(tiny_sd, level="none")
+    sdxl = mlnb.load_pipeline(tiny_sdxl, level="none")
+    assert sd.loaded and sdxl.loaded
+    assert set(map(id, cached_pipelines())) == {id(sd), id(sdxl)}
+
+
+def test_unload_frees_the_pipeline_and_removes_it_from_the_cache(tiny_sd):
+    """After ``unload()`` nothing holds the diffusers pipeline, the cache forgets it, cleanup ran, and using it
+    again says to reload."""
+    fake = FakeDevice()
+    managed = mlnb.load_pipeline(tiny_sd, level="none", device=fake)
+    managed.generate("a fox", seed=1, steps=1, width=64, height=64)
+    ref = weakref.ref(managed.pipe)
+    calls = fake.empty_cache_calls
+    managed.unload()
+    gc.collect()
+    assert ref() is None
+    assert not managed.loaded
+    assert managed not in cached_pipelines()
+    assert fake.empty_cache_calls == calls + 1
+    with pytest.raises(InvalidArgumentError, match="unloaded"):
+        managed.generate("a fox", **FAST)
+    assert "unloaded" in repr(managed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: safety and one-line errors
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc)
+    assert text and "\n" not in text, text
+    return text
+
+
+def test_pickle_only_weights_are_refused_unless_allowed(tiny_sd_pickle):
+    """Pickle-only weights raise UnsafeWeightsError naming ``allow_pickle``; with it they load and generate."""
+    with pytest.raises(UnsafeWeightsError) as info:
+        mlnb.load_pipeline(tiny_sd_pickle, level="none")
+    assert "allow_pickle" in _one_line(info.value)
+    assert cached_pipelines() == []
+    managed = mlnb.load_pipeline(tiny_sd_pickle, level="none", allow_pickle=True)
+    assert isinstance(managed.generate("a fox", seed=1, steps=1, width=64, height=64).images[0], Image.Image)
+
+
+def test_missing_path_is_model_not_found(tmp_path):
+    """A path that does not exist is ModelNotFoundError, one line, naming the path."""
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(ModelNotFoundError) as info:
+        mlnb.load_pipeline(missing, level="none")
+    assert str(missing) in _one_line(info.value)
+
+
+def test_folder_without_model_index_is_model_not_found(tmp_path):
+    """A folder that is not a diffusers pipeline says that ``model_index.json`` is missing."""
+    with pytest.raises(ModelNotFoundError) as info:
+        mlnb.load_pipeline(tmp_path, level="none")
+    assert "model_index.json" in _one_line(info.value)
+
+
+def test_corrupt_safetensors_is_a_one_line_load_error(tiny_sd, tmp_path):
+    """Garbage in place of the UNet's weights gives ModelLoadError in one line, and nothing is cached."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_sd, broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    assert weights.is_file()
+    weights.write_bytes(b"\x00garbage, not a safetensors header" * 64)
+    with pytest.raises(ModelLoadError) as info:
+        mlnb.load_pipeline(broken, level="none")
+    assert _one_line(info.value).startswith(f"could not load {str(broken)!r}: ")
+    assert cached_pipelines() == []
+
+
+def test_hub_id_without_network_is_an_offline_error(monkeypatch):
+    """A hub id that cannot be reached (offline mode here) is OfflineError in one line that says what to do."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OfflineError) as info:
+        mlnb.load_pipeline("mlnb-tests/no-such-model", level="none")
+    message = _one_line(info.value)
+    assert "'mlnb-tests/no-such-model'" in message and "local folder" in message
+
+
+def test_safetensors_only_and_never_remote_code(tiny_sd, monkeypatch):
+    """``from_pretrained`` is asked for safetensors only and never told to trust remote code."""
+    from diffusers import DiffusionPipeline
+
+    original = DiffusionPipeline.from_pretrained
+    seen: list[dict] = []
+
+    def capture(cls, *args, **kwargs):
+        seen.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(capture))
+    mlnb.load_pipeline(tiny_sd, level="none")
+    assert len(seen) == 1
+    assert seen[0]["use_safetensors"] is True
+    assert seen[0]["trust_remote_code"] is False
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Arguments
+
+
+INVALID = [
+    (dict(steps=0), "steps"),
+    (dict(width=65), "width"),
+    (dict(height=4), "height"),
+    (dict(width=8192), "width"),
+    (dict(prompt=""), "prompt"),
+    (dict(prompt="   "), "prompt"),
+    (dict(num_images=0), "num_images"),
+    (dict(guidance=-1.0), "guidance"),
+    (dict(seed=-1), "seed"),
+]
+
+
+def test_invalid_arguments_fail_before_any_work(tiny_sd, monkeypatch):
+    """Each bad argument raises InvalidArgumentError naming it, and the pipeline is never called."""
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    called = []
+    original = type(managed.pipe).__call__
+
+    @functools.wraps(original)
+    def spy(*args, **kwargs):
+        called.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(type(managed.pipe), "__call__", spy)
+    for bad, fragment in INVALID:
+        args = dict(prompt="a fox", steps=2, width=64, height=64)
+        args.update(bad)
+        with pytest.raises(InvalidArgumentError) as info:
+            managed.generate(**args)
+        assert fragment in _one_line(info.value), bad
+    assert called == []
+    managed.generate(prompt="a fox", steps=2, width=64, height=64)  # the valid call does reach the pipeline
+    assert called == [1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C and out-of-memory
+
+
+def test_keyboard_interrupt_mid_generation(tiny_sd, monkeypatch):
+    """Ctrl-C on the second denoising step becomes GenerationInterrupted; the pipeline stays cached and the next
+    generation works."""
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    unet = managed.pipe.unet
+    original = unet.forward
+    steps: list[int] = []
+
+    def forward(*args, **kwargs):
+        steps.append(1)
+        if len(steps) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(unet, "forward", forward)
+    with pytest.raises(GenerationInterrupted) as info:
+        managed.generate("a fox", seed=1, steps=3, width=64, height=64)
+    assert len(steps) == 2  # stopped at step 2, not after the whole run
+    assert "stays loaded" in _one_line(info.value)
+    assert managed.loaded and cached_pipelines() == [managed]
+    result = managed.generate("a fox", seed=1, **FAST)
+    assert isinstance(result.images[0], Image.Image)
+    assert len(steps) == 4
+
+
+@pytest.fixture
+def oom_first(monkeypatch):
+    """Make ``ManagedPipeline.generate`` raise the fake OOM for the first ``n`` calls; records the levels tried."""
+    original = ManagedPipeline.generate
+    tried: list[OptimizationLevel] = []
+
+    def install(n: int):
+        def generate(self, *args, **kwargs):
+            tried.append(self.level)
+            if len(tried) <= n:
+                raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(ManagedPipeline, "generate", generate)
+        return tried
+
+    return install
+
+
+def test_oom_rescue_retries_at_the_next_stronger_level(tiny_sd, oom_first):
+    """Out of memory at none: everything is freed and the same request runs again at balanced; the result says
+    it was rescued, and the none pipeline is gone."""
+    fake = FakeDevice()
+    managed = mlnb.load_pipeline(tiny_sd, level="none", device=fake)
+    tried = oom_first(1)
+    result = generate_with_rescue(managed, prompt="a fox", seed=1, **FAST)
+    assert tried == [L.NONE, L.BALANCED]
+    assert result.level is L.BALANCED
+    assert result.rescued_from is L.NONE
+    assert result.notes == ("out of memory at none",)
+    assert "after OOM at none" in result.report_line()
+    assert last_result() is result
+    assert not managed.loaded
+    assert [m.level for m in cached_pipelines()] == [L.BALANCED]
+    assert fake.empty_cache_calls >= 1
+
+
+def test_oom_at_ultra_says_what_would_fit(tiny_sd, oom_first):
+    """At ultra there is nothing stronger: OutOfMemoryRescueError says so and suggests a size that is smaller."""
+    managed = mlnb.load_pipeline(tiny_sd, level="ultra", device=FakeDevice())
+    tried = oom_first(99)
+    with pytest.raises(OutOfMemoryRescueError) as info:
+        generate_with_rescue(managed, prompt="a fox", steps=2, width=512, height=768)
+    message = _one_line(info.value)
+    assert tried == [L.ULTRA]
+    assert "level ultra" in message and "512×768" in message
+    assert "--width 384 --height 576" in message
+    with pytest.raises(OutOfMemoryRescueError, match="--num-images 2"):
+        generate_with_rescue(managed, prompt="a fox", steps=2, width=512, height=512, num_images=4)
+
+
+def test_oom_again_after_the_retry(tiny_sd, oom_first):
+    """If the stronger level also runs out, the error names both levels."""
+    managed = mlnb.load_pipeline(tiny_sd, level="aggressive", device=FakeDevice())
+    tried = oom_first(2)
+    with pytest.raises(OutOfMemoryRescueError) as info:
+        generate_with_rescue(managed, prompt="a fox", **FAST)
+    assert tried == [L.AGGRESSIVE, L.ULTRA]
+    assert "at level aggressive and again at ultra" in _one_line(info.value)
+
+
+def test_other_errors_are_not_rescued(tiny_sd, monkeypatch):
+    """Only out-of-memory is retried; any other error propagates unchanged, with no reload."""
+    managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
+
+    def broken(self, *args, **kwargs):
+        raise ValueError("scheduler exploded")
+
+    monkeypatch.setattr(ManagedPipeline, "generate", broken)
+    with pytest.raises(ValueError, match="scheduler exploded"):
+        generate_with_rescue(managed, prompt="a fox", **FAST)
+    assert cached_pipelines() == [managed]
