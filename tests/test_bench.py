@@ -351,3 +351,34 @@ def test_bad_options_exit_with_usage_errors(capsys):
 def test_folder_native_size(tiny_sd, tmp_path):
     assert folder_native_size(tiny_sd) == 64
     assert folder_native_size(tmp_path) is None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# On a CUDA machine (scripts/gpu_check.sh): the probe and the cap, with real CUDA
+
+
+@pytest.mark.gpu
+def test_gpu_probe_reads_the_card_and_its_bandwidth(tmp_path):
+    machine = run_job({"job": "probe", "device": "cuda"}, tmp_path / "probe.log", timeout=120)
+    assert machine["device"] == "cuda", machine
+    assert machine["total_bytes"] > 0 and machine["h2d_bandwidth"] > 1e9  # bytes/s: any PCIe link beats 1 GB/s
+    assert machine["versions"]["torch"]
+
+
+@pytest.mark.gpu
+def test_gpu_memory_cap_shrinks_the_card_and_oom_is_reported(tmp_path):
+    """Under a 1 GiB cap, a 2 GiB allocation fails with an error the device calls OOM; free memory shows the cap."""
+    from mlnb.device import get_device
+
+    dev = get_device()
+    try:
+        dev.set_memory_cap(1 * GiB)
+        assert dev.free_bytes() <= 1 * GiB and dev.info().total_bytes == 1 * GiB
+        import torch
+
+        with pytest.raises(Exception) as exc:
+            torch.empty(2 * GiB, dtype=torch.uint8, device=dev.torch_device)
+        assert dev.is_oom(exc.value)
+    finally:
+        dev.set_memory_cap(None)
+        dev.empty_cache()

@@ -183,9 +183,12 @@ def _judge_host(target: Target, rows: list[dict]) -> tuple[str, str]:
     ratio = worst["host_rss_peak"] / worst["fp16_weight_bytes"]
     verdict = "met" if ratio <= target.host_ratio else "not met"
     cap = "no cap" if worst.get("cap_bytes") is None else f"cap {format_gib(worst['cap_bytes'], digits=0)} GiB"
+    base = worst.get("host_rss_baseline")
+    # The process's own RSS (python, torch, CUDA context) before loading, shown so the model's share can be read.
+    above = f"; {format_bytes(worst['host_rss_peak'] - base)} above the process's {format_bytes(base)} before loading" if base else ""
     return verdict, (
         f"worst: {worst['model']} {worst['recipe']} {cap}: {format_bytes(worst['host_rss_peak'])} = {ratio:.2f}× "
-        f"of {format_bytes(worst['fp16_weight_bytes'])} (limit {target.host_ratio:g}×)"
+        f"of {format_bytes(worst['fp16_weight_bytes'])} (limit {target.host_ratio:g}×){above}"
     )
 
 

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The project's GPU check, in one command, on a machine with a CUDA GPU and its CUDA build of torch already installed:
+#
+#   scripts/gpu_check.sh                 # writes everything under $OUT, or ./gpu-out when OUT is unset
+#
+# Steps: install mlnb (editable, keeping the machine's torch), `mlnb doctor`, the GPU tests (`pytest -m gpu`,
+# junit xml), and `mlnb bench --quick` (table, targets, JSON, Markdown, one log per worker). A failing step does not
+# stop the next one; a summary with each step's status and time comes last, and the exit status is 1 if any step
+# failed. Budget: about 8 minutes (bench --quick is sized for under 4 minutes on one H100).
+#
+# Environment:
+#   OUT                    where results go (default ./gpu-out); keep large files out of it
+#   MLNB_BENCH_WORK        where the random-weight model folders are built and reused (default /tmp/mlnb-bench-models;
+#                          about 9 GiB for SD1.5 + SDXL in fp16)
+#   MLNB_GPU_CHECK_BENCH   options for mlnb bench (default: --quick --device cuda)
+set -u
+
+cd "$(dirname "$0")/.." || exit 1
+root=$PWD
+out=${OUT:-$root/gpu-out}
+mkdir -p "$out" || exit 1
+out=$(cd "$out" && pwd)
+work=${MLNB_BENCH_WORK:-/tmp/mlnb-bench-models}
+bench_opts=${MLNB_GPU_CHECK_BENCH:---quick --device cuda}
+python=${PYTHON:-python}
+# If the install step cannot put mlnb on the path, the source tree still can.
+export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false PIP_DISABLE_PIP_VERSION_CHECK=1
+summary=()
+failed=0
+start_all=$SECONDS
+
+# run_step NAME LIMIT_SECONDS COMMAND...: run with a time limit, log to $out/NAME.log, record status and time.
+run_step() {
+  local name=$1 limit=$2
+  shift 2
+  local start=$SECONDS rc
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s) ==="
+  timeout --kill-after=20 "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  rc=${PIPESTATUS[0]}
+  local took=$((SECONDS - start)) status=ok
+  if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
+    status="TIMED OUT after ${limit}s"
+  elif [ "$rc" -ne 0 ]; then
+    status="FAILED (exit $rc)"
+  fi
+  [ "$status" = ok ] || failed=1
+  summary+=("$(printf '%-10s %-24s %4ss  log: %s' "$name" "$status" "$took" "$out/$name.log")")
+  echo "=== $name: $status in ${took}s ==="
+  return "$rc"
+}
+
+install() {
+  local torch_version constraints
+  torch_version=$("$python" -c 'import torch; print(torch.__version__)') || {
+    echo "torch is not importable: this check needs the machine's CUDA build of torch"
+    return 1
+  }
+  echo "torch $torch_version (kept as is)"
+  constraints=$(mktemp)
+  echo "torch==$torch_version" > "$constraints"
+  # Offline first: every dependency already installed, nothing downloaded, torch untouched.
+  if "$python" -m pip install --no-index --no-build-isolation -e . ; then
+    rm -f "$constraints"; return 0
+  fi
+  echo "offline install failed (a dependency is missing); trying the package index, torch pinned to $torch_version"
+  if PIP_DEFAULT_TIMEOUT=15 timeout 240 "$python" -m pip install --no-build-isolation -c "$constraints" -e ".[gpu]" pytest; then
+    rm -f "$constraints"; return 0
+  fi
+  rm -f "$constraints"
+  echo "could not install dependencies; installing mlnb alone (the steps below use the source tree)"
+  "$python" -m pip install --no-deps --no-build-isolation -e . || true
+  "$python" - <<'EOF'
+import importlib
+for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pytest", "pynvml"):
+    try:
+        mod = importlib.import_module(name)
+        print(f"{name:<13} {getattr(mod, '__version__', 'installed')}")
+    except Exception as exc:
+        print(f"{name:<13} MISSING ({type(exc).__name__})")
+EOF
+  return 1
+}
+
+environment() {
+  date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  echo "commit: $(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)"
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi
+  else
+    echo "nvidia-smi: not found"
+  fi
+  "$python" -m pip list 2>/dev/null | grep -iE '^(torch|diffusers|transformers|accelerate|safetensors|nvidia-ml-py|xformers|pytest|mlnb) ' || true
+}
+
+mlnb_cli() {
+  if command -v mlnb >/dev/null 2>&1; then
+    mlnb "$@"
+  else
+    "$python" -m mlnb.cli "$@"
+  fi
+}
+
+gpu_tests() {
+  local rc
+  "$python" -m pytest -m gpu -q -rs --junitxml="$out/pytest-gpu.xml"
+  rc=$?
+  if [ "$rc" -eq 5 ]; then
+    echo "no GPU tests were collected"
+    return 0
+  fi
+  return "$rc"
+}
+
+bench() {
+  mkdir -p "$work"
+  # shellcheck disable=SC2086
+  mlnb_cli bench $bench_opts --work-dir "$work" --json "$out/bench-results.json" \
+    --markdown "$out/bench-results.md" --log-dir "$out/bench-logs"
+}
+
+# The steps run in child shells under `timeout`, so they see these as exported functions and variables.
+export python root out work bench_opts
+export -f environment install mlnb_cli gpu_tests bench
+
+run_step environment 60 bash -c environment
+run_step install 420 bash -c install
+run_step doctor 90 bash -c "mlnb_cli doctor"
+run_step gpu-tests 180 bash -c gpu_tests
+run_step bench 330 bash -c bench
+
+echo
+echo "=== summary ($((SECONDS - start_all))s in all; results in $out) ==="
+printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+if [ -f "$out/bench-results.json" ]; then
+  "$python" - "$out/bench-results.json" <<'EOF' | tee -a "$out/summary.txt"
+import json, sys
+doc = json.load(open(sys.argv[1]))
+print(f"bench: {doc['machine'].get('card')} · {doc['command']} · {doc['date']}")
+for t in doc.get("targets", []):
+    print(f"  [{t['status']}] {t['target']}")
+bad = [r for r in doc.get("runs", []) if r.get("status") not in ("ok", "OOM", "skipped")]
+print(f"  runs: {len(doc.get('runs', []))}, with an error: {len(bad)}")
+EOF
+fi
+exit "$failed"
