@@ -1,0 +1,243 @@
+"""What only a CUDA GPU shows: offloads really move weights, peaks order by level, the monitor's peak and cleanup
+on real CUDA memory, and SDXL in fp16 with ``force_upcast`` at ultra. Skipped without CUDA (see conftest)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import mlnb
+from mlnb.levels import OptimizationLevel
+from mlnb.monitor import MemoryMonitor
+from mlnb.pipeline import unload_all
+from mlnb.units import GiB, MiB
+
+pytestmark = pytest.mark.gpu
+
+L = OptimizationLevel
+
+
+@pytest.fixture(scope="module")
+def cuda():
+    """The real CUDA device, current for the module; nothing cached before or after."""
+    import torch
+
+    from mlnb.device import CudaDevice, use_device
+
+    device = CudaDevice(torch.cuda.current_device())
+    with use_device(device):
+        unload_all(device)
+        yield device
+        unload_all(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The monitor on real CUDA memory
+
+
+def test_device_info_reads_the_card(cuda):
+    """On a GPU the torch figures are filled; NVML figures are there, or its error says why not."""
+    info = cuda.info()
+    assert info.available and info.kind == "cuda"
+    assert info.total_bytes > 0 and 0 < info.free_bytes <= info.total_bytes
+    assert info.compute_capability is not None
+    assert info.nvml_used_bytes is not None or info.nvml_error
+
+
+def test_monitor_peak_covers_a_known_allocation(cuda):
+    """A 512 MiB tensor made and dropped inside the block is in the peak."""
+    import torch
+
+    with MemoryMonitor(cuda) as mon:
+        block = torch.ones(512 * MiB, dtype=torch.uint8, device=cuda.torch_device)
+        del block
+    report = mon.report
+    assert report.gpu
+    assert report.peak_allocated >= report.start_allocated + 512 * MiB
+    assert report.end_allocated < report.start_allocated + 512 * MiB
+
+
+def test_monitor_exit_returns_reserved_memory(cuda):
+    """A big tensor freed inside the block stays reserved by the caching allocator until the monitor's closing
+    cleanup, which gives it back to the driver."""
+    import torch
+
+    with MemoryMonitor(cuda) as mon:
+        block = torch.ones(512 * MiB, dtype=torch.uint8, device=cuda.torch_device)
+        del block
+        reserved_inside = torch.cuda.memory_reserved(cuda.index)
+    reserved_after = torch.cuda.memory_reserved(cuda.index)
+    assert reserved_inside >= 512 * MiB
+    assert reserved_after <= reserved_inside - 512 * MiB
+    assert mon.report.freed >= 512 * MiB
+    assert mon.report.cleanup == ("gc_collect", "cuda_cache_clear")
+
+
+def test_nested_monitors_on_the_global_peak_counter(cuda):
+    """torch has one peak counter per device: the inner monitor resets it, the outer still sees the 1 GiB spike
+    from before the inner, and the inner sees only its own 256 MiB."""
+    import torch
+
+    with MemoryMonitor(cuda) as outer:
+        big = torch.ones(GiB, dtype=torch.uint8, device=cuda.torch_device)
+        del big
+        with MemoryMonitor(cuda) as inner:
+            small = torch.ones(256 * MiB, dtype=torch.uint8, device=cuda.torch_device)
+            del small
+    assert outer.report.peak_allocated >= outer.report.start_allocated + GiB
+    assert inner.report.peak_allocated >= inner.report.start_allocated + 256 * MiB
+    assert inner.report.peak_allocated < inner.report.start_allocated + GiB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A mid-size SD-like model: big enough that weights dominate the peak, small enough to build in seconds
+
+
+@dataclass(frozen=True)
+class MidModel:
+    folder: Path
+    unet_bytes: int  # fp16
+    largest_param_bytes: int  # fp16, over all components: what one prefetched leaf can add
+
+
+def build_mid_sd(folder: Path, tokenizer_folder: Path) -> MidModel:
+    """A random-weight StableDiffusionPipeline, SD1.5's layout at reduced width: a ~140M-parameter UNet, ~26M
+    text encoder, ~21M VAE (native 256 px), saved in fp16."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_folder)
+    vocab = len(tokenizer)
+    unet = UNet2DConditionModel(
+        sample_size=32,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        cross_attention_dim=512,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(64, 128, 256, 256),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=256,
+        force_upcast=False,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab, hidden_size=512, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=8,
+            max_position_embeddings=77, projection_dim=512,
+            bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1,
+        )
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(dtype=torch.float16)
+    pipe.save_pretrained(folder)
+    modules = (unet, vae, text_encoder)
+    return MidModel(
+        folder=folder,
+        unet_bytes=sum(p.numel() for p in unet.parameters()) * 2,
+        largest_param_bytes=max(p.numel() for m in modules for p in m.parameters()) * 2,
+    )
+
+
+@pytest.fixture(scope="module")
+def mid_sd(tmp_path_factory, tiny_sd):
+    return build_mid_sd(tmp_path_factory.mktemp("mid-sd") / "sd", tiny_sd / "tokenizer")
+
+
+@dataclass(frozen=True)
+class LevelRun:
+    peak: int
+    location: dict[str, str]
+    result: object
+
+
+@pytest.fixture(scope="module")
+def level_runs(cuda, mid_sd):
+    """Each level on the mid model, fp16, 256x256, 4 steps, same seed; the second generation is the measured one
+    (the first lets group offloading record its execution order and CUDA libraries set up their workspaces)."""
+    runs: dict[L, LevelRun] = {}
+    for level in (L.ULTRA, L.AGGRESSIVE, L.BALANCED, L.NONE):
+        managed = mlnb.load_pipeline(mid_sd.folder, level=level, dtype="fp16", device=cuda)
+        managed.generate("warm-up", seed=0, steps=1, width=256, height=256)
+        result = managed.generate("a watercolor fox", seed=1, steps=4, width=256, height=256)
+        runs[level] = LevelRun(result.memory.peak_allocated, managed.weights_location(), result)
+    unload_all(cuda)
+    return runs
+
+
+def test_levels_apply_their_offloads_on_cuda(level_runs):
+    """On CUDA each level's offload really runs (it was skipped on the CPU)."""
+    assert level_runs[L.BALANCED].result.techniques.is_applied("model_cpu_offload")
+    aggressive = level_runs[L.AGGRESSIVE].result.techniques
+    assert aggressive["group_offload"].applied and aggressive["group_offload"].label == "group offload leaf"
+    ultra = level_runs[L.ULTRA].result.techniques
+    assert ultra["group_offload"].applied and ultra["group_offload"].label == "group offload leaf+stream"
+    assert ultra.is_applied("fp8_storage") and ultra.is_applied("cuda_cache_clear")
+    assert not any(level_runs[L.NONE].result.techniques[t].applied for t in ("model_cpu_offload", "group_offload"))
+    for run in level_runs.values():
+        assert run.result.images[0].size == (256, 256)
+
+
+def test_peak_orders_by_level(level_runs, mid_sd):
+    """Peak allocated: none > balanced > aggressive, and ultra no higher than aggressive (allowing for the one
+    leaf a CUDA stream prefetches ahead)."""
+    peak = {level: run.peak for level, run in level_runs.items()}
+    assert peak[L.NONE] > peak[L.BALANCED] > peak[L.AGGRESSIVE], peak
+    assert peak[L.ULTRA] <= peak[L.AGGRESSIVE] + 2 * mid_sd.largest_param_bytes, peak
+
+
+def test_no_offload_keeps_weights_on_the_gpu(level_runs, cuda):
+    """At none every component lives on the GPU."""
+    location = level_runs[L.NONE].location
+    assert set(location.values()) == {cuda.torch_device}, location
+
+
+def test_model_offload_moves_the_unet_and_puts_it_back(level_runs, mid_sd):
+    """Balanced: the UNet went to the GPU (the peak holds all its weights) and is back on the CPU afterwards."""
+    run = level_runs[L.BALANCED]
+    assert run.location["unet"] == "cpu", run.location
+    assert run.peak >= mid_sd.unet_bytes
+
+
+@pytest.mark.parametrize("level", [L.AGGRESSIVE, L.ULTRA], ids=lambda lv: lv.value)
+def test_group_offload_keeps_weights_on_the_cpu(level_runs, mid_sd, level):
+    """Aggressive and ultra: the UNet's weights stay on the CPU and are never all on the GPU at once."""
+    run = level_runs[level]
+    assert run.location["unet"] == "cpu", run.location
+    assert run.location["text_encoder"] == "cpu", run.location
+    assert run.peak < mid_sd.unet_bytes
+
+
+def test_sdxl_fp16_with_force_upcast_runs_at_ultra(cuda, tiny_sdxl):
+    """SDXL in fp16 with force_upcast at ultra: the VAE stays resident on the GPU (group offloading would crash on
+    the fp32 upcast), the rest is group-offloaded, and a generation completes with the VAE back in fp16."""
+    import torch
+
+    managed = mlnb.load_pipeline(tiny_sdxl, level="ultra", dtype="fp16", device=cuda)
+    try:
+        group = managed.techniques["group_offload"]
+        assert group.applied and "VAE kept on GPU" in group.detail
+        result = managed.generate("a watercolor fox", seed=1, steps=2, width=64, height=64)
+        assert result.images[0].size == (64, 64)
+        location = managed.weights_location()
+        assert location["vae"] == cuda.torch_device, location
+        assert location["unet"] == "cpu", location
+        assert managed.pipe.vae.dtype == torch.float16
+        assert result.memory.gpu and result.memory.peak_allocated > 0
+    finally:
+        managed.unload()
