@@ -1,0 +1,264 @@
+"""The dashboard panel: live memory gauges, the per-cell history, the session controls and the Generate panel.
+
+Building the widgets is kept apart from updating them: :meth:`Dashboard.refresh` computes a
+:class:`~mlnb.widgets.state.GaugeState` and copies it into traits. A daemon thread calls it every ``interval``
+seconds; it only sets traits and logs, and stops when the panel is closed (``close()``, ``Widget.close_all()``,
+``mlnb.widgets.close_all()`` on ``%unload_ext mlnb``).
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import threading
+import weakref
+
+import ipywidgets as widgets
+
+from ..levels import LEVEL_NAMES
+from ..monitor.history import CellHistory, cell_history
+from .generate_panel import GeneratePanel
+from .plot import PLOT_SIZE, HistoryPlot
+from .state import GaugeState, gauge_state, history_table_html, one_line
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Dashboard", "live_dashboards", "close_all"]
+
+_live: "weakref.WeakSet[Dashboard]" = weakref.WeakSet()
+_live_lock = threading.Lock()
+
+_LABEL = widgets.Layout(width="230px")
+_BAR = widgets.Layout(width="260px")
+
+
+def live_dashboards() -> list["Dashboard"]:
+    """The dashboards whose updater is running."""
+    with _live_lock:
+        return list(_live)
+
+
+def close_all() -> int:
+    """Close every live dashboard (stops their threads). Returns how many were closed."""
+    boards = live_dashboards()
+    for board in boards:
+        board.close()
+    return len(boards)
+
+
+def _section(title: str) -> widgets.HTML:
+    return widgets.HTML(value=f"<b>{html.escape(title)}</b>")
+
+
+class _GaugeRow(widgets.HBox):
+    """A label, a bar and the figures; ``show`` copies one :class:`~mlnb.widgets.state.Gauge` in."""
+
+    def __init__(self) -> None:
+        self.label = widgets.HTML(value="", layout=_LABEL)
+        self.bar = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, layout=_BAR)
+        self.figures = widgets.HTML(value="")
+        super().__init__(children=[self.label, self.bar, self.figures])
+
+    def show(self, gauge) -> None:
+        self.label.value = html.escape(gauge.label)
+        self.bar.value = gauge.fraction
+        self.bar.bar_style = gauge.bar_style
+        self.figures.value = html.escape(gauge.text)
+
+
+class Dashboard(widgets.VBox):
+    """One panel over the session: gauges, history, controls and Generate. Create it with :func:`mlnb.dashboard`.
+
+    Args:
+        interval: seconds between gauge updates.
+        device: the device to watch; the current device (``mlnb.device.get_device()``) at each update when None.
+        history: the cell history to plot (``mlnb.monitor.cell_history``).
+        start: start the updater thread (tests drive :meth:`refresh` by hand with ``start=False``).
+
+    Example:
+        ```python
+        >>> import mlnb
+        >>> board = mlnb.dashboard()
+        >>> board  # the panel shows; board.close() stops its updates
+        ```
+    """
+
+    def __init__(self, interval: float = 1.0, device=None, history: CellHistory | None = None, start: bool = True) -> None:
+        from ..session import defaults
+
+        self.interval = interval
+        self.device = device
+        self.history = history if history is not None else cell_history
+        self.state: GaugeState | None = None
+        self._plot = HistoryPlot(self.history)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._synced = (None, None)  # (level, model) last copied from the session defaults
+
+        # -- memory
+        self.headline = widgets.HTML(value="")
+        self.gauge_rows = [_GaugeRow() for _ in range(3)]
+        self.level_info = widgets.HTML(value="")
+        # -- history
+        self.plot = widgets.Image(value=b"", format="png", layout=widgets.Layout(width=f"{PLOT_SIZE[0]}px", display="none"))
+        self.table = widgets.HTML(value="")
+        # -- controls
+        self.level = widgets.Dropdown(options=list(LEVEL_NAMES), value=defaults.level, description="level",
+                                      layout=widgets.Layout(width="220px"))
+        self.model = widgets.Text(value=defaults.model or "", placeholder="hub id or local folder",
+                                  description="model", continuous_update=False, layout=widgets.Layout(width="420px"))
+        self.free_button = widgets.Button(description="Free memory")
+        self.free_result = widgets.HTML(value="")
+        self.control_error = widgets.HTML(value="")
+        # -- generate
+        self.generate_panel = GeneratePanel(also_disable=[self.free_button])
+
+        self.headline.add_class("mlnb-headline")
+        self.plot.add_class("mlnb-history-plot")
+        self.free_result.add_class("mlnb-free-result")
+        super().__init__(children=[
+            self.headline, _section("Memory"), *self.gauge_rows, self.level_info,
+            _section("Controls"), widgets.HBox([self.level, self.model]),
+            widgets.HBox([self.free_button, self.free_result]), self.control_error,
+            _section("Cell history"), self.plot, self.table,
+            _section("Generate"), self.generate_panel,
+        ])
+        self.add_class("mlnb-dashboard")
+
+        self.level.observe(self._on_level, names="value")
+        self.model.observe(self._on_model, names="value")
+        self.free_button.on_click(self._on_free)
+        self.refresh()
+        if start:
+            self.start()
+
+    # -- updating -----------------------------------------------------------------------------------------------
+
+    def refresh(self) -> GaugeState:
+        """Recompute the gauges (and the history when it changed) and copy them into the widgets."""
+        from ..device import get_device
+        from ..session import defaults
+
+        with self._lock:
+            info = (self.device or get_device()).info()
+            state = gauge_state(info, defaults.level, _loaded_pipelines())
+            self.state = state
+            self.headline.value = f"<b>mlnb</b> · {html.escape(state.headline)}"
+            for row, gauge in zip(self.gauge_rows, state.gauges):
+                row.show(gauge)
+            self.level_info.value = f"level: {html.escape(state.level)} · loaded: {html.escape(state.loaded)}"
+            self._sync_controls(defaults)
+            changed, records, png = self._plot.render()
+            if changed:
+                self.table.value = history_table_html(records)
+                if png is not None:
+                    self.plot.value = png
+                self.plot.layout.display = None if png is not None else "none"
+        return state
+
+    def _sync_controls(self, defaults) -> None:
+        # %vram level / %%generate --model change the defaults too; follow them without undoing the user's typing.
+        level, model = defaults.level, defaults.model
+        if (level, model) == self._synced:
+            return
+        if level != self._synced[0] and self.level.value != level:
+            self.level.value = level
+        if model != self._synced[1] and (self.model.value or None) != model:
+            self.model.value = model or ""
+        self._synced = (level, model)
+
+    def start(self) -> None:
+        """Start the updater thread (once)."""
+        if self._thread is not None and self._thread.is_alive():
+            return
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._update_loop, name="mlnb-dashboard", daemon=True)
+        self._thread.start()
+        with _live_lock:
+            _live.add(self)
+
+    @property
+    def running(self) -> bool:
+        """The updater thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _update_loop(self) -> None:
+        failures = 0
+        while not self._stop.wait(self.interval):
+            if self.comm is None:  # closed by Widget.close_all() or the frontend
+                break
+            try:
+                self.refresh()
+                failures = 0
+            except Exception:
+                failures += 1
+                logger.debug("dashboard refresh failed", exc_info=True)
+                if failures >= 10:
+                    logger.warning("dashboard updates stopped after %d failures in a row", failures)
+                    break
+        with _live_lock:
+            _live.discard(self)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the updater thread and wait for it."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        with _live_lock:
+            _live.discard(self)
+
+    def close(self) -> None:
+        """Stop the updates and close the panel and all its widgets."""
+        self.stop()
+        for child in self.children:
+            _close_tree(child)
+        super().close()
+
+    # -- controls -----------------------------------------------------------------------------------------------
+
+    def _on_level(self, change) -> None:
+        from ..session import defaults
+
+        try:
+            defaults.set_level(change["new"])
+            self.control_error.value = ""
+        except ValueError as exc:
+            self.control_error.value = f"<span style='color:#b00'>{html.escape(one_line(exc))}</span>"
+
+    def _on_model(self, change) -> None:
+        from ..session import defaults
+
+        defaults.model = (change["new"] or "").strip() or None
+
+    def _on_free(self, _button=None) -> None:
+        """The Free memory button: unload every pipeline and clean up, then show the one-line report."""
+        from ..session import free_memory
+
+        if self.generate_panel.running:
+            return
+        try:
+            report = free_memory(self.device)
+            self.free_result.value = f"<code>{html.escape(str(report))}</code>"
+        except Exception as exc:
+            logger.debug("free_memory failed", exc_info=True)
+            self.free_result.value = f"<span style='color:#b00'>{html.escape(one_line(exc))}</span>"
+        self.refresh()
+
+
+def _loaded_pipelines() -> list[tuple[str, str]]:
+    import sys
+
+    # Only ask the pipeline cache when it exists: importing it would import torch on every tick of a bare session.
+    if "mlnb.pipeline.managed" not in sys.modules:
+        return []
+    from ..pipeline import cached_pipelines
+
+    return [(m.model, m.level.value) for m in cached_pipelines()]
+
+
+def _close_tree(widget) -> None:
+    for child in getattr(widget, "children", ()):
+        _close_tree(child)
+    widget.close()

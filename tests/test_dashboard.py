@@ -1,0 +1,283 @@
+"""The dashboard driven from pytest: outside a kernel the widgets' comms are no-ops, so traits can be read back.
+
+Runs on ipywidgets 7.7.1 and 8.x alike.
+"""
+
+from __future__ import annotations
+
+import html
+import subprocess
+import sys
+import time
+
+import pytest
+
+from mlnb.device import CpuDevice, FakeDevice, use_device
+from mlnb.monitor.history import CellHistory, CellRecord
+from mlnb.monitor.memory_monitor import MemoryReport
+from mlnb.units import GiB, MiB
+from mlnb.widgets.state import Gauge, HistoryPoint, gauge_state, history_points, history_table_html, one_line
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"  # Image.value is bytes on ipywidgets 7, a memoryview on 8
+
+
+@pytest.fixture
+def session_defaults():
+    """The session defaults, restored after the test."""
+    from mlnb.session import defaults
+
+    saved = (defaults.level, defaults.model)
+    yield defaults
+    defaults.level, defaults.model = saved
+
+
+@pytest.fixture
+def board_factory(session_defaults):
+    """Build dashboards without the updater thread (tests call refresh()); all are closed afterwards."""
+    pytest.importorskip("ipywidgets")
+    import mlnb
+
+    boards = []
+
+    def make(**kwargs):
+        kwargs.setdefault("start", False)
+        board = mlnb.dashboard(**kwargs)
+        boards.append(board)
+        return board
+
+    yield make
+    for board in boards:
+        board.close()
+
+
+def _report(peak: int, gpu: bool = True) -> MemoryReport:
+    return MemoryReport(
+        gpu=gpu, device_name="Fake GPU", seconds=0.5,
+        start_allocated=0, peak_allocated=peak, end_allocated=0,
+        start_reserved=0, peak_reserved=peak, end_reserved=0,
+        device_used_start=0, device_used_end=0, device_total=4 * GiB,
+        host_rss_start=GiB, host_peak_rss=GiB, host_rss_end=GiB, freed=peak,
+    )
+
+
+# -- pure state --------------------------------------------------------------------------------------------------
+
+
+def test_gauge_state_from_fake_device():
+    device = FakeDevice(total=4 * GiB, other_processes=GiB)
+    device.allocate(2 * GiB)
+    state = gauge_state(device.info(), "auto", [("/models/tiny-sd", "ultra"), ("org/name", "none")])
+    nvml, reserved, host = state.gauges
+    assert nvml.used == 3 * GiB and nvml.total == 4 * GiB
+    assert nvml.fraction == pytest.approx(0.75) and nvml.bar_style == "warning"
+    assert reserved.used == 2 * GiB and "allocated 2.0 GiB" in reserved.text
+    assert host.available
+    assert state.gpu and state.level.startswith("auto, now ultra")
+    assert state.loaded == "tiny-sd at ultra, org/name at none"  # local folders by their name
+    text = str(state)
+    assert "3.0 GiB / 4.0 GiB (75%)" in text and "Fake GPU" in text
+
+
+def test_gauge_state_without_gpu_or_nvml():
+    state = gauge_state(CpuDevice().info(), "balanced")
+    assert not state.gpu and state.headline.startswith("no GPU")
+    assert [g.text for g in state.gauges[:2]] == ["N/A (no GPU)", "N/A (no GPU)"]
+    assert state.level == "balanced (set by the user)" and state.loaded == "none"
+
+    broken = gauge_state(FakeDevice(nvml_fails=True).info())
+    assert broken.gauges[0].text == "N/A (NVML query failed: simulated)"
+    assert broken.gauges[1].available  # torch's counters still work
+
+
+def test_gauge_styles():
+    assert Gauge("x", 1, 10).bar_style == ""
+    assert Gauge("x", 95, 100).bar_style == "danger"
+    assert Gauge("x", None, None).fraction == 0.0
+
+
+def test_history_table_and_plot():
+    from mlnb.widgets.plot import history_png
+
+    records = [CellRecord(3, "pipe = load()", _report(GiB), True), CellRecord(4, "1/0", _report(0), False, "ZeroDivisionError")]
+    table = history_table_html(records, last=8)
+    assert table.index("<td style='padding:0 6px'>4</td>") < table.index("<td style='padding:0 6px'>3</td>")  # newest first
+    assert "ZeroDivisionError" in table and "color:#b00" in table
+    assert "no cells recorded" in history_table_html([])
+    points = history_points(records)
+    assert points[0] == HistoryPoint(3, GiB, True, False) and points[1].error
+    assert history_png([]) is None
+    pytest.importorskip("matplotlib")
+    assert history_png(points).startswith(PNG_MAGIC)
+
+
+def test_one_line_errors():
+    from mlnb.errors import ModelNotFoundError
+
+    assert one_line(ModelNotFoundError("model 'x' not found\nmore")) == "model 'x' not found"
+    assert one_line(RuntimeError("boom")) == "RuntimeError: boom"
+
+
+def test_form_kwargs():
+    pytest.importorskip("ipywidgets")
+    from mlnb.errors import InvalidArgumentError
+    from mlnb.widgets.generate_panel import form_kwargs
+
+    assert form_kwargs("a fox", " ", 2, "7", "64", "") == dict(
+        prompt="a fox", negative_prompt=None, steps=2, seed=7, width=64, height=None
+    )
+    with pytest.raises(InvalidArgumentError, match="seed must be a whole number"):
+        form_kwargs("a fox", "", 2, "seven", "", "")
+
+
+# -- the panel ----------------------------------------------------------------------------------------------------
+
+
+def test_gauges_follow_fake_device(board_factory, fake_device):
+    board = board_factory()
+    nvml_row, reserved_row, host_row = board.gauge_rows
+    assert "Fake GPU" in board.headline.value
+    assert nvml_row.bar.value == 0.0
+    fake_device.allocate(3 * GiB + 700 * MiB)
+    board.refresh()
+    assert nvml_row.bar.value == pytest.approx((3 * GiB + 700 * MiB) / (4 * GiB))
+    assert nvml_row.bar.bar_style == "danger"
+    assert nvml_row.figures.value == board.state.gauges[0].text
+    assert "3.7 GiB / 4.0 GiB" in reserved_row.figures.value
+    assert host_row.bar.value > 0
+    assert "auto, now ultra" in board.level_info.value
+
+
+def test_no_gpu_gauges_say_so(board_factory):
+    with use_device(CpuDevice()):
+        board = board_factory()
+    assert "no GPU" in board.headline.value
+    assert board.gauge_rows[0].figures.value == "N/A (no GPU)"
+
+
+def test_controls_set_session_defaults(board_factory, session_defaults, fake_device):
+    board = board_factory()
+    board.level.value = "aggressive"
+    assert session_defaults.level == "aggressive"
+    board.model.value = " some/model "
+    assert session_defaults.model == "some/model"
+    board.model.value = ""
+    assert session_defaults.model is None
+    # Changes made elsewhere (%vram level, %%generate --model) show on the next refresh.
+    session_defaults.set_level("none")
+    session_defaults.model = "other/model"
+    board.refresh()
+    assert board.level.value == "none" and board.model.value == "other/model"
+    assert "none (set by the user)" in board.level_info.value
+
+
+def test_history_redrawn_only_when_version_changes(board_factory, fake_device):
+    history = CellHistory()
+    board = board_factory(history=history)
+    assert "no cells recorded" in board.table.value
+    assert board.plot.layout.display == "none"
+    history.append(CellRecord(1, "x = 1", _report(GiB), True))
+    board.refresh()
+    draws = board._plot.draws
+    board.refresh()
+    board.refresh()
+    assert board._plot.draws == draws
+    assert "x = 1" in board.table.value
+    pytest.importorskip("matplotlib")
+    assert bytes(board.plot.value).startswith(PNG_MAGIC) and board.plot.layout.display is None
+
+
+def test_free_memory_button(board_factory, fake_device, clean_cache):
+    board = board_factory()
+    board.free_button.click()
+    assert "unloaded 0 pipeline(s)" in board.free_result.value
+    assert fake_device.empty_cache_calls >= 1
+
+
+def test_generate_tiny_model(board_factory, session_defaults, tiny_sd, clean_cache):
+    import mlnb
+
+    session_defaults.model = str(tiny_sd)
+    session_defaults.set_level("none")
+    board = board_factory()
+    panel = board.generate_panel
+    panel.prompt.value = "a watercolor fox"
+    panel.steps.value = 2
+    panel.seed.value = "1"
+    panel.width.value = panel.height.value = "64"
+    panel.button.click()
+    assert panel.button.disabled and board.free_button.disabled
+    assert panel.wait(timeout=120), "generation did not finish in 120 s"
+    assert panel.error is None, panel.error
+    assert bytes(panel.image.value).startswith(PNG_MAGIC) and panel.image.layout.display is None
+    assert "64×64 · 2 steps" in panel.report.value and "level none" in panel.report.value
+    assert panel.progress.value == panel.progress.max == 2
+    assert mlnb.last_result() is panel.result and panel.result.seed == 1
+    assert not panel.button.disabled and not board.free_button.disabled
+    board.refresh()
+    assert f"{tiny_sd.name} at none" in board.level_info.value
+
+
+def test_generate_errors_keep_panel_usable(board_factory, session_defaults, tiny_sd, clean_cache):
+    session_defaults.set_level("none")
+    board = board_factory()
+    panel = board.generate_panel
+    panel.steps.value, panel.width.value, panel.height.value = 1, "64", "64"
+    cases = [  # (prompt, model, seed, the error line shows)
+        ("", str(tiny_sd), "", "the prompt is empty"),
+        ("a fox", "/nonexistent/model-folder", "", "no model folder at '/nonexistent/model-folder'"),
+        ("a fox", None, "", "no model"),
+        ("a fox", str(tiny_sd), "x", "seed must be a whole number"),
+    ]
+    for prompt, model, seed, message in cases:
+        session_defaults.model = model
+        panel.prompt.value, panel.seed.value = prompt, seed
+        panel.button.click()
+        assert panel.wait(timeout=60)
+        assert panel.error is not None and message in panel.error, (message, panel.error)
+        assert "error:" in panel.status.value and html.escape(message) in panel.status.value
+        assert not panel.button.disabled and not board.free_button.disabled
+        assert bytes(panel.image.value) == b""
+
+
+def test_updater_thread_stops_on_close(board_factory, fake_device):
+    import mlnb.widgets
+
+    board = board_factory(interval=0.05, start=True)
+    assert board.running
+    fake_device.allocate(GiB)
+    deadline = time.monotonic() + 5
+    while board.gauge_rows[0].bar.value == 0.0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert board.gauge_rows[0].bar.value == pytest.approx(0.25)  # moved by the thread
+    other = board_factory(interval=0.05, start=True)
+    assert mlnb.widgets.close_all() == 2
+    assert not board.running and not other.running and board.comm is None
+    assert mlnb.widgets.close_all() == 0
+
+
+def test_thread_stops_when_ipywidgets_closes_the_panel(board_factory, fake_device):
+    import ipywidgets
+
+    board = board_factory(interval=0.05, start=True)
+    ipywidgets.Widget.close(board)  # the base close, as a frontend-driven close would leave it
+    board._thread.join(timeout=5)
+    assert not board.running
+
+
+def test_dashboard_without_ipywidgets(monkeypatch):
+    import mlnb
+    import mlnb.widgets as mw
+
+    monkeypatch.setattr(mw, "_ipywidgets", mw._UNTRIED)
+    monkeypatch.setitem(sys.modules, "ipywidgets", None)  # makes `import ipywidgets` raise ImportError
+    with pytest.raises(ImportError, match=r'pip install "mlnb\[widgets\]"'):
+        mlnb.dashboard()
+    with pytest.raises(ImportError, match="pip install ipywidgets"):
+        mw.dashboard()
+    assert mw._ipywidgets is None  # tried once, remembered
+    assert isinstance(mw.close_all(), int)
+
+
+def test_import_stays_light():
+    code = "import sys, mlnb, mlnb.widgets; mlnb.widgets.close_all(); assert 'ipywidgets' not in sys.modules; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
