@@ -356,7 +356,7 @@ def load_pipeline(
                     return managed
 
     pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
-    plan = None
+    plan = cfg = None
     try:
         text_to_image_parameters(pipe)  # refuse it before it is optimized and cached: it could never generate
         if budget_bytes is not None:
@@ -384,10 +384,18 @@ def load_pipeline(
             report = OptimizationReport(
                 plan_level(plan), tuple(skipped(t, "no CUDA device: the plan is computed, not applied") for t in Technique)
             )
-    except BaseException:
+    except BaseException as exc:
         del pipe
+        oom = device.is_oom(exc)
+        if oom:  # the optimizer's frames still hold the half-placed weights: free them with the pipeline
+            release_exception_frames(exc)
         cleanup(device)
-        raise
+        if not oom:
+            raise
+        stronger = stronger_level(cfg.level) if cfg is not None else None
+        advice = f"try --level {stronger.value}" if stronger else "%vram who shows what holds GPU memory"
+        at = f" at level {cfg.level.value}" if cfg is not None else ""
+        raise OutOfMemoryRescueError(f"out of GPU memory loading {source!r}{at}; {advice}") from None
     load_kwargs = dict(from_pretrained_kwargs, allow_pickle=allow_pickle)
     managed = ManagedPipeline(pipe, source, torch_dtype, choice, report, device, load_kwargs, plan=plan)
     with _cache_lock:
