@@ -108,7 +108,10 @@ def _sources(args, device: str, work: Path, logs: Path, timeout: float) -> tuple
 def _settings(args) -> tuple[str | None, str]:
     recipes = args.recipes or (QUICK_RECIPES if args.quick else None)
     # A --model has no per-architecture defaults: it runs uncapped unless --caps says otherwise.
-    caps = args.caps or (f"{args.cap_gib:g}" if args.cap_gib else None) or ("none" if args.model else QUICK_CAPS if args.quick else FULL_CAPS)
+    if args.caps or args.cap_gib:
+        caps = args.caps or f"{args.cap_gib:g}"
+    else:
+        caps = "none" if args.model else QUICK_CAPS if args.quick else FULL_CAPS
     return recipes, caps
 
 
@@ -119,7 +122,8 @@ def _run_all(runs: list[RunSpec], failed_builds: dict[str, str], logs: Path, tim
         if spec.model in failed_builds:
             row = dict(base, status="error", phase="build", error=failed_builds[spec.model])
         else:
-            log = logs / f"run-{index:02d}-{spec.model}-{spec.recipe}-{'nocap' if spec.cap_bytes is None else spec.cap_bytes // 2**20}.log"
+            cap = "nocap" if spec.cap_bytes is None else f"{spec.cap_bytes // 2**20}MiB"
+            log = logs / f"run-{index:02d}-{spec.model}-{spec.recipe}-{cap}.log"
             row = run_job(spec.job(), log, timeout=timeout)
             row = {**base, **{k: v for k, v in row.items() if v is not None or k not in base}}
         rows.append(row)
@@ -188,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             caps = {s.name: [None] for s in sources}
         else:
             bandwidth = machine.get("h2d_bandwidth")
-            _say(f"{machine.get('card')}: pinned host-to-device {bandwidth / 1e9:.1f} GB/s" if bandwidth else f"{machine.get('card')}")
+            rate = f": pinned host-to-device {bandwidth / 1e9:.1f} GB/s" if bandwidth else ""
+            _say(f"{machine.get('card')}{rate}")
         failed = {b["model"]: f"build failed: {b.get('error')}" for b in builds if b.get("status") == "error"}
         models = [(s.name, s.path, s.size, s.size) for s in sources]
         runs = plan_runs(models, recipes, caps, steps, device, seed=args.seed, prompt=args.prompt)
@@ -204,9 +209,12 @@ def main(argv: list[str] | None = None) -> int:
             "settings": {
                 "device": device, "quick": args.quick, "steps": steps, "recipes": [r.name for r in recipes],
                 "caps": caps, "prompt": args.prompt, "seed": args.seed,
-                "models": [{"name": s.name, "kind": s.kind, "path": s.path if s.kind == "model" else None, "size": s.size} for s in sources],
+                "models": [
+                    {"name": s.name, "kind": s.kind, "path": s.path if s.kind == "model" else None, "size": s.size}
+                    for s in sources
+                ],
             },
-            "floor_formula": "floor = max(compute_s, max(0, denoiser_fp16_bytes - max(0, cap - activations)) * steps / h2d_bandwidth)",
+            "floor_formula": report.FLOOR_FORMULA,
             "builds": builds,
             "runs": rows,
             "targets": targets,

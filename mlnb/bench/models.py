@@ -217,10 +217,12 @@ def save_arch_pipeline(name: str, folder: str | os.PathLike, device: str = "cpu"
     if marker.is_file():
         info = json.loads(marker.read_text())
         if info.get("model") == name and info.get("seed") == seed:
+            logger.info("reusing the %s build in %s", name, folder)
             return dict(info, reused=True)
     start = time.perf_counter()
     pipe = build_arch_pipeline(name, device=device, seed=seed)
     built = time.perf_counter()
+    logger.info("built %s on %s in %.1f s; saving to %s", name, device, built - start, folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     try:

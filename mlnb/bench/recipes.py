@@ -186,6 +186,6 @@ def prepare(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
     Raises:
         RecipeSkipped: the recipe cannot run on this device.
     """
-    if recipe.family == "diffusers":
-        return _prepare_diffusers(recipe, path, device, dtype, call)
-    return _prepare_mlnb(recipe, path, device, dtype, call)
+    prepared = (_prepare_diffusers if recipe.family == "diffusers" else _prepare_mlnb)(recipe, path, device, dtype, call)
+    logger.debug("%s set up: %s", recipe.name, prepared.detail)
+    return prepared

@@ -24,6 +24,7 @@ from ..units import GiB, format_bytes, format_gib
 from .recipes import BASELINE
 
 __all__ = [
+    "FLOOR_FORMULA",
     "streamed_bytes",
     "streaming_floor",
     "add_derived",
@@ -35,6 +36,9 @@ __all__ = [
     "format_markdown",
 ]
 
+FLOOR_FORMULA = (
+    "floor = max(compute_s, max(0, denoiser_fp16_bytes - max(0, cap - activations)) * steps / h2d_bandwidth)"
+)
 RATIO_TOLERANCE = 0.05  # "1.0x" allows 5% run-to-run timing noise
 
 
@@ -131,7 +135,10 @@ class Target:
 
 
 TARGETS = (
-    Target("sdxl-4gib", "SDXL 1024² under a 4 GiB cap fits and takes ≤ 1.5× the uncapped no-offload time", "sdxl", 1024, 4, 1.5),
+    Target(
+        "sdxl-4gib", "SDXL 1024² under a 4 GiB cap fits and takes ≤ 1.5× the uncapped no-offload time",
+        "sdxl", 1024, 4, 1.5,
+    ),
     Target("sd15-2gib", "SD1.5 512² under a 2 GiB cap takes ≤ 1.3× the uncapped no-offload time", "sd15", 512, 2, 1.3),
     Target(
         "sdxl-15gib", "SDXL 1024² under a 15 GiB cap takes 1.0× the uncapped no-offload time (no needless offload)",
@@ -185,7 +192,9 @@ def _judge_host(target: Target, rows: list[dict]) -> tuple[str, str]:
     cap = "no cap" if worst.get("cap_bytes") is None else f"cap {format_gib(worst['cap_bytes'], digits=0)} GiB"
     base = worst.get("host_rss_baseline")
     # The process's own RSS (python, torch, CUDA context) before loading, shown so the model's share can be read.
-    above = f"; {format_bytes(worst['host_rss_peak'] - base)} above the process's {format_bytes(base)} before loading" if base else ""
+    above = ""
+    if base:
+        above = f"; {format_bytes(worst['host_rss_peak'] - base)} above the process's {format_bytes(base)} before loading"
     return verdict, (
         f"worst: {worst['model']} {worst['recipe']} {cap}: {format_bytes(worst['host_rss_peak'])} = {ratio:.2f}× "
         f"of {format_bytes(worst['fp16_weight_bytes'])} (limit {target.host_ratio:g}×){above}"
@@ -269,7 +278,8 @@ def format_markdown(doc: dict) -> str:
     bandwidth = machine.get("h2d_bandwidth")
     lines = [
         f"- card: {machine.get('card')} (CUDA {machine.get('cuda') or 'N/A'}, driver {machine.get('driver') or 'N/A'})",
-        f"- host: {machine.get('platform')}, {machine.get('cpu_count')} CPUs, {format_bytes(machine.get('host_total_bytes'))} RAM",
+        f"- host: {machine.get('platform')}, {machine.get('cpu_count')} CPUs, "
+        f"{format_bytes(machine.get('host_total_bytes'))} RAM",
         f"- pinned host-to-device bandwidth: {'N/A' if not bandwidth else f'{bandwidth / 1e9:.1f} GB/s'}",
         f"- versions: {versions}",
         f"- date: {doc.get('date')}",

@@ -189,6 +189,7 @@ def run(job: dict) -> dict:
             if job.get("cap_bytes"):
                 device.set_memory_cap(int(job["cap_bytes"]))
             phase = "load"
+            logger.info("%s: loading %s (%s, cap %s)", job["recipe"], job["path"], device.kind, job.get("cap_bytes"))
             dtype = torch.float16 if device.is_cuda else torch.float32
             call = {k: job[k] for k in ("prompt", "steps", "width", "height", "seed")}
             start = time.perf_counter()
@@ -196,8 +197,10 @@ def run(job: dict) -> dict:
             result.update(load_seconds=time.perf_counter() - start, level=prepared.level, detail=prepared.detail)
             result.update(_param_counts(prepared.pipe))
             result["resident_after_load"] = device.snapshot().allocated
+            logger.info("loaded in %.1f s: %s", result["load_seconds"], prepared.detail)
             phase = "warm-up"
             warm_seconds, warm, _ = _measured(device, prepared.generate)
+            logger.info("warm-up image in %.2f s", warm_seconds)
             phase = "generate"
             seconds, timed, size = _measured(device, prepared.generate)
             result.update(warmup_seconds=warm_seconds, seconds=seconds)
@@ -209,6 +212,7 @@ def run(job: dict) -> dict:
             phase = None
     except Exception as exc:
         result.update(status=classify(exc, device), phase=phase, error=_one_line(exc))
+        logger.info("%s in %s: %s", result["status"], phase, result["error"])
         if result["status"] == "error":
             result["traceback"] = traceback.format_exc(limit=12)[-4000:]
     result.update(nvml_baseline=sampler.first, nvml_peak=sampler.peak, host_rss_peak=host_peak_rss())
