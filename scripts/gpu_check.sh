@@ -124,9 +124,9 @@ export python root out work bench_opts
 export -f environment install mlnb_cli gpu_tests bench
 
 run_step environment 60 bash -c environment
-run_step install 420 bash -c install
+run_step install 300 bash -c install
 run_step doctor 90 bash -c "mlnb_cli doctor"
-run_step gpu-tests 180 bash -c gpu_tests
+run_step gpu-tests 240 bash -c gpu_tests
 run_step bench 330 bash -c bench
 
 echo
