@@ -219,7 +219,8 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
         if offline and _is_network_error(exc):
             raise OfflineError(
                 f"{source!r} is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set "
-                "(offline): download it where there is network and give the local folder, e.g. --model /content/models/name"
+                "(offline): download it where there is network and give the local folder, "
+                "e.g. --model /content/models/name"
             ) from None
         if not is_local and _is_network_error(exc):
             raise OfflineError(
