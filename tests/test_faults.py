@@ -80,12 +80,18 @@ def gpu():
 @pytest.fixture
 def sd(ip, gpu, tiny_sd):
     """The tiny SD pipeline loaded at level none on the fake GPU; the session's model and level name it."""
-    managed = load_pipeline(tiny_sd, level="none")
-    if managed.device is not gpu:  # cached by another module on another device
-        unload_all()
-        managed = load_pipeline(tiny_sd, level="none")
+    managed = loaded_on(gpu, tiny_sd, "none")
     defaults.model, defaults.level = str(tiny_sd), "none"
     assert (gpu.allocated, gpu.reserved) == (0, 0)
+    return managed
+
+
+def loaded_on(gpu: FakeDevice, model, level: str):
+    """``load_pipeline(model, level)`` on the fake GPU, also when another test module cached it on another device."""
+    managed = load_pipeline(model, level=level)
+    if managed.device is not gpu or len(cached_pipelines()) > 1:
+        unload_all()
+        managed = load_pipeline(model, level=level)
     return managed
 
 
@@ -319,7 +325,8 @@ def test_hub_id_offline_is_one_line_and_touches_no_network(ip, gpu, sd, capsys, 
         text = failing_cell(ip, f"%%generate --model mlnb-tests/no-such-model {GEN}\na fox", capsys)
     finally:
         logging.getLogger("diffusers").removeHandler(handler)
-    assert "HF_HUB_OFFLINE is set (offline)" in text and "'mlnb-tests/no-such-model' is not in the local" in text
+    assert "'mlnb-tests/no-such-model' is neither a local folder nor in the Hugging Face cache" in text
+    assert "HF_HUB_OFFLINE is set (offline)" in text
     assert "give the local folder, e.g. --model /" in text
     assert attempts == []
     assert not [r.getMessage() for r in diffusers_log if "connect" in r.getMessage()]
@@ -534,7 +541,7 @@ def test_without_ipywidgets_only_the_dashboard_refuses(tiny_sd):
             mlnb.dashboard()
         except ImportError as exc:
             print("API", exc)
-        print("NEXT", ip.run_cell("y = 2 + 2").success, "ipywidgets" in sys.modules and sys.modules["ipywidgets"] is None)
+        print("NEXT", ip.run_cell("y = 2 + 2").success, sys.modules.get("ipywidgets", 0) is None)
     """)
     env = {**os.environ, "MLNB_DEVICE": "cpu"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, env=env)
@@ -572,8 +579,8 @@ def test_oom_is_retried_at_the_next_level_and_reported(ip, gpu, fresh, tiny_sd, 
     (64, 1, "even 64×64 does not fit in the 4.0 GiB free: %vram who shows what holds GPU memory"),
     (64, 4, "try --num-images 2"),
 ], ids=["smaller-size", "smallest-size", "fewer-images"])
-def test_oom_at_ultra_says_what_would_fit(ip, gpu, fresh, tiny_sd, capsys, monkeypatch, size, images, hint):
-    ultra = load_pipeline(tiny_sd, level="ultra")
+def test_oom_at_ultra_says_what_would_fit(ip, gpu, tiny_sd, capsys, monkeypatch, size, images, hint):
+    ultra = loaded_on(gpu, tiny_sd, "ultra")  # the three cases share it: it stays cached after each
     defaults.model = str(tiny_sd)
     workspaces = inject(monkeypatch, gpu, "unet", oom)
     text = failing_cell(
@@ -592,6 +599,23 @@ def test_oom_again_after_the_retry(ip, gpu, fresh, tiny_sd, capsys, monkeypatch)
     assert len(workspaces) == 2 and all_dead(workspaces)
     (balanced,) = cached_pipelines()
     assert_state_after(ip, gpu, keeps=[balanced], remembered=tiny_sd)
+
+
+def test_oom_while_placing_the_weights(ip, gpu, fresh, tiny_sd, capsys, monkeypatch):
+    held: list = []
+
+    def optimize_on_a_full_card(self, pipe):
+        held.append(weakref.ref(pipe))
+        workspace = device_tensor(gpu, refs=held)  # noqa: F841 (the weights already moved when it ran out)
+        raise oom()
+
+    monkeypatch.setattr(MemoryOptimizer, "optimize_pipeline", optimize_on_a_full_card)
+    defaults.model = None
+    text = failing_cell(ip, f"%%generate --model {tiny_sd} --level none {GEN}\na fox", capsys)
+    assert text == f"UsageError: out of GPU memory loading {str(tiny_sd)!r} at level none; try --level balanced"
+    assert all_dead(held), "the pipeline or its GPU workspace outlived the failed load"
+    assert cached_pipelines() == [] and defaults.model is None
+    assert_state_after(ip, gpu)
 
 
 def test_keyboard_interrupt_mid_generation(ip, gpu, sd, capsys, monkeypatch):
@@ -623,7 +647,8 @@ def test_error_in_a_user_cell_releases_its_device_tensors(ip, gpu, capsys):
     refs: list = []
     ip.user_ns["_fake_cuda_tensor"] = lambda: device_tensor(gpu, 64 * MiB, refs)
     capsys.readouterr()
-    result = run(ip, "def _denoise():\n    latents = _fake_cuda_tensor()\n    raise ValueError('shape mismatch')\n_denoise()")
+    cell = "def _denoise():\n    latents = _fake_cuda_tensor()\n    raise ValueError('shape mismatch')\n_denoise()"
+    result = run(ip, cell)
     assert isinstance(result.error_in_exec, ValueError)
     captured = capsys.readouterr()
     out = captured.out + captured.err
