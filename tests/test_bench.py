@@ -324,6 +324,7 @@ def test_cpu_bench_end_to_end_writes_valid_json(tiny_sd, tmp_path, monkeypatch, 
     assert "memory caps need a CUDA device" in printed and "[not measured]" in printed
     assert "OOM (warm-up)" in printed
     doc = json.loads(out.read_text())
+    assert doc["complete"] is True
     for key in ("schema", "date", "command", "argv", "machine", "versions", "settings", "floor_formula", "builds",
                 "runs", "targets"):
         assert key in doc, key

@@ -115,8 +115,8 @@ def _settings(args) -> tuple[str | None, str]:
     return recipes, caps
 
 
-def _run_all(runs: list[RunSpec], failed_builds: dict[str, str], logs: Path, timeout: float) -> list[dict]:
-    rows = []
+def _run_all(runs: list[RunSpec], failed_builds: dict[str, str], logs: Path, timeout: float, on_row) -> list[dict]:
+    rows: list[dict] = []
     for index, spec in enumerate(runs, 1):
         base = {k: getattr(spec, k) for k in ("model", "recipe", "cap_bytes", "steps", "width", "height")}
         if spec.model in failed_builds:
@@ -134,7 +134,27 @@ def _run_all(runs: list[RunSpec], failed_builds: dict[str, str], logs: Path, tim
         _say(f"[{index}/{len(runs)}] {spec.label()}{level}: {status}{seconds}{why}")
         if status == "error" and row.get("log_tail"):
             _say(row["log_tail"])
+        on_row(rows)
     return rows
+
+
+def _document(command, argv, date, machine, settings, builds, rows, device, complete, start) -> dict:
+    """The JSON document: where, when and how it ran, then every run and the targets."""
+    return {
+        "schema": 1,
+        "complete": complete,
+        "date": date,
+        "command": command,
+        "argv": argv,
+        "machine": {k: v for k, v in machine.items() if k not in ("versions", "wall_seconds")},
+        "versions": dict(machine.get("versions", {}), cuda=machine.get("cuda"), driver=machine.get("driver")),
+        "settings": settings,
+        "floor_formula": report.FLOOR_FORMULA,
+        "builds": builds,
+        "runs": rows,
+        "targets": report.evaluate_targets(rows, gpu=device == "cuda"),
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,31 +217,27 @@ def main(argv: list[str] | None = None) -> int:
         failed = {b["model"]: f"build failed: {b.get('error')}" for b in builds if b.get("status") == "error"}
         models = [(s.name, s.path, s.size, s.size) for s in sources]
         runs = plan_runs(models, recipes, caps, steps, device, seed=args.seed, prompt=args.prompt)
-        rows = report.add_derived(_run_all(runs, failed, logs, timeout), machine.get("h2d_bandwidth"))
-        targets = report.evaluate_targets(rows, gpu=device == "cuda")
-        doc = {
-            "schema": 1,
-            "date": _now(),
-            "command": command,
-            "argv": argv,
-            "machine": {k: v for k, v in machine.items() if k not in ("versions", "wall_seconds")},
-            "versions": dict(machine.get("versions", {}), cuda=machine.get("cuda"), driver=machine.get("driver")),
-            "settings": {
-                "device": device, "quick": args.quick, "steps": steps, "recipes": [r.name for r in recipes],
-                "caps": caps, "prompt": args.prompt, "seed": args.seed,
-                "models": [
-                    {"name": s.name, "kind": s.kind, "path": s.path if s.kind == "model" else None, "size": s.size}
-                    for s in sources
-                ],
-            },
-            "floor_formula": report.FLOOR_FORMULA,
-            "builds": builds,
-            "runs": rows,
-            "targets": targets,
-            "seconds": round(time.perf_counter() - start, 1),
+        settings = {
+            "device": device, "quick": args.quick, "steps": steps, "recipes": [r.name for r in recipes],
+            "caps": caps, "prompt": args.prompt, "seed": args.seed,
+            "models": [
+                {"name": s.name, "kind": s.kind, "path": s.path if s.kind == "model" else None, "size": s.size}
+                for s in sources
+            ],
         }
-        Path(args.json).expanduser().parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).expanduser().write_text(json.dumps(doc, indent=1, default=str) + "\n")
+        date = _now()
+
+        def write(raw_rows: list[dict], complete: bool) -> dict:
+            # Written after every run too, so a run that is stopped from outside leaves the finished ones on disk.
+            rows = report.add_derived(raw_rows, machine.get("h2d_bandwidth"))
+            doc = _document(command, argv, date, machine, settings, builds, rows, device, complete, start)
+            path = Path(args.json).expanduser()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=1, default=str) + "\n")
+            return doc
+
+        doc = write(_run_all(runs, failed, logs, timeout, lambda rows: write(rows, complete=False)), complete=True)
+        rows, targets = doc["runs"], doc["targets"]
         if args.markdown:
             Path(args.markdown).expanduser().write_text(report.format_markdown(doc) + "\n")
         _say("")
