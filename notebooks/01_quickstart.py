@@ -85,11 +85,18 @@ a watercolor fox in a snowy forest
 first.techniques
 
 # %% [markdown]
-# `first.memory` is the generation's `MemoryReport`: allocated and reserved GPU memory at start, peak and end, the
-# device-wide figure from NVML, and host RSS. On a CPU the GPU figures are `N/A`.
+# `first.memory` is the generation's `MemoryReport`: on a GPU, allocated and reserved memory at start, peak and end,
+# the device-wide figure from NVML, and what the cleanup freed; host RSS everywhere. On a CPU only host RSS is
+# measured.
 
 # %%
-first.seed, first.params["steps"], first.memory.gpu
+first.memory
+
+# %% [markdown]
+# The seed is recorded, also when none was given, so any image can be made again:
+
+# %%
+first.seed, first.params
 
 # %% [markdown]
 # ## `%vram`

@@ -58,7 +58,7 @@ for level in LEVELS:
 # |---|---|---|---|---|---|
 # | `none` | the model and its activations fit | none: the whole pipeline on the GPU | as is | SDPA | as loaded (fp16 on CUDA) |
 # | `balanced` | 8–12 GB free, or more when the model does not fit | model CPU offload | tiling | xformers if it imports and passes its test, else SDPA | as loaded |
-# | `aggressive` | 6–8 GB free | group offload, leaf level, no streams (sequential offload where group offload is missing) | tiling + slicing | + slicing and FF chunking where they help (see below) | as loaded |
+# | `aggressive` | 6–8 GB free | group offload, leaf level, no streams (sequential offload where group offload is missing) | tiling + slicing | as balanced; attention slicing and FF chunking asked for, applied only where they help (see below) | as loaded |
 # | `ultra` | under 6 GB free | group offload, leaf level, with CUDA streams | tiling + slicing | as aggressive | fp8 storage of the denoiser |
 #
 # ## What each technique does, and what it costs
