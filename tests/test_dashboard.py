@@ -239,6 +239,26 @@ def test_generate_errors_keep_panel_usable(board_factory, session_defaults, tiny
         assert bytes(panel.image.value) == b""
 
 
+def test_unexpected_error_is_one_line_and_never_escapes_the_thread(board_factory, session_defaults, monkeypatch):
+    import threading
+
+    import mlnb.pipeline
+
+    def broken_load(*args, **kwargs):
+        raise RuntimeError("driver exploded\nsecond line")
+
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    monkeypatch.setattr(mlnb.pipeline, "load_pipeline", broken_load)
+    session_defaults.model = "org/model"
+    panel = board_factory().generate_panel
+    panel.prompt.value = "a fox"
+    panel.button.click()
+    assert panel.wait(timeout=30)
+    assert panel.error == "RuntimeError: driver exploded"
+    assert not panel.button.disabled and not escaped
+
+
 def test_updater_thread_stops_on_close(board_factory, fake_device):
     import mlnb.widgets
 

@@ -68,6 +68,14 @@ def close_all() -> int:
     """Close every live dashboard and stop its updater thread; returns how many were closed.
 
     Safe without ipywidgets and when no dashboard was ever built.
+
+    Example:
+        ```python
+        >>> import mlnb.widgets
+        >>> board = mlnb.widgets.dashboard()
+        >>> mlnb.widgets.close_all()
+        1
+        ```
     """
     panel = sys.modules.get(f"{__name__}.panel")
     if panel is None:

@@ -42,6 +42,11 @@ def form_kwargs(prompt: str, negative: str, steps: int, seed: str, width: str, h
     Blank seed means random; blank width/height mean the model's native size. The rules on values (positive
     multiples of 8, a non-empty prompt...) are the core's: ``generate`` checks them and its message is shown.
 
+    Args:
+        prompt, negative: the prompt and the negative prompt (blank: none).
+        steps: denoising steps.
+        seed, width, height: the text of those fields; blank for random / native.
+
     Raises:
         InvalidArgumentError: a number field holds something that is not a whole number.
 
@@ -77,6 +82,14 @@ class GeneratePanel(widgets.VBox):
     Args:
         also_disable: widgets to disable while a generation runs (the dashboard's Free memory button).
         **kwargs: passed to ``ipywidgets.VBox``.
+
+    Example:
+        ```python
+        >>> panel = mlnb.dashboard().generate_panel
+        >>> panel.prompt.value, panel.steps.value = "a watercolor fox", 20
+        >>> panel.generate().join(timeout=600)
+        >>> panel.result.report_line()
+        ```
     """
 
     def __init__(self, also_disable: Sequence[widgets.Widget] = (), **kwargs) -> None:
@@ -159,7 +172,8 @@ class GeneratePanel(widgets.VBox):
         Example:
             ```python
             >>> panel.prompt.value = "a fox"
-            >>> panel.generate().join(timeout=60)
+            >>> panel.generate()
+            >>> panel.wait(timeout=600)
             ```
         """
         from ..session import default_model, defaults
@@ -193,18 +207,18 @@ class GeneratePanel(widgets.VBox):
     def _run(self, model: str, level: str, kwargs: dict) -> None:
         from ..pipeline import generate_with_rescue, load_pipeline
 
+        # Nothing may escape this thread: threading's excepthook would print a traceback into whichever cell runs.
         try:
             managed = load_pipeline(model, level=level)
             self._show_status(f"generating at level {managed.level.value}…")
             result = generate_with_rescue(managed, progress=self._on_progress, **kwargs)
+            self._show_result(result)
         except (MlnbError, ValueError) as exc:
             logger.debug("dashboard generation failed: %s", exc)
             self._show_error(exc)
         except Exception as exc:  # anything else: still one line, the traceback goes to the log
             logger.warning("dashboard generation failed", exc_info=True)
             self._show_error(exc)
-        else:
-            self._show_result(result)
         finally:
             self._set_running(False)
 

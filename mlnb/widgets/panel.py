@@ -28,10 +28,6 @@ __all__ = ["Dashboard", "live_dashboards", "close_all"]
 _live: "weakref.WeakSet[Dashboard]" = weakref.WeakSet()
 _live_lock = threading.Lock()
 
-_LABEL = widgets.Layout(width="230px")
-_BAR = widgets.Layout(width="260px")
-
-
 def live_dashboards() -> list["Dashboard"]:
     """The dashboards whose updater is running."""
     with _live_lock:
@@ -39,7 +35,15 @@ def live_dashboards() -> list["Dashboard"]:
 
 
 def close_all() -> int:
-    """Close every live dashboard (stops their threads). Returns how many were closed."""
+    """Close every live dashboard (stops their threads). Returns how many were closed.
+
+    Example:
+        ```python
+        >>> from mlnb.widgets.panel import close_all
+        >>> close_all()
+        0
+        ```
+    """
     boards = live_dashboards()
     for board in boards:
         board.close()
@@ -54,8 +58,10 @@ class _GaugeRow(widgets.HBox):
     """A label, a bar and the figures; ``show`` copies one :class:`~mlnb.widgets.state.Gauge` in."""
 
     def __init__(self) -> None:
-        self.label = widgets.HTML(value="", layout=_LABEL)
-        self.bar = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, layout=_BAR)
+        # A Layout is a widget with its own comm: each row gets fresh ones, never a shared module-level instance
+        # (Widget.close_all() would close it under later dashboards).
+        self.label = widgets.HTML(value="", layout=widgets.Layout(width="230px"))
+        self.bar = widgets.FloatProgress(value=0.0, min=0.0, max=1.0, layout=widgets.Layout(width="260px"))
         self.figures = widgets.HTML(value="")
         super().__init__(children=[self.label, self.bar, self.figures])
 

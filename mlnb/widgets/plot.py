@@ -83,6 +83,14 @@ class HistoryPlot:
 
     Args:
         history: a :class:`~mlnb.monitor.history.CellHistory` (normally ``mlnb.monitor.cell_history``).
+
+    Example:
+        ```python
+        >>> plot = HistoryPlot(cell_history)
+        >>> changed, records, png = plot.render()  # drawn
+        >>> plot.render()[0]  # nothing recorded since: not drawn again
+        False
+        ```
     """
 
     def __init__(self, history) -> None:

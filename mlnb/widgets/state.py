@@ -177,6 +177,10 @@ def history_points(records: Iterable[CellRecord]) -> list[HistoryPoint]:
 def history_table_html(records: Sequence[CellRecord], last: int = 8) -> str:
     """An HTML table of the last ``last`` cells, newest first, with the columns of ``%vram history``.
 
+    Args:
+        records: the cell records, oldest first (``cell_history.records()``).
+        last: how many of the newest to show.
+
     Example:
         ```python
         >>> from mlnb.monitor import cell_history
