@@ -18,8 +18,8 @@
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mlnb-project/mlnb/blob/main/notebooks/04_dashboard.ipynb)
 #
-# `mlnb.dashboard()` returns an ipywidgets panel over the session: live memory gauges (VRAM, torch's allocated and
-# reserved memory, host RAM), the level `auto` picks and what is loaded, the level and model controls, a
+# `mlnb.dashboard()` returns an ipywidgets panel over the session: live memory gauges (VRAM used, VRAM reserved by
+# torch, host RAM), the level `auto` picks and what is loaded, the level and model controls, a
 # **Free memory** button, the per-cell history as a chart and a table, and a **Generate** form. It works on
 # ipywidgets 7.7.1 (Colab) and 8. ipywidgets is optional for the rest of mlnb: `pip install "mlnb[widgets]"`.
 #
@@ -56,20 +56,14 @@ a watercolor fox in a snowy forest
 # %%
 # NBVAL_IGNORE_OUTPUT
 # (a widget's stored text form holds live figures: host RAM, times)
-import importlib.util
-
-if importlib.util.find_spec("mlnb.widgets") is not None:
-    board = mlnb.dashboard()
-    display(board)
-else:
-    board = None
-    print("skipped: this install of mlnb has no mlnb.widgets module, so there is no dashboard to show")
+board = mlnb.dashboard()
+board
 
 # %% [markdown]
 # What it shows, top to bottom:
 #
-# - **Memory**: one gauge per figure, device VRAM used (NVML, all processes), torch allocated / reserved (this
-#   process), host RAM. Without a GPU the VRAM gauges say so instead of showing zeros.
+# - **Memory**: one gauge per figure: VRAM used device-wide (NVML, all processes), VRAM reserved by torch (this
+#   process), host RAM used. Without a GPU the VRAM gauges say `N/A (no GPU)` instead of showing zeros.
 # - **level / loaded**: the level `auto` would pick now and why, and the loaded pipelines with their levels.
 # - **Controls**: the session's default level (the same setting as `%vram level NAME`) and model (the one
 #   `%%generate` remembers); **Free memory** does what `%vram free` does and shows its one-line report.
@@ -91,7 +85,5 @@ else:
 # `board.close()` stops the updates and closes the widgets; `%unload_ext mlnb` closes every open dashboard.
 
 # %%
-# NBVAL_IGNORE_OUTPUT
-if board is not None:
-    board.close()
-    print("updating:", board.running)
+board.close()
+print("updating:", board.running)
