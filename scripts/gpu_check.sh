@@ -4,7 +4,7 @@
 #   scripts/gpu_check.sh                 # writes everything under $OUT, or ./gpu-out when OUT is unset
 #
 # Steps: install mlnb (editable, keeping the machine's torch), `mlnb doctor`, the GPU tests (`pytest -m gpu`,
-# junit xml), and `mlnb bench --quick` (table, targets, JSON, Markdown, one log per worker). A failing step does not
+# junit xml), the per-cell hook overhead on CUDA (scripts/bench_cell_hooks.py), and `mlnb bench --quick` (table, targets, JSON, Markdown, one log per worker). A failing step does not
 # stop the next one; a summary with each step's status and time comes last, and the exit status is 1 if any step
 # failed. Budget: about 8 minutes (bench --quick is sized for under 4 minutes on one H100).
 #
@@ -127,6 +127,7 @@ run_step environment 60 bash -c environment
 run_step install 300 bash -c install
 run_step doctor 90 bash -c "mlnb_cli doctor"
 run_step gpu-tests 240 bash -c gpu_tests
+run_step cell-hooks 60 "$python" scripts/bench_cell_hooks.py --cells 1000 --json "$out/cell-hooks.json"
 run_step bench 330 bash -c bench
 
 echo

@@ -11,7 +11,8 @@ Plain diffusers, as a user would write it:
 
 mlnb: ``mlnb-none``, ``mlnb-balanced``, ``mlnb-aggressive``, ``mlnb-ultra`` and ``mlnb-auto`` load the same folder
 with ``mlnb.load_pipeline(folder, level=...)`` and generate with ``ManagedPipeline.generate``, exactly as a notebook
-does. Every recipe loads the same saved folder, so loading is the same for all of them.
+does; ``mlnb-plan`` loads it with ``budget=`` the free memory under the cap (the budget planner, whose predicted peak
+and time go into the row's detail). Every recipe loads the same saved folder, so loading is the same for all of them.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ _ALL = (
     Recipe("mlnb-aggressive", "mlnb", "aggressive", "mlnb.load_pipeline(level='aggressive')"),
     Recipe("mlnb-ultra", "mlnb", "ultra", "mlnb.load_pipeline(level='ultra')"),
     Recipe("mlnb-auto", "mlnb", "auto", "mlnb.load_pipeline(level='auto'): the level chosen from free VRAM"),
+    Recipe("mlnb-plan", "mlnb", "plan", "mlnb.load_pipeline(budget=free VRAM under the cap): the budget planner"),
 )
 RECIPES: dict[str, Recipe] = {r.name: r for r in _ALL}
 
@@ -160,7 +162,12 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
 def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
     from ..pipeline import load_pipeline
 
-    managed = load_pipeline(path, level=recipe.setting, dtype=dtype, device=device)
+    if recipe.setting == "plan":
+        if not device.is_cuda:
+            raise RecipeSkipped("mlnb-plan places weights for a VRAM budget and needs a CUDA device")
+        managed = load_pipeline(path, budget=device.free_bytes(), dtype=dtype, device=device)
+    else:
+        managed = load_pipeline(path, level=recipe.setting, dtype=dtype, device=device)
 
     def generate():
         return managed.generate(
@@ -168,7 +175,9 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
         ).images
 
     detail = managed.techniques.summary()
-    if managed.choice.auto:
+    if managed.plan is not None:
+        detail = str(managed.plan)
+    elif managed.choice.auto:
         detail = f"{managed.choice}: {detail}"
     return Prepared(generate, managed.pipe, managed.level.value, detail)
 

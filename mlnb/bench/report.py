@@ -149,10 +149,11 @@ TARGETS = (
 
 
 def _pick(candidates: list[dict]) -> dict | None:
-    """The row a target is judged on: ``mlnb-auto`` (what users get) if measured, else the fastest mlnb level."""
-    for row in candidates:
-        if row.get("recipe") == "mlnb-auto":
-            return row
+    """The row a target is judged on: the budget planner, else ``mlnb-auto``, else the fastest mlnb level."""
+    for recipe in ("mlnb-plan", "mlnb-auto"):
+        for row in candidates:
+            if row.get("recipe") == recipe:
+                return row
     ok = [r for r in candidates if r.get("status") == "ok" and r.get("seconds")]
     if ok:
         return min(ok, key=lambda r: r["seconds"])
