@@ -630,6 +630,17 @@ def test_keyboard_interrupt_mid_generation(ip, gpu, sd, capsys, monkeypatch):
     assert_state_after(ip, gpu, keeps=[sd])
 
 
+def test_other_error_inside_the_pipeline_keeps_its_traceback_and_frees_memory(ip, gpu, sd, capsys, monkeypatch):
+    workspaces = inject(monkeypatch, gpu, "unet", lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    capsys.readouterr()
+    result = run(ip, f"%%generate {GEN}\na fox")
+    assert isinstance(result.error_in_exec, RuntimeError)  # not a user mistake: the traceback is for a bug report
+    captured = capsys.readouterr()
+    assert "RuntimeError: mat1 and mat2 shapes cannot be multiplied" in captured.out + captured.err
+    assert all_dead(workspaces)
+    assert_state_after(ip, gpu, keeps=[sd], remembered=sd.model)
+
+
 def test_keyboard_interrupt_while_loading_frees_the_parts_loaded(ip, gpu, fresh, tiny_sd, monkeypatch):
     def interrupt(folder):
         raise KeyboardInterrupt
