@@ -75,7 +75,8 @@ for level in LEVELS:
 #   default is its `sample_size`, 1024 for SDXL, which does nothing for a 1024² image.
 # - **VAE slicing**: decode a batch one image at a time; helps only with `--num-images` > 1.
 # - **fp8 storage** (diffusers layerwise casting): the denoiser's weights are stored in fp8 and each layer is cast
-#   up to fp16/bf16 for its forward. Halves the denoiser's weight memory; the casts cost a little time.
+#   up to fp16/bf16 for its forward. Roughly halves the denoiser's weight memory (norm and embedding layers stay in
+#   fp16/bf16); the casts cost time.
 # - **Attention slicing**: computes attention in slices. Under PyTorch's SDPA it only slows generation, so mlnb
 #   skips it whenever SDPA or xformers is in use, and says so.
 # - **xformers**: memory-efficient attention from the optional `xformers` package, used only when it imports and
