@@ -27,28 +27,23 @@
 # for real pictures.
 
 # %% [markdown]
-# ## Install
+# ## Install and parameters
 #
-# On Colab, torch, diffusers and transformers are already installed; this adds mlnb. Elsewhere, install torch first
-# (on a machine without a GPU `pip install torch==2.13.0` takes the CPU build), then `pip install mlnb` or
-# `pip install -e .` from a checkout.
+# On Colab, torch, diffusers and transformers are already installed, and the first cell adds mlnb. Elsewhere,
+# install torch first (on a machine without a GPU `pip install torch==2.13.0`, the CPU build), then `pip install mlnb`
+# or `pip install -e .` from a checkout.
+#
+# `MODEL` is the only thing to change: set `MLNB_MODEL` to a hub id such as
+# `stable-diffusion-v1-5/stable-diffusion-v1-5`, or to a local folder. The tiny model gets a tiny size and few steps
+# so the notebook runs in seconds on a CPU.
 
 # %%
+# Parameters: set MLNB_MODEL to a hub id or a local diffusers folder for a real model.
+import os
 import sys
 
-if "google.colab" in sys.modules:
-    %pip install -q mlnb
-else:
-    print("not on Colab: using the mlnb installed in this environment")
-
-# %% [markdown]
-# ## Parameters
-#
-# `MODEL` is the only thing to change: a hub id such as `stable-diffusion-v1-5/stable-diffusion-v1-5`, or a local
-# folder. The tiny model gets a tiny size and few steps so the notebook runs in seconds on a CPU.
-
-# %%
-import os
+if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb
+    # %pip install -q mlnb
 
 import mlnb
 
@@ -63,7 +58,7 @@ STEPS = 4 if TINY else 30
 # It prints one line: the mlnb version, the device and its free VRAM, and the level `auto` would pick.
 
 # %%
-%load_ext mlnb
+# %load_ext mlnb
 
 # %% [markdown]
 # ## Generate
@@ -74,7 +69,7 @@ STEPS = 4 if TINY else 30
 # and what the cleanup freed. `--out first` keeps the result in a variable.
 
 # %%
-%%generate --model {MODEL} --width {SIZE} --height {SIZE} --steps {STEPS} --seed 7 --out first
+# %%generate --model {MODEL} --width {SIZE} --height {SIZE} --steps {STEPS} --seed 7 --out first
 a watercolor fox in a snowy forest
 
 # %% [markdown]
@@ -105,7 +100,7 @@ first.seed, first.params
 # `auto` picks, and every loaded pipeline with its level and where its weights are.
 
 # %%
-%vram
+# %vram
 
 # %% [markdown]
 # Next: [02 · levels](02_levels.ipynb) explains the four levels and what each technique costs,

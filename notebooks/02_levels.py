@@ -29,6 +29,10 @@
 # %%
 # Parameters: set MLNB_MODEL to a hub id or a local diffusers folder for a real model.
 import os
+import sys
+
+if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb
+    # %pip install -q mlnb
 
 import mlnb
 
@@ -185,13 +189,13 @@ memory
 # `MemoryOptimizationConfig.from_level("ultra", fp8_storage=False)`, passed as `config=`.
 
 # %%
-%load_ext mlnb
+# %load_ext mlnb
 
 # %%
-%vram level ultra
+# %vram level ultra
 
 # %%
-%vram level auto
+# %vram level auto
 
 # %% [markdown]
 # Next: [03 · leak-free notebooks](03_leak_free_notebooks.ipynb).

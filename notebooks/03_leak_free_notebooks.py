@@ -27,6 +27,10 @@
 # %%
 # Parameters: set MLNB_MODEL to a hub id or a local diffusers folder for a real model.
 import os
+import sys
+
+if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb
+    # %pip install -q mlnb
 
 import mlnb
 
@@ -77,7 +81,7 @@ def show(label: str) -> None:
 
 
 # %%
-%load_ext mlnb
+# %load_ext mlnb
 
 # %%
 show("start")
@@ -104,17 +108,18 @@ show("after del latents")
 # notebook and who holds them: the namespace, the output cache, or the last traceback.
 
 # %%
-%vram who
+# %vram who
 
 # %% [markdown]
 # `%vram free` unloads every cached pipeline and clears the allocator cache; with `--outputs` it first drops the
 # output-cache entries that pin GPU tensors (only those: other outputs stay).
 
 # %%
-%vram free --outputs
+# %vram free --outputs
 
 # %%
 show("after %vram free --outputs")
+
 
 # %% [markdown]
 # ## Leak 2: a failed cell pins its locals
@@ -123,7 +128,7 @@ show("after %vram free --outputs")
 # alive, with its local variables. First with the monitor **off**, to see the leak as it is without mlnb:
 
 # %%
-%vram off
+# %vram off
 
 # %% tags=["raises-exception"]
 def denoise(steps: int):
@@ -138,7 +143,7 @@ denoise(4)
 
 # %%
 show("after the error, monitor off")
-%vram who
+# %vram who
 
 # %% [markdown]
 # The 384 MiB stay pinned by the traceback until the next error replaces it. Now the same failure with the monitor
@@ -146,7 +151,7 @@ show("after the error, monitor off")
 # `%debug` will not see their locals, and it says so), collects and clears the cache.
 
 # %%
-%vram on
+# %vram on
 
 # %% tags=["raises-exception"]
 denoise(4)
@@ -182,7 +187,7 @@ show("after the cell")
 # and the error if the cell failed.
 
 # %%
-%vram history
+# %vram history
 
 # %% [markdown]
 # ## Pipelines
@@ -192,11 +197,11 @@ show("after the cell")
 # weights stay in host RAM (compute runs on the CPU), so here only the unload count tells.
 
 # %%
-%%generate --model {MODEL} --width {SIZE} --height {SIZE} --steps {STEPS} --seed 7 --quiet --out result
+# %%generate --model {MODEL} --width {SIZE} --height {SIZE} --steps {STEPS} --seed 7 --quiet --out result
 a watercolor fox in a snowy forest
 
 # %%
-%vram free
+# %vram free
 
 # %% [markdown]
 # In short: mlnb clears the allocator cache after GPU cells, clears the frames of a failed cell's traceback when they

@@ -29,6 +29,10 @@
 # %%
 # Parameters: set MLNB_MODEL to a hub id or a local diffusers folder for a real model.
 import os
+import sys
+
+if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb
+    # %pip install -q mlnb
 
 import mlnb
 
@@ -38,14 +42,14 @@ SIZE = 64 if TINY else 512  # pixels; 512 suits SD1.5, use 1024 for SDXL
 STEPS = 2 if TINY else 20
 
 # %%
-%load_ext mlnb
+# %load_ext mlnb
 
 # %% [markdown]
 # A generation first, so the history and the "loaded" line have something to show. The dashboard's model field
 # follows the model `%%generate` remembered.
 
 # %%
-%%generate --model {MODEL} --width {SIZE} --height {SIZE} --steps {STEPS} --seed 7 --quiet --out result
+# %%generate --model {MODEL} --width {SIZE} --height {SIZE} --steps {STEPS} --seed 7 --quiet --out result
 a watercolor fox in a snowy forest
 
 # %% [markdown]
@@ -74,10 +78,10 @@ board
 # The panel and `%vram` read the same state: change the level with `%vram level` and the dropdown follows.
 
 # %%
-%vram level balanced
+# %vram level balanced
 
 # %%
-%vram level auto
+# %vram level auto
 
 # %% [markdown]
 # ## Close it

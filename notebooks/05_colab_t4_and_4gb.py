@@ -25,16 +25,12 @@
 # that says so; everything else runs on the embedded tiny model.
 
 # %%
-import sys
-
-if "google.colab" in sys.modules:
-    %pip install -q mlnb
-else:
-    print("not on Colab: using the mlnb installed in this environment")
-
-# %%
 # Parameters: set MLNB_MODEL to a hub id or a local diffusers folder for a real model.
 import os
+import sys
+
+if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb
+    # %pip install -q mlnb
 
 import mlnb
 
@@ -48,7 +44,7 @@ SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 PROMPT = "a watercolor fox in a snowy forest"
 
 # %%
-%load_ext mlnb
+# %load_ext mlnb
 
 # %%
 from mlnb.device import get_device
@@ -113,14 +109,14 @@ for card, free in [("T4, 15 GiB", 15 * GiB), ("4 GiB card", 4 * GiB)]:
 # (there is no GPU to offload from); with a real model on a GPU they run.
 
 # %%
-%%generate --model {MODEL} --level ultra --width {SIZE} --height {SIZE} --steps {STEPS} --seed 7 --quiet --out small
+# %%generate --model {MODEL} --level ultra --width {SIZE} --height {SIZE} --steps {STEPS} --seed 7 --quiet --out small
 a watercolor fox in a snowy forest
 
 # %%
 small.techniques
 
 # %%
-%vram free
+# %vram free
 
 # %% [markdown]
 # ## SD1.5 on a T4

@@ -3,11 +3,13 @@
 Each tutorial is a jupytext ``py:percent`` file (``NN_name.py``, the one to edit) paired with ``NN_name.ipynb``
 (what Colab opens and what nbval checks: its stored outputs are the reference). After editing a ``.py``::
 
-    python notebooks/nbtools.py execute              # every notebook: sync from the .py, run, store outputs
+    python notebooks/nbtools.py execute              # every notebook: run the .py, store the .ipynb with outputs
     python notebooks/nbtools.py execute 03_leak_free_notebooks
 
-Notebooks run here exactly as under ``python -m pytest`` (see ``conftest.py``): in a kernel of this Python, in
-``notebooks/``, with :data:`KERNEL_ENV` applied.
+It also rewrites the ``.py`` in jupytext's own form (magics commented, as ``jupytext --sync`` writes it). Notebooks
+run here as under ``python -m pytest`` (see ``conftest.py``): in a kernel of this Python, in ``notebooks/``, cells
+sent with ``store_history=True`` as Jupyter sends them, with :data:`KERNEL_ENV` applied. A cell must raise exactly
+when it is tagged ``raises-exception``.
 """
 
 from __future__ import annotations
@@ -112,13 +114,14 @@ def execute(py: Path, timeout: int = 300) -> float:
         km.shutdown_kernel(now=True)
     seconds = time.perf_counter() - start
     jupytext.write(nb, py.with_suffix(".ipynb"))
+    jupytext.write(nb, py, fmt="py:percent")  # the .py in jupytext's own form (magics commented), as --sync would
     return seconds
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("execute", help="sync each .ipynb from its .py and run it, storing the outputs")
+    run = sub.add_parser("execute", help="run each .py and store it, with its outputs, as the paired .ipynb")
     run.add_argument("names", nargs="*", help="notebook names (default: all), e.g. 01_quickstart")
     args = parser.parse_args(argv)
     chosen = notebooks()
