@@ -75,7 +75,7 @@ class MlnbMagics(Magics):
             raise UsageError(str(exc)) from None
         if self.cell_monitor is not None:
             self.cell_monitor.quiet_current_cell = True
-        bar = _progress_bar(req.quiet)
+        bar = None
 
         def progress(step: int, total: int) -> None:
             if bar.total != total:
@@ -86,7 +86,8 @@ class MlnbMagics(Magics):
         try:
             managed = load_pipeline(req.model, level=req.level, allow_pickle=req.allow_pickle, budget=req.budget)
             session.defaults.model = req.model
-            result = generate_with_rescue(managed, progress=progress if bar is not None else None, **req.generate_kwargs())
+            bar = _progress_bar(req.quiet)  # after loading: a load error shows no empty bar
+            result = generate_with_rescue(managed, progress=None if req.quiet else progress, **req.generate_kwargs())
             saved = result.save(req.save) if req.save else []
         except (MlnbError, FileExistsError, FileNotFoundError) as exc:
             raise UsageError(str(exc)) from None
