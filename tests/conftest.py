@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 import pytest
@@ -74,3 +75,40 @@ def clean_cache():
     unload_all()
     yield
     unload_all()
+
+
+@pytest.fixture(scope="module")
+def frozen_heap(tiny_sd, tiny_sdxl):
+    """Import everything a load touches (one throwaway load), then move the heap (torch, diffusers, transformers:
+    ~400k objects) into the permanent generation, so mlnb's cleanup phases, which each run a full ``gc.collect()``,
+    only walk what the tests create."""
+    from diffusers import DiffusionPipeline
+
+    DiffusionPipeline.from_pretrained(tiny_sdxl)
+    gc.collect()
+    gc.freeze()
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture(scope="module")
+def ip():
+    """The real IPython shell (``IPython.testing.globalipapp``) with mlnb loaded for the module."""
+    from IPython import get_ipython
+    from IPython.testing.globalipapp import start_ipython
+
+    shell = start_ipython() or get_ipython()  # the global shell starts once per process
+    shell.run_line_magic("load_ext", "mlnb")
+    yield shell
+    shell.run_line_magic("unload_ext", "mlnb")
+
+
+@pytest.fixture
+def fresh_defaults(monkeypatch):
+    """No MLNB_MODEL, and the session defaults put back after the test."""
+    from mlnb.session import defaults
+
+    monkeypatch.delenv("MLNB_MODEL", raising=False)
+    saved = (defaults.model, defaults.level, defaults.monitor, defaults.verbose)
+    yield
+    defaults.model, defaults.level, defaults.monitor, defaults.verbose = saved

@@ -22,6 +22,7 @@ from mlnb.device import (
     use_device,
 )
 from mlnb.units import GiB, MiB
+from fakes import FakeCuda
 
 GPU_INFO_FIELDS = (
     "index", "total_bytes", "free_bytes", "nvml_used_bytes", "nvml_total_bytes", "allocated_bytes",
@@ -175,55 +176,9 @@ def test_nvml_working_reports_bytes_and_initialises_once(monkeypatch):
     assert calls.count("init") == 1
 
 
-class _FakeCuda:
-    """The slice of ``torch.cuda`` that ``CudaDevice`` uses, with fixed figures."""
-
-    def __init__(self, mem_get_info_fails: bool = False):
-        self.mem_get_info_fails = mem_get_info_fails
-        self.calls: list[str] = []
-
-    def mem_get_info(self, index):
-        if self.mem_get_info_fails:
-            raise RuntimeError("CUDA error: unspecified launch failure")
-        return 10 * GiB, 16 * GiB
-
-    def get_device_capability(self, index):
-        return (7, 5)
-
-    def get_device_name(self, index):
-        return "Tesla T4"
-
-    def is_bf16_supported(self):
-        return False
-
-    def memory_allocated(self, index):
-        return 1 * GiB
-
-    def memory_reserved(self, index):
-        return 2 * GiB
-
-    def max_memory_allocated(self, index):
-        return 3 * GiB
-
-    def max_memory_reserved(self, index):
-        return 4 * GiB
-
-    def synchronize(self, index=None):
-        self.calls.append("synchronize")
-
-    def empty_cache(self):
-        self.calls.append("empty_cache")
-
-    def ipc_collect(self):
-        self.calls.append("ipc_collect")
-
-    def reset_peak_memory_stats(self, index=None):
-        self.calls.append("reset_peak_memory_stats")
-
-
 @pytest.fixture
 def fake_cuda(monkeypatch):
-    cuda = _FakeCuda()
+    cuda = FakeCuda()
     monkeypatch.setattr(CudaDevice, "_cuda", staticmethod(lambda: cuda))
     return cuda
 
@@ -260,7 +215,7 @@ def test_cuda_info_with_working_nvml(monkeypatch, fake_cuda):
 
 def test_cuda_info_survives_a_failing_mem_get_info(monkeypatch):
     """A failing ``mem_get_info`` leaves free/total N/A in ``info()`` and ``free_bytes()``; no exception."""
-    cuda = _FakeCuda(mem_get_info_fails=True)
+    cuda = FakeCuda(mem_get_info_fails=True)
     monkeypatch.setattr(CudaDevice, "_cuda", staticmethod(lambda: cuda))
     monkeypatch.setitem(sys.modules, "pynvml", None)
     monkeypatch.setattr(device_mod, "_nvml", _Nvml())

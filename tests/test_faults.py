@@ -24,12 +24,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from IPython import get_ipython
 from IPython.core.error import UsageError
-from IPython.testing.globalipapp import start_ipython
 
 import mlnb
 import mlnb.device as device_mod
+from fakes import FakeCuda
 from mlnb.device import CpuDevice, CudaDevice, FakeDevice, FakeOutOfMemoryError, _Nvml, use_device
 from mlnb.levels import MemoryOptimizationConfig, Technique
 from mlnb.optimizer import MemoryOptimizer
@@ -44,29 +43,11 @@ GEN = "--steps 1 --width 64 --height 64 --quiet"
 # Fixtures and helpers
 
 
-@pytest.fixture(scope="module")
-def ip():
-    shell = start_ipython() or get_ipython()  # the global shell starts once per process
-    shell.run_line_magic("load_ext", "mlnb")
-    yield shell
-    shell.run_line_magic("unload_ext", "mlnb")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny model is all overhead: one torch thread makes it several times cheaper on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(autouse=True)
-def fresh_defaults(monkeypatch):
-    monkeypatch.delenv("MLNB_MODEL", raising=False)
-    saved = (defaults.model, defaults.level, defaults.monitor, defaults.verbose)
-    yield
-    defaults.model, defaults.level, defaults.monitor, defaults.verbose = saved
+pytestmark = pytest.mark.usefixtures("fresh_defaults")
 
 
 @pytest.fixture(scope="module")
@@ -371,30 +352,6 @@ def test_nvml_failing_on_the_fake_gpu_gives_na_and_generation_still_works(ip, gp
     assert_state_after(ip, gpu, keeps=[sd], remembered=sd.model)
 
 
-class _FakeCuda:
-    """Just enough of ``torch.cuda`` for CudaDevice's queries on a CPU machine."""
-
-    def mem_get_info(self, index):
-        return 10 * GiB, 16 * GiB
-
-    def get_device_capability(self, index):
-        return (7, 5)
-
-    def get_device_name(self, index):
-        return "Tesla T4"
-
-    def is_bf16_supported(self):
-        return False
-
-    def memory_allocated(self, index=None):
-        return 0
-
-    memory_reserved = max_memory_allocated = max_memory_reserved = memory_allocated
-
-    def synchronize(self, index=None):
-        pass
-
-    empty_cache = ipc_collect = reset_peak_memory_stats = synchronize
 
 
 def _pynvml(kind: str):
@@ -422,7 +379,7 @@ def _pynvml(kind: str):
 def test_nvml_missing_or_raising_on_a_cuda_device(ip, capsys, monkeypatch, kind, reason):
     monkeypatch.setitem(sys.modules, "pynvml", _pynvml(kind))
     monkeypatch.setattr(device_mod, "_nvml", _Nvml())
-    monkeypatch.setattr(CudaDevice, "_cuda", staticmethod(lambda: _FakeCuda()))
+    monkeypatch.setattr(CudaDevice, "_cuda", staticmethod(lambda: FakeCuda()))
     with use_device(CudaDevice(0)):
         ip.run_line_magic("reload_ext", "mlnb")
         banner = capsys.readouterr().out.strip()

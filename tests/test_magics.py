@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import torch
 from IPython.core.error import UsageError
-from IPython import get_ipython
-from IPython.testing.globalipapp import start_ipython
 
 import mlnb
 from mlnb.device import FakeDevice, use_device
@@ -15,20 +13,9 @@ from mlnb.monitor import cell_history
 from mlnb.session import defaults
 
 
-@pytest.fixture(scope="module")
-def ip():
-    shell = start_ipython() or get_ipython()  # the global shell starts once per process
-    shell.run_line_magic("load_ext", "mlnb")
-    yield shell
-    shell.run_line_magic("unload_ext", "mlnb")
 
 
-@pytest.fixture(autouse=True)
-def fresh_defaults(monkeypatch):
-    monkeypatch.delenv("MLNB_MODEL", raising=False)
-    saved = (defaults.model, defaults.level, defaults.monitor, defaults.verbose)
-    yield
-    defaults.model, defaults.level, defaults.monitor, defaults.verbose = saved
+pytestmark = pytest.mark.usefixtures("fresh_defaults")
 
 
 def run(ip, source: str):

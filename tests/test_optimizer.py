@@ -3,7 +3,6 @@ change the pipeline, and the SDXL force_upcast trap under group offloading (with
 
 from __future__ import annotations
 
-import gc
 
 import numpy as np
 import pytest
@@ -45,18 +44,7 @@ def run(pipe, size=64, steps=1):
     ).images
 
 
-@pytest.fixture(scope="module", autouse=True)
-def frozen_heap(tiny_sd, tiny_sdxl):
-    """Import everything a load touches (one throwaway load), then move the heap (torch, diffusers, transformers:
-    ~400k objects) into the permanent generation, so the optimizer's cleanup phase (a full ``gc.collect()``)
-    only walks what the tests create."""
-    from diffusers import DiffusionPipeline
-
-    DiffusionPipeline.from_pretrained(tiny_sdxl)
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+pytestmark = pytest.mark.usefixtures("frozen_heap")
 
 
 class CudaLikeDevice(FakeDevice):

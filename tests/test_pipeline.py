@@ -34,18 +34,7 @@ L = OptimizationLevel
 FAST = dict(steps=2, width=64, height=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def frozen_heap(tiny_sd, tiny_sdxl):
-    """Import everything a load touches (one throwaway load), then move the heap (torch, diffusers, transformers:
-    ~400k objects) into the permanent generation, so mlnb's cleanup phases, which each run a full ``gc.collect()``,
-    only walk what the tests create."""
-    from diffusers import DiffusionPipeline
-
-    DiffusionPipeline.from_pretrained(tiny_sdxl)
-    gc.collect()
-    gc.freeze()
-    yield
-    gc.unfreeze()
+pytestmark = pytest.mark.usefixtures("frozen_heap")
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ import torch
 
 import mlnb.plan as plan_mod
 from mlnb.plan import Block, BudgetError, CardFacts, ModelFacts, Workload, plan_for_budget
-from mlnb.units import GB, GiB, MiB
+from mlnb.units import GiB, MiB
 
 FP16 = 2
 

@@ -179,7 +179,7 @@ class MemoryMonitor:
                 if outer.device is dev:
                     outer._fold(at_exit)
         # Drop our reference to the traceback's frames before collecting, so the cleanup can free them.
-        tb = None
+        del exc, tb
         steps = cleanup(dev, collect=self.collect, empty_cache=self.empty_cache)
         end = dev.snapshot()
         self.report = self._build_report(at_exit, end, steps, exc_type)
