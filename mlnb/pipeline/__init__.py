@@ -1,13 +1,7 @@
 """Loading, caching and generating: ``load_pipeline`` -> ``ManagedPipeline.generate`` -> ``GenerationResult``."""
 
-from .managed import (
-    ManagedPipeline,
-    cached_pipelines,
-    generate_with_rescue,
-    last_result,
-    load_pipeline,
-    unload_all,
-)
+from .managed import ManagedPipeline, cached_pipelines, last_result, load_pipeline, unload_all
+from .rescue import generate_with_rescue
 from .result import GenerationResult, save_images
 
 __all__ = [

@@ -46,7 +46,6 @@ __all__ = [
     "last_result",
     "cached_pipelines",
     "unload_all",
-    "generate_with_rescue",
     "validate_generation_args",
     "MAX_SIDE",
     "MAX_IMAGES",
@@ -58,6 +57,11 @@ MAX_IMAGES = 16
 _cache: dict[tuple[str, str, str], "ManagedPipeline"] = {}
 _cache_lock = threading.RLock()
 _last: list[GenerationResult] = []
+
+
+def remember(result: GenerationResult) -> None:
+    """Make ``result`` what :func:`last_result` returns."""
+    _last[:] = [result]
 
 
 def last_result() -> GenerationResult | None:
@@ -270,7 +274,7 @@ class ManagedPipeline:
             level=self.level, techniques=self.techniques, model=self.model,
             plan=str(self.plan) if self.plan is not None else None,
         )
-        _last[:] = [result]
+        remember(result)
         return result
 
     def unload(self) -> None:
@@ -443,65 +447,3 @@ def _native_size(pipe) -> tuple[int, int]:
         size = size[0]
     scale = getattr(pipe, "vae_scale_factor", 8)
     return int(size) * scale, int(size) * scale
-
-
-def _fits_hint(width: int, height: int, num_images: int, device: Device) -> str:
-    if num_images > 1:
-        return f"try --num-images {max(1, num_images // 2)}"
-    w, h = max(64, int(width * 0.75) // 64 * 64), max(64, int(height * 0.75) // 64 * 64)
-    if w * h < width * height:
-        return f"try a smaller size such as --width {w} --height {h}"
-    # Already at the smallest size worth suggesting: the memory is held by something else.
-    return (
-        f"even {width}×{height} does not fit in the {format_bytes(device.free_bytes())} free: "
-        "%vram who shows what holds GPU memory, %vram free releases it"
-    )
-
-
-def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> GenerationResult:
-    """Generate; on a GPU out-of-memory error free everything, retry once at the next stronger level.
-
-    Raises:
-        OutOfMemoryRescueError: still out of memory at ultra (or after the retry), with what would fit.
-    """
-    device = managed.device
-    try:
-        return managed.generate(**generate_kwargs)
-    except BaseException as exc:
-        if not device.is_oom(exc):
-            raise
-        release_exception_frames(exc)
-        first_error = f"{type(exc).__name__}"
-    cleanup(device)
-    width = generate_kwargs.get("width") or managed.default_size()[0]
-    height = generate_kwargs.get("height") or managed.default_size()[1]
-    num_images = generate_kwargs.get("num_images", 1)
-    hint = _fits_hint(width, height, num_images, device)
-    stronger = stronger_level(managed.level)
-    if stronger is None:
-        raise OutOfMemoryRescueError(
-            f"out of GPU memory at level ultra for {width}×{height} ×{num_images}; {hint}"
-        ) from None
-    logger.warning("out of memory at level %s (%s); retrying at %s", managed.level.value, first_error, stronger.value)
-    rescued_from = managed.level
-    retry = load_pipeline(
-        managed.model, level=stronger, dtype=managed.dtype, device=device,
-        **managed.load_kwargs,
-    )
-    try:
-        result = retry.generate(**generate_kwargs)
-    except BaseException as exc:
-        if not device.is_oom(exc):
-            raise
-        release_exception_frames(exc)
-        del exc
-        cleanup(device)
-        raise OutOfMemoryRescueError(
-            f"out of GPU memory at level {rescued_from.value} and again at {stronger.value} for "
-            f"{width}×{height} ×{num_images}; {hint}"
-        ) from None
-    import dataclasses
-
-    result = dataclasses.replace(result, rescued_from=rescued_from, notes=(f"out of memory at {rescued_from.value}",))
-    _last[:] = [result]
-    return result

@@ -1,0 +1,78 @@
+"""The OOM rescue: on a GPU out-of-memory error, free everything and retry once at the next stronger level."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from ..device import Device
+from ..errors import OutOfMemoryRescueError
+from ..levels import stronger_level
+from ..monitor import cleanup, release_exception_frames
+from ..units import format_bytes
+from .managed import ManagedPipeline, load_pipeline, remember
+from .result import GenerationResult
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["generate_with_rescue"]
+
+
+def _fits_hint(width: int, height: int, num_images: int, device: Device) -> str:
+    if num_images > 1:
+        return f"try --num-images {max(1, num_images // 2)}"
+    w, h = max(64, int(width * 0.75) // 64 * 64), max(64, int(height * 0.75) // 64 * 64)
+    if w * h < width * height:
+        return f"try a smaller size such as --width {w} --height {h}"
+    # Already at the smallest size worth suggesting: the memory is held by something else.
+    return (
+        f"even {width}×{height} does not fit in the {format_bytes(device.free_bytes())} free: "
+        "%vram who shows what holds GPU memory, %vram free releases it"
+    )
+
+
+def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> GenerationResult:
+    """Generate; on a GPU out-of-memory error free everything, retry once at the next stronger level.
+
+    Raises:
+        OutOfMemoryRescueError: still out of memory at ultra (or after the retry), with what would fit.
+    """
+    device = managed.device
+    try:
+        return managed.generate(**generate_kwargs)
+    except BaseException as exc:
+        if not device.is_oom(exc):
+            raise
+        release_exception_frames(exc)
+        first_error = f"{type(exc).__name__}"
+    cleanup(device)
+    width = generate_kwargs.get("width") or managed.default_size()[0]
+    height = generate_kwargs.get("height") or managed.default_size()[1]
+    num_images = generate_kwargs.get("num_images", 1)
+    hint = _fits_hint(width, height, num_images, device)
+    stronger = stronger_level(managed.level)
+    if stronger is None:
+        raise OutOfMemoryRescueError(
+            f"out of GPU memory at level ultra for {width}×{height} ×{num_images}; {hint}"
+        ) from None
+    logger.warning("out of memory at level %s (%s); retrying at %s", managed.level.value, first_error, stronger.value)
+    rescued_from = managed.level
+    retry = load_pipeline(
+        managed.model, level=stronger, dtype=managed.dtype, device=device,
+        **managed.load_kwargs,
+    )
+    try:
+        result = retry.generate(**generate_kwargs)
+    except BaseException as exc:
+        if not device.is_oom(exc):
+            raise
+        release_exception_frames(exc)
+        del exc
+        cleanup(device)
+        raise OutOfMemoryRescueError(
+            f"out of GPU memory at level {rescued_from.value} and again at {stronger.value} for "
+            f"{width}×{height} ×{num_images}; {hint}"
+        ) from None
+    result = dataclasses.replace(result, rescued_from=rescued_from, notes=(f"out of memory at {rescued_from.value}",))
+    remember(result)
+    return result
