@@ -14,8 +14,7 @@ import logging
 import os
 import threading
 import time
-import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 logger = logging.getLogger(__name__)
@@ -402,139 +401,6 @@ def _has_fp8_dtype() -> bool:
         return False
 
 
-class FakeOutOfMemoryError(RuntimeError):
-    """Raised by :class:`FakeDevice` to simulate a CUDA out-of-memory error on CPU."""
-
-
-@dataclass
-class FakeDevice(Device):
-    """A simulated GPU for tests of the GPU code paths on a CPU machine.
-
-    Compute still runs on the CPU (``torch_device`` is ``"cpu"``, ``is_cuda`` is False, so no real offload hook is
-    installed), but memory counters, peaks, free memory and cleanup behave like a caching allocator: allocations
-    raise reserved memory, :meth:`empty_cache` returns reserved memory down to what is allocated.
-
-    Args:
-        total: simulated card size in bytes.
-        name: the card's name.
-        nvml_fails: simulate NVML raising on every call (device-wide fields become N/A).
-
-    Example:
-        ```python
-        >>> from mlnb.device import FakeDevice, use_device
-        >>> with use_device(FakeDevice(total=4 * 2**30)) as dev:
-        ...     dev.allocate(2**30)
-        ```
-    """
-
-    total: int = 4 * 2**30
-    name: str = "Fake GPU"
-    nvml_fails: bool = False
-    other_processes: int = 0  # bytes used by other processes (device-wide only)
-    allocated: int = 0
-    reserved: int = 0
-    peak_allocated: int = 0
-    peak_reserved: int = 0
-    empty_cache_calls: int = 0
-    synchronize_calls: int = 0
-    supports_bf16: bool = True
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    kind = "fake"
-    has_memory_counters = True
-
-    def __post_init__(self) -> None:
-        # id -> weak reference; tensors compare elementwise, so a WeakSet cannot hold them.
-        self._tracked: dict[int, weakref.ref] = {}
-
-    def track(self, tensor):
-        """Mark a CPU tensor as living on the fake GPU (for leak-finding tests); returns it."""
-        self._tracked[id(tensor)] = weakref.ref(tensor)
-        return tensor
-
-    def owns_tensor(self, tensor) -> bool:
-        ref = self._tracked.get(id(tensor))
-        return ref is not None and ref() is tensor
-
-    def allocate(self, nbytes: int) -> None:
-        """Simulate an allocation; raises :class:`FakeOutOfMemoryError` past the card's size."""
-        with self._lock:
-            if self.allocated + nbytes + self.other_processes > self.total:
-                raise FakeOutOfMemoryError(
-                    f"CUDA out of memory. Tried to allocate {nbytes} bytes (fake device, {self.total} bytes total)"
-                )
-            self.allocated += nbytes
-            self.reserved = max(self.reserved, self.allocated)
-            self.peak_allocated = max(self.peak_allocated, self.allocated)
-            self.peak_reserved = max(self.peak_reserved, self.reserved)
-
-    def release(self, nbytes: int) -> None:
-        """Simulate freeing a tensor (reserved memory stays cached until :meth:`empty_cache`)."""
-        with self._lock:
-            self.allocated = max(0, self.allocated - nbytes)
-
-    def free_bytes(self) -> int | None:
-        return self.total - self.reserved - self.other_processes
-
-    def info(self) -> DeviceInfo:
-        host_total, host_available = host_memory()
-        used = None if self.nvml_fails else self.reserved + self.other_processes
-        return DeviceInfo(
-            available=True,
-            name=self.name,
-            kind="fake",
-            index=0,
-            total_bytes=self.total,
-            free_bytes=self.free_bytes(),
-            nvml_used_bytes=used,
-            nvml_total_bytes=None if self.nvml_fails else self.total,
-            allocated_bytes=self.allocated,
-            reserved_bytes=self.reserved,
-            peak_allocated_bytes=self.peak_allocated,
-            compute_capability=(7, 5),
-            supports_bf16=self.supports_bf16,
-            supports_fp8=True,
-            host_total_bytes=host_total,
-            host_available_bytes=host_available,
-            nvml_error="NVML query failed: simulated" if self.nvml_fails else None,
-        )
-
-    def snapshot(self) -> MemorySnapshot:
-        return MemorySnapshot(
-            time=time.perf_counter(),
-            allocated=self.allocated,
-            reserved=self.reserved,
-            peak_allocated=self.peak_allocated,
-            peak_reserved=self.peak_reserved,
-            device_used=None if self.nvml_fails else self.reserved + self.other_processes,
-            host_rss=host_rss(),
-        )
-
-    def reset_peak(self) -> None:
-        with self._lock:
-            self.peak_allocated = self.allocated
-            self.peak_reserved = self.reserved
-
-    def synchronize(self) -> None:
-        self.synchronize_calls += 1
-
-    def empty_cache(self) -> bool:
-        with self._lock:
-            self.empty_cache_calls += 1
-            self.reserved = self.allocated
-        return True
-
-    def set_memory_cap(self, cap_bytes: int | None) -> None:
-        if cap_bytes is not None:
-            self.total = cap_bytes
-
-    def h2d_bandwidth(self, nbytes: int = 256 * 2**20, repeats: int = 5) -> float | None:
-        return 12e9
-
-    def device_used_bytes(self) -> int | None:
-        return None if self.nvml_fails else self.reserved + self.other_processes
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The current device
 
@@ -583,3 +449,7 @@ def use_device(device: Device) -> Iterator[Device]:
     finally:
         with _current_lock:
             _current = previous
+
+
+# The simulated GPU lives in its own module; it is re-exported here, where callers look for devices.
+from .fake_device import FakeDevice, FakeOutOfMemoryError  # noqa: E402
