@@ -3,6 +3,7 @@ change the pipeline, and the SDXL force_upcast trap under group offloading (with
 
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
@@ -268,3 +269,17 @@ def test_group_offload_falls_back_to_sequential_without_it(tiny_sd, recorded, mo
     assert report.is_applied("sequential_cpu_offload")
     assert "fallback" in report["sequential_cpu_offload"].detail
     assert len(calls["sequential"]) == 1
+
+
+@pytest.mark.parametrize("available,pins_on_the_fly", [(None, False), (10**12, False), (1000, True)])
+def test_streams_pin_on_the_fly_when_host_ram_is_short(tiny_sd, recorded, monkeypatch, available, pins_on_the_fly):
+    """Streams pre-pin a host copy (about 2x the weights): with less host RAM free than that, diffusers is told to
+    pin on the fly (``low_cpu_mem_usage=True``) and the report says so; otherwise it pre-pins."""
+    pipe = load(tiny_sd, torch.float16)
+    calls = recorded(pipe)
+    device = CudaLikeDevice()
+    info = device.info()
+    monkeypatch.setattr(device, "info", lambda: dataclasses.replace(info, host_available_bytes=available))
+    report = MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), device).optimize_pipeline(pipe)
+    assert calls["group"][0]["low_cpu_mem_usage"] is pins_on_the_fly
+    assert ("pins on the fly" in report["group_offload"].detail) is pins_on_the_fly

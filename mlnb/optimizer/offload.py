@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from ..levels import Technique
+from ..units import format_bytes
 from .context import OptimizeContext, applied, not_requested, skipped
 from .report import TechniqueResult
 
@@ -56,6 +57,26 @@ def apply_sequential_cpu_offload(pipe, ctx: OptimizeContext, reason: str | None 
     return applied(tech, f"{detail} ({reason})" if reason else detail, "sequential offload")
 
 
+def _pinned_copy_too_big(pipe, ctx: OptimizeContext, notes: list[str]) -> bool:
+    """With streams, diffusers pre-pins a host copy of the weights (about 2x the model in RAM, per its docs).
+
+    When the host has less than that available (Colab: 12.7 GB in all), pin on the fly instead
+    (``low_cpu_mem_usage=True``), which is slower but does not take the kernel down.
+    """
+    from ..pipeline.loading import weight_bytes
+
+    available = ctx.device.info().host_available_bytes
+    weights = weight_bytes(pipe)
+    if available is None or available >= 2 * weights:
+        return False
+    logger.warning(
+        "host RAM available (%s) is under 2x the weights (%s): group offloading pins on the fly",
+        format_bytes(available), format_bytes(weights),
+    )
+    notes.append(f"pins on the fly: {format_bytes(available)} host RAM free < 2x weights {format_bytes(weights)}")
+    return True
+
+
 def apply_group_offload(pipe, ctx: OptimizeContext) -> tuple[TechniqueResult, TechniqueResult | None]:
     """Group offloading; falls back to sequential offload on a diffusers without it.
 
@@ -79,12 +100,14 @@ def apply_group_offload(pipe, ctx: OptimizeContext) -> tuple[TechniqueResult, Te
         notes.append("VAE kept on GPU: its force_upcast fp32 decode crashes group offloading")
     kind = "leaf" if cfg.group_offload_type == "leaf_level" else "block"
     stream = cfg.group_offload_use_stream
+    low_cpu_mem = stream and _pinned_copy_too_big(pipe, ctx, notes)
     pipe.enable_group_offload(
         onload_device=torch.device(ctx.device.torch_device),
         offload_device=torch.device("cpu"),
         offload_type=cfg.group_offload_type,
         num_blocks_per_group=1 if cfg.group_offload_type == "block_level" else None,
         use_stream=stream,
+        low_cpu_mem_usage=low_cpu_mem,
         exclude_modules=exclude or None,
     )
     for name in exclude:
