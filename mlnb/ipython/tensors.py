@@ -25,6 +25,7 @@ __all__ = [
 
 _MAX_DEPTH = 4
 _MAX_ITEMS = 2000  # per container; notebooks hold big lists of floats, not of tensors
+_MAX_VISITS = 50_000  # objects per search: the per-cell check must stay cheap whatever a cell returns
 _SKIP_NAMES = {"In", "Out", "_oh", "_ih", "_dh", "exit", "quit", "get_ipython", "_", "__", "___"}
 
 
@@ -63,14 +64,17 @@ def find_device_tensors(roots: list[tuple[str, object]], device: Device) -> list
     visited: set[int] = set()
     module_type = getattr(sys.modules.get("torch.nn"), "Module", None)
 
+    budget = [_MAX_VISITS]
+
     def visit(obj, path: str, depth: int) -> None:
+        budget[0] -= 1
         if isinstance(obj, tensor_type):
             if device.owns_tensor(obj):
                 key = _storage_key(obj)
                 if key not in found:
                     found[key] = TensorRef(path, key[1], tuple(obj.shape), str(obj.dtype).replace("torch.", ""))
             return
-        if depth >= _MAX_DEPTH or id(obj) in visited:
+        if depth >= _MAX_DEPTH or id(obj) in visited or budget[0] <= 0:
             return
         if isinstance(obj, (str, bytes, int, float, bool, type(None), types.ModuleType, type, types.FunctionType)):
             return
