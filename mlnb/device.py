@@ -213,6 +213,11 @@ class Device:
         """Free device memory in bytes, device-wide (None without a GPU)."""
         return None
 
+    def describe(self) -> tuple[str, int | None]:
+        """``(name, total bytes)``, cheaply: the per-cell report needs only these, not a full :meth:`info`."""
+        info = self.info()
+        return info.name, info.total_bytes
+
     def set_memory_cap(self, cap_bytes: int | None) -> None:
         """Cap this process's allocations (simulates a smaller card); ``None`` lifts the cap."""
         raise RuntimeError("a memory cap needs a CUDA device")
@@ -256,6 +261,7 @@ class CudaDevice(Device):
     def __init__(self, index: int = 0) -> None:
         self.index = index
         self._cap: int | None = None  # bytes, from set_memory_cap; free/total figures honour it
+        self._described: tuple[str, int] | None = None
 
     @property
     def torch_device(self) -> str:
@@ -269,6 +275,19 @@ class CudaDevice(Device):
         import torch
 
         return torch.cuda
+
+    def describe(self) -> tuple[str, int | None]:
+        # Name and total never change for a device; the cap is applied on top. Cached: this runs after every cell.
+        if self._described is None:
+            cuda = self._cuda()
+            try:
+                name = cuda.get_device_name(self.index)
+                total = int(cuda.mem_get_info(self.index)[1])
+            except Exception:
+                return f"cuda:{self.index}", None
+            self._described = (name, total)
+        name, total = self._described
+        return name, total if self._cap is None else min(total, self._cap)
 
     def _capped(self, free: int | None, total: int | None) -> tuple[int | None, int | None]:
         # Under a memory cap the process sees a smaller card: mem_get_info alone would still show the real one.

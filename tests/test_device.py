@@ -345,3 +345,18 @@ def test_a_broken_cuda_probe_falls_back_to_the_cpu(monkeypatch, fresh_current, c
     with caplog.at_level(logging.WARNING, logger="mlnb.device"):
         assert isinstance(get_device(), CpuDevice)
     assert "CUDA probe failed" in caplog.text
+
+
+def test_cuda_describe_is_cached_and_honours_the_cap(monkeypatch):
+    """The per-cell report asks for name and total after every cell: one query, then the cached pair (capped)."""
+    cuda = FakeCuda()
+    queries = []
+    real = cuda.get_device_name
+    monkeypatch.setattr(cuda, "get_device_name", lambda index: queries.append(index) or real(index))
+    monkeypatch.setattr(CudaDevice, "_cuda", staticmethod(lambda: cuda))
+    device = CudaDevice(0)
+    assert device.describe() == ("Tesla T4", 16 * GiB)
+    assert device.describe() == ("Tesla T4", 16 * GiB)
+    assert queries == [0]
+    device._cap = 4 * GiB
+    assert device.describe() == ("Tesla T4", 4 * GiB)

@@ -189,7 +189,7 @@ class MemoryMonitor:
         start = self._start
         assert start is not None
         gpu = self.device.has_memory_counters
-        info = self.device.info()
+        name, total = self.device.describe()
         if gpu:
             freed = max(0, (at_exit.reserved or 0) - (end.reserved or 0))
         else:
@@ -201,7 +201,7 @@ class MemoryMonitor:
             host_peak = max(host_peak or 0, lifetime_peak)
         return MemoryReport(
             gpu=gpu,
-            device_name=info.name,
+            device_name=name,
             seconds=end.time - start.time,
             start_allocated=start.allocated,
             peak_allocated=self._peak_allocated if gpu else None,
@@ -211,7 +211,7 @@ class MemoryMonitor:
             end_reserved=end.reserved,
             device_used_start=start.device_used,
             device_used_end=end.device_used,
-            device_total=info.total_bytes,
+            device_total=total,
             host_rss_start=start.host_rss,
             host_peak_rss=host_peak,
             host_rss_end=end.host_rss,
