@@ -114,12 +114,12 @@ class Prepared:
 
 def _fp16_vae_tiles(pipe, tile: int) -> None:
     """Keep the VAE in fp16 (no fp32 upcast) and tile its decode at ``tile`` pixels."""
+    from ..optimizer.vae import set_vae_tiles
+
     vae = pipe.vae
     if getattr(vae.config, "force_upcast", False):
         vae.register_to_config(force_upcast=False)
-    vae.enable_tiling()
-    vae.tile_sample_min_size = tile
-    vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+    set_vae_tiles(vae, tile)
 
 
 def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:

@@ -99,10 +99,11 @@ class CellMonitor:
         touched = touched_gpu(report)
 
         if error is not None:
-            pinned = tensors_in_traceback(stored_traceback(self.shell), device)
+            tb = stored_traceback(self.shell)
+            pinned = tensors_in_traceback(tb, device)
             if pinned:
                 total = sum(r.nbytes for r in pinned)
-                frames = clear_frames(stored_traceback(self.shell))
+                frames = clear_frames(tb)
                 notes.append(
                     f"cleared {frames} traceback frame(s) pinning {format_bytes(total)} of GPU tensors "
                     f"({pinned[0].path}); %debug will not see their locals"

@@ -18,7 +18,9 @@ from ..monitor import cleanup
 from ..plan import Block, ModelFacts, Plan
 from ..units import MiB, format_bytes
 from .context import applied, denoiser_of, skipped
+from .precision import store_fp8
 from .report import OptimizationReport, TechniqueResult
+from .vae import set_vae_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -122,14 +124,11 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     level = plan_level(plan)
 
     if plan.fp8:
-        denoiser.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=denoiser.dtype)
-        denoiser._mlnb_fp8 = True
+        store_fp8(denoiser)
         results[Technique.FP8_STORAGE] = applied(Technique.FP8_STORAGE, "denoiser weights stored as fp8 (needed to fit or faster)", "fp8 storage")
     vae = getattr(pipe, "vae", None)
     if plan.vae_tile and vae is not None and hasattr(vae, "tile_sample_min_size"):
-        vae.enable_tiling()
-        vae.tile_sample_min_size = plan.vae_tile
-        vae.tile_latent_min_size = plan.vae_tile // 2 ** (len(vae.config.block_out_channels) - 1)
+        set_vae_tiles(vae, plan.vae_tile)
         results[Technique.VAE_TILING] = applied(Technique.VAE_TILING, f"decode in {plan.vae_tile} px tiles (needed to fit)", f"VAE tiles {plan.vae_tile}")
 
     device = torch.device(onload_device)

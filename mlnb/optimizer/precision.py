@@ -10,7 +10,15 @@ from .report import TechniqueResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_fp8_storage"]
+__all__ = ["apply_fp8_storage", "store_fp8"]
+
+
+def store_fp8(model) -> None:
+    """Store ``model``'s weights as ``float8_e4m3fn``, upcast to its current dtype for each layer's forward."""
+    import torch
+
+    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=model.dtype)
+    model._mlnb_fp8 = True
 
 
 def apply_fp8_storage(pipe, ctx: OptimizeContext) -> TechniqueResult:
@@ -34,8 +42,7 @@ def apply_fp8_storage(pipe, ctx: OptimizeContext) -> TechniqueResult:
     compute = model.dtype
     if compute not in (torch.float16, torch.bfloat16, torch.float32):
         return skipped(tech, f"compute dtype {compute} is not fp16/bf16/fp32")
-    model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=compute)
-    model._mlnb_fp8 = True
+    store_fp8(model)
     name = str(compute).replace("torch.", "").replace("float", "fp").replace("bfp", "bf")
     logger.debug("fp8 storage on %s, compute %s", type(model).__name__, name)
     return applied(tech, f"{type(model).__name__} weights stored as fp8 (e4m3), computed in {name}", "fp8 storage")

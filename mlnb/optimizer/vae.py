@@ -15,7 +15,7 @@ from .report import TechniqueResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_vae_tiling", "apply_vae_slicing", "vae_decode_dtype"]
+__all__ = ["apply_vae_tiling", "apply_vae_slicing", "vae_decode_dtype", "set_vae_tiles"]
 
 
 def vae_decode_dtype(pipe) -> str:
@@ -29,8 +29,11 @@ def vae_decode_dtype(pipe) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
-def _scale(vae) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def set_vae_tiles(vae, tile: int) -> None:
+    """Turn on tiled decoding in ``tile``-pixel tiles (an ``AutoencoderKL``'s latent tile follows its scale)."""
+    vae.enable_tiling()
+    vae.tile_sample_min_size = tile
+    vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def apply_vae_tiling(pipe, ctx: OptimizeContext) -> TechniqueResult:
@@ -45,9 +48,7 @@ def apply_vae_tiling(pipe, ctx: OptimizeContext) -> TechniqueResult:
         if isinstance(sample_size, (list, tuple)):
             sample_size = sample_size[0]
         tile = ctx.config.vae_tile_size or choose_vae_tile(ctx.free_bytes, sample_size, ctx.config.level)
-        vae.enable_tiling()
-        vae.tile_sample_min_size = tile
-        vae.tile_latent_min_size = tile // _scale(vae)
+        set_vae_tiles(vae, tile)
         logger.debug("VAE tiles %d px (latent %d)", tile, vae.tile_latent_min_size)
         dtype = vae_decode_dtype(pipe)
         return applied(tech, f"{dtype} decode in {tile}x{tile} px tiles, 25% overlap", f"VAE {dtype} tiles {tile}")
