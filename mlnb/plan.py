@@ -32,6 +32,7 @@ __all__ = [
     "denoise_reserve",
     "decode_reserve",
     "plan_for_budget",
+    "predict",
     "FP8_STEP_FACTOR",
 ]
 
@@ -130,6 +131,7 @@ class Plan:
     predicted_peak: int
     predicted_seconds: float | None
     streamed_bytes: int
+    transfer_once_bytes: int = 0  # encoder and VAE bytes moved to the GPU once per image
     notes: tuple[str, ...] = field(default=())
 
     def summary(self) -> str:
@@ -166,28 +168,59 @@ def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp
     return seconds
 
 
+def _scaled(model: ModelFacts, fp8: bool) -> tuple[dict[str, int], int, int]:
+    """Block bytes, other bytes and denoiser bytes as stored (fp8 halves the denoiser)."""
+    scale = 0.5 if fp8 else 1.0
+    blocks = {b.name: int(b.nbytes * scale) for b in model.blocks}
+    other = int(model.denoiser_other * scale)
+    return blocks, other, other + sum(blocks.values())
+
+
+def _peak(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, resident: tuple[str, ...],
+          streamed: tuple[str, ...], work: Workload) -> int:
+    blocks, other, denoiser = _scaled(model, fp8)
+    enc_max = max(model.encoders.values(), default=0)
+    den_res, dec = denoise_reserve(work), decode_reserve(work, tile)
+    if strategy == "resident":
+        return model.total - (model.denoiser - denoiser) + max(den_res, dec)
+    if strategy == "offload encoders and VAE":
+        return max(enc_max + _ENCODE_ACTIVATIONS, denoiser + den_res, denoiser + model.vae + dec)
+    res_bytes = other + sum(blocks[n] for n in resident)
+    return max(
+        enc_max + _ENCODE_ACTIVATIONS,
+        res_bytes + 2 * max((blocks[n] for n in streamed), default=0) + den_res,
+        res_bytes + model.vae + dec,
+    )
+
+
+def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> tuple[int, float | None]:
+    """``(peak bytes, seconds per image)`` of ``plan`` for ``work`` (another size, batch or step count than it was
+    made for) with ``card``'s current facts, by the same formulas that chose it."""
+    peak = _peak(plan.strategy, model, plan.fp8, plan.vae_tile, plan.resident, plan.streamed, work)
+    return peak, _time(card, work, plan.streamed_bytes, plan.transfer_once_bytes, plan.fp8)
+
+
 def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
     usable = budget * _USABLE
     enc_total = sum(model.encoders.values())
-    enc_max = max(model.encoders.values(), default=0)
     den_res = denoise_reserve(work)
+    order = {b.name: i for i, b in enumerate(model.blocks)}
     for fp8 in (False, True):
-        scale = 0.5 if fp8 else 1.0
-        blocks = [Block(b.name, int(b.nbytes * scale)) for b in model.blocks]
-        other = int(model.denoiser_other * scale)
-        denoiser = other + sum(b.nbytes for b in blocks)
+        sizes, other, denoiser = _scaled(model, fp8)
+        blocks = [Block(name, nbytes) for name, nbytes in sizes.items()]
+        every = tuple(sizes)
         for tile in (None, 768, 512, 256):
             if tile is not None and tile >= max(work.width, work.height):
                 continue
             dec = decode_reserve(work, tile)
             # Everything resident.
-            peak = model.total - (model.denoiser - denoiser) + max(den_res, dec)
-            yield Plan(budget, "resident", tuple(b.name for b in blocks), (), False, fp8, tile, peak,
-                       _time(card, work, 0, 0, fp8), 0)
+            yield Plan(budget, "resident", every, (), False, fp8, tile,
+                       _peak("resident", model, fp8, tile, every, (), work), _time(card, work, 0, 0, fp8), 0)
             # Encoders and VAE on the GPU only while they run; the denoiser stays.
-            peak = max(enc_max + _ENCODE_ACTIVATIONS, denoiser + den_res, denoiser + model.vae + dec)
-            yield Plan(budget, "offload encoders and VAE", tuple(b.name for b in blocks), (), True, fp8, tile, peak,
-                       _time(card, work, 0, enc_total + model.vae, fp8), 0)
+            once = enc_total + model.vae
+            yield Plan(budget, "offload encoders and VAE", every, (), True, fp8, tile,
+                       _peak("offload encoders and VAE", model, fp8, tile, every, (), work),
+                       _time(card, work, 0, once, fp8), 0, once)
             # Stream what does not fit: keep the largest blocks resident (fewest bytes to move per step).
             resident: list[Block] = []
             streamed = sorted(blocks, key=lambda b: b.nbytes, reverse=True)
@@ -202,18 +235,13 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
                 streamed = rest
             if not streamed:
                 continue  # nothing to stream: the plan above covers it
-            res_bytes = other + sum(b.nbytes for b in resident)
+            kept = tuple(sorted((b.name for b in resident), key=order.get))
+            moved_names = tuple(sorted((b.name for b in streamed), key=order.get))
             moved = sum(b.nbytes for b in streamed)
-            peak = max(
-                enc_max + _ENCODE_ACTIVATIONS,
-                res_bytes + 2 * max(b.nbytes for b in streamed) + den_res,
-                res_bytes + model.vae + dec,
-            )
-            order = {b.name: i for i, b in enumerate(model.blocks)}
             yield Plan(
-                budget, "stream", tuple(sorted((b.name for b in resident), key=order.get)),
-                tuple(sorted((b.name for b in streamed), key=order.get)), True, fp8, tile, peak,
-                _time(card, work, moved, enc_total + model.vae, fp8), moved,
+                budget, "stream", kept, moved_names, True, fp8, tile,
+                _peak("stream", model, fp8, tile, kept, moved_names, work),
+                _time(card, work, moved, once, fp8), moved, once,
             )
 
 

@@ -3,16 +3,20 @@
 #
 #   scripts/gpu_check.sh                 # writes everything under $OUT, or ./gpu-out when OUT is unset
 #
-# Steps: install mlnb (editable, keeping the machine's torch), `mlnb doctor`, the GPU tests (`pytest -m gpu`,
-# junit xml), the per-cell hook overhead on CUDA (scripts/bench_cell_hooks.py), and `mlnb bench --quick` (table, targets, JSON, Markdown, one log per worker). A failing step does not
-# stop the next one; a summary with each step's status and time comes last, and the exit status is 1 if any step
-# failed. The step limits add up to 575 s, inside one 600 s device call (bench --quick is sized for 4 minutes).
+# Steps: install mlnb (editable, keeping the machine's torch; wheels in ./.whl are installed first when the machine
+# lacks a dependency and has no package index), `mlnb doctor`, `mlnb bench --quick` (table, targets, JSON, Markdown,
+# one log per worker), the GPU tests (`pytest -m gpu`, junit xml), and the per-cell hook overhead on CUDA
+# (scripts/bench_cell_hooks.py). The benchmark comes before the tests: it is the step whose numbers the docs need.
+# A failing step does not stop the next one; a summary with each step's status and time comes last, and the exit
+# status is 1 if any step failed. The step limits add up to 570 s, inside one 600 s device call.
 #
 # Environment:
 #   OUT                    where results go (default ./gpu-out); keep large files out of it
 #   MLNB_BENCH_WORK        where the random-weight model folders are built and reused (default /tmp/mlnb-bench-models;
 #                          about 9 GiB for SD1.5 + SDXL in fp16)
-#   MLNB_GPU_CHECK_BENCH   options for mlnb bench (default: --quick --device cuda)
+#   MLNB_GPU_CHECK_BENCH   options for mlnb bench (default: --quick --device cuda --timeout 150)
+#   MLNB_WHEELS            a folder of wheels to install with --no-index --no-deps (default ./.whl, if present)
+#   MLNB_CACHE             the planner's card-facts cache (default: a fresh folder, copied to $OUT/cards.json)
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -21,7 +25,10 @@ out=${OUT:-$root/gpu-out}
 mkdir -p "$out" || exit 1
 out=$(cd "$out" && pwd)
 work=${MLNB_BENCH_WORK:-/tmp/mlnb-bench-models}
-bench_opts=${MLNB_GPU_CHECK_BENCH:---quick --device cuda}
+bench_opts=${MLNB_GPU_CHECK_BENCH:---quick --device cuda --timeout 150}
+wheels=${MLNB_WHEELS:-$root/.whl}
+# Card facts (bandwidth, step times) start empty, so the planner's predictions come from this run's measurements.
+export MLNB_CACHE=${MLNB_CACHE:-$(mktemp -d /tmp/mlnb-cache-XXXX)}
 python=${PYTHON:-python}
 # If the install step cannot put mlnb on the path, the source tree still can.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
@@ -50,6 +57,21 @@ run_step() {
   return "$rc"
 }
 
+deps_importable() {
+  "$python" - <<'EOF'
+import importlib, sys
+missing = []
+for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "IPython", "tqdm", "psutil", "PIL",
+             "numpy", "pytest", "pynvml"):
+    try:
+        importlib.import_module(name)
+    except Exception as exc:
+        missing.append(f"{name} ({type(exc).__name__})")
+print("missing: " + ", ".join(missing) if missing else "every dependency imports")
+sys.exit(1 if missing else 0)
+EOF
+}
+
 install() {
   local torch_version constraints
   torch_version=$("$python" -c 'import torch; print(torch.__version__)') || {
@@ -57,9 +79,14 @@ install() {
     return 1
   }
   echo "torch $torch_version (kept as is)"
+  # Every dependency already there (the machine's own or the wheels above): install mlnb alone, offline.
+  if deps_importable; then
+    "$python" -m pip install -q --no-index --no-deps --no-build-isolation -e . && return 0
+    echo "pip could not install mlnb; the steps below use the source tree (PYTHONPATH)"
+    return 0
+  fi
   constraints=$(mktemp)
   echo "torch==$torch_version" > "$constraints"
-  # Offline first: every dependency already installed, nothing downloaded, torch untouched.
   if "$python" -m pip install --no-index --no-build-isolation -e . ; then
     rm -f "$constraints"; return 0
   fi
@@ -103,7 +130,8 @@ mlnb_cli() {
 
 gpu_tests() {
   local rc
-  "$python" -m pytest -m gpu -q -rs --junitxml="$out/pytest-gpu.xml"
+  # tests/ only, without the notebook (nbval) options of pyproject's addopts: the GPU tests need no Jupyter.
+  "$python" -m pytest tests -m gpu -q -rs -o addopts="-p no:cacheprovider" --junitxml="$out/pytest-gpu.xml"
   rc=$?
   if [ "$rc" -eq 5 ]; then
     echo "no GPU tests were collected"
@@ -121,14 +149,27 @@ bench() {
 
 # The steps run in child shells under `timeout`, so they see these as exported functions and variables.
 export python root out work bench_opts
-export -f environment install mlnb_cli gpu_tests bench
+export -f environment deps_importable install mlnb_cli gpu_tests bench
+
+# Wheels carried to a machine without a package index: installed into a folder on PYTHONPATH, before any step.
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  site=/tmp/mlnb-wheels-site
+  echo "=== wheels: installing $(ls "$wheels"/*.whl | wc -l) from $wheels into $site ==="
+  if "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$wheels"/*.whl \
+      > "$out/wheels.log" 2>&1; then
+    export PYTHONPATH="$PYTHONPATH:$site"  # carry only what the machine lacks: these come before its site-packages
+  else
+    echo "wheel install failed (see $out/wheels.log)"
+  fi
+fi
 
 run_step environment 20 bash -c environment
-run_step install 90 bash -c install
-run_step doctor 45 bash -c "mlnb_cli doctor"
+run_step install 40 bash -c install
+run_step doctor 30 bash -c "mlnb_cli doctor"
+run_step bench 300 bash -c bench
 run_step gpu-tests 150 bash -c gpu_tests
 run_step cell-hooks 30 "$python" scripts/bench_cell_hooks.py --cells 1000 --json "$out/cell-hooks.json"
-run_step bench 240 bash -c bench
+cp "$MLNB_CACHE/cards.json" "$out/cards.json" 2>/dev/null || echo "no card facts were cached"
 
 echo
 echo "=== summary ($((SECONDS - start_all))s in all; results in $out) ==="

@@ -153,6 +153,40 @@ def test_host_ram_target_names_the_worst_run():
     assert "sdxl mlnb-auto cap 4 GiB" in t["host-ram"]["detail"] and "1.43×" in t["host-ram"]["detail"]
 
 
+def test_planner_targets_check_budget_and_predictions():
+    plan = dict(recipe="mlnb-plan", level="aggressive", peak_allocated=3 * GiB, peak_reserved=int(3.5 * GiB))
+    rows = [
+        _baseline(),
+        _row(**plan, seconds=1.4, predicted_peak=int(3.2 * GiB), predicted_seconds=1.3),
+        _row(**dict(plan, peak_allocated=8 * GiB, peak_reserved=9 * GiB), cap_bytes=15 * GiB, seconds=1.0,
+             predicted_peak=int(8.4 * GiB), predicted_seconds=1.1),
+    ]
+    t = _targets(rows)
+    assert t["plan-budget"]["status"] == "met" and "3.50 GiB" in t["plan-budget"]["detail"]
+    assert t["plan-peak"]["status"] == "met" and "+7%" in t["plan-peak"]["detail"]  # 3.2 vs 3.0; 8.4 vs 8.0 is +5%
+    assert t["plan-time"]["status"] == "met" and "-7%" in t["plan-time"]["detail"]
+    # floor: 5 GiB UNet, 4 GiB cap, 8 steps at 10 GiB/s, compute 1.0 s; 1.4 s is 1.4x the floor when compute-bound
+    assert t["sdxl-4gib-floor"]["status"] in ("met", "not met") and "floor" in t["sdxl-4gib-floor"]["detail"]
+
+    over = _targets([_baseline(), _row(**dict(plan, peak_reserved=int(4.2 * GiB)), seconds=2.0,
+                                       predicted_peak=2 * GiB, predicted_seconds=None)])
+    assert over["plan-budget"]["status"] == "not met" and "reserved" in over["plan-budget"]["detail"]
+    assert over["plan-peak"]["status"] == "not met" and "-33%" in over["plan-peak"]["detail"]
+    assert over["plan-time"]["status"] == "not measured"
+    oom = _targets([_baseline(), _row(recipe="mlnb-plan", status="OOM", phase="generate", seconds=None)])
+    assert oom["plan-budget"]["status"] == "not met" and "OOM in generate" in oom["plan-budget"]["detail"]
+    assert _targets([_baseline()])["plan-budget"]["status"] == "not measured"
+
+
+def test_floor_target_is_judged_against_the_streaming_floor():
+    # 5 GiB UNet, 4 GiB cap: (5 - (4 - A)) GiB x 8 steps / 10 GiB/s; compute 1.0 s.
+    floor = report.streaming_floor(1.0, 5 * GiB, 4 * GiB, report.activation_reserve(1024, 1024), 8, 10 * GiB)
+    fast = _targets([_baseline(), _row(recipe="mlnb-plan", seconds=floor * 1.1)])
+    slow = _targets([_baseline(), _row(recipe="mlnb-plan", seconds=floor * 1.3)])
+    assert fast["sdxl-4gib-floor"]["status"] == "met" and slow["sdxl-4gib-floor"]["status"] == "not met"
+    assert "1.30×" in slow["sdxl-4gib-floor"]["detail"]
+
+
 def test_table_has_every_column_and_marks_missing_values():
     rows = report.add_derived(
         [_baseline(), _row(), _row(recipe="diffusers-sequential", status="OOM", phase="load", seconds=None, level=None)], 10 * GiB
@@ -339,7 +373,7 @@ def test_cpu_bench_end_to_end_writes_valid_json(tiny_sd, tmp_path, monkeypatch, 
     assert base["ratio"] == 1.0 and base["seconds"] > 0 and base["host_rss_peak"] > 0
     assert (auto["recipe"], auto["status"], auto["phase"], auto["level"]) == ("mlnb-auto", "OOM", "warm-up", "none")
     assert "out of memory" in auto["error"] and auto["ratio"] is None
-    assert [t["status"] for t in doc["targets"]] == ["not measured"] * 4
+    assert [t["status"] for t in doc["targets"]] == ["not measured"] * len(report.TARGETS)
     assert len(list((tmp_path / "logs").glob("run-*.log"))) == 2 and "| model |" in md.read_text()
 
 

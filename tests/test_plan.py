@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import mlnb.plan as plan_mod
-from mlnb.plan import Block, BudgetError, CardFacts, ModelFacts, Workload, plan_for_budget
+from mlnb.plan import Block, BudgetError, CardFacts, ModelFacts, Workload, plan_for_budget, predict
 from mlnb.units import GiB, MiB
 
 FP16 = 2
@@ -95,6 +95,22 @@ def test_measured_card_ranks_by_predicted_time():
             assert plan.predicted_seconds <= other.predicted_seconds
 
 
+@pytest.mark.parametrize("budget_gib", [3, 4, 8, 15])
+def test_predict_repeats_the_plan_and_follows_the_workload(budget_gib):
+    card = CardFacts(bandwidth=20e9, step_seconds=0.07, decode_seconds=0.3)
+    work = Workload(1024, 1024, 1, 30)
+    sdxl = sdxl_like()
+    plan = plan_for_budget(budget_gib * GiB, sdxl, card, work)
+    assert predict(plan, sdxl, card, work) == (plan.predicted_peak, pytest.approx(plan.predicted_seconds))
+    peak8, seconds8 = predict(plan, sdxl, card, Workload(1024, 1024, 1, 8))
+    assert peak8 == plan.predicted_peak and seconds8 < plan.predicted_seconds  # fewer steps, same memory
+    bigger, _ = predict(plan, sdxl, card, Workload(1024, 1024, 2, 30))
+    assert bigger > plan.predicted_peak  # a batch of two needs more activations
+    streamed = plan.streamed_bytes * 30 / card.bandwidth
+    if plan.streamed:  # bandwidth-bound steps: the time is the bytes moved
+        assert plan.predicted_seconds >= streamed
+
+
 def test_reserves_scale_with_pixels_and_dtype():
     small, big = Workload(512, 512), Workload(1024, 1024)
     assert plan_mod.denoise_reserve(big) > plan_mod.denoise_reserve(small)
@@ -140,8 +156,13 @@ def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
 
     managed = mlnb.load_pipeline(tiny_sd, budget="3GiB")
     assert managed.plan is not None and managed.tag == "budget 3.0 GiB"
-    result = managed.generate("a fox", steps=1, width=64, height=64, seed=1)
-    assert result.plan.startswith("plan for 3.0 GiB") and "predicted peak" in result.report_line()
+    result = managed.generate("a fox", steps=2, width=64, height=64, seed=1)
+    assert result.plan.startswith("plan for 3.0 GiB")
+    # The prediction is for the size generated (64², not the native size the plan was made for).
+    assert result.predicted_peak == managed.predict(Workload(64, 64, 1, 2))[0] is not None
+    assert f"predicted {result.predicted_peak / 2**30:.1f} GiB" in result.report_line()
+    assert result.predicted_seconds is None  # no step time measured on this card
+    assert result.step_seconds is not None and result.decode_seconds is not None
     assert mlnb.load_pipeline(tiny_sd, budget=3 * 2**30) is managed
     with pytest.raises(mlnb.errors.InvalidArgumentError, match="no placement fits"):
         mlnb.load_pipeline(tiny_sd, budget="1MiB")

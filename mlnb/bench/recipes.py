@@ -18,7 +18,7 @@ and time go into the row's detail). Every recipe loads the same saved folder, so
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
@@ -104,12 +104,15 @@ class Prepared:
         pipe: the underlying diffusers pipeline (to count parameters).
         level: the mlnb level that runs (``auto`` resolved), ``None`` for plain diffusers.
         detail: what was set up (the applied techniques, or the diffusers calls).
+        stats: filled by each ``generate``: ``step_seconds`` and ``decode_seconds`` (the step callback's timing),
+            and for the budget planner ``predicted_peak`` and ``predicted_seconds``.
     """
 
     generate: Callable[[], Any]
     pipe: Any
     level: str | None
     detail: str
+    stats: dict = field(default_factory=dict)
 
 
 def _fp16_vae_tiles(pipe, tile: int) -> None:
@@ -125,7 +128,11 @@ def _fp16_vae_tiles(pipe, tile: int) -> None:
 def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
     import torch
 
+    from ..card_facts import record_timing
+    from ..optimizer.budget import model_key
     from ..pipeline.loading import load_diffusers_pipeline
+    from ..pipeline.timing import StepTimer
+    from ..plan import Workload
 
     if recipe.needs_cuda and not device.is_cuda:
         raise RecipeSkipped(f"{recipe.name} installs offload hooks and needs a CUDA device")
@@ -150,13 +157,30 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
     else:  # the table above is the only source of settings
         raise AssertionError(recipe.setting)
 
+    stats: dict = {}
+
     def generate():
-        return pipe(
+        timer = StepTimer(device.synchronize)
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            timer.mark()
+            return callback_kwargs
+
+        images = pipe(
             prompt=call["prompt"], num_inference_steps=call["steps"], width=call["width"], height=call["height"],
             generator=torch.Generator(device="cpu").manual_seed(call["seed"]), output_type="pil",
+            callback_on_step_end=on_step_end,
         ).images
+        timer.finish()
+        stats.update(step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds)
+        if recipe.setting == "none" and device.is_cuda and timer.step_seconds:
+            # The uncapped, unoffloaded run is the card's compute time for this model: the planner predicts from it.
+            size = images[0].size if images else (call["width"], call["height"])
+            work = Workload(size[0], size[1], 1, call["steps"])
+            record_timing(device, model_key(pipe, dtype), work, timer.step_seconds, timer.decode_seconds)
+        return images
 
-    return Prepared(generate, pipe, None, detail)
+    return Prepared(generate, pipe, None, detail, stats)
 
 
 def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
@@ -169,17 +193,24 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
     else:
         managed = load_pipeline(path, level=recipe.setting, dtype=dtype, device=device)
 
+    stats: dict = {}
+
     def generate():
-        return managed.generate(
+        result = managed.generate(
             call["prompt"], steps=call["steps"], width=call["width"], height=call["height"], seed=call["seed"]
-        ).images
+        )
+        stats.update(
+            step_seconds=result.step_seconds, decode_seconds=result.decode_seconds,
+            predicted_peak=result.predicted_peak, predicted_seconds=result.predicted_seconds,
+        )
+        return result.images
 
     detail = managed.techniques.summary()
     if managed.plan is not None:
         detail = str(managed.plan)
     elif managed.choice.auto:
         detail = f"{managed.choice}: {detail}"
-    return Prepared(generate, managed.pipe, managed.level.value, detail)
+    return Prepared(generate, managed.pipe, managed.level.value, detail, stats)
 
 
 def prepare(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:

@@ -123,6 +123,9 @@ class Target:
         cap_gib: the budget, in GiB.
         max_ratio: the most seconds per image allowed, as a multiple of the uncapped no-offload run.
         host_ratio: the most host RSS allowed, as a multiple of the fp16 weight bytes.
+        floor_ratio: the most seconds per image allowed, as a multiple of the streaming floor.
+        kind: ``ratio``, ``host``, ``floor`` or the planner's ``peak``, ``time`` and ``budget`` checks.
+        tolerance: for ``peak`` and ``time``: the largest relative error of prediction against measurement.
     """
 
     key: str
@@ -132,6 +135,9 @@ class Target:
     cap_gib: float | None = None
     max_ratio: float | None = None
     host_ratio: float | None = None
+    floor_ratio: float | None = None
+    kind: str = "ratio"
+    tolerance: float | None = None
 
 
 TARGETS = (
@@ -144,7 +150,15 @@ TARGETS = (
         "sdxl-15gib", "SDXL 1024² under a 15 GiB cap takes 1.0× the uncapped no-offload time (no needless offload)",
         "sdxl", 1024, 15, 1.0 + RATIO_TOLERANCE,
     ),
-    Target("host-ram", "host RAM peak ≤ 1.3× the fp16 model bytes (every mlnb run)", host_ratio=1.3),
+    Target("host-ram", "host RAM peak ≤ 1.3× the fp16 model bytes (every mlnb run)", host_ratio=1.3, kind="host"),
+    Target(
+        "sdxl-4gib-floor", "SDXL 1024² under a 4 GiB cap takes ≤ 1.2× the streaming floor",
+        "sdxl", 1024, 4, floor_ratio=1.2, kind="floor",
+    ),
+    Target("plan-budget", "the budget planner never exceeds its budget (peak reserved ≤ cap, no OOM)", kind="budget"),
+    Target("plan-peak", "the planner's predicted peak is within 10% of the measured peak allocated", kind="peak",
+           tolerance=0.10),
+    Target("plan-time", "the planner's predicted time is within 25% of the measured time", kind="time", tolerance=0.25),
 )
 
 
@@ -202,6 +216,65 @@ def _judge_host(target: Target, rows: list[dict]) -> tuple[str, str]:
     )
 
 
+def _plan_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r.get("recipe") == "mlnb-plan" and r.get("status") != "skipped"]
+
+
+def _label(row: dict) -> str:
+    cap = "no cap" if row.get("cap_bytes") is None else f"cap {format_gib(row['cap_bytes'], digits=0)} GiB"
+    return f"{row.get('model')} {cap}"
+
+
+def _judge_budget(rows: list[dict]) -> tuple[str, str]:
+    runs = [r for r in _plan_rows(rows) if r.get("cap_bytes")]
+    if not runs:
+        return "not measured", "no mlnb-plan run under a cap"
+    bad = []
+    for row in runs:
+        if row.get("status") == "OOM":
+            bad.append(f"{_label(row)}: OOM in {row.get('phase')}")
+        elif row.get("status") == "ok" and (row.get("peak_reserved") or 0) > row["cap_bytes"]:
+            bad.append(f"{_label(row)}: reserved {format_bytes(row['peak_reserved'])}")
+        elif row.get("status") != "ok":
+            bad.append(f"{_label(row)}: {row.get('status')}")
+    shown = ", ".join(f"{_label(r)}: {format_gib(r.get('peak_reserved'), digits=2)} GiB" for r in runs if r.get("status") == "ok")
+    return ("not met", "; ".join(bad)) if bad else ("met", f"peak reserved {shown}")
+
+
+def _judge_prediction(target: Target, rows: list[dict]) -> tuple[str, str]:
+    field, measured_field = ("predicted_peak", "peak_allocated") if target.kind == "peak" else ("predicted_seconds", "seconds")
+    runs = [r for r in _plan_rows(rows) if r.get("status") == "ok"]
+    pairs = [(r, r.get(field), r.get(measured_field)) for r in runs]
+    known = [(r, p, m) for r, p, m in pairs if p and m]
+    if not known:
+        why = "no mlnb-plan run finished" if not runs else f"no mlnb-plan run has a {field.replace('_', ' ')}"
+        return "not measured", why
+    errors = [(r, p / m - 1) for r, p, m in known]
+    worst = max(errors, key=lambda e: abs(e[1]))
+    fmt = (lambda v: f"{format_gib(v, digits=2)} GiB") if target.kind == "peak" else (lambda v: f"{v:.2f} s")
+    each = "; ".join(f"{_label(r)}: {fmt(p)} vs {fmt(m)} ({p / m - 1:+.0%})" for r, p, m in known)
+    verdict = "met" if abs(worst[1]) <= target.tolerance and len(known) == len(pairs) else "not met"
+    missing = f"; {len(pairs) - len(known)} run(s) without a prediction" if len(known) < len(pairs) else ""
+    return verdict, f"predicted vs measured: {each}{missing}"
+
+
+def _judge_floor(target: Target, rows: list[dict]) -> tuple[str, str]:
+    cap = int(target.cap_gib * GiB)
+    candidates = [
+        r for r in rows
+        if r.get("model") == target.model and r.get("width") == target.size and r.get("cap_bytes") == cap
+        and str(r.get("recipe", "")).startswith("mlnb-")
+    ]
+    row = _pick(candidates)
+    if row is None or row.get("status") != "ok":
+        return "not measured", f"no finished mlnb run of {target.model} {target.size}² under {target.cap_gib:g} GiB"
+    if not row.get("floor_seconds"):
+        return "not measured", f"{row['recipe']}: the floor is unknown (no baseline or bandwidth)"
+    ratio = row["seconds"] / row["floor_seconds"]
+    verdict = "met" if ratio <= target.floor_ratio else "not met"
+    return verdict, f"{row['recipe']}: {row['seconds']:.2f} s vs floor {row['floor_seconds']:.2f} s = {ratio:.2f}×"
+
+
 def evaluate_targets(rows: list[dict], gpu: bool = True) -> list[dict]:
     """Each target's status: ``met``, ``not met`` or ``not measured``, with the figures behind it.
 
@@ -212,8 +285,14 @@ def evaluate_targets(rows: list[dict], gpu: bool = True) -> list[dict]:
     for target in TARGETS:
         if not gpu:
             status, detail = "not measured", "CPU run of the tiny models: a harness check, not a measurement"
-        elif target.host_ratio is not None:
+        elif target.kind == "host":
             status, detail = _judge_host(target, rows)
+        elif target.kind == "floor":
+            status, detail = _judge_floor(target, rows)
+        elif target.kind == "budget":
+            status, detail = _judge_budget(rows)
+        elif target.kind in ("peak", "time"):
+            status, detail = _judge_prediction(target, rows)
         else:
             status, detail = _judge_ratio(target, rows)
         results.append({"key": target.key, "target": target.text, "status": status, "detail": detail})
@@ -222,7 +301,8 @@ def evaluate_targets(rows: list[dict], gpu: bool = True) -> list[dict]:
 
 _COLUMNS = (
     ("model", "model"), ("size", "size"), ("recipe", "recipe"), ("cap", "cap GiB"), ("s", "s/img"),
-    ("ratio", "×none"), ("floor", "floor s"), ("alloc", "peak alloc GiB"), ("reserved", "peak rsrv GiB"),
+    ("ratio", "×none"), ("floor", "floor s"), ("step", "step s"), ("alloc", "peak alloc GiB"),
+    ("reserved", "peak rsrv GiB"), ("pred", "predicted GiB/s"),
     ("nvml", "NVML peak GiB"), ("host", "host RSS GiB"), ("status", "status"),
 )
 
@@ -245,12 +325,21 @@ def _cells(row: dict) -> dict[str, str]:
         "s": num(row.get("seconds"), ".2f"),
         "ratio": num(row.get("ratio"), ".2f"),
         "floor": num(row.get("floor_seconds"), ".2f"),
+        "step": num(row.get("step_seconds"), ".3f"),
+        "pred": _predicted(row),
         "alloc": format_gib(row.get("peak_allocated"), na="—", digits=2),
         "reserved": format_gib(row.get("peak_reserved"), na="—", digits=2),
         "nvml": format_gib(row.get("nvml_peak"), na="—", digits=2),
         "host": format_gib(row.get("host_rss_peak"), na="—", digits=2),
         "status": status,
     }
+
+
+def _predicted(row: dict) -> str:
+    if row.get("predicted_peak") is None:
+        return "—"
+    seconds = row.get("predicted_seconds")
+    return f"{format_gib(row['predicted_peak'], digits=2)}/{'?' if seconds is None else format(seconds, '.2f')}"
 
 
 def format_table(rows: list[dict]) -> str:

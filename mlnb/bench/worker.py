@@ -203,7 +203,7 @@ def run(job: dict) -> dict:
             logger.info("warm-up image in %.2f s", warm_seconds)
             phase = "generate"
             seconds, timed, size = _measured(device, prepared.generate)
-            result.update(warmup_seconds=warm_seconds, seconds=seconds)
+            result.update(warmup_seconds=warm_seconds, seconds=seconds, **prepared.stats)
             if size is not None:  # what was really generated (the pipeline's native size when none was asked)
                 result.update(width=size[0], height=size[1])
             peaks = [r.peak_allocated for r in (warm, timed) if r.peak_allocated is not None]

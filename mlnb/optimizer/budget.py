@@ -24,7 +24,7 @@ from .vae import set_vae_tiles
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["model_facts", "apply_plan", "plan_level"]
+__all__ = ["model_facts", "model_key", "apply_plan", "plan_level"]
 
 _MAX_BLOCK = 256 * MiB  # blocks larger than this are split into their children: a finer double buffer
 
@@ -79,6 +79,19 @@ def model_facts(pipe, max_block: int = _MAX_BLOCK) -> ModelFacts:
         denoiser_other=_nbytes(denoiser) - sum(b.nbytes for b in blocks),
         bytes_per_param=bytes_per_param,
     )
+
+
+def model_key(pipe, dtype) -> str:
+    """The key under which a model's step timings are cached: ``"UNet2DConditionModel-2567463684-float16"``.
+
+    The denoiser's class and parameter count (not its name or path: the same architecture runs at the same speed)
+    and the compute dtype (fp8 storage computes in it too).
+    """
+    denoiser = denoiser_of(pipe)
+    if denoiser is None:
+        raise ValueError(f"{type(pipe).__name__} has no unet or transformer")
+    params = sum(p.numel() for p in denoiser.parameters())
+    return f"{type(denoiser).__name__}-{params}-{str(dtype).removeprefix('torch.')}"
 
 
 def plan_level(plan: Plan) -> OptimizationLevel:

@@ -30,13 +30,14 @@ from ..levels import (
 from ..monitor import MemoryMonitor, cleanup, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
-from ..optimizer.budget import apply_plan, model_facts, plan_level
+from ..optimizer.budget import apply_plan, model_facts, model_key, plan_level
 from ..optimizer.context import skipped
-from ..plan import BudgetError, Plan, Workload, plan_for_budget
-from ..card_facts import card_facts
+from ..plan import BudgetError, ModelFacts, Plan, Workload, plan_for_budget, predict
+from ..card_facts import card_facts, record_timing
 from ..units import format_bytes, parse_bytes
 from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model, weight_bytes
 from .result import GenerationResult
+from .timing import StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -123,9 +124,11 @@ class ManagedPipeline:
         device: Device,
         load_kwargs: dict,
         plan: Plan | None = None,
+        plan_facts: ModelFacts | None = None,
     ) -> None:
         self.pipe = pipe
         self.plan = plan
+        self.plan_facts = plan_facts  # the weight bytes the plan was made from (before fp8 storage)
         self.model = model
         self.dtype = dtype
         self.choice = choice
@@ -133,6 +136,7 @@ class ManagedPipeline:
         self.device = device
         self.load_kwargs = load_kwargs
         self.weight_bytes = weight_bytes(pipe) if pipe is not None else 0
+        self.model_key = model_key(pipe, dtype) if pipe is not None else None
 
     @property
     def level(self) -> OptimizationLevel:
@@ -235,14 +239,19 @@ class ManagedPipeline:
             kwargs["num_images_per_prompt"] = num_images
         elif num_images != 1:
             raise UnsupportedPipelineError(f"{type(self.pipe).__name__} makes one image per call")
-        if progress is not None and "callback_on_step_end" in accepted:
+        timer = StepTimer(self.device.synchronize)
+        if "callback_on_step_end" in accepted and "callback_on_step_end" not in pipeline_kwargs:
 
             def on_step_end(pipe, step, timestep, callback_kwargs):
-                progress(step + 1, steps)
+                timer.mark()
+                if progress is not None:
+                    progress(step + 1, steps)
                 return callback_kwargs
 
             kwargs["callback_on_step_end"] = on_step_end
         kwargs.update(pipeline_kwargs)
+        work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
+        predicted_peak, predicted_seconds = self.predict(work)
         if guidance is None:
             sig = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
             guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
@@ -256,6 +265,7 @@ class ManagedPipeline:
                     output = self.pipe(**kwargs)
                     images = list(output.images)
                     del output
+                    timer.finish()
                 except BaseException as exc:
                     release_exception_frames(exc)
                     raise
@@ -273,9 +283,41 @@ class ManagedPipeline:
             images=images, seed=seed, params=params, memory=monitor.report, seconds=seconds,
             level=self.level, techniques=self.techniques, model=self.model,
             plan=str(self.plan) if self.plan is not None else None,
+            predicted_peak=predicted_peak, predicted_seconds=predicted_seconds,
+            step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
         )
+        self._record(work, timer)
         remember(result)
         return result
+
+    def predict(self, work: Workload) -> tuple[int | None, float | None]:
+        """The plan's predicted peak bytes and seconds for ``work``; ``(None, None)`` without a plan.
+
+        Card facts are read again each time, so a step time measured since loading improves the prediction.
+        """
+        if self.plan is None or self.plan_facts is None:
+            return None, None
+        card = card_facts(self.device, self.model_key, work, measure=False)
+        return predict(self.plan, self.plan_facts, card, work)
+
+    def _denoiser_resident(self) -> tuple[bool, bool]:
+        """(the denoiser stays whole on the GPU in fp16/bf16, the VAE decodes there untiled without moving)."""
+        if self.plan is not None:
+            resident = not self.plan.streamed and not self.plan.fp8
+            return resident, resident and not self.plan.vae_tile and not self.plan.offload_encoders_vae
+        applied = {r.technique for r in self.techniques.applied()}
+        moving = {Technique.SEQUENTIAL_CPU_OFFLOAD, Technique.GROUP_OFFLOAD, Technique.FP8_STORAGE}
+        vae_moving = {Technique.MODEL_CPU_OFFLOAD, Technique.VAE_TILING, Technique.VAE_SLICING}
+        resident = not applied & moving
+        return resident, resident and not applied & vae_moving
+
+    def _record(self, work: Workload, timer: StepTimer) -> None:
+        """Cache this card's step (and decode) time for the planner when the denoiser ran fully resident."""
+        if not self.device.is_cuda or self.model_key is None or timer.step_seconds is None:
+            return
+        denoiser, vae = self._denoiser_resident()
+        if denoiser:
+            record_timing(self.device, self.model_key, work, timer.step_seconds, timer.decode_seconds if vae else None)
 
     def unload(self) -> None:
         """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up."""
@@ -360,11 +402,11 @@ def load_pipeline(
                     return managed
 
     pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
-    plan = cfg = None
+    plan = cfg = facts = None
     try:
         text_to_image_parameters(pipe)  # refuse it before it is optimized and cached: it could never generate
         if budget_bytes is not None:
-            plan = _plan(pipe, budget_bytes, device)
+            plan, facts = _plan(pipe, budget_bytes, device, torch_dtype)
             choice = LevelChoice(plan_level(plan), f"plan for {format_bytes(budget_bytes)}: {plan.summary()}", auto=False)
         elif requested is None:
             w, h = _native_size(pipe)
@@ -401,7 +443,7 @@ def load_pipeline(
         at = f" at level {cfg.level.value}" if cfg is not None else ""
         raise OutOfMemoryRescueError(f"out of GPU memory loading {source!r}{at}; {advice}") from None
     load_kwargs = dict(from_pretrained_kwargs, allow_pickle=allow_pickle)
-    managed = ManagedPipeline(pipe, source, torch_dtype, choice, report, device, load_kwargs, plan=plan)
+    managed = ManagedPipeline(pipe, source, torch_dtype, choice, report, device, load_kwargs, plan=plan, plan_facts=facts)
     with _cache_lock:
         _cache[managed.key] = managed
     logger.debug("loaded %r", managed)
@@ -412,16 +454,17 @@ def _budget_tag(budget: int) -> str:
     return f"budget {format_bytes(budget)}"
 
 
-def _plan(pipe, budget: int, device: Device):
-    """The budget plan for ``pipe`` at its native size; a budget nothing fits is a one-line error."""
+def _plan(pipe, budget: int, device: Device, dtype) -> tuple[Plan, ModelFacts]:
+    """The budget plan for ``pipe`` at its native size (30 steps); a budget nothing fits is a one-line error."""
     w, h = _native_size(pipe)
     work = Workload(w, h, 1, steps=30, vae_fp32=vae_needs_upcast(pipe))
+    facts = model_facts(pipe)
     try:
-        plan = plan_for_budget(budget, model_facts(pipe), card_facts(device), work)
+        plan = plan_for_budget(budget, facts, card_facts(device, model_key(pipe, dtype), work), work)
     except BudgetError as exc:
         raise InvalidArgumentError(str(exc)) from None
     logger.warning("%s", plan)
-    return plan
+    return plan, facts
 
 
 def text_to_image_parameters(pipe) -> set[str]:

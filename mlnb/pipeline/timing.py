@@ -1,0 +1,61 @@
+"""``StepTimer``: the seconds of one denoising step and of the decode, read from the pipeline's step callback.
+
+Each mark synchronizes the device first, so a step's time is the GPU's time, not the time to queue its kernels.
+The first step is left out (its interval also holds prompt encoding and first-call set-up); the decode is the time
+from the last step's end to the pipeline's return (VAE decode and conversion to images).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+__all__ = ["StepTimer"]
+
+
+class StepTimer:
+    """Marks the end of each denoising step; reports the median step and the decode seconds.
+
+    Args:
+        synchronize: waits for the device (``Device.synchronize``).
+        clock: seconds (``time.perf_counter``).
+
+    Example:
+        ```python
+        >>> timer = StepTimer(device.synchronize)
+        >>> pipe(prompt, callback_on_step_end=lambda p, i, t, kw: (timer.mark(), kw)[1])
+        >>> timer.finish()
+        >>> timer.step_seconds, timer.decode_seconds
+        ```
+    """
+
+    def __init__(self, synchronize: Callable[[], None], clock: Callable[[], float] = time.perf_counter) -> None:
+        self._sync = synchronize
+        self._clock = clock
+        self.marks: list[float] = []
+        self.end: float | None = None
+
+    def mark(self) -> None:
+        """Call at the end of every denoising step."""
+        self._sync()
+        self.marks.append(self._clock())
+
+    def finish(self) -> None:
+        """Call when the pipeline has returned its images."""
+        self._sync()
+        self.end = self._clock()
+
+    @property
+    def step_seconds(self) -> float | None:
+        """Median seconds of the steps after the first; ``None`` with fewer than two steps marked."""
+        if len(self.marks) < 2:
+            return None
+        return statistics.median(b - a for a, b in zip(self.marks, self.marks[1:]))
+
+    @property
+    def decode_seconds(self) -> float | None:
+        """Seconds from the last step's end to the return of the images; ``None`` until both are known."""
+        if not self.marks or self.end is None:
+            return None
+        return self.end - self.marks[-1]

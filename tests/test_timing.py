@@ -1,0 +1,75 @@
+"""Step timing and the per-card timing cache the planner predicts time from (pure, and with a fake device)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlnb.card_facts import cache_path, card_facts, record_timing
+from mlnb.device import FakeDevice
+from mlnb.pipeline.timing import StepTimer
+from mlnb.plan import Workload
+
+KEY = "UNet2DConditionModel-2567463684-float16"
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    return tmp_path
+
+
+def test_step_timer_median_skips_the_first_step_and_syncs_every_mark():
+    ticks = iter([10.0, 10.5, 10.9, 11.4, 12.6])  # steps end at 10.0, 10.5, 10.9, 11.4; images at 12.6
+    syncs = []
+    timer = StepTimer(lambda: syncs.append(1), clock=lambda: next(ticks))
+    assert timer.step_seconds is None and timer.decode_seconds is None
+    for _ in range(4):
+        timer.mark()
+    timer.finish()
+    assert timer.step_seconds == pytest.approx(0.5)  # median of 0.5, 0.4, 0.5
+    assert timer.decode_seconds == pytest.approx(1.2)
+    assert len(syncs) == 5
+
+
+def test_one_step_gives_no_step_time():
+    ticks = iter([1.0, 2.0])
+    timer = StepTimer(lambda: None, clock=lambda: next(ticks))
+    timer.mark()
+    timer.finish()
+    assert timer.step_seconds is None and timer.decode_seconds == pytest.approx(1.0)
+
+
+def test_recorded_timing_is_found_exactly_and_scaled_to_other_sizes(cache):
+    device = FakeDevice(name="Card A")
+    work = Workload(1024, 1024, 1, 20)
+    assert card_facts(device, KEY, work).step_seconds is None  # not measured yet: no time prediction
+    record_timing(device, KEY, work, 0.07, 0.3)
+    facts = card_facts(device, KEY, work)
+    assert (facts.step_seconds, facts.decode_seconds) == (0.07, 0.3)
+    assert facts.bandwidth == 12e9  # measured once and cached beside it
+    half = card_facts(device, KEY, Workload(1024, 512, 1, 20))
+    assert half.step_seconds == pytest.approx(0.035) and half.decode_seconds == pytest.approx(0.15)
+    assert card_facts(device, "another-model", work).step_seconds is None
+    assert card_facts(FakeDevice(name="Card B"), KEY, work).step_seconds is None  # per card
+    stored = json.loads(cache_path().read_text())
+    assert stored["Card A"]["timings"][KEY]["1024x1024x1"] == {"step_seconds": 0.07, "decode_seconds": 0.3}
+
+
+def test_a_run_without_a_decode_time_keeps_the_one_stored(cache):
+    device = FakeDevice()
+    work = Workload(512, 512, 1, 20)
+    record_timing(device, KEY, work, 0.02, 0.1)
+    record_timing(device, KEY, work, 0.025, None)
+    facts = card_facts(device, KEY, work)
+    assert (facts.step_seconds, facts.decode_seconds) == (0.025, 0.1)
+
+
+def test_an_unreadable_cache_is_treated_as_empty(cache):
+    cache_path().parent.mkdir(parents=True, exist_ok=True)
+    cache_path().write_text("{not json")
+    device = FakeDevice()
+    assert card_facts(device, KEY, Workload()).step_seconds is None
+    record_timing(device, KEY, Workload(), 0.05, None)
+    assert card_facts(device, KEY, Workload()).step_seconds == 0.05
