@@ -147,17 +147,20 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     device = torch.device(onload_device)
     hook = None
     if plan.offload_encoders_vae:
-        names = [n for n in pipe.components if n.startswith("text_encoder")]
-        for name in names:
-            module = pipe.components[name]
-            if isinstance(module, torch.nn.Module):
-                _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
-        encoder_hook = hook
-        if encoder_hook is not None:
-            # The encoders leave the GPU before the denoiser's first step, as in diffusers' model offload.
-            denoiser.register_forward_pre_hook(lambda module, args: encoder_hook.offload())
+        # The VAE goes back to the CPU when the next image's first text encoder starts, each encoder when the next
+        # one starts, and the last encoder before the denoiser's first step: none of them is on the GPU while the
+        # denoiser runs (diffusers' own model offload frees its hooks at the end of a call; these are chained).
         if vae is not None:
-            cpu_offload_with_hook(vae, device)
+            _, hook = cpu_offload_with_hook(vae, device)
+        encoders = [
+            module for name, module in pipe.components.items()
+            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+        ]
+        for module in encoders:
+            _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
+        if encoders:
+            encoder_hook = hook
+            denoiser.register_forward_pre_hook(lambda module, args: encoder_hook.offload())
         results[Technique.MODEL_CPU_OFFLOAD] = applied(
             Technique.MODEL_CPU_OFFLOAD, "text encoders and VAE on the GPU only while they run", "encoders+VAE offload"
         )
