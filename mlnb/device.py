@@ -119,6 +119,7 @@ class _Nvml:
         self._lock = threading.Lock()
         self._state: str | None = None  # None: untried, "ok", or the error text
         self._mod = None
+        self._handles: dict[int, object] = {}  # device handles, looked up once: the per-cell path reads memory
 
     def _init(self) -> bool:
         with self._lock:
@@ -144,7 +145,9 @@ class _Nvml:
         if not self._init():
             return None, None, self._state
         try:
-            handle = self._mod.nvmlDeviceGetHandleByIndex(index)
+            handle = self._handles.get(index)
+            if handle is None:
+                handle = self._handles[index] = self._mod.nvmlDeviceGetHandleByIndex(index)
             mem = self._mod.nvmlDeviceGetMemoryInfo(handle)
             return int(mem.used), int(mem.total), None
         except Exception as exc:

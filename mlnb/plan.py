@@ -5,12 +5,15 @@ block by block with group offloading on a CUDA stream (the next block's weights 
 computes). Text encoders and the VAE are moved onto the GPU only while they run, so they never add to the
 denoiser's peak. VAE tiling and fp8 storage are chosen only when they are needed to fit or make the plan faster.
 
-Memory model (bytes):
-    denoise peak = other + resident + 2 × largest streamed block (double buffer) + denoise reserve
-    decode peak  = other + resident + VAE + decode reserve(tile)
-    encode peak  = largest text encoder + 64 MiB
+Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU (other + resident blocks):
+    denoise peak = kept + 2 × largest streamed block + denoise reserve
+    decode peak  = kept + VAE + decode reserve(tile)
+    encode peak  = kept + largest text encoder + 64 MiB   (the encoders run one at a time, beside the kept part)
 Time model (seconds per image), from measured card facts:
-    steps × max(step compute, streamed bytes / H2D bandwidth) + (encoder + VAE bytes) / bandwidth + decode
+    steps × (step compute + streamed bytes / H2D bandwidth) + (encoder + VAE bytes) / bandwidth + decode
+Streamed blocks are copied when they run (one group offloading hook per block); copies of different blocks are not
+overlapped, so their time adds to the compute (measured on an H100: fine-grained per-layer streaming, which could
+overlap, spent more time in its per-layer hooks than the copies took).
 The reserves come from the plain-diffusers peaks measured on an H200 in the design notes (fp16, CFG, 20 steps):
 SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at 512; SDXL's fp32
 (upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
@@ -159,7 +162,7 @@ def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp
     if streamed:
         if not card.bandwidth:
             return None
-        step = max(step, streamed / card.bandwidth)
+        step += streamed / card.bandwidth
     seconds = work.steps * step + (card.decode_seconds or 0.0)
     if transfer_once:
         if not card.bandwidth:
@@ -184,10 +187,10 @@ def _peak(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, residen
     if strategy == "resident":
         return model.total - (model.denoiser - denoiser) + max(den_res, dec)
     if strategy == "offload encoders and VAE":
-        return max(enc_max + _ENCODE_ACTIVATIONS, denoiser + den_res, denoiser + model.vae + dec)
+        return max(denoiser + enc_max + _ENCODE_ACTIVATIONS, denoiser + den_res, denoiser + model.vae + dec)
     res_bytes = other + sum(blocks[n] for n in resident)
     return max(
-        enc_max + _ENCODE_ACTIVATIONS,
+        res_bytes + enc_max + _ENCODE_ACTIVATIONS,
         res_bytes + 2 * max((blocks[n] for n in streamed), default=0) + den_res,
         res_bytes + model.vae + dec,
     )
@@ -203,6 +206,7 @@ def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> t
 def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
     usable = budget * _USABLE
     enc_total = sum(model.encoders.values())
+    enc_max = max(model.encoders.values(), default=0)
     den_res = denoise_reserve(work)
     order = {b.name: i for i, b in enumerate(model.blocks)}
     for fp8 in (False, True):
@@ -229,7 +233,7 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
                 rest = streamed[1:]
                 buffer = 2 * max((b.nbytes for b in rest), default=0)
                 size = other + sum(b.nbytes for b in resident) + candidate.nbytes
-                if max(size + buffer + den_res, size + model.vae + dec) > usable:
+                if max(size + buffer + den_res, size + model.vae + dec, size + enc_max + _ENCODE_ACTIVATIONS) > usable:
                     break
                 resident.append(candidate)
                 streamed = rest

@@ -316,3 +316,36 @@ def test_cell_record_rows_for_gpu_and_cpu(dev):
     row = cpu.row()
     assert row[2].endswith("iB") and row[2] != "N/A"  # host RSS, not a GPU N/A
     assert row[6] == ""
+
+
+def test_collect_if_needed_skips_the_full_collection_when_memory_came_back(dev, collected):
+    """``collect="if_needed"``: the cache is cleared every time; ``gc.collect`` runs only when the block left more
+    GPU memory allocated than it found, or ended in an error."""
+    dev.allocate(GiB)
+    with MemoryMonitor(dev, collect="if_needed") as mon:
+        dev.allocate(GiB)
+        dev.release(GiB)
+    assert collected == [] and mon.report.cleanup == ("cuda_cache_clear",) and mon.report.freed == GiB
+    assert mon.report.cleanup_seconds is not None and mon.report.cleanup_seconds >= 0
+    with MemoryMonitor(dev, collect="if_needed") as mon:
+        dev.allocate(GiB)  # still held at the end (a cycle, say)
+    assert collected == [1] and mon.report.cleanup == ("gc_collect", "cuda_cache_clear")
+    with pytest.raises(RuntimeError), MemoryMonitor(dev, collect="if_needed"):
+        raise RuntimeError("boom")
+    assert collected == [1, 1]
+    with pytest.raises(ValueError, match="collect must be"):
+        MemoryMonitor(dev, collect="sometimes")
+
+
+def test_collect_if_needed_always_collects_without_memory_counters(collected):
+    with MemoryMonitor(CpuDevice(), collect="if_needed") as mon:
+        pass
+    assert collected == [1] and mon.report.cleanup == ("gc_collect",)
+
+
+def test_trim_host_heap_runs_on_linux():
+    import sys
+
+    from mlnb.monitor import trim_host_heap
+
+    assert trim_host_heap() is sys.platform.startswith("linux")

@@ -421,3 +421,17 @@ def test_other_errors_are_not_rescued(tiny_sd, monkeypatch):
     with pytest.raises(ValueError, match="scheduler exploded"):
         generate_with_rescue(managed, prompt="a fox", **FAST)
     assert cached_pipelines() == [managed]
+
+
+def test_step_times_are_recorded_only_for_an_unoffloaded_denoiser(tiny_sd, clean_cache):
+    """The planner's step time must be compute alone: runs that stream or offload the denoiser do not record one."""
+    import mlnb
+
+    none = mlnb.load_pipeline(tiny_sd, level="none")
+    assert none._denoiser_resident() == (True, True)
+    none.unload()
+    ultra = mlnb.load_pipeline(tiny_sd, level="ultra")
+    denoiser, vae = ultra._denoiser_resident()
+    # On a CPU nothing is offloaded, so nothing moves: only fp8 storage (if it ran) makes the steps slower.
+    assert denoiser is (not ultra.techniques.is_applied("fp8_storage") and not ultra.techniques.is_applied("group_offload"))
+    assert vae is False or denoiser

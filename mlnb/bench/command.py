@@ -25,7 +25,8 @@ from .worker import probe
 
 __all__ = ["main", "build_parser"]
 
-QUICK_RECIPES = "mlnb-auto,mlnb-plan"  # the uncapped diffusers-none baseline is always added
+# auto is the budget planner on CUDA; plain diffusers' best streaming set-up runs beside it under the same caps.
+QUICK_RECIPES = "mlnb-auto,diffusers-group-stream"  # the uncapped diffusers-none baseline is always added
 QUICK_CAPS = "sdxl:4,sdxl:15,sd15:2"
 FULL_CAPS = "sdxl:none,sdxl:4,sdxl:15,sd15:none,sd15:2"
 

@@ -11,8 +11,9 @@ Plain diffusers, as a user would write it:
 
 mlnb: ``mlnb-none``, ``mlnb-balanced``, ``mlnb-aggressive``, ``mlnb-ultra`` and ``mlnb-auto`` load the same folder
 with ``mlnb.load_pipeline(folder, level=...)`` and generate with ``ManagedPipeline.generate``, exactly as a notebook
-does; ``mlnb-plan`` loads it with ``budget=`` the free memory under the cap (the budget planner, whose predicted peak
-and time go into the row's detail). Every recipe loads the same saved folder, so loading is the same for all of them.
+does; ``mlnb-plan`` loads it with ``budget=`` the free memory under the cap. On a CUDA card ``auto`` is the budget
+planner for the free memory too, so the two differ only in how they are asked for; the plan's predicted peak and
+time go into the row. Every recipe loads the same saved folder, so loading is the same for all of them.
 """
 
 from __future__ import annotations
@@ -202,6 +203,7 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
         stats.update(
             step_seconds=result.step_seconds, decode_seconds=result.decode_seconds,
             predicted_peak=result.predicted_peak, predicted_seconds=result.predicted_seconds,
+            cleanup_seconds=result.memory.cleanup_seconds,
         )
         return result.images
 

@@ -155,7 +155,8 @@ TARGETS = (
         "sdxl-4gib-floor", "SDXL 1024² under a 4 GiB cap takes ≤ 1.2× the streaming floor",
         "sdxl", 1024, 4, floor_ratio=1.2, kind="floor",
     ),
-    Target("plan-budget", "the budget planner never exceeds its budget (peak reserved ≤ cap, no OOM)", kind="budget"),
+    Target("plan-budget", "the budget planner (mlnb-plan, or auto on CUDA) never exceeds its budget (peak reserved ≤ cap, "
+           "no OOM)", kind="budget"),
     Target("plan-peak", "the planner's predicted peak is within 10% of the measured peak allocated", kind="peak",
            tolerance=0.10),
     Target("plan-time", "the planner's predicted time is within 25% of the measured time", kind="time", tolerance=0.25),
@@ -217,12 +218,17 @@ def _judge_host(target: Target, rows: list[dict]) -> tuple[str, str]:
 
 
 def _plan_rows(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("recipe") == "mlnb-plan" and r.get("status") != "skipped"]
+    """Runs of the budget planner: ``mlnb-plan``, and ``mlnb-auto`` where auto made a plan (on CUDA)."""
+    return [
+        r for r in rows
+        if r.get("status") != "skipped"
+        and (r.get("recipe") == "mlnb-plan" or (r.get("recipe") == "mlnb-auto" and "plan for" in str(r.get("detail"))))
+    ]
 
 
 def _label(row: dict) -> str:
     cap = "no cap" if row.get("cap_bytes") is None else f"cap {format_gib(row['cap_bytes'], digits=0)} GiB"
-    return f"{row.get('model')} {cap}"
+    return f"{row.get('model')} {row.get('recipe')} {cap}"
 
 
 def _judge_budget(rows: list[dict]) -> tuple[str, str]:

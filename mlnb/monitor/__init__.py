@@ -2,6 +2,7 @@
 
 from .frames import clear_frames, function_frames, release_exception_frames
 from .history import CellHistory, CellRecord, cell_history
+from .host import trim_host_heap
 from .memory_monitor import MemoryMonitor, MemoryReport, cleanup
 
-__all__ = ["MemoryMonitor", "MemoryReport", "cleanup", "CellRecord", "CellHistory", "cell_history", "clear_frames", "function_frames", "release_exception_frames"]
+__all__ = ["MemoryMonitor", "MemoryReport", "cleanup", "CellRecord", "CellHistory", "cell_history", "clear_frames", "function_frames", "release_exception_frames", "trim_host_heap"]

@@ -12,6 +12,7 @@ import gc
 import html
 import logging
 import threading
+import time
 from dataclasses import dataclass
 
 from ..device import Device, MemorySnapshot, get_device, host_peak_rss
@@ -63,6 +64,7 @@ class MemoryReport:
     host_rss_end: int | None
     freed: int | None
     cleanup: tuple[str, ...] = ()
+    cleanup_seconds: float | None = None  # time the closing cleanup took (gc, cache clear)
     error: str | None = None  # the exception type that ended the block, if any
 
     @property
@@ -117,7 +119,10 @@ class MemoryMonitor:
 
     Args:
         device: the device to watch (default: :func:`mlnb.device.get_device`).
-        collect: run ``gc.collect()`` in the closing cleanup.
+        collect: run ``gc.collect()`` in the closing cleanup: ``True`` always; ``"if_needed"`` only when, after the
+            cache clear, more GPU memory is still allocated than at the start (a reference cycle may hold tensors);
+            a full collection of a process with torch and a pipeline loaded takes tens of milliseconds. On a device
+            without memory counters ``"if_needed"`` always collects.
         empty_cache: clear the CUDA caching allocator in the closing cleanup.
 
     Example:
@@ -129,7 +134,9 @@ class MemoryMonitor:
         ```
     """
 
-    def __init__(self, device: Device | None = None, collect: bool = True, empty_cache: bool = True) -> None:
+    def __init__(self, device: Device | None = None, collect: bool | str = True, empty_cache: bool = True) -> None:
+        if collect not in (True, False, "if_needed"):
+            raise ValueError(f"collect must be True, False or 'if_needed', got {collect!r}")
         self.device = device or get_device()
         self.collect = collect
         self.empty_cache = empty_cache
@@ -180,12 +187,22 @@ class MemoryMonitor:
                     outer._fold(at_exit)
         # Drop our reference to the traceback's frames before collecting, so the cleanup can free them.
         del exc, tb
-        steps = cleanup(dev, collect=self.collect, empty_cache=self.empty_cache)
-        end = dev.snapshot()
-        self.report = self._build_report(at_exit, end, steps, exc_type)
+        began = time.perf_counter()
+        if self.collect == "if_needed" and dev.has_memory_counters:
+            steps = cleanup(dev, collect=False, empty_cache=self.empty_cache)
+            start_allocated = self._start.allocated if self._start is not None else None
+            if exc_type is not None or (dev.snapshot().allocated or 0) > (start_allocated or 0):
+                steps = cleanup(dev, collect=True, empty_cache=self.empty_cache)
+        else:
+            steps = cleanup(dev, collect=bool(self.collect), empty_cache=self.empty_cache)
+        cleanup_seconds = time.perf_counter() - began
+        end = dev.snapshot() if steps else at_exit  # nothing ran: the state is the one just read
+        self.report = self._build_report(at_exit, end, steps, exc_type, cleanup_seconds)
         return False
 
-    def _build_report(self, at_exit: MemorySnapshot, end: MemorySnapshot, steps, exc_type) -> MemoryReport:
+    def _build_report(
+        self, at_exit: MemorySnapshot, end: MemorySnapshot, steps, exc_type, cleanup_seconds: float | None = None
+    ) -> MemoryReport:
         start = self._start
         assert start is not None
         gpu = self.device.has_memory_counters
@@ -217,6 +234,7 @@ class MemoryMonitor:
             host_rss_end=end.host_rss,
             freed=freed,
             cleanup=tuple(steps),
+            cleanup_seconds=cleanup_seconds,
             error=exc_type.__name__ if exc_type is not None else None,
         )
 

@@ -1,20 +1,28 @@
 """Applying a budget :class:`~mlnb.plan.Plan` to a pipeline: resident blocks on the GPU, the rest streamed.
 
-The pieces are diffusers' and accelerate's own hooks: ``apply_group_offloading`` (leaf level, on a CUDA stream from
+The pieces are diffusers' and accelerate's own hooks: ``apply_group_offloading`` (block level, on a CUDA stream from
 pinned memory) on each streamed denoiser block only, so only streamed weights are pinned; accelerate's
 ``cpu_offload_with_hook`` for the text encoders and the VAE (the VAE's ``decode`` triggers it through diffusers'
 ``apply_forward_hook``), chained so each leaves the GPU when the next model starts; ``enable_layerwise_casting``
 for fp8 storage. Everything else of the denoiser is moved to the GPU part by part, never whole, so a card smaller
 than the denoiser never holds it all at once.
+
+Order matters for host RAM: the kept part goes to the GPU first and the freed host memory is handed back to the OS,
+and only then are the streamed blocks pinned, so the process never holds the whole model twice.
+
+Block level, not leaf level: on an H100, SD1.5 with 10 blocks streamed leaf by leaf took 67 ms a step against 29 ms
+unoffloaded; the per-layer hooks cost more than the 570 MiB of copies (11 ms at 54 GB/s). One hook per block keeps
+the overhead to the copies.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
 
 from ..device import get_device
 from ..levels import OptimizationLevel, Technique
-from ..monitor import cleanup
+from ..monitor import cleanup, trim_host_heap
 from ..plan import Block, ModelFacts, Plan
 from ..units import MiB, format_bytes
 from .context import applied, denoiser_of, skipped
@@ -170,28 +178,34 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
                 module.to(device)
 
     streamed = set(plan.streamed)
+    _move_except(denoiser, "", streamed, device)
     if streamed:
         from diffusers.hooks import apply_group_offloading
 
+        gc.collect()
+        trim_host_heap()  # the kept part's host copy is gone: give it back before pinning the streamed part
         modules = dict(denoiser.named_modules())
         for name in plan.streamed:
             apply_group_offloading(
                 modules[name], onload_device=device, offload_device=torch.device("cpu"),
-                offload_type="leaf_level", use_stream=use_stream,
+                offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream,
             )
         moved = plan.streamed_bytes
         results[Technique.GROUP_OFFLOAD] = applied(
             Technique.GROUP_OFFLOAD,
-            f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed leaf-level"
+            f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed block by block"
             f"{' on a CUDA stream from pinned memory' if use_stream else ''}; {len(plan.resident)} blocks resident",
             f"stream {format_bytes(moved)}{'+stream' if use_stream else ''}, keep {len(plan.resident)} blocks",
         )
-    _move_except(denoiser, "", streamed, device)
 
     steps = cleanup(ctx_device, collect=True, empty_cache=True)
-    results[Technique.GC_COLLECT] = applied(Technique.GC_COLLECT, "ran after load; runs again after each generation")
+    results[Technique.GC_COLLECT] = applied(
+        Technique.GC_COLLECT, "ran after load; runs again on error and after a generation that left GPU memory held"
+    )
     if "cuda_cache_clear" in steps:
-        results[Technique.CUDA_CACHE_CLEAR] = applied(Technique.CUDA_CACHE_CLEAR, "ran after load; runs again after each generation")
+        results[Technique.CUDA_CACHE_CLEAR] = applied(
+            Technique.CUDA_CACHE_CLEAR, "ran after load; runs again after each generation"
+        )
     for tech in Technique:
         if tech not in results:
             results[tech] = skipped(tech, f"not needed by the {plan.strategy} plan for {format_bytes(plan.budget)}")

@@ -94,5 +94,7 @@ def _cleanup_result(tech: Technique, ctx: OptimizeContext, ran: bool, why_not: s
     if not getattr(ctx.config, tech.value):
         return not_requested(tech, ctx)
     if ran:
+        if tech is Technique.GC_COLLECT:
+            return applied(tech, "ran after load; runs again on unload, on error and after a generation that left GPU memory held")
         return applied(tech, "ran after load; runs again after each generation, on unload and on error")
     return skipped(tech, why_not)

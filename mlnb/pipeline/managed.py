@@ -257,7 +257,10 @@ class ManagedPipeline:
             guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
 
         config = self.config
-        monitor = MemoryMonitor(self.device, collect=config.gc_collect, empty_cache=config.cuda_cache_clear)
+        # A full gc.collect only when the cache clear left GPU memory held (a cycle); errors always collect.
+        monitor = MemoryMonitor(
+            self.device, collect="if_needed" if config.gc_collect else False, empty_cache=config.cuda_cache_clear
+        )
         try:
             with monitor:
                 start = time.perf_counter()
@@ -305,7 +308,7 @@ class ManagedPipeline:
         if self.plan is not None:
             resident = not self.plan.streamed and not self.plan.fp8
             return resident, resident and not self.plan.vae_tile and not self.plan.offload_encoders_vae
-        applied = {r.technique for r in self.techniques.applied()}
+        applied = {r.technique for r in self.techniques.applied}
         moving = {Technique.SEQUENTIAL_CPU_OFFLOAD, Technique.GROUP_OFFLOAD, Technique.FP8_STORAGE}
         vae_moving = {Technique.MODEL_CPU_OFFLOAD, Technique.VAE_TILING, Technique.VAE_SLICING}
         resident = not applied & moving
@@ -408,6 +411,19 @@ def load_pipeline(
         if budget_bytes is not None:
             plan, facts = _plan(pipe, budget_bytes, device, torch_dtype)
             choice = LevelChoice(plan_level(plan), f"plan for {format_bytes(budget_bytes)}: {plan.summary()}", auto=False)
+        elif requested is None and config is None and device.is_cuda:
+            # auto on a CUDA card: the budget planner, for the memory free now.
+            free = device.free_bytes()
+            try:
+                plan, facts = _plan(pipe, free, device, torch_dtype) if free else (None, None)
+            except InvalidArgumentError as exc:  # nothing fits what is free: the strongest fixed level
+                logger.warning("auto: %s; falling back to the level table", exc)
+            if plan is not None:
+                choice = LevelChoice(plan_level(plan), f"plan for the {format_bytes(free)} free: {plan.summary()}")
+            else:
+                w, h = _native_size(pipe)
+                reserve = activation_reserve(w, h, 1, vae_fp32=vae_needs_upcast(pipe))
+                choice = choose_level(free, weight_bytes(pipe), reserve)
         elif requested is None:
             w, h = _native_size(pipe)
             reserve = activation_reserve(w, h, 1, vae_fp32=vae_needs_upcast(pipe))
