@@ -241,3 +241,30 @@ def test_sdxl_fp16_with_force_upcast_runs_at_ultra(cuda, tiny_sdxl):
         assert result.memory.gpu and result.memory.peak_allocated > 0
     finally:
         managed.unload()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The budget planner under a real cap
+
+
+def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_sd):
+    """A budget that holds the reserve and about 40% of the UNet: the plan keeps part resident, streams the rest,
+    and the card (capped to the budget) never reserves more than the budget; the prediction is not below the
+    measured peak (at 256² the 0.5 GiB minimum reserve is generous)."""
+    budget = int((0.5 * GiB + 100 * MiB + 0.4 * mid_sd.unet_bytes) / 0.92)
+    unload_all(cuda)
+    cuda.set_memory_cap(budget)
+    try:
+        managed = mlnb.load_pipeline(mid_sd.folder, budget=budget, dtype="fp16", device=cuda)
+        plan = managed.plan
+        assert plan.strategy == "stream" and plan.streamed and plan.resident, plan
+        assert "+" in managed.weights_location()["unet"]  # part on the GPU, part on the CPU
+        managed.generate("warm-up", seed=0, steps=1, width=256, height=256)
+        result = managed.generate("a watercolor fox", seed=1, steps=4, width=256, height=256)
+        assert result.images[0].size == (256, 256)
+        assert result.memory.peak_reserved <= budget
+        assert result.predicted_peak >= result.memory.peak_allocated
+        assert "predicted" in result.report_line()
+    finally:
+        cuda.set_memory_cap(None)
+        unload_all(cuda)
