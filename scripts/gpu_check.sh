@@ -8,7 +8,7 @@
 # one log per worker), the GPU tests (`pytest -m gpu`, junit xml), and the per-cell hook overhead on CUDA
 # (scripts/bench_cell_hooks.py). The benchmark comes before the tests: it is the step whose numbers the docs need.
 # A failing step does not stop the next one; a summary with each step's status and time comes last, and the exit
-# status is 1 if any step failed. The step limits add up to 540 s, inside one 600 s device call.
+# status is 1 if any step failed. The step limits add up to 560 s, inside one 600 s device call.
 #
 # Environment:
 #   OUT                    where results go (default ./gpu-out); keep large files out of it
@@ -165,9 +165,9 @@ fi
 
 run_step environment 20 bash -c environment
 run_step install 40 bash -c install
-run_step doctor 30 bash -c "mlnb_cli doctor"
-run_step bench 280 bash -c bench
-run_step gpu-tests 140 bash -c gpu_tests
+run_step doctor 20 bash -c "mlnb_cli doctor"
+run_step bench 330 bash -c bench
+run_step gpu-tests 120 bash -c gpu_tests
 run_step cell-hooks 30 "$python" scripts/bench_cell_hooks.py --cells 1000 --json "$out/cell-hooks.json"
 cp "$MLNB_CACHE/cards.json" "$out/cards.json" 2>/dev/null || echo "no card facts were cached"
 
