@@ -151,6 +151,28 @@ def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     assert np.array_equal(run(pipe), reference)
 
 
+@pytest.mark.parametrize("max_block", [2_000, 50_000, 200_000])
+def test_every_streamable_block_is_called_by_its_forward(tiny_sdxl, max_block):
+    """Group offloading onloads a block when the block's forward is called. A unit that is never called (a
+    ModuleList, or attention's ``to_out`` list, indexed by its owner) would keep its weights on the CPU: on a GPU that
+    failed as "Input type (torch.cuda.HalfTensor) and weight type (torch.HalfTensor)". Every unit must run."""
+    from diffusers import DiffusionPipeline
+
+    from mlnb.optimizer.budget import _blocks, model_facts
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
+    units = dict(_blocks(pipe.unet, max_block))
+    assert [b.name for b in model_facts(pipe, max_block=max_block).blocks] == list(units)
+    assert not [n for n, m in units.items() if isinstance(m, torch.nn.ModuleList)]
+    called: set[str] = set()
+    for name, module in units.items():
+        module.register_forward_pre_hook(lambda mod, args, name=name: called.add(name))
+    pipe("a fox", num_inference_steps=1, width=64, height=64, generator=torch.Generator().manual_seed(0))
+    assert set(units) - called == set()
+    if max_block == 2_000:  # small enough that ModuleList items (resnets.0, to_out.0 ...) become units
+        assert any(".to_out.0" in n for n in units) and any(n.endswith("resnets.0") or ".resnets.0." in n for n in units)
+
+
 def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
     import mlnb
 

@@ -42,8 +42,13 @@ def _nbytes(module) -> int:
 
 
 def _split(name: str, module, max_block: int) -> list[tuple[str, object]]:
+    import torch
+
     children = list(module.named_children())
-    if _nbytes(module) <= max_block or not children:
+    # A ModuleList is never called (its owner calls the items, or indexes one, as attention does with to_out[0]):
+    # a hook on it would never onload its weights, so its items are the units, however small.
+    container = isinstance(module, torch.nn.ModuleList)
+    if not container and (_nbytes(module) <= max_block or not children):
         return [(name, module)]
     out = []
     for child_name, child in children:
