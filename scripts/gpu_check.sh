@@ -111,7 +111,13 @@ EOF
 
 environment() {
   date -u +"date: %Y-%m-%dT%H:%M:%SZ"
+  # The checkout's HEAD may not be what is on disk (a copied working tree): the tree hash names the files exactly;
+  # `git log --format='%h %T'` maps it back to a commit.
   echo "commit: $(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)"
+  local index
+  index=$(mktemp -u)
+  echo "tree of the files here: $(GIT_INDEX_FILE=$index git -C "$root" add -A 2>/dev/null && GIT_INDEX_FILE=$index git -C "$root" write-tree 2>/dev/null || echo unknown)"
+  rm -f "$index"
   if command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi
   else
