@@ -92,9 +92,11 @@ for level in LEVELS:
 # %% [markdown]
 # ## `auto`
 #
-# `auto` picks from free VRAM (decimal GB, as cards are sold): under 6 GB `ultra`, 6–8 GB `aggressive`, 8–12 GB
-# `balanced`, and above 12 GB `none` when the weights plus the activations fit in 90% of what is free, else
-# `balanced`. The choice is a pure function, so it can be asked about any card:
+# On a CUDA card, `auto` plans for the memory that is free when the model loads: the whole model on the GPU if it
+# fits, else as much as fits with the rest streamed (the budget planner, `docs/planner.md`). On a CPU, where nothing
+# can be offloaded, and when no plan fits, it is a table of free VRAM (decimal GB, as cards are sold): under 6 GB
+# `ultra`, 6–8 GB `aggressive`, 8–12 GB `balanced`, and above 12 GB `none` when the weights plus the activations fit
+# in 90% of what is free, else `balanced`. The table is a pure function, so it can be asked about any card:
 
 # %%
 from mlnb import choose_level

@@ -57,59 +57,59 @@ else:
     print("no CUDA GPU: the real-model cells below are skipped (each says so); the tiny model runs on the CPU")
 
 # %% [markdown]
-# ## What `auto` picks, and why
+# ## What `auto` plans, and why
 #
-# `auto` decides from free VRAM and the model's weight size plus the activations of one image at its native size
-# (SD1.5 512², SDXL 1024²; SDXL's VAE decodes in fp32 because its config says `force_upcast`). The weight sizes
-# below are computed from the public checkpoints' parameter counts at 2 bytes per parameter (fp16; a T4 has no
-# bf16). The choices are mlnb's rule applied to those sizes, **computed here, not measured**; they assume the whole
-# card is free.
+# On a CUDA card `auto` is the budget planner for the free VRAM: the whole model on the GPU when it fits with the
+# activations of one image at its native size (SD1.5 512², SDXL 1024²; SDXL's VAE decodes in fp32 because its
+# config says `force_upcast`), else as much of the UNet as fits with the rest streamed block by block. The plans below
+# are made for the public checkpoints' shapes, built on PyTorch's `meta` device (no memory, no download), with fp16
+# weights (a T4 has no bf16). They are **computed here, not measured**, and assume the whole card is free.
 
 # %%
-from mlnb import choose_level
-from mlnb.levels import activation_reserve
-from mlnb.units import GiB, format_bytes
+from mlnb.bench.models import build_arch_pipeline
+from mlnb.optimizer.budget import model_facts
+from mlnb.plan import Workload, plan_for_budget
+from mlnb.units import GiB
 
-PARAMS = {  # unet + vae + text encoder(s), from the public configs
-    "SD1.5": 859_520_964 + 83_653_863 + 123_060_480,
-    "SDXL": 2_567_463_684 + 83_653_863 + 123_060_480 + 694_659_840,
-}
-NATIVE = {"SD1.5": 512, "SDXL": 1024}
-for card, free in [("T4, 15 GiB", 15 * GiB), ("4 GiB card", 4 * GiB)]:
-    for name, params in PARAMS.items():
-        side = NATIVE[name]
-        reserve = activation_reserve(side, side, vae_fp32=(name == "SDXL"))
-        print(f"{card:<11} {name:<6} fp16 weights {format_bytes(2 * params)}: {choose_level(free, 2 * params, reserve)}")
+for name, side in [("sd15", 512), ("sdxl", 1024)]:
+    facts = model_facts(build_arch_pipeline(name, device="meta"))  # the real shapes, no weights
+    work = Workload(side, side, batch=1, steps=30, vae_fp32=(name == "sdxl"))
+    for card, budget in [("T4, 15 GiB", 15 * GiB), ("4 GiB card", 4 * GiB)]:
+        print(f"{card:<11} {name:<5} {plan_for_budget(budget, facts, work=work)}")
 
 # %% [markdown]
 # ## The settings
 #
 # | | Colab T4: 15 GiB VRAM, 12.7 GB RAM | 4 GB card |
 # |---|---|---|
-# | SD1.5, 512², 30 steps | `auto` → `none`: everything on the GPU | `auto` → `ultra`: group offload with streams, fp8 storage, VAE tiles |
-# | SDXL, 1024², 30 steps | `auto` → `none`; `balanced` (model offload) when other work shares the card | `ultra` if the host has the RAM for the pinned copy, else `aggressive` |
+# | SD1.5, 512², 30 steps | `auto`: everything on the GPU | `auto`: everything on the GPU |
+# | SDXL, 1024², 30 steps | `auto`: everything on the GPU; `balanced` (model offload) when other work shares the card | `auto`: the largest UNet blocks kept, the rest (about 2.5 GiB) streamed every step, VAE in 256 px tiles |
 #
 # Two things decide beyond VRAM:
 #
-# - **Host RAM.** Group offloading with streams (`ultra`) keeps the offloaded weights in pinned host memory; the
-#   diffusers docs put it at about 2× the model size. By that rule SDXL (6.5 GiB of fp16 weights) wants about
-#   13 GiB, more than Colab's 12.7 GB: on Colab do not run SDXL at `ultra`. `aggressive` offloads the same groups
-#   without streams and without the pinned copy: slower, no pinned RAM.
-# - **Speed.** Every offload trades time for memory. For plain diffusers 0.42.1 on an H200 (fp16, 20 steps, random
-#   weights; not mlnb's figures, see notebook 02), SDXL took 1.41 s with no offload, 5.09 s with model offload,
-#   5.74 s with leaf-level group offload and streams and 23.6 s with sequential offload. mlnb's own figures come
-#   from `mlnb bench` ([docs/benchmarks.md](https://github.com/mlnb-project/mlnb/blob/main/docs/benchmarks.md)).
+# - **Host RAM.** Streamed weights sit in pinned host memory. A plan pins only the blocks it streams (about 2.5 GiB
+#   of SDXL's 6.5 GiB on a 4 GB card) after the rest has gone to the GPU. The fixed level `ultra` streams the whole
+#   pipeline: plain diffusers' group offloading of SDXL peaked at 14.35 GiB of host RAM on an H100 machine (2.2× the
+#   fp16 weights; see `docs/benchmarks.md`), more than Colab's 12.7 GB, so on Colab do not run SDXL at `ultra`.
+#   `aggressive` offloads the same groups without streams and without the pinned copy: slower, no pinned RAM.
+# - **Speed.** Every offload trades time for memory. On one H100 (plain diffusers 0.42.1, fp16, 20 steps, random
+#   weights, `mlnb bench`, 2026-11-26; [docs/benchmarks.md](https://github.com/mlnb-project/mlnb/blob/main/docs/benchmarks.md)),
+#   SDXL took 1.83 s with no offload and 5.41 s with leaf-level group offload and streams under a 4 GiB cap; SD1.5
+#   0.68 s and 2.04 s under 2 GiB. mlnb's resident SDXL plan under a 15 GiB cap took 1.88 s. The streaming plans
+#   have not been timed on a GPU yet.
 #
 # No xformers on Colab: mlnb uses PyTorch's SDPA and says so in the report.
 
 # %% [markdown]
 # ## The 4 GB settings, on the model at hand
 #
-# The same `%%generate` a 4 GB card would run: `--level ultra`. On a CPU the offloads are skipped with their reason
-# (there is no GPU to offload from); with a real model on a GPU they run.
+# The same `%%generate` a 4 GB card would run, given its budget: `--vram 4GiB` (on the card itself `auto` plans for
+# what is free, which comes to the same). On a CPU the plan is computed and shown but not applied (there is no GPU
+# to place anything on); with a real model on a GPU it runs. The plan is printed as the pipeline loads. The fixed
+# levels remain: `--level ultra` streams every weight whatever the budget.
 
 # %%
-# %%generate --model {MODEL} --level ultra --width {SIZE} --height {SIZE} --steps {STEPS} --seed 7 --quiet --out small
+# %%generate --model {MODEL} --vram 4GiB --width {SIZE} --height {SIZE} --steps {STEPS} --seed 7 --quiet --out small
 a watercolor fox in a snowy forest
 
 # %%
@@ -121,7 +121,7 @@ small.techniques
 # %% [markdown]
 # ## SD1.5 on a T4
 #
-# `variant="fp16"` downloads the half-precision weights only. `auto` picks `none` on a T4.
+# `variant="fp16"` downloads the half-precision weights only. On a T4, `auto` keeps the whole model on the GPU.
 
 # %%
 if GPU:
@@ -151,8 +151,8 @@ else:
 # %% [markdown]
 # ## A 4 GB card, simulated on a bigger one
 #
-# `set_memory_cap` makes this process see a smaller card: torch refuses allocations past the cap, and `auto` sees
-# the capped free memory. SD1.5 then runs at `ultra`. (On Colab, keep SDXL out of `ultra`: see host RAM above.)
+# `set_memory_cap` makes this process see a smaller card: torch refuses allocations past the cap, and `auto` plans
+# for the capped free memory. SD1.5's 2 GiB of weights still fit whole in 4 GiB.
 
 # %%
 if GPU:
@@ -167,7 +167,7 @@ if GPU:
         mlnb.unload_all()
         get_device().set_memory_cap(None)
 else:
-    print("skipped: needs a CUDA GPU (caps it at 4 GiB, then runs SD1.5 at ultra)")
+    print("skipped: needs a CUDA GPU (caps it at 4 GiB, then plans and runs SD1.5)")
 
 # %% [markdown]
 # If a generation still runs out of memory, mlnb frees everything and retries once at the next stronger level; at

@@ -146,7 +146,8 @@ def build_arch_pipeline(name: str, device: str = "cpu", dtype=None, seed: int = 
 
     Args:
         name: ``"sd15"`` (StableDiffusionPipeline) or ``"sdxl"`` (StableDiffusionXLPipeline).
-        device: where the weights are allocated and initialised (``"cuda"`` is fastest).
+        device: where the weights are allocated and initialised (``"cuda"`` is fastest; ``"meta"`` gives the shapes
+            without memory, e.g. for :func:`mlnb.optimizer.budget.model_facts`).
         dtype: weights dtype (default fp16).
         seed: seed of the random weights.
 
@@ -176,7 +177,8 @@ def build_arch_pipeline(name: str, device: str = "cpu", dtype=None, seed: int = 
         text_encoder_2 = (
             CLIPTextModelWithProjection(_text_config(arch["text_encoder_2"], tokenizer)) if "text_encoder_2" in arch else None
         )
-    generator = torch.Generator(device=device).manual_seed(seed)
+    # On "meta" nothing is allocated or filled: the shapes alone (what the planner needs) in no memory.
+    generator = None if str(device) == "meta" else torch.Generator(device=device).manual_seed(seed)
     for module in (unet, vae, text_encoder, text_encoder_2):
         if module is not None:
             _materialize(module, device, dtype, generator)

@@ -252,6 +252,12 @@ class ManagedPipeline:
         kwargs.update(pipeline_kwargs)
         work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
         predicted_peak, predicted_seconds = self.predict(work)
+        if predicted_peak is not None and predicted_peak > self.plan.budget:
+            logger.warning(
+                "%d×%d ×%d is predicted to need %s, more than the %s plan (made for the native size); "
+                "a smaller size, or a new plan for this size, fits", width, height, num_images,
+                format_bytes(predicted_peak), format_bytes(self.plan.budget),
+            )
         if guidance is None:
             sig = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
             guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
