@@ -435,3 +435,30 @@ def test_step_times_are_recorded_only_for_an_unoffloaded_denoiser(tiny_sd, clean
     # On a CPU nothing is offloaded, so nothing moves: only fp8 storage (if it ran) makes the steps slower.
     assert denoiser is (not ultra.techniques.is_applied("fp8_storage") and not ultra.techniques.is_applied("group_offload"))
     assert vae is False or denoiser
+
+
+def test_oom_with_a_plan_retries_with_a_safer_plan(tiny_sd, oom_first, clean_cache):
+    """A planned pipeline that runs out of memory is retried with a plan for a quarter less budget (more streamed,
+    more margin), not at a fixed level; when even that fails the error names both plans."""
+    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
+    oom_first(1)
+    result = generate_with_rescue(managed, prompt="a fox", seed=1, **FAST)
+    assert result.plan is not None and result.plan.startswith("plan for 2.2 GiB")
+    assert result.notes == ("out of memory with the plan for 3.0 GiB",)
+    assert not managed.loaded and [m.tag for m in cached_pipelines()] == ["budget 2.2 GiB"]
+
+    again = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
+    oom_first(99)
+    with pytest.raises(OutOfMemoryRescueError, match="with the plan for 3.0 GiB and again with the plan for 2.2 GiB"):
+        generate_with_rescue(again, prompt="a fox", **FAST)
+
+
+def test_oom_with_a_plan_falls_back_to_ultra_when_no_smaller_plan_fits(tiny_sd, oom_first, clean_cache, monkeypatch):
+    from mlnb.pipeline import rescue
+
+    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
+    monkeypatch.setattr(rescue, "SAFER_PLAN_FACTOR", 1e-6)  # a budget of a few KiB: nothing fits
+    tried = oom_first(1)
+    result = generate_with_rescue(managed, prompt="a fox", seed=1, **FAST)
+    assert tried[-1] is L.ULTRA and result.level is L.ULTRA
+    assert result.notes == ("out of memory with the plan for 3.0 GiB",)

@@ -1,4 +1,8 @@
-"""The OOM rescue: on a GPU out-of-memory error, free everything and retry once at the next stronger level."""
+"""The OOM rescue: on a GPU out-of-memory error, free everything and retry once at the next stronger level.
+
+A pipeline placed by a budget plan retries with a safer plan instead: the same budget less a quarter, so more of the
+denoiser is streamed and the margin grows; when no plan fits that, at ``ultra``.
+"""
 
 from __future__ import annotations
 
@@ -6,8 +10,8 @@ import dataclasses
 import logging
 
 from ..device import Device
-from ..errors import OutOfMemoryRescueError
-from ..levels import stronger_level
+from ..errors import InvalidArgumentError, OutOfMemoryRescueError
+from ..levels import OptimizationLevel, stronger_level
 from ..monitor import cleanup, release_exception_frames
 from ..units import format_bytes
 from .managed import ManagedPipeline, load_pipeline, remember
@@ -15,7 +19,9 @@ from .result import GenerationResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["generate_with_rescue"]
+__all__ = ["generate_with_rescue", "SAFER_PLAN_FACTOR"]
+
+SAFER_PLAN_FACTOR = 0.75  # a plan that ran out of memory is retried with this share of its budget
 
 
 def _fits_hint(width: int, height: int, num_images: int, device: Device) -> str:
@@ -50,17 +56,22 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
     height = generate_kwargs.get("height") or managed.default_size()[1]
     num_images = generate_kwargs.get("num_images", 1)
     hint = _fits_hint(width, height, num_images, device)
-    stronger = stronger_level(managed.level)
-    if stronger is None:
-        raise OutOfMemoryRescueError(
-            f"out of GPU memory at level ultra for {width}×{height} ×{num_images}; {hint}"
-        ) from None
-    logger.warning("out of memory at level %s (%s); retrying at %s", managed.level.value, first_error, stronger.value)
     rescued_from = managed.level
-    retry = load_pipeline(
-        managed.model, level=stronger, dtype=managed.dtype, device=device,
-        **managed.load_kwargs,
-    )
+    if managed.plan is not None:
+        retry, tried, again = _safer_plan(managed, first_error)
+    else:
+        stronger = stronger_level(managed.level)
+        if stronger is None:
+            raise OutOfMemoryRescueError(
+                f"out of GPU memory at level ultra for {width}×{height} ×{num_images}; {hint}"
+            ) from None
+        logger.warning("out of memory at level %s (%s); retrying at %s", managed.level.value, first_error, stronger.value)
+        retry = load_pipeline(
+            managed.model, level=stronger, dtype=managed.dtype, device=device,
+            **managed.load_kwargs,
+        )
+        tried, again = f"level {rescued_from.value}", stronger.value
+    note = f"out of memory {_at(tried)}" if managed.plan is not None else f"out of memory at {rescued_from.value}"
     try:
         result = retry.generate(**generate_kwargs)
     except BaseException as exc:
@@ -70,9 +81,28 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
         del exc
         cleanup(device)
         raise OutOfMemoryRescueError(
-            f"out of GPU memory at level {rescued_from.value} and again at {stronger.value} for "
-            f"{width}×{height} ×{num_images}; {hint}"
+            f"out of GPU memory {_at(tried)} and again {_at(again)} for {width}×{height} ×{num_images}; {hint}"
         ) from None
-    result = dataclasses.replace(result, rescued_from=rescued_from, notes=(f"out of memory at {rescued_from.value}",))
+    result = dataclasses.replace(result, rescued_from=rescued_from, notes=(note,))
     remember(result)
     return result
+
+
+def _at(what: str) -> str:
+    return f"with the {what}" if what.startswith("plan") else f"at {what}"
+
+
+def _safer_plan(managed: ManagedPipeline, first_error: str) -> tuple[ManagedPipeline, str, str]:
+    """Reload ``managed`` with a plan for a quarter less budget, or at ultra when none fits that."""
+    budget = managed.plan.budget
+    safer = int(budget * SAFER_PLAN_FACTOR)
+    tried = f"plan for {format_bytes(budget)}"
+    kwargs = dict(dtype=managed.dtype, device=managed.device, **managed.load_kwargs)
+    try:
+        retry = load_pipeline(managed.model, budget=safer, **kwargs)
+        again = f"plan for {format_bytes(safer)}"
+    except InvalidArgumentError:  # nothing fits the smaller budget: stream everything
+        retry = load_pipeline(managed.model, level=OptimizationLevel.ULTRA, **kwargs)
+        again = "ultra"
+    logger.warning("out of memory with the %s (%s); retrying with the %s", tried, first_error, again)
+    return retry, tried, again
