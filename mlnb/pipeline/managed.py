@@ -136,7 +136,7 @@ class ManagedPipeline:
         self.device = device
         self.load_kwargs = load_kwargs
         self.weight_bytes = weight_bytes(pipe) if pipe is not None else 0
-        self.model_key = model_key(pipe, dtype) if pipe is not None else None
+        self.model_key = _model_key(pipe, dtype)
 
     @property
     def level(self) -> OptimizationLevel:
@@ -472,6 +472,16 @@ def load_pipeline(
     return managed
 
 
+def _model_key(pipe, dtype) -> str | None:
+    """The step-timing cache key, or ``None`` for a pipeline without a UNet or transformer (nothing to time)."""
+    if pipe is None:
+        return None
+    try:
+        return model_key(pipe, dtype)
+    except ValueError:
+        return None
+
+
 def _budget_tag(budget: int) -> str:
     return f"budget {format_bytes(budget)}"
 
@@ -480,10 +490,10 @@ def _plan(pipe, budget: int, device: Device, dtype) -> tuple[Plan, ModelFacts]:
     """The budget plan for ``pipe`` at its native size (30 steps); a budget nothing fits is a one-line error."""
     w, h = _native_size(pipe)
     work = Workload(w, h, 1, steps=30, vae_fp32=vae_needs_upcast(pipe))
-    facts = model_facts(pipe)
     try:
+        facts = model_facts(pipe)
         plan = plan_for_budget(budget, facts, card_facts(device, model_key(pipe, dtype), work), work)
-    except BudgetError as exc:
+    except (BudgetError, ValueError) as exc:  # nothing fits, or no UNet/transformer to plan for
         raise InvalidArgumentError(str(exc)) from None
     logger.warning("%s", plan)
     return plan, facts
