@@ -190,3 +190,30 @@ def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
         mlnb.load_pipeline(tiny_sd, budget="1MiB")
     with pytest.raises(mlnb.errors.InvalidArgumentError, match="budget: cannot read size"):
         mlnb.load_pipeline(tiny_sd, budget="plenty")
+
+
+def test_blocking_onloads_reaches_every_group_of_a_streamed_unit(tiny_sdxl):
+    """On CUDA a streamed unit's groups must copy before they compute (see blocking_onloads); here the hook lookup
+    is checked on the diffusers version installed: every group of a block-level unit is found and made blocking."""
+    from diffusers import DiffusionPipeline
+    from diffusers.hooks import apply_group_offloading
+
+    from mlnb.optimizer.budget import blocking_onloads
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
+    unit = pipe.unet.down_blocks[1]  # only ModuleLists inside: attentions, resnets, downsamplers
+    try:
+        apply_group_offloading(
+            unit, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
+        )
+    except AttributeError as exc:  # diffusers 0.39 on a CPU host (its source has the same hook and group names)
+        pytest.skip(f"this diffusers' group offloading needs an accelerator ({exc})")
+    groups = []
+    for module in unit.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        if hook is not None:
+            hook.group.non_blocking = True
+            groups.append(hook.group)
+    assert len(groups) == len(unit.attentions) + len(unit.resnets) + len(unit.downsamplers or [])
+    assert blocking_onloads(unit) == len(groups) and not any(g.non_blocking for g in groups)

@@ -32,7 +32,7 @@ from .vae import set_vae_tiles
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["model_facts", "model_key", "apply_plan", "plan_level"]
+__all__ = ["model_facts", "model_key", "apply_plan", "plan_level", "blocking_onloads"]
 
 _MAX_BLOCK = 256 * MiB  # blocks larger than this are split into their children: a finer double buffer
 
@@ -92,6 +92,26 @@ def model_facts(pipe, max_block: int = _MAX_BLOCK) -> ModelFacts:
         denoiser_other=_nbytes(denoiser) - sum(b.nbytes for b in blocks),
         bytes_per_param=bytes_per_param,
     )
+
+
+def blocking_onloads(unit) -> int:
+    """Make the group-offload copies of ``unit`` complete before its forward computes; returns the groups changed.
+
+    With a stream, diffusers copies a group asynchronously and relies on its prefetch chain, which a lazy hook on the
+    offloaded module builds after the first forward, to make compute wait for the copy. A unit made only of
+    ``ModuleList``s (a UNet down block, say) gets no such hook, so its groups would copy asynchronously and compute at
+    once: a race on the weights. Blocking copies (still from pinned memory, on the stream) close it; where the lazy
+    hook does exist, it turns prefetching back on after the first forward as usual.
+    """
+    changed = 0
+    for module in unit.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        hook = registry.get_hook("group_offloading") if registry is not None else None
+        group = getattr(hook, "group", None)
+        if group is not None and hasattr(group, "non_blocking"):
+            group.non_blocking = False
+            changed += 1
+    return changed
 
 
 def model_key(pipe, dtype) -> str:
@@ -195,6 +215,8 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
                 modules[name], onload_device=device, offload_device=torch.device("cpu"),
                 offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream,
             )
+            if use_stream and not blocking_onloads(modules[name]):
+                logger.warning("%s: no group-offload hooks found to make its copies blocking", name)
         moved = plan.streamed_bytes
         results[Technique.GROUP_OFFLOAD] = applied(
             Technique.GROUP_OFFLOAD,
