@@ -44,7 +44,7 @@ def doctor_report() -> list[tuple[str, str]]:
         rows.append(("nvidia-ml-py", "not installed"))
 
     from .device import get_device
-    from .levels import choose_level
+    from .levels import describe_auto
     from .units import format_bytes
 
     info = get_device().info()
@@ -56,7 +56,7 @@ def doctor_report() -> list[tuple[str, str]]:
     else:
         rows.append(("GPU", "none (CPU only)"))
     rows.append(("host RAM", f"{format_bytes(info.host_available_bytes)} available / {format_bytes(info.host_total_bytes)}"))
-    rows.append(("auto level", str(choose_level(info.free_bytes))))
+    rows.append(("auto level", describe_auto(info.free_bytes, info.kind == "cuda")))
     rows += [("warning", w) for w in _known_bad(rows)]
     return rows
 

@@ -31,6 +31,7 @@ __all__ = [
     "stronger_level",
     "activation_reserve",
     "choose_vae_tile",
+    "describe_auto",
 ]
 
 AUTO = "auto"
@@ -270,3 +271,18 @@ def choose_vae_tile(free_bytes: int | None, vae_sample_size: int | None, level: 
     if vae_sample_size:
         tile = min(tile, int(vae_sample_size))
     return max(64, tile - tile % 8)
+
+
+def describe_auto(free_bytes: int | None, plans: bool) -> str:
+    """What ``auto`` does on this device, for the banner, ``mlnb doctor`` and ``%vram``.
+
+    Args:
+        free_bytes: free VRAM now (``None`` without a GPU).
+        plans: the device is a CUDA card, where ``auto`` is the budget planner for the memory free when a model loads;
+            elsewhere it is :func:`choose_level`'s table.
+    """
+    choice = choose_level(free_bytes)
+    if not plans:
+        return str(choice)
+    return f"plan for the free VRAM when a model loads ({format_bytes(free_bytes)} now; table without a model: {choice.level.value})"
+

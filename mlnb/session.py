@@ -11,7 +11,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .device import Device, DeviceInfo, get_device
-from .levels import AUTO, LevelChoice, choose_level, parse_level
+from .levels import AUTO, LevelChoice, choose_level, describe_auto, parse_level
 from .units import format_bytes
 
 __all__ = ["SessionDefaults", "defaults", "default_model", "Status", "status", "FreeReport", "free_memory"]
@@ -81,7 +81,7 @@ class Status:
                 ("torch allocated / reserved", f"{format_bytes(i.allocated_bytes)} / {format_bytes(i.reserved_bytes)}"),
             ]
         rows.append(("host RAM available / total", f"{format_bytes(i.host_available_bytes)} / {format_bytes(i.host_total_bytes)}"))
-        rows.append(("auto level", str(self.auto)))
+        rows.append(("auto level", describe_auto(self.info.free_bytes, self.info.kind == "cuda")))
         rows.append(("default level", self.default_level))
         if not self.pipelines:
             rows.append(("pipelines", "none loaded"))

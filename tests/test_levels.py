@@ -276,3 +276,12 @@ def test_activation_reserve_matches_the_measured_figures_and_scales():
     assert activation_reserve(2048, 1024) == int(2 * 0.76 * GiB)
     assert activation_reserve(1024, 1024, vae_fp32=True) == int(0.76 * GiB + 4.3 * GiB)
     assert activation_reserve(1024, 1024, vae_fp32=True) > activation_reserve(1024, 1024)
+
+
+def test_describe_auto_says_plan_on_cuda_and_the_table_elsewhere():
+    from mlnb.levels import describe_auto
+
+    assert describe_auto(None, plans=False) == str(choose_level(None))
+    assert describe_auto(4 * GB, plans=False).startswith("ultra")
+    text = describe_auto(4 * GB, plans=True)
+    assert text.startswith("plan for the free VRAM when a model loads (3.7 GiB now") and "table without a model: ultra" in text

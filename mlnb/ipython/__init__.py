@@ -28,7 +28,7 @@ def banner() -> str:
     """The one line printed on load: version, device, VRAM free/total, the level auto would pick."""
     from .. import __version__
     from ..device import get_device
-    from ..levels import choose_level
+    from ..levels import describe_auto
     from ..units import format_bytes
 
     info = get_device().info()
@@ -36,7 +36,7 @@ def banner() -> str:
         where = f"{info.name} · VRAM {format_bytes(info.free_bytes)} free / {format_bytes(info.total_bytes)}"
     else:
         where = info.name
-    return f"mlnb {__version__} · {where} · auto level {choose_level(info.free_bytes)}"
+    return f"mlnb {__version__} · {where} · auto level {describe_auto(info.free_bytes, info.kind == 'cuda')}"
 
 
 def load_ipython_extension(ipython) -> None:
