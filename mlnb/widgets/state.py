@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ..device import DeviceInfo
-from ..levels import AUTO, choose_level
+from ..levels import AUTO, describe_auto
 from ..monitor.history import CellHistory, CellRecord
 from ..units import format_bytes
 
@@ -140,7 +140,7 @@ def gauge_state(info: DeviceInfo, default_level: str = AUTO, pipelines: Sequence
     host = Gauge("host RAM used", host_used, info.host_total_bytes, "" if host_used is not None else "psutil unavailable")
 
     if default_level == AUTO:
-        level = f"auto, now {choose_level(info.free_bytes)}"
+        level = f"auto, now {describe_auto(info.free_bytes, info.kind == 'cuda')}"
     else:
         level = f"{default_level} (set by the user)"
     loaded = ", ".join(f"{_short_model(model)} at {lvl}" for model, lvl in pipelines) or "none"
