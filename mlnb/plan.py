@@ -1,9 +1,8 @@
 """The budget planner: a VRAM budget in, the fastest placement that fits out (pure; no torch).
 
 A plan keeps as much of the denoiser resident on the GPU as fits beside the activation reserve and streams the rest
-block by block with group offloading on a CUDA stream (the next block's weights are copied while the current one
-computes). Text encoders and the VAE are moved onto the GPU only while they run, so they never add to the
-denoiser's peak. VAE tiling and fp8 storage are chosen only when they are needed to fit or make the plan faster.
+block by block with group offloading from pinned memory, each block copied when it runs. Text encoders and the VAE
+are moved onto the GPU only while they run, so they never add to the denoiser's peak. VAE tiling and fp8 storage are chosen only when they are needed to fit or make the plan faster.
 
 Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU (other + resident blocks):
     denoise peak = kept + 2 × largest streamed block + denoise reserve
@@ -206,8 +205,6 @@ def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> t
 def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
     usable = budget * _USABLE
     enc_total = sum(model.encoders.values())
-    enc_max = max(model.encoders.values(), default=0)
-    den_res = denoise_reserve(work)
     order = {b.name: i for i, b in enumerate(model.blocks)}
     for fp8 in (False, True):
         sizes, other, denoiser = _scaled(model, fp8)
@@ -216,7 +213,6 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
         for tile in (None, 768, 512, 256):
             if tile is not None and tile >= max(work.width, work.height):
                 continue
-            dec = decode_reserve(work, tile)
             # Everything resident.
             yield Plan(budget, "resident", every, (), False, fp8, tile,
                        _peak("resident", model, fp8, tile, every, (), work), _time(card, work, 0, 0, fp8), 0)
@@ -229,14 +225,11 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
             resident: list[Block] = []
             streamed = sorted(blocks, key=lambda b: b.nbytes, reverse=True)
             while streamed:
-                candidate = streamed[0]
-                rest = streamed[1:]
-                buffer = 2 * max((b.nbytes for b in rest), default=0)
-                size = other + sum(b.nbytes for b in resident) + candidate.nbytes
-                if max(size + buffer + den_res, size + model.vae + dec, size + enc_max + _ENCODE_ACTIVATIONS) > usable:
+                kept = [b.name for b in resident] + [streamed[0].name]
+                if _peak("stream", model, fp8, tile, kept, [b.name for b in streamed[1:]], work) > usable:
                     break
-                resident.append(candidate)
-                streamed = rest
+                resident.append(streamed[0])
+                streamed = streamed[1:]
             if not streamed:
                 continue  # nothing to stream: the plan above covers it
             kept = tuple(sorted((b.name for b in resident), key=order.get))
