@@ -73,3 +73,14 @@ def test_an_unreadable_cache_is_treated_as_empty(cache):
     assert card_facts(device, KEY, Workload()).step_seconds is None
     record_timing(device, KEY, Workload(), 0.05, None)
     assert card_facts(device, KEY, Workload()).step_seconds == 0.05
+
+
+def test_step_timer_callback_marks_then_hands_on_the_step():
+    ticks = iter([1.0, 1.5])
+    timer = StepTimer(lambda: None, clock=lambda: next(ticks))
+    seen = []
+    callback = timer.callback(seen.append)
+    kwargs = {"latents": object()}
+    assert callback(None, 0, 999, kwargs) is kwargs and callback(None, 1, 998, kwargs) is kwargs
+    assert seen == [0, 1] and timer.step_seconds == pytest.approx(0.5)
+    assert StepTimer(lambda: None, clock=lambda: 0.0).callback()(None, 0, 1, kwargs) is kwargs

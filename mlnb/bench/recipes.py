@@ -162,15 +162,10 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
 
     def generate():
         timer = StepTimer(device.synchronize)
-
-        def on_step_end(pipe, step, timestep, callback_kwargs):
-            timer.mark()
-            return callback_kwargs
-
         images = pipe(
             prompt=call["prompt"], num_inference_steps=call["steps"], width=call["width"], height=call["height"],
             generator=torch.Generator(device="cpu").manual_seed(call["seed"]), output_type="pil",
-            callback_on_step_end=on_step_end,
+            callback_on_step_end=timer.callback(),
         ).images
         timer.finish()
         stats.update(step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds)

@@ -175,14 +175,18 @@ def _pick(candidates: list[dict]) -> dict | None:
     return candidates[0] if candidates else None
 
 
-def _judge_ratio(target: Target, rows: list[dict]) -> tuple[str, str]:
+def _target_row(target: Target, rows: list[dict]) -> dict | None:
+    """The mlnb run a model/size/cap target is judged on (see :func:`_pick`)."""
     cap = int(target.cap_gib * GiB)
-    candidates = [
+    return _pick([
         r for r in rows
         if r.get("model") == target.model and r.get("width") == target.size and r.get("height") == target.size
         and r.get("cap_bytes") == cap and str(r.get("recipe", "")).startswith("mlnb-")
-    ]
-    row = _pick(candidates)
+    ])
+
+
+def _judge_ratio(target: Target, rows: list[dict]) -> tuple[str, str]:
+    row = _target_row(target, rows)
     if row is None:
         return "not measured", f"no mlnb run of {target.model} {target.size}² under a {target.cap_gib:g} GiB cap"
     name = row["recipe"] + (f" ({row['level']})" if row.get("level") and row["recipe"] == "mlnb-auto" else "")
@@ -234,7 +238,7 @@ def _label(row: dict) -> str:
 def _judge_budget(rows: list[dict]) -> tuple[str, str]:
     runs = [r for r in _plan_rows(rows) if r.get("cap_bytes")]
     if not runs:
-        return "not measured", "no mlnb-plan run under a cap"
+        return "not measured", "no planner run (mlnb-plan, or mlnb-auto on CUDA) under a cap"
     bad = []
     for row in runs:
         if row.get("status") == "OOM":
@@ -253,7 +257,7 @@ def _judge_prediction(target: Target, rows: list[dict]) -> tuple[str, str]:
     pairs = [(r, r.get(field), r.get(measured_field)) for r in runs]
     known = [(r, p, m) for r, p, m in pairs if p and m]
     if not known:
-        why = "no mlnb-plan run finished" if not runs else f"no mlnb-plan run has a {field.replace('_', ' ')}"
+        why = "no planner run finished" if not runs else f"no planner run has a {field.replace('_', ' ')}"
         return "not measured", why
     errors = [(r, p / m - 1) for r, p, m in known]
     worst = max(errors, key=lambda e: abs(e[1]))
@@ -265,13 +269,7 @@ def _judge_prediction(target: Target, rows: list[dict]) -> tuple[str, str]:
 
 
 def _judge_floor(target: Target, rows: list[dict]) -> tuple[str, str]:
-    cap = int(target.cap_gib * GiB)
-    candidates = [
-        r for r in rows
-        if r.get("model") == target.model and r.get("width") == target.size and r.get("cap_bytes") == cap
-        and str(r.get("recipe", "")).startswith("mlnb-")
-    ]
-    row = _pick(candidates)
+    row = _target_row(target, rows)
     if row is None or row.get("status") != "ok":
         return "not measured", f"no finished mlnb run of {target.model} {target.size}² under {target.cap_gib:g} GiB"
     if not row.get("floor_seconds"):

@@ -241,14 +241,8 @@ class ManagedPipeline:
             raise UnsupportedPipelineError(f"{type(self.pipe).__name__} makes one image per call")
         timer = StepTimer(self.device.synchronize)
         if "callback_on_step_end" in accepted and "callback_on_step_end" not in pipeline_kwargs:
-
-            def on_step_end(pipe, step, timestep, callback_kwargs):
-                timer.mark()
-                if progress is not None:
-                    progress(step + 1, steps)
-                return callback_kwargs
-
-            kwargs["callback_on_step_end"] = on_step_end
+            after = (lambda step: progress(step + 1, steps)) if progress is not None else None
+            kwargs["callback_on_step_end"] = timer.callback(after)
         kwargs.update(pipeline_kwargs)
         work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
         predicted_peak, predicted_seconds = self.predict(work)

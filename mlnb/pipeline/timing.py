@@ -24,7 +24,7 @@ class StepTimer:
     Example:
         ```python
         >>> timer = StepTimer(device.synchronize)
-        >>> pipe(prompt, callback_on_step_end=lambda p, i, t, kw: (timer.mark(), kw)[1])
+        >>> pipe(prompt, callback_on_step_end=timer.callback())
         >>> timer.finish()
         >>> timer.step_seconds, timer.decode_seconds
         ```
@@ -40,6 +40,17 @@ class StepTimer:
         """Call at the end of every denoising step."""
         self._sync()
         self.marks.append(self._clock())
+
+    def callback(self, after_step: Callable[[int], None] | None = None):
+        """A diffusers ``callback_on_step_end`` that marks each step, then calls ``after_step(step_index)``."""
+
+        def on_step_end(pipe, step, timestep, callback_kwargs):
+            self.mark()
+            if after_step is not None:
+                after_step(step)
+            return callback_kwargs
+
+        return on_step_end
 
     def finish(self) -> None:
         """Call when the pipeline has returned its images."""
