@@ -120,9 +120,9 @@ class MemoryMonitor:
     Args:
         device: the device to watch (default: :func:`mlnb.device.get_device`).
         collect: run ``gc.collect()`` in the closing cleanup: ``True`` always; ``"if_needed"`` only when, after the
-            cache clear, more GPU memory is still allocated than at the start (a reference cycle may hold tensors);
-            a full collection of a process with torch and a pipeline loaded takes tens of milliseconds. On a device
-            without memory counters ``"if_needed"`` always collects.
+            cache clear, more GPU memory is still allocated than at the start (a reference cycle may hold tensors),
+            or the block raised; a full collection scans every object of a process that has torch and a pipeline
+            loaded. On a device without memory counters ``"if_needed"`` always collects.
         empty_cache: clear the CUDA caching allocator in the closing cleanup.
 
     Example:
@@ -188,12 +188,12 @@ class MemoryMonitor:
         # Drop our reference to the traceback's frames before collecting, so the cleanup can free them.
         del exc, tb
         began = time.perf_counter()
-        if self.collect == "if_needed" and dev.has_memory_counters:
+        if self.collect == "if_needed" and dev.has_memory_counters and exc_type is None:
             steps = cleanup(dev, collect=False, empty_cache=self.empty_cache)
             start_allocated = self._start.allocated if self._start is not None else None
-            if exc_type is not None or (dev.snapshot().allocated or 0) > (start_allocated or 0):
+            if (dev.snapshot().allocated or 0) > (start_allocated or 0):  # still held: a cycle may be holding it
                 steps = cleanup(dev, collect=True, empty_cache=self.empty_cache)
-        else:
+        else:  # True, False, or "if_needed" after an error or without memory counters (collects)
             steps = cleanup(dev, collect=bool(self.collect), empty_cache=self.empty_cache)
         cleanup_seconds = time.perf_counter() - began
         end = dev.snapshot() if steps else at_exit  # nothing ran: the state is the one just read
