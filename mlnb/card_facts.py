@@ -3,13 +3,15 @@
 ``$MLNB_CACHE/cards.json`` (default ``~/.cache/mlnb``) holds, per card name:
 
 - ``bandwidth``: the pinned host-to-device copy rate, measured the first time a plan is made on the card (~0.1 s);
-- ``timings``: per model (``"UNet2DConditionModel-2567463684-float16"``) and workload (``"1024x1024x1"``), the seconds
-  of one denoising step and of the decode, recorded after every generation whose denoiser was fully resident on
-  the GPU (so the step time is compute alone, with no weights streamed). ``mlnb bench`` records them with its
-  uncapped baseline run; a notebook records them the first time the model runs unoffloaded on the card.
+- ``measured``: per model (``"UNet2DConditionModel-2567463684-float16"``) and workload (``"1024x1024x1"``), what a
+  generation with everything resident on the GPU measured: the seconds of one denoising step and of the decode,
+  and the activation bytes above the weights during the denoising loop and during the (untiled) decode. They are
+  recorded after every such generation (so the step time is compute alone, with no weights streamed); ``mlnb
+  bench`` records them with its uncapped baseline run, a notebook the first time the model runs unoffloaded.
 
-Until a model has a timing on the card the planner predicts memory but not time. A timing measured at another
-size is scaled by the pixel count (denoiser compute grows about linearly with pixels at these sizes) and says so.
+Until a model has been measured on the card, the planner predicts time as unknown and uses the activation reserves
+derived from the design notes' anchors. A measurement at another size is scaled by the pixel count (compute and
+activations grow about linearly with pixels at these sizes).
 """
 
 from __future__ import annotations
@@ -24,7 +26,10 @@ from .plan import CardFacts, Workload
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["card_facts", "cache_path", "record_timing", "workload_key"]
+__all__ = ["card_facts", "cache_path", "record_measured", "workload_key", "MEASURED_FIELDS"]
+
+# What a resident generation records, and whether each scales with the pixel count when used at another size.
+MEASURED_FIELDS = ("step_seconds", "decode_seconds", "denoise_reserve", "decode_reserve")
 
 
 def cache_path() -> Path:
@@ -59,24 +64,26 @@ def _pixels(key: str) -> int:
     return w * h * b
 
 
-def _timing(entry: dict, model: str | None, work: Workload | None) -> tuple[float | None, float | None]:
-    """Step and decode seconds for ``model`` at ``work``: measured there, else scaled from the nearest size."""
+def _measured(entry: dict, model: str | None, work: Workload | None) -> dict:
+    """The measured fields for ``model`` at ``work``: measured there, else scaled from the nearest size."""
     if model is None or work is None:
-        return None, None
-    measured = entry.get("timings", {}).get(model, {})
+        return {}
+    measured = entry.get("measured", {}).get(model, {})
     if not measured:
-        return None, None
+        return {}
     key = workload_key(work)
     if key in measured:
-        found = measured[key]
-        return found.get("step_seconds"), found.get("decode_seconds")
+        return {k: v for k, v in measured[key].items() if k in MEASURED_FIELDS}
     want = work.width * work.height * work.batch
     nearest = min(measured, key=lambda k: abs(_pixels(k) - want))
     scale = want / _pixels(nearest)
-    found = measured[nearest]
-    logger.debug("timing of %s at %s scaled ×%.2f from %s", model, key, scale, nearest)
-    step, decode = found.get("step_seconds"), found.get("decode_seconds")
-    return (step * scale if step else None), (decode * scale if decode else None)
+    logger.debug("measurements of %s at %s scaled ×%.2f from %s", model, key, scale, nearest)
+    found = {}
+    for name in MEASURED_FIELDS:
+        value = measured[nearest].get(name)
+        if value:
+            found[name] = int(value * scale) if name.endswith("reserve") else value * scale
+    return found
 
 
 def card_facts(device: Device, model: str | None = None, work: Workload | None = None, measure: bool = True) -> CardFacts:
@@ -84,8 +91,8 @@ def card_facts(device: Device, model: str | None = None, work: Workload | None =
 
     Args:
         device: the card.
-        model: the model key (:func:`mlnb.optimizer.budget.model_key`) whose step time is wanted.
-        work: the size and batch the step time is for.
+        model: the model key (:func:`mlnb.optimizer.budget.model_key`) whose measurements are wanted.
+        work: the size and batch they are for.
         measure: measure the bandwidth when it is not cached yet.
     """
     info = device.info()
@@ -104,23 +111,25 @@ def card_facts(device: Device, model: str | None = None, work: Workload | None =
             entry = cards.setdefault(info.name, {})
             entry["bandwidth"] = bandwidth
             _write(cards)
-    step, decode = _timing(entry, model, work)
-    return CardFacts(bandwidth=entry.get("bandwidth"), step_seconds=step, decode_seconds=decode)
+    return CardFacts(bandwidth=entry.get("bandwidth"), **_measured(entry, model, work))
 
 
-def record_timing(device: Device, model: str, work: Workload, step_seconds: float, decode_seconds: float | None) -> None:
-    """Remember one resident generation's step and decode seconds for ``model`` at ``work`` on this card.
+def record_measured(device: Device, model: str, work: Workload, **values: float | int | None) -> None:
+    """Remember what one resident generation of ``model`` at ``work`` measured on this card.
 
-    The newest measurement replaces the older one: the card, driver and versions of the last run are the ones that
-    predictions are made for. ``decode_seconds=None`` (the VAE was tiled or offloaded) keeps the decode time stored.
+    ``values`` are any of :data:`MEASURED_FIELDS`; ``None`` (not measured this time, e.g. the decode of a tiled or
+    offloaded VAE) keeps the value stored before. The newest measurement replaces the older one: the card, driver
+    and versions of the last run are the ones predictions are made for.
     """
+    unknown = set(values) - set(MEASURED_FIELDS)
+    if unknown:
+        raise ValueError(f"unknown measurement(s) {sorted(unknown)}: use {', '.join(MEASURED_FIELDS)}")
     info = device.info()
-    if not info.available or not step_seconds or step_seconds <= 0:
+    fresh = {k: v for k, v in values.items() if v is not None and v > 0}
+    if not info.available or not fresh:
         return
     cards = _read()
-    timings = cards.setdefault(info.name, {}).setdefault("timings", {}).setdefault(model, {})
-    found = timings.setdefault(workload_key(work), {})
-    found["step_seconds"] = round(step_seconds, 5)
-    if decode_seconds and decode_seconds > 0:  # else the decode measured before stays
-        found["decode_seconds"] = round(decode_seconds, 4)
+    found = cards.setdefault(info.name, {}).setdefault("measured", {}).setdefault(model, {})
+    found = found.setdefault(workload_key(work), {})
+    found.update({k: (int(v) if k.endswith("reserve") else round(float(v), 5)) for k, v in fresh.items()})
     _write(cards)

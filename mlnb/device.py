@@ -197,6 +197,10 @@ class Device:
     def reset_peak(self) -> None:
         """Reset the allocator's peak counters (one global counter per device in torch)."""
 
+    def peak_allocated_bytes(self) -> int | None:
+        """The allocator's peak allocated bytes since the last :meth:`reset_peak`, cheaply (no NVML, no host RSS)."""
+        return None
+
     def synchronize(self) -> None:
         """Wait for queued kernels."""
 
@@ -377,6 +381,9 @@ class CudaDevice(Device):
 
     def reset_peak(self) -> None:
         self._cuda().reset_peak_memory_stats(self.index)
+
+    def peak_allocated_bytes(self) -> int | None:
+        return int(self._cuda().max_memory_allocated(self.index))
 
     def synchronize(self) -> None:
         self._cuda().synchronize(self.index)

@@ -124,6 +124,9 @@ class FakeDevice(Device):
             host_rss=host_rss(),
         )
 
+    def peak_allocated_bytes(self) -> int | None:
+        return self.peak_allocated
+
     def reset_peak(self) -> None:
         with self._lock:
             self.peak_allocated = self.allocated

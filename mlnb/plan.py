@@ -85,11 +85,18 @@ class ModelFacts:
 
 @dataclass(frozen=True)
 class CardFacts:
-    """Measured facts about a card for one model and size; ``None`` when not measured yet."""
+    """Measured facts about a card for one model and size; ``None`` when not measured yet.
+
+    ``denoise_reserve`` and ``decode_reserve`` are the activation bytes measured above the resident weights (the
+    allocator's peak at the end of the denoising loop, and over the untiled decode); when known they replace the
+    reserves derived from the design notes' anchors.
+    """
 
     bandwidth: float | None = None  # pinned host-to-device bytes/s
     step_seconds: float | None = None  # one denoising step, everything resident
     decode_seconds: float | None = None
+    denoise_reserve: int | None = None
+    decode_reserve: int | None = None  # untiled
 
 
 @dataclass(frozen=True)
@@ -178,11 +185,20 @@ def _scaled(model: ModelFacts, fp8: bool) -> tuple[dict[str, int], int, int]:
     return blocks, other, other + sum(blocks.values())
 
 
+def _reserves(work: Workload, tile: int | None, card: CardFacts | None) -> tuple[int, int]:
+    """Denoise and decode activation bytes: measured on this card when known, else from the anchors."""
+    den_res = card.denoise_reserve if card is not None and card.denoise_reserve else denoise_reserve(work)
+    if card is not None and card.decode_reserve:
+        share = 1.0 if tile is None else min(1.0, tile * tile / (work.width * work.height))
+        return den_res, int(card.decode_reserve * share)
+    return den_res, decode_reserve(work, tile)
+
+
 def _peak(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, resident: tuple[str, ...],
-          streamed: tuple[str, ...], work: Workload) -> int:
+          streamed: tuple[str, ...], work: Workload, card: CardFacts | None = None) -> int:
     blocks, other, denoiser = _scaled(model, fp8)
     enc_max = max(model.encoders.values(), default=0)
-    den_res, dec = denoise_reserve(work), decode_reserve(work, tile)
+    den_res, dec = _reserves(work, tile, card)
     if strategy == "resident":
         return model.total - (model.denoiser - denoiser) + max(den_res, dec)
     if strategy == "offload encoders and VAE":
@@ -198,7 +214,7 @@ def _peak(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, residen
 def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> tuple[int, float | None]:
     """``(peak bytes, seconds per image)`` of ``plan`` for ``work`` (another size, batch or step count than it was
     made for) with ``card``'s current facts, by the same formulas that chose it."""
-    peak = _peak(plan.strategy, model, plan.fp8, plan.vae_tile, plan.resident, plan.streamed, work)
+    peak = _peak(plan.strategy, model, plan.fp8, plan.vae_tile, plan.resident, plan.streamed, work, card)
     return peak, _time(card, work, plan.streamed_bytes, plan.transfer_once_bytes, plan.fp8)
 
 
@@ -215,18 +231,18 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
                 continue
             # Everything resident.
             yield Plan(budget, "resident", every, (), False, fp8, tile,
-                       _peak("resident", model, fp8, tile, every, (), work), _time(card, work, 0, 0, fp8), 0)
+                       _peak("resident", model, fp8, tile, every, (), work, card), _time(card, work, 0, 0, fp8), 0)
             # Encoders and VAE on the GPU only while they run; the denoiser stays.
             once = enc_total + model.vae
             yield Plan(budget, "offload encoders and VAE", every, (), True, fp8, tile,
-                       _peak("offload encoders and VAE", model, fp8, tile, every, (), work),
+                       _peak("offload encoders and VAE", model, fp8, tile, every, (), work, card),
                        _time(card, work, 0, once, fp8), 0, once)
             # Stream what does not fit: keep the largest blocks resident (fewest bytes to move per step).
             resident: list[Block] = []
             streamed = sorted(blocks, key=lambda b: b.nbytes, reverse=True)
             while streamed:
                 kept = [b.name for b in resident] + [streamed[0].name]
-                if _peak("stream", model, fp8, tile, kept, [b.name for b in streamed[1:]], work) > usable:
+                if _peak("stream", model, fp8, tile, kept, [b.name for b in streamed[1:]], work, card) > usable:
                     break
                 resident.append(streamed[0])
                 streamed = streamed[1:]
@@ -237,7 +253,7 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
             moved = sum(b.nbytes for b in streamed)
             yield Plan(
                 budget, "stream", kept, moved_names, True, fp8, tile,
-                _peak("stream", model, fp8, tile, kept, moved_names, work),
+                _peak("stream", model, fp8, tile, kept, moved_names, work, card),
                 _time(card, work, moved, once, fp8), moved, once,
             )
 
@@ -272,7 +288,7 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
         smaller = f" or try --width {side} --height {side}" if side < min(work.width, work.height) else ""
         raise BudgetError(
             f"no placement fits {format_bytes(budget)} for {work.width}×{work.height} ×{work.batch}: the smallest "
-            f"needs {format_bytes(need)} (activation reserve {format_bytes(denoise_reserve(work))}); "
+            f"needs {format_bytes(need)} (activation reserve {format_bytes(_reserves(work, None, card)[0])}); "
             f"give at least {format_bytes(need)}{smaller}"
         )
 

@@ -111,6 +111,22 @@ def test_predict_repeats_the_plan_and_follows_the_workload(budget_gib):
         assert plan.predicted_seconds >= streamed
 
 
+def test_measured_reserves_replace_the_anchors():
+    """A card that measured this model's activations plans with them: a smaller measured need fits more resident."""
+    sd15, work = sd15_like(), Workload(512, 512, 1, 30)
+    anchors = plan_for_budget(2 * GiB, sd15, CardFacts(), work)  # 0.5 GiB denoise reserve at 512²
+    measured = CardFacts(denoise_reserve=300 * MiB, decode_reserve=int(0.3 * GiB))
+    tighter = plan_for_budget(2 * GiB, sd15, measured, work)
+    assert anchors.strategy == tighter.strategy == "stream"
+    assert tighter.streamed_bytes < anchors.streamed_bytes
+    assert predict(tighter, sd15, measured, work)[0] == tighter.predicted_peak
+    # Tiles take their share of the measured untiled decode.
+    sdxl_work = Workload(1024, 1024, 1, 30, vae_fp32=True)
+    sdxl_measured = CardFacts(denoise_reserve=300 * MiB, decode_reserve=int(4.95 * GiB))
+    assert plan_mod._reserves(sdxl_work, 512, sdxl_measured) == (300 * MiB, int(4.95 * GiB) // 4)
+    assert plan_mod._reserves(work, None, CardFacts()) == (plan_mod.denoise_reserve(work), plan_mod.decode_reserve(work, None))
+
+
 def test_reserves_scale_with_pixels_and_dtype():
     small, big = Workload(512, 512), Workload(1024, 1024)
     assert plan_mod.denoise_reserve(big) > plan_mod.denoise_reserve(small)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mlnb.card_facts import cache_path, card_facts, record_timing
+from mlnb.card_facts import cache_path, card_facts, record_measured
 from mlnb.device import FakeDevice
 from mlnb.pipeline.timing import StepTimer
 from mlnb.plan import Workload
@@ -45,7 +45,7 @@ def test_recorded_timing_is_found_exactly_and_scaled_to_other_sizes(cache):
     device = FakeDevice(name="Card A")
     work = Workload(1024, 1024, 1, 20)
     assert card_facts(device, KEY, work).step_seconds is None  # not measured yet: no time prediction
-    record_timing(device, KEY, work, 0.07, 0.3)
+    record_measured(device, KEY, work, step_seconds=0.07, decode_seconds=0.3)
     facts = card_facts(device, KEY, work)
     assert (facts.step_seconds, facts.decode_seconds) == (0.07, 0.3)
     assert facts.bandwidth == 12e9  # measured once and cached beside it
@@ -54,14 +54,14 @@ def test_recorded_timing_is_found_exactly_and_scaled_to_other_sizes(cache):
     assert card_facts(device, "another-model", work).step_seconds is None
     assert card_facts(FakeDevice(name="Card B"), KEY, work).step_seconds is None  # per card
     stored = json.loads(cache_path().read_text())
-    assert stored["Card A"]["timings"][KEY]["1024x1024x1"] == {"step_seconds": 0.07, "decode_seconds": 0.3}
+    assert stored["Card A"]["measured"][KEY]["1024x1024x1"] == {"step_seconds": 0.07, "decode_seconds": 0.3}
 
 
 def test_a_run_without_a_decode_time_keeps_the_one_stored(cache):
     device = FakeDevice()
     work = Workload(512, 512, 1, 20)
-    record_timing(device, KEY, work, 0.02, 0.1)
-    record_timing(device, KEY, work, 0.025, None)
+    record_measured(device, KEY, work, step_seconds=0.02, decode_seconds=0.1)
+    record_measured(device, KEY, work, step_seconds=0.025, decode_seconds=None)
     facts = card_facts(device, KEY, work)
     assert (facts.step_seconds, facts.decode_seconds) == (0.025, 0.1)
 
@@ -71,7 +71,7 @@ def test_an_unreadable_cache_is_treated_as_empty(cache):
     cache_path().write_text("{not json")
     device = FakeDevice()
     assert card_facts(device, KEY, Workload()).step_seconds is None
-    record_timing(device, KEY, Workload(), 0.05, None)
+    record_measured(device, KEY, Workload(), step_seconds=0.05)
     assert card_facts(device, KEY, Workload()).step_seconds == 0.05
 
 
@@ -84,3 +84,29 @@ def test_step_timer_callback_marks_then_hands_on_the_step():
     assert callback(None, 0, 999, kwargs) is kwargs and callback(None, 1, 998, kwargs) is kwargs
     assert seen == [0, 1] and timer.step_seconds == pytest.approx(0.5)
     assert StepTimer(lambda: None, clock=lambda: 0.0).callback()(None, 0, 1, kwargs) is kwargs
+
+
+def test_activation_reserves_are_recorded_scaled_and_checked(cache):
+    device = FakeDevice()
+    work = Workload(1024, 1024, 1, 20)
+    record_measured(device, KEY, work, step_seconds=0.07, denoise_reserve=800 * 2**20, decode_reserve=5 * 2**30)
+    facts = card_facts(device, KEY, work)
+    assert (facts.denoise_reserve, facts.decode_reserve) == (800 * 2**20, 5 * 2**30)
+    quarter = card_facts(device, KEY, Workload(512, 512, 1, 20))
+    assert (quarter.denoise_reserve, quarter.decode_reserve) == (200 * 2**20, 5 * 2**30 // 4)
+    with pytest.raises(ValueError, match="unknown measurement"):
+        record_measured(device, KEY, work, peak=1)
+
+
+def test_step_timer_reserves_are_the_peaks_above_the_weights():
+    ticks = iter([1.0, 2.0, 3.0])
+    peaks = iter([7_000, 7_800])
+    timer = StepTimer(lambda: None, clock=lambda: next(ticks), peak=lambda: next(peaks))
+    timer.mark()
+    timer.mark()
+    timer.finish()
+    assert timer.denoise_peak == 7_800
+    assert timer.reserves(start_allocated=7_000, final_peak=12_000) == (800, 5_000)  # the decode set a new peak
+    assert timer.reserves(start_allocated=7_000, final_peak=7_800) == (800, None)  # the decode needed less
+    assert timer.reserves(start_allocated=None, final_peak=12_000) == (None, None)
+    assert StepTimer(lambda: None).reserves(7_000, 12_000) == (None, None)  # no peak readings

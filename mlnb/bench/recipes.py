@@ -129,7 +129,7 @@ def _fp16_vae_tiles(pipe, tile: int) -> None:
 def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
     import torch
 
-    from ..card_facts import record_timing
+    from ..card_facts import record_measured
     from ..optimizer.budget import model_key
     from ..pipeline.loading import load_diffusers_pipeline
     from ..pipeline.timing import StepTimer
@@ -161,7 +161,8 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
     stats: dict = {}
 
     def generate():
-        timer = StepTimer(device.synchronize)
+        timer = StepTimer(device.synchronize, peak=device.peak_allocated_bytes)
+        start = device.snapshot().allocated  # the weights: the worker's monitor has just reset the peak
         images = pipe(
             prompt=call["prompt"], num_inference_steps=call["steps"], width=call["width"], height=call["height"],
             generator=torch.Generator(device="cpu").manual_seed(call["seed"]), output_type="pil",
@@ -170,10 +171,15 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
         timer.finish()
         stats.update(step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds)
         if recipe.setting == "none" and device.is_cuda and timer.step_seconds:
-            # The uncapped, unoffloaded run is the card's compute time for this model: the planner predicts from it.
+            # The uncapped, unoffloaded run is the card's compute time and activation memory for this model: the
+            # planner predicts from them.
             size = images[0].size if images else (call["width"], call["height"])
-            work = Workload(size[0], size[1], 1, call["steps"])
-            record_timing(device, model_key(pipe, dtype), work, timer.step_seconds, timer.decode_seconds)
+            denoise, decode = timer.reserves(start, device.peak_allocated_bytes())
+            record_measured(
+                device, model_key(pipe, dtype), Workload(size[0], size[1], 1, call["steps"]),
+                step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
+                denoise_reserve=denoise, decode_reserve=decode,
+            )
         return images
 
     return Prepared(generate, pipe, None, detail, stats)

@@ -115,7 +115,9 @@ def blocking_onloads(unit) -> int:
 
 
 def model_key(pipe, dtype) -> str:
-    """The key under which a model's step timings are cached: ``"UNet2DConditionModel-2567463684-float16"``.
+    """The key under which a model's measurements (step time, activations) are cached.
+
+    For example ``"UNet2DConditionModel-2567463684-float16"``.
 
     The denoiser's class and parameter count (not its name or path: the same architecture runs at the same speed)
     and the compute dtype (fp8 storage computes in it too).

@@ -33,7 +33,7 @@ from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.budget import apply_plan, model_facts, model_key, plan_level
 from ..optimizer.context import skipped
 from ..plan import BudgetError, ModelFacts, Plan, Workload, plan_for_budget, predict
-from ..card_facts import card_facts, record_timing
+from ..card_facts import card_facts, record_measured
 from ..units import format_bytes, parse_bytes
 from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model, weight_bytes
 from .result import GenerationResult
@@ -239,7 +239,7 @@ class ManagedPipeline:
             kwargs["num_images_per_prompt"] = num_images
         elif num_images != 1:
             raise UnsupportedPipelineError(f"{type(self.pipe).__name__} makes one image per call")
-        timer = StepTimer(self.device.synchronize)
+        timer = StepTimer(self.device.synchronize, peak=self.device.peak_allocated_bytes)
         if "callback_on_step_end" in accepted and "callback_on_step_end" not in pipeline_kwargs:
             after = (lambda step: progress(step + 1, steps)) if progress is not None else None
             kwargs["callback_on_step_end"] = timer.callback(after)
@@ -289,7 +289,7 @@ class ManagedPipeline:
             predicted_peak=predicted_peak, predicted_seconds=predicted_seconds,
             step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
         )
-        self._record(work, timer)
+        self._record(work, timer, monitor.report)
         remember(result)
         return result
 
@@ -304,7 +304,9 @@ class ManagedPipeline:
         return predict(self.plan, self.plan_facts, card, work)
 
     def _denoiser_resident(self) -> tuple[bool, bool]:
-        """(the denoiser stays whole on the GPU in fp16/bf16, the VAE decodes there untiled without moving)."""
+        """(the denoiser stays whole on the GPU in fp16/bf16, and so do the text encoders and the VAE, which decodes
+        untiled): the first makes a step's time compute alone; the second makes the decode time and the activation
+        bytes above the weights mean what the planner takes them for."""
         if self.plan is not None:
             resident = not self.plan.streamed and not self.plan.fp8
             return resident, resident and not self.plan.vae_tile and not self.plan.offload_encoders_vae
@@ -314,13 +316,19 @@ class ManagedPipeline:
         resident = not applied & moving
         return resident, resident and not applied & vae_moving
 
-    def _record(self, work: Workload, timer: StepTimer) -> None:
-        """Cache this card's step (and decode) time for the planner when the denoiser ran fully resident."""
+    def _record(self, work: Workload, timer: StepTimer, report) -> None:
+        """Cache this card's measurements for the planner when the denoiser (and, for the rest, everything) ran
+        resident."""
         if not self.device.is_cuda or self.model_key is None or timer.step_seconds is None:
             return
-        denoiser, vae = self._denoiser_resident()
-        if denoiser:
-            record_timing(self.device, self.model_key, work, timer.step_seconds, timer.decode_seconds if vae else None)
+        denoiser, everything = self._denoiser_resident()
+        if not denoiser:
+            return
+        measured = {"step_seconds": timer.step_seconds}
+        if everything:
+            denoise, decode = timer.reserves(report.start_allocated, report.peak_allocated)
+            measured.update(decode_seconds=timer.decode_seconds, denoise_reserve=denoise, decode_reserve=decode)
+        record_measured(self.device, self.model_key, work, **measured)
 
     def unload(self) -> None:
         """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up."""
