@@ -47,18 +47,19 @@ def kernel_env():
     """Apply :data:`KERNEL_ENV` to ``os.environ`` (which a kernel started inside inherits), then restore it."""
     saved = {key: os.environ.get(key) for key in KERNEL_ENV}
     try:
-        for key, value in KERNEL_ENV.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_env(KERNEL_ENV)
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _set_env(saved)
+
+
+def _set_env(values: dict[str, str | None]) -> None:
+    """Set each variable, or remove it where the value is ``None``."""
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def _run_cell(client, cell, timeout: int) -> None:

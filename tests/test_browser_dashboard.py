@@ -59,31 +59,28 @@ def _http(method: str, url: str, body: dict | None = None, timeout: float = 30) 
         raise AssertionError(f"{method} {url}: {exc.code} {exc.read()[:500]!r}") from None
 
 
-def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+def _wait(probe, what: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    """Call ``probe()`` until it stops raising ``OSError``; fail if ``proc`` exits or ``timeout`` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"{proc.args[0]} exited with {proc.returncode}:\n{_tail(log)}")
         try:
-            urllib.request.urlopen(url, timeout=2).close()
+            probe()
             return
-        except (urllib.error.URLError, OSError):
+        except OSError:  # urllib's URLError is an OSError too
             time.sleep(0.2)
-    raise AssertionError(f"{url} did not answer in {timeout} s:\n{_tail(log)}")
+    raise AssertionError(f"{what} in {timeout} s:\n{_tail(log)}")
+
+
+def _wait_http(url: str, timeout: float, proc: subprocess.Popen, log: Path) -> None:
+    _wait(lambda: urllib.request.urlopen(url, timeout=2).close(), f"{url} did not answer", timeout, proc, log)
 
 
 def _wait_port(port: int, timeout: float, proc: subprocess.Popen, log: Path) -> None:
     # A TCP connect, not a GET: Voilà starts a kernel and runs the notebook for every page request.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args[0]} exited with {proc.returncode}:\n{_tail(log)}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.2)
-    raise AssertionError(f"port {port} did not open in {timeout} s:\n{_tail(log)}")
+    connect = lambda: socket.create_connection(("127.0.0.1", port), timeout=1).close()  # noqa: E731
+    _wait(connect, f"port {port} did not open", timeout, proc, log)
 
 
 def _tail(log: Path, lines: int = 40) -> str:
