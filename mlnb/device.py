@@ -237,6 +237,10 @@ class Device:
         """Device-wide used memory (NVML, all processes) in bytes; cheap enough to sample in a thread."""
         return None
 
+    def copy_stream(self):
+        """A new stream for host-to-device copies that overlap compute, or None where copies cannot overlap."""
+        return None
+
 
 def _is_torch_oom(exc: BaseException) -> bool:
     oom_type = None
@@ -401,6 +405,9 @@ class CudaDevice(Device):
         fraction = 1.0 if cap_bytes is None else min(1.0, cap_bytes / total)
         cuda.set_per_process_memory_fraction(fraction, self.index)
         self._cap = None if cap_bytes is None else min(int(cap_bytes), int(total))
+
+    def copy_stream(self):
+        return self._cuda().Stream(self.index)
 
     def h2d_bandwidth(self, nbytes: int = 256 * 2**20, repeats: int = 5) -> float | None:
         import torch

@@ -9,10 +9,11 @@ Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU 
     decode peak  = kept + VAE + decode reserve(tile)
     encode peak  = kept + largest text encoder + 64 MiB   (the encoders run one at a time, beside the kept part)
 Time model (seconds per image), from measured card facts:
-    steps × (step compute + streamed bytes / H2D bandwidth) + (encoder + VAE bytes) / bandwidth + decode
-Streamed blocks are copied when they run (one group offloading hook per block); copies of different blocks are not
-overlapped, so their time adds to the compute (measured on an H100: fine-grained per-layer streaming, which could
-overlap, spent more time in its per-layer hooks than the copies took).
+    steps × max(step compute, streamed bytes / H2D bandwidth) + (encoder + VAE bytes) / bandwidth + decode
+Each streamed block's copy runs on a copy stream while the compute before it runs (one group offloading hook per
+block, chained across blocks; :mod:`mlnb.optimizer.streaming`), so a step takes the longer of its compute and its
+copies. This is the streaming floor; the per-block waits and any stretch where copies outrun the compute beside
+them are not modelled, so a measured step is at or above it.
 The reserves come from the plain-diffusers peaks measured on an H200 in the design notes (fp16, CFG, 20 steps):
 SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at 512; SDXL's fp32
 (upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
@@ -168,7 +169,7 @@ def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp
     if streamed:
         if not card.bandwidth:
             return None
-        step += streamed / card.bandwidth
+        step = max(step, streamed / card.bandwidth)  # copies overlap the compute
     seconds = work.steps * step + (card.decode_seconds or 0.0)
     if transfer_once:
         if not card.bandwidth:

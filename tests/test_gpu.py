@@ -174,6 +174,8 @@ def level_runs(cuda, mid_sd):
     for level in (L.ULTRA, L.AGGRESSIVE, L.BALANCED, L.NONE):
         managed = mlnb.load_pipeline(mid_sd.folder, level=level, dtype="fp16", device=cuda)
         managed.generate("warm-up", seed=0, steps=1, width=256, height=256)
+        streamer = streamer_of(managed.pipe)  # the copies now overlap compute on a copy stream
+        assert streamer.stream is not None and streamer.chained and len(streamer.order) == len(plan.streamed)
         result = managed.generate("a watercolor fox", seed=1, steps=4, width=256, height=256)
         runs[level] = LevelRun(result.memory.peak_allocated, managed.weights_location(), result)
     unload_all(cuda)
@@ -251,8 +253,10 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
     """A budget that holds the reserve and about 40% of the UNet: the plan keeps part resident, streams the rest,
     and the card (capped to the budget) never reserves more than the budget; the prediction is not below the
     measured peak (at 256² the 0.5 GiB minimum reserve is generous). The image is the unoffloaded one: streamed
-    weights are complete before they are used (an asynchronous copy racing the compute would change it)."""
+    weights are complete before they are used (a prefetch racing the compute would change it)."""
     import numpy as np
+
+    from mlnb.optimizer.streaming import streamer_of
 
     budget = int((0.5 * GiB + 100 * MiB + 0.4 * mid_sd.unet_bytes) / 0.92)
     unload_all(cuda)
@@ -263,6 +267,8 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
         assert plan.strategy == "stream" and plan.streamed and plan.resident, plan
         assert "+" in managed.weights_location()["unet"]  # part on the GPU, part on the CPU
         managed.generate("warm-up", seed=0, steps=1, width=256, height=256)
+        streamer = streamer_of(managed.pipe)  # the copies now overlap compute on a copy stream
+        assert streamer.stream is not None and streamer.chained and len(streamer.order) == len(plan.streamed)
         result = managed.generate("a watercolor fox", seed=1, steps=4, width=256, height=256)
         assert result.images[0].size == (256, 256)
         reference = np.asarray(level_runs[L.NONE].result.images[0], dtype=np.float32)

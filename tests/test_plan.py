@@ -95,6 +95,20 @@ def test_measured_card_ranks_by_predicted_time():
             assert plan.predicted_seconds <= other.predicted_seconds
 
 
+def test_streamed_copies_overlap_the_compute():
+    """A step takes the longer of its compute and its copies, plus the encoders' and the VAE's one move per image and
+    the decode: the same plan is compute-bound at 200 ms a step and copy-bound at 1 ms."""
+    sdxl = sdxl_like()
+    plan = plan_for_budget(4 * GiB, sdxl, CardFacts(bandwidth=20e9, step_seconds=0.2, decode_seconds=0.3), SDXL_WORK)
+    assert plan.strategy == "stream" and plan.streamed_bytes and not plan.fp8
+    copies = plan.streamed_bytes / 20e9
+    for step_seconds in (0.2, 0.001):
+        card = CardFacts(bandwidth=20e9, step_seconds=step_seconds, decode_seconds=0.3)
+        expected = SDXL_WORK.steps * max(step_seconds, copies) + plan.transfer_once_bytes / 20e9 + 0.3
+        assert predict(plan, sdxl, card, SDXL_WORK)[1] == pytest.approx(expected)
+    assert 0.001 < copies < 0.2
+
+
 @pytest.mark.parametrize("budget_gib", [3, 4, 8, 15])
 def test_predict_repeats_the_plan_and_follows_the_workload(budget_gib):
     card = CardFacts(bandwidth=20e9, step_seconds=0.07, decode_seconds=0.3)
@@ -138,14 +152,10 @@ def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     """Streamed blocks (group offloading), hooked encoders/VAE and resident parts compute the same image."""
     from diffusers import DiffusionPipeline
 
-    from diffusers.hooks import apply_group_offloading
-
     from mlnb.optimizer.budget import apply_plan, model_facts
+    from mlnb.optimizer.streaming import streamer_of
 
-    try:
-        apply_group_offloading(torch.nn.Linear(2, 2), onload_device=torch.device("cpu"), offload_type="leaf_level")
-    except AttributeError as exc:  # diffusers 0.39 asks torch.accelerator for a device that a CPU host lacks
-        pytest.skip(f"this diffusers' group offloading needs an accelerator ({exc})")
+    _group_offloading_or_skip()
 
     def run(pipe):
         pipe.set_progress_bar_config(disable=True)
@@ -164,6 +174,8 @@ def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     assert plan.strategy == "stream" and plan.streamed and plan.resident
     report = apply_plan(pipe, plan, "cpu", use_stream=False)
     assert report.is_applied("group_offload") and report.is_applied("model_cpu_offload")
+    assert np.array_equal(run(pipe), reference)
+    assert streamer_of(pipe).chained  # the second step, and this second image, ran with the prefetch chain
     assert np.array_equal(run(pipe), reference)
 
 
@@ -208,28 +220,65 @@ def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
         mlnb.load_pipeline(tiny_sd, budget="plenty")
 
 
-def test_blocking_onloads_reaches_every_group_of_a_streamed_unit(tiny_sdxl):
-    """On CUDA a streamed unit's groups must copy before they compute (see blocking_onloads); here the hook lookup
-    is checked on the diffusers version installed: every group of a block-level unit is found and made blocking."""
-    from diffusers import DiffusionPipeline
+def _group_offloading_or_skip():
     from diffusers.hooks import apply_group_offloading
 
-    from mlnb.optimizer.budget import blocking_onloads
-
-    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
-    unit = pipe.unet.down_blocks[1]  # only ModuleLists inside: attentions, resnets, downsamplers
     try:
-        apply_group_offloading(
-            unit, onload_device=torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1
-        )
-    except AttributeError as exc:  # diffusers 0.39 on a CPU host (its source has the same hook and group names)
+        apply_group_offloading(torch.nn.Linear(2, 2), onload_device=torch.device("cpu"), offload_type="leaf_level")
+    except AttributeError as exc:  # diffusers 0.39 asks torch.accelerator for a device that a CPU host lacks
         pytest.skip(f"this diffusers' group offloading needs an accelerator ({exc})")
-    groups = []
-    for module in unit.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        hook = registry.get_hook("group_offloading") if registry is not None else None
-        if hook is not None:
-            hook.group.non_blocking = True
-            groups.append(hook.group)
-    assert len(groups) == len(unit.attentions) + len(unit.resnets) + len(unit.downsamplers or [])
-    assert blocking_onloads(unit) == len(groups) and not any(g.non_blocking for g in groups)
+
+
+def test_streamed_units_chain_their_copies_in_the_order_they_ran(tiny_sdxl, caplog):
+    """After the first forward each streamed unit prefetches the next one that ran (on CUDA, on the copy stream while
+    it computes); every unit is one group holding all its weights, whatever its children are."""
+    from diffusers import DiffusionPipeline
+
+    from mlnb.optimizer.budget import _blocks
+    from mlnb.optimizer.streaming import stream_units, streamer_of
+
+    _group_offloading_or_skip()
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
+    pipe.set_progress_bar_config(disable=True)
+    units = dict(_blocks(pipe.unet, 50_000))
+    names = [n for n in units][1::2]  # every other unit: resident ones run between the streamed ones
+    ran: list[str] = []
+    for name in names:
+        units[name].register_forward_pre_hook(lambda mod, args, name=name: ran.append(name))
+    streamer = stream_units(pipe.unet, names, torch.device("cpu"), None)
+    assert streamer_of(pipe) is streamer and not streamer.chained
+    for name in names:  # one group per unit, holding every parameter of it (not only its ModuleList items)
+        group = streamer.hooks[name].group
+        assert group.modules == [units[name]] and group.onload_leader is units[name] and group.onload_self
+    pipe("a fox", num_inference_steps=1, width=64, height=64, generator=torch.Generator().manual_seed(0))
+    first_forward = ran[: len(names)]
+    assert streamer.chained and streamer.order == first_forward and sorted(first_forward) == sorted(names)
+    hooks = [streamer.hooks[n] for n in streamer.order]
+    assert [h.next_group for h in hooks] == [h.group for h in hooks[1:]] + [None]
+    assert not any(h.group.onload_self for h in hooks) and all(h.group.non_blocking for h in hooks)
+    assert streamer.offload_all() == 0  # nothing is left on an onload device after a forward
+    streamer.remove()
+    assert not streamer._handles
+
+
+def test_a_unit_that_runs_twice_keeps_blocking_copies(caplog):
+    from mlnb.optimizer.streaming import stream_units
+
+    _group_offloading_or_skip()
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    model = Twice()
+    x = torch.ones(1, 4)
+    expected = model(x)
+    streamer = stream_units(model, ["a", "b"], torch.device("cpu"), None)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(model(x), expected)
+    assert not streamer.chained and "twice: ['a']" in caplog.text
+    assert all(h.group.onload_self and h.next_group is None for h in streamer.hooks.values())

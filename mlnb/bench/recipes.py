@@ -186,6 +186,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
 
 
 def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
+    from ..optimizer.streaming import streamer_of
     from ..pipeline import load_pipeline
 
     if recipe.setting == "plan":
@@ -206,6 +207,9 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
             predicted_peak=result.predicted_peak, predicted_seconds=result.predicted_seconds,
             cleanup_seconds=result.memory.cleanup_seconds,
         )
+        streamer = streamer_of(managed.pipe)
+        if streamer is not None:  # whether the copies overlapped compute (False: every block copied blocking)
+            stats["prefetch_chain"] = streamer.chained and streamer.stream is not None
         return result.images
 
     detail = managed.techniques.summary()

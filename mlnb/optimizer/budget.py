@@ -1,7 +1,8 @@
 """Applying a budget :class:`~mlnb.plan.Plan` to a pipeline: resident blocks on the GPU, the rest streamed.
 
-The pieces are diffusers' and accelerate's own hooks: ``apply_group_offloading`` (block level, on a CUDA stream from
-pinned memory) on each streamed denoiser block only, so only streamed weights are pinned; accelerate's
+The pieces are diffusers' and accelerate's own hooks: diffusers' group offloading hook on each streamed denoiser block
+only (:mod:`.streaming`: pinned memory, a copy stream, each copy overlapped with the compute before it), so only
+streamed weights are pinned; accelerate's
 ``cpu_offload_with_hook`` for the text encoders and the VAE (the VAE's ``decode`` triggers it through diffusers'
 ``apply_forward_hook``), chained so each leaves the GPU when the next model starts; ``enable_layerwise_casting``
 for fp8 storage. Everything else of the denoiser is moved to the GPU part by part, never whole, so a card smaller
@@ -10,9 +11,9 @@ than the denoiser never holds it all at once.
 Order matters for host RAM: the kept part goes to the GPU first and the freed host memory is handed back to the OS,
 and only then are the streamed blocks pinned, so the process never holds the whole model twice.
 
-Block level, not leaf level: on an H100, SD1.5 with 10 blocks streamed leaf by leaf took 67 ms a step against 29 ms
-unoffloaded; the per-layer hooks cost more than the 570 MiB of copies (11 ms at 54 GB/s). One hook per block keeps
-the overhead to the copies.
+Blocks, not layers: on an H100, SD1.5 with 10 blocks streamed layer by layer took 67 ms a step against 29 ms
+unoffloaded; the per-layer hooks cost more than the 570 MiB of copies (11 ms at 54 GB/s). One hook per block (at
+most 256 MiB) keeps the overhead to the copies.
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from ..units import MiB, format_bytes
 from .context import applied, denoiser_of, skipped
 from .precision import store_fp8
 from .report import OptimizationReport, TechniqueResult
+from .streaming import stream_units
 from .vae import set_vae_tiles
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["model_facts", "model_key", "apply_plan", "plan_level", "blocking_onloads"]
+__all__ = ["model_facts", "model_key", "apply_plan", "plan_level"]
 
 _MAX_BLOCK = 256 * MiB  # blocks larger than this are split into their children: a finer double buffer
 
@@ -94,26 +96,6 @@ def model_facts(pipe, max_block: int = _MAX_BLOCK) -> ModelFacts:
     )
 
 
-def blocking_onloads(unit) -> int:
-    """Make the group-offload copies of ``unit`` complete before its forward computes; returns the groups changed.
-
-    With a stream, diffusers copies a group asynchronously and relies on its prefetch chain, which a lazy hook on the
-    offloaded module builds after the first forward, to make compute wait for the copy. A unit made only of
-    ``ModuleList``s (a UNet down block, say) gets no such hook, so its groups would copy asynchronously and compute at
-    once: a race on the weights. Blocking copies (still from pinned memory, on the stream) close it; where the lazy
-    hook does exist, it turns prefetching back on after the first forward as usual.
-    """
-    changed = 0
-    for module in unit.modules():
-        registry = getattr(module, "_diffusers_hook", None)
-        hook = registry.get_hook("group_offloading") if registry is not None else None
-        group = getattr(hook, "group", None)
-        if group is not None and hasattr(group, "non_blocking"):
-            group.non_blocking = False
-            changed += 1
-    return changed
-
-
 def model_key(pipe, dtype) -> str:
     """The key under which a model's measurements (step time, activations) are cached.
 
@@ -160,7 +142,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         pipe: a freshly loaded pipeline on the CPU.
         plan: from :func:`mlnb.plan.plan_for_budget`.
         onload_device: where compute runs (``"cuda:0"``; ``"cpu"`` exercises the same hooks in tests).
-        use_stream: prefetch streamed blocks on a CUDA stream (CUDA only).
+        use_stream: copy streamed blocks on a copy stream of ``ctx_device``, overlapped with compute (CUDA only).
         ctx_device: the mlnb device for the after-load cleanup (default: the current one).
     """
     import torch
@@ -207,24 +189,18 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     streamed = set(plan.streamed)
     _move_except(denoiser, "", streamed, device)
     if streamed:
-        from diffusers.hooks import apply_group_offloading
-
         gc.collect()
         trim_host_heap()  # the kept part's host copy is gone: give it back before pinning the streamed part
-        modules = dict(denoiser.named_modules())
-        for name in plan.streamed:
-            apply_group_offloading(
-                modules[name], onload_device=device, offload_device=torch.device("cpu"),
-                offload_type="block_level", num_blocks_per_group=1, use_stream=use_stream,
-            )
-            if use_stream and not blocking_onloads(modules[name]):
-                logger.warning("%s: no group-offload hooks found to make its copies blocking", name)
+        streamer = stream_units(denoiser, plan.streamed, device, ctx_device.copy_stream() if use_stream else None)
+        trim_host_heap()  # the pageable copies the pinned ones replaced
+        overlap = streamer.stream is not None
         moved = plan.streamed_bytes
         results[Technique.GROUP_OFFLOAD] = applied(
             Technique.GROUP_OFFLOAD,
-            f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed block by block"
-            f"{' on a CUDA stream from pinned memory' if use_stream else ''}; {len(plan.resident)} blocks resident",
-            f"stream {format_bytes(moved)}{'+stream' if use_stream else ''}, keep {len(plan.resident)} blocks",
+            f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed"
+            f"{' from pinned memory, each copy overlapped with the compute before it' if overlap else ', copied when they run'}"
+            f"; {len(plan.resident)} blocks resident",
+            f"stream {format_bytes(moved)}{' overlapped' if overlap else ''}, keep {len(plan.resident)} blocks",
         )
 
     steps = cleanup(ctx_device, collect=True, empty_cache=True)

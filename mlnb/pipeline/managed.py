@@ -31,6 +31,7 @@ from ..monitor import MemoryMonitor, cleanup, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.budget import apply_plan, model_facts, model_key, plan_level
+from ..optimizer.streaming import streamer_of
 from ..optimizer.context import skipped
 from ..plan import BudgetError, ModelFacts, Plan, Workload, plan_for_budget, predict
 from ..card_facts import card_facts, record_measured
@@ -271,6 +272,12 @@ class ManagedPipeline:
                     timer.finish()
                 except BaseException as exc:
                     release_exception_frames(exc)
+                    streamer = streamer_of(self.pipe)
+                    if streamer is not None:  # a prefetched block would stay on the GPU until the next step
+                        try:
+                            streamer.offload_all()
+                        except Exception as cleanup_exc:  # the error being raised is the one to report
+                            logger.debug("offloading streamed blocks after an error failed: %s", cleanup_exc)
                     raise
                 seconds = time.perf_counter() - start
         except KeyboardInterrupt:
