@@ -8,6 +8,8 @@
   and the activation bytes above the weights during the denoising loop and during the (untiled) decode. They are
   recorded after every such generation (so the step time is compute alone, with no weights streamed); ``mlnb
   bench`` records them with its uncapped baseline run, a notebook the first time the model runs unoffloaded.
+  ``overlap`` comes from a generation that streamed part of the denoiser: the fraction of the shorter of compute and
+  copies that the copies hid (0: they added up; 1: the step took the longer of the two).
 
 Until a model has been measured on the card, the planner predicts time as unknown and uses the activation reserves
 derived from the design notes' anchors. A measurement at another size is scaled by the pixel count (compute and
@@ -29,7 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["card_facts", "cache_path", "record_measured", "workload_key", "MEASURED_FIELDS"]
 
 # What a resident generation records, and whether each scales with the pixel count when used at another size.
-MEASURED_FIELDS = ("step_seconds", "decode_seconds", "denoise_reserve", "decode_reserve")
+MEASURED_FIELDS = ("step_seconds", "decode_seconds", "denoise_reserve", "decode_reserve", "overlap")
 
 
 def cache_path() -> Path:
@@ -81,7 +83,11 @@ def _measured(entry: dict, model: str | None, work: Workload | None) -> dict:
     found = {}
     for name in MEASURED_FIELDS:
         value = measured[nearest].get(name)
-        if value:
+        if value is None:
+            continue
+        if name == "overlap":  # a fraction: the same at any size
+            found[name] = value
+        elif value:
             found[name] = int(value * scale) if name.endswith("reserve") else value * scale
     return found
 
@@ -125,7 +131,7 @@ def record_measured(device: Device, model: str, work: Workload, **values: float 
     if unknown:
         raise ValueError(f"unknown measurement(s) {sorted(unknown)}: use {', '.join(MEASURED_FIELDS)}")
     info = device.info()
-    fresh = {k: v for k, v in values.items() if v is not None and v > 0}
+    fresh = {k: v for k, v in values.items() if v is not None and (v > 0 or (k == "overlap" and v == 0))}
     if not info.available or not fresh:
         return
     cards = _read()

@@ -1,19 +1,24 @@
 """The budget planner: a VRAM budget in, the fastest placement that fits out (pure; no torch).
 
 A plan keeps as much of the denoiser resident on the GPU as fits beside the activation reserve and streams the rest
-block by block with group offloading from pinned memory, each block copied when it runs. Text encoders and the VAE
-are moved onto the GPU only while they run, so they never add to the denoiser's peak. VAE tiling and fp8 storage are chosen only when they are needed to fit or make the plan faster.
+block by block from pinned memory, each block's copy overlapping the compute before it. Text encoders (streamed the
+same way) and the VAE are on the GPU only while they run, so they never add to the denoiser's peak. VAE tiling and
+fp8 storage are chosen only when they are needed to fit or make the plan faster.
 
 Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU (other + resident blocks):
     denoise peak = kept + 2 × largest streamed block + denoise reserve
     decode peak  = kept + VAE + decode reserve(tile)
-    encode peak  = kept + largest text encoder + 64 MiB   (the encoders run one at a time, beside the kept part)
+    encode peak  = kept + largest text encoder + 64 MiB   (the encoders run one at a time, beside the kept part;
+                                                           streamed unit by unit, 2 × their largest unit instead)
 Time model (seconds per image), from measured card facts:
-    steps × max(step compute, streamed bytes / H2D bandwidth) + (encoder + VAE bytes) / bandwidth + decode
-Each streamed block's copy runs on a copy stream while the compute before it runs (one group offloading hook per
-block, chained across blocks; :mod:`mlnb.optimizer.streaming`), so a step takes the longer of its compute and its
-copies. This is the streaming floor; the per-block waits and any stretch where copies outrun the compute beside
-them are not modelled, so a measured step is at or above it.
+    steps × (compute + copies − overlap × min(compute, copies)) + (encoder + VAE bytes) / bandwidth + decode
+where compute is a measured resident step, copies = streamed bytes / H2D bandwidth, and decode is the measured
+untiled decode times the pixels its tiles cover. Each streamed block's copy runs on a copy stream while the compute
+before it runs (:mod:`mlnb.optimizer.streaming`). How much of it that hides depends on where the streamed blocks sit
+and how much compute each has, so ``overlap`` is measured: the first streamed generation on a card records it, and
+until then it is 0 (copies add to compute: an upper bound). With ``overlap`` 1 a step is the streaming floor,
+max(compute, copies). Streamed blocks are chosen largest first for the fewest bytes moved, and among blocks of one
+size spread evenly over the execution order, so that each copy has compute beside it.
 The reserves come from the plain-diffusers peaks measured on an H200 in the design notes (fp16, CFG, 20 steps):
 SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at 512; SDXL's fp32
 (upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
@@ -36,6 +41,7 @@ __all__ = [
     "decode_reserve",
     "plan_for_budget",
     "predict",
+    "overlap_measured",
     "FP8_STEP_FACTOR",
 ]
 
@@ -67,6 +73,8 @@ class ModelFacts:
         blocks: the denoiser's streamable blocks in execution order.
         denoiser_other: denoiser bytes outside ``blocks`` (embeddings, in/out convs): always resident.
         bytes_per_param: 2 for fp16/bf16 weights (fp8 storage halves it).
+        encoder_block: the largest streamed unit of any text encoder, when offloaded encoders are streamed unit by
+            unit (two are on the GPU at once); None: an offloaded encoder moves to the GPU whole.
     """
 
     encoders: dict[str, int]
@@ -74,6 +82,7 @@ class ModelFacts:
     blocks: tuple[Block, ...]
     denoiser_other: int
     bytes_per_param: int = 2
+    encoder_block: int | None = None
 
     @property
     def denoiser(self) -> int:
@@ -98,6 +107,7 @@ class CardFacts:
     decode_seconds: float | None = None
     denoise_reserve: int | None = None
     decode_reserve: int | None = None  # untiled
+    overlap: float | None = None  # share of min(compute, copies) that a streamed step hid
 
 
 @dataclass(frozen=True)
@@ -162,15 +172,34 @@ class Plan:
         return f"plan for {format_bytes(self.budget)}: {self.summary()}; {self.prediction()}"
 
 
-def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp8: bool) -> float | None:
+def _tiled_pixels(work: Workload, tile: int | None) -> int:
+    """Pixels a decode in ``tile``-pixel tiles computes: diffusers' tiles overlap by a quarter of a tile."""
+    if tile is None or tile >= max(work.width, work.height):
+        return work.width * work.height
+    stride = int(tile * 0.75)
+    per_side = [max(1, -(-(side - tile) // stride) + 1) if side > tile else 1 for side in (work.width, work.height)]
+    return per_side[0] * per_side[1] * min(tile, work.width) * min(tile, work.height)
+
+
+def overlap_measured(compute: float, copies: float, step: float) -> float:
+    """The fraction of ``min(compute, copies)`` that a streamed step of ``step`` seconds hid, in [0, 1]."""
+    shorter = min(compute, copies)
+    if shorter <= 0:
+        return 0.0
+    return max(0.0, min(1.0, (compute + copies - step) / shorter))
+
+
+def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp8: bool,
+          tile: int | None = None) -> float | None:
     if card.step_seconds is None:
         return None
     step = card.step_seconds * (FP8_STEP_FACTOR if fp8 else 1.0)
     if streamed:
         if not card.bandwidth:
             return None
-        step = max(step, streamed / card.bandwidth)  # copies overlap the compute
-    seconds = work.steps * step + (card.decode_seconds or 0.0)
+        copies = streamed / card.bandwidth
+        step += copies - (card.overlap or 0.0) * min(step, copies)
+    seconds = work.steps * step + (card.decode_seconds or 0.0) * _tiled_pixels(work, tile) / (work.width * work.height)
     if transfer_once:
         if not card.bandwidth:
             return None
@@ -199,6 +228,8 @@ def _peak(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, residen
           streamed: tuple[str, ...], work: Workload, card: CardFacts | None = None) -> int:
     blocks, other, denoiser = _scaled(model, fp8)
     enc_max = max(model.encoders.values(), default=0)
+    if model.encoder_block:
+        enc_max = min(enc_max, 2 * model.encoder_block)  # streamed: the unit computing and the one arriving
     den_res, dec = _reserves(work, tile, card)
     if strategy == "resident":
         return model.total - (model.denoiser - denoiser) + max(den_res, dec)
@@ -216,7 +247,27 @@ def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> t
     """``(peak bytes, seconds per image)`` of ``plan`` for ``work`` (another size, batch or step count than it was
     made for) with ``card``'s current facts, by the same formulas that chose it."""
     peak = _peak(plan.strategy, model, plan.fp8, plan.vae_tile, plan.resident, plan.streamed, work, card)
-    return peak, _time(card, work, plan.streamed_bytes, plan.transfer_once_bytes, plan.fp8)
+    return peak, _time(card, work, plan.streamed_bytes, plan.transfer_once_bytes, plan.fp8, plan.vae_tile)
+
+
+def _bit_reversed(index: int, bits: int) -> int:
+    return int(f"{index:0{bits}b}"[::-1], 2) if bits else 0
+
+
+def _residency_order(blocks: list[Block]) -> list[Block]:
+    """The order in which blocks are kept resident: largest first (the fewest bytes left to stream); among blocks of
+    one size, by the bit-reversed position in execution order, so that any number kept, and the rest streamed, lie
+    evenly spread (half of them: every other block) and each streamed block has resident compute beside it."""
+    positions: dict[int, list[int]] = {}
+    for index, block in enumerate(blocks):
+        positions.setdefault(block.nbytes, []).append(index)
+    rank = {}
+    for indices in positions.values():
+        bits = max(0, (len(indices) - 1).bit_length())
+        for k, index in enumerate(indices):
+            rank[index] = _bit_reversed(k, bits)
+    order = sorted(range(len(blocks)), key=lambda i: (-blocks[i].nbytes, rank[i]))
+    return [blocks[i] for i in order]
 
 
 def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
@@ -232,15 +283,15 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
                 continue
             # Everything resident.
             yield Plan(budget, "resident", every, (), False, fp8, tile,
-                       _peak("resident", model, fp8, tile, every, (), work, card), _time(card, work, 0, 0, fp8), 0)
+                       _peak("resident", model, fp8, tile, every, (), work, card), _time(card, work, 0, 0, fp8, tile), 0)
             # Encoders and VAE on the GPU only while they run; the denoiser stays.
             once = enc_total + model.vae
             yield Plan(budget, "offload encoders and VAE", every, (), True, fp8, tile,
                        _peak("offload encoders and VAE", model, fp8, tile, every, (), work, card),
-                       _time(card, work, 0, once, fp8), 0, once)
+                       _time(card, work, 0, once, fp8, tile), 0, once)
             # Stream what does not fit: keep the largest blocks resident (fewest bytes to move per step).
             resident: list[Block] = []
-            streamed = sorted(blocks, key=lambda b: b.nbytes, reverse=True)
+            streamed = _residency_order(blocks)
             while streamed:
                 kept = [b.name for b in resident] + [streamed[0].name]
                 if _peak("stream", model, fp8, tile, kept, [b.name for b in streamed[1:]], work, card) > usable:
@@ -255,7 +306,7 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
             yield Plan(
                 budget, "stream", kept, moved_names, True, fp8, tile,
                 _peak("stream", model, fp8, tile, kept, moved_names, work, card),
-                _time(card, work, moved, once, fp8), moved, once,
+                _time(card, work, moved, once, fp8, tile), moved, once,
             )
 
 

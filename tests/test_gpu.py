@@ -174,8 +174,6 @@ def level_runs(cuda, mid_sd):
     for level in (L.ULTRA, L.AGGRESSIVE, L.BALANCED, L.NONE):
         managed = mlnb.load_pipeline(mid_sd.folder, level=level, dtype="fp16", device=cuda)
         managed.generate("warm-up", seed=0, steps=1, width=256, height=256)
-        streamer = streamer_of(managed.pipe)  # the copies now overlap compute on a copy stream
-        assert streamer.stream is not None and streamer.chained and len(streamer.order) == len(plan.streamed)
         result = managed.generate("a watercolor fox", seed=1, steps=4, width=256, height=256)
         runs[level] = LevelRun(result.memory.peak_allocated, managed.weights_location(), result)
     unload_all(cuda)
@@ -256,7 +254,7 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
     weights are complete before they are used (a prefetch racing the compute would change it)."""
     import numpy as np
 
-    from mlnb.optimizer.streaming import streamer_of
+    from mlnb.optimizer.streaming import streamer_of, streamers_of
 
     budget = int((0.5 * GiB + 100 * MiB + 0.4 * mid_sd.unet_bytes) / 0.92)
     unload_all(cuda)
@@ -269,6 +267,7 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
         managed.generate("warm-up", seed=0, steps=1, width=256, height=256)
         streamer = streamer_of(managed.pipe)  # the copies now overlap compute on a copy stream
         assert streamer.stream is not None and streamer.chained and len(streamer.order) == len(plan.streamed)
+        assert all(s.chained and s.stream is not None for s in streamers_of(managed.pipe))  # the text encoder too
         result = managed.generate("a watercolor fox", seed=1, steps=4, width=256, height=256)
         assert result.images[0].size == (256, 256)
         reference = np.asarray(level_runs[L.NONE].result.images[0], dtype=np.float32)

@@ -95,18 +95,49 @@ def test_measured_card_ranks_by_predicted_time():
             assert plan.predicted_seconds <= other.predicted_seconds
 
 
-def test_streamed_copies_overlap_the_compute():
-    """A step takes the longer of its compute and its copies, plus the encoders' and the VAE's one move per image and
-    the decode: the same plan is compute-bound at 200 ms a step and copy-bound at 1 ms."""
+@pytest.mark.parametrize("overlap", [None, 0.0, 0.5, 1.0])
+def test_streamed_step_time_follows_the_measured_overlap(overlap):
+    """Unmeasured, copies add to compute (an upper bound); a measured overlap of 1 gives the streaming floor,
+    max(compute, copies). Plus the encoders' and the VAE's one move per image, and the decode scaled by the pixels
+    its tiles cover."""
     sdxl = sdxl_like()
     plan = plan_for_budget(4 * GiB, sdxl, CardFacts(bandwidth=20e9, step_seconds=0.2, decode_seconds=0.3), SDXL_WORK)
     assert plan.strategy == "stream" and plan.streamed_bytes and not plan.fp8
     copies = plan.streamed_bytes / 20e9
-    for step_seconds in (0.2, 0.001):
-        card = CardFacts(bandwidth=20e9, step_seconds=step_seconds, decode_seconds=0.3)
-        expected = SDXL_WORK.steps * max(step_seconds, copies) + plan.transfer_once_bytes / 20e9 + 0.3
-        assert predict(plan, sdxl, card, SDXL_WORK)[1] == pytest.approx(expected)
     assert 0.001 < copies < 0.2
+    decode = 0.3 * plan_mod._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2
+    for compute in (0.2, 0.001):  # compute-bound, then copy-bound
+        card = CardFacts(bandwidth=20e9, step_seconds=compute, decode_seconds=0.3, overlap=overlap)
+        step = {None: compute + copies, 0.0: compute + copies, 1.0: max(compute, copies)}.get(
+            overlap, compute + copies - 0.5 * min(compute, copies))
+        expected = SDXL_WORK.steps * step + plan.transfer_once_bytes / 20e9 + decode
+        assert predict(plan, sdxl, card, SDXL_WORK)[1] == pytest.approx(expected)
+
+
+def test_tiles_cover_more_pixels_than_the_image():
+    work = Workload(1024, 1024)
+    assert plan_mod._tiled_pixels(work, None) == plan_mod._tiled_pixels(work, 1024) == 1024 * 1024
+    assert plan_mod._tiled_pixels(work, 512) == 9 * 512 * 512  # 3 × 3 tiles at a stride of 384
+    assert plan_mod._tiled_pixels(Workload(512, 512), 256) == 9 * 256 * 256
+
+
+def test_overlap_measured():
+    assert plan_mod.overlap_measured(0.07, 0.05, 0.12) == pytest.approx(0.0)  # added up
+    assert plan_mod.overlap_measured(0.07, 0.05, 0.07) == pytest.approx(1.0)  # the floor
+    assert plan_mod.overlap_measured(0.07, 0.05, 0.095) == pytest.approx(0.5)
+    assert plan_mod.overlap_measured(0.07, 0.05, 0.2) == 0.0 and plan_mod.overlap_measured(0.07, 0.0, 0.07) == 0.0
+
+
+def test_streamed_blocks_of_one_size_are_spread_over_the_execution_order():
+    """Twenty equal blocks, room for half of them: every other one streams, so each copy has compute beside it."""
+    facts = ModelFacts(encoders={"te": 100 * MiB}, vae=100 * MiB,
+                       blocks=tuple(Block(f"b{i}", 100 * MiB) for i in range(20)), denoiser_other=50 * MiB)
+    work = Workload(512, 512, 1, 30)
+    plans = [plan_for_budget(mib * MiB, facts, CardFacts(), work) for mib in range(1500, 2500, 25)]
+    plan = next(p for p in plans if len(p.resident) == 10)
+    assert plan.strategy == "stream" and len(plan.streamed) == 10
+    streamed = sorted(int(n[1:]) for n in plan.streamed)
+    assert all(b - a == 2 for a, b in zip(streamed, streamed[1:])), streamed
 
 
 @pytest.mark.parametrize("budget_gib", [3, 4, 8, 15])
@@ -153,7 +184,7 @@ def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     from diffusers import DiffusionPipeline
 
     from mlnb.optimizer.budget import apply_plan, model_facts
-    from mlnb.optimizer.streaming import streamer_of
+    from mlnb.optimizer.streaming import streamer_of, streamers_of
 
     _group_offloading_or_skip()
 
@@ -176,6 +207,7 @@ def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     assert report.is_applied("group_offload") and report.is_applied("model_cpu_offload")
     assert np.array_equal(run(pipe), reference)
     assert streamer_of(pipe).chained  # the second step, and this second image, ran with the prefetch chain
+    assert len(streamers_of(pipe)) == 3  # the UNet and both text encoders, streamed unit by unit
     assert np.array_equal(run(pipe), reference)
 
 

@@ -72,6 +72,26 @@ def _blocks(denoiser, max_block: int) -> list[tuple[str, object]]:
     return found
 
 
+def _units(module, max_block: int) -> list[tuple[str, object]]:
+    """A whole model split into streamable units (``""`` when it is one unit itself)."""
+    if _nbytes(module) <= max_block:
+        return [("", module)]
+    out = []
+    for name, child in module.named_children():
+        if _nbytes(child):
+            out += _split(name, child, max_block)
+    return out
+
+
+def _text_encoders(pipe) -> list:
+    import torch
+
+    return [
+        module for name, module in pipe.components.items()
+        if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+    ]
+
+
 def model_facts(pipe, max_block: int = _MAX_BLOCK) -> ModelFacts:
     """Weight bytes of ``pipe`` by component and denoiser block (execution order)."""
     import torch
@@ -87,12 +107,14 @@ def model_facts(pipe, max_block: int = _MAX_BLOCK) -> ModelFacts:
     }
     vae = getattr(pipe, "vae", None)
     bytes_per_param = next(denoiser.parameters()).element_size()
+    encoder_units = [_nbytes(unit) for encoder in _text_encoders(pipe) for _, unit in _units(encoder, max_block)]
     return ModelFacts(
         encoders=encoders,
         vae=_nbytes(vae) if vae is not None else 0,
         blocks=tuple(blocks),
         denoiser_other=_nbytes(denoiser) - sum(b.nbytes for b in blocks),
         bytes_per_param=bytes_per_param,
+        encoder_block=max(encoder_units, default=None),
     )
 
 
@@ -162,24 +184,32 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         results[Technique.VAE_TILING] = applied(Technique.VAE_TILING, f"decode in {plan.vae_tile} px tiles (needed to fit)", f"VAE tiles {plan.vae_tile}")
 
     device = torch.device(onload_device)
-    hook = None
     if plan.offload_encoders_vae:
-        # The VAE goes back to the CPU when the next image's first text encoder starts, each encoder when the next
-        # one starts, and the last encoder before the denoiser's first step: none of them is on the GPU while the
-        # denoiser runs (diffusers' own model offload frees its hooks at the end of a call; these are chained).
+        # Each text encoder is streamed unit by unit like the denoiser (pinned, overlapped, never whole on the GPU,
+        # nothing copied back). The VAE is moved whole by accelerate's hook when it decodes (SDXL upcasts it to fp32
+        # in the pipeline, which streamed copies would undo) and goes back to the CPU when the next image's first
+        # model (an encoder, or the denoiser) starts.
+        vae_hook = None
         if vae is not None:
-            _, hook = cpu_offload_with_hook(vae, device)
-        encoders = [
-            module for name, module in pipe.components.items()
-            if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
-        ]
-        for module in encoders:
-            _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
-        if encoders:
-            encoder_hook = hook
-            denoiser.register_forward_pre_hook(lambda module, args: encoder_hook.offload())
+            _, vae_hook = cpu_offload_with_hook(vae, device)
+        encoders = _text_encoders(pipe)
+        for encoder in encoders:
+            units = [name for name, _ in _units(encoder, _MAX_BLOCK)]
+            _move_except(encoder, "", set(units), device)
+            stream_units(encoder, units, device, ctx_device.copy_stream() if use_stream else None)
+        if vae_hook is not None:
+            first = next(vae.parameters())
+
+            def vae_off(module, args):
+                if first.device.type != "cpu":
+                    vae_hook.offload()
+
+            for model in encoders + [denoiser]:  # an encoder may be skipped (prompt embeddings given)
+                model.register_forward_pre_hook(vae_off)
         results[Technique.MODEL_CPU_OFFLOAD] = applied(
-            Technique.MODEL_CPU_OFFLOAD, "text encoders and VAE on the GPU only while they run", "encoders+VAE offload"
+            Technique.MODEL_CPU_OFFLOAD,
+            "text encoders streamed unit by unit and the VAE moved whole, each on the GPU only while it runs",
+            "encoders+VAE offload",
         )
     else:
         for name, module in pipe.components.items():

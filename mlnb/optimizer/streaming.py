@@ -28,7 +28,7 @@ import logging
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnitStreamer", "stream_units", "streamer_of"]
+__all__ = ["UnitStreamer", "stream_units", "streamer_of", "streamers_of"]
 
 _HOOK = "group_offloading"  # the name diffusers registers its group offloading hook under
 
@@ -38,6 +38,41 @@ def _on_host(group) -> bool:
         for tensor in itertools.chain(module.parameters(), module.buffers()):
             return tensor.device.type == "cpu"
     return False
+
+
+def _overlap_hook_class():
+    """diffusers' group offloading hook, with the next unit's copy started after this unit's compute is queued.
+
+    diffusers' hook starts the next group's copy in ``pre_forward``: after the previous offload has waited for the
+    compute stream, so the GPU sits idle while the host issues one copy per tensor, and only then gets this group's
+    kernels. Measured on an H100 with the chain built that way, a streamed step took compute plus copies (SDXL 1024²:
+    114 ms against 67 ms compute and 52 ms of copies): nothing overlapped. Here ``post_forward`` issues the next copy
+    while this unit's kernels run, then offloads as diffusers does (waiting for the compute, so the copy stream never
+    reuses memory still being read), and ``pre_forward`` makes the compute stream, not the host, wait for the copy.
+    Before the chain exists (``onload_self``) it is diffusers' hook unchanged.
+    """
+    from accelerate.utils import send_to_device
+    from diffusers.hooks.group_offloading import GroupOffloadingHook
+
+    class OverlapHook(GroupOffloadingHook):
+        def pre_forward(self, module, *args, **kwargs):
+            group = self.group
+            if group.onload_self or group.stream is None or group.onload_leader is not module:
+                return super().pre_forward(module, *args, **kwargs)
+            if _on_host(group):  # not prefetched (the previous unit did not run): copy now
+                group.onload_()
+            group._torch_accelerator_module.current_stream().wait_stream(group.stream)
+            args = send_to_device(args, group.onload_device, non_blocking=True)
+            kwargs = send_to_device(kwargs, group.onload_device, non_blocking=True)
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            following = self.next_group
+            if following is not None and self.group.offload_leader is module and not self.group.onload_self:
+                following.onload_()  # queued behind nothing on the copy stream; this unit's kernels are queued
+            return super().post_forward(module, output)
+
+    return OverlapHook
 
 
 class UnitStreamer:
@@ -123,12 +158,9 @@ def stream_units(denoiser, names, onload_device, stream) -> UnitStreamer:
     """
     import torch
     from diffusers.hooks import HookRegistry
-    from diffusers.hooks.group_offloading import (
-        GroupOffloadingConfig,
-        GroupOffloadingHook,
-        GroupOffloadingType,
-        ModuleGroup,
-    )
+    from diffusers.hooks.group_offloading import GroupOffloadingConfig, GroupOffloadingType, ModuleGroup
+
+    hook_class = _overlap_hook_class()
 
     offload_device = torch.device("cpu")
     config = GroupOffloadingConfig(
@@ -145,7 +177,7 @@ def stream_units(denoiser, names, onload_device, stream) -> UnitStreamer:
             low_cpu_mem_usage=False, onload_self=True, group_id=name,
         )
         group.non_blocking = False  # a stream turns it on; the first forward copies blocking until the chain exists
-        hook = GroupOffloadingHook(group, config=config)
+        hook = hook_class(group, config=config)
         HookRegistry.check_if_exists_or_initialize(unit).register_hook(hook, _HOOK)  # offloads (and pins) the unit
         hooks[name] = hook
     streamer = UnitStreamer(denoiser, hooks, stream)
@@ -160,3 +192,9 @@ def streamer_of(pipe) -> UnitStreamer | None:
         if streamer is not None:
             return streamer
     return None
+
+
+def streamers_of(pipe) -> list[UnitStreamer]:
+    """Every streamer of ``pipe``'s components (denoiser and text encoders)."""
+    found = (getattr(module, "_mlnb_streamer", None) for module in pipe.components.values())
+    return [streamer for streamer in found if streamer is not None]

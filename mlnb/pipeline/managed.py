@@ -31,9 +31,9 @@ from ..monitor import MemoryMonitor, cleanup, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.budget import apply_plan, model_facts, model_key, plan_level
-from ..optimizer.streaming import streamer_of
+from ..optimizer.streaming import streamers_of
 from ..optimizer.context import skipped
-from ..plan import BudgetError, ModelFacts, Plan, Workload, plan_for_budget, predict
+from ..plan import BudgetError, ModelFacts, Plan, Workload, overlap_measured, plan_for_budget, predict
 from ..card_facts import card_facts, record_measured
 from ..units import format_bytes, parse_bytes
 from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model, weight_bytes
@@ -272,8 +272,7 @@ class ManagedPipeline:
                     timer.finish()
                 except BaseException as exc:
                     release_exception_frames(exc)
-                    streamer = streamer_of(self.pipe)
-                    if streamer is not None:  # a prefetched block would stay on the GPU until the next step
+                    for streamer in streamers_of(self.pipe):  # a prefetched block would stay on the GPU
                         try:
                             streamer.offload_all()
                         except Exception as cleanup_exc:  # the error being raised is the one to report
@@ -330,6 +329,13 @@ class ManagedPipeline:
             return
         denoiser, everything = self._denoiser_resident()
         if not denoiser:
+            plan = self.plan
+            if plan is not None and plan.streamed and not plan.fp8:  # how much of the copies the compute hid
+                card = card_facts(self.device, self.model_key, work, measure=False)
+                if card.step_seconds and card.bandwidth:
+                    copies = plan.streamed_bytes / card.bandwidth
+                    overlap = overlap_measured(card.step_seconds, copies, timer.step_seconds)
+                    record_measured(self.device, self.model_key, work, overlap=overlap)
             return
         measured = {"step_seconds": timer.step_seconds}
         if everything:
