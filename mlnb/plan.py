@@ -49,6 +49,10 @@ __all__ = [
 FP8_STEP_FACTOR = 1.88
 _ENCODE_ACTIVATIONS = 64 * MiB
 _USABLE = 0.92  # keep 8% of the budget for allocator fragmentation
+# A tiled decode needs more than its tiles' share of the untiled decode. On an H100 (mlnb bench, 2026-11-26) plans
+# decoding in 256 px tiles peaked 0.15 GiB above that share (SDXL 1024², fp32 VAE) and ran out of memory at least
+# 0.13 GiB above it (SD1.5 512²): a part of the decode's memory does not shrink with the tile.
+TILE_OVERHEAD = 192 * MiB
 
 
 class BudgetError(ValueError):
@@ -134,7 +138,7 @@ def decode_reserve(work: Workload, tile: int | None) -> int:
     if tile is None:
         return int(per_mpix * work.mpix)
     one_tile = min(tile * tile / 2**20, work.width * work.height / 2**20)
-    return int(per_mpix * one_tile)
+    return int(per_mpix * one_tile) + TILE_OVERHEAD
 
 
 @dataclass(frozen=True)
@@ -219,8 +223,10 @@ def _reserves(work: Workload, tile: int | None, card: CardFacts | None) -> tuple
     """Denoise and decode activation bytes: measured on this card when known, else from the anchors."""
     den_res = card.denoise_reserve if card is not None and card.denoise_reserve else denoise_reserve(work)
     if card is not None and card.decode_reserve:
-        share = 1.0 if tile is None else min(1.0, tile * tile / (work.width * work.height))
-        return den_res, int(card.decode_reserve * share)
+        if tile is None:
+            return den_res, card.decode_reserve
+        share = min(1.0, tile * tile / (work.width * work.height))
+        return den_res, min(card.decode_reserve, int(card.decode_reserve * share) + TILE_OVERHEAD)
     return den_res, decode_reserve(work, tile)
 
 

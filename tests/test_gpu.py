@@ -247,7 +247,7 @@ def test_sdxl_fp16_with_force_upcast_runs_at_ultra(cuda, tiny_sdxl):
 # The budget planner under a real cap
 
 
-def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_sd, level_runs):
+def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_sd, level_runs, tmp_path, monkeypatch):
     """A budget that holds the reserve and about 40% of the UNet: the plan keeps part resident, streams the rest,
     and the card (capped to the budget) never reserves more than the budget; the prediction is not below the
     measured peak (at 256² the 0.5 GiB minimum reserve is generous). The image is the unoffloaded one: streamed
@@ -256,6 +256,9 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
 
     from mlnb.optimizer.streaming import streamer_of, streamers_of
 
+    # The budget is sized from the anchors' reserves: a fresh card-facts cache, without the activations that the
+    # level runs measured (smaller ones would let the whole UNet stay resident).
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     budget = int((0.5 * GiB + 100 * MiB + 0.4 * mid_sd.unet_bytes) / 0.92)
     unload_all(cuda)
     cuda.set_memory_cap(budget)
