@@ -238,7 +238,7 @@ class Device:
         return None
 
     def copy_stream(self):
-        """A new stream for host-to-device copies that overlap compute, or None where copies cannot overlap."""
+        """A new stream for host-to-device copies beside the compute stream, or None where there is none."""
         return None
 
 

@@ -1,7 +1,7 @@
 """The budget planner: a VRAM budget in, the fastest placement that fits out (pure; no torch).
 
 A plan keeps as much of the denoiser resident on the GPU as fits beside the activation reserve and streams the rest
-block by block from pinned memory, each block's copy overlapping the compute before it. Text encoders (streamed the
+block by block from pinned memory, each block's copy prefetched on a copy stream. Text encoders (streamed the
 same way) and the VAE are on the GPU only while they run, so they never add to the denoiser's peak. VAE tiling and
 fp8 storage are chosen only when they are needed to fit or make the plan faster.
 
@@ -13,10 +13,11 @@ Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU 
 Time model (seconds per image), from measured card facts:
     steps × (compute + copies − overlap × min(compute, copies)) + (encoder + VAE bytes) / bandwidth + decode
 where compute is a measured resident step, copies = streamed bytes / H2D bandwidth, and decode is the measured
-untiled decode times the pixels its tiles cover. Each streamed block's copy runs on a copy stream while the compute
-before it runs (:mod:`mlnb.optimizer.streaming`). How much of it that hides depends on where the streamed blocks sit
-and how much compute each has, so ``overlap`` is measured: the first streamed generation on a card records it, and
-until then it is 0 (copies add to compute: an upper bound). With ``overlap`` 1 a step is the streaming floor,
+untiled decode times the pixels its tiles cover. Each streamed block's copy is issued on a copy stream as the block
+before it starts (:mod:`mlnb.optimizer.streaming`). How much of the copies that hides depends on where the streamed
+blocks sit, how much compute each has and how long the host takes to issue them, so ``overlap`` is measured: each
+streamed generation on a card records it, and until then it is 0 (copies add to compute: an upper bound; on an H100
+it measured 0). With ``overlap`` 1 a step is the streaming floor,
 max(compute, copies). Streamed blocks are chosen largest first for the fewest bytes moved, and among blocks of one
 size spread evenly over the execution order, so that each copy has compute beside it.
 The reserves come from the plain-diffusers peaks measured on an H200 in the design notes (fp16, CFG, 20 steps):

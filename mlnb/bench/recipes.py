@@ -208,7 +208,7 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
             cleanup_seconds=result.memory.cleanup_seconds,
         )
         streamer = streamer_of(managed.pipe)
-        if streamer is not None:  # whether the copies overlapped compute (False: every block copied blocking)
+        if streamer is not None:  # whether blocks were prefetched on a copy stream (False: every block copied blocking)
             stats["prefetch_chain"] = streamer.chained and streamer.stream is not None
         return result.images
 

@@ -1,7 +1,7 @@
 """Applying a budget :class:`~mlnb.plan.Plan` to a pipeline: resident blocks on the GPU, the rest streamed.
 
 The pieces are diffusers' and accelerate's own hooks: diffusers' group offloading hook on each streamed denoiser block
-only (:mod:`.streaming`: pinned memory, a copy stream, each copy overlapped with the compute before it), so only
+only (:mod:`.streaming`: pinned memory, each block prefetched on a copy stream as the one before it starts), so only
 streamed weights are pinned; accelerate's
 ``cpu_offload_with_hook`` for the text encoders and the VAE (the VAE's ``decode`` triggers it through diffusers'
 ``apply_forward_hook``), chained so each leaves the GPU when the next model starts; ``enable_layerwise_casting``
@@ -164,7 +164,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         pipe: a freshly loaded pipeline on the CPU.
         plan: from :func:`mlnb.plan.plan_for_budget`.
         onload_device: where compute runs (``"cuda:0"``; ``"cpu"`` exercises the same hooks in tests).
-        use_stream: copy streamed blocks on a copy stream of ``ctx_device``, overlapped with compute (CUDA only).
+        use_stream: prefetch streamed blocks on a copy stream of ``ctx_device`` (CUDA only).
         ctx_device: the mlnb device for the after-load cleanup (default: the current one).
     """
     import torch
@@ -185,7 +185,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
 
     device = torch.device(onload_device)
     if plan.offload_encoders_vae:
-        # Each text encoder is streamed unit by unit like the denoiser (pinned, overlapped, never whole on the GPU,
+        # Each text encoder is streamed unit by unit like the denoiser (pinned, prefetched, never whole on the GPU,
         # nothing copied back). The VAE is moved whole by accelerate's hook when it decodes (SDXL upcasts it to fp32
         # in the pipeline, which streamed copies would undo) and goes back to the CPU when the next image's first
         # model (an encoder, or the denoiser) starts.
@@ -223,14 +223,14 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         trim_host_heap()  # the kept part's host copy is gone: give it back before pinning the streamed part
         streamer = stream_units(denoiser, plan.streamed, device, ctx_device.copy_stream() if use_stream else None)
         trim_host_heap()  # the pageable copies the pinned ones replaced
-        overlap = streamer.stream is not None
+        prefetched = streamer.stream is not None
         moved = plan.streamed_bytes
         results[Technique.GROUP_OFFLOAD] = applied(
             Technique.GROUP_OFFLOAD,
             f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed"
-            f"{' from pinned memory, each copy overlapped with the compute before it' if overlap else ', copied when they run'}"
+            f"{' from pinned memory, each prefetched on a copy stream' if prefetched else ', copied when they run'}"
             f"; {len(plan.resident)} blocks resident",
-            f"stream {format_bytes(moved)}{' overlapped' if overlap else ''}, keep {len(plan.resident)} blocks",
+            f"stream {format_bytes(moved)}{' prefetched' if prefetched else ''}, keep {len(plan.resident)} blocks",
         )
 
     steps = cleanup(ctx_device, collect=True, empty_cache=True)

@@ -1,4 +1,4 @@
-"""Streaming a plan's denoiser units from pinned host memory, each copy overlapped with the compute before it.
+"""Streaming a plan's denoiser units from pinned host memory, each prefetched on a copy stream.
 
 Each streamed unit (a denoiser block, or a part of one, named by the plan) becomes one diffusers ``ModuleGroup``
 under a ``GroupOffloadingHook``: diffusers' own pinning, copy, stream and offload code. ``apply_group_offloading``
@@ -11,11 +11,18 @@ itself does not fit a plan for two reasons:
   needs the chain to run across them.
 
 So the groups are made here, one per unit. The chain is built after the first forward, from the order in which the
-units really ran. That first forward copies each unit blocking. From then on, each unit starts the copy of the
-next streamed unit on the copy stream as it begins to compute, and the denoiser's forward starts the first. A copy
-therefore runs during everything computed between two streamed units, resident blocks included. At most two
-streamed units are on the GPU at once: the one computing and the one arriving. Offloads wait for the compute stream
-(diffusers' default, without ``record_stream``), so the host never runs ahead and keeps a third unit alive.
+units really ran. That first forward copies each unit blocking. From then on each unit, as it starts, waits for its
+own copy and starts the next streamed unit's copy on the copy stream (diffusers' prefetch), and the denoiser's
+forward starts the first. A copy can therefore run during everything computed between two streamed units. At most
+two streamed units are on the GPU at once: the one computing and the one arriving. Offloads wait for the compute
+stream (diffusers' default, without ``record_stream``), so the host never runs ahead and keeps a third unit alive.
+
+Measured on an H100 (docs/benchmarks.md, runs 3 and 4): the copies did not overlap the compute. A streamed SDXL step
+took compute plus copies (114 ms = 67 ms + 52 ms for 2.5 GiB in 59 units). Each unit's start waits for the compute
+before it (the offload's synchronisation) and then issues its tensor copies one by one while the GPU has nothing
+queued. Issuing the next copy after a unit's kernels instead (a hook subclass, run 4) was slower (173 ms for 1.7 GiB
+in 46 units): the copy then had only the compute between two streamed units to hide behind. The planner's time
+model takes the overlap it measured (0 so far).
 
 A unit that runs twice in one forward, or not at all, leaves the chain unbuilt. Every unit then copies blocking,
 which is correct and slower; a warning says so.
@@ -38,41 +45,6 @@ def _on_host(group) -> bool:
         for tensor in itertools.chain(module.parameters(), module.buffers()):
             return tensor.device.type == "cpu"
     return False
-
-
-def _overlap_hook_class():
-    """diffusers' group offloading hook, with the next unit's copy started after this unit's compute is queued.
-
-    diffusers' hook starts the next group's copy in ``pre_forward``: after the previous offload has waited for the
-    compute stream, so the GPU sits idle while the host issues one copy per tensor, and only then gets this group's
-    kernels. Measured on an H100 with the chain built that way, a streamed step took compute plus copies (SDXL 1024²:
-    114 ms against 67 ms compute and 52 ms of copies): nothing overlapped. Here ``post_forward`` issues the next copy
-    while this unit's kernels run, then offloads as diffusers does (waiting for the compute, so the copy stream never
-    reuses memory still being read), and ``pre_forward`` makes the compute stream, not the host, wait for the copy.
-    Before the chain exists (``onload_self``) it is diffusers' hook unchanged.
-    """
-    from accelerate.utils import send_to_device
-    from diffusers.hooks.group_offloading import GroupOffloadingHook
-
-    class OverlapHook(GroupOffloadingHook):
-        def pre_forward(self, module, *args, **kwargs):
-            group = self.group
-            if group.onload_self or group.stream is None or group.onload_leader is not module:
-                return super().pre_forward(module, *args, **kwargs)
-            if _on_host(group):  # not prefetched (the previous unit did not run): copy now
-                group.onload_()
-            group._torch_accelerator_module.current_stream().wait_stream(group.stream)
-            args = send_to_device(args, group.onload_device, non_blocking=True)
-            kwargs = send_to_device(kwargs, group.onload_device, non_blocking=True)
-            return args, kwargs
-
-        def post_forward(self, module, output):
-            following = self.next_group
-            if following is not None and self.group.offload_leader is module and not self.group.onload_self:
-                following.onload_()  # queued behind nothing on the copy stream; this unit's kernels are queued
-            return super().post_forward(module, output)
-
-    return OverlapHook
 
 
 class UnitStreamer:
@@ -104,7 +76,7 @@ class UnitStreamer:
         elif self.order:
             first = self.hooks[self.order[0]].group
             if _on_host(first):
-                first.onload_()  # asynchronous: overlaps the embeddings and the resident blocks before it
+                first.onload_()  # asynchronous: issued before the embeddings and the resident blocks before it
 
     def _after(self, module, args, output) -> None:
         if not self._tracing or not self._trace:
@@ -158,9 +130,12 @@ def stream_units(denoiser, names, onload_device, stream) -> UnitStreamer:
     """
     import torch
     from diffusers.hooks import HookRegistry
-    from diffusers.hooks.group_offloading import GroupOffloadingConfig, GroupOffloadingType, ModuleGroup
-
-    hook_class = _overlap_hook_class()
+    from diffusers.hooks.group_offloading import (
+        GroupOffloadingConfig,
+        GroupOffloadingHook,
+        GroupOffloadingType,
+        ModuleGroup,
+    )
 
     offload_device = torch.device("cpu")
     config = GroupOffloadingConfig(
@@ -177,7 +152,7 @@ def stream_units(denoiser, names, onload_device, stream) -> UnitStreamer:
             low_cpu_mem_usage=False, onload_self=True, group_id=name,
         )
         group.non_blocking = False  # a stream turns it on; the first forward copies blocking until the chain exists
-        hook = hook_class(group, config=config)
+        hook = GroupOffloadingHook(group, config=config)
         HookRegistry.check_if_exists_or_initialize(unit).register_hook(hook, _HOOK)  # offloads (and pins) the unit
         hooks[name] = hook
     streamer = UnitStreamer(denoiser, hooks, stream)
