@@ -462,3 +462,33 @@ def test_oom_with_a_plan_falls_back_to_ultra_when_no_smaller_plan_fits(tiny_sd, 
     result = generate_with_rescue(managed, prompt="a fox", seed=1, **FAST)
     assert tried[-1] is L.ULTRA and result.level is L.ULTRA
     assert result.notes == ("out of memory with the plan for 3.0 GiB",)
+
+
+def test_a_streamed_generation_records_the_overlap_it_measured(tiny_sd, clean_cache, tmp_path, monkeypatch):
+    """With a resident step time and the bandwidth known for the card, a generation that streamed part of the
+    denoiser records how much of its copies the compute hid; the next prediction uses it."""
+    from mlnb.card_facts import card_facts, record_measured
+    from mlnb.pipeline.timing import StepTimer
+    from mlnb.plan import Workload
+
+    class CudaLike(FakeDevice):
+        is_cuda = True  # _record measures only on a CUDA card
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    device = CudaLike()
+    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
+    managed.device = device
+    work = Workload(64, 64, 1, 4)
+    copies_bytes = int(0.05 * device.h2d_bandwidth())  # 50 ms of copies a step
+    managed.plan = dataclasses.replace(managed.plan, strategy="stream", streamed=("down_blocks.0",),
+                                       streamed_bytes=copies_bytes)
+    assert card_facts(device, managed.model_key, work).bandwidth == device.h2d_bandwidth()  # measured and cached
+    record_measured(device, managed.model_key, work, step_seconds=0.07)  # a resident step: 70 ms of compute
+    ticks = iter([0.0, 0.095, 0.19])  # two streamed steps of 95 ms: 25 of the 50 ms of copies were hidden
+    timer = StepTimer(lambda: None, clock=lambda: next(ticks))
+    timer.mark(), timer.mark(), timer.mark()
+    managed._record(work, timer, None)
+    facts = card_facts(device, managed.model_key, work, measure=False)
+    assert facts.overlap == pytest.approx(0.5) and facts.step_seconds == 0.07  # the resident step is kept
+    _, seconds = managed.predict(work)
+    assert seconds == pytest.approx(4 * 0.095 + managed.plan.transfer_once_bytes / device.h2d_bandwidth(), rel=1e-3)

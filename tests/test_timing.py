@@ -110,3 +110,15 @@ def test_step_timer_reserves_are_the_peaks_above_the_weights():
     assert timer.reserves(start_allocated=7_000, final_peak=7_800) == (800, None)  # the decode needed less
     assert timer.reserves(start_allocated=None, final_peak=12_000) == (None, None)
     assert StepTimer(lambda: None).reserves(7_000, 12_000) == (None, None)  # no peak readings
+
+
+def test_overlap_is_recorded_at_zero_too_and_is_the_same_at_every_size(cache):
+    device = FakeDevice()
+    work = Workload(1024, 1024, 1, 20)
+    record_measured(device, KEY, work, step_seconds=0.07, overlap=0.6)
+    record_measured(device, KEY, work, overlap=0.0)  # copies that added up replace an earlier, better figure
+    assert card_facts(device, KEY, work).overlap == 0.0
+    quarter = card_facts(device, KEY, Workload(512, 512, 1, 20))
+    assert quarter.overlap == 0.0 and quarter.step_seconds == pytest.approx(0.07 / 4)  # a fraction: not scaled
+    record_measured(device, KEY, work, overlap=0.25)
+    assert card_facts(device, KEY, Workload(512, 512, 1, 20)).overlap == 0.25
