@@ -241,6 +241,13 @@ class Device:
         """A new stream for host-to-device copies beside the compute stream, or None where there is none."""
         return None
 
+    def host_buffer(self, nbytes: int):
+        """``nbytes`` of host memory (a uint8 tensor) that copies to this device can read asynchronously: page-locked
+        on CUDA, plain memory here."""
+        import torch
+
+        return torch.empty(nbytes, dtype=torch.uint8)
+
 
 def _is_torch_oom(exc: BaseException) -> bool:
     oom_type = None
@@ -408,6 +415,11 @@ class CudaDevice(Device):
 
     def copy_stream(self):
         return self._cuda().Stream(self.index)
+
+    def host_buffer(self, nbytes: int):
+        import torch
+
+        return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
     def h2d_bandwidth(self, nbytes: int = 256 * 2**20, repeats: int = 5) -> float | None:
         import torch

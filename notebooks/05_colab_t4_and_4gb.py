@@ -83,20 +83,21 @@ for name, side in [("sd15", 512), ("sdxl", 1024)]:
 # | | Colab T4: 15 GiB VRAM, 12.7 GB RAM | 4 GB card |
 # |---|---|---|
 # | SD1.5, 512², 30 steps | `auto`: everything on the GPU | `auto`: everything on the GPU |
-# | SDXL, 1024², 30 steps | `auto`: everything on the GPU; `balanced` (model offload) when other work shares the card | `auto`: the largest UNet blocks kept, the rest (about 2.5 GiB) streamed every step, VAE in 256 px tiles |
+# | SDXL, 1024², 30 steps | `auto`: everything on the GPU; `balanced` (model offload) when other work shares the card | `auto`: the largest UNet blocks kept, the rest (about 2.0 GiB) streamed every step, VAE in 256 px tiles |
 #
 # Two things decide beyond VRAM:
 #
-# - **Host RAM.** Streamed weights sit in pinned host memory. A plan pins only the blocks it streams (about 2.5 GiB
-#   of SDXL's 6.5 GiB on a 4 GB card) after the rest has gone to the GPU. The fixed level `ultra` streams the whole
+# - **Host RAM.** Streamed weights sit in pinned host memory. A plan pins only what it streams (on a 4 GB card about
+#   2.0 GiB of SDXL's UNet and its 1.6 GiB of text encoders, of 6.5 GiB in all) after the rest has gone to the GPU. The fixed level `ultra` streams the whole
 #   pipeline: plain diffusers' group offloading of SDXL peaked at 14.35 GiB of host RAM on an H100 machine (2.2× the
 #   fp16 weights; see `docs/benchmarks.md`), more than Colab's 12.7 GB, so on Colab do not run SDXL at `ultra`.
 #   `aggressive` offloads the same groups without streams and without the pinned copy: slower, no pinned RAM.
 # - **Speed.** Every offload trades time for memory. On one H100 (plain diffusers 0.42.1, fp16, 20 steps, random
 #   weights, `mlnb bench`, 2026-11-26; [docs/benchmarks.md](https://github.com/mlnb-project/mlnb/blob/main/docs/benchmarks.md)),
-#   SDXL took 1.83 s with no offload and 5.41 s with leaf-level group offload and streams under a 4 GiB cap; SD1.5
-#   0.68 s and 2.04 s under 2 GiB. mlnb's resident SDXL plan under a 15 GiB cap took 1.88 s. The streaming plans
-#   have not been timed on a GPU yet.
+#   SDXL took 1.57 s with no offload and 5.52 s with leaf-level group offload and streams under a 4 GiB cap; SD1.5
+#   0.78 s and 2.57 s under 2 GiB. mlnb's plans took 1.68 s for SDXL under a 15 GiB cap (all resident), 4.39 s
+#   under 4 GiB (part of the UNet streamed) and 1.38 s for SD1.5 under 2 GiB (run 3 there; the streaming plans
+#   are still short of their targets).
 #
 # No xformers on Colab: mlnb uses PyTorch's SDPA and says so in the report.
 

@@ -1,15 +1,17 @@
 """Applying a budget :class:`~mlnb.plan.Plan` to a pipeline: resident blocks on the GPU, the rest streamed.
 
 The pieces are diffusers' and accelerate's own hooks: diffusers' group offloading hook on each streamed denoiser block
-only (:mod:`.streaming`: pinned memory, each block prefetched on a copy stream as the one before it starts), so only
-streamed weights are pinned; accelerate's
-``cpu_offload_with_hook`` for the text encoders and the VAE (the VAE's ``decode`` triggers it through diffusers'
-``apply_forward_hook``), chained so each leaves the GPU when the next model starts; ``enable_layerwise_casting``
-for fp8 storage. Everything else of the denoiser is moved to the GPU part by part, never whole, so a card smaller
-than the denoiser never holds it all at once.
+and on each unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, each block prefetched on a copy
+stream as the one before it starts), so only streamed weights are pinned; accelerate's ``cpu_offload_with_hook`` for
+the VAE (its ``decode`` triggers it through diffusers' ``apply_forward_hook``), which leaves the GPU when the next
+image's encoders or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is
+moved to the GPU part by part, never whole, so a card smaller than the denoiser never holds it all at once.
 
 Order matters for host RAM: the kept part goes to the GPU first and the freed host memory is handed back to the OS,
-and only then are the streamed blocks pinned, so the process never holds the whole model twice.
+and only then are the streamed blocks and encoders pinned, packed into power-of-two buffers one buffer at a time
+(:mod:`.pinning`: torch rounds each pinned block up to a power of two), each pageable original released as soon as it
+is copied. The process never holds the whole model twice, and pinned memory is the streamed bytes, not up to twice
+them.
 
 Blocks, not layers: on an H100, SD1.5 with 10 blocks streamed layer by layer took 67 ms a step against 29 ms
 unoffloaded; the per-layer hooks cost more than the 570 MiB of copies (11 ms at 54 GB/s). One hook per block (at
@@ -184,6 +186,10 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         results[Technique.VAE_TILING] = applied(Technique.VAE_TILING, f"decode in {plan.vae_tile} px tiles (needed to fit)", f"VAE tiles {plan.vae_tile}")
 
     device = torch.device(onload_device)
+    streamed = set(plan.streamed)
+    _move_except(denoiser, "", streamed, device)
+    gc.collect()
+    trim_host_heap()  # the kept part's host copy is gone: give it back before anything is pinned
     if plan.offload_encoders_vae:
         # Each text encoder is streamed unit by unit like the denoiser (pinned, prefetched, never whole on the GPU,
         # nothing copied back). The VAE is moved whole by accelerate's hook when it decodes (SDXL upcasts it to fp32
@@ -196,7 +202,8 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         for encoder in encoders:
             units = [name for name, _ in _units(encoder, _MAX_BLOCK)]
             _move_except(encoder, "", set(units), device)
-            stream_units(encoder, units, device, ctx_device.copy_stream() if use_stream else None)
+            stream_units(encoder, units, device, ctx_device.copy_stream() if use_stream else None, ctx_device.host_buffer)
+        trim_host_heap()  # the encoders' pageable originals, replaced by packed pinned copies
         if vae_hook is not None:
             first = next(vae.parameters())
 
@@ -216,13 +223,11 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
             if isinstance(module, torch.nn.Module) and module is not denoiser:
                 module.to(device)
 
-    streamed = set(plan.streamed)
-    _move_except(denoiser, "", streamed, device)
     if streamed:
-        gc.collect()
-        trim_host_heap()  # the kept part's host copy is gone: give it back before pinning the streamed part
-        streamer = stream_units(denoiser, plan.streamed, device, ctx_device.copy_stream() if use_stream else None)
-        trim_host_heap()  # the pageable copies the pinned ones replaced
+        streamer = stream_units(
+            denoiser, plan.streamed, device, ctx_device.copy_stream() if use_stream else None, ctx_device.host_buffer
+        )
+        trim_host_heap()  # the pageable originals the packed pinned copies replaced
         prefetched = streamer.stream is not None
         moved = plan.streamed_bytes
         results[Technique.GROUP_OFFLOAD] = applied(

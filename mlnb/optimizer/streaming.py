@@ -117,7 +117,35 @@ class UnitStreamer:
         self._handles = []
 
 
-def stream_units(denoiser, names, onload_device, stream) -> UnitStreamer:
+def _pin_packed(hooks: dict, host_buffer) -> None:
+    """Replace the host copies of every streamed unit by views into packed page-locked buffers (:mod:`.pinning`),
+    releasing each pageable original as soon as it is copied."""
+    from .pinning import pack
+
+    groups = [hook.group for hook in hooks.values()]
+    owners: dict = {}  # tensor -> the groups holding its host copy (a tied weight is packed once)
+    for group in groups:
+        for tensor in group.cpu_param_dict:
+            owners.setdefault(tensor, []).append(group)
+    tensors = list(owners)
+    sources = [owners[t][0].cpu_param_dict[t] for t in tensors]
+
+    def moved(index: int, copy) -> None:
+        tensor = tensors[index]
+        for group in owners[tensor]:
+            group.cpu_param_dict[tensor] = copy
+        if tensor.device.type == "cpu":
+            tensor.data = copy
+
+    try:
+        _, allocated = pack(sources, host_buffer, done=moved)
+    except RuntimeError as exc:  # the host cannot lock that much: what is left is pinned on the fly at each onload
+        logger.warning("could not pin all the streamed weights (%s); the rest are pinned on the fly as they copy", exc)
+        return
+    logger.debug("pinned %d streamed tensors in %d bytes", len(tensors), allocated)
+
+
+def stream_units(denoiser, names, onload_device, stream, host_buffer=None) -> UnitStreamer:
     """Stream the units ``names`` of ``denoiser`` (dotted module paths) to ``onload_device``; the rest is untouched.
 
     Args:
@@ -127,6 +155,8 @@ def stream_units(denoiser, names, onload_device, stream) -> UnitStreamer:
         stream: a copy stream (:meth:`mlnb.device.Device.copy_stream`); with None, copies are blocking from pageable
             memory and nothing is pinned (the CPU path the tests take; the chain is built all the same, and each
             prefetch there is a blocking no-op).
+        host_buffer: allocates page-locked host memory (:meth:`mlnb.device.Device.host_buffer`) for the packed host
+            copies; without it diffusers pins each tensor by itself (rounded up to a power of two).
     """
     import torch
     from diffusers.hooks import HookRegistry
@@ -138,9 +168,10 @@ def stream_units(denoiser, names, onload_device, stream) -> UnitStreamer:
     )
 
     offload_device = torch.device("cpu")
+    packed = stream is not None and host_buffer is not None  # diffusers keeps the pageable originals; packed below
     config = GroupOffloadingConfig(
         onload_device=onload_device, offload_device=offload_device, offload_type=GroupOffloadingType.BLOCK_LEVEL,
-        non_blocking=False, record_stream=False, low_cpu_mem_usage=False, num_blocks_per_group=1, stream=stream,
+        non_blocking=False, record_stream=False, low_cpu_mem_usage=packed, num_blocks_per_group=1, stream=stream,
     )
     modules = dict(denoiser.named_modules())
     hooks = {}
@@ -149,12 +180,14 @@ def stream_units(denoiser, names, onload_device, stream) -> UnitStreamer:
         group = ModuleGroup(
             modules=[unit], offload_device=offload_device, onload_device=onload_device,
             offload_leader=unit, onload_leader=unit, non_blocking=False, stream=stream, record_stream=False,
-            low_cpu_mem_usage=False, onload_self=True, group_id=name,
+            low_cpu_mem_usage=packed, onload_self=True, group_id=name,
         )
         group.non_blocking = False  # a stream turns it on; the first forward copies blocking until the chain exists
         hook = GroupOffloadingHook(group, config=config)
         HookRegistry.check_if_exists_or_initialize(unit).register_hook(hook, _HOOK)  # offloads (and pins) the unit
         hooks[name] = hook
+    if packed:
+        _pin_packed(hooks, host_buffer)
     streamer = UnitStreamer(denoiser, hooks, stream)
     denoiser._mlnb_streamer = streamer
     return streamer
