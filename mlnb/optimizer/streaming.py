@@ -48,7 +48,7 @@ def _on_host(group) -> bool:
 
 
 class UnitStreamer:
-    """The streamed units of one denoiser: their hooks and the prefetch chain between them."""
+    """The streamed units of one model (a denoiser or a text encoder): their hooks and the prefetch chain."""
 
     def __init__(self, denoiser, hooks: dict, stream) -> None:
         self.hooks = hooks  # unit name -> GroupOffloadingHook, in plan order
