@@ -5,10 +5,12 @@
 #
 # Steps: install mlnb (editable, keeping the machine's torch; wheels in ./.whl are installed first when the machine
 # lacks a dependency and has no package index), `mlnb doctor`, `mlnb bench --quick` (table, targets, JSON, Markdown,
-# one log per worker), the GPU tests (`pytest -m gpu`, junit xml), and the per-cell hook overhead on CUDA
-# (scripts/bench_cell_hooks.py). The benchmark comes before the tests: it is the step whose numbers the docs need.
-# A failing step does not stop the next one; a summary with each step's status and time comes last, and the exit
-# status is 1 if any step failed. The step limits add up to 560 s, inside one 600 s device call.
+# one log per worker), scripts/diagnose_streaming.py on the bench's SDXL folder (one 4 GiB plan capped, uncapped and
+# with expandable segments, beside the resident step), the GPU tests (`pytest -m gpu`, junit xml), and the per-cell
+# hook overhead on CUDA (scripts/bench_cell_hooks.py). The benchmark comes before the tests: it is the step whose
+# numbers the docs need. A failing step does not stop the next one; a summary with each step's status and time comes
+# last, and the exit status is 1 if any step failed. The step limits add up to 670 s. Without the diagnose step
+# (limit 110 s) the whole check took 342 to 392 s on an H100; give the device call a limit that leaves room for it.
 #
 # Environment:
 #   OUT                    where results go (default ./gpu-out); keep large files out of it
@@ -173,6 +175,10 @@ run_step environment 20 bash -c environment
 run_step install 40 bash -c install
 run_step doctor 20 bash -c "mlnb_cli doctor"
 run_step bench 330 bash -c bench
+if [ -d "$work/sdxl" ]; then  # built by the bench
+  run_step diagnose 110 "$python" scripts/diagnose_streaming.py --folder "$work/sdxl" --budget 4GiB --steps 8 \
+    --timeout 60 --json "$out/diagnose-streaming.json"
+fi
 run_step gpu-tests 120 bash -c gpu_tests
 run_step cell-hooks 30 "$python" scripts/bench_cell_hooks.py --cells 1000 --json "$out/cell-hooks.json"
 cp "$MLNB_CACHE/cards.json" "$out/cards.json" 2>/dev/null || echo "no card facts were cached"

@@ -1,0 +1,129 @@
+"""Why a streamed step takes compute plus copies: one budget plan under three allocator settings, side by side.
+
+Usage:
+    python scripts/diagnose_streaming.py --folder /tmp/mlnb-bench-models/sdxl [--budget 4GiB] [--size 1024]
+        [--steps 8] [--json out.json]
+
+On an H100 the streamed steps of mlnb's plans took the resident step plus the copies, as if nothing overlapped
+(docs/benchmarks.md, runs 3 and 4). Under a cap, the allocator's reserved memory sat at the cap. So the copy
+stream's pool and the compute stream's pool may be freeing and reserving memory again at each block, with
+device-wide synchronisation. Each variant runs in a process of its own (the allocator reads its settings once):
+
+- ``resident``: the model with everything on the GPU (level none): the compute-only step;
+- ``capped``: the plan for the budget, with the budget as the process's memory cap (as ``mlnb bench`` runs it);
+- ``uncapped``: the same plan with the whole card for the allocator. If the copies overlap here, the cap's
+  allocator churn is what serialises them; if not, the hooks' host waits are;
+- ``capped+expandable``: the cap with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``.
+
+Prints a table and writes JSON: s/image, median step, copies per step at the measured bandwidth, and the overlap
+(0: compute plus copies; 1: the longer of the two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+VARIANTS = {
+    "resident": {},
+    "capped": {},
+    "uncapped": {},
+    "capped+expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+}
+
+
+def _child(args) -> dict:
+    import mlnb
+    from mlnb.card_facts import card_facts
+    from mlnb.device import get_device
+    from mlnb.units import parse_bytes
+
+    device = get_device()
+    if not device.is_cuda:
+        return {"variant": args.child, "error": "needs a CUDA device"}
+    budget = parse_bytes(args.budget)
+    if args.child.startswith("capped"):
+        device.set_memory_cap(budget)
+    if args.child == "resident":
+        managed = mlnb.load_pipeline(args.folder, level="none", dtype="fp16", device=device)
+    else:
+        managed = mlnb.load_pipeline(args.folder, budget=budget, dtype="fp16", device=device)
+    call = dict(steps=args.steps, width=args.size, height=args.size, seed=1)
+    managed.generate("warm-up", **{**call, "steps": 2})
+    result = managed.generate("a watercolor fox", **call)
+    plan = managed.plan
+    row = {
+        "variant": args.child,
+        "plan": str(plan) if plan is not None else None,
+        "seconds": result.seconds,
+        "step_seconds": result.step_seconds,
+        "peak_allocated": result.memory.peak_allocated,
+        "peak_reserved": result.memory.peak_reserved,
+        "streamed_bytes": plan.streamed_bytes if plan is not None else 0,
+        "streamed_blocks": len(plan.streamed) if plan is not None else 0,
+    }
+    from mlnb.plan import Workload
+
+    facts = card_facts(device, managed.model_key, Workload(args.size, args.size, 1, args.steps), measure=True)
+    row["bandwidth"] = facts.bandwidth
+    return row
+
+
+def _run_variant(name: str, args) -> dict:
+    env = {**os.environ, **VARIANTS[name]}
+    cmd = [sys.executable, __file__, "--child", name, "--folder", args.folder, "--budget", args.budget,
+           "--size", str(args.size), "--steps", str(args.steps)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    return {"variant": name, "error": (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--folder", required=True, help="a diffusers folder (mlnb bench builds sd15/ and sdxl/)")
+    parser.add_argument("--budget", default="4GiB")
+    parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--timeout", type=int, default=90, help="seconds per variant")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(_child(args)))
+        return 0
+
+    from mlnb.plan import overlap_measured
+
+    rows = []
+    for name in VARIANTS:
+        try:
+            rows.append(_run_variant(name, args))
+        except subprocess.TimeoutExpired:
+            rows.append({"variant": name, "error": f"timed out after {args.timeout} s"})
+    compute = next((r.get("step_seconds") for r in rows if r["variant"] == "resident" and not r.get("error")), None)
+    print(f"{'variant':<18} {'s/img':>6} {'step s':>7} {'copies s':>8} {'overlap':>7} {'peak rsrv GiB':>13}  plan")
+    for row in rows:
+        if row.get("error"):
+            print(f"{row['variant']:<18} error: {row['error']}")
+            continue
+        copies = row["streamed_bytes"] / row["bandwidth"] if row.get("bandwidth") else None
+        if compute and copies and row["step_seconds"]:
+            row["copies_seconds"] = copies
+            row["overlap"] = overlap_measured(compute, copies, row["step_seconds"])
+        print(f"{row['variant']:<18} {row['seconds']:>6.2f} {row['step_seconds'] or 0:>7.3f} "
+              f"{row.get('copies_seconds', 0):>8.3f} {row.get('overlap', float('nan')):>7.2f} "
+              f"{(row['peak_reserved'] or 0) / 2**30:>13.2f}  {row['plan'] or 'level none'}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"folder": args.folder, "budget": args.budget, "size": args.size, "steps": args.steps,
+                       "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
