@@ -17,9 +17,9 @@ untiled decode times the pixels its tiles cover. Each streamed block's copy is i
 before it starts (:mod:`mlnb.optimizer.streaming`). How much of the copies that hides depends on where the streamed
 blocks sit, how much compute each has and how long the host takes to issue them, so ``overlap`` is measured: each
 streamed generation on a card records it, and until then it is 0 (copies add to compute: an upper bound; on an H100
-it measured 0). With ``overlap`` 1 a step is the streaming floor,
-max(compute, copies). Streamed blocks are chosen largest first for the fewest bytes moved, and among blocks of one
-size spread evenly over the execution order, so that each copy has compute beside it.
+it measured 0). With ``overlap`` 1 a step is the streaming floor, max(compute, copies). Streamed blocks are chosen
+largest first for the fewest bytes moved, and among blocks of one size spread evenly over the execution order, so
+that each copy has compute beside it.
 The reserves come from the plain-diffusers peaks measured on an H200 in the design notes (fp16, CFG, 20 steps):
 SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at 512; SDXL's fp32
 (upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
