@@ -37,9 +37,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["UnitStreamer", "stream_units", "streamer_of", "streamers_of"]
 
-_HOOK = "group_offloading"  # the name diffusers registers its group offloading hook under
-
-
 def _on_host(group) -> bool:
     for module in group.modules:
         for tensor in itertools.chain(module.parameters(), module.buffers()):
@@ -161,6 +158,7 @@ def stream_units(denoiser, names, onload_device, stream, host_buffer=None) -> Un
     import torch
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
         GroupOffloadingConfig,
         GroupOffloadingHook,
         GroupOffloadingType,
@@ -184,7 +182,7 @@ def stream_units(denoiser, names, onload_device, stream, host_buffer=None) -> Un
         )
         group.non_blocking = False  # a stream turns it on; the first forward copies blocking until the chain exists
         hook = GroupOffloadingHook(group, config=config)
-        HookRegistry.check_if_exists_or_initialize(unit).register_hook(hook, _HOOK)  # offloads (and pins) the unit
+        HookRegistry.check_if_exists_or_initialize(unit).register_hook(hook, _GROUP_OFFLOADING)  # offloads the unit
         hooks[name] = hook
     if packed:
         _pin_packed(hooks, host_buffer)
