@@ -85,31 +85,26 @@ def _units(module, max_block: int) -> list[tuple[str, object]]:
     return out
 
 
-def _text_encoders(pipe) -> list:
+def _text_encoders(pipe) -> dict:
+    """The pipeline's text encoders by component name (``text_encoder``, ``text_encoder_2`` ...)."""
     import torch
 
-    return [
-        module for name, module in pipe.components.items()
+    return {
+        name: module for name, module in pipe.components.items()
         if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
-    ]
+    }
 
 
 def model_facts(pipe, max_block: int = _MAX_BLOCK) -> ModelFacts:
     """Weight bytes of ``pipe`` by component and denoiser block (execution order)."""
-    import torch
-
     denoiser = denoiser_of(pipe)
     if denoiser is None:
         raise ValueError(f"{type(pipe).__name__} has no unet or transformer to plan for")
     blocks = [Block(name, _nbytes(module)) for name, module in _blocks(denoiser, max_block)]
-    encoders = {
-        name: _nbytes(module)
-        for name, module in pipe.components.items()
-        if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
-    }
+    encoders = {name: _nbytes(module) for name, module in _text_encoders(pipe).items()}
     vae = getattr(pipe, "vae", None)
     bytes_per_param = next(denoiser.parameters()).element_size()
-    encoder_units = [_nbytes(unit) for encoder in _text_encoders(pipe) for _, unit in _units(encoder, max_block)]
+    encoder_units = [_nbytes(unit) for encoder in _text_encoders(pipe).values() for _, unit in _units(encoder, max_block)]
     return ModelFacts(
         encoders=encoders,
         vae=_nbytes(vae) if vae is not None else 0,
@@ -198,7 +193,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         vae_hook = None
         if vae is not None:
             _, vae_hook = cpu_offload_with_hook(vae, device)
-        encoders = _text_encoders(pipe)
+        encoders = list(_text_encoders(pipe).values())
         for encoder in encoders:
             units = [name for name, _ in _units(encoder, _MAX_BLOCK)]
             _move_except(encoder, "", set(units), device)
