@@ -248,6 +248,16 @@ class Device:
 
         return torch.empty(nbytes, dtype=torch.uint8)
 
+    def issue_copy(self, stream, dst, src):
+        """Copy the host tensor ``src`` into the device tensor ``dst`` once everything queued so far on the compute
+        stream is done, on ``stream`` (from :meth:`copy_stream`) when given. Returns what :meth:`wait_copy` takes;
+        here the copy is done on return and that is None."""
+        dst.copy_(src)
+        return None
+
+    def wait_copy(self, handle) -> None:
+        """Make the compute stream wait for a copy from :meth:`issue_copy` (the host does not wait)."""
+
 
 def _is_torch_oom(exc: BaseException) -> bool:
     oom_type = None
@@ -420,6 +430,20 @@ class CudaDevice(Device):
         import torch
 
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def issue_copy(self, stream, dst, src):
+        cuda = self._cuda()
+        if stream is None:  # in order on the compute stream itself
+            dst.copy_(src, non_blocking=src.is_pinned())
+            return None
+        stream.wait_stream(cuda.current_stream(self.index))  # dst may still be read by queued kernels
+        with cuda.stream(stream):
+            dst.copy_(src, non_blocking=True)
+        return stream.record_event()
+
+    def wait_copy(self, handle) -> None:
+        if handle is not None:
+            self._cuda().current_stream(self.index).wait_event(handle)
 
     def h2d_bandwidth(self, nbytes: int = 256 * 2**20, repeats: int = 5) -> float | None:
         import torch

@@ -271,7 +271,7 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
         streamer = streamer_of(managed.pipe)  # the copies now overlap compute on a copy stream
         assert streamer.stream is not None and streamer.chained and len(streamer.order) == len(plan.streamed)
         assert all(s.chained and s.stream is not None for s in streamers_of(managed.pipe))  # the text encoder too
-        host = [c for s in streamers_of(managed.pipe) for h in s.hooks.values() for c in h.group.cpu_param_dict.values()]
+        host = [c for s in streamers_of(managed.pipe) for c in s.host_copies()]
         assert host and all(c.is_pinned() for c in host)  # packed page-locked views, not pageable originals
         result = managed.generate("a watercolor fox", seed=1, steps=4, width=256, height=256)
         assert result.images[0].size == (256, 256)

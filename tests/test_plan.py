@@ -182,13 +182,11 @@ def test_reserves_scale_with_pixels_and_dtype():
 
 
 def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
-    """Streamed blocks (group offloading), hooked encoders/VAE and resident parts compute the same image."""
+    """Streamed blocks, streamed encoders, the VAE's hook and resident parts compute the same image."""
     from diffusers import DiffusionPipeline
 
     from mlnb.optimizer.budget import apply_plan, model_facts
     from mlnb.optimizer.streaming import streamer_of, streamers_of
-
-    _group_offloading_or_skip()
 
     def run(pipe):
         pipe.set_progress_bar_config(disable=True)
@@ -252,67 +250,3 @@ def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
         mlnb.load_pipeline(tiny_sd, budget="1MiB")
     with pytest.raises(mlnb.errors.InvalidArgumentError, match="budget: cannot read size"):
         mlnb.load_pipeline(tiny_sd, budget="plenty")
-
-
-def _group_offloading_or_skip():
-    from diffusers.hooks import apply_group_offloading
-
-    try:
-        apply_group_offloading(torch.nn.Linear(2, 2), onload_device=torch.device("cpu"), offload_type="leaf_level")
-    except AttributeError as exc:  # diffusers 0.39 asks torch.accelerator for a device that a CPU host lacks
-        pytest.skip(f"this diffusers' group offloading needs an accelerator ({exc})")
-
-
-def test_streamed_units_chain_their_copies_in_the_order_they_ran(tiny_sdxl, caplog):
-    """After the first forward each streamed unit prefetches the next one that ran (on CUDA, on the copy stream while
-    it computes); every unit is one group holding all its weights, whatever its children are."""
-    from diffusers import DiffusionPipeline
-
-    from mlnb.optimizer.budget import _blocks
-    from mlnb.optimizer.streaming import stream_units, streamer_of
-
-    _group_offloading_or_skip()
-    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
-    pipe.set_progress_bar_config(disable=True)
-    units = dict(_blocks(pipe.unet, 50_000))
-    names = [n for n in units][1::2]  # every other unit: resident ones run between the streamed ones
-    ran: list[str] = []
-    for name in names:
-        units[name].register_forward_pre_hook(lambda mod, args, name=name: ran.append(name))
-    streamer = stream_units(pipe.unet, names, torch.device("cpu"), None)
-    assert streamer_of(pipe) is streamer and not streamer.chained
-    for name in names:  # one group per unit, holding every parameter of it (not only its ModuleList items)
-        group = streamer.hooks[name].group
-        assert group.modules == [units[name]] and group.onload_leader is units[name] and group.onload_self
-    pipe("a fox", num_inference_steps=1, width=64, height=64, generator=torch.Generator().manual_seed(0))
-    first_forward = ran[: len(names)]
-    assert streamer.chained and streamer.order == first_forward and sorted(first_forward) == sorted(names)
-    hooks = [streamer.hooks[n] for n in streamer.order]
-    assert [h.next_group for h in hooks] == [h.group for h in hooks[1:]] + [None]
-    assert not any(h.group.onload_self for h in hooks) and all(h.group.non_blocking for h in hooks)
-    assert streamer.offload_all() == 0  # nothing is left on an onload device after a forward
-    streamer.remove()
-    assert not streamer._handles
-
-
-def test_a_unit_that_runs_twice_keeps_blocking_copies(caplog):
-    from mlnb.optimizer.streaming import stream_units
-
-    _group_offloading_or_skip()
-
-    class Twice(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.a(self.b(self.a(x)))
-
-    model = Twice()
-    x = torch.ones(1, 4)
-    expected = model(x)
-    streamer = stream_units(model, ["a", "b"], torch.device("cpu"), None)
-    with caplog.at_level("WARNING"):
-        assert torch.equal(model(x), expected)
-    assert not streamer.chained and "twice: ['a']" in caplog.text
-    assert all(h.group.onload_self and h.next_group is None for h in streamer.hooks.values())

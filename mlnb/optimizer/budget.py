@@ -1,8 +1,8 @@
 """Applying a budget :class:`~mlnb.plan.Plan` to a pipeline: resident blocks on the GPU, the rest streamed.
 
-The pieces are diffusers' and accelerate's own hooks: diffusers' group offloading hook on each streamed denoiser block
-and on each unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, each block prefetched on a copy
-stream as the one before it starts), so only streamed weights are pinned; accelerate's ``cpu_offload_with_hook`` for
+The pieces are hooks in diffusers' and accelerate's hook systems: one on each streamed denoiser block and on each
+unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, two GPU slots, each unit's copy issued on a copy
+stream two units ahead), so only streamed weights are pinned; accelerate's ``cpu_offload_with_hook`` for
 the VAE (its ``decode`` triggers it through diffusers' ``apply_forward_hook``), which leaves the GPU when the next
 image's encoders or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is
 moved to the GPU part by part, never whole, so a card smaller than the denoiser never holds it all at once.
@@ -197,7 +197,8 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         for encoder in encoders:
             units = [name for name, _ in _units(encoder, _MAX_BLOCK)]
             _move_except(encoder, "", set(units), device)
-            stream_units(encoder, units, device, ctx_device.copy_stream() if use_stream else None, ctx_device.host_buffer)
+            stream_units(encoder, units, device, ctx_device, ctx_device.copy_stream() if use_stream else None,
+                         ctx_device.host_buffer)
         trim_host_heap()  # the encoders' pageable originals, replaced by packed pinned copies
         if vae_hook is not None:
             first = next(vae.parameters())
@@ -220,7 +221,8 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
 
     if streamed:
         streamer = stream_units(
-            denoiser, plan.streamed, device, ctx_device.copy_stream() if use_stream else None, ctx_device.host_buffer
+            denoiser, plan.streamed, device, ctx_device, ctx_device.copy_stream() if use_stream else None,
+            ctx_device.host_buffer,
         )
         trim_host_heap()  # the pageable originals the packed pinned copies replaced
         prefetched = streamer.stream is not None
@@ -228,7 +230,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         results[Technique.GROUP_OFFLOAD] = applied(
             Technique.GROUP_OFFLOAD,
             f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed"
-            f"{' from pinned memory, each prefetched on a copy stream' if prefetched else ', copied when they run'}"
+            f"{' from pinned memory, each prefetched on a copy stream' if prefetched else ', each copied in order'}"
             f"; {len(plan.resident)} blocks resident",
             f"stream {format_bytes(moved)}{' prefetched' if prefetched else ''}, keep {len(plan.resident)} blocks",
         )

@@ -1,193 +1,266 @@
-"""Streaming a plan's denoiser units from pinned host memory, each prefetched on a copy stream.
+"""Streaming a plan's units (denoiser blocks, text encoder parts) from pinned host memory through two GPU slots.
 
-Each streamed unit (a denoiser block, or a part of one, named by the plan) becomes one diffusers ``ModuleGroup``
-under a ``GroupOffloadingHook``: diffusers' own pinning, copy, stream and offload code. ``apply_group_offloading``
-itself does not fit a plan for two reasons:
+Each streamed unit's weights live on the host in one contiguous page-locked region (:mod:`.pinning`). On the GPU
+there are two slots, each the size of the largest unit, allocated when the model's forward starts and released
+when it ends. After the first forward, which records the order in which the units run, the units take the slots
+in turn:
 
-- At block level it makes groups only of ``ModuleList`` items. Whatever else a module holds goes into one group
-  without a stream, copied from pageable memory and copied back to the host after every call. A transformer block
-  streamed on its own would be all that.
-- Its prefetch chain links groups inside one call. A plan streams blocks with resident blocks between them, and
-  needs the chain to run across them.
+- the forward starts by issuing the copies of the first two units, one per slot;
+- a unit, as it starts, makes the compute stream wait for its own copy (an event: the host does not wait) and
+  points its parameters at its slot;
+- a unit, as it ends, points its parameters back at the host copy and issues the copy of the unit two places
+  after it into the slot it has just used, once the compute queued so far (its own kernels) is done.
 
-So the groups are made here, one per unit. The chain is built after the first forward, from the order in which the
-units really ran. That first forward copies each unit blocking. From then on each unit, as it starts, waits for its
-own copy and starts the next streamed unit's copy on the copy stream (diffusers' prefetch), and the denoiser's
-forward starts the first. A copy can therefore run during everything computed between two streamed units. At most
-two streamed units are on the GPU at once: the one computing and the one arriving. Offloads wait for the compute
-stream (diffusers' default, without ``record_stream``), so the host never runs ahead and keeps a third unit alive.
+A unit therefore arrives while everything between the end of the unit two places before it and its own start
+computes: the unit in between and every resident block around it. Each copy is one transfer of the whole unit on a
+copy stream (:meth:`mlnb.device.Device.issue_copy`). The host never waits for the GPU, and nothing is allocated or
+freed during a forward, so the allocator cannot serialise copies and compute by freeing cached memory under a cap.
+At most two units are on the GPU at once, the planner's ``2 × largest streamed block``.
 
-Measured on an H100 (docs/benchmarks.md, runs 3 and 4): the copies did not overlap the compute. A streamed SDXL step
-took compute plus copies (114 ms = 67 ms + 52 ms for 2.5 GiB in 59 units). Each unit's start waits for the compute
-before it (the offload's synchronisation) and then issues its tensor copies one by one while the GPU has nothing
-queued. Issuing the next copy after a unit's kernels instead (a hook subclass, run 4) was slower (173 ms for 1.7 GiB
-in 46 units): the copy then had only the compute between two streamed units to hide behind. The planner's time
-model takes the overlap it measured (0 so far).
+Why not diffusers' group offloading hook, which this replaced. Measured on an H100 (docs/benchmarks.md, runs 3
+and 4), its copies did not overlap the compute: a streamed SDXL step took compute plus copies (114 ms = 67 ms +
+52 ms for 2.5 GiB in 59 units). Its hook waits on the host for the compute stream at every offload (without
+``record_stream``) and for the copy stream at every onload, allocates every tensor of a unit on the copy stream's
+pool and frees it into that pool, and issues one copy per tensor. The hooks here are still diffusers' (a
+``ModelHook`` in the unit's ``HookRegistry``, under group offloading's name, so the pipeline finds the onload
+device and refuses a second offloading as it does for its own).
 
-A unit that runs twice in one forward, or not at all, leaves the chain unbuilt. Every unit then copies blocking,
-which is correct and slower; a warning says so.
+A unit that runs twice in one forward, or not at all, leaves the order unrecorded. Every unit then copies blocking
+into memory of its own when it runs, which is correct and slower; a warning says so. So does a unit that runs
+outside the order in a later forward.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
+from types import SimpleNamespace
+
+from .pinning import layout, pack, view_in
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["UnitStreamer", "stream_units", "streamer_of", "streamers_of"]
 
-def _on_host(group) -> bool:
-    for module in group.modules:
-        for tensor in itertools.chain(module.parameters(), module.buffers()):
-            return tensor.device.type == "cpu"
-    return False
+
+class _Unit:
+    """One streamed module: its tensors, their host copies (views into one pinned region) and that region."""
+
+    def __init__(self, name: str, module) -> None:
+        self.name, self.module = name, module
+        tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
+        self.tensors = list(tensors.values())
+        self.layout = layout(self.tensors)
+        self.region = None  # uint8, on the host
+        self.home: list = []  # the host copies, in the order of tensors
+        self.on_device = False
+
+    def point_to(self, region) -> None:
+        for tensor, home, offset in zip(self.tensors, self.home, self.layout.offsets):
+            tensor.data = view_in(region, home, offset)
+        self.on_device = True
+
+    def point_home(self) -> None:
+        for tensor, home in zip(self.tensors, self.home):
+            tensor.data = home
+        self.on_device = False
+
+
+def _hook_type():
+    from diffusers.hooks import ModelHook
+
+    class StreamHook(ModelHook):
+        """Brings one unit to the GPU before its forward and sends it home after."""
+
+        _is_stateful = False
+
+        def __init__(self, streamer: "UnitStreamer", unit: _Unit, onload_device) -> None:
+            super().__init__()
+            self.streamer, self.unit = streamer, unit
+            self.config = SimpleNamespace(onload_device=onload_device)  # read by diffusers' _execution_device
+
+        def pre_forward(self, module, *args, **kwargs):
+            self.streamer._enter(self.unit)
+            return args, kwargs
+
+        def post_forward(self, module, output):
+            self.streamer._leave(self.unit)
+            return output
+
+    return StreamHook
 
 
 class UnitStreamer:
-    """The streamed units of one model (a denoiser or a text encoder): their hooks and the prefetch chain."""
+    """The streamed units of one model (a denoiser or a text encoder), its two slots and the order of its units."""
 
-    def __init__(self, denoiser, hooks: dict, stream) -> None:
-        self.hooks = hooks  # unit name -> GroupOffloadingHook, in plan order
-        self.stream = stream
-        self.order: list[str] | None = None  # execution order once the chain is built
+    def __init__(self, model, units: list[_Unit], onload_device, device, stream) -> None:
+        self.units = {unit.name: unit for unit in units}
+        self.onload_device, self.device, self.stream = onload_device, device, stream
+        self.order: list[str] | None = None  # execution order, once recorded
+        self.slot_bytes = max(unit.layout.nbytes for unit in units)
+        self._position: dict[str, int] = {}
         self._trace: list[str] = []
         self._tracing = True
-        self._handles = [denoiser.register_forward_pre_hook(self._before), denoiser.register_forward_hook(self._after)]
-        for name, hook in hooks.items():
-            self._handles.append(hook.group.onload_leader.register_forward_pre_hook(self._tracer(name)))
+        self._slots: list | None = None  # the two device regions of the forward running now
+        self._pending: dict[int, object] = {}  # position -> its copy, issued and not yet waited for
+        self._handles = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
 
     @property
     def chained(self) -> bool:
+        """Whether units are prefetched into the slots (the order is recorded)."""
         return self.order is not None
 
-    def _tracer(self, name: str):
-        def record(module, args):
-            if self._tracing:
-                self._trace.append(name)
-        return record
+    def host_copies(self) -> list:
+        """Every host copy of every unit (views into the pinned regions)."""
+        return [home for unit in self.units.values() for home in unit.home]
+
+    # -- one forward -----------------------------------------------------------------------------------------------
 
     def _before(self, module, args) -> None:
         if self._tracing:
             self._trace = []  # a forward that stopped half-way left a partial trace
-        elif self.order:
-            first = self.hooks[self.order[0]].group
-            if _on_host(first):
-                first.onload_()  # asynchronous: issued before the embeddings and the resident blocks before it
+            return
+        self._release()  # a forward that stopped half-way left its slots
+        if self.order:
+            import torch
+
+            count = min(2, len(self.order))
+            self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.onload_device) for _ in range(count)]
+            for position in range(count):
+                self._prefetch(position)
+
+    def _prefetch(self, position: int) -> None:
+        unit = self.units[self.order[position]]
+        slot = self._slots[position % 2][:unit.layout.nbytes]
+        self._pending[position] = self.device.issue_copy(self.stream, slot, unit.region)
+
+    def _enter(self, unit: _Unit) -> None:
+        if self._tracing:
+            self._trace.append(unit.name)
+        position = self._position.get(unit.name)
+        if self._slots is not None and position in self._pending:
+            self.device.wait_copy(self._pending.pop(position))
+            unit.point_to(self._slots[position % 2])
+            return
+        if self._slots is not None:
+            logger.warning("streamed unit %s ran out of its recorded order: copied blocking", unit.name)
+        import torch
+
+        own = torch.empty(unit.layout.nbytes, dtype=torch.uint8, device=self.onload_device)
+        self.device.issue_copy(None, own, unit.region)  # in order on the compute stream; freed when it goes home
+        unit.point_to(own)
+
+    def _leave(self, unit: _Unit) -> None:
+        unit.point_home()
+        position = self._position.get(unit.name)
+        if self._slots is not None and position is not None:
+            after = position + 2  # into the slot this unit has just used
+            if after < len(self.order) and after not in self._pending:
+                self._prefetch(after)
 
     def _after(self, module, args, output) -> None:
-        if not self._tracing or not self._trace:
+        if not self._tracing:
+            self._release()
+            return
+        if not self._trace:
             return
         self._tracing = False
         trace = self._trace
-        if len(set(trace)) != len(trace) or set(trace) != set(self.hooks):
+        if len(set(trace)) != len(trace) or set(trace) != set(self.units):
             twice = sorted({n for n in trace if trace.count(n) > 1})
-            missing = sorted(set(self.hooks) - set(trace))
+            missing = sorted(set(self.units) - set(trace))
             logger.warning(
                 "streamed units ran %s%s in one forward: their copies stay blocking (correct, not overlapped)",
                 f"twice: {twice}" if twice else "", f"not at all: {missing}" if missing else "",
             )
             return
-        hooks = [self.hooks[name] for name in trace]
-        for current, following in zip(hooks, hooks[1:]):
-            current.next_group = following.group
-        for hook in hooks:
-            hook.group.onload_self = False  # the previous unit (or, for the first, the denoiser's forward) copies it
-            hook.group.non_blocking = True
         self.order = list(trace)
+        self._position = {name: position for position, name in enumerate(trace)}
+
+    def _release(self) -> None:
+        """Drop the slots; copies issued and not used (a forward that skipped a unit or stopped) are waited for by
+        the compute stream first, so the freed memory is not written after the allocator hands it out again."""
+        for handle in self._pending.values():
+            self.device.wait_copy(handle)
+        self._pending = {}
+        self._slots = None
+
+    # -- after an error --------------------------------------------------------------------------------------------
 
     def offload_all(self) -> int:
-        """Send every streamed unit still on the GPU back to pinned memory (after an error or an interrupt leaves
-        one there); returns how many were."""
+        """Point every unit still on the GPU back at its host copy and drop the slots (after an error or an
+        interrupt stopped a forward half-way); returns how many units were on the GPU."""
         moved = 0
-        if self.stream is not None:
-            self.stream.synchronize()
-        for hook in self.hooks.values():
-            if not _on_host(hook.group):
-                hook.group.offload_()
+        for unit in self.units.values():
+            if unit.on_device:
+                unit.point_home()
                 moved += 1
+        self._release()
         return moved
 
     def remove(self) -> None:
+        from diffusers.hooks import HookRegistry
+        from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+        self.offload_all()
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        for unit in self.units.values():
+            HookRegistry.check_if_exists_or_initialize(unit.module).remove_hook(_GROUP_OFFLOADING, recurse=False)
 
 
-def _pin_packed(hooks: dict, host_buffer) -> None:
-    """Replace the host copies of every streamed unit by views into packed page-locked buffers (:mod:`.pinning`),
-    releasing each pageable original as soon as it is copied."""
-    from .pinning import pack
+def _pack_home(units: list[_Unit], allocate) -> int:
+    """Copy every unit's tensors into its region of packed buffers from ``allocate`` and point the tensors there,
+    releasing each original as soon as it is copied; returns the bytes allocated."""
+    def moved(group: int, index: int, copy) -> None:
+        units[group].tensors[index].data = copy
 
-    groups = [hook.group for hook in hooks.values()]
-    owners: dict = {}  # tensor -> the groups holding its host copy (a tied weight is packed once)
-    for group in groups:
-        for tensor in group.cpu_param_dict:
-            owners.setdefault(tensor, []).append(group)
-    tensors = list(owners)
-    sources = [owners[t][0].cpu_param_dict[t] for t in tensors]
-
-    def moved(index: int, copy) -> None:
-        tensor = tensors[index]
-        for group in owners[tensor]:
-            group.cpu_param_dict[tensor] = copy
-        if tensor.device.type == "cpu":
-            tensor.data = copy
-
-    try:
-        _, allocated = pack(sources, host_buffer, done=moved)
-    except RuntimeError as exc:  # the host cannot lock that much: what is left is pinned on the fly at each onload
-        logger.warning("could not pin all the streamed weights (%s); the rest are pinned on the fly as they copy", exc)
-        return
-    logger.debug("pinned %d streamed tensors in %d bytes", len(tensors), allocated)
+    regions, allocated = pack([list(unit.tensors) for unit in units], allocate, done=moved)
+    for unit, region in zip(units, regions):
+        unit.region = region
+        unit.home = [view_in(region, t, offset) for t, offset in zip(unit.tensors, unit.layout.offsets)]
+    return allocated
 
 
-def stream_units(denoiser, names, onload_device, stream, host_buffer=None) -> UnitStreamer:
-    """Stream the units ``names`` of ``denoiser`` (dotted module paths) to ``onload_device``; the rest is untouched.
+def _pageable(nbytes: int):
+    import torch
+
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def stream_units(model, names, onload_device, device, stream=None, host_buffer=None) -> UnitStreamer:
+    """Stream the units ``names`` of ``model`` (dotted module paths; ``""`` is the model itself) to
+    ``onload_device``; the rest of ``model`` is untouched.
 
     Args:
-        denoiser: the UNet or transformer, its streamed units still on the host.
-        names: the units in execution order.
+        model: the denoiser or a text encoder, its streamed units still on the host.
+        names: the units.
         onload_device: where they compute (a ``torch.device``).
-        stream: a copy stream (:meth:`mlnb.device.Device.copy_stream`); with None, copies are blocking from pageable
-            memory and nothing is pinned (the CPU path the tests take; the chain is built all the same, and each
-            prefetch there is a blocking no-op).
-        host_buffer: allocates page-locked host memory (:meth:`mlnb.device.Device.host_buffer`) for the packed host
-            copies; without it diffusers pins each tensor by itself (rounded up to a power of two).
+        device: the mlnb device whose :meth:`~mlnb.device.Device.issue_copy` and
+            :meth:`~mlnb.device.Device.wait_copy` order copies and compute.
+        stream: a copy stream (:meth:`mlnb.device.Device.copy_stream`); with None, copies are queued on the compute
+            stream (on the CPU, where tests run, each is done on return).
+        host_buffer: allocates page-locked host memory (:meth:`mlnb.device.Device.host_buffer`) for the units' host
+            regions; without it (or when the host refuses to lock that much) the regions are pageable.
     """
-    import torch
     from diffusers.hooks import HookRegistry
-    from diffusers.hooks.group_offloading import (
-        _GROUP_OFFLOADING,
-        GroupOffloadingConfig,
-        GroupOffloadingHook,
-        GroupOffloadingType,
-        ModuleGroup,
-    )
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
-    offload_device = torch.device("cpu")
-    packed = stream is not None and host_buffer is not None  # diffusers keeps the pageable originals; packed below
-    config = GroupOffloadingConfig(
-        onload_device=onload_device, offload_device=offload_device, offload_type=GroupOffloadingType.BLOCK_LEVEL,
-        non_blocking=False, record_stream=False, low_cpu_mem_usage=packed, num_blocks_per_group=1, stream=stream,
-    )
-    modules = dict(denoiser.named_modules())
-    hooks = {}
-    for name in names:
-        unit = modules[name]
-        group = ModuleGroup(
-            modules=[unit], offload_device=offload_device, onload_device=onload_device,
-            offload_leader=unit, onload_leader=unit, non_blocking=False, stream=stream, record_stream=False,
-            low_cpu_mem_usage=packed, onload_self=True, group_id=name,
+    modules = dict(model.named_modules())
+    units = [_Unit(name, modules[name]) for name in names]
+    try:
+        allocated = _pack_home(units, host_buffer or _pageable)
+    except RuntimeError as exc:  # the host cannot lock that much: pageable copies, which the host waits for
+        logger.warning("could not pin the streamed weights (%s); they stay in pageable memory", exc)
+        allocated = _pack_home(units, _pageable)
+    logger.debug("packed %d streamed units in %d bytes", len(units), allocated)
+    streamer = UnitStreamer(model, units, onload_device, device, stream)
+    hook_type = _hook_type()
+    for unit in units:
+        HookRegistry.check_if_exists_or_initialize(unit.module).register_hook(
+            hook_type(streamer, unit, onload_device), _GROUP_OFFLOADING
         )
-        group.non_blocking = False  # a stream turns it on; the first forward copies blocking until the chain exists
-        hook = GroupOffloadingHook(group, config=config)
-        HookRegistry.check_if_exists_or_initialize(unit).register_hook(hook, _GROUP_OFFLOADING)  # offloads the unit
-        hooks[name] = hook
-    if packed:
-        _pin_packed(hooks, host_buffer)
-    streamer = UnitStreamer(denoiser, hooks, stream)
-    denoiser._mlnb_streamer = streamer
+    model._mlnb_streamer = streamer
     return streamer
 
 

@@ -1,0 +1,199 @@
+"""Streaming units through two slots: the order recorded, the schedule of copies and waits, results unchanged.
+
+On the CPU every copy is done when it is issued; a recording device checks the order in which copies, waits and
+units happen, which on a GPU is what keeps a copy from overwriting a slot that queued kernels still read.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mlnb.device import CpuDevice
+from mlnb.optimizer.streaming import stream_units, streamer_of
+
+
+class Recording(CpuDevice):
+    """Copies as the CPU does, and logs ``("copy", destination, source)`` (data pointers) and ``("wait", copy)``,
+    so that a test can replay the schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.log: list[tuple] = []
+
+    def issue_copy(self, stream, dst, src):
+        super().issue_copy(stream, dst, src)
+        if stream is None:
+            self.log.append(("own copy", src.numel()))
+            return None
+        handle = ("copy", dst.data_ptr(), src.data_ptr())
+        self.log.append(handle)
+        return handle
+
+    def wait_copy(self, handle) -> None:
+        self.log.append(("wait", handle))
+
+
+class Interleaved(torch.nn.Module):
+    """Six streamed units (``s0`` ... ``s5``, of different sizes) with a resident layer after each."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        sizes = [8, 16, 8, 32, 8, 16]
+        self.streamed = torch.nn.ModuleList(torch.nn.Linear(8, 8) if n == 8 else torch.nn.Sequential(
+            torch.nn.Linear(8, n), torch.nn.Linear(n, 8)) for n in sizes)
+        self.resident = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in sizes)
+        self.register_buffer("scale", torch.tensor(0.5))
+
+    def forward(self, x):
+        for unit, keep in zip(self.streamed, self.resident):
+            x = torch.tanh(keep(unit(x))) * self.scale * 2
+        return x
+
+
+def _watch(model, names, log):
+    """Log each unit as its forward runs: inside the streaming hook, which wraps the forward it finds."""
+    for name in names:
+        module = dict(model.named_modules())[name]
+
+        def forward(*args, _forward=module.forward, _name=name, **kwargs):
+            log.append(("run", _name))
+            return _forward(*args, **kwargs)
+
+        module.forward = forward
+
+
+@pytest.fixture
+def model():
+    return Interleaved()
+
+
+def test_units_are_copied_two_ahead_into_alternating_slots_and_waited_for_before_they_run(model):
+    names = [f"streamed.{i}" for i in range(6)]
+    x = torch.randn(3, 8)
+    expected = model(x)
+    device = Recording()
+    log = device.log
+    _watch(model, names, log)
+    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object())
+    assert torch.equal(model(x), expected)
+    assert streamer.chained and streamer.order == names
+    assert [e[0] for e in log] == ["own copy", "run"] * 6  # the first forward records the order, copying blocking
+    for forward in range(2):
+        log.clear()
+        assert torch.equal(model(x), expected)  # every unit computed with its own weights
+        copies = [e for e in log if e[0] == "copy"]
+        regions = [streamer.units[n].region.data_ptr() for n in names]
+        assert [c[2] for c in copies] == regions  # each unit copied once, in order
+        slots = list(dict.fromkeys(c[1] for c in copies))
+        assert [slots.index(c[1]) for c in copies] == [0, 1, 0, 1, 0, 1]  # into two slots, alternating
+        for position, name in enumerate(names):
+            ran = log.index(("run", name))
+            copied = log.index(copies[position])
+            assert log.index(("wait", copies[position])) < ran  # the compute waits for the unit's own copy
+            if position >= 2:  # a slot is refilled only after the unit two places before has run (and left)
+                assert copied > log.index(("run", names[position - 2]))
+                assert copied < log.index(("run", names[position - 1]))  # and as early as that: two ahead
+        assert streamer._slots is None and not streamer._pending  # released when the forward ends
+        assert not any(unit.on_device for unit in streamer.units.values())
+
+
+def test_a_slot_holds_the_largest_unit_and_units_point_into_it_only_while_they_run(model):
+    names = [f"streamed.{i}" for i in range(6)]
+    streamer = stream_units(model, names, torch.device("cpu"), CpuDevice())
+    assert streamer.slot_bytes == max(u.layout.nbytes for u in streamer.units.values())
+    model(torch.randn(1, 8))
+    seen: dict[int, list[int]] = {}
+
+    def where(position):
+        def check(module, args):  # a layer inside the unit: runs after the unit's own hook pointed it somewhere
+            pointer = module.weight.data_ptr()
+            seen[position] = [i for i, s in enumerate(streamer._slots) if 0 <= pointer - s.data_ptr() < s.numel()]
+        return check
+
+    for position in (1, 3, 5):  # the units with layers inside (the others are layers themselves)
+        model.streamed[position][1].register_forward_pre_hook(where(position))
+    model(torch.randn(1, 8))
+    assert seen == {1: [1], 3: [1], 5: [1]}
+    for unit in streamer.units.values():  # back on the host after
+        assert all(t.data_ptr() == h.data_ptr() for t, h in zip(unit.tensors, unit.home))
+
+
+def test_a_unit_that_runs_twice_keeps_blocking_copies(caplog):
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    model = Twice()
+    x = torch.ones(1, 4)
+    expected = model(x)
+    device = Recording()
+    streamer = stream_units(model, ["a", "b"], torch.device("cpu"), device, stream=object())
+    with caplog.at_level("WARNING"):
+        assert torch.equal(model(x), expected)
+    assert not streamer.chained and "twice: ['a']" in caplog.text
+    device.log.clear()
+    assert torch.equal(model(x), expected)
+    assert [e[0] for e in device.log] == ["own copy"] * 3  # no slots, no prefetch: each call copies for itself
+
+
+def test_an_interrupted_forward_leaves_nothing_on_the_device_after_offload_all(model):
+    names = [f"streamed.{i}" for i in range(6)]
+    x = torch.randn(2, 8)
+    expected = model(x)
+    device = Recording()
+    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object())
+    model(x)
+
+    def stop(module, args):
+        raise KeyboardInterrupt
+
+    handle = model.resident[2].register_forward_pre_hook(stop)
+    with pytest.raises(KeyboardInterrupt):
+        model(x)
+    handle.remove()
+    assert streamer._pending  # the copies of the units after the stop were issued and never waited for
+    device.log.clear()
+    assert streamer.offload_all() == 0  # units leave as their forward ends; a unit interrupted inside is counted
+    assert [e[0] for e in device.log] == ["wait"] * len([e for e in device.log])  # unused copies waited, not dropped
+    assert streamer._slots is None and not streamer._pending
+    assert torch.equal(model(x), expected)
+
+
+def test_a_unit_stopped_inside_is_sent_home(model):
+    names = [f"streamed.{i}" for i in range(6)]
+    streamer = stream_units(model, names, torch.device("cpu"), CpuDevice())
+    model(torch.randn(1, 8))
+
+    def stop(module, args):
+        raise RuntimeError("out of memory")
+
+    inner = model.streamed[3][1]
+    handle = inner.register_forward_pre_hook(stop)
+    with pytest.raises(RuntimeError):
+        model(torch.randn(1, 8))
+    handle.remove()
+    assert streamer.units["streamed.3"].on_device
+    assert streamer.offload_all() == 1
+    assert not any(u.on_device for u in streamer.units.values())
+
+
+def test_the_pipeline_finds_the_onload_device_and_remove_restores_the_model(tiny_sdxl):
+    from diffusers import DiffusionPipeline
+
+    from mlnb.optimizer.budget import _blocks
+
+    pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
+    names = [n for n, _ in _blocks(pipe.unet, 50_000)][1::2]
+    streamer = stream_units(pipe.unet, names, torch.device("meta"), CpuDevice())
+    assert streamer_of(pipe) is streamer
+    assert pipe.unet.device == torch.device("meta")  # diffusers reads the onload device from the hooks
+    with pytest.raises(ValueError, match="group offloading"):  # and refuses a second offloading on top
+        pipe.enable_model_cpu_offload()
+    streamer.remove()
+    assert pipe.unet.device == torch.device("cpu")
