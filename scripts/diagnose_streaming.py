@@ -1,18 +1,17 @@
-"""Why a streamed step takes compute plus copies: one budget plan under three allocator settings, side by side.
+"""Whether a streamed step hides its copies: one budget plan under three allocator settings, side by side.
 
 Usage:
     python scripts/diagnose_streaming.py --folder /tmp/mlnb-bench-models/sdxl [--budget 4GiB] [--size 1024]
         [--steps 8] [--json out.json]
 
-On an H100 the streamed steps of mlnb's plans took the resident step plus the copies, as if nothing overlapped
-(docs/benchmarks.md, runs 3 and 4). Under a cap, the allocator's reserved memory sat at the cap. So the copy
-stream's pool and the compute stream's pool may be freeing and reserving memory again at each block, with
-device-wide synchronisation. Each variant runs in a process of its own (the allocator reads its settings once):
+With diffusers' group offloading hook, the streamed steps of mlnb's plans took the resident step plus the copies on an
+H100 (docs/benchmarks.md, runs 3 and 4). The streaming now allocates its two slots once per forward and orders copies
+and compute by events. Each variant runs in a process of its own (the allocator reads its settings once):
 
 - ``resident``: the model with everything on the GPU (level none): the compute-only step;
 - ``capped``: the plan for the budget, with the budget as the process's memory cap (as ``mlnb bench`` runs it);
-- ``uncapped``: the same plan with the whole card for the allocator. If the copies overlap here, the cap's
-  allocator churn is what serialises them; if not, the hooks' host waits are;
+- ``uncapped``: the same plan with the whole card for the allocator. If the copies overlap here and not under the
+  cap, the allocator still frees and reserves memory during a step;
 - ``capped+expandable``: the cap with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``.
 
 Prints a table and writes JSON: s/image, median step, copies per step at the measured bandwidth, and the overlap
