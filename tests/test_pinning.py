@@ -78,6 +78,15 @@ def test_sources_are_released_as_they_are_copied_and_done_sees_each_copy():
     assert all(seen[g, 1].data_ptr() == regions[g].data_ptr() + 4096 for g in range(5))  # 4000 bytes, aligned
 
 
+def test_filled_runs_after_each_buffer_once_its_sources_are_dropped():
+    """Where the caller gives the freed heap back to the OS: after each buffer, with that buffer's sources gone."""
+    groups = [[torch.zeros(3 * MiB, dtype=torch.uint8)] for _ in range(5)]
+    alive = []
+    regions, _ = pack(groups, lambda n: torch.empty(n, dtype=torch.uint8), bin_bytes=8 * MiB,
+                      filled=lambda: alive.append(sum(t is not None for g in groups for t in g)))
+    assert alive == [3, 1, 0]  # buffers of two, two and one unit (3 MiB each, 8 MiB buffers), sources dropped as copied
+
+
 def test_an_allocation_failure_propagates():
     def refuse(nbytes):
         raise RuntimeError("cannot lock host memory")

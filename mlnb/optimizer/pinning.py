@@ -59,7 +59,8 @@ def view_in(region, tensor, offset: int):
 
 
 def pack(groups: list[list], allocate: Callable[[int], object], bin_bytes: int = BIN_BYTES,
-         done: Callable[[int, int, object], None] | None = None) -> tuple[list, int]:
+         done: Callable[[int, int, object], None] | None = None,
+         filled: Callable[[], None] | None = None) -> tuple[list, int]:
     """Copy each group of tensors into one contiguous region of a power-of-two buffer from ``allocate(nbytes)``,
     with as few buffers as first-fit packing of the groups needs.
 
@@ -70,6 +71,9 @@ def pack(groups: list[list], allocate: Callable[[int], object], bin_bytes: int =
         allocate: returns a uint8 tensor of exactly that many bytes (``Device.host_buffer``).
         bin_bytes: the size of a full buffer; raised to the largest group's power of two when that is bigger.
         done: called as ``done(group, index, copy)`` after each tensor is copied.
+        filled: called after each buffer is filled (and its sources dropped): the place to hand freed host memory
+            back to the OS (``trim_host_heap``). Page-locked buffers do not come from the heap the sources are
+            freed into, so without it the host holds every source and every copy at the end.
 
     Returns:
         For each group, its region (a uint8 view of :func:`layout`'s size, the copies at the layout's offsets), and
@@ -106,4 +110,6 @@ def pack(groups: list[list], allocate: Callable[[int], object], bin_bytes: int =
                 tensors[i] = None
                 if done is not None:
                     done(g, i, view)
+        if filled is not None:
+            filled()
     return regions, allocated

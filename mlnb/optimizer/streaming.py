@@ -211,11 +211,15 @@ class UnitStreamer:
 
 def _pack_home(units: list[_Unit], allocate) -> int:
     """Copy every unit's tensors into its region of packed buffers from ``allocate`` and point the tensors there,
-    releasing each original as soon as it is copied; returns the bytes allocated."""
+    releasing each original as soon as it is copied and handing the freed heap back to the OS after each buffer (a
+    page-locked buffer never reuses it: without the trim the host held every original beside every copy, 1.6× the
+    weights on an H100 host); returns the bytes allocated."""
     def moved(group: int, index: int, copy) -> None:
         units[group].tensors[index].data = copy
 
-    regions, allocated = pack([list(unit.tensors) for unit in units], allocate, done=moved)
+    from ..monitor import trim_host_heap
+
+    regions, allocated = pack([list(unit.tensors) for unit in units], allocate, done=moved, filled=trim_host_heap)
     for unit, region in zip(units, regions):
         unit.region = region
         unit.home = [view_in(region, t, offset) for t, offset in zip(unit.tensors, unit.layout.offsets)]
