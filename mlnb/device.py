@@ -253,7 +253,6 @@ class Device:
         stream is done, on ``stream`` (from :meth:`copy_stream`) when given. Returns what :meth:`wait_copy` takes;
         here the copy is done on return and that is None."""
         dst.copy_(src)
-        return None
 
     def wait_copy(self, handle) -> None:
         """Make the compute stream wait for a copy from :meth:`issue_copy` (the host does not wait)."""

@@ -1,8 +1,16 @@
-"""Giving freed host memory back to the operating system.
+"""Giving host memory that weights no longer need back to the operating system.
 
 When weights move from host RAM to the GPU, glibc's allocator keeps much of the freed memory in its heap, so the
 process's resident size stays as large as if the weights were still there. Pinned copies made afterwards for
 streaming then add to it. ``malloc_trim(0)`` returns the free pages; elsewhere (macOS, musl, Windows) this is a no-op.
+
+Weights loaded from safetensors are not in the heap at all: diffusers maps each file, and a tensor is a view of the
+mapping. Copying a weight to the GPU or to pinned memory reads its pages, which then count in the process's resident
+size until the whole file's mapping goes, that is until the last tensor of the file has moved. Planning SDXL for
+4 GiB on an H100 host peaked at 10.4 GiB resident for 6.5 GiB of weights: every page of the files read, plus the
+pinned copies. ``madvise(MADV_PAGEOUT)`` (Linux 5.4 and later) asks the kernel to reclaim a mapping's pages: clean
+pages of a file leave the process (a tensor that still views them reads them again from the file), and a page that
+was changed is kept or swapped, never lost.
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ import sys
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["trim_host_heap"]
+__all__ = ["trim_host_heap", "release_mapped_weights", "give_back_host_memory"]
+
+_MADV_PAGEOUT = 21
+_WEIGHT_FILES = (".safetensors",)
 
 _libc = None
 
@@ -34,3 +45,37 @@ def trim_host_heap() -> bool:
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
+
+
+def release_mapped_weights(suffixes: tuple[str, ...] = _WEIGHT_FILES) -> int:
+    """Ask the kernel to reclaim the resident pages of this process's mappings of weight files (Linux 5.4 and
+    later; elsewhere a no-op); returns the bytes of the mappings advised."""
+    global _libc
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        madvise = _libc.madvise
+        with open("/proc/self/maps") as fh:
+            lines = fh.readlines()
+    except (OSError, AttributeError) as exc:
+        logger.debug("cannot release mapped weights: %s", exc)
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    released = 0
+    for line in lines:
+        fields = line.split(None, 5)
+        if len(fields) < 6 or not fields[5].rstrip().endswith(suffixes):
+            continue
+        start, end = (int(bound, 16) for bound in fields[0].split("-"))
+        if madvise(start, end - start, _MADV_PAGEOUT) == 0:
+            released += end - start
+    return released
+
+
+def give_back_host_memory() -> None:
+    """Both: the heap's free pages, and the pages of mapped weight files read so far."""
+    trim_host_heap()
+    release_mapped_weights()

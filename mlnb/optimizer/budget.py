@@ -25,7 +25,7 @@ import logging
 
 from ..device import get_device
 from ..levels import OptimizationLevel, Technique
-from ..monitor import cleanup, trim_host_heap
+from ..monitor import cleanup, give_back_host_memory
 from ..plan import Block, ModelFacts, Plan
 from ..units import MiB, format_bytes
 from .context import applied, denoiser_of, skipped
@@ -184,7 +184,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     streamed = set(plan.streamed)
     _move_except(denoiser, "", streamed, device)
     gc.collect()
-    trim_host_heap()  # the kept part's host copy is gone: give it back before anything is pinned
+    give_back_host_memory()  # the kept part's host copy is gone: give it back before anything is pinned
     if plan.offload_encoders_vae:
         # Each text encoder is streamed unit by unit like the denoiser (pinned, prefetched, never whole on the GPU,
         # nothing copied back). The VAE is moved whole by accelerate's hook when it decodes (SDXL upcasts it to fp32
@@ -199,7 +199,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
             _move_except(encoder, "", set(units), device)
             stream_units(encoder, units, device, ctx_device, ctx_device.copy_stream() if use_stream else None,
                          ctx_device.host_buffer)
-        trim_host_heap()  # the encoders' pageable originals, replaced by packed pinned copies
+        give_back_host_memory()  # the encoders' pageable originals, replaced by packed pinned copies
         if vae_hook is not None:
             first = next(vae.parameters())
 
@@ -224,7 +224,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
             denoiser, plan.streamed, device, ctx_device, ctx_device.copy_stream() if use_stream else None,
             ctx_device.host_buffer,
         )
-        trim_host_heap()  # the pageable originals the packed pinned copies replaced
+        give_back_host_memory()  # the pageable originals the packed pinned copies replaced
         prefetched = streamer.stream is not None
         moved = plan.streamed_bytes
         results[Technique.GROUP_OFFLOAD] = applied(

@@ -217,9 +217,9 @@ def _pack_home(units: list[_Unit], allocate) -> int:
     def moved(group: int, index: int, copy) -> None:
         units[group].tensors[index].data = copy
 
-    from ..monitor import trim_host_heap
+    from ..monitor import give_back_host_memory
 
-    regions, allocated = pack([list(unit.tensors) for unit in units], allocate, done=moved, filled=trim_host_heap)
+    regions, allocated = pack([list(unit.tensors) for unit in units], allocate, done=moved, filled=give_back_host_memory)
     for unit, region in zip(units, regions):
         unit.region = region
         unit.home = [view_in(region, t, offset) for t, offset in zip(unit.tensors, unit.layout.offsets)]
