@@ -30,8 +30,13 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["card_facts", "cache_path", "record_measured", "workload_key", "MEASURED_FIELDS"]
 
-# What a resident generation records, and whether each scales with the pixel count when used at another size.
-MEASURED_FIELDS = ("step_seconds", "decode_seconds", "denoise_reserve", "decode_reserve", "overlap")
+# What generations record (a resident one most of them), and whether each scales with the pixel count when used at
+# another size.
+MEASURED_FIELDS = (
+    "step_seconds", "decode_seconds", "denoise_reserve", "decode_reserve", "overlap",
+    "decode_seconds_768", "decode_seconds_512", "decode_seconds_256", "other_seconds", "other_offload_seconds",
+)
+_UNSCALED = ("overlap", "other_seconds", "other_offload_seconds")  # the same at any size (roughly, for "other")
 
 
 def cache_path() -> Path:
@@ -85,7 +90,7 @@ def _measured(entry: dict, model: str | None, work: Workload | None) -> dict:
         value = measured[nearest].get(name)
         if value is None:
             continue
-        if name == "overlap":  # a fraction: the same at any size
+        if name in _UNSCALED:
             found[name] = value
         elif value:
             found[name] = int(value * scale) if name.endswith("reserve") else value * scale

@@ -11,15 +11,18 @@ Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU 
     encode peak  = kept + largest text encoder + 64 MiB   (the encoders run one at a time, beside the kept part;
                                                            streamed unit by unit, 2 × their largest unit instead)
 Time model (seconds per image), from measured card facts:
-    steps × (compute + copies − overlap × min(compute, copies)) + (encoder + VAE bytes) / bandwidth + decode
-where compute is a measured resident step, copies = streamed bytes / H2D bandwidth, and decode is the measured
-untiled decode times the pixels its tiles cover. Each streamed block's copy is issued on a copy stream as the block
-before it starts (:mod:`mlnb.optimizer.streaming`). How much of the copies that hides depends on where the streamed
-blocks sit, how much compute each has and how long the host takes to issue them, so ``overlap`` is measured: each
-streamed generation on a card records it, and until then it is 0 (copies add to compute: an upper bound; on an H100
-it measured 0). With ``overlap`` 1 a step is the streaming floor, max(compute, copies). Streamed blocks are chosen
-largest first for the fewest bytes moved, and among blocks of one size spread evenly over the execution order, so
-that each copy has compute beside it.
+    steps × (compute + copies − overlap × min(compute, copies)) + decode + other
+where compute is a measured resident step and copies = streamed bytes / H2D bandwidth. decode is the decode measured
+in the plan's tiles, or until then the untiled decode times the pixels its tiles cover (on an H100, 256 px tiles took
+3.2× to 3.8× the untiled decode, against the 1.6× to 2.3× their pixels say). other is the rest of a generation
+(encoding, moves, the pipeline's own work) as measured by earlier generations with the encoders on the GPU or
+offloaded, or until then (encoder + VAE bytes) / bandwidth for an offloaded plan and nothing for one that keeps them.
+How much of the copies a step hides depends on where the streamed blocks sit, how much compute each has and how long
+the host takes to issue them (:mod:`mlnb.optimizer.streaming` issues each copy two streamed units ahead), so
+``overlap`` is measured: each streamed generation on a card records it, and until then it is 0 (copies add to
+compute: an upper bound). On an H100 it measured 0.34 for SD1.5 and 0.07 for SDXL. With ``overlap`` 1 a step is the
+streaming floor, max(compute, copies). Streamed blocks are chosen largest first for the fewest bytes moved, and among
+blocks of one size spread evenly over the execution order, so that each copy has compute beside it.
 The reserves come from the plain-diffusers peaks measured on an H200 in the design notes (fp16, CFG, 20 steps):
 SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at 512; SDXL's fp32
 (upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
@@ -54,6 +57,7 @@ _USABLE = 0.92  # keep 8% of the budget for allocator fragmentation
 # decoding in 256 px tiles peaked 0.15 GiB above that share (SDXL 1024², fp32 VAE) and ran out of memory at least
 # 0.13 GiB above it (SD1.5 512²): a part of the decode's memory does not shrink with the tile.
 TILE_OVERHEAD = 192 * MiB
+TILES = (768, 512, 256)  # the VAE tile sizes a plan may choose, largest first
 
 
 class BudgetError(ValueError):
@@ -113,6 +117,21 @@ class CardFacts:
     denoise_reserve: int | None = None
     decode_reserve: int | None = None  # untiled
     overlap: float | None = None  # share of min(compute, copies) that a streamed step hid
+    decode_seconds_768: float | None = None  # a decode in tiles of that many pixels
+    decode_seconds_512: float | None = None
+    decode_seconds_256: float | None = None
+    other_seconds: float | None = None  # a generation's time besides its steps and decode, encoders on the GPU
+    other_offload_seconds: float | None = None  # the same with the encoders and the VAE offloaded
+
+    def decode(self, work: "Workload", tile: int | None) -> float | None:
+        """Seconds of one decode: measured in these tiles if it has been, else the untiled decode charged the pixels
+        the tiles cover."""
+        measured = getattr(self, f"decode_seconds_{tile}", None) if tile in TILES else None
+        if measured is not None:
+            return measured
+        if self.decode_seconds is None:
+            return None
+        return self.decode_seconds * _tiled_pixels(work, tile) / (work.width * work.height)
 
 
 @dataclass(frozen=True)
@@ -204,7 +223,10 @@ def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp
             return None
         copies = streamed / card.bandwidth
         step += copies - (card.overlap or 0.0) * min(step, copies)
-    seconds = work.steps * step + (card.decode_seconds or 0.0) * _tiled_pixels(work, tile) / (work.width * work.height)
+    seconds = work.steps * step + (card.decode(work, tile) or 0.0)
+    other = card.other_offload_seconds if transfer_once else card.other_seconds
+    if other is not None:  # measured: encoding, moves, the pipeline's own work
+        return seconds + other
     if transfer_once:
         if not card.bandwidth:
             return None
@@ -285,7 +307,7 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
         sizes, other, denoiser = _scaled(model, fp8)
         blocks = [Block(name, nbytes) for name, nbytes in sizes.items()]
         every = tuple(sizes)
-        for tile in (None, 768, 512, 256):
+        for tile in (None, *TILES):
             if tile is not None and tile >= max(work.width, work.height):
                 continue
             # Everything resident.

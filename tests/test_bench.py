@@ -157,7 +157,7 @@ def test_planner_targets_check_budget_and_predictions():
     plan = dict(recipe="mlnb-plan", level="aggressive", peak_allocated=3 * GiB, peak_reserved=int(3.5 * GiB))
     rows = [
         _baseline(),
-        _row(**plan, seconds=1.4, predicted_peak=int(3.2 * GiB), predicted_seconds=1.3),
+        _row(**plan, seconds=1.4, predicted_peak=int(3.2 * GiB), predicted_seconds=1.3, first_predicted_seconds=0.7),
         _row(**dict(plan, peak_allocated=8 * GiB, peak_reserved=9 * GiB), cap_bytes=15 * GiB, seconds=1.0,
              predicted_peak=int(8.4 * GiB), predicted_seconds=1.1),
     ]
@@ -165,6 +165,7 @@ def test_planner_targets_check_budget_and_predictions():
     assert t["plan-budget"]["status"] == "met" and "3.50 GiB" in t["plan-budget"]["detail"]
     assert t["plan-peak"]["status"] == "met" and "+7%" in t["plan-peak"]["detail"]  # 3.2 vs 3.0; 8.4 vs 8.0 is +5%
     assert t["plan-time"]["status"] == "met" and "-7%" in t["plan-time"]["detail"]
+    assert "before its first image 0.70 s (-50%)" in t["plan-time"]["detail"]  # shown, not judged
     # floor: 5 GiB UNet, 4 GiB cap, 8 steps at 10 GiB/s, compute 1.0 s; 1.4 s is 1.4x the floor when compute-bound
     assert t["sdxl-4gib-floor"]["status"] in ("met", "not met") and "floor" in t["sdxl-4gib-floor"]["detail"]
 

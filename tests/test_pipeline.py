@@ -492,3 +492,39 @@ def test_a_streamed_generation_records_the_overlap_it_measured(tiny_sd, clean_ca
     assert facts.overlap == pytest.approx(0.5) and facts.step_seconds == 0.07  # the resident step is kept
     _, seconds = managed.predict(work)
     assert seconds == pytest.approx(4 * 0.095 + managed.plan.transfer_once_bytes / device.h2d_bandwidth(), rel=1e-3)
+
+
+def test_a_plan_records_its_tiled_decode_and_the_rest_and_the_next_prediction_uses_them(tiny_sd, clean_cache, tmp_path,
+                                                                                     monkeypatch):
+    """Measured on the card, not derived: a decode in the plan's tiles, and the time besides the steps and decode
+    (for a plan that offloads the encoders, under its own name)."""
+    from mlnb.card_facts import card_facts, record_measured
+    from mlnb.pipeline.timing import StepTimer
+    from mlnb.plan import Workload
+
+    class CudaLike(FakeDevice):
+        is_cuda = True
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    device = CudaLike()
+    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
+    managed.device = device
+    work = Workload(64, 64, 1, 2)
+    managed.plan = dataclasses.replace(managed.plan, strategy="stream", streamed=("down_blocks.0",), vae_tile=256,
+                                       offload_encoders_vae=True, streamed_bytes=0, transfer_once_bytes=10**6)
+    record_measured(device, managed.model_key, work, step_seconds=0.05, decode_seconds=0.02)
+    before = card_facts(device, managed.model_key, work)
+    _, predicted = managed.predict(work)
+    assert before.decode(work, 256) == pytest.approx(0.02)  # 64² fits one 256 px tile: its pixels are the image's
+    assert predicted == pytest.approx(2 * 0.05 + 0.02 + managed.plan.transfer_once_bytes / device.h2d_bandwidth())
+    ticks = iter([0.0, 0.05, 0.10, 0.16])  # two steps of 50 ms, then a decode of 60 ms
+    timer = StepTimer(lambda: None, clock=lambda: next(ticks))
+    timer.mark(), timer.mark(), timer.mark()
+    timer.finish()
+    assert timer.decode_seconds == pytest.approx(0.06)
+    managed._record(work, timer, None, seconds=0.45)  # 0.10 of steps, 0.06 of decode, 0.29 besides
+    facts = card_facts(device, managed.model_key, work, measure=False)
+    assert facts.decode_seconds_256 == pytest.approx(0.06) and facts.decode_seconds == 0.02  # the untiled one kept
+    assert facts.other_offload_seconds == pytest.approx(0.29) and facts.other_seconds is None
+    _, predicted = managed.predict(work)
+    assert predicted == pytest.approx(2 * 0.05 + 0.06 + 0.29, rel=1e-3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -112,6 +114,23 @@ def test_streamed_step_time_follows_the_measured_overlap(overlap):
             overlap, compute + copies - 0.5 * min(compute, copies))
         expected = SDXL_WORK.steps * step + plan.transfer_once_bytes / 20e9 + decode
         assert predict(plan, sdxl, card, SDXL_WORK)[1] == pytest.approx(expected)
+
+
+def test_measured_tiled_decode_and_the_rest_replace_what_the_pixels_and_the_bandwidth_say():
+    sdxl = sdxl_like()
+    base = CardFacts(bandwidth=20e9, step_seconds=0.1, decode_seconds=0.2)
+    plan = plan_for_budget(4 * GiB, sdxl, base, SDXL_WORK)
+    assert plan.vae_tile in plan_mod.TILES and plan.transfer_once_bytes
+    share = plan_mod._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2
+    assert base.decode(SDXL_WORK, plan.vae_tile) == pytest.approx(0.2 * share)
+    assert base.decode(SDXL_WORK, None) == 0.2
+    compute = 0.1 * (plan_mod.FP8_STEP_FACTOR if plan.fp8 else 1.0)
+    steps = SDXL_WORK.steps * (compute + plan.streamed_bytes / 20e9)
+    assert predict(plan, sdxl, base, SDXL_WORK)[1] == pytest.approx(steps + 0.2 * share + plan.transfer_once_bytes / 20e9)
+    measured = dataclasses.replace(base, other_offload_seconds=0.25, other_seconds=9.0,
+                                   **{f"decode_seconds_{plan.vae_tile}": 0.7})
+    assert measured.decode(SDXL_WORK, plan.vae_tile) == 0.7
+    assert predict(plan, sdxl, measured, SDXL_WORK)[1] == pytest.approx(steps + 0.7 + 0.25)  # not the resident 9 s
 
 
 def test_tiles_cover_more_pixels_than_the_image():

@@ -202,6 +202,8 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
         result = managed.generate(
             call["prompt"], steps=call["steps"], width=call["width"], height=call["height"], seed=call["seed"]
         )
+        # The prediction of the first image (a warm-up) comes before this plan measured anything on the card.
+        stats.setdefault("first_predicted_seconds", result.predicted_seconds)
         stats.update(
             step_seconds=result.step_seconds, decode_seconds=result.decode_seconds,
             predicted_peak=result.predicted_peak, predicted_seconds=result.predicted_seconds,

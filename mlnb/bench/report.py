@@ -262,7 +262,11 @@ def _judge_prediction(target: Target, rows: list[dict]) -> tuple[str, str]:
     errors = [(r, p / m - 1) for r, p, m in known]
     worst = max(errors, key=lambda e: abs(e[1]))
     fmt = (lambda v: f"{format_gib(v, digits=2)} GiB") if target.kind == "peak" else (lambda v: f"{v:.2f} s")
-    each = "; ".join(f"{_label(r)}: {fmt(p)} vs {fmt(m)} ({p / m - 1:+.0%})" for r, p, m in known)
+    def first(row: dict, measured: float) -> str:  # a time predicted before the plan's own measurements
+        before = row.get("first_predicted_seconds") if target.kind == "time" else None
+        return f", before its first image {fmt(before)} ({before / measured - 1:+.0%})" if before else ""
+
+    each = "; ".join(f"{_label(r)}: {fmt(p)} vs {fmt(m)} ({p / m - 1:+.0%}{first(r, m)})" for r, p, m in known)
     verdict = "met" if abs(worst[1]) <= target.tolerance and len(known) == len(pairs) else "not met"
     missing = f"; {len(pairs) - len(known)} run(s) without a prediction" if len(known) < len(pairs) else ""
     return verdict, f"predicted vs measured: {each}{missing}"

@@ -33,7 +33,7 @@ from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.budget import apply_plan, model_facts, model_key, plan_level
 from ..optimizer.streaming import streamers_of
 from ..optimizer.context import skipped
-from ..plan import BudgetError, ModelFacts, Plan, Workload, overlap_measured, plan_for_budget, predict
+from ..plan import TILES, BudgetError, ModelFacts, Plan, Workload, overlap_measured, plan_for_budget, predict
 from ..card_facts import card_facts, record_measured
 from ..units import format_bytes, parse_bytes
 from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model, weight_bytes
@@ -295,7 +295,7 @@ class ManagedPipeline:
             predicted_peak=predicted_peak, predicted_seconds=predicted_seconds,
             step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
         )
-        self._record(work, timer, monitor.report)
+        self._record(work, timer, monitor.report, seconds)
         remember(result)
         return result
 
@@ -322,25 +322,32 @@ class ManagedPipeline:
         resident = not applied & moving
         return resident, resident and not applied & vae_moving
 
-    def _record(self, work: Workload, timer: StepTimer, report) -> None:
-        """Cache this card's measurements for the planner when the denoiser (and, for the rest, everything) ran
-        resident."""
+    def _record(self, work: Workload, timer: StepTimer, report, seconds: float | None = None) -> None:
+        """Cache this card's measurements for the planner: the step, decode and activations when the denoiser (and,
+        for the rest, everything) ran resident; the overlap of a streamed step; and, for a plan, its tiled decode and
+        the time besides its steps and decode."""
         if not self.device.is_cuda or self.model_key is None or timer.step_seconds is None:
             return
+        measured: dict = {}
+        plan = self.plan
+        if plan is not None:
+            if plan.vae_tile in TILES and timer.decode_seconds:
+                measured[f"decode_seconds_{plan.vae_tile}"] = timer.decode_seconds
+            if seconds is not None:
+                other = seconds - work.steps * timer.step_seconds - (timer.decode_seconds or 0.0)
+                measured["other_offload_seconds" if plan.offload_encoders_vae else "other_seconds"] = max(other, 1e-5)
         denoiser, everything = self._denoiser_resident()
         if not denoiser:
-            plan = self.plan
             if plan is not None and plan.streamed and not plan.fp8:  # how much of the copies the compute hid
                 card = card_facts(self.device, self.model_key, work, measure=False)
                 if card.step_seconds and card.bandwidth:
                     copies = plan.streamed_bytes / card.bandwidth
-                    overlap = overlap_measured(card.step_seconds, copies, timer.step_seconds)
-                    record_measured(self.device, self.model_key, work, overlap=overlap)
-            return
-        measured = {"step_seconds": timer.step_seconds}
-        if everything:
-            denoise, decode = timer.reserves(report.start_allocated, report.peak_allocated)
-            measured.update(decode_seconds=timer.decode_seconds, denoise_reserve=denoise, decode_reserve=decode)
+                    measured["overlap"] = overlap_measured(card.step_seconds, copies, timer.step_seconds)
+        else:
+            measured["step_seconds"] = timer.step_seconds
+            if everything:
+                denoise, decode = timer.reserves(report.start_allocated, report.peak_allocated)
+                measured.update(decode_seconds=timer.decode_seconds, denoise_reserve=denoise, decode_reserve=decode)
         record_measured(self.device, self.model_key, work, **measured)
 
     def unload(self) -> None:
