@@ -15,7 +15,9 @@ and compute by events. Each variant runs in a process of its own (the allocator 
 - ``capped+expandable``: the cap with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``.
 
 Prints a table and writes JSON: s/image, median step, copies per step at the measured bandwidth, and the overlap
-(0: compute plus copies; 1: the longer of the two).
+(0: compute plus copies; 1: the longer of the two). With ``--profile``, each streamed variant also runs one 3-step
+generation under ``torch.profiler`` and reports how much of its copies ran under a kernel and how long the GPU was
+idle (:mod:`mlnb.bench.timeline`): whether the GPU serialises the copies, or waits for the host.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 VARIANTS = {
     "resident": {},
@@ -68,13 +71,38 @@ def _child(args) -> dict:
 
     facts = card_facts(device, managed.model_key, Workload(args.size, args.size, 1, args.steps), measure=True)
     row["bandwidth"] = facts.bandwidth
+    if args.profile and args.child != "resident":
+        row["timeline"] = _profile(managed, call, args)
     return row
+
+
+def _profile(managed, call: dict, args) -> dict:
+    """One more generation (3 steps) under the profiler (GPU activity only, so the host runs as it does unprofiled):
+    how much of the streamed copies ran under a kernel, and how long the GPU sat idle."""
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from mlnb.bench.timeline import read_trace, summarize
+
+    keep = Path(args.trace_dir) if args.trace_dir else None
+    folder = keep or Path(tempfile.mkdtemp())
+    path = folder / f"trace-{args.child}.json.gz"
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        managed.generate("a watercolor fox", **{**call, "steps": 3})
+    prof.export_chrome_trace(str(path))
+    summary = summarize(read_trace(path))
+    if keep is None:
+        path.unlink()
+    return summary
 
 
 def _run_variant(name: str, args) -> dict:
     env = {**os.environ, **VARIANTS[name]}
     cmd = [sys.executable, __file__, "--child", name, "--folder", args.folder, "--budget", args.budget,
            "--size", str(args.size), "--steps", str(args.steps)]
+    if args.profile:
+        cmd += ["--profile"] + (["--trace-dir", args.trace_dir] if args.trace_dir else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("{"):
@@ -90,6 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=90, help="seconds per variant")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile one more 3-step generation of each streamed variant (mlnb.bench.timeline)")
+    parser.add_argument("--trace-dir", default=None, help="keep the profiler traces here (trace-VARIANT.json.gz)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -117,6 +148,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['variant']:<18} {row['seconds']:>6.2f} {row['step_seconds'] or 0:>7.3f} "
               f"{row.get('copies_seconds', 0):>8.3f} {row.get('overlap', float('nan')):>7.2f} "
               f"{(row['peak_reserved'] or 0) / 2**30:>13.2f}  {row['plan'] or 'level none'}")
+        line = row.get("timeline")
+        if line and not line.get("copies"):
+            print(f"{'':<18} profiled 3 steps: no pinned copies found (copies named {line.get('memcpy_names')})")
+        elif line:
+            print(f"{'':<18} profiled 3 steps: {line['copies']} copies, {line['copy_seconds']:.3f} s, "
+                  f"{line['hidden']:.0%} under a kernel; kernels {line['kernel_seconds']:.3f} s, "
+                  f"GPU idle {line['idle_seconds']:.3f} s of {line['window_seconds']:.3f} s")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"folder": args.folder, "budget": args.budget, "size": args.size, "steps": args.steps,

@@ -178,7 +178,7 @@ run_step doctor 20 bash -c "mlnb_cli doctor"
 run_step bench 330 bash -c bench
 if [ -d "$work/sdxl" ]; then  # built by the bench
   run_step diagnose 150 "$python" scripts/diagnose_streaming.py --folder "$work/sdxl" --budget 4GiB --steps 6 \
-    --timeout 60 --json "$out/diagnose-streaming.json"
+    --timeout 60 --profile --trace-dir "$out" --json "$out/diagnose-streaming.json"
 fi
 run_step gpu-tests 120 bash -c gpu_tests
 run_step cell-hooks 30 "$python" scripts/bench_cell_hooks.py --cells 1000 --json "$out/cell-hooks.json"

@@ -418,3 +418,31 @@ def test_gpu_memory_cap_shrinks_the_card_and_oom_is_reported(tmp_path):
     finally:
         dev.set_memory_cap(None)
         dev.empty_cache()
+
+
+def test_timeline_tells_hidden_copies_from_serial_ones_and_idle_time(tmp_path):
+    """Kernel and copy intervals as torch.profiler writes them (microseconds)."""
+    import gzip
+    import json
+
+    from mlnb.bench.timeline import read_trace, summarize
+
+    def kernel(ts, dur):
+        return {"ph": "X", "cat": "kernel", "name": "gemm", "ts": ts, "dur": dur, "tid": 7}
+
+    def copy(ts, dur, kind="Pinned -> Device"):
+        return {"ph": "X", "cat": "gpu_memcpy", "name": f"Memcpy HtoD ({kind})", "ts": ts, "dur": dur, "tid": 20}
+
+    # Copies of 100 us each: the first under a kernel, the second after it with nothing else running, then 50 us of
+    # nothing, then a kernel; a pageable copy (the VAE's move) is not a streamed one.
+    events = [copy(0, 100), kernel(0, 150), copy(150, 100), kernel(300, 100), copy(300, 100), copy(1000, 500, "Pageable -> Device")]
+    summary = summarize(events)
+    assert summary["copies"] == 3 and summary["window_seconds"] == pytest.approx(400e-6)
+    assert summary["copy_seconds"] == pytest.approx(300e-6) and summary["hidden"] == pytest.approx(2 / 3)
+    assert summary["kernel_seconds"] == pytest.approx(250e-6) and summary["idle_seconds"] == pytest.approx(50e-6)
+    path = tmp_path / "trace.json.gz"
+    with gzip.open(path, "wt") as fh:
+        json.dump({"traceEvents": events}, fh)
+    assert summarize(read_trace(path)) == summary
+    assert summarize([kernel(0, 10), copy(0, 5, "Pageable -> Device")]) == {
+        "copies": 0, "memcpy_names": ["Memcpy HtoD (Pageable -> Device)"]}
