@@ -57,6 +57,10 @@ _USABLE = 0.92  # keep 8% of the budget for allocator fragmentation
 # decoding in 256 px tiles peaked 0.15 GiB above that share (SDXL 1024², fp32 VAE) and ran out of memory at least
 # 0.13 GiB above it (SD1.5 512²): a part of the decode's memory does not shrink with the tile.
 TILE_OVERHEAD = 192 * MiB
+# A streamed unit's copy is issued when the unit two places before it ends, so a tiny streamed unit (a transformer's
+# norm or 1×1 projection, split off a block too large to stream whole) leaves the next large unit almost no compute
+# to arrive behind. Blocks this small stay resident.
+MIN_STREAMED = 8 * MiB
 TILES = (768, 512, 256)  # the VAE tile sizes a plan may choose, largest first
 
 
@@ -284,9 +288,11 @@ def _bit_reversed(index: int, bits: int) -> int:
 
 
 def _residency_order(blocks: list[Block]) -> list[Block]:
-    """The order in which blocks are kept resident: largest first (the fewest bytes left to stream); among blocks of
-    one size, by the bit-reversed position in execution order, so that any number kept, and the rest streamed, lie
-    evenly spread (half of them: every other block) and each streamed block has resident compute beside it."""
+    """The order in which blocks are kept resident: blocks under :data:`MIN_STREAMED` first (streaming them saves
+    next to no memory and puts a copy turn between two large blocks), then largest first (the fewest bytes left to
+    stream); among blocks of one size, by the bit-reversed position in execution order, so that any number kept, and
+    the rest streamed, lie evenly spread (half of them: every other block) and each streamed block has resident
+    compute beside it."""
     positions: dict[int, list[int]] = {}
     for index, block in enumerate(blocks):
         positions.setdefault(block.nbytes, []).append(index)
@@ -295,7 +301,7 @@ def _residency_order(blocks: list[Block]) -> list[Block]:
         bits = max(0, (len(indices) - 1).bit_length())
         for k, index in enumerate(indices):
             rank[index] = _bit_reversed(k, bits)
-    order = sorted(range(len(blocks)), key=lambda i: (-blocks[i].nbytes, rank[i]))
+    order = sorted(range(len(blocks)), key=lambda i: (blocks[i].nbytes >= MIN_STREAMED, -blocks[i].nbytes, rank[i]))
     return [blocks[i] for i in order]
 
 

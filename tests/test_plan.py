@@ -269,3 +269,18 @@ def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
         mlnb.load_pipeline(tiny_sd, budget="1MiB")
     with pytest.raises(mlnb.errors.InvalidArgumentError, match="budget: cannot read size"):
         mlnb.load_pipeline(tiny_sd, budget="plenty")
+
+
+def test_tiny_blocks_stay_resident_so_they_do_not_cut_a_large_one_s_prefetch():
+    """A transformer split into its norm, projections and blocks: the norm and the projections stay on the GPU even
+    when the budget streams most of the large blocks."""
+    blocks = []
+    for group in range(4):
+        blocks += [Block(f"g{group}.norm", 5 * 1024), Block(f"g{group}.proj_in", 3 * MiB)]
+        blocks += [Block(f"g{group}.t{i}", 66 * MiB) for i in range(4)]
+        blocks += [Block(f"g{group}.proj_out", 3 * MiB)]
+    facts = ModelFacts(encoders={"te": 100 * MiB}, vae=100 * MiB, blocks=tuple(blocks), denoiser_other=50 * MiB)
+    plan = plan_for_budget(int(1.5 * GiB), facts, CardFacts(), Workload(512, 512, 1, 30))
+    assert plan.strategy == "stream" and len(plan.streamed) >= 8
+    assert all(".t" in name for name in plan.streamed)
+    assert all(b.nbytes >= plan_mod.MIN_STREAMED or b.name in plan.resident for b in blocks)
