@@ -13,7 +13,7 @@ import html
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..device import Device, MemorySnapshot, get_device, host_peak_rss
 from ..units import format_bytes, format_gib
@@ -163,7 +163,9 @@ class MemoryMonitor:
                 if outer.device is dev:
                     outer._fold(before)
             dev.reset_peak()
-            self._start = dev.snapshot()
+            # Nothing ran since: the peaks restart at the current values, and reading the card again (NVML, the
+            # host's RSS) would cost each cell the time of a second snapshot.
+            self._start = replace(before, peak_allocated=before.allocated, peak_reserved=before.reserved)
             self._fold(self._start)
             _open.append(self)
         self._host_peak_at_start = host_peak_rss()
