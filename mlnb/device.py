@@ -248,6 +248,11 @@ class Device:
 
         return torch.empty(nbytes, dtype=torch.uint8)
 
+    def allocator_counters(self) -> dict[str, int]:
+        """Cumulative counts of the caching allocator's expensive events (CUDA): allocations that had to free the
+        cache and retry, device mallocs and frees, and synchronisations of every stream. Empty here."""
+        return {}
+
     def issue_copy(self, stream, dst, src):
         """Copy the host tensor ``src`` into the device tensor ``dst`` once everything queued so far on the compute
         stream is done, on ``stream`` (from :meth:`copy_stream`) when given. Returns what :meth:`wait_copy` takes;
@@ -256,6 +261,11 @@ class Device:
 
     def wait_copy(self, handle) -> None:
         """Make the compute stream wait for a copy from :meth:`issue_copy` (the host does not wait)."""
+
+
+_ALLOCATOR_COUNTERS = (
+    "num_alloc_retries", "num_oom_rejections", "num_device_alloc", "num_device_free", "num_sync_all_streams",
+)
 
 
 def _is_torch_oom(exc: BaseException) -> bool:
@@ -429,6 +439,10 @@ class CudaDevice(Device):
         import torch
 
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+
+    def allocator_counters(self) -> dict[str, int]:
+        stats = self._cuda().memory_stats(self.index)
+        return {key: int(stats.get(key, 0)) for key in _ALLOCATOR_COUNTERS}
 
     def issue_copy(self, stream, dst, src):
         cuda = self._cuda()

@@ -55,7 +55,9 @@ def _child(args) -> dict:
         managed = mlnb.load_pipeline(args.folder, budget=budget, dtype="fp16", device=device)
     call = dict(steps=args.steps, width=args.size, height=args.size, seed=1)
     managed.generate("warm-up", **{**call, "steps": 2})
+    counters = device.allocator_counters()
     result = managed.generate("a watercolor fox", **call)
+    allocator = {k: v - counters[k] for k, v in device.allocator_counters().items()}
     plan = managed.plan
     row = {
         "variant": args.child,
@@ -66,6 +68,7 @@ def _child(args) -> dict:
         "peak_reserved": result.memory.peak_reserved,
         "streamed_bytes": plan.streamed_bytes if plan is not None else 0,
         "streamed_blocks": len(plan.streamed) if plan is not None else 0,
+        "allocator": allocator,
     }
     from mlnb.plan import Workload
 
@@ -148,6 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{row['variant']:<18} {row['seconds']:>6.2f} {row['step_seconds'] or 0:>7.3f} "
               f"{row.get('copies_seconds', 0):>8.3f} {row.get('overlap', float('nan')):>7.2f} "
               f"{(row['peak_reserved'] or 0) / 2**30:>13.2f}  {row['plan'] or 'level none'}")
+        if row.get("allocator"):
+            print(f"{'':<18} allocator during the image: " + ", ".join(f"{k} {v}" for k, v in row["allocator"].items()))
         line = row.get("timeline")
         if line and not line.get("copies"):
             print(f"{'':<18} profiled 3 steps: no pinned copies found (copies named {line.get('memcpy_names')})")

@@ -194,6 +194,10 @@ doc = json.load(open(sys.argv[1]))
 print(f"bench: {doc['machine'].get('card')} · {doc['command']} · {doc['date']}")
 for t in doc.get("targets", []):
     print(f"  [{t['status']}] {t['target']}")
+for r in doc.get("runs", []):
+    if r.get("allocator"):
+        cap = f"cap {r['cap_bytes'] / 2**30:g} GiB" if r.get("cap_bytes") else "no cap"
+        print(f"  allocator, {r['model']} {r['recipe']} {cap}: " + ", ".join(f"{k} {v}" for k, v in r["allocator"].items()))
 bad = [r for r in doc.get("runs", []) if r.get("status") not in ("ok", "OOM", "skipped")]
 print(f"  runs: {len(doc.get('runs', []))}, with an error: {len(bad)}")
 EOF

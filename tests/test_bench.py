@@ -270,6 +270,23 @@ def test_worker_run_measures_one_recipe(tiny_sd, clean_cache, cpu_current):
     assert row["peak_allocated"] is None and row["nvml_peak"] is None  # no GPU: N/A, never invented
     assert row["fp16_weight_bytes"] == 2 * sum(row["params"].values()) and row["denoiser_fp16_bytes"] > 0
     assert (row["width"], row["height"]) == (64, 64)
+    assert "allocator" not in row  # no caching allocator to count on a CPU
+
+
+def test_worker_records_what_the_allocator_did_during_the_measured_image(tiny_sd, clean_cache, cpu_current,
+                                                                        monkeypatch):
+    from mlnb.bench.worker import run
+    from mlnb.device import CpuDevice
+
+    calls = iter(range(10))
+
+    def counters(self):  # cumulative, as torch's are: 3 retries and 2 device mallocs happen each time it is read
+        n = next(calls)
+        return {"num_alloc_retries": 3 * n, "num_device_alloc": 2 * n}
+
+    monkeypatch.setattr(CpuDevice, "allocator_counters", counters)
+    row = run(_job(tiny_sd, "mlnb-auto"))
+    assert row["status"] == "ok" and row["allocator"] == {"num_alloc_retries": 3, "num_device_alloc": 2}
 
 
 def test_worker_reports_oom_as_oom(tiny_sd, clean_cache, cpu_current, monkeypatch):

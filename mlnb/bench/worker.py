@@ -202,8 +202,11 @@ def run(job: dict) -> dict:
             warm_seconds, warm, _ = _measured(device, prepared.generate)
             logger.info("warm-up image in %.2f s", warm_seconds)
             phase = "generate"
+            counters = device.allocator_counters()
             seconds, timed, size = _measured(device, prepared.generate)
             result.update(warmup_seconds=warm_seconds, seconds=seconds, **prepared.stats)
+            if counters:  # what the allocator had to do during the measured image (retries after freeing its cache)
+                result["allocator"] = {k: v - counters[k] for k, v in device.allocator_counters().items()}
             if size is not None:  # what was really generated (the pipeline's native size when none was asked)
                 result.update(width=size[0], height=size[1])
             peaks = [r.peak_allocated for r in (warm, timed) if r.peak_allocated is not None]
