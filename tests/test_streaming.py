@@ -197,3 +197,56 @@ def test_the_pipeline_finds_the_onload_device_and_remove_restores_the_model(tiny
         pipe.enable_model_cpu_offload()
     streamer.remove()
     assert pipe.unet.device == torch.device("cpu")
+
+
+def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_one_is_the_same(tiny_sdxl, clean_cache,
+                                                                                               monkeypatch):
+    """Through the managed pipeline, with a plan that streams part of the UNet and both text encoders: Ctrl-C in the
+    middle of the second step raises the one-line interruption, no streamed unit is left pointing at device memory,
+    no slot is held, and the next generation gives the image of an uninterrupted one."""
+    import numpy as np
+
+    import mlnb
+    import mlnb.plan as plan_mod
+    from mlnb.optimizer.budget import model_facts
+    from mlnb.optimizer.streaming import streamers_of
+
+    monkeypatch.setattr(plan_mod, "denoise_reserve", lambda work: 100_000)  # tiny model, tiny reserves
+    monkeypatch.setattr(plan_mod, "decode_reserve", lambda work, tile: 100_000)
+    monkeypatch.setattr(plan_mod, "_ENCODE_ACTIVATIONS", 10_000)
+    monkeypatch.setattr(plan_mod, "MIN_STREAMED", 0)  # the tiny model's blocks are all "small"
+    from diffusers import DiffusionPipeline
+
+    import mlnb.pipeline.managed as managed_mod
+
+    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    facts = model_facts(DiffusionPipeline.from_pretrained(tiny_sdxl), max_block=200_000)
+    need = facts.denoiser_other + 400_000 + 2 * max(b.nbytes for b in facts.blocks) + facts.vae + 300_000
+    from mlnb.device import FakeDevice
+
+    class CudaLike(FakeDevice):  # a plan is applied only on CUDA; this one computes on the CPU
+        is_cuda = True
+
+    managed = mlnb.load_pipeline(tiny_sdxl, budget=int(need / 0.92), device=CudaLike())
+    assert managed.plan.strategy == "stream" and managed.plan.streamed
+    call = dict(steps=2, width=64, height=64, seed=1)
+    reference = np.asarray(managed.generate("a fox", **call).images[0])
+    streamers = streamers_of(managed.pipe)
+    assert len(streamers) == 3 and all(s.chained for s in streamers)
+
+    resident = dict(managed.pipe.unet.named_modules())[managed.plan.resident[-1]]
+    calls = []
+
+    def stop(module, args):
+        calls.append(1)
+        if len(calls) == 2:  # the second step
+            raise KeyboardInterrupt
+
+    handle = resident.register_forward_pre_hook(stop)
+    with pytest.raises(mlnb.errors.GenerationInterrupted, match="stays loaded"):
+        managed.generate("a fox", **call)
+    handle.remove()
+    for streamer in streamers:
+        assert not any(unit.on_device for unit in streamer.units.values())
+        assert streamer._slots is None and not streamer._pending
+    assert np.array_equal(np.asarray(managed.generate("a fox", **call).images[0]), reference)
