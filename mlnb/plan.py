@@ -13,16 +13,17 @@ Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU 
 Time model (seconds per image), from measured card facts:
     steps × (compute + copies − overlap × min(compute, copies)) + decode + other
 where compute is a measured resident step and copies = streamed bytes / H2D bandwidth. decode is the decode measured
-in the plan's tiles, or until then the untiled decode times the pixels its tiles cover (on an H100, 256 px tiles took
-3.2× to 3.8× the untiled decode, against the 1.6× to 2.3× their pixels say). other is the rest of a generation
-(encoding, moves, the pipeline's own work) as measured by earlier generations with the encoders on the GPU or
-offloaded, or until then (encoder + VAE bytes) / bandwidth for an offloaded plan and nothing for one that keeps them.
-How much of the copies a step hides depends on where the streamed blocks sit, how much compute each has and how long
-the host takes to issue them (:mod:`mlnb.optimizer.streaming` issues each copy two streamed units ahead), so
-``overlap`` is measured: each streamed generation on a card records it, and until then it is 0 (copies add to
-compute: an upper bound). On an H100 it measured 0.34 for SD1.5 and 0.07 for SDXL. With ``overlap`` 1 a step is the
-streaming floor, max(compute, copies). Streamed blocks are chosen largest first for the fewest bytes moved, and among
-blocks of one size spread evenly over the execution order, so that each copy has compute beside it.
+in the plan's tiles, or until then the untiled decode times the pixels its tiles cover times ``TILE_TIME_FACTOR``
+(on an H100, 256 px tiles took 3.2× to 3.8× the untiled decode, 1.7× to 2.0× what their pixels say). other is the
+rest of a generation (encoding, moves, the pipeline's own work) as measured by earlier generations with the encoders
+on the GPU or offloaded, or until then (encoder + VAE bytes) / bandwidth for an offloaded plan and nothing for one
+that keeps them. How much of the copies a step hides depends on where the streamed blocks sit, how much compute each
+has and how long the host takes to issue them (:mod:`mlnb.optimizer.streaming` issues each copy two streamed units
+ahead), so ``overlap`` is measured: each streamed generation on a card records it, and until then it is 0 (copies
+add to compute: an upper bound). On an H100 it measured 0.34 for SD1.5 and 0.07 for SDXL. With ``overlap`` 1 a step
+is the streaming floor, max(compute, copies). Streamed blocks are chosen largest first for the fewest bytes moved,
+blocks under 8 MiB never, and among blocks of one size spread evenly over the execution order, so that each copy has
+compute beside it.
 The reserves come from the plain-diffusers peaks measured on an H200 in the design notes (fp16, CFG, 20 steps):
 SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at 512; SDXL's fp32
 (upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
@@ -47,10 +48,15 @@ __all__ = [
     "predict",
     "overlap_measured",
     "FP8_STEP_FACTOR",
+    "TILE_TIME_FACTOR",
 ]
 
 # fp8 storage upcasts every layer's weights before use: SD1.5 ran 0.94 s vs 0.50 s per image (design notes, H200).
 FP8_STEP_FACTOR = 1.88
+# A tiled decode takes longer than the untiled one charged the pixels its tiles cover: on an H100 (mlnb bench run 5,
+# 2026-11-26, 256 px tiles) 1.69× that for SD1.5 at 512² (0.114 s, 9 tiles) and 2.02× for SDXL at 1024² in fp32
+# (0.55 s, 25 tiles). The smaller of the two stands in until the card has decoded in the plan's tiles.
+TILE_TIME_FACTOR = 1.69
 _ENCODE_ACTIVATIONS = 64 * MiB
 _USABLE = 0.92  # keep 8% of the budget for allocator fragmentation
 # A tiled decode needs more than its tiles' share of the untiled decode. On an H100 (mlnb bench, 2026-11-26) plans
@@ -129,13 +135,15 @@ class CardFacts:
 
     def decode(self, work: "Workload", tile: int | None) -> float | None:
         """Seconds of one decode: measured in these tiles if it has been, else the untiled decode charged the pixels
-        the tiles cover."""
+        the tiles cover, times :data:`TILE_TIME_FACTOR`."""
         measured = getattr(self, f"decode_seconds_{tile}", None) if tile in TILES else None
         if measured is not None:
             return measured
         if self.decode_seconds is None:
             return None
-        return self.decode_seconds * _tiled_pixels(work, tile) / (work.width * work.height)
+        untiled = tile is None or tile >= max(work.width, work.height)
+        share = _tiled_pixels(work, tile) / (work.width * work.height)
+        return self.decode_seconds * share * (1.0 if untiled else TILE_TIME_FACTOR)
 
 
 @dataclass(frozen=True)

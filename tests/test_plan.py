@@ -107,7 +107,7 @@ def test_streamed_step_time_follows_the_measured_overlap(overlap):
     assert plan.strategy == "stream" and plan.streamed_bytes and not plan.fp8
     copies = plan.streamed_bytes / 20e9
     assert 0.001 < copies < 0.2
-    decode = 0.3 * plan_mod._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2
+    decode = 0.3 * plan_mod._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2 * plan_mod.TILE_TIME_FACTOR
     for compute in (0.2, 0.001):  # compute-bound, then copy-bound
         card = CardFacts(bandwidth=20e9, step_seconds=compute, decode_seconds=0.3, overlap=overlap)
         step = {None: compute + copies, 0.0: compute + copies, 1.0: max(compute, copies)}.get(
@@ -121,7 +121,7 @@ def test_measured_tiled_decode_and_the_rest_replace_what_the_pixels_and_the_band
     base = CardFacts(bandwidth=20e9, step_seconds=0.1, decode_seconds=0.2)
     plan = plan_for_budget(4 * GiB, sdxl, base, SDXL_WORK)
     assert plan.vae_tile in plan_mod.TILES and plan.transfer_once_bytes
-    share = plan_mod._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2
+    share = plan_mod._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2 * plan_mod.TILE_TIME_FACTOR
     assert base.decode(SDXL_WORK, plan.vae_tile) == pytest.approx(0.2 * share)
     assert base.decode(SDXL_WORK, None) == 0.2
     compute = 0.1 * (plan_mod.FP8_STEP_FACTOR if plan.fp8 else 1.0)
