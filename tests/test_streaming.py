@@ -250,3 +250,48 @@ def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_o
         assert not any(unit.on_device for unit in streamer.units.values())
         assert streamer._slots is None and not streamer._pending
     assert np.array_equal(np.asarray(managed.generate("a fox", **call).images[0]), reference)
+
+
+def test_a_vae_that_is_not_upcast_goes_to_the_gpu_in_one_copy_from_pinned_memory(tiny_sd, monkeypatch):
+    """SD1.5's VAE decodes in its stored dtype: it is one packed host region, copied whole when ``decode`` runs
+    (diffusers calls the accelerate hook there) and pointed back at the host copy when the next image starts."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    import mlnb.plan as plan_mod
+    from mlnb.optimizer.budget import apply_plan, model_facts
+    from mlnb.plan import CardFacts, Workload, plan_for_budget
+
+    def run(pipe):
+        pipe.set_progress_bar_config(disable=True)
+        out = pipe("a fox", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(1))
+        return np.asarray(out.images[0])
+
+    reference = run(DiffusionPipeline.from_pretrained(tiny_sd))
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd)
+    facts = model_facts(pipe, max_block=200_000)
+    monkeypatch.setattr(plan_mod, "denoise_reserve", lambda work: 100_000)
+    monkeypatch.setattr(plan_mod, "decode_reserve", lambda work, tile: 100_000)
+    monkeypatch.setattr(plan_mod, "_ENCODE_ACTIVATIONS", 10_000)
+    monkeypatch.setattr(plan_mod, "MIN_STREAMED", 0)
+    need = facts.denoiser_other + 400_000 + 2 * max(b.nbytes for b in facts.blocks) + facts.vae + 300_000
+    plan = plan_for_budget(int(need / 0.92), facts, CardFacts(), Workload(64, 64, 1, 2))
+    assert plan.strategy == "stream" and plan.offload_encoders_vae
+    report = apply_plan(pipe, plan, "cpu", use_stream=False)
+    assert "from pinned memory" in report["model_cpu_offload"].detail
+    whole = pipe.vae._mlnb_whole
+    copies = []
+    original = CpuDevice.issue_copy
+
+    def counting(self, stream, dst, src):
+        copies.append(src.data_ptr())
+        return original(self, stream, dst, src)
+
+    monkeypatch.setattr(CpuDevice, "issue_copy", counting)
+    for _ in range(2):
+        copies.clear()
+        assert np.array_equal(run(pipe), reference)
+        assert whole.on_device and copies.count(whole.unit.region.data_ptr()) == 1  # once, at decode
+    pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long))  # the next image's first model
+    assert not whole.on_device
+    assert all(t.data_ptr() == h.data_ptr() for t, h in zip(whole.unit.tensors, whole.unit.home))

@@ -31,7 +31,8 @@ from ..units import MiB, format_bytes
 from .context import applied, denoiser_of, skipped
 from .precision import store_fp8
 from .report import OptimizationReport, TechniqueResult
-from .streaming import stream_units
+from .offload import vae_needs_upcast
+from .streaming import pin_whole, stream_units
 from .vae import set_vae_tiles
 
 logger = logging.getLogger(__name__)
@@ -187,12 +188,20 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     give_back_host_memory()  # the kept part's host copy is gone: give it back before anything is pinned
     if plan.offload_encoders_vae:
         # Each text encoder is streamed unit by unit like the denoiser (pinned, prefetched, never whole on the GPU,
-        # nothing copied back). The VAE is moved whole by accelerate's hook when it decodes (SDXL upcasts it to fp32
-        # in the pipeline, which streamed copies would undo) and goes back to the CPU when the next image's first
-        # model (an encoder, or the denoiser) starts.
-        vae_hook = None
-        if vae is not None:
+        # nothing copied back). The VAE goes to the GPU whole when it decodes, from one pinned region in one copy
+        # (:class:`.streaming.WholeModel`), or, when the pipeline upcasts it to fp32 (SDXL), which a fixed host copy
+        # cannot follow, by accelerate's hook; it leaves when the next image's first model (an encoder, or the
+        # denoiser) starts.
+        vae_off = None
+        if vae is not None and vae_needs_upcast(pipe):
             _, vae_hook = cpu_offload_with_hook(vae, device)
+            first = next(vae.parameters())
+
+            def vae_off() -> None:
+                if first.device.type != "cpu":
+                    vae_hook.offload()
+        elif vae is not None:  # one pinned region, copied whole at decode, nothing copied back
+            vae_off = pin_whole(vae, device, ctx_device, ctx_device.host_buffer).offload
         encoders = list(_text_encoders(pipe).values())
         for encoder in encoders:
             units = [name for name, _ in _units(encoder, _MAX_BLOCK)]
@@ -200,18 +209,17 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
             stream_units(encoder, units, device, ctx_device, ctx_device.copy_stream() if use_stream else None,
                          ctx_device.host_buffer)
         give_back_host_memory()  # the encoders' pageable originals, replaced by packed pinned copies
-        if vae_hook is not None:
-            first = next(vae.parameters())
-
-            def vae_off(module, args):
-                if first.device.type != "cpu":
-                    vae_hook.offload()
+        if vae_off is not None:
+            def vae_leaves(module, args):
+                vae_off()
 
             for model in encoders + [denoiser]:  # an encoder may be skipped (prompt embeddings given)
-                model.register_forward_pre_hook(vae_off)
+                model.register_forward_pre_hook(vae_leaves)
         results[Technique.MODEL_CPU_OFFLOAD] = applied(
             Technique.MODEL_CPU_OFFLOAD,
-            "text encoders streamed unit by unit and the VAE moved whole, each on the GPU only while it runs",
+            "text encoders streamed unit by unit and the VAE moved whole"
+            f"{' (accelerate: it is upcast)' if vae is not None and vae_needs_upcast(pipe) else ' from pinned memory'}"
+            ", each on the GPU only while it runs",
             "encoders+VAE offload",
         )
     else:

@@ -43,7 +43,7 @@ from .pinning import layout, pack, view_in
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnitStreamer", "stream_units", "streamer_of", "streamers_of"]
+__all__ = ["UnitStreamer", "WholeModel", "pin_whole", "stream_units", "streamer_of", "streamers_of"]
 
 
 class _Unit:
@@ -277,6 +277,63 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
         )
     model._mlnb_streamer = streamer
     return streamer
+
+
+class WholeModel:
+    """A model kept in one packed pinned region on the host and copied to the GPU whole, in one transfer, when it
+    runs; sent back by pointing it at its host copy again (nothing is copied back).
+
+    For a VAE that decodes in the dtype it is stored in: diffusers' ``apply_forward_hook`` calls the accelerate hook's
+    ``pre_forward`` at ``decode``, as it does for accelerate's own ``cpu_offload_with_hook``, which moves the module
+    from pageable memory tensor by tensor and copies it back to new pageable memory when it is offloaded. A VAE that
+    the pipeline upcasts (SDXL's ``force_upcast``) changes its weights' dtype between the two, which a fixed host copy
+    cannot follow; it keeps accelerate's hook.
+    """
+
+    def __init__(self, module, onload_device, device, host_buffer=None) -> None:
+        self.module, self.onload_device, self.device = module, onload_device, device
+        self.unit = _Unit("", module)
+        try:
+            _pack_home([self.unit], host_buffer or _pageable)
+        except RuntimeError as exc:
+            logger.warning("could not pin %s (%s); it stays in pageable memory", type(module).__name__, exc)
+            _pack_home([self.unit], _pageable)
+
+    @property
+    def on_device(self) -> bool:
+        return self.unit.on_device
+
+    def onload(self) -> None:
+        if self.unit.on_device:
+            return
+        import torch
+
+        own = torch.empty(self.unit.layout.nbytes, dtype=torch.uint8, device=self.onload_device)
+        self.device.issue_copy(None, own, self.unit.region)  # in order on the compute stream
+        self.unit.point_to(own)
+
+    def offload(self) -> None:
+        if self.unit.on_device:
+            self.unit.point_home()
+
+
+def pin_whole(module, onload_device, device, host_buffer=None) -> WholeModel:
+    """Keep ``module`` (on the host) as a :class:`WholeModel`, onloaded by an accelerate hook when it runs (its
+    ``forward``, or a method diffusers decorates with ``apply_forward_hook`` such as a VAE's ``decode``)."""
+    from accelerate.hooks import ModelHook, add_hook_to_module
+
+    whole = WholeModel(module, onload_device, device, host_buffer)
+
+    class Onload(ModelHook):
+        execution_device = onload_device  # read by diffusers' _execution_device
+
+        def pre_forward(self, module, *args, **kwargs):
+            whole.onload()
+            return args, kwargs
+
+    add_hook_to_module(module, Onload())
+    module._mlnb_whole = whole
+    return whole
 
 
 def streamer_of(pipe) -> UnitStreamer | None:
