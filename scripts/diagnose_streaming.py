@@ -12,7 +12,8 @@ and compute by events. Each variant runs in a process of its own (the allocator 
 - ``capped``: the plan for the budget, with the budget as the process's memory cap (as ``mlnb bench`` runs it);
 - ``uncapped``: the same plan with the whole card for the allocator. If the copies overlap here and not under the
   cap, the allocator still frees and reserves memory during a step;
-- ``capped+expandable``: the cap with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True``.
+- ``capped+expandable``: the cap with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (only when asked for with
+  ``--variants``: in run 5 it did not separate from the others).
 
 Prints a table and writes JSON: s/image, median step, copies per step at the measured bandwidth, and the overlap
 (0: compute plus copies; 1: the longer of the two). With ``--profile``, each streamed variant also runs one 3-step
@@ -120,12 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--timeout", type=int, default=90, help="seconds per variant")
+    parser.add_argument("--variants", default="resident,capped,uncapped",
+                        help=f"comma-separated, of {', '.join(VARIANTS)}")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--profile", action="store_true",
                         help="profile one more 3-step generation of each streamed variant (mlnb.bench.timeline)")
     parser.add_argument("--trace-dir", default=None, help="keep the profiler traces here (trace-VARIANT.json.gz)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    unknown = set(args.variants.split(",")) - set(VARIANTS)
+    if unknown:
+        parser.error(f"unknown variant(s): {', '.join(sorted(unknown))}")
     if args.child:
         print(json.dumps(_child(args)))
         return 0
@@ -133,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlnb.plan import overlap_measured
 
     rows = []
-    for name in VARIANTS:
+    for name in args.variants.split(","):
         try:
             rows.append(_run_variant(name, args))
         except subprocess.TimeoutExpired:
