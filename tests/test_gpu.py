@@ -273,6 +273,7 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
         assert all(s.chained and s.stream is not None for s in streamers_of(managed.pipe))  # the text encoder too
         host = [c for s in streamers_of(managed.pipe) for c in s.host_copies()]
         assert host and all(c.is_pinned() for c in host)  # packed page-locked views, not pageable originals
+        assert managed.pipe.vae._mlnb_whole.unit.region.is_pinned()  # an SD VAE: one pinned region, copied whole
         result = managed.generate("a watercolor fox", seed=1, steps=4, width=256, height=256)
         assert result.images[0].size == (256, 256)
         reference = np.asarray(level_runs[L.NONE].result.images[0], dtype=np.float32)
