@@ -2,9 +2,10 @@
 
 The pieces are hooks in diffusers' and accelerate's hook systems: one on each streamed denoiser block and on each
 unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, two GPU slots, each unit's copy issued on a copy
-stream two units ahead), so only streamed weights are pinned; accelerate's ``cpu_offload_with_hook`` for
-the VAE (its ``decode`` triggers it through diffusers' ``apply_forward_hook``), which leaves the GPU when the next
-image's encoders or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is
+stream two units ahead), so only streamed weights are pinned; for the VAE, an accelerate hook that copies it whole
+from one pinned region (or accelerate's own ``cpu_offload_with_hook`` when the pipeline upcasts it), which its
+``decode`` triggers through diffusers' ``apply_forward_hook`` and which leaves the GPU when the next image's encoders
+or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is
 moved to the GPU part by part, never whole, so a card smaller than the denoiser never holds it all at once.
 
 Order matters for host RAM: the kept part goes to the GPU first and the freed host memory is handed back to the OS,
@@ -193,7 +194,8 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         # cannot follow, by accelerate's hook; it leaves when the next image's first model (an encoder, or the
         # denoiser) starts.
         vae_off = None
-        if vae is not None and vae_needs_upcast(pipe):
+        upcast = vae is not None and vae_needs_upcast(pipe)
+        if upcast:
             _, vae_hook = cpu_offload_with_hook(vae, device)
             first = next(vae.parameters())
 
@@ -218,7 +220,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         results[Technique.MODEL_CPU_OFFLOAD] = applied(
             Technique.MODEL_CPU_OFFLOAD,
             "text encoders streamed unit by unit and the VAE moved whole"
-            f"{' (accelerate: it is upcast)' if vae is not None and vae_needs_upcast(pipe) else ' from pinned memory'}"
+            f"{' (accelerate: it is upcast)' if upcast else ' from pinned memory'}"
             ", each on the GPU only while it runs",
             "encoders+VAE offload",
         )
