@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         if line and not line.get("copies"):
             print(f"{'':<18} profiled 3 steps: no pinned copies found (copies named {line.get('memcpy_names')})")
         elif line:
-            print(f"{'':<18} profiled 3 steps: {line['copies']} copies, {line['copy_seconds']:.3f} s, "
+            rate = f" at {line['copy_bandwidth'] / 1e9:.1f} GB/s" if line.get("copy_bandwidth") else ""
+            print(f"{'':<18} profiled 3 steps: {line['copies']} copies, {line['copy_seconds']:.3f} s{rate}, "
                   f"{line['hidden']:.0%} under a kernel; kernels {line['kernel_seconds']:.3f} s, "
                   f"GPU idle {line['idle_seconds']:.3f} s of {line['window_seconds']:.3f} s")
     if args.json:

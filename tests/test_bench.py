@@ -448,7 +448,8 @@ def test_timeline_tells_hidden_copies_from_serial_ones_and_idle_time(tmp_path):
         return {"ph": "X", "cat": "kernel", "name": "gemm", "ts": ts, "dur": dur, "tid": 7}
 
     def copy(ts, dur, kind="Pinned -> Device"):
-        return {"ph": "X", "cat": "gpu_memcpy", "name": f"Memcpy HtoD ({kind})", "ts": ts, "dur": dur, "tid": 20}
+        return {"ph": "X", "cat": "gpu_memcpy", "name": f"Memcpy HtoD ({kind})", "ts": ts, "dur": dur, "tid": 20,
+                "args": {"bytes": dur * 50_000}}  # 50 GB/s
 
     # Copies of 100 us each: the first under a kernel, the second after it with nothing else running, then 50 us of
     # nothing, then a kernel; a pageable copy (the VAE's move) is not a streamed one.
@@ -456,6 +457,7 @@ def test_timeline_tells_hidden_copies_from_serial_ones_and_idle_time(tmp_path):
     summary = summarize(events)
     assert summary["copies"] == 3 and summary["window_seconds"] == pytest.approx(400e-6)
     assert summary["copy_seconds"] == pytest.approx(300e-6) and summary["hidden"] == pytest.approx(2 / 3)
+    assert summary["copy_bandwidth"] == pytest.approx(50e9)
     assert summary["kernel_seconds"] == pytest.approx(250e-6) and summary["idle_seconds"] == pytest.approx(50e-6)
     path = tmp_path / "trace.json.gz"
     with gzip.open(path, "wt") as fh:

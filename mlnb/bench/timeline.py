@@ -4,7 +4,9 @@
 (``"cat": "gpu_memcpy"``) is an interval on its stream. Streamed weights arrive as copies from pinned memory
 ("Memcpy HtoD (Pinned -> Device)"). Over the window from the first such copy to the last, :func:`summarize` gives:
 
-- ``copy_seconds``: the copies' time, and ``hidden``, the share of it during which a kernel ran on another stream;
+- ``copy_seconds``: the copies' time, ``copy_bandwidth`` the bytes they moved per second of it (against the
+  bandwidth measured on the idle card: whether copies slow down beside the compute), and ``hidden``, the share of
+  their time during which a kernel ran on another stream;
 - ``kernel_seconds``: the time at least one kernel ran, and ``idle_seconds``: the time neither a kernel nor a copy ran
   (the GPU waiting for the host, or for a copy it needed).
 
@@ -79,11 +81,15 @@ def summarize(events: list[dict]) -> dict:
     copy_union = _union(copies)
     busy = _union(sorted(kernels + copy_union))
     copy_time = _length(copy_union)
+    moved = sum(e.get("args", {}).get("bytes", 0) for e in events if e.get("cat") == "gpu_memcpy"
+                and all(k in e.get("name", "") for k in _PINNED_COPY))
     us = 1e-6
     return {
         "window_seconds": (hi - lo) * us,
         "copies": len(copies),
         "copy_seconds": copy_time * us,
+        # bytes/s while copying (kineto writes each copy's bytes): below the idle card's bandwidth, the copies slowed
+        "copy_bandwidth": moved / (copy_time * us) if moved and copy_time else None,
         "hidden": _overlap(copy_union, kernels) / copy_time if copy_time else 0.0,
         "kernel_seconds": _length(kernels) * us,
         "idle_seconds": ((hi - lo) - _length(busy)) * us,
