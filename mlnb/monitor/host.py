@@ -30,17 +30,24 @@ _WEIGHT_FILES = (".safetensors",)
 _libc = None
 
 
-def trim_host_heap() -> bool:
-    """Return free heap memory to the OS (glibc only). True when it ran."""
+def _libc_function(name: str):
+    """``name`` from the C library (Linux), or None where there is none."""
     global _libc
     if not sys.platform.startswith("linux"):
-        return False
+        return None
     try:
         if _libc is None:
             _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        trim = _libc.malloc_trim
+        return getattr(_libc, name)
     except (OSError, AttributeError) as exc:  # not glibc (musl has no malloc_trim)
-        logger.debug("malloc_trim is not available: %s", exc)
+        logger.debug("%s is not available: %s", name, exc)
+        return None
+
+
+def trim_host_heap() -> bool:
+    """Return free heap memory to the OS (glibc only). True when it ran."""
+    trim = _libc_function("malloc_trim")
+    if trim is None:
         return False
     trim.argtypes = [ctypes.c_size_t]
     trim(0)
@@ -50,17 +57,14 @@ def trim_host_heap() -> bool:
 def release_mapped_weights(suffixes: tuple[str, ...] = _WEIGHT_FILES) -> int:
     """Ask the kernel to reclaim the resident pages of this process's mappings of weight files (Linux 5.4 and
     later; elsewhere a no-op); returns the bytes of the mappings advised."""
-    global _libc
-    if not sys.platform.startswith("linux"):
+    madvise = _libc_function("madvise")
+    if madvise is None:
         return 0
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        madvise = _libc.madvise
         with open("/proc/self/maps") as fh:
             lines = fh.readlines()
-    except (OSError, AttributeError) as exc:
-        logger.debug("cannot release mapped weights: %s", exc)
+    except OSError as exc:
+        logger.debug("cannot read this process's mappings: %s", exc)
         return 0
     madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     madvise.restype = ctypes.c_int

@@ -75,6 +75,15 @@ class _Unit:
             tensor.data = home
         self.on_device = False
 
+    def copy_to_own(self, onload_device, device) -> None:
+        """Copy the unit into device memory of its own, in order on the compute stream, and point at it; the
+        memory is freed when the unit goes home."""
+        import torch
+
+        own = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=onload_device)
+        device.issue_copy(None, own, self.region)
+        self.point_to(own)
+
 
 def _hook_type():
     from diffusers.hooks import ModelHook
@@ -154,11 +163,7 @@ class UnitStreamer:
             return
         if self._slots is not None:
             logger.warning("streamed unit %s ran out of its recorded order: copied blocking", unit.name)
-        import torch
-
-        own = torch.empty(unit.layout.nbytes, dtype=torch.uint8, device=self.onload_device)
-        self.device.issue_copy(None, own, unit.region)  # in order on the compute stream; freed when it goes home
-        unit.point_to(own)
+        unit.copy_to_own(self.onload_device, self.device)
 
     def _leave(self, unit: _Unit) -> None:
         unit.point_home()
@@ -304,13 +309,8 @@ class WholeModel:
         return self.unit.on_device
 
     def onload(self) -> None:
-        if self.unit.on_device:
-            return
-        import torch
-
-        own = torch.empty(self.unit.layout.nbytes, dtype=torch.uint8, device=self.onload_device)
-        self.device.issue_copy(None, own, self.unit.region)  # in order on the compute stream
-        self.unit.point_to(own)
+        if not self.unit.on_device:
+            self.unit.copy_to_own(self.onload_device, self.device)
 
     def offload(self) -> None:
         if self.unit.on_device:
