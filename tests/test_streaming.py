@@ -295,3 +295,18 @@ def test_a_vae_that_is_not_upcast_goes_to_the_gpu_in_one_copy_from_pinned_memory
     pipe.text_encoder(torch.zeros(1, 77, dtype=torch.long))  # the next image's first model
     assert not whole.on_device
     assert all(t.data_ptr() == h.data_ptr() for t, h in zip(whole.unit.tensors, whole.unit.home))
+
+
+def test_a_host_that_cannot_lock_the_memory_streams_from_pageable_memory(model, caplog):
+    names = [f"streamed.{i}" for i in range(6)]
+    x = torch.randn(2, 8)
+    expected = model(x)
+
+    def refuse(nbytes):
+        raise RuntimeError("cannot lock host memory")
+
+    with caplog.at_level("WARNING"):
+        streamer = stream_units(model, names, torch.device("cpu"), CpuDevice(), host_buffer=refuse)
+    assert "could not pin the streamed weights (cannot lock host memory)" in caplog.text
+    assert all(unit.region is not None for unit in streamer.units.values())
+    assert torch.equal(model(x), expected) and torch.equal(model(x), expected)

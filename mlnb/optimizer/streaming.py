@@ -225,11 +225,7 @@ class UnitStreamer:
             HookRegistry.check_if_exists_or_initialize(unit.module).remove_hook(_GROUP_OFFLOADING, recurse=False)
 
 
-def _pack_home(units: list[_Unit], allocate) -> int:
-    """Copy every unit's tensors into its region of packed buffers from ``allocate`` and point the tensors there,
-    releasing each original as soon as it is copied and handing the freed heap back to the OS after each buffer (a
-    page-locked buffer never reuses it: without the trim the host held every original beside every copy, 1.6× the
-    weights on an H100 host); returns the bytes allocated."""
+def _pack_into(units: list[_Unit], allocate) -> int:
     def moved(group: int, index: int, copy) -> None:
         units[group].tensors[index].data = copy
 
@@ -240,6 +236,19 @@ def _pack_home(units: list[_Unit], allocate) -> int:
         unit.region = region
         unit.home = [view_in(region, t, offset) for t, offset in zip(unit.tensors, unit.layout.offsets)]
     return allocated
+
+
+def _pack_home(units: list[_Unit], host_buffer=None, what: str = "the streamed weights") -> int:
+    """Copy every unit's tensors into its region of packed buffers from ``host_buffer`` and point the tensors there,
+    releasing each original as soon as it is copied. After each buffer the host memory given up so far goes back to
+    the OS (the heap's free pages, and the pages of the mapped weight files read: on an H100 host, without that, the
+    peak held every page of the files beside every pinned copy, 1.61× the weights). Where the host cannot lock that
+    much, the regions are pageable. Returns the bytes allocated."""
+    try:
+        return _pack_into(units, host_buffer or _pageable)
+    except RuntimeError as exc:
+        logger.warning("could not pin %s (%s); they stay in pageable memory", what, exc)
+        return _pack_into(units, _pageable)
 
 
 def _pageable(nbytes: int):
@@ -268,11 +277,7 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
 
     modules = dict(model.named_modules())
     units = [_Unit(name, modules[name]) for name in names]
-    try:
-        allocated = _pack_home(units, host_buffer or _pageable)
-    except RuntimeError as exc:  # the host cannot lock that much: pageable copies, which the host waits for
-        logger.warning("could not pin the streamed weights (%s); they stay in pageable memory", exc)
-        allocated = _pack_home(units, _pageable)
+    allocated = _pack_home(units, host_buffer)
     logger.debug("packed %d streamed units in %d bytes", len(units), allocated)
     streamer = UnitStreamer(model, units, onload_device, device, stream)
     hook_type = _hook_type()
@@ -298,11 +303,7 @@ class WholeModel:
     def __init__(self, module, onload_device, device, host_buffer=None) -> None:
         self.module, self.onload_device, self.device = module, onload_device, device
         self.unit = _Unit("", module)
-        try:
-            _pack_home([self.unit], host_buffer or _pageable)
-        except RuntimeError as exc:
-            logger.warning("could not pin %s (%s); it stays in pageable memory", type(module).__name__, exc)
-            _pack_home([self.unit], _pageable)
+        _pack_home([self.unit], host_buffer, type(module).__name__)
 
     @property
     def on_device(self) -> bool:
