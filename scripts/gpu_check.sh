@@ -202,4 +202,23 @@ bad = [r for r in doc.get("runs", []) if r.get("status") not in ("ok", "OOM", "s
 print(f"  runs: {len(doc.get('runs', []))}, with an error: {len(bad)}")
 EOF
 fi
+if [ -f "$out/diagnose-streaming.json" ]; then
+  "$python" - "$out/diagnose-streaming.json" <<'EOF' | tee -a "$out/summary.txt"
+import json, sys
+doc = json.load(open(sys.argv[1]))
+for r in doc.get("rows", []):
+    if r.get("error"):
+        print(f"diagnose {r['variant']}: error: {r['error']}")
+        continue
+    t = r.get("timeline") or {}
+    line = f"diagnose {r['variant']}: step {r.get('step_seconds') or 0:.3f} s, overlap {r.get('overlap', float('nan')):.2f}"
+    if t.get("copies"):
+        bw = t.get("copy_bandwidth")
+        line += (f"; profiled: copies {t['copy_seconds']:.3f} s" + (f" at {bw / 1e9:.1f} GB/s" if bw else "")
+                 + f", {t['hidden']:.0%} under a kernel, GPU idle {t['idle_seconds']:.3f} of {t['window_seconds']:.3f} s")
+    if r.get("allocator"):
+        line += "; allocator " + ", ".join(f"{k} {v}" for k, v in r["allocator"].items())
+    print(line)
+EOF
+fi
 exit "$failed"
