@@ -76,7 +76,10 @@ def _child(args) -> dict:
     facts = card_facts(device, managed.model_key, Workload(args.size, args.size, 1, args.steps), measure=True)
     row["bandwidth"] = facts.bandwidth
     if args.profile and args.child != "resident":
-        row["timeline"] = _profile(managed, call, args)
+        try:
+            row["timeline"] = _profile(managed, call, args)
+        except Exception as exc:  # a profiler that fails must not cost the variant's measurements
+            row["timeline"] = {"error": f"{type(exc).__name__}: {exc}"}
     return row
 
 
@@ -160,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         if row.get("allocator"):
             print(f"{'':<18} allocator during the image: " + ", ".join(f"{k} {v}" for k, v in row["allocator"].items()))
         line = row.get("timeline")
-        if line and not line.get("copies"):
+        if line and line.get("error"):
+            print(f"{'':<18} profile failed: {line['error']}")
+        elif line and not line.get("copies"):
             print(f"{'':<18} profiled 3 steps: no pinned copies found (copies named {line.get('memcpy_names')})")
         elif line:
             rate = f" at {line['copy_bandwidth'] / 1e9:.1f} GB/s" if line.get("copy_bandwidth") else ""

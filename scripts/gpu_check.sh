@@ -212,7 +212,9 @@ for r in doc.get("rows", []):
         continue
     t = r.get("timeline") or {}
     line = f"diagnose {r['variant']}: step {r.get('step_seconds') or 0:.3f} s, overlap {r.get('overlap', float('nan')):.2f}"
-    if t.get("copies"):
+    if t.get("error"):
+        line += f"; profile failed: {t['error']}"
+    elif t.get("copies"):
         bw = t.get("copy_bandwidth")
         line += (f"; profiled: copies {t['copy_seconds']:.3f} s" + (f" at {bw / 1e9:.1f} GB/s" if bw else "")
                  + f", {t['hidden']:.0%} under a kernel, GPU idle {t['idle_seconds']:.3f} of {t['window_seconds']:.3f} s")
