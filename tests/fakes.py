@@ -49,3 +49,28 @@ class FakeCuda:
 
     def reset_peak_memory_stats(self, index=None):
         self.calls.append("reset_peak_memory_stats")
+
+
+def tiny_stream_budget(pipe, monkeypatch, max_block: int = 200_000):
+    """A budget for which a tiny pipeline's plan streams part of its UNet, with the planner's reserves scaled down to
+    the tiny model (the real ones are hundreds of MiB) and no block too small to stream."""
+    import mlnb.plan as plan_mod
+    from mlnb.optimizer.budget import model_facts
+
+    monkeypatch.setattr(plan_mod, "denoise_reserve", lambda work: 100_000)
+    monkeypatch.setattr(plan_mod, "decode_reserve", lambda work, tile: 100_000)
+    monkeypatch.setattr(plan_mod, "_ENCODE_ACTIVATIONS", 10_000)
+    monkeypatch.setattr(plan_mod, "MIN_STREAMED", 0)
+    facts = model_facts(pipe, max_block=max_block)
+    need = facts.denoiser_other + 400_000 + 2 * max(b.nbytes for b in facts.blocks) + facts.vae + 300_000
+    return int(need / 0.92)
+
+
+def generate_64(pipe):
+    """One 64×64 image in two steps, seed 1, as a uint8 array."""
+    import numpy as np
+    import torch
+
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a fox", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(1))
+    return np.asarray(out.images[0])

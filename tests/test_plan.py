@@ -204,23 +204,14 @@ def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     """Streamed blocks, streamed encoders, the VAE's hook and resident parts compute the same image."""
     from diffusers import DiffusionPipeline
 
+    from fakes import generate_64 as run, tiny_stream_budget
     from mlnb.optimizer.budget import apply_plan, model_facts
     from mlnb.optimizer.streaming import streamer_of, streamers_of
 
-    def run(pipe):
-        pipe.set_progress_bar_config(disable=True)
-        out = pipe("a fox", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(1))
-        return np.asarray(out.images[0])
-
     reference = run(DiffusionPipeline.from_pretrained(tiny_sdxl))
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
-    facts = model_facts(pipe, max_block=200_000)
-    # Tiny models need tiny reserves for a plan that streams part of the UNet.
-    monkeypatch.setattr(plan_mod, "denoise_reserve", lambda work: 100_000)
-    monkeypatch.setattr(plan_mod, "decode_reserve", lambda work, tile: 100_000)
-    monkeypatch.setattr(plan_mod, "_ENCODE_ACTIVATIONS", 10_000)
-    need = facts.denoiser_other + 400_000 + 2 * max(b.nbytes for b in facts.blocks) + facts.vae + 300_000
-    plan = plan_for_budget(int(need / 0.92), facts, CardFacts(), Workload(64, 64, 1, 2))
+    budget = tiny_stream_budget(pipe, monkeypatch)
+    plan = plan_for_budget(budget, model_facts(pipe, max_block=200_000), CardFacts(), Workload(64, 64, 1, 2))
     assert plan.strategy == "stream" and plan.streamed and plan.resident
     report = apply_plan(pipe, plan, "cpu", use_stream=False)
     assert report.is_applied("group_offload") and report.is_applied("model_cpu_offload")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlnb.device import CpuDevice
+from mlnb.device import CpuDevice, FakeDevice
 from mlnb.optimizer.streaming import stream_units, streamer_of
 
 
@@ -205,29 +205,21 @@ def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_o
     middle of the second step raises the one-line interruption, no streamed unit is left pointing at device memory,
     no slot is held, and the next generation gives the image of an uninterrupted one."""
     import numpy as np
+    from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.plan as plan_mod
+    import mlnb.pipeline.managed as managed_mod
+    from fakes import tiny_stream_budget
     from mlnb.optimizer.budget import model_facts
     from mlnb.optimizer.streaming import streamers_of
 
-    monkeypatch.setattr(plan_mod, "denoise_reserve", lambda work: 100_000)  # tiny model, tiny reserves
-    monkeypatch.setattr(plan_mod, "decode_reserve", lambda work, tile: 100_000)
-    monkeypatch.setattr(plan_mod, "_ENCODE_ACTIVATIONS", 10_000)
-    monkeypatch.setattr(plan_mod, "MIN_STREAMED", 0)  # the tiny model's blocks are all "small"
-    from diffusers import DiffusionPipeline
-
-    import mlnb.pipeline.managed as managed_mod
-
     monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
-    facts = model_facts(DiffusionPipeline.from_pretrained(tiny_sdxl), max_block=200_000)
-    need = facts.denoiser_other + 400_000 + 2 * max(b.nbytes for b in facts.blocks) + facts.vae + 300_000
-    from mlnb.device import FakeDevice
+    budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     class CudaLike(FakeDevice):  # a plan is applied only on CUDA; this one computes on the CPU
         is_cuda = True
 
-    managed = mlnb.load_pipeline(tiny_sdxl, budget=int(need / 0.92), device=CudaLike())
+    managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=CudaLike())
     assert managed.plan.strategy == "stream" and managed.plan.streamed
     call = dict(steps=2, width=64, height=64, seed=1)
     reference = np.asarray(managed.generate("a fox", **call).images[0])
@@ -258,24 +250,14 @@ def test_a_vae_that_is_not_upcast_goes_to_the_gpu_in_one_copy_from_pinned_memory
     import numpy as np
     from diffusers import DiffusionPipeline
 
-    import mlnb.plan as plan_mod
+    from fakes import generate_64 as run, tiny_stream_budget
     from mlnb.optimizer.budget import apply_plan, model_facts
     from mlnb.plan import CardFacts, Workload, plan_for_budget
 
-    def run(pipe):
-        pipe.set_progress_bar_config(disable=True)
-        out = pipe("a fox", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(1))
-        return np.asarray(out.images[0])
-
     reference = run(DiffusionPipeline.from_pretrained(tiny_sd))
     pipe = DiffusionPipeline.from_pretrained(tiny_sd)
-    facts = model_facts(pipe, max_block=200_000)
-    monkeypatch.setattr(plan_mod, "denoise_reserve", lambda work: 100_000)
-    monkeypatch.setattr(plan_mod, "decode_reserve", lambda work, tile: 100_000)
-    monkeypatch.setattr(plan_mod, "_ENCODE_ACTIVATIONS", 10_000)
-    monkeypatch.setattr(plan_mod, "MIN_STREAMED", 0)
-    need = facts.denoiser_other + 400_000 + 2 * max(b.nbytes for b in facts.blocks) + facts.vae + 300_000
-    plan = plan_for_budget(int(need / 0.92), facts, CardFacts(), Workload(64, 64, 1, 2))
+    budget = tiny_stream_budget(pipe, monkeypatch)
+    plan = plan_for_budget(budget, model_facts(pipe, max_block=200_000), CardFacts(), Workload(64, 64, 1, 2))
     assert plan.strategy == "stream" and plan.offload_encoders_vae
     report = apply_plan(pipe, plan, "cpu", use_stream=False)
     assert "from pinned memory" in report["model_cpu_offload"].detail
