@@ -13,8 +13,9 @@ in turn:
 
 A unit therefore arrives while everything between the end of the unit two places before it and its own start
 computes: the unit in between and every resident block around it. Each copy is one transfer of the whole unit on a
-copy stream (:meth:`mlnb.device.Device.issue_copy`). The host never waits for the GPU, and nothing is allocated or
-freed during a forward, so the allocator cannot serialise copies and compute by freeing cached memory under a cap.
+copy stream (:meth:`mlnb.device.Device.issue_copy`). The host never waits for the GPU, and the streaming allocates
+and frees nothing between the forward's start and end, so it gives the allocator no reason to free cached memory
+under a cap (which synchronises the device) in the middle of a step.
 At most two units are on the GPU at once, the planner's ``2 × largest streamed block``.
 
 Why not diffusers' group offloading hook, which this replaced. Measured on an H100 (docs/benchmarks.md, runs 3
