@@ -94,10 +94,10 @@ for name, side in [("sd15", 512), ("sdxl", 1024)]:
 #   `aggressive` offloads the same groups without streams and without the pinned copy: slower, no pinned RAM.
 # - **Speed.** Every offload trades time for memory. On one H100 (plain diffusers 0.42.1, fp16, 20 steps, random
 #   weights, `mlnb bench`, 2026-11-26; [docs/benchmarks.md](https://github.com/mlnb-project/mlnb/blob/main/docs/benchmarks.md)),
-#   SDXL took 1.57 s with no offload and 5.52 s with leaf-level group offload and streams under a 4 GiB cap; SD1.5
-#   0.78 s and 2.57 s under 2 GiB. mlnb's plans took 1.68 s for SDXL under a 15 GiB cap (all resident), 4.39 s
-#   under 4 GiB (part of the UNet streamed) and 1.38 s for SD1.5 under 2 GiB (run 3 there; the streaming plans
-#   are still short of their targets).
+#   SDXL took 1.62 s with no offload and 6.59 s with leaf-level group offload and streams under a 4 GiB cap; SD1.5
+#   0.71 s and 2.27 s under 2 GiB. mlnb's plans took 2.09 s for SDXL under a 15 GiB cap (all resident; 0.33 s of it
+#   the cache clear after the image), 3.04 s under 4 GiB (part of the UNet streamed) and 1.11 s for SD1.5 under
+#   2 GiB (run 5 there; the streaming plans are still short of their targets).
 #
 # No xformers on Colab: mlnb uses PyTorch's SDPA and says so in the report.
 
