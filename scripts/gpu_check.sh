@@ -195,9 +195,12 @@ print(f"bench: {doc['machine'].get('card')} · {doc['command']} · {doc['date']}
 for t in doc.get("targets", []):
     print(f"  [{t['status']}] {t['target']}")
 for r in doc.get("runs", []):
+    cap = f"cap {r['cap_bytes'] / 2**30:g} GiB" if r.get("cap_bytes") else "no cap"
     if r.get("allocator"):
-        cap = f"cap {r['cap_bytes'] / 2**30:g} GiB" if r.get("cap_bytes") else "no cap"
         print(f"  allocator, {r['model']} {r['recipe']} {cap}: " + ", ".join(f"{k} {v}" for k, v in r["allocator"].items()))
+    if r.get("cleanup_steps"):
+        print(f"  cleanup, {r['model']} {r['recipe']} {cap}: {r.get('cleanup_seconds') or 0:.3f} s, "
+              + " + ".join(r["cleanup_steps"]))
 bad = [r for r in doc.get("runs", []) if r.get("status") not in ("ok", "OOM", "skipped")]
 print(f"  runs: {len(doc.get('runs', []))}, with an error: {len(bad)}")
 EOF

@@ -271,6 +271,7 @@ def test_worker_run_measures_one_recipe(tiny_sd, clean_cache, cpu_current):
     assert row["fp16_weight_bytes"] == 2 * sum(row["params"].values()) and row["denoiser_fp16_bytes"] > 0
     assert (row["width"], row["height"]) == (64, 64)
     assert "allocator" not in row  # no caching allocator to count on a CPU
+    assert row["cleanup_steps"] == ["gc_collect"]  # on a CPU the closing cleanup always collects
 
 
 def test_worker_records_what_the_allocator_did_during_the_measured_image(tiny_sd, clean_cache, cpu_current,

@@ -208,6 +208,7 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
             step_seconds=result.step_seconds, decode_seconds=result.decode_seconds,
             predicted_peak=result.predicted_peak, predicted_seconds=result.predicted_seconds,
             cleanup_seconds=result.memory.cleanup_seconds,
+            cleanup_steps=list(result.memory.cleanup),  # a gc.collect among them: the cache clear left memory held
         )
         streamer = streamer_of(managed.pipe)
         if streamer is not None:  # whether blocks were prefetched on a copy stream (False: every block copied blocking)
