@@ -99,6 +99,53 @@ def test_units_are_copied_two_ahead_into_alternating_slots_and_waited_for_before
         assert not any(unit.on_device for unit in streamer.units.values())
 
 
+def test_kept_slots_carry_over_to_the_next_forward_with_its_first_two_units_already_on_their_way(model):
+    """The denoiser's case: the slots stay from one step to the next, the views into them are made once, and the
+    next step's first two copies are issued as a step ends (after its last unit ran)."""
+    names = [f"streamed.{i}" for i in range(6)]
+    x = torch.randn(3, 8)
+    expected = model(x)
+    device = Recording()
+    log = device.log
+    _watch(model, names, log)
+    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object(), keep_slots=True)
+    model(x)  # records the order
+    log.clear()
+    assert torch.equal(model(x), expected)
+    copies = [e for e in log if e[0] == "copy"]
+    at = [i for i, e in enumerate(log) if e[0] == "copy"]
+    assert len(copies) == 8 and at[-2] > log.index(("run", "streamed.5"))  # 6, then the next forward's first two
+    slots = streamer._slots
+    views = {name: unit._views for name, unit in streamer.units.items()}
+    assert slots is not None and set(streamer._pending) == {0, 1}
+    log.clear()
+    assert torch.equal(model(x), expected)
+    assert log[0] == ("wait", copies[-2])  # nothing copied before the first unit: it was already on its way
+    assert streamer._slots is slots and all(streamer.units[n]._views is views[n] for n in names)
+    streamer.release()
+    assert streamer._slots is None and not streamer._pending and not any(u._views for u in streamer.units.values())
+    assert torch.equal(model(x), expected)  # new slots after a release
+
+
+def test_kept_slots_survive_a_forward_stopped_half_way(model):
+    """Copies issued for units a stopped forward never ran must not be taken for the next forward's: the slot they
+    went to has been refilled since."""
+    names = [f"streamed.{i}" for i in range(6)]
+    x = torch.randn(3, 8)
+    expected = model(x)
+    stream_units(model, names, torch.device("cpu"), Recording(), stream=object(), keep_slots=True)
+    model(x), model(x)
+
+    def stop(module, args):
+        raise RuntimeError("stopped")
+
+    handle = model.resident[3].register_forward_pre_hook(stop)
+    with pytest.raises(RuntimeError):
+        model(x)
+    handle.remove()
+    assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
+
+
 def test_a_slot_holds_the_largest_unit_and_units_point_into_it_only_while_they_run(model):
     names = [f"streamed.{i}" for i in range(6)]
     streamer = stream_units(model, names, torch.device("cpu"), CpuDevice())

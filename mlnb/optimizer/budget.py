@@ -156,6 +156,18 @@ def _move_except(module, prefix: str, streamed: set[str], device) -> None:
         _move_except(child, f"{prefix}.{name}" if prefix else name, streamed, device)
 
 
+def _release_before(streamer, pipe) -> None:
+    """Drop the denoiser's kept slots before the VAE decodes and before the encoders run, so that neither phase's
+    peak holds them (the planner counts them in the denoising loop only)."""
+    import torch
+
+    vae = getattr(pipe, "vae", None)
+    parts = [getattr(vae, name, None) for name in ("post_quant_conv", "decoder")] if vae is not None else []
+    for module in parts + list(_text_encoders(pipe).values()):
+        if isinstance(module, torch.nn.Module):
+            module.register_forward_pre_hook(lambda module, args: streamer.release())
+
+
 def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_device=None) -> OptimizationReport:
     """Place ``pipe`` as ``plan`` says; returns the eleven techniques applied or skipped.
 
@@ -232,8 +244,9 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     if streamed:
         streamer = stream_units(
             denoiser, plan.streamed, device, ctx_device, ctx_device.copy_stream() if use_stream else None,
-            ctx_device.host_buffer,
+            ctx_device.host_buffer, keep_slots=True,
         )
+        _release_before(streamer, pipe)
         give_back_host_memory()  # the pageable originals the packed pinned copies replaced
         prefetched = streamer.stream is not None
         moved = plan.streamed_bytes

@@ -1,11 +1,13 @@
 """Streaming a plan's units (denoiser blocks, text encoder parts) from pinned host memory through two GPU slots.
 
 Each streamed unit's weights live on the host in one contiguous page-locked region (:mod:`.pinning`). On the GPU
-there are two slots, each the size of the largest unit, allocated when the model's forward starts and released
-when it ends. After the first forward, which records the order in which the units run, the units take the slots
-in turn:
+there are two slots, each the size of the largest unit, allocated when the model's forward starts. A text
+encoder's are released when its forward ends; the denoiser's are kept from one step to the next (``keep_slots``)
+and released when the VAE starts decoding, the next image's encoders start, or a managed generation ends. After the
+first forward, which records the order in which the units run, the units take the slots in turn:
 
-- the forward starts by issuing the copies of the first two units, one per slot;
+- the forward starts by issuing the copies of the first two units, one per slot (with kept slots, the forward
+  before issued them as it ended, so they arrive while the scheduler steps);
 - a unit, as it starts, makes the compute stream wait for its own copy (an event: the host does not wait) and
   points its parameters at its slot;
 - a unit, as it ends, points its parameters back at the host copy and issues the copy of the unit two places
@@ -14,8 +16,9 @@ in turn:
 A unit therefore arrives while everything between the end of the unit two places before it and its own start
 computes: the unit in between and every resident block around it. Each copy is one transfer of the whole unit on a
 copy stream (:meth:`mlnb.device.Device.issue_copy`). The host never waits for the GPU, and the streaming allocates
-and frees nothing between the forward's start and end, so it gives the allocator no reason to free cached memory
-under a cap (which synchronises the device) in the middle of a step.
+and frees nothing between the forward's start and end (with kept slots, nothing between one image's first step and
+its decode), so it gives the allocator no reason to free cached memory under a cap (which synchronises the device)
+in the middle of a step.
 At most two units are on the GPU at once, the planner's ``2 × largest streamed block``.
 
 Why not diffusers' group offloading hook, which this replaced. Measured on an H100 (docs/benchmarks.md, runs 3
@@ -58,18 +61,28 @@ class _Unit:
         self.region = None  # uint8, on the host
         self.home: list = []  # the host copies, in the order of tensors
         self.on_device = False
+        self._views: dict = {}  # slot index -> this unit's views into that slot, while the slot lives
 
-    def point_to(self, region) -> None:
-        """Point every tensor at its place in ``region`` (uint8, a multiple of 512 bytes long): one ``as_strided`` of
-        a typed view of the region per tensor, the least the host can do for it."""
-        typed: dict = {}
-        for tensor, home, offset in zip(self.tensors, self.home, self.layout.offsets):
-            dtype = home.dtype
-            base = typed.get(dtype)
-            if base is None:
-                base = typed[dtype] = region.view(dtype)
-            tensor.data = base.as_strided(home.shape, home.stride(), offset // home.element_size())
+    def point_to(self, region, slot: int | None = None) -> None:
+        """Point every tensor at its place in ``region`` (uint8, a multiple of 512 bytes long). The views are one
+        ``as_strided`` of a typed view of the region per tensor; into a kept slot (``slot``) they are made once."""
+        views = self._views.get(slot) if slot is not None else None
+        if views is None:
+            typed: dict = {}
+            views = []
+            for home, offset in zip(self.home, self.layout.offsets):
+                base = typed.get(home.dtype)
+                if base is None:
+                    base = typed[home.dtype] = region.view(home.dtype)
+                views.append(base.as_strided(home.shape, home.stride(), offset // home.element_size()))
+            if slot is not None:
+                self._views[slot] = views
+        for tensor, view in zip(self.tensors, views):
+            tensor.data = view
         self.on_device = True
+
+    def forget_views(self) -> None:
+        self._views = {}
 
     def point_home(self) -> None:
         for tensor, home in zip(self.tensors, self.home):
@@ -113,9 +126,10 @@ def _hook_type():
 class UnitStreamer:
     """The streamed units of one model (a denoiser or a text encoder), its two slots and the order of its units."""
 
-    def __init__(self, model, units: list[_Unit], onload_device, device, stream) -> None:
+    def __init__(self, model, units: list[_Unit], onload_device, device, stream, keep_slots: bool = False) -> None:
         self.units = {unit.name: unit for unit in units}
         self.onload_device, self.device, self.stream = onload_device, device, stream
+        self.keep_slots = keep_slots
         self.order: list[str] | None = None  # execution order, once recorded
         self.slot_bytes = max(unit.layout.nbytes for unit in units)
         self._position: dict[str, int] = {}
@@ -140,13 +154,19 @@ class UnitStreamer:
         if self._tracing:
             self._trace = []  # a forward that stopped half-way left a partial trace
             return
-        self._release()  # a forward that stopped half-way left its slots
-        if self.order:
+        if not self.order:
+            return
+        if self.keep_slots:
+            self._drop_pending(keep=(0, 1))  # copies a forward that stopped half-way issued for units it never ran
+        else:
+            self.release()
+        count = min(2, len(self.order))
+        if self._slots is None:
             import torch
 
-            count = min(2, len(self.order))
             self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.onload_device) for _ in range(count)]
-            for position in range(count):
+        for position in range(count):
+            if position not in self._pending:  # kept slots: the forward before issued them as it ended
                 self._prefetch(position)
 
     def _prefetch(self, position: int) -> None:
@@ -160,7 +180,7 @@ class UnitStreamer:
         position = self._position.get(unit.name)
         if self._slots is not None and position in self._pending:
             self.device.wait_copy(self._pending.pop(position))
-            unit.point_to(self._slots[position % 2])
+            unit.point_to(self._slots[position % 2], position % 2 if self.keep_slots else None)
             return
         if self._slots is not None:
             logger.warning("streamed unit %s ran out of its recorded order: copied blocking", unit.name)
@@ -176,7 +196,12 @@ class UnitStreamer:
 
     def _after(self, module, args, output) -> None:
         if not self._tracing:
-            self._release()
+            if not self.keep_slots:
+                self.release()
+            elif self._slots is not None:  # the next forward's first two units, during what runs in between
+                self._drop_pending()  # copies of units this forward skipped
+                for position in range(len(self._slots)):
+                    self._prefetch(position)
             return
         if not self._trace:
             return
@@ -193,13 +218,20 @@ class UnitStreamer:
         self.order = list(trace)
         self._position = {name: position for position, name in enumerate(trace)}
 
-    def _release(self) -> None:
-        """Drop the slots; copies issued and not used (a forward that skipped a unit or stopped) are waited for by
-        the compute stream first, so the freed memory is not written after the allocator hands it out again."""
-        for handle in self._pending.values():
-            self.device.wait_copy(handle)
-        self._pending = {}
+    def _drop_pending(self, keep: tuple[int, ...] = ()) -> None:
+        """Forget issued copies no unit will use (except those at ``keep``); the compute stream waits for each
+        first, so its slot is not written after the memory is handed out again or refilled."""
+        for position in [p for p in self._pending if p not in keep]:
+            self.device.wait_copy(self._pending.pop(position))
+
+    def release(self) -> None:
+        """Drop the slots (and the views into them). A model whose slots are kept (the denoiser, across the steps
+        of one image) is released when the VAE starts decoding, when the next image's encoders start, and when a
+        managed generation ends."""
+        self._drop_pending()
         self._slots = None
+        for unit in self.units.values():
+            unit.forget_views()
 
     # -- after an error --------------------------------------------------------------------------------------------
 
@@ -211,7 +243,7 @@ class UnitStreamer:
             if unit.on_device:
                 unit.point_home()
                 moved += 1
-        self._release()
+        self.release()
         return moved
 
     def remove(self) -> None:
@@ -258,7 +290,8 @@ def _pageable(nbytes: int):
     return torch.empty(nbytes, dtype=torch.uint8)
 
 
-def stream_units(model, names, onload_device, device, stream=None, host_buffer=None) -> UnitStreamer:
+def stream_units(model, names, onload_device, device, stream=None, host_buffer=None,
+                 keep_slots: bool = False) -> UnitStreamer:
     """Stream the units ``names`` of ``model`` (dotted module paths; ``""`` is the model itself) to
     ``onload_device``; the rest of ``model`` is untouched.
 
@@ -272,6 +305,9 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
             stream (on the CPU, where tests run, each is done on return).
         host_buffer: allocates page-locked host memory (:meth:`mlnb.device.Device.host_buffer`) for the units' host
             regions; without it (or when the host refuses to lock that much) the regions are pageable.
+        keep_slots: keep the two slots from one forward to the next (the denoiser's steps): no allocation at each
+            step, views into the slots made once, and the next forward's first two units copied as one ends. The
+            caller releases them (:meth:`UnitStreamer.release`) before anything else needs the memory.
     """
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
@@ -280,7 +316,7 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
     units = [_Unit(name, modules[name]) for name in names]
     allocated = _pack_home(units, host_buffer)
     logger.debug("packed %d streamed units in %d bytes", len(units), allocated)
-    streamer = UnitStreamer(model, units, onload_device, device, stream)
+    streamer = UnitStreamer(model, units, onload_device, device, stream, keep_slots)
     hook_type = _hook_type()
     for unit in units:
         HookRegistry.check_if_exists_or_initialize(unit.module).register_hook(

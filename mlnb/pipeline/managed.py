@@ -270,6 +270,8 @@ class ManagedPipeline:
                     images = list(output.images)
                     del output
                     timer.finish()
+                    for streamer in streamers_of(self.pipe):  # slots kept across the steps (a decode drops them)
+                        streamer.release()
                 except BaseException as exc:
                     release_exception_frames(exc)
                     for streamer in streamers_of(self.pipe):  # a prefetched block would stay on the GPU
