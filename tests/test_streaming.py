@@ -69,14 +69,20 @@ def model():
     return Interleaved()
 
 
-def test_units_are_copied_two_ahead_into_alternating_slots_and_waited_for_before_they_run(model):
+def _streamed(model, keep_slots: bool = False):
+    """The model's six units streamed through a recording device, each unit logged as it runs; with an input, the
+    unstreamed output for it, the log and the streamer."""
     names = [f"streamed.{i}" for i in range(6)]
     x = torch.randn(3, 8)
     expected = model(x)
     device = Recording()
-    log = device.log
-    _watch(model, names, log)
-    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object())
+    _watch(model, names, device.log)
+    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object(), keep_slots=keep_slots)
+    return names, x, expected, device.log, streamer
+
+
+def test_units_are_copied_two_ahead_into_alternating_slots_and_waited_for_before_they_run(model):
+    names, x, expected, log, streamer = _streamed(model)
     assert torch.equal(model(x), expected)
     assert streamer.chained and streamer.order == names
     assert [e[0] for e in log] == ["own copy", "run"] * 6  # the first forward records the order, copying blocking
@@ -102,13 +108,7 @@ def test_units_are_copied_two_ahead_into_alternating_slots_and_waited_for_before
 def test_kept_slots_carry_over_to_the_next_forward_with_its_first_two_units_already_on_their_way(model):
     """The denoiser's case: the slots stay from one step to the next, the views into them are made once, and the
     next step's first two copies are issued as a step ends (after its last unit ran)."""
-    names = [f"streamed.{i}" for i in range(6)]
-    x = torch.randn(3, 8)
-    expected = model(x)
-    device = Recording()
-    log = device.log
-    _watch(model, names, log)
-    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object(), keep_slots=True)
+    names, x, expected, log, streamer = _streamed(model, keep_slots=True)
     model(x)  # records the order
     log.clear()
     assert torch.equal(model(x), expected)
