@@ -72,7 +72,8 @@ def _overlap(a, b) -> float:
 def summarize(events: list[dict]) -> dict:
     """Seconds of copies, kernels and idle time over the window of the streamed (pinned) copies; without any, the
     names of the copies the trace has."""
-    copies = _intervals(events, lambda e: e.get("cat") == "gpu_memcpy" and all(k in e.get("name", "") for k in _PINNED_COPY))
+    pinned = [e for e in events if e.get("cat") == "gpu_memcpy" and all(k in e.get("name", "") for k in _PINNED_COPY)]
+    copies = _intervals(pinned, lambda e: True)
     if not copies:  # say which copies there were, in case the profiler names them otherwise
         names = {e.get("name", "") for e in events if e.get("cat") == "gpu_memcpy"}
         return {"copies": 0, "memcpy_names": sorted(names)}
@@ -81,8 +82,7 @@ def summarize(events: list[dict]) -> dict:
     copy_union = _union(copies)
     busy = _union(sorted(kernels + copy_union))
     copy_time = _length(copy_union)
-    moved = sum(e.get("args", {}).get("bytes", 0) for e in events if e.get("cat") == "gpu_memcpy"
-                and all(k in e.get("name", "") for k in _PINNED_COPY))
+    moved = sum(e.get("args", {}).get("bytes", 0) for e in pinned)
     us = 1e-6
     return {
         "window_seconds": (hi - lo) * us,

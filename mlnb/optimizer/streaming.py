@@ -135,7 +135,7 @@ class UnitStreamer:
         self._position: dict[str, int] = {}
         self._trace: list[str] = []
         self._tracing = True
-        self._slots: list | None = None  # the two device regions of the forward running now
+        self._slots: list | None = None  # the two device regions (kept between forwards with keep_slots)
         self._pending: dict[int, object] = {}  # position -> its copy, issued and not yet waited for
         self._handles = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
 
