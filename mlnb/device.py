@@ -204,6 +204,16 @@ class Device:
     def synchronize(self) -> None:
         """Wait for queued kernels."""
 
+    def timing_mark(self):
+        """A mark of how far the compute stream has come, without waiting for it: on CUDA an event recorded on the
+        current stream, here the host clock (the work queued so far is already done). :meth:`seconds_between` reads
+        two of them once the device is synchronized."""
+        return time.perf_counter()
+
+    def seconds_between(self, start, end) -> float:
+        """Seconds from mark ``start`` to mark ``end`` (from :meth:`timing_mark`; on CUDA, after :meth:`synchronize`)."""
+        return end - start
+
     def empty_cache(self) -> bool:
         """Return cached allocator blocks to the driver. Returns False where there is nothing to clear."""
         return False
@@ -417,6 +427,14 @@ class CudaDevice(Device):
 
     def synchronize(self) -> None:
         self._cuda().synchronize(self.index)
+
+    def timing_mark(self):
+        event = self._cuda().Event(enable_timing=True)
+        event.record()
+        return event
+
+    def seconds_between(self, start, end) -> float:
+        return start.elapsed_time(end) / 1000.0
 
     def empty_cache(self) -> bool:
         cuda = self._cuda()

@@ -50,6 +50,24 @@ class FakeCuda:
     def reset_peak_memory_stats(self, index=None):
         self.calls.append("reset_peak_memory_stats")
 
+    def Event(self, enable_timing=False):  # noqa: N802 (torch's name)
+        cuda = self
+
+        class Event:
+            def __init__(self):
+                self.at = None
+
+            def record(self):
+                cuda.calls.append("record")
+                self.at = len(cuda.calls)  # a stand-in time: how many calls came before
+
+            def elapsed_time(self, end):  # milliseconds, as torch's
+                if not enable_timing:
+                    raise RuntimeError("Events were not created with timing enabled")
+                return float(end.at - self.at)
+
+        return Event()
+
 
 def tiny_stream_budget(pipe, monkeypatch, max_block: int = 200_000):
     """A budget for which a tiny pipeline's plan streams part of its UNet, with the planner's reserves scaled down to

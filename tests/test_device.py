@@ -234,6 +234,16 @@ def test_cuda_cleanup_synchronizes_then_empties_the_cache(fake_cuda):
     assert fake_cuda.calls[-1] == "reset_peak_memory_stats"
 
 
+def test_cuda_timing_marks_are_timed_events_on_the_queue_read_in_seconds(fake_cuda):
+    """A mark records an event (nothing waits); the seconds between two are torch's milliseconds / 1000."""
+    dev = CudaDevice(0)
+    start = dev.timing_mark()
+    fake_cuda.synchronize()
+    end = dev.timing_mark()
+    assert fake_cuda.calls == ["record", "synchronize", "record"]
+    assert dev.seconds_between(start, end) == pytest.approx(0.002)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # FakeDevice
 

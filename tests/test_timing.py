@@ -7,7 +7,7 @@ import json
 import pytest
 
 from mlnb.card_facts import cache_path, card_facts, record_measured
-from mlnb.device import FakeDevice
+from mlnb.device import Device, FakeDevice
 from mlnb.pipeline.timing import StepTimer
 from mlnb.plan import Workload
 
@@ -20,17 +20,45 @@ def cache(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_step_timer_median_skips_the_first_step_and_syncs_every_mark():
+def test_step_timer_median_skips_the_first_step_and_waits_for_the_device_once_at_the_end():
     ticks = iter([10.0, 10.5, 10.9, 11.4, 12.6])  # steps end at 10.0, 10.5, 10.9, 11.4; images at 12.6
-    syncs = []
-    timer = StepTimer(lambda: syncs.append(1), clock=lambda: next(ticks))
+    calls = []
+
+    def clock():
+        calls.append("mark")
+        return next(ticks)
+
+    timer = StepTimer(lambda: calls.append("sync"), clock=clock)
     assert timer.step_seconds is None and timer.decode_seconds is None
     for _ in range(4):
         timer.mark()
     timer.finish()
     assert timer.step_seconds == pytest.approx(0.5)  # median of 0.5, 0.4, 0.5
     assert timer.decode_seconds == pytest.approx(1.2)
-    assert len(syncs) == 5
+    assert calls == ["mark"] * 5 + ["sync"]  # marks are queued; the one wait comes after the last
+
+
+def test_step_timer_on_a_device_reads_its_marks_with_the_device():
+    class Marks(FakeDevice):
+        count = 0
+
+        def timing_mark(self):
+            self.count += 1
+            return self.count
+
+        def seconds_between(self, start, end):
+            return 0.25 * (end - start)
+
+    device = Marks()
+    timer = StepTimer.on(device)
+    timer.mark(), timer.mark(), timer.mark()
+    timer.finish()
+    assert timer.step_seconds == pytest.approx(0.25) and timer.decode_seconds == pytest.approx(0.25)
+    assert device.synchronize_calls == 1
+    cpu = StepTimer.on(Device())
+    cpu.mark(), cpu.mark()
+    cpu.finish()
+    assert 0 <= cpu.step_seconds < 1 and 0 <= cpu.decode_seconds < 1  # the host clock where compute is synchronous
 
 
 def test_one_step_gives_no_step_time():

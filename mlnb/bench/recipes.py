@@ -161,7 +161,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
     stats: dict = {}
 
     def generate():
-        timer = StepTimer(device.synchronize, peak=device.peak_allocated_bytes)
+        timer = StepTimer.on(device)
         start = device.snapshot().allocated  # the weights: the worker's monitor has just reset the peak
         images = pipe(
             prompt=call["prompt"], num_inference_steps=call["steps"], width=call["width"], height=call["height"],

@@ -240,7 +240,7 @@ class ManagedPipeline:
             kwargs["num_images_per_prompt"] = num_images
         elif num_images != 1:
             raise UnsupportedPipelineError(f"{type(self.pipe).__name__} makes one image per call")
-        timer = StepTimer(self.device.synchronize, peak=self.device.peak_allocated_bytes)
+        timer = StepTimer.on(self.device)
         if "callback_on_step_end" in accepted and "callback_on_step_end" not in pipeline_kwargs:
             after = (lambda step: progress(step + 1, steps)) if progress is not None else None
             kwargs["callback_on_step_end"] = timer.callback(after)

@@ -1,9 +1,13 @@
 """``StepTimer``: the seconds of one denoising step and of the decode, read from the pipeline's step callback, and
 the allocator's peak at the end of the denoising loop (before the VAE decodes).
 
-Each mark synchronizes the device first, so a step's time is the GPU's time, not the time to queue its kernels.
-The first step is left out (its interval also holds prompt encoding and first-call set-up); the decode is the time
-from the last step's end to the pipeline's return (VAE decode and conversion to images).
+A mark is a point in the device's queue (:meth:`mlnb.device.Device.timing_mark`: a CUDA event), so a step's time is
+the GPU's time, not the time to queue its kernels, and nothing waits for the GPU until the images are back. A
+synchronize at every step would drain the queue each time: the GPU would idle while the host queued the next step's
+first kernels, and a streamed plan's first copies of the next step, issued as a step ends, could no longer arrive
+behind the scheduler's work and the next step's resident blocks. The first step is left out (its interval also
+holds prompt encoding and first-call set-up); the decode is the time from the last step's end to the pipeline's
+return (VAE decode and conversion to images).
 """
 
 from __future__ import annotations
@@ -19,14 +23,15 @@ class StepTimer:
     """Marks the end of each denoising step; reports the median step and the decode seconds.
 
     Args:
-        synchronize: waits for the device (``Device.synchronize``).
-        clock: seconds (``time.perf_counter``).
+        synchronize: waits for the device (``Device.synchronize``), once, in :meth:`finish`.
+        clock: makes a mark: seconds (``time.perf_counter``), or ``Device.timing_mark``.
         peak: the allocator's peak allocated bytes (``Device.peak_allocated_bytes``), read at each mark; the last
             reading is the denoising loop's peak.
+        between: seconds between two marks (``Device.seconds_between``); the default subtracts them.
 
     Example:
         ```python
-        >>> timer = StepTimer(device.synchronize)
+        >>> timer = StepTimer.on(device)
         >>> pipe(prompt, callback_on_step_end=timer.callback())
         >>> timer.finish()
         >>> timer.step_seconds, timer.decode_seconds
@@ -36,21 +41,27 @@ class StepTimer:
     def __init__(
         self,
         synchronize: Callable[[], None],
-        clock: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], object] = time.perf_counter,
         peak: Callable[[], int | None] | None = None,
+        between: Callable[[object, object], float] | None = None,
     ) -> None:
         self._sync = synchronize
         self._clock = clock
+        self._between = between or (lambda start, end: end - start)
         self._peak = peak
-        self.marks: list[float] = []
-        self.end: float | None = None
+        self.marks: list = []
+        self.end = None
         self.denoise_peak: int | None = None  # peak allocated bytes at the last step's end
 
+    @classmethod
+    def on(cls, device) -> "StepTimer":
+        """A timer of ``device``'s queue (CUDA events on a GPU), reading its allocator's peak at each mark."""
+        return cls(device.synchronize, device.timing_mark, device.peak_allocated_bytes, device.seconds_between)
+
     def mark(self) -> None:
-        """Call at the end of every denoising step."""
-        self._sync()
+        """Call at the end of every denoising step (it does not wait for the device)."""
         self.marks.append(self._clock())
-        if self._peak is not None:
+        if self._peak is not None:  # the allocator counts at allocation, as the host queues: no wait needed
             self.denoise_peak = self._peak()
 
     def callback(self, after_step: Callable[[int], None] | None = None):
@@ -65,16 +76,16 @@ class StepTimer:
         return on_step_end
 
     def finish(self) -> None:
-        """Call when the pipeline has returned its images."""
-        self._sync()
+        """Call when the pipeline has returned its images: the last mark, then the one wait for the device."""
         self.end = self._clock()
+        self._sync()
 
     @property
     def step_seconds(self) -> float | None:
         """Median seconds of the steps after the first; ``None`` with fewer than two steps marked."""
         if len(self.marks) < 2:
             return None
-        return statistics.median(b - a for a, b in zip(self.marks, self.marks[1:]))
+        return statistics.median(self._between(a, b) for a, b in zip(self.marks, self.marks[1:]))
 
     def reserves(self, start_allocated: int | None, final_peak: int | None) -> tuple[int | None, int | None]:
         """Activation bytes above ``start_allocated`` (the resident weights): ``(denoising loop, decode)``.
@@ -93,4 +104,4 @@ class StepTimer:
         """Seconds from the last step's end to the return of the images; ``None`` until both are known."""
         if not self.marks or self.end is None:
             return None
-        return self.end - self.marks[-1]
+        return self._between(self.marks[-1], self.end)
