@@ -37,10 +37,9 @@ class Recording(CpuDevice):
 class Interleaved(torch.nn.Module):
     """Six streamed units (``s0`` ... ``s5``, of different sizes) with a resident layer after each."""
 
-    def __init__(self) -> None:
+    def __init__(self, sizes=(8, 16, 8, 32, 8, 16)) -> None:
         super().__init__()
         torch.manual_seed(0)
-        sizes = [8, 16, 8, 32, 8, 16]
         self.streamed = torch.nn.ModuleList(torch.nn.Linear(8, 8) if n == 8 else torch.nn.Sequential(
             torch.nn.Linear(8, n), torch.nn.Linear(n, 8)) for n in sizes)
         self.resident = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in sizes)
@@ -107,14 +106,16 @@ def test_units_are_copied_two_ahead_into_alternating_slots_and_waited_for_before
 
 def test_kept_slots_carry_over_to_the_next_forward_with_its_first_two_units_already_on_their_way(model):
     """The denoiser's case: the slots stay from one step to the next, the views into them are made once, and the
-    next step's first two copies are issued as a step ends (after its last unit ran)."""
+    next step's first two copies are issued as each slot's last unit of a step leaves."""
     names, x, expected, log, streamer = _streamed(model, keep_slots=True)
     model(x)  # records the order
     log.clear()
     assert torch.equal(model(x), expected)
     copies = [e for e in log if e[0] == "copy"]
     at = [i for i, e in enumerate(log) if e[0] == "copy"]
-    assert len(copies) == 8 and at[-2] > log.index(("run", "streamed.5"))  # 6, then the next forward's first two
+    assert len(copies) == 8  # 6, then the next forward's first two
+    assert log.index(("run", "streamed.4")) < at[-2] < log.index(("run", "streamed.5")) < at[-1]
+    assert copies[-2][2] == streamer.units["streamed.0"].region.data_ptr()
     slots = streamer._slots
     views = {name: unit._views for name, unit in streamer.units.items()}
     assert slots is not None and set(streamer._pending) == {0, 1}
@@ -125,6 +126,58 @@ def test_kept_slots_carry_over_to_the_next_forward_with_its_first_two_units_alre
     streamer.release()
     assert streamer._slots is None and not streamer._pending and not any(u._views for u in streamer.units.values())
     assert torch.equal(model(x), expected)  # new slots after a release
+
+
+def _check_slots(log, streamer, names) -> None:
+    """Replay a log against the kept slots: a copy goes only into a slot whose last unit has run, and a unit runs only
+    from the slot its own copy (waited for) went to, with nothing copied into that slot in between."""
+    slots = [slot.data_ptr() for slot in streamer._slots]
+    unit_of = {streamer.units[name].region.data_ptr(): name for name in names}
+    held: dict[int, list] = {}  # slot -> [unit, waited, ran]
+    for event in log:
+        if event[0] == "copy":
+            slot = slots.index(event[1])
+            assert slot not in held or held[slot][2], f"slot {slot} refilled before {held[slot][0]} ran"
+            held[slot] = [unit_of[event[2]], False, False]
+        elif event[0] == "wait":
+            slot = slots.index(event[1][1])
+            assert held[slot][0] == unit_of[event[1][2]]
+            held[slot][1] = True
+        elif event[0] == "run":
+            found = [slot for slot, state in held.items() if state[0] == event[1] and state[1] and not state[2]]
+            assert found, f"{event[1]} ran without its copy waited for in a slot"
+            held[found[0]][2] = True
+
+
+@pytest.mark.parametrize("count, slots", [(5, 2), (5, 3), (6, 3), (7, 3), (2, 3)])
+def test_any_number_of_units_through_two_or_three_kept_slots_never_overwrites_a_slot_in_use(count, slots):
+    """The next forward's first units are copied as their slots' last units leave: with a unit count that is not a
+    multiple of the slots, the slot a unit is copied into is not the one the unit before it used. On the CPU a copy
+    is done when issued, so a wrong slot would also change the output."""
+    model = Interleaved(sizes=[8, 16, 32, 8, 16, 8, 32][:count])
+    names = [f"streamed.{i}" for i in range(count)]
+    x = torch.randn(3, 8)
+    expected = model(x)
+    device = Recording()
+    _watch(model, names, device.log)
+    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object(), keep_slots=True, slots=slots)
+    model(x)  # records the order
+    device.log.clear()
+    for _ in range(3):
+        assert torch.equal(model(x), expected)
+    assert len(streamer._slots) == min(slots, count) and set(streamer._pending) == set(range(min(slots, count)))
+    _check_slots(device.log, streamer, names)
+    runs = [i for i, e in enumerate(device.log) if e[0] == "run"]
+    copies = [i for i, e in enumerate(device.log) if e[0] == "copy"]
+    first = min(slots, count)  # issued as the first chained forward starts
+    assert len(copies) == first + 3 * count  # then one a unit: the chain wraps from one forward into the next
+    assert copies[first - 1] < runs[0]
+    for k in range(first, len(copies)):  # the k-th unit's copy, issued as the unit `slots` places before it leaves
+        assert runs[k - first] < copies[k]
+        if k - first + 1 < len(runs):
+            assert copies[k] < runs[k - first + 1]
+    with pytest.raises(ValueError, match="two slots"):
+        stream_units(Interleaved(), ["streamed.0"], torch.device("cpu"), device, slots=1)
 
 
 def test_kept_slots_survive_a_forward_stopped_half_way(model):

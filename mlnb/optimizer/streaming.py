@@ -1,25 +1,28 @@
-"""Streaming a plan's units (denoiser blocks, text encoder parts) from pinned host memory through two GPU slots.
+"""Streaming a plan's units (denoiser blocks, text encoder parts) from pinned host memory through GPU slots.
 
 Each streamed unit's weights live on the host in one contiguous page-locked region (:mod:`.pinning`). On the GPU
-there are two slots, each the size of the largest unit, allocated when the model's forward starts. A text
-encoder's are released when its forward ends; the denoiser's are kept from one step to the next (``keep_slots``)
-and released when the VAE starts decoding, the next image's encoders start, or a managed generation ends. After the
-first forward, which records the order in which the units run, the units take the slots in turn:
+there are two slots (or as many as the plan says), each the size of the largest unit, allocated when the model's
+forward starts. A text encoder's are released when its forward ends; the denoiser's are kept from one step to the
+next (``keep_slots``) and released when the VAE starts decoding, the next image's encoders start, or a managed
+generation ends. After the first forward, which records the order in which the units run, the units take the slots
+in turn (unit ``p`` in slot ``p mod slots``):
 
-- the forward starts by issuing the copies of the first two units, one per slot (with kept slots, the forward
-  before issued them as it ended, so they arrive while the scheduler steps);
+- the forward starts by issuing the copies of the first units, one per slot (with kept slots, the forward before
+  issued them: see below);
 - a unit, as it starts, makes the compute stream wait for its own copy (an event: the host does not wait) and
   points its parameters at its slot;
-- a unit, as it ends, points its parameters back at the host copy and issues the copy of the unit two places
-  after it into the slot it has just used, once the compute queued so far (its own kernels) is done.
+- a unit, as it ends, points its parameters back at the host copy and issues the copy of the unit ``slots`` places
+  after it into the slot it has just used, once the compute queued so far (its own kernels) is done. With kept
+  slots, a slot's last unit of the forward issues the next forward's first unit for that slot instead, which then
+  arrives during the rest of this forward, the scheduler's step and the next forward's first resident blocks.
 
-A unit therefore arrives while everything between the end of the unit two places before it and its own start
-computes: the unit in between and every resident block around it. Each copy is one transfer of the whole unit on a
+A unit therefore arrives while everything between the end of the unit ``slots`` places before it and its own start
+computes: the units in between and every resident block around them. Each copy is one transfer of the whole unit on a
 copy stream (:meth:`mlnb.device.Device.issue_copy`). The host never waits for the GPU, and the streaming allocates
 and frees nothing between the forward's start and end (with kept slots, nothing between one image's first step and
 its decode), so it gives the allocator no reason to free cached memory under a cap (which synchronises the device)
 in the middle of a step.
-At most two units are on the GPU at once, the planner's ``2 × largest streamed block``.
+At most ``slots`` units are on the GPU at once, the planner's ``slots × largest streamed block``.
 
 Why not diffusers' group offloading hook, which this replaced. Measured on an H100 (docs/benchmarks.md, runs 3
 and 4), its copies did not overlap the compute: a streamed SDXL step took compute plus copies (114 ms = 67 ms +
@@ -29,7 +32,8 @@ pool and frees it into that pool, and issues one copy per tensor. The hooks here
 ``ModelHook`` in the unit's ``HookRegistry``, under group offloading's name, so the pipeline finds the onload
 device and refuses a second offloading as it does for its own).
 
-Measured on the H100 with this scheme (run 5): SD1.5 at 2 GiB, 8 units (313 MiB), 35.4 ms a step against 31.4 ms
+Measured on the H100 with this scheme as it was in run 5 (two slots allocated at each forward, nothing issued
+across steps, and a device synchronize at every step's end by the step timer): SD1.5 at 2 GiB, 8 units (313 MiB), 35.4 ms a step against 31.4 ms
 of compute and 5.7 ms of copies (a third of the copies hidden); SDXL at 4 GiB, 48 units (1.8 GiB), 112 ms against
 67 + 35 ms (7% hidden), mostly 66 MiB transformer blocks at the lowest resolution.
 
@@ -126,16 +130,20 @@ def _hook_type():
 class UnitStreamer:
     """The streamed units of one model (a denoiser or a text encoder), its two slots and the order of its units."""
 
-    def __init__(self, model, units: list[_Unit], onload_device, device, stream, keep_slots: bool = False) -> None:
+    def __init__(self, model, units: list[_Unit], onload_device, device, stream, keep_slots: bool = False,
+                 slots: int = 2) -> None:
+        if slots < 2:
+            raise ValueError(f"streaming needs at least two slots (one computing, one arriving), got {slots}")
         self.units = {unit.name: unit for unit in units}
         self.onload_device, self.device, self.stream = onload_device, device, stream
         self.keep_slots = keep_slots
+        self.slot_count = slots
         self.order: list[str] | None = None  # execution order, once recorded
         self.slot_bytes = max(unit.layout.nbytes for unit in units)
         self._position: dict[str, int] = {}
         self._trace: list[str] = []
         self._tracing = True
-        self._slots: list | None = None  # the two device regions (kept between forwards with keep_slots)
+        self._slots: list | None = None  # the device regions (kept between forwards with keep_slots)
         self._pending: dict[int, object] = {}  # position -> its copy, issued and not yet waited for
         self._handles = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
 
@@ -156,11 +164,12 @@ class UnitStreamer:
             return
         if not self.order:
             return
+        count = min(self.slot_count, len(self.order))
         if self.keep_slots:
-            self._drop_pending(keep=(0, 1))  # copies a forward that stopped half-way issued for units it never ran
+            # copies a forward that stopped half-way issued for units it never ran
+            self._drop_pending(keep=tuple(range(count)))
         else:
             self.release()
-        count = min(2, len(self.order))
         if self._slots is None:
             import torch
 
@@ -171,7 +180,7 @@ class UnitStreamer:
 
     def _prefetch(self, position: int) -> None:
         unit = self.units[self.order[position]]
-        slot = self._slots[position % 2][:unit.layout.nbytes]
+        slot = self._slots[position % self.slot_count][:unit.layout.nbytes]
         self._pending[position] = self.device.issue_copy(self.stream, slot, unit.region)
 
     def _enter(self, unit: _Unit) -> None:
@@ -180,7 +189,8 @@ class UnitStreamer:
         position = self._position.get(unit.name)
         if self._slots is not None and position in self._pending:
             self.device.wait_copy(self._pending.pop(position))
-            unit.point_to(self._slots[position % 2], position % 2 if self.keep_slots else None)
+            slot = position % self.slot_count
+            unit.point_to(self._slots[slot], slot if self.keep_slots else None)
             return
         if self._slots is not None:
             logger.warning("streamed unit %s ran out of its recorded order: copied blocking", unit.name)
@@ -190,18 +200,26 @@ class UnitStreamer:
         unit.point_home()
         position = self._position.get(unit.name)
         if self._slots is not None and position is not None:
-            after = position + 2  # into the slot this unit has just used
-            if after < len(self.order) and after not in self._pending:
-                self._prefetch(after)
+            after = position + self.slot_count  # into the slot this unit has just used
+            if after < len(self.order):
+                if after not in self._pending:
+                    self._prefetch(after)
+            elif self.keep_slots:
+                # The slot's last unit in this forward: its first unit of the next forward comes now, during this
+                # forward's remaining compute, the scheduler's step and the next forward's start.
+                first = position % self.slot_count
+                if first not in self._pending:
+                    self._prefetch(first)
 
     def _after(self, module, args, output) -> None:
         if not self._tracing:
             if not self.keep_slots:
                 self.release()
-            elif self._slots is not None:  # the next forward's first two units, during what runs in between
-                self._drop_pending()  # copies of units this forward skipped
+            elif self._slots is not None:  # the next forward's first units (issued as their slots' last units left)
+                self._drop_pending(keep=tuple(range(len(self._slots))))  # copies of units this forward skipped
                 for position in range(len(self._slots)):
-                    self._prefetch(position)
+                    if position not in self._pending:
+                        self._prefetch(position)
             return
         if not self._trace:
             return
@@ -291,7 +309,7 @@ def _pageable(nbytes: int):
 
 
 def stream_units(model, names, onload_device, device, stream=None, host_buffer=None,
-                 keep_slots: bool = False) -> UnitStreamer:
+                 keep_slots: bool = False, slots: int = 2) -> UnitStreamer:
     """Stream the units ``names`` of ``model`` (dotted module paths; ``""`` is the model itself) to
     ``onload_device``; the rest of ``model`` is untouched.
 
@@ -308,6 +326,8 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
         keep_slots: keep the two slots from one forward to the next (the denoiser's steps): no allocation at each
             step, views into the slots made once, and the next forward's first two units copied as one ends. The
             caller releases them (:meth:`UnitStreamer.release`) before anything else needs the memory.
+        slots: GPU slots, each the size of the largest unit; a unit's copy is issued when the unit this many places
+            before it ends, so more slots give each copy more compute to arrive behind, for one more slot's memory.
     """
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
@@ -316,7 +336,7 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
     units = [_Unit(name, modules[name]) for name in names]
     allocated = _pack_home(units, host_buffer)
     logger.debug("packed %d streamed units in %d bytes", len(units), allocated)
-    streamer = UnitStreamer(model, units, onload_device, device, stream, keep_slots)
+    streamer = UnitStreamer(model, units, onload_device, device, stream, keep_slots, slots)
     hook_type = _hook_type()
     for unit in units:
         HookRegistry.check_if_exists_or_initialize(unit.module).register_hook(
