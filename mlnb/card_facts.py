@@ -10,6 +10,9 @@
   bench`` records them with its uncapped baseline run, a notebook the first time the model runs unoffloaded.
   ``overlap`` comes from a generation that streamed part of the denoiser: the fraction of the shorter of compute and
   copies that the copies hid (0: they added up; 1: the step took the longer of the two).
+  ``block_timeline`` is where each denoiser block started and how long it took in one resident forward (CUDA
+  events, :class:`mlnb.pipeline.timing.BlockTimer`): the planner replays a streamed plan's copies against it.
+  ``schedule_ratio`` is a streamed step as measured over the step that replay predicted for the same plan.
 
 Until a model has been measured on the card, the planner predicts time as unknown and uses the activation reserves
 derived from the design notes' anchors. A measurement at another size is scaled by the pixel count (compute and
@@ -35,8 +38,10 @@ __all__ = ["card_facts", "cache_path", "record_measured", "workload_key", "MEASU
 MEASURED_FIELDS = (
     "step_seconds", "decode_seconds", "denoise_reserve", "decode_reserve", "overlap",
     "decode_seconds_768", "decode_seconds_512", "decode_seconds_256", "other_seconds", "other_offload_seconds",
+    "block_timeline", "schedule_ratio",
 )
-_UNSCALED = ("overlap", "other_seconds", "other_offload_seconds")  # the same at any size (roughly, for "other")
+# The same at any size (roughly, for "other").
+_UNSCALED = ("overlap", "other_seconds", "other_offload_seconds", "schedule_ratio")
 
 
 def cache_path() -> Path:
@@ -80,7 +85,10 @@ def _measured(entry: dict, model: str | None, work: Workload | None) -> dict:
         return {}
     key = workload_key(work)
     if key in measured:
-        return {k: v for k, v in measured[key].items() if k in MEASURED_FIELDS}
+        found = {k: v for k, v in measured[key].items() if k in MEASURED_FIELDS}
+        if "block_timeline" in found:
+            found["block_timeline"] = _timeline(found["block_timeline"])
+        return found
     want = work.width * work.height * work.batch
     nearest = min(measured, key=lambda k: abs(_pixels(k) - want))
     scale = want / _pixels(nearest)
@@ -90,11 +98,22 @@ def _measured(entry: dict, model: str | None, work: Workload | None) -> dict:
         value = measured[nearest].get(name)
         if value is None:
             continue
-        if name in _UNSCALED:
+        if name == "block_timeline":
+            found[name] = _timeline(value, scale)
+        elif name in _UNSCALED:
             found[name] = value
         elif value:
             found[name] = int(value * scale) if name.endswith("reserve") else value * scale
     return found
+
+
+def _timeline(stored, scale: float = 1.0):
+    """A stored ``[forward, [[block, start, seconds], ...]]`` as the planner's tuples, times scaled by ``scale``."""
+    try:
+        forward, rows = stored
+        return forward * scale, tuple((str(n), float(a) * scale, float(d) * scale) for n, a, d in rows)
+    except (TypeError, ValueError):
+        return None
 
 
 def card_facts(device: Device, model: str | None = None, work: Workload | None = None, measure: bool = True) -> CardFacts:
@@ -136,11 +155,16 @@ def record_measured(device: Device, model: str, work: Workload, **values: float 
     if unknown:
         raise ValueError(f"unknown measurement(s) {sorted(unknown)}: use {', '.join(MEASURED_FIELDS)}")
     info = device.info()
+    timeline = values.pop("block_timeline", None)
     fresh = {k: v for k, v in values.items() if v is not None and (v > 0 or (k == "overlap" and v == 0))}
+    fresh = {k: (int(v) if k.endswith("reserve") else round(float(v), 5)) for k, v in fresh.items()}
+    if timeline:
+        forward, rows = timeline
+        fresh["block_timeline"] = [round(forward, 6), [[n, round(a, 6), round(d, 6)] for n, a, d in rows]]
     if not info.available or not fresh:
         return
     cards = _read()
     found = cards.setdefault(info.name, {}).setdefault("measured", {}).setdefault(model, {})
     found = found.setdefault(workload_key(work), {})
-    found.update({k: (int(v) if k.endswith("reserve") else round(float(v), 5)) for k, v in fresh.items()})
+    found.update(fresh)
     _write(cards)

@@ -46,6 +46,8 @@ __all__ = [
     "decode_reserve",
     "plan_for_budget",
     "predict",
+    "schedule_step",
+    "streamed_step",
     "overlap_measured",
     "FP8_STEP_FACTOR",
     "TILE_TIME_FACTOR",
@@ -132,6 +134,9 @@ class CardFacts:
     decode_seconds_256: float | None = None
     other_seconds: float | None = None  # a generation's time besides its steps and decode, encoders on the GPU
     other_offload_seconds: float | None = None  # the same with the encoders and the VAE offloaded
+    # (forward seconds, ((block, start, seconds), ...)): one resident forward, block by block, in the order they ran
+    block_timeline: tuple | None = None
+    schedule_ratio: float | None = None  # a streamed step as measured / as the schedule replay predicted it
 
     def decode(self, work: "Workload", tile: int | None) -> float | None:
         """Seconds of one decode: measured in these tiles if it has been, else the untiled decode charged the pixels
@@ -189,11 +194,14 @@ class Plan:
     streamed_bytes: int
     transfer_once_bytes: int = 0  # encoder and VAE bytes moved to the GPU once per image
     notes: tuple[str, ...] = field(default=())
+    slots: int = 2  # GPU slots the streamed blocks take turns in (each the size of the largest)
 
     def summary(self) -> str:
         parts = [self.strategy]
         if self.streamed:
-            parts.append(f"{len(self.streamed)} blocks streamed ({format_bytes(self.streamed_bytes)}), {len(self.resident)} resident")
+            through = f" through {self.slots} slots" if self.slots != 2 else ""
+            parts.append(f"{len(self.streamed)} blocks streamed ({format_bytes(self.streamed_bytes)}){through}, "
+                         f"{len(self.resident)} resident")
         if self.fp8:
             parts.append("fp8 storage")
         if self.vae_tile:
@@ -225,12 +233,87 @@ def overlap_measured(compute: float, copies: float, step: float) -> float:
     return max(0.0, min(1.0, (compute + copies - step) / shorter))
 
 
+def schedule_step(forward: float, blocks, between: float, copies: dict[str, float], slots: int = 2,
+                  steps: int = 4) -> float:
+    """Seconds of one denoising step with the blocks in ``copies`` streamed, replaying the streamer's schedule
+    (:mod:`mlnb.optimizer.streaming`) against one measured resident forward.
+
+    Args:
+        forward: seconds of the resident forward.
+        blocks: ``(name, start, seconds)`` of each block in that forward, in the order they ran (starts from the
+            forward's start; the time between blocks is compute outside them: embeddings, convs, norms).
+        between: seconds from a forward's end to the next one's start (the scheduler's step).
+        copies: seconds of each streamed block's copy.
+        slots: the GPU slots; unit ``k`` (in running order) goes into slot ``k mod slots``.
+        steps: steps replayed; the first (whose first copies start with nothing before them) is left out.
+
+    One copy engine moves one unit at a time. A unit's copy starts once the engine is free and the unit ``slots``
+    places before it has computed (the previous step's, for a step's first units: the slot's last unit there).
+    A unit computes once the compute before it and its own copy are done.
+    """
+    order = [name for name, _, _ in blocks if name in copies]
+    if not order:
+        return forward + between
+    count = len(order)
+    slots = min(slots, count)
+    engine = 0.0
+    ready: dict[int, float] = {}
+    for position in range(slots):  # issued before the first step
+        engine += copies[order[position]]
+        ready[position] = engine
+    clock = 0.0
+    starts = []
+    for _ in range(steps):
+        starts.append(clock)
+        following: dict[int, float] = {}
+        position, last_end = 0, 0.0
+        for name, start, seconds in blocks:
+            clock += max(0.0, start - last_end)
+            last_end = start + seconds
+            if name not in copies:
+                clock += seconds
+                continue
+            clock = max(clock, ready[position]) + seconds
+            after = position + slots
+            target, into = (after, ready) if after < count else (position % slots, following)
+            engine = max(engine, clock) + copies[order[target]]
+            into[target] = engine
+            position += 1
+        clock += max(0.0, forward - last_end) + between
+        ready = following
+    return (clock - starts[1]) / (steps - 1)
+
+
+def _stream_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool,
+                 calibrated: bool = True) -> float | None:
+    """A streamed step from the card's block timeline (None without one that has every streamed block)."""
+    if card.block_timeline is None or not card.bandwidth or card.step_seconds is None or not streamed:
+        return None
+    forward, rows = card.block_timeline
+    if not set(streamed) <= {name for name, _, _ in rows}:
+        return None
+    factor = FP8_STEP_FACTOR if fp8 else 1.0
+    between = max(0.0, card.step_seconds - forward)
+    rows = [(name, start * factor, seconds * factor) for name, start, seconds in rows]
+    step = schedule_step(forward * factor, rows, between, {n: sizes[n] / card.bandwidth for n in streamed}, slots)
+    return step * (card.schedule_ratio or 1.0) if calibrated else step
+
+
+def streamed_step(plan: "Plan", model: ModelFacts, card: CardFacts, calibrated: bool = True) -> float | None:
+    """The step ``plan`` is predicted to take by replaying its copies against the card's block timeline (times the
+    measured ``schedule_ratio`` when ``calibrated``); None for a plan that streams nothing, or without a timeline."""
+    sizes, _, _ = _scaled(model, plan.fp8)
+    return _stream_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated)
+
+
 def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp8: bool,
-          tile: int | None = None) -> float | None:
+          tile: int | None = None, schedule: float | None = None) -> float | None:
     if card.step_seconds is None:
         return None
     step = card.step_seconds * (FP8_STEP_FACTOR if fp8 else 1.0)
-    if streamed:
+    if schedule is not None:  # replayed against the measured block timeline
+        step = schedule
+    elif streamed:
         if not card.bandwidth:
             return None
         copies = streamed / card.bandwidth
@@ -265,30 +348,54 @@ def _reserves(work: Workload, tile: int | None, card: CardFacts | None) -> tuple
     return den_res, decode_reserve(work, tile)
 
 
-def _peak(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, resident: tuple[str, ...],
-          streamed: tuple[str, ...], work: Workload, card: CardFacts | None = None) -> int:
-    blocks, other, denoiser = _scaled(model, fp8)
+def _terms(model: ModelFacts, tile: int | None, work: Workload, card: CardFacts | None) -> tuple[int, int, int]:
+    """``(encode, decode, denoise)``: what each phase needs on the GPU besides the denoiser's kept part (the
+    denoise term without the streamed blocks' slots)."""
     enc_max = max(model.encoders.values(), default=0)
     if model.encoder_block:
         enc_max = min(enc_max, 2 * model.encoder_block)  # streamed: the unit computing and the one arriving
     den_res, dec = _reserves(work, tile, card)
+    return enc_max + _ENCODE_ACTIVATIONS, model.vae + dec, den_res
+
+
+def _peak(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, resident: tuple[str, ...],
+          streamed: tuple[str, ...], work: Workload, card: CardFacts | None = None, slots: int = 2) -> int:
+    blocks, other, denoiser = _scaled(model, fp8)
+    encode, decode, den_res = _terms(model, tile, work, card)
     if strategy == "resident":
-        return model.total - (model.denoiser - denoiser) + max(den_res, dec)
+        return model.total - (model.denoiser - denoiser) + max(den_res, decode - model.vae)
     if strategy == "offload encoders and VAE":
-        return max(denoiser + enc_max + _ENCODE_ACTIVATIONS, denoiser + den_res, denoiser + model.vae + dec)
+        return denoiser + max(encode, den_res, decode)
     res_bytes = other + sum(blocks[n] for n in resident)
-    return max(
-        res_bytes + enc_max + _ENCODE_ACTIVATIONS,
-        res_bytes + 2 * max((blocks[n] for n in streamed), default=0) + den_res,
-        res_bytes + model.vae + dec,
-    )
+    return res_bytes + max(encode, decode, slots * max((blocks[n] for n in streamed), default=0) + den_res)
+
+
+def _fill(ranked: list[Block], other: int, fixed: int, den_res: int, slots: int, usable: float) -> list[Block]:
+    """The blocks kept resident: each in ``ranked`` order that still fits beside those kept before it (first fit),
+    counting the slots of the largest block left streamed. ``fixed`` is the larger of the encode and decode terms."""
+    left: dict[int, int] = {}
+    for block in ranked:
+        left[block.nbytes] = left.get(block.nbytes, 0) + 1
+    sizes = sorted(left, reverse=True)
+    kept: list[Block] = []
+    resident = other
+    for block in ranked:
+        left[block.nbytes] -= 1
+        largest = next((n for n in sizes if left[n] > 0), 0)
+        if resident + block.nbytes + max(fixed, slots * largest + den_res) <= usable:
+            kept.append(block)
+            resident += block.nbytes
+        else:
+            left[block.nbytes] += 1
+    return kept
 
 
 def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> tuple[int, float | None]:
     """``(peak bytes, seconds per image)`` of ``plan`` for ``work`` (another size, batch or step count than it was
     made for) with ``card``'s current facts, by the same formulas that chose it."""
-    peak = _peak(plan.strategy, model, plan.fp8, plan.vae_tile, plan.resident, plan.streamed, work, card)
-    return peak, _time(card, work, plan.streamed_bytes, plan.transfer_once_bytes, plan.fp8, plan.vae_tile)
+    peak = _peak(plan.strategy, model, plan.fp8, plan.vae_tile, plan.resident, plan.streamed, work, card, plan.slots)
+    schedule = streamed_step(plan, model, card)
+    return peak, _time(card, work, plan.streamed_bytes, plan.transfer_once_bytes, plan.fp8, plan.vae_tile, schedule)
 
 
 def _bit_reversed(index: int, bits: int) -> int:
@@ -313,6 +420,23 @@ def _residency_order(blocks: list[Block]) -> list[Block]:
     return [blocks[i] for i in order]
 
 
+def _compute_order(blocks: list[Block], durations: dict[str, float]) -> list[Block]:
+    """Blocks under :data:`MIN_STREAMED` first, then the least compute per byte first: those are kept resident, so
+    the streamed blocks are the ones with the most compute to hide the next copies behind."""
+    spread = {b.name: i for i, b in enumerate(_residency_order(blocks))}
+    return sorted(blocks, key=lambda b: (b.nbytes >= MIN_STREAMED, durations[b.name] / max(1, b.nbytes), spread[b.name]))
+
+
+def _residency_orders(blocks: list[Block], card: CardFacts):
+    """Orders in which to keep blocks resident: by size, and, with a block timeline on the card, by compute per
+    byte."""
+    yield _residency_order(blocks)
+    if card.block_timeline is not None:
+        durations = {name: seconds for name, _, seconds in card.block_timeline[1]}
+        if all(b.name in durations for b in blocks):
+            yield _compute_order(blocks, durations)
+
+
 def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
     usable = budget * _USABLE
     enc_total = sum(model.encoders.values())
@@ -332,25 +456,26 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
             yield Plan(budget, "offload encoders and VAE", every, (), True, fp8, tile,
                        _peak("offload encoders and VAE", model, fp8, tile, every, (), work, card),
                        _time(card, work, 0, once, fp8, tile), 0, once)
-            # Stream what does not fit: keep the largest blocks resident (fewest bytes to move per step).
-            resident: list[Block] = []
-            streamed = _residency_order(blocks)
-            while streamed:
-                kept = [b.name for b in resident] + [streamed[0].name]
-                if _peak("stream", model, fp8, tile, kept, [b.name for b in streamed[1:]], work, card) > usable:
-                    break
-                resident.append(streamed[0])
-                streamed = streamed[1:]
-            if not streamed:
-                continue  # nothing to stream: the plan above covers it
-            kept = tuple(sorted((b.name for b in resident), key=order.get))
-            moved_names = tuple(sorted((b.name for b in streamed), key=order.get))
-            moved = sum(b.nbytes for b in streamed)
-            yield Plan(
-                budget, "stream", kept, moved_names, True, fp8, tile,
-                _peak("stream", model, fp8, tile, kept, moved_names, work, card),
-                _time(card, work, moved, once, fp8, tile), moved, once,
-            )
+            # Stream what does not fit, in each order of residency and with two or three slots.
+            encode, decode, den_res = _terms(model, tile, work, card)
+            seen = set()
+            for ranked in _residency_orders(blocks, card):
+                for slots in (2, 3) if card.block_timeline else (2,):
+                    resident = {b.name for b in _fill(ranked, other, max(encode, decode), den_res, slots, usable)}
+                    if len(resident) == len(blocks):
+                        continue  # nothing to stream: the plans above cover it
+                    kept = tuple(b.name for b in model.blocks if b.name in resident)
+                    moved_names = tuple(b.name for b in model.blocks if b.name not in resident)
+                    if (moved_names, slots) in seen:
+                        continue
+                    seen.add((moved_names, slots))
+                    moved = sum(sizes[n] for n in moved_names)
+                    schedule = _stream_step(card, sizes, moved_names, slots, fp8)
+                    yield Plan(
+                        budget, "stream", kept, moved_names, True, fp8, tile,
+                        _peak("stream", model, fp8, tile, kept, moved_names, work, card, slots),
+                        _time(card, work, moved, once, fp8, tile, schedule), moved, once, slots=slots,
+                    )
 
 
 _PREFERENCE = {"resident": 0, "offload encoders and VAE": 1, "stream": 2}
@@ -389,7 +514,8 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
 
     def rank(p: Plan):
         known = p.predicted_seconds is not None
-        structural = (p.fp8, p.vae_tile is not None, _PREFERENCE[p.strategy], p.streamed_bytes, -(p.vae_tile or 0))
+        structural = (p.fp8, p.vae_tile is not None, _PREFERENCE[p.strategy], p.streamed_bytes, p.slots,
+                      -(p.vae_tile or 0))
         return (0, p.predicted_seconds, structural) if known else (1, 0.0, structural)
 
     return min(fitting, key=rank)

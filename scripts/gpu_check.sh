@@ -201,6 +201,9 @@ for r in doc.get("runs", []):
     if r.get("cleanup_steps"):
         print(f"  cleanup, {r['model']} {r['recipe']} {cap}: {r.get('cleanup_seconds') or 0:.3f} s, "
               + " + ".join(r["cleanup_steps"]))
+    if r.get("replayed_step_seconds") and r.get("step_seconds"):
+        print(f"  schedule, {r['model']} {r['recipe']} {cap}: step {r['step_seconds']:.4f} s measured, "
+              f"{r['replayed_step_seconds']:.4f} s replayed against the resident block timeline")
 bad = [r for r in doc.get("runs", []) if r.get("status") not in ("ok", "OOM", "skipped")]
 print(f"  runs: {len(doc.get('runs', []))}, with an error: {len(bad)}")
 EOF

@@ -528,3 +528,88 @@ def test_a_plan_records_its_tiled_decode_and_the_rest_and_the_next_prediction_us
     assert facts.other_offload_seconds == pytest.approx(0.29) and facts.other_seconds is None
     _, predicted = managed.predict(work)
     assert predicted == pytest.approx(2 * 0.05 + 0.06 + 0.29, rel=1e-3)
+
+
+def test_block_timer_gives_each_block_s_start_and_time_in_the_forward_it_timed(tiny_sdxl, clean_cache):
+    """On the CPU the marks are the host clock (the compute is done when a hook runs): the timeline of the second
+    forward has every block the planner knows, in the order they ran, one after the other inside the forward."""
+    from mlnb.device import CpuDevice
+    from mlnb.optimizer.budget import denoiser_blocks
+    from mlnb.pipeline.timing import BlockTimer, StepTimer
+
+    managed = mlnb.load_pipeline(tiny_sdxl, level="none", device=CpuDevice())
+    pipe = managed.pipe
+    blocks = denoiser_blocks(pipe)
+    timer = StepTimer.on(managed.device)
+    with BlockTimer(managed.device, pipe.unet, blocks) as timed:
+        pipe("a fox", num_inference_steps=3, width=64, height=64, output_type="pil",
+             callback_on_step_end=timer.callback())
+    timer.finish()
+    forward, rows = timed.timeline()
+    assert {name for name, _, _ in rows} == set(blocks) and len(rows) == len(blocks)
+    assert [name for name, _, _ in rows][:2] == ["down_blocks.0", "down_blocks.1"]  # the order they ran in
+    assert [name for name, _, _ in rows][-1].startswith("up_blocks")
+    for (_, start, seconds), (_, following, _) in zip(rows, rows[1:]):
+        assert seconds > 0 and start + seconds <= following  # one after the other
+    assert rows[-1][1] + rows[-1][2] <= forward <= 1.5 * timer.step_seconds
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in blocks.values())  # hooks gone after the call
+    never = BlockTimer(managed.device, pipe.unet, blocks, forward=5)
+    with never:
+        pipe("a fox", num_inference_steps=3, width=64, height=64, output_type="pil")
+    assert never.timeline() is None  # three steps: no sixth forward
+
+
+def test_block_timer_refuses_a_forward_in_which_a_block_ran_twice():
+    import torch
+
+    from mlnb.device import CpuDevice
+    from mlnb.pipeline.timing import BlockTimer
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    model = Twice()
+    with BlockTimer(CpuDevice(), model, {"a": model.a, "b": model.b}, forward=0) as timed:
+        model(torch.ones(1, 4))
+    assert timed.timeline() is None
+    with BlockTimer(CpuDevice(), model, {"b": model.b}, forward=0) as timed:
+        model(torch.ones(1, 4))
+    assert [name for name, _, _ in timed.timeline()[1]] == ["b"]
+
+
+def test_a_resident_generation_on_a_card_records_its_block_timeline_and_a_streamed_one_its_ratio_to_the_replay(
+        tiny_sd, clean_cache, tmp_path, monkeypatch):
+    from mlnb.card_facts import card_facts, record_measured
+    from mlnb.pipeline.timing import StepTimer
+    from mlnb.plan import Workload, streamed_step
+
+    class CudaLike(FakeDevice):
+        is_cuda = True  # measurements are recorded on a CUDA card only
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
+    assert managed.plan.strategy == "resident"
+    managed.device = CudaLike()
+    managed.generate("a fox", steps=3, width=64, height=64, seed=1)
+    work = Workload(64, 64, 1, 3)
+    card = card_facts(managed.device, managed.model_key, work, measure=False)
+    forward, rows = card.block_timeline
+    assert {b.name for b in managed.plan_facts.blocks} == {name for name, _, _ in rows}
+    assert 0 < forward and card.step_seconds > 0
+    # The same model streaming two blocks: its measured step over the replay of its plan is recorded.
+    streamed = tuple(b.name for b in managed.plan_facts.blocks[:2])
+    managed.plan = dataclasses.replace(managed.plan, strategy="stream", streamed=streamed,
+                                       streamed_bytes=sum(b.nbytes for b in managed.plan_facts.blocks[:2]))
+    replayed = streamed_step(managed.plan, managed.plan_facts, card, calibrated=False)
+    ticks = iter([0.0, 2 * replayed, 4 * replayed])  # steps twice as long as the replay
+    timer = StepTimer(lambda: None, clock=lambda: next(ticks))
+    timer.mark(), timer.mark(), timer.mark()
+    managed._record(work, timer, None)
+    after = card_facts(managed.device, managed.model_key, work, measure=False)
+    assert after.schedule_ratio == pytest.approx(2.0) and after.block_timeline == card.block_timeline
+    assert streamed_step(managed.plan, managed.plan_facts, after) == pytest.approx(2 * replayed)

@@ -150,3 +150,22 @@ def test_overlap_is_recorded_at_zero_too_and_is_the_same_at_every_size(cache):
     assert quarter.overlap == 0.0 and quarter.step_seconds == pytest.approx(0.07 / 4)  # a fraction: not scaled
     record_measured(device, KEY, work, overlap=0.25)
     assert card_facts(device, KEY, Workload(512, 512, 1, 20)).overlap == 0.25
+
+
+def test_a_block_timeline_is_stored_read_back_and_scaled_with_the_pixels(cache):
+    device = FakeDevice()
+    work = Workload(1024, 1024, 1, 20)
+    timeline = (0.064, (("down_blocks.0", 0.001, 0.01), ("mid_block", 0.02, 0.03)))
+    record_measured(device, KEY, work, step_seconds=0.067, block_timeline=timeline)
+    assert card_facts(device, KEY, work).block_timeline == timeline
+    quarter = card_facts(device, KEY, Workload(512, 512, 1, 20)).block_timeline
+    assert quarter[0] == pytest.approx(0.016) and quarter[1][1] == ("mid_block", 0.005, 0.0075)
+    record_measured(device, KEY, work, step_seconds=0.068, block_timeline=None)  # not timed this time: kept
+    assert card_facts(device, KEY, work).block_timeline == timeline
+    record_measured(device, KEY, work, schedule_ratio=1.4)
+    assert card_facts(device, KEY, Workload(512, 512, 1, 20)).schedule_ratio == 1.4  # a ratio: not scaled
+    stored = json.loads(cache_path().read_text())["Fake GPU"]["measured"][KEY]["1024x1024x1"]
+    assert stored["block_timeline"] == [0.064, [["down_blocks.0", 0.001, 0.01], ["mid_block", 0.02, 0.03]]]
+    stored["block_timeline"] = "garbled"
+    cache_path().write_text(json.dumps({"Fake GPU": {"measured": {KEY: {"1024x1024x1": stored}}}}))
+    assert card_facts(device, KEY, work, measure=False).block_timeline is None  # unreadable: not used

@@ -129,10 +129,13 @@ def _fp16_vae_tiles(pipe, tile: int) -> None:
 def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
     import torch
 
+    import contextlib
+
     from ..card_facts import record_measured
-    from ..optimizer.budget import model_key
+    from ..optimizer.budget import denoiser_blocks, model_key
+    from ..optimizer.context import denoiser_of
     from ..pipeline.loading import load_diffusers_pipeline
-    from ..pipeline.timing import StepTimer
+    from ..pipeline.timing import BlockTimer, StepTimer
     from ..plan import Workload
 
     if recipe.needs_cuda and not device.is_cuda:
@@ -162,15 +165,18 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
 
     def generate():
         timer = StepTimer.on(device)
+        baseline = recipe.setting == "none" and device.is_cuda
+        blocks = BlockTimer(device, denoiser_of(pipe), denoiser_blocks(pipe)) if baseline else contextlib.nullcontext()
         start = device.snapshot().allocated  # the weights: the worker's monitor has just reset the peak
-        images = pipe(
-            prompt=call["prompt"], num_inference_steps=call["steps"], width=call["width"], height=call["height"],
-            generator=torch.Generator(device="cpu").manual_seed(call["seed"]), output_type="pil",
-            callback_on_step_end=timer.callback(),
-        ).images
+        with blocks:
+            images = pipe(
+                prompt=call["prompt"], num_inference_steps=call["steps"], width=call["width"], height=call["height"],
+                generator=torch.Generator(device="cpu").manual_seed(call["seed"]), output_type="pil",
+                callback_on_step_end=timer.callback(),
+            ).images
         timer.finish()
         stats.update(step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds)
-        if recipe.setting == "none" and device.is_cuda and timer.step_seconds:
+        if baseline and timer.step_seconds:
             # The uncapped, unoffloaded run is the card's compute time and activation memory for this model: the
             # planner predicts from them.
             size = images[0].size if images else (call["width"], call["height"])
@@ -178,7 +184,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
             record_measured(
                 device, model_key(pipe, dtype), Workload(size[0], size[1], 1, call["steps"]),
                 step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
-                denoise_reserve=denoise, decode_reserve=decode,
+                denoise_reserve=denoise, decode_reserve=decode, block_timeline=blocks.timeline(),
             )
         return images
 
@@ -186,8 +192,10 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
 
 
 def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
+    from ..card_facts import card_facts
     from ..optimizer.streaming import streamer_of
     from ..pipeline import load_pipeline
+    from ..plan import Workload, streamed_step
 
     if recipe.setting == "plan":
         if not device.is_cuda:
@@ -213,6 +221,12 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
         streamer = streamer_of(managed.pipe)
         if streamer is not None:  # whether blocks were prefetched on a copy stream (False: every block copied blocking)
             stats["prefetch_chain"] = streamer.chained and streamer.stream is not None
+        if managed.plan is not None and managed.plan.streamed and managed.plan_facts is not None:
+            # The step the schedule replay gives for this plan against the card's resident block timeline (None
+            # without one): beside the measured step, it tells the copies' order from everything else.
+            work = Workload(call["width"], call["height"], 1, call["steps"])
+            card = card_facts(device, managed.model_key, work, measure=False)
+            stats["replayed_step_seconds"] = streamed_step(managed.plan, managed.plan_facts, card, calibrated=False)
         return result.images
 
     detail = managed.techniques.summary()

@@ -38,7 +38,7 @@ from .vae import set_vae_tiles
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["model_facts", "model_key", "apply_plan", "plan_level"]
+__all__ = ["model_facts", "model_key", "denoiser_blocks", "apply_plan", "plan_level"]
 
 _MAX_BLOCK = 256 * MiB  # blocks larger than this are split into their children: a finer double buffer
 
@@ -115,6 +115,12 @@ def model_facts(pipe, max_block: int = _MAX_BLOCK) -> ModelFacts:
         bytes_per_param=bytes_per_param,
         encoder_block=max(encoder_units, default=None),
     )
+
+
+def denoiser_blocks(pipe, max_block: int = _MAX_BLOCK) -> dict:
+    """The denoiser's blocks by name, as :func:`model_facts` lists them (the units a plan keeps or streams)."""
+    denoiser = denoiser_of(pipe)
+    return dict(_blocks(denoiser, max_block)) if denoiser is not None else {}
 
 
 def model_key(pipe, dtype) -> str:
@@ -244,7 +250,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     if streamed:
         streamer = stream_units(
             denoiser, plan.streamed, device, ctx_device, ctx_device.copy_stream() if use_stream else None,
-            ctx_device.host_buffer, keep_slots=True,
+            ctx_device.host_buffer, keep_slots=True, slots=plan.slots,
         )
         _release_before(streamer, pipe)
         give_back_host_memory()  # the pageable originals the packed pinned copies replaced
@@ -253,7 +259,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         results[Technique.GROUP_OFFLOAD] = applied(
             Technique.GROUP_OFFLOAD,
             f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed"
-            f"{' from pinned memory, each prefetched on a copy stream' if prefetched else ', each copied in order'}"
+            f"{f' from pinned memory, each prefetched on a copy stream through {plan.slots} slots' if prefetched else ', each copied in order'}"
             f"; {len(plan.resident)} blocks resident",
             f"stream {format_bytes(moved)}{' prefetched' if prefetched else ''}, keep {len(plan.resident)} blocks",
         )

@@ -30,15 +30,17 @@ from ..levels import (
 from ..monitor import MemoryMonitor, cleanup, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
-from ..optimizer.budget import apply_plan, model_facts, model_key, plan_level
+from ..optimizer.budget import apply_plan, denoiser_blocks, model_facts, model_key, plan_level
 from ..optimizer.streaming import streamers_of
-from ..optimizer.context import skipped
-from ..plan import TILES, BudgetError, ModelFacts, Plan, Workload, overlap_measured, plan_for_budget, predict
+from ..optimizer.context import denoiser_of, skipped
+from ..plan import (
+    TILES, BudgetError, ModelFacts, Plan, Workload, overlap_measured, plan_for_budget, predict, streamed_step,
+)
 from ..card_facts import card_facts, record_measured
 from ..units import format_bytes, parse_bytes
 from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model, weight_bytes
 from .result import GenerationResult
-from .timing import StepTimer
+from .timing import BlockTimer, StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +260,7 @@ class ManagedPipeline:
             guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
 
         config = self.config
+        blocks = self._block_timer()
         # A full gc.collect only when the cache clear left GPU memory held (a cycle); errors always collect.
         monitor = MemoryMonitor(
             self.device, collect="if_needed" if config.gc_collect else False, empty_cache=config.cuda_cache_clear
@@ -266,7 +269,8 @@ class ManagedPipeline:
             with monitor:
                 start = time.perf_counter()
                 try:
-                    output = self.pipe(**kwargs)
+                    with blocks:
+                        output = self.pipe(**kwargs)
                     images = list(output.images)
                     del output
                     timer.finish()
@@ -297,7 +301,7 @@ class ManagedPipeline:
             predicted_peak=predicted_peak, predicted_seconds=predicted_seconds,
             step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
         )
-        self._record(work, timer, monitor.report, seconds)
+        self._record(work, timer, monitor.report, seconds, blocks)
         remember(result)
         return result
 
@@ -324,10 +328,19 @@ class ManagedPipeline:
         resident = not applied & moving
         return resident, resident and not applied & vae_moving
 
-    def _record(self, work: Workload, timer: StepTimer, report, seconds: float | None = None) -> None:
-        """Cache this card's measurements for the planner: the step, decode and activations when the denoiser (and,
-        for the rest, everything) ran resident; the overlap of a streamed step; and, for a plan, its tiled decode and
-        the time besides its steps and decode."""
+    def _block_timer(self):
+        """A :class:`BlockTimer` of the denoiser's blocks when this generation's step time will be recorded as
+        compute (CUDA, the denoiser resident), else a context that does nothing."""
+        import contextlib
+
+        if not self.device.is_cuda or self.model_key is None or not self._denoiser_resident()[0]:
+            return contextlib.nullcontext()
+        return BlockTimer(self.device, denoiser_of(self.pipe), denoiser_blocks(self.pipe))
+
+    def _record(self, work: Workload, timer: StepTimer, report, seconds: float | None = None, blocks=None) -> None:
+        """Cache this card's measurements for the planner: the step and its block timeline, decode and activations
+        when the denoiser (and, for the rest, everything) ran resident; the overlap of a streamed step and its ratio
+        to the schedule replay; and, for a plan, its tiled decode and the time besides its steps and decode."""
         if not self.device.is_cuda or self.model_key is None or timer.step_seconds is None:
             return
         measured: dict = {}
@@ -345,8 +358,13 @@ class ManagedPipeline:
                 if card.step_seconds and card.bandwidth:
                     copies = plan.streamed_bytes / card.bandwidth
                     measured["overlap"] = overlap_measured(card.step_seconds, copies, timer.step_seconds)
+                replayed = streamed_step(plan, self.plan_facts, card, calibrated=False) if self.plan_facts else None
+                if replayed:  # what the schedule replay did not foresee (hooks, the allocator, the copy engine)
+                    measured["schedule_ratio"] = timer.step_seconds / replayed
         else:
             measured["step_seconds"] = timer.step_seconds
+            if isinstance(blocks, BlockTimer):
+                measured["block_timeline"] = blocks.timeline()
             if everything:
                 denoise, decode = timer.reserves(report.start_allocated, report.peak_allocated)
                 measured.update(decode_seconds=timer.decode_seconds, denoise_reserve=denoise, decode_reserve=decode)

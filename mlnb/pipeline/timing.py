@@ -16,7 +16,7 @@ import statistics
 import time
 from typing import Callable
 
-__all__ = ["StepTimer"]
+__all__ = ["StepTimer", "BlockTimer"]
 
 
 class StepTimer:
@@ -105,3 +105,93 @@ class StepTimer:
         if not self.marks or self.end is None:
             return None
         return self._between(self.marks[-1], self.end)
+
+
+class BlockTimer:
+    """Marks where each block of the denoiser starts and ends in one forward, for the planner's schedule of copies.
+
+    Hooks on the denoiser and on each block record a mark (:meth:`mlnb.device.Device.timing_mark`) as they start and
+    end during the ``forward``-th forward of a generation (the second by default: the first also sets up kernels),
+    and only then. Use it as a context manager around the pipeline call; :meth:`timeline` reads the marks once the
+    device is synchronized (after :meth:`StepTimer.finish`).
+
+    Args:
+        device: the mlnb device whose marks are read.
+        denoiser: the UNet or transformer.
+        blocks: its blocks by name (``mlnb.optimizer.budget.denoiser_blocks``).
+        forward: which forward to time, counted from 0.
+
+    Example:
+        ```python
+        >>> with BlockTimer(device, pipe.unet, denoiser_blocks(pipe)) as blocks:
+        ...     pipe(prompt, callback_on_step_end=timer.callback())
+        >>> timer.finish()
+        >>> blocks.timeline()  # (forward seconds, ((name, start, seconds), ...)) in the order they ran
+        ```
+    """
+
+    def __init__(self, device, denoiser, blocks: dict, forward: int = 1) -> None:
+        self.device, self.denoiser, self.blocks, self.forward = device, denoiser, blocks, forward
+        self._count = 0
+        self._active = False
+        self._marks: list[tuple[str, str, object]] = []  # (name, "start" | "end", mark); "" is the whole forward
+        self._handles: list = []
+
+    def __enter__(self) -> "BlockTimer":
+        self._handles = [
+            self.denoiser.register_forward_pre_hook(self._forward_starts),
+            self.denoiser.register_forward_hook(self._forward_ends),
+        ]
+        for name, module in self.blocks.items():
+            self._handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: self._mark(_n, "start")))
+            self._handles.append(module.register_forward_hook(lambda m, a, o, _n=name: self._mark(_n, "end")))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._active = False
+        return False
+
+    def _forward_starts(self, module, args) -> None:
+        self._active = self._count == self.forward
+        self._count += 1
+        if self._active:
+            self._marks = [("", "start", self.device.timing_mark())]
+
+    def _forward_ends(self, module, args, output) -> None:
+        if self._active:
+            self._marks.append(("", "end", self.device.timing_mark()))
+            self._active = False
+
+    def _mark(self, name: str, edge: str) -> None:
+        if self._active:
+            self._marks.append((name, edge, self.device.timing_mark()))
+
+    def timeline(self) -> tuple[float, tuple[tuple[str, float, float], ...]] | None:
+        """``(forward seconds, ((block, start, seconds), ...))``, starts counted from the forward's start, in the
+        order the blocks ran; ``None`` if the forward was not timed whole or a block ran twice or not at all."""
+        marks = self._marks
+        if len(marks) < 2 or marks[0][:2] != ("", "start") or marks[-1][:2] != ("", "end"):
+            return None
+        origin = marks[0][2]
+        at = {}
+        found = []
+        for name, edge, mark in marks[1:-1]:
+            if edge == "start":
+                if name in at:
+                    return None  # ran twice, or nested in itself
+                at[name] = mark
+                found.append(name)
+            elif name not in at:
+                return None
+            else:
+                at[name] = (at[name], mark)
+        if set(found) != set(self.blocks) or any(not isinstance(v, tuple) for v in at.values()):
+            return None
+        between = self.device.seconds_between
+        rows = tuple(
+            (name, between(origin, at[name][0]), between(at[name][0], at[name][1])) for name in found
+        )
+        return between(origin, marks[-1][2]), rows

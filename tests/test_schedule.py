@@ -1,0 +1,105 @@
+"""The planner's replay of a streamed step against a measured resident forward (pure: no torch, no device)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+import mlnb.plan as plan_mod
+from mlnb.plan import Block, CardFacts, ModelFacts, Workload, plan_for_budget, predict, schedule_step, streamed_step
+from mlnb.units import MiB
+
+
+def _rows(*blocks):
+    """``(name, seconds)`` pairs back to back from 0: a timeline's rows."""
+    rows, at = [], 0.0
+    for name, seconds in blocks:
+        rows.append((name, at, seconds))
+        at += seconds
+    return rows
+
+
+def test_nothing_streamed_is_the_forward_and_the_scheduler_s_step():
+    rows = _rows(("a", 0.04), ("b", 0.05))
+    assert schedule_step(0.1, rows, 0.01, {}) == pytest.approx(0.11)  # 0.01 of the forward is outside the blocks
+
+
+def test_copies_behind_enough_compute_cost_nothing():
+    rows = _rows(("r0", 0.05), ("s0", 0.01), ("r1", 0.05), ("s1", 0.01))
+    assert schedule_step(0.12, rows, 0.0, {"s0": 0.001, "s1": 0.001}) == pytest.approx(0.12)
+
+
+def test_a_chain_with_no_compute_to_hide_behind_runs_at_the_copy_engine_s_pace():
+    rows = _rows(*[(f"s{i}", 0.001) for i in range(4)])
+    step = schedule_step(0.004, rows, 0.0, {f"s{i}": 0.01 for i in range(4)})
+    assert step == pytest.approx(0.04)  # the engine never idles: the floor is the copies
+
+
+def test_a_third_slot_lets_a_step_s_first_resident_compute_hide_all_its_copies():
+    """A heavy resident block, then three light streamed ones copying 10 ms each. With two slots the third unit's
+    copy can start only when the first has computed (then the engine is busy with it and the next step's second
+    unit): 9 ms of stall a step, worked out by hand. With three, every copy arrives during the next heavy block."""
+    rows = _rows(("r", 0.030), ("s0", 0.001), ("s1", 0.001), ("s2", 0.001))
+    copies = {"s0": 0.010, "s1": 0.010, "s2": 0.010}
+    assert schedule_step(0.033, rows, 0.0, copies, slots=2) == pytest.approx(0.042)
+    assert schedule_step(0.033, rows, 0.0, copies, slots=3) == pytest.approx(0.033)
+    assert schedule_step(0.033, rows, 0.0, copies, slots=5) == pytest.approx(0.033)  # no more slots than units
+
+
+def _card_with_timeline(heavy: float = 0.02, light: float = 0.001, between: float = 0.004):
+    """Twelve blocks of 100 MiB: six that compute a lot (b0..b5), then six that compute little (b6..b11)."""
+    rows = _rows(*[(f"b{i}", heavy if i < 6 else light) for i in range(12)])
+    forward = 6 * heavy + 6 * light
+    facts = ModelFacts(encoders={"te": 10 * MiB}, vae=10 * MiB,
+                       blocks=tuple(Block(f"b{i}", 100 * MiB) for i in range(12)), denoiser_other=10 * MiB)
+    card = CardFacts(bandwidth=10e9, step_seconds=forward + between, decode_seconds=0.01, denoise_reserve=50 * MiB,
+                     decode_reserve=50 * MiB, block_timeline=(forward, tuple(rows)))
+    return facts, card
+
+
+def test_with_a_block_timeline_the_plan_streams_the_blocks_with_compute_to_hide_copies_behind():
+    """Six of twelve equal blocks fit. By size alone the streamed ones are spread (every other block), and three of
+    them sit among blocks that compute little, so their copies stall the step. With the timeline the planner keeps
+    the light blocks resident and streams the heavy ones, whose compute hides every copy (10.5 ms each)."""
+    facts, card = _card_with_timeline()
+    work = Workload(512, 512, 1, 20)
+    budget = int(940 * MiB)
+    plan = plan_for_budget(budget, facts, card, work)
+    assert plan.strategy == "stream" and plan.slots == 2
+    assert plan.streamed == tuple(f"b{i}" for i in range(6))
+    assert streamed_step(plan, facts, card) == pytest.approx(card.step_seconds)  # at the floor: compute
+    by_size = plan_for_budget(budget, facts, dataclasses.replace(card, block_timeline=None), work)
+    assert by_size.streamed == ("b1", "b3", "b5", "b7", "b9", "b11")
+    assert streamed_step(by_size, facts, card) > 1.05 * card.step_seconds
+    assert plan.predicted_seconds < predict(by_size, facts, card, work)[1]
+    assert predict(plan, facts, card, work) == (plan.predicted_peak, pytest.approx(plan.predicted_seconds))
+
+
+def test_three_slots_cost_a_third_slot_of_memory_and_are_offered_only_with_a_timeline():
+    facts, card = _card_with_timeline()
+    work = Workload(512, 512, 1, 20)
+    plan = plan_for_budget(int(940 * MiB), facts, card, work)
+    three = dataclasses.replace(plan, slots=3)
+    assert predict(three, facts, card, work)[0] == plan.predicted_peak + 100 * MiB
+    offered = {p.slots for p in plan_mod._candidates(int(940 * MiB), facts, card, work) if p.strategy == "stream"}
+    assert offered == {2, 3}
+    blind = dataclasses.replace(card, block_timeline=None)
+    assert {p.slots for p in plan_mod._candidates(int(940 * MiB), facts, blind, work) if p.strategy == "stream"} == {2}
+    assert "through 3 slots" in three.summary() and "slots" not in plan.summary()
+
+
+def test_the_measured_ratio_to_the_replay_scales_the_prediction_and_a_timeline_without_a_block_is_not_used():
+    facts, card = _card_with_timeline()
+    work = Workload(512, 512, 1, 20)
+    plan = plan_for_budget(int(940 * MiB), facts, card, work)
+    replayed = streamed_step(plan, facts, card)
+    slower = dataclasses.replace(card, schedule_ratio=1.5)
+    assert streamed_step(plan, facts, slower) == pytest.approx(1.5 * replayed)
+    assert streamed_step(plan, facts, slower, calibrated=False) == pytest.approx(replayed)
+    assert predict(plan, facts, slower, work)[1] == pytest.approx(plan.predicted_seconds + 20 * 0.5 * replayed)
+    forward, rows = card.block_timeline
+    partial = dataclasses.replace(card, block_timeline=(forward, rows[1:]))  # b0 was not timed
+    assert streamed_step(plan, facts, partial) is None  # back to the measured overlap
+    fp8 = dataclasses.replace(plan, fp8=True)
+    assert streamed_step(fp8, facts, card) > replayed  # fp8 storage upcasts every layer: slower compute
