@@ -13,6 +13,8 @@
   ``block_timeline`` is where each denoiser block started and how long it took in one resident forward (CUDA
   events, :class:`mlnb.pipeline.timing.BlockTimer`): the planner replays a streamed plan's copies against it.
   ``schedule_ratio`` is a streamed step as measured over the step that replay predicted for the same plan.
+  ``fragmentation_reserve`` is how far the allocator's reserved bytes rose above its allocated peak over a resident
+  denoising loop; the planner leaves at least that much of a budget unallocated.
 
 Until a model has been measured on the card, the planner predicts time as unknown and uses the activation reserves
 derived from the design notes' anchors. A measurement at another size is scaled by the pixel count (compute and
@@ -38,7 +40,7 @@ __all__ = ["card_facts", "cache_path", "record_measured", "workload_key", "MEASU
 MEASURED_FIELDS = (
     "step_seconds", "decode_seconds", "denoise_reserve", "decode_reserve", "overlap",
     "decode_seconds_768", "decode_seconds_512", "decode_seconds_256", "other_seconds", "other_offload_seconds",
-    "block_timeline", "schedule_ratio",
+    "block_timeline", "schedule_ratio", "fragmentation_reserve",
 )
 # The same at any size (roughly, for "other").
 _UNSCALED = ("overlap", "other_seconds", "other_offload_seconds", "schedule_ratio")

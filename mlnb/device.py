@@ -201,6 +201,10 @@ class Device:
         """The allocator's peak allocated bytes since the last :meth:`reset_peak`, cheaply (no NVML, no host RSS)."""
         return None
 
+    def peak_reserved_bytes(self) -> int | None:
+        """The allocator's peak reserved bytes since the last :meth:`reset_peak`, cheaply."""
+        return None
+
     def synchronize(self) -> None:
         """Wait for queued kernels."""
 
@@ -424,6 +428,9 @@ class CudaDevice(Device):
 
     def peak_allocated_bytes(self) -> int | None:
         return int(self._cuda().max_memory_allocated(self.index))
+
+    def peak_reserved_bytes(self) -> int | None:
+        return int(self._cuda().max_memory_reserved(self.index))
 
     def synchronize(self) -> None:
         self._cuda().synchronize(self.index)

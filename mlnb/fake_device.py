@@ -127,6 +127,9 @@ class FakeDevice(Device):
     def peak_allocated_bytes(self) -> int | None:
         return self.peak_allocated
 
+    def peak_reserved_bytes(self) -> int | None:
+        return self.peak_reserved
+
     def reset_peak(self) -> None:
         with self._lock:
             self.peak_allocated = self.allocated

@@ -60,7 +60,7 @@ FP8_STEP_FACTOR = 1.88
 # (0.55 s, 25 tiles). The smaller of the two stands in until the card has decoded in the plan's tiles.
 TILE_TIME_FACTOR = 1.69
 _ENCODE_ACTIVATIONS = 64 * MiB
-_USABLE = 0.92  # keep 8% of the budget for allocator fragmentation
+_USABLE = 0.92  # keep 8% of the budget for allocator fragmentation, or what the card measured if that is more
 # A tiled decode needs more than its tiles' share of the untiled decode. On an H100 (mlnb bench, 2026-11-26) plans
 # decoding in 256 px tiles peaked 0.15 GiB above that share (SDXL 1024², fp32 VAE) and ran out of memory at least
 # 0.13 GiB above it (SD1.5 512²): a part of the decode's memory does not shrink with the tile.
@@ -137,6 +137,8 @@ class CardFacts:
     # (forward seconds, ((block, start, seconds), ...)): one resident forward, block by block, in the order they ran
     block_timeline: tuple | None = None
     schedule_ratio: float | None = None  # a streamed step as measured / as the schedule replay predicted it
+    # the caching allocator's reserved bytes above its allocated peak over a resident denoising loop (fragmentation)
+    fragmentation_reserve: int | None = None
 
     def decode(self, work: "Workload", tile: int | None) -> float | None:
         """Seconds of one decode: measured in these tiles if it has been, else the untiled decode charged the pixels
@@ -437,8 +439,15 @@ def _residency_orders(blocks: list[Block], card: CardFacts):
             yield _compute_order(blocks, durations)
 
 
+def _usable(budget: int, card: CardFacts) -> float:
+    """The bytes a plan may allocate at its peak: the budget less 8%, or less the fragmentation the card measured for
+    this model's denoising loop when that is more (a peak allocated that leaves the allocator too little room to
+    reserve makes it free its cache and retry under a cap, which synchronizes the device, every step)."""
+    return budget - max(budget * (1 - _USABLE), card.fragmentation_reserve or 0)
+
+
 def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
-    usable = budget * _USABLE
+    usable = _usable(budget, card)
     enc_total = sum(model.encoders.values())
     order = {b.name: i for i, b in enumerate(model.blocks)}
     for fp8 in (False, True):
@@ -500,10 +509,10 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
     card = card or CardFacts()
     work = work or Workload()
     plans = list(_candidates(budget, model, card, work))
-    fitting = [p for p in plans if p.predicted_peak <= budget * _USABLE]
+    fitting = [p for p in plans if p.predicted_peak <= _usable(budget, card)]
     if not fitting:
         smallest = min(plans, key=lambda p: p.predicted_peak)
-        need = smallest.predicted_peak / _USABLE
+        need = max(smallest.predicted_peak / _USABLE, smallest.predicted_peak + (card.fragmentation_reserve or 0))
         side = max(64, int(min(work.width, work.height) * 0.75) // 64 * 64)
         smaller = f" or try --width {side} --height {side}" if side < min(work.width, work.height) else ""
         raise BudgetError(

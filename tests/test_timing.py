@@ -169,3 +169,12 @@ def test_a_block_timeline_is_stored_read_back_and_scaled_with_the_pixels(cache):
     stored["block_timeline"] = "garbled"
     cache_path().write_text(json.dumps({"Fake GPU": {"measured": {KEY: {"1024x1024x1": stored}}}}))
     assert card_facts(device, KEY, work, measure=False).block_timeline is None  # unreadable: not used
+
+
+def test_step_timer_fragmentation_is_the_reserved_peak_above_the_allocated_one_over_the_loop():
+    peaks, reserved = iter([7_000, 7_800]), iter([8_000, 9_000])
+    timer = StepTimer(lambda: None, clock=lambda: 0.0, peak=lambda: next(peaks), reserved=lambda: next(reserved))
+    assert timer.fragmentation is None
+    timer.mark(), timer.mark()
+    assert timer.fragmentation == 1_200
+    assert StepTimer.on(FakeDevice()).fragmentation is None  # nothing read before a mark

@@ -185,6 +185,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
                 device, model_key(pipe, dtype), Workload(size[0], size[1], 1, call["steps"]),
                 step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
                 denoise_reserve=denoise, decode_reserve=decode, block_timeline=blocks.timeline(),
+                fragmentation_reserve=timer.fragmentation,
             )
         return images
 

@@ -363,6 +363,7 @@ class ManagedPipeline:
                     measured["schedule_ratio"] = timer.step_seconds / replayed
         else:
             measured["step_seconds"] = timer.step_seconds
+            measured["fragmentation_reserve"] = timer.fragmentation
             if isinstance(blocks, BlockTimer):
                 measured["block_timeline"] = blocks.timeline()
             if everything:

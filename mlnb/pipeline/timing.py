@@ -28,6 +28,7 @@ class StepTimer:
         peak: the allocator's peak allocated bytes (``Device.peak_allocated_bytes``), read at each mark; the last
             reading is the denoising loop's peak.
         between: seconds between two marks (``Device.seconds_between``); the default subtracts them.
+        reserved: the allocator's peak reserved bytes (``Device.peak_reserved_bytes``), read at each mark.
 
     Example:
         ```python
@@ -44,11 +45,14 @@ class StepTimer:
         clock: Callable[[], object] = time.perf_counter,
         peak: Callable[[], int | None] | None = None,
         between: Callable[[object, object], float] | None = None,
+        reserved: Callable[[], int | None] | None = None,
     ) -> None:
         self._sync = synchronize
         self._clock = clock
         self._between = between or (lambda start, end: end - start)
         self._peak = peak
+        self._reserved = reserved
+        self.denoise_reserved: int | None = None  # peak reserved bytes at the last step's end
         self.marks: list = []
         self.end = None
         self.denoise_peak: int | None = None  # peak allocated bytes at the last step's end
@@ -56,13 +60,16 @@ class StepTimer:
     @classmethod
     def on(cls, device) -> "StepTimer":
         """A timer of ``device``'s queue (CUDA events on a GPU), reading its allocator's peak at each mark."""
-        return cls(device.synchronize, device.timing_mark, device.peak_allocated_bytes, device.seconds_between)
+        return cls(device.synchronize, device.timing_mark, device.peak_allocated_bytes, device.seconds_between,
+                   device.peak_reserved_bytes)
 
     def mark(self) -> None:
         """Call at the end of every denoising step (it does not wait for the device)."""
         self.marks.append(self._clock())
         if self._peak is not None:  # the allocator counts at allocation, as the host queues: no wait needed
             self.denoise_peak = self._peak()
+        if self._reserved is not None:
+            self.denoise_reserved = self._reserved()
 
     def callback(self, after_step: Callable[[int], None] | None = None):
         """A diffusers ``callback_on_step_end`` that marks each step, then calls ``after_step(step_index)``."""
@@ -98,6 +105,13 @@ class StepTimer:
         denoise = self.denoise_peak - start_allocated
         decode = final_peak - start_allocated if final_peak is not None and final_peak > self.denoise_peak else None
         return (denoise if denoise > 0 else None), decode
+
+    @property
+    def fragmentation(self) -> int | None:
+        """Bytes the allocator reserved above its allocated peak over the denoising loop (None without readings)."""
+        if self.denoise_reserved is None or self.denoise_peak is None:
+            return None
+        return max(0, self.denoise_reserved - self.denoise_peak)
 
     @property
     def decode_seconds(self) -> float | None:
