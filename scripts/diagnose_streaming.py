@@ -1,4 +1,4 @@
-"""Whether a streamed step hides its copies: one budget plan under three allocator settings, side by side.
+"""Whether a streamed step hides its copies: one budget plan under several allocator settings, side by side.
 
 Usage:
     python scripts/diagnose_streaming.py --folder /tmp/mlnb-bench-models/sdxl [--budget 4GiB] [--size 1024]
@@ -12,11 +12,16 @@ and compute by events. Each variant runs in a process of its own (the allocator 
 - ``capped``: the plan for the budget, with the budget as the process's memory cap (as ``mlnb bench`` runs it);
 - ``uncapped``: the same plan with the whole card for the allocator. If the copies overlap here and not under the
   cap, the allocator still frees and reserves memory during a step;
+- ``headroom``: the plan for 85% of the budget, under the budget's cap: if its step is much shorter than
+  ``capped``'s although it streams more, the allocator ran short of room under the cap (each retry frees its
+  cache and synchronizes the device);
 - ``capped+expandable``: the cap with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (only when asked for with
   ``--variants``: in run 5 it did not separate from the others).
 
-Prints a table and writes JSON: s/image, median step, copies per step at the measured bandwidth, and the overlap
-(0: compute plus copies; 1: the longer of the two). With ``--profile``, each streamed variant also runs one 3-step
+Prints a table and writes JSON: s/image, median step, the step the planner's schedule replay gives for the plan
+(against the card's resident block timeline), copies per step at the measured bandwidth, and the overlap (0:
+compute plus copies; 1: the longer of the two). Without a ``resident`` variant, the compute step is the one cached
+for the card (``mlnb bench``'s baseline records it, with the block timeline). With ``--profile``, each streamed variant also runs one 3-step
 generation under ``torch.profiler`` and reports how much of its copies ran under a kernel and how long the GPU was
 idle (:mod:`mlnb.bench.timeline`): whether the GPU serialises the copies, or waits for the host.
 """
@@ -34,6 +39,7 @@ VARIANTS = {
     "resident": {},
     "capped": {},
     "uncapped": {},
+    "headroom": {},
     "capped+expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
 }
 
@@ -48,12 +54,13 @@ def _child(args) -> dict:
     if not device.is_cuda:
         return {"variant": args.child, "error": "needs a CUDA device"}
     budget = parse_bytes(args.budget)
-    if args.child.startswith("capped"):
+    if args.child.startswith("capped") or args.child == "headroom":
         device.set_memory_cap(budget)
     if args.child == "resident":
         managed = mlnb.load_pipeline(args.folder, level="none", dtype="fp16", device=device)
     else:
-        managed = mlnb.load_pipeline(args.folder, budget=budget, dtype="fp16", device=device)
+        planned = int(budget * 0.85) if args.child == "headroom" else budget
+        managed = mlnb.load_pipeline(args.folder, budget=planned, dtype="fp16", device=device)
     call = dict(steps=args.steps, width=args.size, height=args.size, seed=1)
     managed.generate("warm-up", **{**call, "steps": 2})
     counters = device.allocator_counters()
@@ -71,10 +78,13 @@ def _child(args) -> dict:
         "streamed_blocks": len(plan.streamed) if plan is not None else 0,
         "allocator": allocator,
     }
-    from mlnb.plan import Workload
+    from mlnb.plan import Workload, streamed_step
 
     facts = card_facts(device, managed.model_key, Workload(args.size, args.size, 1, args.steps), measure=True)
     row["bandwidth"] = facts.bandwidth
+    row["compute_seconds"] = facts.step_seconds  # the card's resident step, as cached
+    if plan is not None and plan.streamed and managed.plan_facts is not None:
+        row["replayed_step_seconds"] = streamed_step(plan, managed.plan_facts, facts, calibrated=False)
     if args.profile and args.child != "resident":
         try:
             row["timeline"] = _profile(managed, call, args)
@@ -148,7 +158,9 @@ def main(argv: list[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             rows.append({"variant": name, "error": f"timed out after {args.timeout} s"})
     compute = next((r.get("step_seconds") for r in rows if r["variant"] == "resident" and not r.get("error")), None)
-    print(f"{'variant':<18} {'s/img':>6} {'step s':>7} {'copies s':>8} {'overlap':>7} {'peak rsrv GiB':>13}  plan")
+    compute = compute or next((r["compute_seconds"] for r in rows if r.get("compute_seconds")), None)
+    print(f"{'variant':<18} {'s/img':>6} {'step s':>7} {'replay s':>8} {'copies s':>8} {'overlap':>7} "
+          f"{'peak rsrv GiB':>13}  plan")
     for row in rows:
         if row.get("error"):
             print(f"{row['variant']:<18} error: {row['error']}")
@@ -158,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             row["copies_seconds"] = copies
             row["overlap"] = overlap_measured(compute, copies, row["step_seconds"])
         print(f"{row['variant']:<18} {row['seconds']:>6.2f} {row['step_seconds'] or 0:>7.3f} "
+              f"{row.get('replayed_step_seconds') or float('nan'):>8.3f} "
               f"{row.get('copies_seconds', 0):>8.3f} {row.get('overlap', float('nan')):>7.2f} "
               f"{(row['peak_reserved'] or 0) / 2**30:>13.2f}  {row['plan'] or 'level none'}")
         if row.get("allocator"):
