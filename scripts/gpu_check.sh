@@ -200,8 +200,9 @@ for r in doc.get("runs", []):
     if r.get("allocator"):
         print(f"  allocator, {r['model']} {r['recipe']} {cap}: " + ", ".join(f"{k} {v}" for k, v in r["allocator"].items()))
     if r.get("cleanup_steps"):
+        timed = r.get("cleanup_timings") or [[step, None] for step in r["cleanup_steps"]]
         print(f"  cleanup, {r['model']} {r['recipe']} {cap}: {r.get('cleanup_seconds') or 0:.3f} s, "
-              + " + ".join(r["cleanup_steps"]))
+              + " + ".join(step if s is None else f"{step} {s:.3f} s" for step, s in timed))
     if r.get("replayed_step_seconds") and r.get("step_seconds"):
         print(f"  schedule, {r['model']} {r['recipe']} {cap}: step {r['step_seconds']:.4f} s measured, "
               f"{r['replayed_step_seconds']:.4f} s replayed against the resident block timeline")

@@ -331,6 +331,9 @@ def test_collect_if_needed_skips_the_full_collection_when_memory_came_back(dev, 
     with MemoryMonitor(dev, collect="if_needed") as mon:
         dev.allocate(GiB)  # still held at the end (a cycle, say)
     assert collected == [1] and mon.report.cleanup == ("gc_collect", "cuda_cache_clear")
+    # Each step timed, the first cache clear too: which one costs is what a slow cleanup needs to know.
+    assert [step for step, _ in mon.report.cleanup_timings] == ["cuda_cache_clear", "gc_collect", "cuda_cache_clear"]
+    assert all(seconds >= 0 for _, seconds in mon.report.cleanup_timings)
     with pytest.raises(RuntimeError), MemoryMonitor(dev, collect="if_needed"):
         raise RuntimeError("boom")
     assert collected == [1, 1]

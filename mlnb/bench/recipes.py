@@ -218,6 +218,7 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
             predicted_peak=result.predicted_peak, predicted_seconds=result.predicted_seconds,
             cleanup_seconds=result.memory.cleanup_seconds,
             cleanup_steps=list(result.memory.cleanup),  # a gc.collect among them: the cache clear left memory held
+            cleanup_timings=[[step, round(seconds, 4)] for step, seconds in result.memory.cleanup_timings],
         )
         streamer = streamer_of(managed.pipe)
         if streamer is not None:  # whether blocks were prefetched on a copy stream (False: every block copied blocking)

@@ -26,15 +26,23 @@ _open: list["MemoryMonitor"] = []
 _open_lock = threading.Lock()
 
 
-def cleanup(device: Device | None = None, collect: bool = True, empty_cache: bool = True) -> list[str]:
-    """One cleanup phase: ``gc.collect()`` then the device cache clear. Returns the steps that ran."""
+def cleanup(device: Device | None = None, collect: bool = True, empty_cache: bool = True,
+            timings: list | None = None) -> list[str]:
+    """One cleanup phase: ``gc.collect()`` then the device cache clear. Returns the steps that ran; with
+    ``timings``, appends ``(step, seconds)`` for each to it."""
     device = device or get_device()
     steps = []
+    began = time.perf_counter()
     if collect:
         gc.collect()
         steps.append("gc_collect")
+        if timings is not None:
+            timings.append(("gc_collect", time.perf_counter() - began))
+    began = time.perf_counter()
     if empty_cache and device.empty_cache():
         steps.append("cuda_cache_clear")
+        if timings is not None:
+            timings.append(("cuda_cache_clear", time.perf_counter() - began))
     return steps
 
 
@@ -65,6 +73,7 @@ class MemoryReport:
     freed: int | None
     cleanup: tuple[str, ...] = ()
     cleanup_seconds: float | None = None  # time the closing cleanup took (gc, cache clear)
+    cleanup_timings: tuple[tuple[str, float], ...] = ()  # (step, seconds) of each, in the order they ran
     error: str | None = None  # the exception type that ended the block, if any
 
     @property
@@ -190,20 +199,22 @@ class MemoryMonitor:
         # Drop our reference to the traceback's frames before collecting, so the cleanup can free them.
         del exc, tb
         began = time.perf_counter()
+        timings: list = []
         if self.collect == "if_needed" and dev.has_memory_counters and exc_type is None:
-            steps = cleanup(dev, collect=False, empty_cache=self.empty_cache)
+            steps = cleanup(dev, collect=False, empty_cache=self.empty_cache, timings=timings)
             start_allocated = self._start.allocated if self._start is not None else None
             if (dev.snapshot().allocated or 0) > (start_allocated or 0):  # still held: a cycle may be holding it
-                steps = cleanup(dev, collect=True, empty_cache=self.empty_cache)
+                steps = cleanup(dev, collect=True, empty_cache=self.empty_cache, timings=timings)
         else:  # True, False, or "if_needed" after an error or without memory counters (collects)
-            steps = cleanup(dev, collect=bool(self.collect), empty_cache=self.empty_cache)
+            steps = cleanup(dev, collect=bool(self.collect), empty_cache=self.empty_cache, timings=timings)
         cleanup_seconds = time.perf_counter() - began
         end = dev.snapshot() if steps else at_exit  # nothing ran: the state is the one just read
-        self.report = self._build_report(at_exit, end, steps, exc_type, cleanup_seconds)
+        self.report = self._build_report(at_exit, end, steps, exc_type, cleanup_seconds, tuple(timings))
         return False
 
     def _build_report(
-        self, at_exit: MemorySnapshot, end: MemorySnapshot, steps, exc_type, cleanup_seconds: float | None = None
+        self, at_exit: MemorySnapshot, end: MemorySnapshot, steps, exc_type, cleanup_seconds: float | None = None,
+        cleanup_timings: tuple = (),
     ) -> MemoryReport:
         start = self._start
         assert start is not None
@@ -237,6 +248,7 @@ class MemoryMonitor:
             freed=freed,
             cleanup=tuple(steps),
             cleanup_seconds=cleanup_seconds,
+            cleanup_timings=cleanup_timings,
             error=exc_type.__name__ if exc_type is not None else None,
         )
 
