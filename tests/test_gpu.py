@@ -284,3 +284,44 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
     finally:
         cuda.set_memory_cap(None)
         unload_all(cuda)
+
+
+def test_a_resident_generation_times_its_blocks_and_a_three_slot_plan_gives_the_same_image(cuda, mid_sd, level_runs,
+                                                                                         tmp_path, monkeypatch):
+    """On CUDA the step timer's events and the block timer's give a timeline inside the step, cached for the card;
+    a plan streamed through three slots (forced here) keeps the budget and the unoffloaded image."""
+    import dataclasses
+
+    import numpy as np
+
+    import mlnb.pipeline.managed as managed_mod
+    from mlnb.card_facts import card_facts
+    from mlnb.optimizer.streaming import streamer_of
+    from mlnb.plan import Workload
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    unload_all(cuda)
+    resident = mlnb.load_pipeline(mid_sd.folder, level="none", dtype="fp16", device=cuda)
+    resident.generate("warm-up", seed=0, steps=2, width=256, height=256)
+    result = resident.generate("a watercolor fox", seed=1, steps=4, width=256, height=256)
+    card = card_facts(cuda, resident.model_key, Workload(256, 256, 1, 4), measure=False)
+    forward, rows = card.block_timeline
+    assert 0 < sum(seconds for _, _, seconds in rows) <= forward <= 1.5 * result.step_seconds
+    assert [start for _, start, _ in rows] == sorted(start for _, start, _ in rows)
+    unload_all(cuda)
+    real = managed_mod.plan_for_budget
+    monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
+    budget = int((0.5 * GiB + 100 * MiB + 0.4 * mid_sd.unet_bytes) / 0.92)
+    cuda.set_memory_cap(budget)
+    try:
+        managed = mlnb.load_pipeline(mid_sd.folder, budget=budget, dtype="fp16", device=cuda)
+        assert managed.plan.slots == 3 and managed.plan.strategy == "stream"
+        managed.generate("warm-up", seed=0, steps=2, width=256, height=256)
+        assert streamer_of(managed.pipe).slot_count == 3 and streamer_of(managed.pipe).chained
+        streamed = managed.generate("a watercolor fox", seed=1, steps=4, width=256, height=256)
+        reference = np.asarray(level_runs[L.NONE].result.images[0], dtype=np.float32)
+        assert np.abs(np.asarray(streamed.images[0], dtype=np.float32) - reference).mean() < 2.0
+        assert streamed.memory.peak_reserved <= budget
+    finally:
+        cuda.set_memory_cap(None)
+        unload_all(cuda)
