@@ -92,3 +92,18 @@ def generate_64(pipe):
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a fox", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(1))
     return np.asarray(out.images[0])
+
+
+def calls_a_twice():
+    """A module whose forward runs its layer ``a`` twice: ``a(b(a(x)))`` (4 features)."""
+    import torch
+
+    class Twice(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.a(self.b(self.a(x)))
+
+    return Twice()

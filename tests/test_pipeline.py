@@ -562,18 +562,11 @@ def test_block_timer_gives_each_block_s_start_and_time_in_the_forward_it_timed(t
 def test_block_timer_refuses_a_forward_in_which_a_block_ran_twice():
     import torch
 
+    from fakes import calls_a_twice
     from mlnb.device import CpuDevice
     from mlnb.pipeline.timing import BlockTimer
 
-    class Twice(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.a(self.b(self.a(x)))
-
-    model = Twice()
+    model = calls_a_twice()
     with BlockTimer(CpuDevice(), model, {"a": model.a, "b": model.b}, forward=0) as timed:
         model(torch.ones(1, 4))
     assert timed.timeline() is None

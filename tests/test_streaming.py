@@ -1,4 +1,4 @@
-"""Streaming units through two slots: the order recorded, the schedule of copies and waits, results unchanged.
+"""Streaming units through GPU slots: the order recorded, the schedule of copies and waits, results unchanged.
 
 On the CPU every copy is done when it is issued; a recording device checks the order in which copies, waits and
 units happen, which on a GPU is what keeps a copy from overwriting a slot that queued kernels still read.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fakes import calls_a_twice
 from mlnb.device import CpuDevice, FakeDevice
 from mlnb.optimizer.streaming import stream_units, streamer_of
 
@@ -221,15 +222,7 @@ def test_a_slot_holds_the_largest_unit_and_units_point_into_it_only_while_they_r
 
 
 def test_a_unit_that_runs_twice_keeps_blocking_copies(caplog):
-    class Twice(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
-
-        def forward(self, x):
-            return self.a(self.b(self.a(x)))
-
-    model = Twice()
+    model = calls_a_twice()
     x = torch.ones(1, 4)
     expected = model(x)
     device = Recording()
