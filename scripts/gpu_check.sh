@@ -199,6 +199,9 @@ for r in doc.get("runs", []):
     cap = f"cap {r['cap_bytes'] / 2**30:g} GiB" if r.get("cap_bytes") else "no cap"
     if r.get("allocator"):
         print(f"  allocator, {r['model']} {r['recipe']} {cap}: " + ", ".join(f"{k} {v}" for k, v in r["allocator"].items()))
+    if r.get("allocator_loop"):
+        print(f"  allocator in steps 2.., {r['model']} {r['recipe']} {cap}: "
+              + ", ".join(f"{k} {v}" for k, v in r["allocator_loop"].items()))
     if r.get("cleanup_steps"):
         timed = r.get("cleanup_timings") or [[step, None] for step in r["cleanup_steps"]]
         print(f"  cleanup, {r['model']} {r['recipe']} {cap}: {r.get('cleanup_seconds') or 0:.3f} s, "
