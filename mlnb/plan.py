@@ -449,7 +449,6 @@ def _usable(budget: int, card: CardFacts) -> float:
 def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
     usable = _usable(budget, card)
     enc_total = sum(model.encoders.values())
-    order = {b.name: i for i, b in enumerate(model.blocks)}
     for fp8 in (False, True):
         sizes, other, denoiser = _scaled(model, fp8)
         blocks = [Block(name, nbytes) for name, nbytes in sizes.items()]

@@ -50,7 +50,7 @@ class FakeCuda:
     def reset_peak_memory_stats(self, index=None):
         self.calls.append("reset_peak_memory_stats")
 
-    def Event(self, enable_timing=False):  # noqa: N802 (torch's name)
+    def Event(self, enable_timing=False):  # torch.cuda.Event
         cuda = self
 
         class Event:

@@ -577,7 +577,7 @@ def test_block_timer_refuses_a_forward_in_which_a_block_ran_twice():
 
 def test_a_resident_generation_on_a_card_records_its_block_timeline_and_a_streamed_one_its_ratio_to_the_replay(
         tiny_sd, clean_cache, tmp_path, monkeypatch):
-    from mlnb.card_facts import card_facts, record_measured
+    from mlnb.card_facts import card_facts
     from mlnb.pipeline.timing import StepTimer
     from mlnb.plan import Workload, streamed_step
 
@@ -606,3 +606,35 @@ def test_a_resident_generation_on_a_card_records_its_block_timeline_and_a_stream
     after = card_facts(managed.device, managed.model_key, work, measure=False)
     assert after.schedule_ratio == pytest.approx(2.0) and after.block_timeline == card.block_timeline
     assert streamed_step(managed.plan, managed.plan_facts, after) == pytest.approx(2 * replayed)
+
+
+def test_fragmentation_is_recorded_only_from_a_generation_that_started_with_an_empty_cache(tiny_sd, clean_cache,
+                                                                                            tmp_path, monkeypatch):
+    """Blocks the allocator still cached when a generation started would read as fragmentation of its loop."""
+    from types import SimpleNamespace
+
+    from mlnb.card_facts import card_facts
+    from mlnb.pipeline.timing import StepTimer
+    from mlnb.plan import Workload
+    from mlnb.units import GiB, MiB
+
+    class CudaLike(FakeDevice):
+        is_cuda = True
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
+    managed.device = CudaLike()
+    work = Workload(64, 64, 1, 2)
+
+    def record(cached_at_start: int, reserved_at_end: int) -> int | None:
+        ticks, peaks = iter([0.0, 0.1]), iter([5 * GiB, 6 * GiB])
+        timer = StepTimer(lambda: None, clock=lambda: next(ticks), peak=lambda: next(peaks),
+                          reserved=lambda: reserved_at_end)
+        timer.mark(), timer.mark()
+        start = SimpleNamespace(start_allocated=5 * GiB, start_reserved=5 * GiB + cached_at_start,
+                                peak_allocated=6 * GiB)
+        managed._record(work, timer, start)
+        return card_facts(managed.device, managed.model_key, work, measure=False).fragmentation_reserve
+
+    assert record(cached_at_start=0, reserved_at_end=6 * GiB + 300 * MiB) == 300 * MiB
+    assert record(cached_at_start=2 * GiB, reserved_at_end=8 * GiB) == 300 * MiB  # not taken: the cache was full

@@ -127,9 +127,9 @@ def _fp16_vae_tiles(pipe, tile: int) -> None:
 
 
 def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
-    import torch
-
     import contextlib
+
+    import torch
 
     from ..card_facts import record_measured
     from ..optimizer.budget import denoiser_blocks, model_key
@@ -167,7 +167,10 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
         timer = StepTimer.on(device)
         baseline = recipe.setting == "none" and device.is_cuda
         blocks = BlockTimer(device, denoiser_of(pipe), denoiser_blocks(pipe)) if baseline else contextlib.nullcontext()
-        start = device.snapshot().allocated  # the weights: the worker's monitor has just reset the peak
+        snapshot = device.snapshot()
+        start = snapshot.allocated  # the weights: the worker's monitor has just reset the peak
+        # Blocks cached before the image would count as fragmentation: measured from an empty cache only.
+        empty_cache = (snapshot.reserved or 0) - (start or 0) <= 64 * 2**20
         with blocks:
             images = pipe(
                 prompt=call["prompt"], num_inference_steps=call["steps"], width=call["width"], height=call["height"],
@@ -185,7 +188,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
                 device, model_key(pipe, dtype), Workload(size[0], size[1], 1, call["steps"]),
                 step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
                 denoise_reserve=denoise, decode_reserve=decode, block_timeline=blocks.timeline(),
-                fragmentation_reserve=timer.fragmentation,
+                fragmentation_reserve=timer.fragmentation if empty_cache else None,
             )
         return images
 

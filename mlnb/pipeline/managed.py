@@ -363,7 +363,8 @@ class ManagedPipeline:
                     measured["schedule_ratio"] = timer.step_seconds / replayed
         else:
             measured["step_seconds"] = timer.step_seconds
-            measured["fragmentation_reserve"] = timer.fragmentation
+            if report is not None and _cache_was_empty(report):  # else cached blocks count as fragmentation
+                measured["fragmentation_reserve"] = timer.fragmentation
             if isinstance(blocks, BlockTimer):
                 measured["block_timeline"] = blocks.timeline()
             if everything:
@@ -392,6 +393,14 @@ class ManagedPipeline:
             f"ManagedPipeline({self.model!r}, {dtype_name(self.dtype)}, level {self.level.value}: "
             f"{self.techniques.summary()}; {format_bytes(self.weight_bytes)} weights, {state})"
         )
+
+
+def _cache_was_empty(report) -> bool:
+    """Whether the allocator held next to nothing beyond what was allocated when the generation started (its reserved
+    bytes then measure the generation's own fragmentation)."""
+    if report.start_reserved is None or report.start_allocated is None:
+        return False
+    return report.start_reserved - report.start_allocated <= 64 * 2**20
 
 
 def load_pipeline(

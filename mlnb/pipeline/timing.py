@@ -16,7 +16,7 @@ import statistics
 import time
 from typing import Callable
 
-__all__ = ["StepTimer", "BlockTimer"]
+__all__ = ["BlockTimer", "StepTimer"]
 
 
 class StepTimer:
