@@ -206,6 +206,11 @@ for r in doc.get("runs", []):
         timed = r.get("cleanup_timings") or [[step, None] for step in r["cleanup_steps"]]
         print(f"  cleanup, {r['model']} {r['recipe']} {cap}: {r.get('cleanup_seconds') or 0:.3f} s, "
               + " + ".join(step if s is None else f"{step} {s:.3f} s" for step, s in timed))
+    if r.get("phase_seconds") or r.get("first_step_seconds"):
+        phases = [f"{k} {v:.3f} s" for k, v in (r.get("phase_seconds") or {}).items()]
+        if r.get("first_step_seconds"):
+            phases.append(f"first step (with encoding) {r['first_step_seconds']:.3f} s")
+        print(f"  phases, {r['model']} {r['recipe']} {cap}: " + ", ".join(phases))
     if r.get("replayed_step_seconds") and r.get("step_seconds"):
         print(f"  schedule, {r['model']} {r['recipe']} {cap}: step {r['step_seconds']:.4f} s measured, "
               f"{r['replayed_step_seconds']:.4f} s replayed against the resident block timeline")

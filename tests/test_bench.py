@@ -272,6 +272,9 @@ def test_worker_run_measures_one_recipe(tiny_sd, clean_cache, cpu_current):
     assert (row["width"], row["height"]) == (64, 64)
     assert "allocator" not in row  # no caching allocator to count on a CPU
     assert row["cleanup_steps"] == ["gc_collect"]  # on a CPU the closing cleanup always collects
+    assert set(row["phase_seconds"]) == {"before", "pipeline", "cleanup", "after"}
+    assert sum(row["phase_seconds"].values()) <= row["seconds"]  # generate's phases, inside the timed image
+    assert 0 < row["first_step_seconds"] <= row["phase_seconds"]["pipeline"]
 
 
 def test_worker_records_what_the_allocator_did_during_the_measured_image(tiny_sd, clean_cache, cpu_current,

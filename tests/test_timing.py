@@ -178,3 +178,13 @@ def test_step_timer_fragmentation_is_the_reserved_peak_above_the_allocated_one_o
     timer.mark(), timer.mark()
     assert timer.fragmentation == 1_200
     assert StepTimer.on(FakeDevice()).fragmentation is None  # nothing read before a mark
+
+
+def test_step_timer_first_seconds_run_from_the_call_s_start_to_the_first_step_s_end():
+    ticks = iter([5.0, 5.8, 6.0])  # the call starts at 5.0; steps end at 5.8 and 6.0
+    timer = StepTimer(lambda: None, clock=lambda: next(ticks))
+    assert timer.first_seconds is None
+    timer.begin()
+    assert timer.first_seconds is None  # no step yet
+    timer.mark(), timer.mark()
+    assert timer.first_seconds == pytest.approx(0.8) and timer.step_seconds == pytest.approx(0.2)

@@ -171,6 +171,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
         start = snapshot.allocated  # the weights: the worker's monitor has just reset the peak
         # Blocks cached before the image would count as fragmentation: measured from an empty cache only.
         empty_cache = (snapshot.reserved or 0) - (start or 0) <= 64 * 2**20
+        timer.begin()
         with blocks:
             images = pipe(
                 prompt=call["prompt"], num_inference_steps=call["steps"], width=call["width"], height=call["height"],
@@ -178,7 +179,8 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
                 callback_on_step_end=timer.callback(),
             ).images
         timer.finish()
-        stats.update(step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds)
+        stats.update(step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
+                     first_step_seconds=timer.first_seconds)
         if baseline and timer.step_seconds:
             # The uncapped, unoffloaded run is the card's compute time and activation memory for this model: the
             # planner predicts from them.
@@ -233,6 +235,8 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
             cleanup_seconds=result.memory.cleanup_seconds,
             cleanup_steps=list(result.memory.cleanup),  # a gc.collect among them: the cache clear left memory held
             cleanup_timings=[[step, round(seconds, 4)] for step, seconds in result.memory.cleanup_timings],
+            first_step_seconds=result.first_step_seconds,  # prompt encoding and the first step
+            phase_seconds={k: round(v, 4) for k, v in result.phase_seconds.items()},
         )
         streamer = streamer_of(managed.pipe)
         if streamer is not None:  # whether blocks were prefetched on a copy stream (False: every block copied blocking)

@@ -216,6 +216,7 @@ class ManagedPipeline:
             >>> result.images[0], result.report_line()
             ```
         """
+        entered = time.perf_counter()
         if self.pipe is None:
             raise InvalidArgumentError(f"pipeline {self.model!r} was unloaded; load it again with mlnb.load_pipeline")
         default_w, default_h = self.default_size()
@@ -269,6 +270,7 @@ class ManagedPipeline:
             with monitor:
                 start = time.perf_counter()
                 try:
+                    timer.begin()
                     with blocks:
                         output = self.pipe(**kwargs)
                     images = list(output.images)
@@ -285,6 +287,7 @@ class ManagedPipeline:
                             logger.debug("offloading streamed blocks after an error failed: %s", cleanup_exc)
                     raise
                 seconds = time.perf_counter() - start
+            cleaned = time.perf_counter()
         except KeyboardInterrupt:
             raise GenerationInterrupted(
                 f"generation interrupted; memory freed ({monitor.report.summary() if monitor.report else 'N/A'}), "
@@ -300,8 +303,13 @@ class ManagedPipeline:
             plan=str(self.plan) if self.plan is not None else None,
             predicted_peak=predicted_peak, predicted_seconds=predicted_seconds,
             step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
+            first_step_seconds=timer.first_seconds,
         )
         self._record(work, timer, monitor.report, seconds, blocks)
+        result.phase_seconds.update(
+            before=start - entered, pipeline=seconds, cleanup=cleaned - start - seconds,  # the monitor's exit
+            after=time.perf_counter() - cleaned,
+        )
         remember(result)
         return result
 

@@ -38,6 +38,11 @@ class GenerationResult:
         predicted_seconds: the plan's predicted seconds for these steps and size, when the card's step time is known.
         step_seconds: median seconds of a denoising step (after the first), read from the step callback.
         decode_seconds: seconds from the last step to the images (VAE decode).
+        first_step_seconds: seconds from the pipeline call's start to the end of the first step (prompt encoding
+            and the first step).
+        phase_seconds: wall seconds of :meth:`~mlnb.ManagedPipeline.generate`'s phases: ``before`` the pipeline
+            call (checks, prediction, monitor start), the ``pipeline`` call, the closing ``cleanup`` and ``after``
+            (recording the card's measurements).
     """
 
     images: list
@@ -55,6 +60,8 @@ class GenerationResult:
     predicted_seconds: float | None = None
     step_seconds: float | None = None
     decode_seconds: float | None = None
+    first_step_seconds: float | None = None
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def image(self):

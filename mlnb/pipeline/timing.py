@@ -54,6 +54,7 @@ class StepTimer:
         self._reserved = reserved
         self.denoise_reserved: int | None = None  # peak reserved bytes at the last step's end
         self.marks: list = []
+        self.start = None  # a mark as the pipeline call starts (begin)
         self.end = None
         self.denoise_peak: int | None = None  # peak allocated bytes at the last step's end
 
@@ -62,6 +63,10 @@ class StepTimer:
         """A timer of ``device``'s queue (CUDA events on a GPU), reading its allocator's peak at each mark."""
         return cls(device.synchronize, device.timing_mark, device.peak_allocated_bytes, device.seconds_between,
                    device.peak_reserved_bytes)
+
+    def begin(self) -> None:
+        """Call as the pipeline call starts: the first step's interval then holds the prompt encoding."""
+        self.start = self._clock()
 
     def mark(self) -> None:
         """Call at the end of every denoising step (it does not wait for the device)."""
@@ -105,6 +110,14 @@ class StepTimer:
         denoise = self.denoise_peak - start_allocated
         decode = final_peak - start_allocated if final_peak is not None and final_peak > self.denoise_peak else None
         return (denoise if denoise > 0 else None), decode
+
+    @property
+    def first_seconds(self) -> float | None:
+        """Seconds from :meth:`begin` to the end of the first step: the prompt encoding, the first step and what
+        the pipeline does before it; ``None`` without both marks."""
+        if self.start is None or not self.marks:
+            return None
+        return self._between(self.start, self.marks[0])
 
     @property
     def fragmentation(self) -> int | None:
