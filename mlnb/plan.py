@@ -1,29 +1,35 @@
 """The budget planner: a VRAM budget in, the fastest placement that fits out (pure; no torch).
 
 A plan keeps as much of the denoiser resident on the GPU as fits beside the activation reserve and streams the rest
-block by block from pinned memory, each block's copy prefetched on a copy stream. Text encoders (streamed the
-same way) and the VAE are on the GPU only while they run, so they never add to the denoiser's peak. VAE tiling and
-fp8 storage are chosen only when they are needed to fit or make the plan faster.
+block by block from pinned memory through two or three GPU slots, each block's copy prefetched on a copy stream.
+Text encoders (streamed the same way) and the VAE are on the GPU only while they run, so they never add to the
+denoiser's peak. VAE tiling and fp8 storage are chosen only when they are needed to fit or make the plan faster.
 
 Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU (other + resident blocks):
-    denoise peak = kept + 2 × largest streamed block + denoise reserve
+    denoise peak = kept + slots × largest streamed block + denoise reserve
     decode peak  = kept + VAE + decode reserve(tile)
     encode peak  = kept + largest text encoder + 64 MiB   (the encoders run one at a time, beside the kept part;
                                                            streamed unit by unit, 2 × their largest unit instead)
+and the largest of them must fit the budget less 8%, or less the allocator fragmentation the card measured over a
+resident denoising loop of the model when that is more.
 Time model (seconds per image), from measured card facts:
-    steps × (compute + copies − overlap × min(compute, copies)) + decode + other
-where compute is a measured resident step and copies = streamed bytes / H2D bandwidth. decode is the decode measured
-in the plan's tiles, or until then the untiled decode times the pixels its tiles cover times ``TILE_TIME_FACTOR``
-(on an H100, 256 px tiles took 3.2× to 3.8× the untiled decode, 1.7× to 2.0× what their pixels say). other is the
-rest of a generation (encoding, moves, the pipeline's own work) as measured by earlier generations with the encoders
-on the GPU or offloaded, or until then (encoder + VAE bytes) / bandwidth for an offloaded plan and nothing for one
-that keeps them. How much of the copies a step hides depends on where the streamed blocks sit, how much compute each
-has and how long the host takes to issue them (:mod:`mlnb.optimizer.streaming` issues each copy two streamed units
-ahead), so ``overlap`` is measured: each streamed generation on a card records it, and until then it is 0 (copies
-add to compute: an upper bound). On an H100 it measured 0.34 for SD1.5 and 0.07 for SDXL. With ``overlap`` 1 a step
-is the streaming floor, max(compute, copies). Streamed blocks are chosen largest first for the fewest bytes moved,
-blocks under 8 MiB never, and among blocks of one size spread evenly over the execution order, so that each copy has
-compute beside it.
+    steps × step + decode + other
+For a plan that streams, step is the steady state of :func:`schedule_step`, a replay of the streamer's copies
+(:mod:`mlnb.optimizer.streaming`) against the card's block timeline (where each block ran in one resident forward),
+times the ratio of measured to replayed steps that streamed generations recorded. Without a timeline it is
+compute + copies − overlap × min(compute, copies), where compute is a measured resident step, copies = streamed
+bytes / H2D bandwidth, and ``overlap`` (the share of the copies a step hid) is recorded by each streamed generation
+(0 until then: an upper bound; on an H100 it measured 0.34 for SD1.5 and 0.07 for SDXL in run 5). decode is the
+decode measured in the plan's tiles, or until then the untiled decode times the pixels its tiles cover times
+``TILE_TIME_FACTOR`` (on an H100, 256 px tiles took 3.2× to 3.8× the untiled decode, 1.7× to 2.0× what their pixels
+say). other is the rest of a generation (encoding, moves, the pipeline's own work) as measured by earlier generations
+with the encoders on the GPU or offloaded, or until then (encoder + VAE bytes) / bandwidth for an offloaded plan and
+nothing for one that keeps them.
+Blocks are kept resident first fit in one of two orders: blocks under 8 MiB first, then largest first (the fewest
+bytes moved), and among blocks of one size spread evenly over the execution order so that each copy has compute
+beside it; or, with a timeline, least compute per byte first, so that the streamed blocks are those with the most
+compute to hide the next copies behind. With a timeline each order is tried with two and three slots, and the
+fastest replay that fits wins.
 The reserves come from the plain-diffusers peaks measured on an H200 in the design notes (fp16, CFG, 20 steps):
 SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at 512; SDXL's fp32
 (upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
@@ -426,7 +432,8 @@ def _compute_order(blocks: list[Block], durations: dict[str, float]) -> list[Blo
     """Blocks under :data:`MIN_STREAMED` first, then the least compute per byte first: those are kept resident, so
     the streamed blocks are the ones with the most compute to hide the next copies behind."""
     spread = {b.name: i for i, b in enumerate(_residency_order(blocks))}
-    return sorted(blocks, key=lambda b: (b.nbytes >= MIN_STREAMED, durations[b.name] / max(1, b.nbytes), spread[b.name]))
+    per_byte = {b.name: durations[b.name] / max(1, b.nbytes) for b in blocks}
+    return sorted(blocks, key=lambda b: (b.nbytes >= MIN_STREAMED, per_byte[b.name], spread[b.name]))
 
 
 def _residency_orders(blocks: list[Block], card: CardFacts):
@@ -441,8 +448,8 @@ def _residency_orders(blocks: list[Block], card: CardFacts):
 
 def _usable(budget: int, card: CardFacts) -> float:
     """The bytes a plan may allocate at its peak: the budget less 8%, or less the fragmentation the card measured for
-    this model's denoising loop when that is more (a peak allocated that leaves the allocator too little room to
-    reserve makes it free its cache and retry under a cap, which synchronizes the device, every step)."""
+    this model's denoising loop when that is more (under a cap, an allocation the allocator has no room to reserve
+    makes it free its cache and retry, which synchronizes the device)."""
     return budget - max(budget * (1 - _USABLE), card.fragmentation_reserve or 0)
 
 
