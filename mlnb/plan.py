@@ -242,7 +242,7 @@ def overlap_measured(compute: float, copies: float, step: float) -> float:
 
 
 def schedule_step(forward: float, blocks, between: float, copies: dict[str, float], slots: int = 2,
-                  steps: int = 4) -> float:
+                  steps: int = 8) -> float:
     """Seconds of one denoising step with the blocks in ``copies`` streamed, replaying the streamer's schedule
     (:mod:`mlnb.optimizer.streaming`) against one measured resident forward.
 

@@ -385,3 +385,64 @@ def test_a_host_that_cannot_lock_the_memory_streams_from_pageable_memory(model, 
     assert "could not pin the streamed weights (cannot lock host memory)" in caplog.text
     assert all(unit.region is not None for unit in streamer.units.values())
     assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
+
+
+class Timed(CpuDevice):
+    """A device with a virtual clock: the compute stream advances by each layer's given seconds, one copy engine
+    moves ``bandwidth`` bytes a second, a copy starts once the engine is free and the compute queued before it is
+    done, and a wait holds the compute until the copy is in."""
+
+    def __init__(self, bandwidth: float) -> None:
+        super().__init__()
+        self.bandwidth, self.clock, self.engine = bandwidth, 0.0, 0.0
+
+    def issue_copy(self, stream, dst, src):
+        super().issue_copy(stream, dst, src)
+        seconds = src.numel() * src.element_size() / self.bandwidth
+        if stream is None:  # in order on the compute stream
+            self.clock += seconds
+            return None
+        self.engine = max(self.engine, self.clock) + seconds
+        return self.engine
+
+    def wait_copy(self, handle) -> None:
+        if handle is not None:
+            self.clock = max(self.clock, handle)
+
+
+@pytest.mark.parametrize("count, slots", [(6, 2), (5, 2), (5, 3), (6, 3)])
+def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
+    """The streamer run on a device with a virtual clock (each layer computing for a set time, copies at a set
+    bandwidth) takes, step after step, the time :func:`mlnb.plan.schedule_step` predicts for the same blocks: the
+    planner's model of the copies is the streamer's schedule, wrap from one step into the next included."""
+    from mlnb.plan import schedule_step
+
+    model = Interleaved(sizes=[8, 16, 32, 8, 16, 32][:count])
+    device = Timed(bandwidth=1e6)  # bytes a second: copies of about 0.5 to 2 ms
+    compute = {f"streamed.{i}": 0.0004 * (i % 3 + 1) for i in range(count)}
+    compute.update({f"resident.{i}": 0.0015 if i % 2 else 0.0002 for i in range(count)})
+    modules = dict(model.named_modules())
+    for name, seconds in compute.items():
+        def forward(*args, _forward=modules[name].forward, _seconds=seconds, **kwargs):
+            device.clock += _seconds  # inside the streaming hook: after the wait, before the next copy is issued
+            return _forward(*args, **kwargs)
+
+        modules[name].forward = forward
+    names = [f"streamed.{i}" for i in range(count)]
+    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object(), keep_slots=True, slots=slots)
+    x, between = torch.randn(2, 8), 0.0003
+    model(x)  # records the order
+    starts = []
+    for _ in range(6):
+        starts.append(device.clock)
+        model(x)
+        device.clock += between  # the scheduler's step
+    measured = (device.clock - starts[1]) / 5  # as the replay: the steps after the first
+    rows, at = [], 0.0
+    for i in range(count):
+        for name in (f"streamed.{i}", f"resident.{i}"):
+            rows.append((name, at, compute[name]))
+            at += compute[name]
+    copies = {n: streamer.units[n].layout.nbytes / device.bandwidth for n in names}
+    assert schedule_step(at, rows, between, copies, slots, steps=6) == pytest.approx(measured, rel=1e-9)
+    assert measured > at + between  # the copies did cost time here: the comparison is not trivially equal
