@@ -409,18 +409,20 @@ class Timed(CpuDevice):
         if handle is not None:
             self.clock = max(self.clock, handle)
 
+    def timing_mark(self):
+        return self.clock
 
-@pytest.mark.parametrize("count, slots", [(6, 2), (5, 2), (5, 3), (6, 3)])
-def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
-    """The streamer run on a device with a virtual clock (each layer computing for a set time, copies at a set
-    bandwidth) takes, step after step, the time :func:`mlnb.plan.schedule_step` predicts for the same blocks: the
-    planner's model of the copies is the streamer's schedule, wrap from one step into the next included."""
-    from mlnb.plan import schedule_step
 
+def _timed(count: int, slots: int):
+    """``count`` streamed units and a resident layer after each, every layer computing for a set virtual time, the
+    units streamed through ``slots`` kept slots of a :class:`Timed` device: the model, device, compute seconds by
+    layer, and streamer."""
     model = Interleaved(sizes=[8, 16, 32, 8, 16, 32][:count])
     device = Timed(bandwidth=1e6)  # bytes a second: copies of about 0.5 to 2 ms
-    compute = {f"streamed.{i}": 0.0004 * (i % 3 + 1) for i in range(count)}
-    compute.update({f"resident.{i}": 0.0015 if i % 2 else 0.0002 for i in range(count)})
+    compute = {}
+    for i in range(count):
+        compute[f"streamed.{i}"] = 0.0004 * (i % 3 + 1)
+        compute[f"resident.{i}"] = 0.0015 if i % 2 else 0.0002
     modules = dict(model.named_modules())
     for name, seconds in compute.items():
         def forward(*args, _forward=modules[name].forward, _seconds=seconds, **kwargs):
@@ -430,6 +432,18 @@ def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
         modules[name].forward = forward
     names = [f"streamed.{i}" for i in range(count)]
     streamer = stream_units(model, names, torch.device("cpu"), device, stream=object(), keep_slots=True, slots=slots)
+    return model, device, compute, streamer
+
+
+@pytest.mark.parametrize("count, slots", [(6, 2), (5, 2), (5, 3), (6, 3)])
+def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
+    """The streamer run on a device with a virtual clock (each layer computing for a set time, copies at a set
+    bandwidth) takes, step after step, the time :func:`mlnb.plan.schedule_step` predicts for the same blocks: the
+    planner's model of the copies is the streamer's schedule, wrap from one step into the next included."""
+    from mlnb.plan import schedule_step
+
+    model, device, compute, streamer = _timed(count, slots)
+    names = list(streamer.units)
     x, between = torch.randn(2, 8), 0.0003
     model(x)  # records the order
     starts = []
@@ -446,3 +460,64 @@ def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
     copies = {n: streamer.units[n].layout.nbytes / device.bandwidth for n in names}
     assert schedule_step(at, rows, between, copies, slots, steps=6) == pytest.approx(measured, rel=1e-9)
     assert measured > at + between  # the copies did cost time here: the comparison is not trivially equal
+
+
+def test_a_streamed_forward_s_block_timeline_is_its_compute_with_the_waits_taken_out():
+    """On a card where the model never runs whole, a streamed generation times the blocks instead: each streamed
+    block's wait for its copy is marked apart from its compute, so the timeline is the compute alone (what the
+    planner replays copies against) and the waits add up to what the step lost to them."""
+    from mlnb.pipeline.timing import BlockTimer
+
+    model, device, compute, streamer = _timed(6, 2)
+    x = torch.randn(2, 8)
+    model(x)  # records the order
+    modules = dict(model.named_modules())
+    with BlockTimer(device, model, {name: modules[name] for name in compute}, forward=2, streamer=streamer) as timed:
+        for _ in range(3):
+            began = device.clock
+            model(x)
+    took = device.clock - began
+    forward, rows = timed.timeline()
+    assert [name for name, _, _ in rows] == list(compute)  # streamed.0, resident.0, streamed.1, ...
+    assert [seconds for _, _, seconds in rows] == pytest.approx(list(compute.values()))
+    starts = [sum(list(compute.values())[:i]) for i in range(len(compute))]
+    assert [start for _, start, _ in rows] == pytest.approx(starts)  # back to back: the waits are taken out
+    assert forward == pytest.approx(sum(compute.values()))
+    assert timed.stall_seconds == pytest.approx(took - forward) and timed.stall_seconds > 0
+    assert streamer.on_ready is None  # unhooked after
+
+
+def test_a_model_that_never_ran_whole_on_the_card_gets_its_time_predicted_from_a_streamed_generation(
+        tiny_sdxl, clean_cache, tmp_path, monkeypatch):
+    """A 4 GB card never runs SDXL resident, so it never measures a resident step. The first streamed generation
+    records its compute instead (the step less its waits for copies, and the block timeline without them), and
+    from the second image on the plan's time is predicted."""
+    import mlnb
+    import mlnb.pipeline.managed as managed_mod
+    from diffusers import DiffusionPipeline
+
+    from fakes import tiny_stream_budget
+    from mlnb.card_facts import card_facts
+    from mlnb.optimizer.budget import model_facts
+    from mlnb.plan import Workload
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
+
+    class CudaLike(FakeDevice):  # a plan is applied, and measurements recorded, only on CUDA
+        is_cuda = True
+
+    managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=CudaLike())
+    assert managed.plan.strategy == "stream"
+    work = Workload(64, 64, 1, 3)
+    assert managed.predict(work)[1] is None  # nothing measured on this card yet
+    first = managed.generate("a fox", steps=3, width=64, height=64, seed=1)
+    assert first.predicted_seconds is None
+    card = card_facts(managed.device, managed.model_key, work, measure=False)
+    forward, rows = card.block_timeline
+    assert {name for name, _, _ in rows} == {b.name for b in managed.plan_facts.blocks}
+    assert 0 < card.step_seconds <= first.step_seconds  # the waits taken out (none to speak of on a CPU)
+    second = managed.generate("a fox", steps=3, width=64, height=64, seed=1)
+    assert second.predicted_seconds is not None and second.predicted_seconds > 0
+    assert card_facts(managed.device, managed.model_key, work, measure=False).schedule_ratio > 0

@@ -145,6 +145,9 @@ class UnitStreamer:
         self._tracing = True
         self._slots: list | None = None  # the device regions (kept between forwards with keep_slots)
         self._pending: dict[int, object] = {}  # position -> its copy, issued and not yet waited for
+        # Called with a unit's name once the compute stream may run it (its copy waited for): the block timer marks
+        # there, to tell a streamed block's wait from its compute.
+        self.on_ready = None
         self._handles = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
 
     @property
@@ -191,10 +194,12 @@ class UnitStreamer:
             self.device.wait_copy(self._pending.pop(position))
             slot = position % self.slot_count
             unit.point_to(self._slots[slot], slot if self.keep_slots else None)
-            return
-        if self._slots is not None:
-            logger.warning("streamed unit %s ran out of its recorded order: copied blocking", unit.name)
-        unit.copy_to_own(self.onload_device, self.device)
+        else:
+            if self._slots is not None:
+                logger.warning("streamed unit %s ran out of its recorded order: copied blocking", unit.name)
+            unit.copy_to_own(self.onload_device, self.device)
+        if self.on_ready is not None:
+            self.on_ready(unit.name)
 
     def _leave(self, unit: _Unit) -> None:
         unit.point_home()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import os
@@ -31,7 +32,7 @@ from ..monitor import MemoryMonitor, cleanup, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.budget import apply_plan, denoiser_blocks, model_facts, model_key, plan_level
-from ..optimizer.streaming import streamers_of
+from ..optimizer.streaming import streamer_of, streamers_of
 from ..optimizer.context import denoiser_of, skipped
 from ..plan import (
     TILES, BudgetError, ModelFacts, Plan, Workload, overlap_measured, plan_for_budget, predict, streamed_step,
@@ -337,18 +338,30 @@ class ManagedPipeline:
         return resident, resident and not applied & vae_moving
 
     def _block_timer(self):
-        """A :class:`BlockTimer` of the denoiser's blocks when this generation's step time will be recorded as
-        compute (CUDA, the denoiser resident), else a context that does nothing."""
+        """A :class:`BlockTimer` of the denoiser's blocks on CUDA when the denoiser is resident, or streamed by a
+        plan in its own dtype (its waits for copies then taken out), else a context that does nothing."""
         import contextlib
 
-        if not self.device.is_cuda or self.model_key is None or not self._denoiser_resident()[0]:
+        if not self.device.is_cuda or self.model_key is None:
             return contextlib.nullcontext()
-        return BlockTimer(self.device, denoiser_of(self.pipe), denoiser_blocks(self.pipe))
+        streamed = self.plan is not None and self.plan.streamed and not self.plan.fp8
+        if not (self._denoiser_resident()[0] or streamed):
+            return contextlib.nullcontext()
+        denoiser = denoiser_of(self.pipe)
+        if self.plan_facts is not None:  # the plan's blocks, which its timeline must name
+            modules = dict(denoiser.named_modules())
+            blocks = {b.name: modules[b.name] for b in self.plan_facts.blocks}
+        else:
+            blocks = denoiser_blocks(self.pipe)
+        streamer = streamer_of(self.pipe) if streamed else None
+        return BlockTimer(self.device, denoiser, blocks, streamer=streamer)
 
     def _record(self, work: Workload, timer: StepTimer, report, seconds: float | None = None, blocks=None) -> None:
         """Cache this card's measurements for the planner: the step and its block timeline, decode and activations
         when the denoiser (and, for the rest, everything) ran resident; the overlap of a streamed step and its ratio
-        to the schedule replay; and, for a plan, its tiled decode and the time besides its steps and decode."""
+        to the schedule replay (and, until the model runs resident on the card, its compute with the waits for copies
+        taken out, as the step and timeline); and, for a plan, its tiled decode and the time besides its steps and
+        decode."""
         if not self.device.is_cuda or self.model_key is None or timer.step_seconds is None:
             return
         measured: dict = {}
@@ -363,6 +376,13 @@ class ManagedPipeline:
         if not denoiser:
             if plan is not None and plan.streamed and not plan.fp8:  # how much of the copies the compute hid
                 card = card_facts(self.device, self.model_key, work, measure=False)
+                timeline = blocks.timeline() if isinstance(blocks, BlockTimer) else None
+                if card.step_seconds is None and timeline is not None:
+                    # The model has not run whole on this card (it may never fit): its compute, from this step
+                    # with the waits for copies taken out, stands in until it does.
+                    compute = timer.step_seconds - blocks.stall_seconds
+                    measured.update(step_seconds=compute, block_timeline=timeline)
+                    card = dataclasses.replace(card, step_seconds=compute, block_timeline=timeline)
                 if card.step_seconds and card.bandwidth:
                     copies = plan.streamed_bytes / card.bandwidth
                     measured["overlap"] = overlap_measured(card.step_seconds, copies, timer.step_seconds)

@@ -139,14 +139,17 @@ class BlockTimer:
 
     Hooks on the denoiser and on each block record a mark (:meth:`mlnb.device.Device.timing_mark`) as they start and
     end during the ``forward``-th forward of a generation (the second by default: the first also sets up kernels),
-    and only then. Use it as a context manager around the pipeline call; :meth:`timeline` reads the marks once the
-    device is synchronized (after :meth:`StepTimer.finish`).
+    and only then. With the denoiser's streamer, a streamed block is also marked once its copy has been waited for,
+    so the timeline holds compute only: each wait is taken out, and the blocks after it move earlier by as much
+    (:attr:`stall_seconds` is what the waits added up to). Use it as a context manager around the pipeline call;
+    :meth:`timeline` reads the marks once the device is synchronized (after :meth:`StepTimer.finish`).
 
     Args:
         device: the mlnb device whose marks are read.
         denoiser: the UNet or transformer.
         blocks: its blocks by name (``mlnb.optimizer.budget.denoiser_blocks``).
         forward: which forward to time, counted from 0.
+        streamer: the denoiser's :class:`~mlnb.optimizer.streaming.UnitStreamer`, when a plan streams blocks.
 
     Example:
         ```python
@@ -157,11 +160,13 @@ class BlockTimer:
         ```
     """
 
-    def __init__(self, device, denoiser, blocks: dict, forward: int = 1) -> None:
+    def __init__(self, device, denoiser, blocks: dict, forward: int = 1, streamer=None) -> None:
         self.device, self.denoiser, self.blocks, self.forward = device, denoiser, blocks, forward
+        self.streamer = streamer
+        self.stall_seconds: float | None = None  # set by timeline()
         self._count = 0
         self._active = False
-        self._marks: list[tuple[str, str, object]] = []  # (name, "start" | "end", mark); "" is the whole forward
+        self._marks: list[tuple[str, str, object]] = []  # (name, "start" | "ready" | "end", mark); "" is the forward
         self._handles: list = []
 
     def __enter__(self) -> "BlockTimer":
@@ -172,12 +177,16 @@ class BlockTimer:
         for name, module in self.blocks.items():
             self._handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: self._mark(_n, "start")))
             self._handles.append(module.register_forward_hook(lambda m, a, o, _n=name: self._mark(_n, "end")))
+        if self.streamer is not None:
+            self.streamer.on_ready = lambda name: self._mark(name, "ready")
         return self
 
     def __exit__(self, *exc) -> bool:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        if self.streamer is not None:
+            self.streamer.on_ready = None
         self._active = False
         return False
 
@@ -197,28 +206,29 @@ class BlockTimer:
             self._marks.append((name, edge, self.device.timing_mark()))
 
     def timeline(self) -> tuple[float, tuple[tuple[str, float, float], ...]] | None:
-        """``(forward seconds, ((block, start, seconds), ...))``, starts counted from the forward's start, in the
-        order the blocks ran; ``None`` if the forward was not timed whole or a block ran twice or not at all."""
+        """``(forward seconds, ((block, start, seconds), ...))`` of compute, starts counted from the forward's start,
+        in the order the blocks ran; ``None`` if the forward was not timed whole or a block ran twice or not at
+        all."""
         marks = self._marks
         if len(marks) < 2 or marks[0][:2] != ("", "start") or marks[-1][:2] != ("", "end"):
             return None
-        origin = marks[0][2]
-        at = {}
-        found = []
+        found: dict[str, dict[str, object]] = {}
         for name, edge, mark in marks[1:-1]:
-            if edge == "start":
-                if name in at:
-                    return None  # ran twice, or nested in itself
-                at[name] = mark
-                found.append(name)
-            elif name not in at:
-                return None
-            else:
-                at[name] = (at[name], mark)
-        if set(found) != set(self.blocks) or any(not isinstance(v, tuple) for v in at.values()):
+            edges = found.setdefault(name, {})
+            if edge in edges or (edge != "start" and "start" not in edges) or (edge == "ready" and "end" in edges):
+                return None  # ran twice, or out of order
+            edges[edge] = mark
+        if set(found) != set(self.blocks) or any("end" not in edges for edges in found.values()):
             return None
         between = self.device.seconds_between
-        rows = tuple(
-            (name, between(origin, at[name][0]), between(at[name][0], at[name][1])) for name in found
-        )
-        return between(origin, marks[-1][2]), rows
+        origin = marks[0][2]
+        stalled = 0.0
+        rows = []
+        for name, edges in found.items():  # in the order they started
+            start = between(origin, edges["start"]) - stalled
+            ready = edges.get("ready", edges["start"])
+            stall = between(edges["start"], ready)
+            stalled += stall
+            rows.append((name, start, between(ready, edges["end"])))
+        self.stall_seconds = stalled
+        return between(origin, marks[-1][2]) - stalled, tuple(rows)
