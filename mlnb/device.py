@@ -215,7 +215,8 @@ class Device:
         return time.perf_counter()
 
     def seconds_between(self, start, end) -> float:
-        """Seconds from mark ``start`` to mark ``end`` (from :meth:`timing_mark`; on CUDA, after :meth:`synchronize`)."""
+        """Seconds from mark ``start`` to mark ``end`` (from :meth:`timing_mark`; on CUDA, after
+        :meth:`synchronize`)."""
         return end - start
 
     def empty_cache(self) -> bool:

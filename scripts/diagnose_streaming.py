@@ -21,9 +21,10 @@ and compute by events. Each variant runs in a process of its own (the allocator 
 Prints a table and writes JSON: s/image, median step, the step the planner's schedule replay gives for the plan
 (against the card's resident block timeline), copies per step at the measured bandwidth, and the overlap (0:
 compute plus copies; 1: the longer of the two). Without a ``resident`` variant, the compute step is the one cached
-for the card (``mlnb bench``'s baseline records it, with the block timeline). With ``--profile``, each streamed variant also runs one 3-step
-generation under ``torch.profiler`` and reports how much of its copies ran under a kernel and how long the GPU was
-idle (:mod:`mlnb.bench.timeline`): whether the GPU serialises the copies, or waits for the host.
+for the card (``mlnb bench``'s baseline records it, with the block timeline). With ``--profile``, each streamed
+variant also runs one 3-step generation under ``torch.profiler`` and reports how much of its copies ran under a
+kernel and how long the GPU was idle (:mod:`mlnb.bench.timeline`): whether the GPU serialises the copies, or waits
+for the host.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@
 # Steps: install mlnb (editable, keeping the machine's torch; wheels in ./.whl are installed first when the machine
 # lacks a dependency and has no package index), `mlnb doctor`, `mlnb bench --quick` (table, targets, JSON, Markdown,
 # one log per worker), scripts/diagnose_streaming.py on the bench's SDXL folder (the 4 GiB plan under its cap, and the
-# plan for 85% of it under the same cap, each with its schedule replay and a profile), the GPU tests (`pytest -m gpu`, junit xml), and the per-cell
-# hook overhead on CUDA (scripts/bench_cell_hooks.py). The benchmark comes before the tests: it is the step whose
+# plan for 85% of it under the same cap, each with its schedule replay and a profile), the GPU tests (`pytest -m gpu`,
+# junit xml), and the per-cell hook overhead on CUDA (scripts/bench_cell_hooks.py). The benchmark comes before the tests: it is the step whose
 # numbers the docs need. A failing step does not stop the next one; a summary with each step's status and time comes
 # last, and the exit status is 1 if any step failed. The step limits add up to 690 s. On an H100 the whole check took
 # 342 to 392 s without the diagnose step, and 537 s with it stopped at its then 110 s limit (run 5); give the device

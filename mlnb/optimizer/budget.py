@@ -256,10 +256,11 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         give_back_host_memory()  # the pageable originals the packed pinned copies replaced
         prefetched = streamer.stream is not None
         moved = plan.streamed_bytes
+        how = f" from pinned memory, each prefetched on a copy stream through {plan.slots} slots" if prefetched else (
+            ", each copied in order")
         results[Technique.GROUP_OFFLOAD] = applied(
             Technique.GROUP_OFFLOAD,
-            f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed"
-            f"{f' from pinned memory, each prefetched on a copy stream through {plan.slots} slots' if prefetched else ', each copied in order'}"
+            f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed{how}"
             f"; {len(plan.resident)} blocks resident",
             f"stream {format_bytes(moved)}{' prefetched' if prefetched else ''}, keep {len(plan.resident)} blocks",
         )

@@ -33,9 +33,9 @@ pool and frees it into that pool, and issues one copy per tensor. The hooks here
 device and refuses a second offloading as it does for its own).
 
 Measured on the H100 with this scheme as it was in run 5 (two slots allocated at each forward, nothing issued
-across steps, and a device synchronize at every step's end by the step timer): SD1.5 at 2 GiB, 8 units (313 MiB), 35.4 ms a step against 31.4 ms
-of compute and 5.7 ms of copies (a third of the copies hidden); SDXL at 4 GiB, 48 units (1.8 GiB), 112 ms against
-67 + 35 ms (7% hidden), mostly 66 MiB transformer blocks at the lowest resolution.
+across steps, and a device synchronize at every step's end by the step timer): SD1.5 at 2 GiB, 8 units (313 MiB),
+35.4 ms a step against 31.4 ms of compute and 5.7 ms of copies (a third of the copies hidden); SDXL at 4 GiB, 48
+units (1.8 GiB), 112 ms against 67 + 35 ms (7% hidden), mostly 66 MiB transformer blocks at the lowest resolution.
 
 A unit that runs twice in one forward, or not at all, leaves the order unrecorded. Every unit then copies blocking
 into memory of its own when it runs, which is correct and slower; a warning says so. So does a unit that runs
@@ -128,7 +128,7 @@ def _hook_type():
 
 
 class UnitStreamer:
-    """The streamed units of one model (a denoiser or a text encoder), its two slots and the order of its units."""
+    """The streamed units of one model (a denoiser or a text encoder), its slots and the order of its units."""
 
     def __init__(self, model, units: list[_Unit], onload_device, device, stream, keep_slots: bool = False,
                  slots: int = 2) -> None:
@@ -328,9 +328,10 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
             stream (on the CPU, where tests run, each is done on return).
         host_buffer: allocates page-locked host memory (:meth:`mlnb.device.Device.host_buffer`) for the units' host
             regions; without it (or when the host refuses to lock that much) the regions are pageable.
-        keep_slots: keep the two slots from one forward to the next (the denoiser's steps): no allocation at each
-            step, views into the slots made once, and the next forward's first two units copied as one ends. The
-            caller releases them (:meth:`UnitStreamer.release`) before anything else needs the memory.
+        keep_slots: keep the slots from one forward to the next (the denoiser's steps): no allocation at each step,
+            views into the slots made once, and the next forward's first units copied as their slots' last units of
+            this one end. The caller releases them (:meth:`UnitStreamer.release`) before anything else needs the
+            memory.
         slots: GPU slots, each the size of the largest unit; a unit's copy is issued when the unit this many places
             before it ends, so more slots give each copy more compute to arrive behind, for one more slot's memory.
     """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import logging
@@ -340,8 +341,6 @@ class ManagedPipeline:
     def _block_timer(self):
         """A :class:`BlockTimer` of the denoiser's blocks on CUDA when the denoiser is resident, or streamed by a
         plan in its own dtype (its waits for copies then taken out), else a context that does nothing."""
-        import contextlib
-
         if not self.device.is_cuda or self.model_key is None:
             return contextlib.nullcontext()
         streamed = self.plan is not None and self.plan.streamed and not self.plan.fp8
