@@ -299,7 +299,7 @@ def test_a_resident_generation_times_its_blocks_and_a_three_slot_plan_gives_the_
     from mlnb.optimizer.streaming import streamer_of
     from mlnb.plan import Workload
 
-    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "resident"))
     unload_all(cuda)
     resident = mlnb.load_pipeline(mid_sd.folder, level="none", dtype="fp16", device=cuda)
     resident.generate("warm-up", seed=0, steps=2, width=256, height=256)
@@ -309,6 +309,8 @@ def test_a_resident_generation_times_its_blocks_and_a_three_slot_plan_gives_the_
     assert 0 < sum(seconds for _, _, seconds in rows) <= forward <= 1.5 * result.step_seconds
     assert [start for _, start, _ in rows] == sorted(start for _, start, _ in rows)
     unload_all(cuda)
+    # A fresh cache for the plan: with the reserves measured above (small at 256²) the whole UNet would fit.
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "planned"))
     real = managed_mod.plan_for_budget
     monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
     budget = int((0.5 * GiB + 100 * MiB + 0.4 * mid_sd.unet_bytes) / 0.92)
