@@ -194,8 +194,8 @@ def test_table_has_every_column_and_marks_missing_values():
     )
     text = report.format_table(rows)
     header = text.splitlines()[0]
-    for title in ("model", "size", "recipe", "cap GiB", "s/img", "×none", "floor s", "peak alloc GiB", "peak rsrv GiB",
-                  "NVML peak GiB", "host RSS GiB", "status"):
+    for title in ("model", "size", "recipe", "cap GiB", "s/img", "×none", "floor s", "step s", "replay s",
+                  "peak alloc GiB", "peak rsrv GiB", "NVML peak GiB", "host RSS GiB", "status"):
         assert title in header
     lines = text.splitlines()[2:]
     assert len(lines) == 3

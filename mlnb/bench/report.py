@@ -309,7 +309,7 @@ def evaluate_targets(rows: list[dict], gpu: bool = True) -> list[dict]:
 
 _COLUMNS = (
     ("model", "model"), ("size", "size"), ("recipe", "recipe"), ("cap", "cap GiB"), ("s", "s/img"),
-    ("ratio", "×none"), ("floor", "floor s"), ("step", "step s"), ("alloc", "peak alloc GiB"),
+    ("ratio", "×none"), ("floor", "floor s"), ("step", "step s"), ("replay", "replay s"), ("alloc", "peak alloc GiB"),
     ("reserved", "peak rsrv GiB"), ("pred", "predicted GiB/s"),
     ("nvml", "NVML peak GiB"), ("host", "host RSS GiB"), ("status", "status"),
 )
@@ -334,6 +334,7 @@ def _cells(row: dict) -> dict[str, str]:
         "ratio": num(row.get("ratio"), ".2f"),
         "floor": num(row.get("floor_seconds"), ".2f"),
         "step": num(row.get("step_seconds"), ".3f"),
+        "replay": num(row.get("replayed_step_seconds"), ".3f"),
         "pred": _predicted(row),
         "alloc": format_gib(row.get("peak_allocated"), na="—", digits=2),
         "reserved": format_gib(row.get("peak_reserved"), na="—", digits=2),
