@@ -33,7 +33,7 @@ from .plan import CardFacts, Workload
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["card_facts", "cache_path", "record_measured", "workload_key", "MEASURED_FIELDS"]
+__all__ = ["card_facts", "cache_path", "describe", "record_measured", "workload_key", "MEASURED_FIELDS"]
 
 # What generations record (a resident one most of them), and whether each scales with the pixel count when used at
 # another size.
@@ -170,3 +170,20 @@ def record_measured(device: Device, model: str, work: Workload, **values: float 
     found = found.setdefault(workload_key(work), {})
     found.update(fresh)
     _write(cards)
+
+
+def describe(device: Device) -> str:
+    """One line on what the planner has measured on this card: the bandwidth, and for how many model sizes a step
+    time (which time predictions need) and a block timeline are cached."""
+    info = device.info()
+    if not info.available:
+        return "no GPU: plans are shown, not timed"
+    entry = _read().get(info.name, {})
+    bandwidth = entry.get("bandwidth")
+    sizes = [found for model in entry.get("measured", {}).values() for found in model.values()]
+    if bandwidth is None and not sizes:
+        return f"nothing measured on {info.name} yet (in {cache_path()})"
+    stepped = sum(1 for found in sizes if found.get("step_seconds"))
+    timed = sum(1 for found in sizes if found.get("block_timeline"))
+    rate = f"{bandwidth / 1e9:.1f} GB/s host to device" if bandwidth else "bandwidth not measured"
+    return f"{rate}; step time for {stepped} model size(s), block timeline for {timed} (in {cache_path()})"

@@ -57,6 +57,9 @@ def doctor_report() -> list[tuple[str, str]]:
         rows.append(("GPU", "none (CPU only)"))
     rows.append(("host RAM", f"{format_bytes(info.host_available_bytes)} available / {format_bytes(info.host_total_bytes)}"))
     rows.append(("auto level", describe_auto(info.free_bytes, info.kind == "cuda")))
+    from .card_facts import describe
+
+    rows.append(("planner facts", describe(get_device())))
     rows += [("warning", w) for w in _known_bad(rows)]
     return rows
 

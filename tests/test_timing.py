@@ -188,3 +188,19 @@ def test_step_timer_first_seconds_run_from_the_call_s_start_to_the_first_step_s_
     assert timer.first_seconds is None  # no step yet
     timer.mark(), timer.mark()
     assert timer.first_seconds == pytest.approx(0.8) and timer.step_seconds == pytest.approx(0.2)
+
+
+def test_doctor_says_what_the_planner_has_measured_on_the_card(cache):
+    from mlnb.cli import doctor_report
+    from mlnb.device import use_device
+
+    with use_device(FakeDevice(name="Card A")) as device:
+        assert "nothing measured on Card A" in dict(doctor_report())["planner facts"]
+        record_measured(device, KEY, Workload(1024, 1024, 1, 20), step_seconds=0.07,
+                        block_timeline=(0.06, (("mid_block", 0.0, 0.06),)))
+        record_measured(device, KEY, Workload(512, 512, 1, 20), step_seconds=0.02)
+        card_facts(device, KEY, Workload())  # measures and caches the bandwidth
+        line = dict(doctor_report())["planner facts"]
+    assert "12.0 GB/s" in line and "step time for 2 model size(s), block timeline for 1" in line
+    with use_device(Device()):
+        assert dict(doctor_report())["planner facts"] == "no GPU: plans are shown, not timed"
