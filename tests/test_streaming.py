@@ -521,3 +521,47 @@ def test_a_model_that_never_ran_whole_on_the_card_gets_its_time_predicted_from_a
     second = managed.generate("a fox", steps=3, width=64, height=64, seed=1)
     assert second.predicted_seconds is not None and second.predicted_seconds > 0
     assert card_facts(managed.device, managed.model_key, work, measure=False).schedule_ratio > 0
+
+
+def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_next_time(
+        tiny_sdxl, clean_cache, tmp_path, monkeypatch, caplog):
+    """Under a cap, an allocation the allocator cannot fit makes it free cached memory and retry, which synchronizes
+    the device. When that happened during a plan's steps, the card's fragmentation margin for the model grows to
+    1.5 times the room the plan left beside the loop's peak, so the next plan leaves more; when it did not, nothing
+    changes."""
+    import mlnb
+    import mlnb.pipeline.managed as managed_mod
+    from diffusers import DiffusionPipeline
+
+    from fakes import tiny_stream_budget
+    from mlnb.card_facts import card_facts
+    from mlnb.optimizer.budget import model_facts
+    from mlnb.plan import Workload
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
+
+    class Counting(FakeDevice):
+        is_cuda = True
+        frees_per_read = 0
+        reads = 0
+
+        def allocator_counters(self):
+            self.reads += 1
+            return {"num_alloc_retries": 0, "num_device_free": self.frees_per_read * self.reads}
+
+        def peak_allocated_bytes(self):
+            return budget // 2
+
+    device = Counting()
+    managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=device)
+    work = Workload(64, 64, 1, 3)
+    managed.generate("a fox", steps=3, width=64, height=64, seed=1)
+    assert card_facts(device, managed.model_key, work, measure=False).fragmentation_reserve is None  # no frees
+    device.frees_per_read = 2
+    with caplog.at_level("WARNING"):
+        managed.generate("a fox", steps=3, width=64, height=64, seed=1)
+    margin = card_facts(device, managed.model_key, work, measure=False).fragmentation_reserve
+    assert margin == max(int(1.5 * (budget - budget // 2)), 64 * 2**20)
+    assert "freed cached memory 2 time(s) during the steps" in caplog.text

@@ -246,8 +246,15 @@ class ManagedPipeline:
         elif num_images != 1:
             raise UnsupportedPipelineError(f"{type(self.pipe).__name__} makes one image per call")
         timer = StepTimer.on(self.device)
+        loop: dict[int, dict[str, int]] = {}  # the allocator's counters after the first and the last step
+
+        def after(step: int) -> None:
+            if self.plan is not None and step in (0, steps - 1):
+                loop[step] = self.device.allocator_counters()
+            if progress is not None:
+                progress(step + 1, steps)
+
         if "callback_on_step_end" in accepted and "callback_on_step_end" not in pipeline_kwargs:
-            after = (lambda step: progress(step + 1, steps)) if progress is not None else None
             kwargs["callback_on_step_end"] = timer.callback(after)
         kwargs.update(pipeline_kwargs)
         work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
@@ -308,6 +315,8 @@ class ManagedPipeline:
             first_step_seconds=timer.first_seconds,
         )
         self._record(work, timer, monitor.report, seconds, blocks)
+        if loop.get(0) and steps > 1 and loop.get(steps - 1):
+            self._room_for_the_allocator(work, timer, {k: v - loop[0][k] for k, v in loop[steps - 1].items()})
         result.phase_seconds.update(
             before=start - entered, pipeline=seconds, cleanup=cleaned - start - seconds,  # the monitor's exit
             after=time.perf_counter() - cleaned,
@@ -337,6 +346,24 @@ class ManagedPipeline:
         vae_moving = {Technique.MODEL_CPU_OFFLOAD, Technique.VAE_TILING, Technique.VAE_SLICING}
         resident = not applied & moving
         return resident, resident and not applied & vae_moving
+
+    def _room_for_the_allocator(self, work: Workload, timer: StepTimer, during: dict[str, int]) -> None:
+        """After a planned generation in whose steps (after the first) the caching allocator had to free cached
+        memory (retries, device frees: each synchronizes the device), cache a larger fragmentation margin for this
+        model on the card, so that the next plan made for it leaves the allocator more room: 1.5 times the room this
+        plan left between the loop's peak allocated bytes and the budget."""
+        freed = during.get("num_alloc_retries", 0) + during.get("num_device_free", 0)
+        if not freed or self.plan is None or timer.denoise_peak is None or self.model_key is None:
+            return
+        left = max(0, self.plan.budget - timer.denoise_peak)
+        card = card_facts(self.device, self.model_key, work, measure=False)
+        margin = max(card.fragmentation_reserve or 0, int(1.5 * left), 64 * 2**20)
+        record_measured(self.device, self.model_key, work, fragmentation_reserve=margin)
+        logger.warning(
+            "the allocator freed cached memory %d time(s) during the steps under the %s plan (%s left beside the "
+            "loop's peak); the next plan for this model on this card leaves %s", freed, format_bytes(self.plan.budget),
+            format_bytes(left), format_bytes(margin),
+        )
 
     def _block_timer(self):
         """A :class:`BlockTimer` of the denoiser's blocks on CUDA when the denoiser is resident, or streamed by a
@@ -390,8 +417,11 @@ class ManagedPipeline:
                     measured["schedule_ratio"] = timer.step_seconds / replayed
         else:
             measured["step_seconds"] = timer.step_seconds
-            if report is not None and _cache_was_empty(report):  # else cached blocks count as fragmentation
-                measured["fragmentation_reserve"] = timer.fragmentation
+            if report is not None and _cache_was_empty(report) and timer.fragmentation:
+                # (from an empty cache only: cached blocks would count as fragmentation) Never below a margin that
+                # a plan's steps showed the allocator needed.
+                known = card_facts(self.device, self.model_key, work, measure=False).fragmentation_reserve or 0
+                measured["fragmentation_reserve"] = max(timer.fragmentation, known)
             if isinstance(blocks, BlockTimer):
                 measured["block_timeline"] = blocks.timeline()
             if everything:
