@@ -65,16 +65,9 @@ def _child(args) -> dict:
     call = dict(steps=args.steps, width=args.size, height=args.size, seed=1)
     managed.generate("warm-up", **{**call, "steps": 2})
     counters = device.allocator_counters()
-    loop: dict = {}
-
-    def progress(step: int, total: int) -> None:  # the counters after the first step and after the last
-        if step in (1, total):
-            loop[step] = device.allocator_counters()
-
-    result = managed.generate("a watercolor fox", **call, progress=progress)
+    result = managed.generate("a watercolor fox", **call)
     allocator = {k: v - counters[k] for k, v in device.allocator_counters().items()}
-    if args.steps > 1 and loop.get(1) and loop.get(args.steps):
-        allocator.update({f"{k} in steps 2..": v - loop[1][k] for k, v in loop[args.steps].items()})
+    allocator.update({f"{k} in steps 2..": v for k, v in result.allocator_in_steps.items()})
     plan = managed.plan
     row = {
         "variant": args.child,

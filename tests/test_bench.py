@@ -289,11 +289,9 @@ def test_worker_records_what_the_allocator_did_during_the_measured_image(tiny_sd
         return {"num_alloc_retries": 3 * n, "num_device_alloc": 2 * n}
 
     monkeypatch.setattr(CpuDevice, "allocator_counters", counters)
-    row = run(_job(tiny_sd, "mlnb-auto", steps=3))
-    # Read after the warm-up's first and last steps, before the measured image, after its first and last steps, and
-    # after it: the image spans three reads, its steps 2 to 3 one.
-    assert row["status"] == "ok" and row["allocator"] == {"num_alloc_retries": 9, "num_device_alloc": 6}
-    assert row["allocator_loop"] == {"num_alloc_retries": 3, "num_device_alloc": 2}
+    row = run(_job(tiny_sd, "mlnb-auto"))
+    assert row["status"] == "ok" and row["allocator"] == {"num_alloc_retries": 3, "num_device_alloc": 2}
+    assert "allocator_loop" not in row  # counted in the steps on CUDA only (tests/test_streaming.py)
 
 
 def test_worker_reports_oom_as_oom(tiny_sd, clean_cache, cpu_current, monkeypatch):

@@ -561,7 +561,8 @@ def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_n
     assert card_facts(device, managed.model_key, work, measure=False).fragmentation_reserve is None  # no frees
     device.frees_per_read = 2
     with caplog.at_level("WARNING"):
-        managed.generate("a fox", steps=3, width=64, height=64, seed=1)
+        result = managed.generate("a fox", steps=3, width=64, height=64, seed=1)
+    assert result.allocator_in_steps == {"num_alloc_retries": 0, "num_device_free": 2}  # read after steps 1 and 3
     margin = card_facts(device, managed.model_key, work, measure=False).fragmentation_reserve
     assert margin == max(int(1.5 * (budget - budget // 2)), 64 * 2**20)
     assert "freed cached memory 2 time(s) during the steps" in caplog.text

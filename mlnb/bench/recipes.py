@@ -213,20 +213,11 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
     stats: dict = {}
 
     def generate():
-        loop: dict = {}
-
-        def progress(step: int, total: int) -> None:
-            # The allocator's counters after the first step and after the last: what it did in the steady loop
-            # (retries there free the cache and synchronize the device in the middle of the steps).
-            if step == 1 or step == total:
-                loop[step] = device.allocator_counters()
-
         result = managed.generate(
-            call["prompt"], steps=call["steps"], width=call["width"], height=call["height"], seed=call["seed"],
-            progress=progress,
+            call["prompt"], steps=call["steps"], width=call["width"], height=call["height"], seed=call["seed"]
         )
-        if loop.get(1) and call["steps"] > 1 and loop.get(call["steps"]):
-            stats["allocator_loop"] = {k: v - loop[1][k] for k, v in loop[call["steps"]].items()}
+        if result.allocator_in_steps:  # frees in the steady loop synchronize the device in the middle of the steps
+            stats["allocator_loop"] = dict(result.allocator_in_steps)
         # The prediction of the first image (a warm-up) comes before this plan measured anything on the card.
         stats.setdefault("first_predicted_seconds", result.predicted_seconds)
         stats.update(

@@ -249,7 +249,7 @@ class ManagedPipeline:
         loop: dict[int, dict[str, int]] = {}  # the allocator's counters after the first and the last step
 
         def after(step: int) -> None:
-            if self.plan is not None and step in (0, steps - 1):
+            if self.device.is_cuda and step in (0, steps - 1):
                 loop[step] = self.device.allocator_counters()
             if progress is not None:
                 progress(step + 1, steps)
@@ -314,9 +314,10 @@ class ManagedPipeline:
             step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
             first_step_seconds=timer.first_seconds,
         )
-        self._record(work, timer, monitor.report, seconds, blocks)
         if loop.get(0) and steps > 1 and loop.get(steps - 1):
-            self._room_for_the_allocator(work, timer, {k: v - loop[0][k] for k, v in loop[steps - 1].items()})
+            result.allocator_in_steps.update({k: v - loop[0][k] for k, v in loop[steps - 1].items()})
+        self._record(work, timer, monitor.report, seconds, blocks)
+        self._room_for_the_allocator(work, timer, result.allocator_in_steps)
         result.phase_seconds.update(
             before=start - entered, pipeline=seconds, cleanup=cleaned - start - seconds,  # the monitor's exit
             after=time.perf_counter() - cleaned,

@@ -43,6 +43,9 @@ class GenerationResult:
         phase_seconds: wall seconds of :meth:`~mlnb.ManagedPipeline.generate`'s phases: ``before`` the pipeline
             call (checks, prediction, monitor start), the ``pipeline`` call, the closing ``cleanup`` and ``after``
             (recording the card's measurements).
+        allocator_in_steps: on CUDA, what the caching allocator did from the end of the first step to the end of the
+            last (``num_alloc_retries``, ``num_device_alloc``, ``num_device_free`` ...): frees there synchronized
+            the device in the middle of the steps.
     """
 
     images: list
@@ -62,6 +65,7 @@ class GenerationResult:
     decode_seconds: float | None = None
     first_step_seconds: float | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    allocator_in_steps: dict[str, int] = field(default_factory=dict)
 
     @property
     def image(self):
