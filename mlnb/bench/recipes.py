@@ -135,7 +135,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
     from ..optimizer.budget import denoiser_blocks, model_key
     from ..optimizer.context import denoiser_of
     from ..pipeline.loading import load_diffusers_pipeline
-    from ..pipeline.timing import BlockTimer, StepTimer
+    from ..pipeline.timing import BlockTimer, StepTimer, cache_was_empty
     from ..plan import Workload
 
     if recipe.needs_cuda and not device.is_cuda:
@@ -169,8 +169,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
         blocks = BlockTimer(device, denoiser_of(pipe), denoiser_blocks(pipe)) if baseline else contextlib.nullcontext()
         snapshot = device.snapshot()
         start = snapshot.allocated  # the weights: the worker's monitor has just reset the peak
-        # Blocks cached before the image would count as fragmentation: measured from an empty cache only.
-        empty_cache = (snapshot.reserved or 0) - (start or 0) <= 64 * 2**20
+        empty_cache = cache_was_empty(start, snapshot.reserved)  # else cached blocks would count as fragmentation
         timer.begin()
         with blocks:
             images = pipe(

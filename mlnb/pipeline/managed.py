@@ -39,10 +39,10 @@ from ..plan import (
     TILES, BudgetError, ModelFacts, Plan, Workload, overlap_measured, plan_for_budget, predict, streamed_step,
 )
 from ..card_facts import card_facts, record_measured
-from ..units import format_bytes, parse_bytes
+from ..units import MiB, format_bytes, parse_bytes
 from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model, weight_bytes
 from .result import GenerationResult
-from .timing import BlockTimer, StepTimer
+from .timing import BlockTimer, StepTimer, cache_was_empty
 
 logger = logging.getLogger(__name__)
 
@@ -358,7 +358,7 @@ class ManagedPipeline:
             return
         left = max(0, self.plan.budget - timer.denoise_peak)
         card = card_facts(self.device, self.model_key, work, measure=False)
-        margin = max(card.fragmentation_reserve or 0, int(1.5 * left), 64 * 2**20)
+        margin = max(card.fragmentation_reserve or 0, int(1.5 * left), 64 * MiB)
         record_measured(self.device, self.model_key, work, fragmentation_reserve=margin)
         logger.warning(
             "the allocator freed cached memory %d time(s) during the steps under the %s plan (%s left beside the "
@@ -418,9 +418,9 @@ class ManagedPipeline:
                     measured["schedule_ratio"] = timer.step_seconds / replayed
         else:
             measured["step_seconds"] = timer.step_seconds
-            if report is not None and _cache_was_empty(report) and timer.fragmentation:
-                # (from an empty cache only: cached blocks would count as fragmentation) Never below a margin that
-                # a plan's steps showed the allocator needed.
+            clean = report is not None and cache_was_empty(report.start_allocated, report.start_reserved)
+            if clean and timer.fragmentation:  # cached blocks at the start would count as fragmentation
+                # never below a margin that a plan's steps showed the allocator needed
                 known = card_facts(self.device, self.model_key, work, measure=False).fragmentation_reserve or 0
                 measured["fragmentation_reserve"] = max(timer.fragmentation, known)
             if isinstance(blocks, BlockTimer):
@@ -451,14 +451,6 @@ class ManagedPipeline:
             f"ManagedPipeline({self.model!r}, {dtype_name(self.dtype)}, level {self.level.value}: "
             f"{self.techniques.summary()}; {format_bytes(self.weight_bytes)} weights, {state})"
         )
-
-
-def _cache_was_empty(report) -> bool:
-    """Whether the allocator held next to nothing beyond what was allocated when the generation started (its reserved
-    bytes then measure the generation's own fragmentation)."""
-    if report.start_reserved is None or report.start_allocated is None:
-        return False
-    return report.start_reserved - report.start_allocated <= 64 * 2**20
 
 
 def load_pipeline(

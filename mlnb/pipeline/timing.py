@@ -16,7 +16,17 @@ import statistics
 import time
 from typing import Callable
 
-__all__ = ["BlockTimer", "StepTimer"]
+__all__ = ["BlockTimer", "StepTimer", "cache_was_empty"]
+
+_EMPTY_CACHE = 64 * 2**20  # bytes reserved beyond those allocated that still count as an empty allocator cache
+
+
+def cache_was_empty(allocated: int | None, reserved: int | None) -> bool:
+    """Whether the allocator held next to nothing beyond what was allocated (at a generation's start): only then do
+    its reserved bytes over the loop measure the loop's own fragmentation (cached blocks would count as it too)."""
+    if allocated is None or reserved is None:
+        return False
+    return reserved - allocated <= _EMPTY_CACHE
 
 
 class StepTimer:
