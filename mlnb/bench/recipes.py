@@ -117,13 +117,14 @@ class Prepared:
 
 
 def _fp16_vae_tiles(pipe, tile: int) -> None:
-    """Keep the VAE in fp16 (no fp32 upcast) and tile its decode at ``tile`` pixels."""
+    """Keep the VAE in fp16 (no fp32 upcast) and tile its decode at ``tile`` pixels, blending seams as diffusers
+    does."""
     from ..optimizer.vae import set_vae_tiles
 
     vae = pipe.vae
     if getattr(vae.config, "force_upcast", False):
         vae.register_to_config(force_upcast=False)
-    set_vae_tiles(vae, tile)
+    set_vae_tiles(vae, tile, blend_at_once=False)
 
 
 def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:

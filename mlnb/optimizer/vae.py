@@ -3,6 +3,12 @@
 ``vae.enable_tiling()`` alone tiles at ``config.sample_size``, which is 1024 for SDXL: a 1024² image is then
 decoded in one piece and tiling does nothing. The tile size is therefore set for the budget
 (:func:`mlnb.levels.choose_vae_tile`) or taken from the config.
+
+An ``AutoencoderKL`` blends each seam between tiles in a Python loop over the overlap's rows (``blend_v``) or
+columns (``blend_h``), with several tensor operations for each: a 1024² decode in 256 px tiles (36 tiles, 64 px
+overlaps) launches about 19,000 small kernels to blend. mlnb gives the VAE one operation per seam instead
+(:func:`blend_seams_at_once`), with the same weights: bitwise the same image when the overlap is a power of two (it
+is 64 px for 256 px tiles), within one fp16 rounding otherwise.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ from .report import TechniqueResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_vae_tiling", "apply_vae_slicing", "vae_decode_dtype", "set_vae_tiles"]
+__all__ = ["apply_vae_tiling", "apply_vae_slicing", "vae_decode_dtype", "set_vae_tiles", "blend_seams_at_once"]
 
 
 def vae_decode_dtype(pipe) -> str:
@@ -29,11 +35,42 @@ def vae_decode_dtype(pipe) -> str:
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
-def set_vae_tiles(vae, tile: int) -> None:
-    """Turn on tiled decoding in ``tile``-pixel tiles (an ``AutoencoderKL``'s latent tile follows its scale)."""
+def set_vae_tiles(vae, tile: int, blend_at_once: bool = True) -> None:
+    """Turn on tiled decoding in ``tile``-pixel tiles (an ``AutoencoderKL``'s latent tile follows its scale), its
+    seams blended in one operation each unless ``blend_at_once`` is False (plain diffusers, for a baseline)."""
     vae.enable_tiling()
     vae.tile_sample_min_size = tile
     vae.tile_latent_min_size = tile // 2 ** (len(vae.config.block_out_channels) - 1)
+    if blend_at_once:
+        blend_seams_at_once(vae)
+
+
+def _blend(a, b, extent: int, dim: int):
+    """``b`` with its first ``extent`` rows (``dim`` -2) or columns (-1) faded in from the last of ``a``: the weight
+    of ``b`` rises from 0 by ``1 / extent`` a row, as in diffusers' ``blend_v``/``blend_h``, in one operation."""
+    import torch
+
+    extent = min(a.shape[dim], b.shape[dim], extent)
+    if extent <= 0:
+        return b
+    shape = [1] * b.dim()
+    shape[dim] = extent
+    weight = (torch.arange(extent, device=b.device, dtype=torch.float32) / extent).view(shape)
+    head = b.narrow(dim, 0, extent)
+    head.copy_(a.narrow(dim, a.shape[dim] - extent, extent) * (1 - weight) + head * weight)
+    return b
+
+
+def blend_seams_at_once(vae) -> bool:
+    """Give an ``AutoencoderKL`` (SD1.5, SDXL) seam blending in one operation per seam instead of one per row or
+    column of the overlap; its class is untouched. Returns False for another VAE (left as it is)."""
+    import functools
+
+    if type(vae).__name__ != "AutoencoderKL" or not (hasattr(vae, "blend_v") and hasattr(vae, "blend_h")):
+        return False
+    vae.blend_v = functools.partial(_blend, dim=-2)
+    vae.blend_h = functools.partial(_blend, dim=-1)
+    return True
 
 
 def apply_vae_tiling(pipe, ctx: OptimizeContext) -> TechniqueResult:
@@ -51,7 +88,8 @@ def apply_vae_tiling(pipe, ctx: OptimizeContext) -> TechniqueResult:
         set_vae_tiles(vae, tile)
         logger.debug("VAE tiles %d px (latent %d)", tile, vae.tile_latent_min_size)
         dtype = vae_decode_dtype(pipe)
-        return applied(tech, f"{dtype} decode in {tile}x{tile} px tiles, 25% overlap", f"VAE {dtype} tiles {tile}")
+        return applied(tech, f"{dtype} decode in {tile}x{tile} px tiles, 25% overlap, each seam blended at once",
+                       f"VAE {dtype} tiles {tile}")
     vae.enable_tiling()
     return applied(tech, f"{type(vae).__name__} tiles at its default size", "VAE tiles")
 
