@@ -21,7 +21,7 @@ compute + copies − overlap × min(compute, copies), where compute is a measure
 bytes / H2D bandwidth, and ``overlap`` (the share of the copies a step hid) is recorded by each streamed generation
 (0 until then: an upper bound; on an H100 it measured 0.34 for SD1.5 and 0.07 for SDXL in run 5). decode is the
 decode measured in the plan's tiles, or until then the untiled decode times the pixels its tiles cover times
-``TILE_TIME_FACTOR`` (on an H100, 256 px tiles took 3.2× to 3.8× the untiled decode, 1.7× to 2.0× what their pixels
+``TILE_TIME_FACTOR`` (on an H100, 256 px tiles took 3.2× to 3.8× the untiled decode, 1.8× to 2.4× what their pixels
 say). other is the rest of a generation (encoding, moves, the pipeline's own work) as measured by earlier generations
 with the encoders on the GPU or offloaded, or until then (encoder + VAE bytes) / bandwidth for an offloaded plan and
 nothing for one that keeps them.
@@ -62,9 +62,10 @@ __all__ = [
 # fp8 storage upcasts every layer's weights before use: SD1.5 ran 0.94 s vs 0.50 s per image (design notes, H200).
 FP8_STEP_FACTOR = 1.88
 # A tiled decode takes longer than the untiled one charged the pixels its tiles cover: on an H100 (mlnb bench run 5,
-# 2026-11-26, 256 px tiles) 1.69× that for SD1.5 at 512² (0.114 s, 9 tiles) and 2.02× for SDXL at 1024² in fp32
-# (0.55 s, 25 tiles). The smaller of the two stands in until the card has decoded in the plan's tiles.
-TILE_TIME_FACTOR = 1.69
+# 2026-11-26, 256 px tiles, seams blended row by row as diffusers does) 2.43× that for SD1.5 at 512² (0.114 s against
+# 0.030 s, 9 tiles covering 1.56× the image) and 1.84× for SDXL at 1024² in fp32 (0.551 s against 0.174 s, 36 tiles
+# covering 1.72×). The smaller of the two stands in until the card has decoded in the plan's tiles.
+TILE_TIME_FACTOR = 1.84
 _ENCODE_ACTIVATIONS = 64 * MiB
 _USABLE = 0.92  # keep 8% of the budget for allocator fragmentation, or what the card measured if that is more
 # A tiled decode needs more than its tiles' share of the untiled decode. On an H100 (mlnb bench, 2026-11-26) plans
@@ -225,12 +226,17 @@ class Plan:
 
 
 def _tiled_pixels(work: Workload, tile: int | None) -> int:
-    """Pixels a decode in ``tile``-pixel tiles computes: diffusers' tiles overlap by a quarter of a tile."""
+    """Pixels a decode in ``tile``-pixel tiles computes. diffusers' ``tiled_decode`` starts a tile every three
+    quarters of a tile, from 0 for as long as the start is inside the image, and cuts each at the image's edge: at
+    1024 px in 256 px tiles, 6 tiles a side (the last 64 px wide), not the 5 that cover it."""
     if tile is None or tile >= max(work.width, work.height):
         return work.width * work.height
     stride = int(tile * 0.75)
-    per_side = [max(1, -(-(side - tile) // stride) + 1) if side > tile else 1 for side in (work.width, work.height)]
-    return per_side[0] * per_side[1] * min(tile, work.width) * min(tile, work.height)
+
+    def covered(side: int) -> int:
+        return sum(min(tile, side - start) for start in range(0, side, stride))
+
+    return covered(work.width) * covered(work.height)
 
 
 def overlap_measured(compute: float, copies: float, step: float) -> float:

@@ -136,8 +136,31 @@ def test_measured_tiled_decode_and_the_rest_replace_what_the_pixels_and_the_band
 def test_tiles_cover_more_pixels_than_the_image():
     work = Workload(1024, 1024)
     assert plan_mod._tiled_pixels(work, None) == plan_mod._tiled_pixels(work, 1024) == 1024 * 1024
-    assert plan_mod._tiled_pixels(work, 512) == 9 * 512 * 512  # 3 × 3 tiles at a stride of 384
-    assert plan_mod._tiled_pixels(Workload(512, 512), 256) == 9 * 256 * 256
+    assert plan_mod._tiled_pixels(work, 512) == 1280 * 1280  # tiles at 0, 384, 768 a side: 512 + 512 + 256 px
+    assert plan_mod._tiled_pixels(work, 256) == 1344 * 1344  # 6 a side, every 192 px: 5 × 256 + 64
+    assert plan_mod._tiled_pixels(Workload(512, 512), 256) == 640 * 640  # 256 + 256 + 128 a side
+    assert plan_mod._tiled_pixels(Workload(1024, 768), 512) == 1280 * 896  # 512 + 384 down the 768 px side
+
+
+def test_tiled_pixels_are_what_diffusers_decodes(tiny_sd):
+    """Counted from the tiles a real ``AutoencoderKL.tiled_decode`` decodes (their latent sizes, times the VAE's
+    scale), at sizes where the last tile is cut short and where it is not."""
+    import torch
+
+    from mlnb.optimizer.vae import set_vae_tiles
+    from mlnb.pipeline.loading import load_diffusers_pipeline
+
+    vae = load_diffusers_pipeline(tiny_sd).vae
+    scale = 2 ** (len(vae.config.block_out_channels) - 1)
+    set_vae_tiles(vae, 32)
+    decoded = []
+    original = vae.decoder.forward
+    vae.decoder.forward = lambda z, *a, **k: decoded.append(z.shape[-2] * z.shape[-1] * scale**2) or original(z, *a, **k)
+    for width, height in [(64, 64), (96, 80), (56, 64)]:
+        decoded.clear()
+        with torch.no_grad():
+            vae.decode(torch.zeros(1, vae.config.latent_channels, height // scale, width // scale))
+        assert sum(decoded) == plan_mod._tiled_pixels(Workload(width, height), 32), (width, height)
 
 
 def test_overlap_measured():
