@@ -566,3 +566,8 @@ def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_n
     margin = card_facts(device, managed.model_key, work, measure=False).fragmentation_reserve
     assert margin == max(int(1.5 * (budget - budget // 2)), 64 * 2**20)
     assert "freed cached memory 2 time(s) during the steps" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        managed.generate("a fox", steps=3, width=64, height=64, seed=1)  # the same plan again: said once
+    assert "freed cached memory" not in caplog.text
+    assert card_facts(device, managed.model_key, work, measure=False).fragmentation_reserve == margin

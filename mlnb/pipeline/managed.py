@@ -357,8 +357,10 @@ class ManagedPipeline:
         if not freed or self.plan is None or timer.denoise_peak is None or self.model_key is None:
             return
         left = max(0, self.plan.budget - timer.denoise_peak)
-        card = card_facts(self.device, self.model_key, work, measure=False)
-        margin = max(card.fragmentation_reserve or 0, int(1.5 * left), 64 * MiB)
+        known = card_facts(self.device, self.model_key, work, measure=False).fragmentation_reserve or 0
+        margin = max(known, int(1.5 * left), 64 * MiB)
+        if margin == known:
+            return  # raised before for this plan: the next plan already leaves it
         record_measured(self.device, self.model_key, work, fragmentation_reserve=margin)
         logger.warning(
             "the allocator freed cached memory %d time(s) during the steps under the %s plan (%s left beside the "
