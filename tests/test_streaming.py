@@ -571,3 +571,39 @@ def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_n
         managed.generate("a fox", steps=3, width=64, height=64, seed=1)  # the same plan again: said once
     assert "freed cached memory" not in caplog.text
     assert card_facts(device, managed.model_key, work, measure=False).fragmentation_reserve == margin
+
+
+def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_cache, tmp_path, monkeypatch):
+    """The whole path with a third slot: the plan applied with ``slots=3``, the streamer's three kept slots and the
+    chain across steps, through the managed pipeline; the image is the one the plan with two slots makes."""
+    import dataclasses
+
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    import mlnb
+    import mlnb.pipeline.managed as managed_mod
+    from fakes import tiny_stream_budget
+    from mlnb.optimizer.budget import model_facts
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))  # nothing measured: the plan streams by size, two slots
+    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    # the managed pipeline loads in fp16 here (a CUDA-like device): the budget is sized from the same weights
+    budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
+
+    class CudaLike(FakeDevice):
+        is_cuda = True
+
+    call = dict(steps=3, width=64, height=64, seed=1)
+    two = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=CudaLike())
+    assert two.plan.slots == 2 and len(two.plan.streamed) >= 3
+    reference = np.asarray(two.generate("a fox", **call).images[0])
+    two.unload()
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "again"))  # the same plan again, not one timed by the images
+    real = managed_mod.plan_for_budget
+    monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
+    three = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=CudaLike())
+    assert three.plan.slots == 3 and streamer_of(three.pipe).slot_count == 3
+    for _ in range(2):  # the first image records the order; the second runs the chain
+        assert np.array_equal(np.asarray(three.generate("a fox", **call).images[0]), reference)
+    assert streamer_of(three.pipe).chained
