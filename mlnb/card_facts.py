@@ -15,6 +15,9 @@
   ``schedule_ratio`` is a streamed step as measured over the step that replay predicted for the same plan.
   ``fragmentation_reserve`` is how far the allocator's reserved bytes rose above its allocated peak over a resident
   denoising loop; the planner leaves at least that much of a budget unallocated.
+  ``vae_fp32`` says whether the decode measured beside it ran in fp32 (SDXL's upcast VAE). A decode in fp16 or bf16
+  (:func:`mlnb.optimizer.vae.decode_in_bf16`) needs half the activation bytes, so a decode reserve measured in the
+  other precision is halved or doubled when read; its time is used as measured until a decode in this precision is.
 
 Until a model has been measured on the card, the planner predicts time as unknown and uses the activation reserves
 derived from the design notes' anchors. A measurement at another size is scaled by the pixel count (compute and
@@ -90,7 +93,7 @@ def _measured(entry: dict, model: str | None, work: Workload | None) -> dict:
         found = {k: v for k, v in measured[key].items() if k in MEASURED_FIELDS}
         if "block_timeline" in found:
             found["block_timeline"] = _timeline(found["block_timeline"])
-        return found
+        return _in_decode_precision(found, measured[key].get("vae_fp32"), work.vae_fp32)
     want = work.width * work.height * work.batch
     nearest = min(measured, key=lambda k: abs(_pixels(k) - want))
     scale = want / _pixels(nearest)
@@ -106,7 +109,15 @@ def _measured(entry: dict, model: str | None, work: Workload | None) -> dict:
             found[name] = value
         elif value:
             found[name] = int(value * scale) if name.endswith("reserve") else value * scale
-    return found
+    return _in_decode_precision(found, measured[nearest].get("vae_fp32"), work.vae_fp32)
+
+
+def _in_decode_precision(found: dict, measured_fp32: bool | None, want_fp32: bool) -> dict:
+    """``found`` with its decode reserve for a decode in fp32 (``want_fp32``) or in 16 bits, when it was measured in
+    the other (activations of half or twice the bytes)."""
+    if measured_fp32 is None or bool(measured_fp32) == want_fp32 or not found.get("decode_reserve"):
+        return found
+    return {**found, "decode_reserve": int(found["decode_reserve"] * (2 if want_fp32 else 0.5))}
 
 
 def _timeline(stored, scale: float = 1.0):
@@ -168,6 +179,11 @@ def record_measured(device: Device, model: str, work: Workload, **values: float 
     cards = _read()
     found = cards.setdefault(info.name, {}).setdefault("measured", {}).setdefault(model, {})
     found = found.setdefault(workload_key(work), {})
+    if any(k.startswith("decode") for k in fresh):
+        # The precision the decode fields were measured in; a reserve kept from the other one is converted to it.
+        kept = _in_decode_precision({k: v for k, v in found.items() if k == "decode_reserve"},
+                                    found.get("vae_fp32"), bool(work.vae_fp32))
+        found.update(kept, vae_fp32=bool(work.vae_fp32))
     found.update(fresh)
     _write(cards)
 

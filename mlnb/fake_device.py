@@ -52,6 +52,7 @@ class FakeDevice(Device):
     empty_cache_calls: int = 0
     synchronize_calls: int = 0
     supports_bf16: bool = True
+    compute_capability: tuple[int, int] = (7, 5)  # a T4's; (8, 0) and up compute bf16 in hardware
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     kind = "fake"
@@ -105,7 +106,7 @@ class FakeDevice(Device):
             allocated_bytes=self.allocated,
             reserved_bytes=self.reserved,
             peak_allocated_bytes=self.peak_allocated,
-            compute_capability=(7, 5),
+            compute_capability=self.compute_capability,
             supports_bf16=self.supports_bf16,
             supports_fp8=True,
             host_total_bytes=host_total,

@@ -176,8 +176,9 @@ memory
 # What the same measurements showed, and what mlnb does about it:
 #
 # - The SDXL VAE config has `force_upcast=True`: the decode then runs in fp32 and plain SDXL peaks at 11.55 GiB
-#   instead of 7.22. The upcast also crashes group offloading (dtype mismatch), so mlnb keeps such a VAE resident
-#   on the GPU when it group-offloads the rest.
+#   instead of 7.22. The upcast also crashes group offloading (dtype mismatch). On a card that computes bf16 in
+#   hardware (compute capability 8.0 and up), mlnb stores that VAE in bf16 (fp32's range, half its memory), so
+#   nothing is upcast. On a T4 it keeps the VAE resident on the GPU when it group-offloads the rest.
 # - `vae.enable_tiling()` tiles at `config.sample_size` (1024 for SDXL), which does nothing for a 1024² image;
 #   mlnb sets the tile size.
 # - Attention slicing under SDPA was 1.5× slower at the same peak; mlnb skips it there.

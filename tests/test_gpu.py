@@ -224,21 +224,43 @@ def test_group_offload_keeps_weights_on_the_cpu(level_runs, mid_sd, level):
 
 
 def test_sdxl_fp16_with_force_upcast_runs_at_ultra(cuda, tiny_sdxl):
-    """SDXL in fp16 with force_upcast at ultra: the VAE stays resident on the GPU (group offloading would crash on
-    the fp32 upcast), the rest is group-offloaded, and a generation completes with the VAE back in fp16."""
+    """SDXL in fp16 with force_upcast at ultra. Below compute capability 8.0 the VAE stays resident on the GPU
+    (group offloading would crash on the fp32 upcast) and comes back in fp16; from 8.0 it decodes in bf16, is not
+    upcast, and is group-offloaded like the rest. Either way the rest is offloaded and a generation completes."""
     import torch
 
+    native = cuda.info().native_bf16
     managed = mlnb.load_pipeline(tiny_sdxl, level="ultra", dtype="fp16", device=cuda)
     try:
         group = managed.techniques["group_offload"]
-        assert group.applied and "VAE kept on GPU" in group.detail
+        assert group.applied and ("VAE kept on GPU" in group.detail) is not native
         result = managed.generate("a watercolor fox", seed=1, steps=2, width=64, height=64)
         assert result.images[0].size == (64, 64)
         location = managed.weights_location()
-        assert location["vae"] == cuda.torch_device, location
+        assert location["vae"] == ("cpu" if native else cuda.torch_device), location
         assert location["unet"] == "cpu", location
-        assert managed.pipe.vae.dtype == torch.float16
+        assert managed.pipe.vae.dtype == (torch.bfloat16 if native else torch.float16)
         assert result.memory.gpu and result.memory.peak_allocated > 0
+    finally:
+        managed.unload()
+
+
+def test_sdxl_vae_decodes_in_bf16_where_the_card_computes_it_within_a_few_levels_of_the_fp32_decode(cuda, tiny_sdxl):
+    import numpy as np
+    import torch
+
+    if not cuda.info().native_bf16:
+        pytest.skip("compute capability below 8.0: diffusers' fp32 upcast stays")
+    managed = mlnb.load_pipeline(tiny_sdxl, level="none", dtype="fp16", device=cuda)
+    try:
+        assert managed.pipe.vae.dtype == torch.bfloat16
+        call = dict(seed=3, steps=2, width=128, height=128)
+        bf16 = np.asarray(managed.generate("a watercolor fox", **call).images[0], dtype=np.float64)
+        assert managed.pipe.vae.dtype == torch.bfloat16  # not upcast by the pipeline
+        managed.pipe.vae.to(torch.float16)  # diffusers' own way: cast to fp32 for each decode
+        fp32 = np.asarray(managed.generate("a watercolor fox", **call).images[0], dtype=np.float64)
+        assert managed.pipe.vae.dtype == torch.float16
+        assert bf16.std() > 0 and np.abs(bf16 - fp32).max() <= 8 and np.abs(bf16 - fp32).mean() < 1.0
     finally:
         managed.unload()
 

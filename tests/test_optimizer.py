@@ -174,6 +174,37 @@ def test_tile_seams_are_blended_at_once_with_diffusers_weights(tiny_sd, tile):
     assert blend_seams_at_once(torch.nn.Linear(2, 2)) is False
 
 
+def test_an_upcast_vae_decodes_in_bf16_close_to_the_fp32_decode_and_stays_bf16(tiny_sdxl):
+    """SDXL in fp16 upcasts its VAE to fp32 for each decode. Stored in bf16 instead, the pipeline no longer upcasts
+    it: the latents are cast to bf16 as they enter, the decoder's output comes out in fp32, and the image is within
+    bf16's rounding of the fp32 decode."""
+    from mlnb.optimizer.offload import vae_needs_upcast
+    from mlnb.optimizer.vae import decode_in_bf16, vae_decode_dtype
+
+    pipe = load(tiny_sdxl, torch.float16)
+    assert vae_needs_upcast(pipe) and vae_decode_dtype(pipe) == "fp32"
+    reference = run(pipe)
+    assert pipe.vae.dtype == torch.float16  # diffusers cast it back after its fp32 decode
+    assert decode_in_bf16(pipe)
+    assert pipe.vae.dtype == torch.bfloat16 and not vae_needs_upcast(pipe) and vae_decode_dtype(pipe) == "bf16"
+    outputs = []
+    pipe.vae.decoder.register_forward_hook(lambda m, a, out: outputs.append(out.dtype))
+    image = run(pipe)
+    assert outputs == [torch.float32]  # the post-processing rounds from fp32
+    assert pipe.vae.dtype == torch.bfloat16  # nothing upcast it during the call
+    assert np.isfinite(image).all() and image.shape == reference.shape
+    assert np.abs(image - reference).max() < 0.02 and np.abs(image - reference).mean() < 0.003
+
+
+def test_only_a_vae_the_pipeline_upcasts_goes_to_bf16(tiny_sd, tiny_sdxl):
+    from mlnb.optimizer.vae import decode_in_bf16
+
+    sd = load(tiny_sd, torch.float16)  # SD's pipeline never upcasts its VAE
+    sdxl = load(tiny_sdxl)  # an fp32 SDXL VAE is not upcast either
+    assert not decode_in_bf16(sd) and not decode_in_bf16(sdxl)
+    assert sd.vae.dtype == torch.float16 and sdxl.vae.dtype == torch.float32
+
+
 def test_fp8_storage_stores_denoiser_weights_in_fp8_and_still_generates(tiny_sd):
     """At ultra the UNet's linear and conv weights are stored as float8_e4m3fn; norms and the text encoder keep
     their dtype; a generation still gives a finite image."""

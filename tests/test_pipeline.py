@@ -638,3 +638,19 @@ def test_fragmentation_is_recorded_only_from_a_generation_that_started_with_an_e
 
     assert record(cached_at_start=0, reserved_at_end=6 * GiB + 300 * MiB) == 300 * MiB
     assert record(cached_at_start=2 * GiB, reserved_at_end=8 * GiB) == 300 * MiB  # not taken: the cache was full
+
+
+@pytest.mark.parametrize("capability", [(7, 5), (8, 0)])
+def test_a_card_that_computes_bf16_gets_an_sdxl_vae_that_decodes_in_bf16(tiny_sdxl, clean_cache, capability):
+    """On compute capability 8.0 and up the fp16 SDXL VAE is stored and run in bf16 (no fp32 upcast); on a T4 (7.5),
+    where bf16 is emulated, diffusers' upcast stays."""
+    import torch
+
+    native = capability >= (8, 0)
+    device = FakeDevice(compute_capability=capability)
+    managed = mlnb.load_pipeline(tiny_sdxl, level="none", dtype="fp16", device=device)
+    assert managed.pipe.vae.dtype == (torch.bfloat16 if native else torch.float16)
+    assert ("VAE decodes in bf16" in repr(managed)) is native
+    result = managed.generate("a fox", steps=1, width=64, height=64, seed=1)
+    assert result.images[0].size == (64, 64) and np.asarray(result.images[0]).std() > 0
+    assert managed.pipe.vae.dtype == (torch.bfloat16 if native else torch.float16)

@@ -82,7 +82,9 @@ def test_recorded_timing_is_found_exactly_and_scaled_to_other_sizes(cache):
     assert card_facts(device, "another-model", work).step_seconds is None
     assert card_facts(FakeDevice(name="Card B"), KEY, work).step_seconds is None  # per card
     stored = json.loads(cache_path().read_text())
-    assert stored["Card A"]["measured"][KEY]["1024x1024x1"] == {"step_seconds": 0.07, "decode_seconds": 0.3}
+    # with the precision its decode ran in (fp16 here; SDXL's upcast VAE decodes in fp32)
+    assert stored["Card A"]["measured"][KEY]["1024x1024x1"] == {"step_seconds": 0.07, "decode_seconds": 0.3,
+                                                                "vae_fp32": False}
 
 
 def test_a_run_without_a_decode_time_keeps_the_one_stored(cache):
@@ -101,6 +103,28 @@ def test_an_unreadable_cache_is_treated_as_empty(cache):
     assert card_facts(device, KEY, Workload()).step_seconds is None
     record_measured(device, KEY, Workload(), step_seconds=0.05)
     assert card_facts(device, KEY, Workload()).step_seconds == 0.05
+
+
+def test_a_decode_reserve_measured_in_fp32_is_halved_for_a_bf16_decode_and_kept_halved_when_one_is_timed(cache):
+    """SDXL's VAE decodes in fp32 under plain diffusers (the bench's baseline) and in bf16 under mlnb on a card that
+    computes bf16: the same activations in half the bytes. Times are used as measured until a bf16 decode is."""
+    device = FakeDevice()
+    fp32, bf16 = Workload(1024, 1024, 1, 20, vae_fp32=True), Workload(1024, 1024, 1, 20)
+    record_measured(device, KEY, fp32, step_seconds=0.07, decode_seconds=0.17, decode_reserve=5 * 2**30)
+    assert card_facts(device, KEY, fp32).decode_reserve == 5 * 2**30
+    facts = card_facts(device, KEY, bf16)
+    assert (facts.decode_reserve, facts.decode_seconds, facts.step_seconds) == (5 * 2**29, 0.17, 0.07)
+    assert card_facts(device, KEY, Workload(512, 512, 1, 20)).decode_reserve == 5 * 2**29 // 4  # scaled too
+    record_measured(device, KEY, bf16, decode_seconds_256=0.09)  # a tiled bf16 decode, no untiled reserve
+    assert card_facts(device, KEY, bf16).decode_reserve == 5 * 2**29  # now stored in bf16's bytes
+    assert card_facts(device, KEY, fp32).decode_reserve == 5 * 2**30
+    record_measured(device, KEY, bf16, decode_reserve=2 * 2**30)  # measured in bf16: used as it is
+    assert card_facts(device, KEY, bf16).decode_reserve == 2 * 2**30
+    untagged = Workload(512, 512, 1, 20)
+    cards = json.loads(cache_path().read_text())
+    cards[device.name]["measured"]["old"] = {"512x512x1": {"decode_reserve": 2**30}}  # stored before the tag
+    cache_path().write_text(json.dumps(cards))
+    assert card_facts(device, "old", untagged).decode_reserve == 2**30
 
 
 def test_step_timer_callback_marks_then_hands_on_the_step():

@@ -135,6 +135,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
     from ..card_facts import record_measured
     from ..optimizer.budget import denoiser_blocks, model_key
     from ..optimizer.context import denoiser_of
+    from ..optimizer.offload import vae_needs_upcast
     from ..pipeline.loading import load_diffusers_pipeline
     from ..pipeline.timing import BlockTimer, StepTimer, cache_was_empty
     from ..plan import Workload
@@ -187,7 +188,8 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
             size = images[0].size if images else (call["width"], call["height"])
             denoise, decode = timer.reserves(start, device.peak_allocated_bytes())
             record_measured(
-                device, model_key(pipe, dtype), Workload(size[0], size[1], 1, call["steps"]),
+                device, model_key(pipe, dtype),
+                Workload(size[0], size[1], 1, call["steps"], vae_fp32=vae_needs_upcast(pipe)),
                 step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
                 denoise_reserve=denoise, decode_reserve=decode, block_timeline=blocks.timeline(),
                 fragmentation_reserve=timer.fragmentation if empty_cache else None,
@@ -199,6 +201,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
 
 def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
     from ..card_facts import card_facts
+    from ..optimizer.offload import vae_needs_upcast
     from ..optimizer.streaming import streamer_of
     from ..pipeline import load_pipeline
     from ..plan import Workload, streamed_step
@@ -235,7 +238,7 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
         if managed.plan is not None and managed.plan.streamed and managed.plan_facts is not None:
             # The step the schedule replay gives for this plan against the card's resident block timeline (None
             # without one): beside the measured step, it tells the copies' order from everything else.
-            work = Workload(call["width"], call["height"], 1, call["steps"])
+            work = Workload(call["width"], call["height"], 1, call["steps"], vae_fp32=vae_needs_upcast(managed.pipe))
             card = card_facts(device, managed.model_key, work, measure=False)
             stats["replayed_step_seconds"] = streamed_step(managed.plan, managed.plan_facts, card, calibrated=False)
         return result.images

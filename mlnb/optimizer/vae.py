@@ -21,7 +21,9 @@ from .report import TechniqueResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_vae_tiling", "apply_vae_slicing", "vae_decode_dtype", "set_vae_tiles", "blend_seams_at_once"]
+__all__ = [
+    "apply_vae_tiling", "apply_vae_slicing", "vae_decode_dtype", "set_vae_tiles", "blend_seams_at_once", "decode_in_bf16",
+]
 
 
 def vae_decode_dtype(pipe) -> str:
@@ -33,6 +35,53 @@ def vae_decode_dtype(pipe) -> str:
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "upcast_vae"):
         dtype = torch.float32
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
+def decode_in_bf16(pipe) -> bool:
+    """Store and run the VAE in bf16 where the pipeline would cast it from fp16 to fp32 for every decode.
+
+    An SDXL pipeline upcasts its fp16 VAE before each decode (``force_upcast``: fp16 overflows in the decoder) and
+    casts it back after. bf16 has fp32's range, so it does not overflow, and it takes half of fp32's memory; on a card
+    of compute capability 8.0 and up it runs on the tensor cores (ComfyUI decodes SD VAEs in bf16 on those cards for
+    the same reasons). The VAE is cast once; its dtype is then not fp16, so the pipeline no longer upcasts it. What
+    enters it (latents, or an image to encode) is cast to bf16, and the decoder's output to fp32, so the pipeline's
+    post-processing rounds from fp32 as it does after an fp32 decode.
+
+    Returns whether it did so: only for a VAE the pipeline would upcast (:func:`~.offload.vae_needs_upcast`). The
+    caller checks the card (:attr:`mlnb.device.DeviceInfo.native_bf16`): on a T4, bf16 is emulated and slow.
+    """
+    import torch
+
+    from .offload import vae_needs_upcast
+
+    if not vae_needs_upcast(pipe):
+        return False
+    vae = pipe.vae
+    quiet = logging.getLogger("diffusers.models.modeling_utils")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # its warning about modules kept in fp32 names none for an AutoencoderKL
+    try:
+        vae.to(dtype=torch.bfloat16)
+    finally:
+        quiet.setLevel(level)
+    for name in ("quant_conv", "encoder", "post_quant_conv", "decoder"):
+        module = getattr(vae, name, None)
+        if isinstance(module, torch.nn.Module):
+            module.register_forward_pre_hook(_inputs_in_own_dtype, with_kwargs=True)
+    if isinstance(getattr(vae, "decoder", None), torch.nn.Module):
+        vae.decoder.register_forward_hook(_output_in_fp32)
+    return True
+
+
+def _inputs_in_own_dtype(module, args, kwargs):
+    import torch
+
+    dtype = next(module.parameters()).dtype
+    return tuple(a.to(dtype) if torch.is_tensor(a) and a.is_floating_point() else a for a in args), kwargs
+
+
+def _output_in_fp32(module, args, output):
+    return output.float() if hasattr(output, "float") else output
 
 
 def set_vae_tiles(vae, tile: int, blend_at_once: bool = True) -> None:

@@ -34,6 +34,7 @@ from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.budget import apply_plan, denoiser_blocks, model_facts, model_key, plan_level
 from ..optimizer.streaming import streamer_of, streamers_of
+from ..optimizer.vae import decode_in_bf16, vae_decode_dtype
 from ..optimizer.context import denoiser_of, skipped
 from ..plan import (
     TILES, BudgetError, ModelFacts, Plan, Workload, overlap_measured, plan_for_budget, predict, streamed_step,
@@ -449,9 +450,11 @@ class ManagedPipeline:
 
     def __repr__(self) -> str:
         state = "loaded" if self.loaded else "unloaded"
+        vae = getattr(self.pipe, "vae", None)
+        bf16 = ", VAE decodes in bf16" if vae is not None and vae_decode_dtype(self.pipe) == "bf16" else ""
         return (
             f"ManagedPipeline({self.model!r}, {dtype_name(self.dtype)}, level {self.level.value}: "
-            f"{self.techniques.summary()}; {format_bytes(self.weight_bytes)} weights, {state})"
+            f"{self.techniques.summary()}{bf16}; {format_bytes(self.weight_bytes)} weights, {state})"
         )
 
 
@@ -518,6 +521,9 @@ def load_pipeline(
     plan = cfg = facts = None
     try:
         text_to_image_parameters(pipe)  # refuse it before it is optimized and cached: it could never generate
+        if vae_needs_upcast(pipe) and device.info().native_bf16 and decode_in_bf16(pipe):
+            # before planning: a bf16 decode needs half the memory of the fp32 one, so tiles are larger or none
+            logger.info("the VAE decodes in bf16 on this card, not upcast to fp32 (half the memory, tensor cores)")
         if budget_bytes is not None:
             plan, facts = _plan(pipe, budget_bytes, device, torch_dtype)
             choice = LevelChoice(plan_level(plan), f"plan for {format_bytes(budget_bytes)}: {plan.summary()}", auto=False)
