@@ -607,3 +607,37 @@ def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_c
     for _ in range(2):  # the first image records the order; the second runs the chain
         assert np.array_equal(np.asarray(three.generate("a fox", **call).images[0]), reference)
     assert streamer_of(three.pipe).chained
+
+
+def test_a_planned_sdxl_whose_vae_decodes_in_bf16_moves_it_whole_from_pinned_memory_and_gives_the_unplanned_image(
+        tiny_sdxl, clean_cache, tmp_path, monkeypatch):
+    """On a card that computes bf16 the SDXL VAE is not upcast, so a plan that offloads it keeps it in one packed host
+    region (no accelerate hook) like SD's; the image is the one the same VAE gives on an unplanned pipeline."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    import mlnb
+    import mlnb.pipeline.managed as managed_mod
+    from fakes import tiny_stream_budget
+    from mlnb.optimizer.budget import model_facts
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
+
+    class CudaLike(FakeDevice):
+        is_cuda = True
+
+    device = CudaLike(compute_capability=(8, 0))
+    call = dict(steps=2, width=64, height=64, seed=1)
+    plain = mlnb.load_pipeline(tiny_sdxl, level="none", device=device)
+    assert plain.pipe.vae.dtype == torch.bfloat16
+    reference = np.asarray(plain.generate("a fox", **call).images[0])
+    plain.unload()
+    planned = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=device)
+    assert planned.plan.offload_encoders_vae and planned.pipe.vae.dtype == torch.bfloat16
+    assert hasattr(planned.pipe.vae, "_mlnb_whole")  # one pinned region, not accelerate's hook for an upcast VAE
+    assert "pinned memory" in planned.techniques["model_cpu_offload"].detail
+    for _ in range(2):
+        assert np.array_equal(np.asarray(planned.generate("a fox", **call).images[0]), reference)
+    assert planned.pipe.vae.dtype == torch.bfloat16
