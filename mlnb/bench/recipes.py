@@ -107,6 +107,8 @@ class Prepared:
         detail: what was set up (the applied techniques, or the diffusers calls).
         stats: filled by each ``generate``: ``step_seconds`` and ``decode_seconds`` (the step callback's timing),
             and for the budget planner ``predicted_peak`` and ``predicted_seconds``.
+        after: adds to ``stats`` what is worked out from the timed image but is no part of making it (the planner's
+            replay of the step); the worker calls it once the image is timed.
     """
 
     generate: Callable[[], Any]
@@ -114,6 +116,7 @@ class Prepared:
     level: str | None
     detail: str
     stats: dict = field(default_factory=dict)
+    after: Callable[[], None] | None = None
 
 
 def _fp16_vae_tiles(pipe, tile: int) -> None:
@@ -235,20 +238,22 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
         streamer = streamer_of(managed.pipe)
         if streamer is not None:  # whether blocks were prefetched on a copy stream (False: every block copied blocking)
             stats["prefetch_chain"] = streamer.chained and streamer.stream is not None
+        return result.images
+
+    def after():
         if managed.plan is not None and managed.plan.streamed and managed.plan_facts is not None:
             # The step the schedule replay gives for this plan against the card's resident block timeline (None
             # without one): beside the measured step, it tells the copies' order from everything else.
             work = Workload(call["width"], call["height"], 1, call["steps"], vae_fp32=vae_needs_upcast(managed.pipe))
             card = card_facts(device, managed.model_key, work, measure=False)
             stats["replayed_step_seconds"] = streamed_step(managed.plan, managed.plan_facts, card, calibrated=False)
-        return result.images
 
     detail = managed.techniques.summary()
     if managed.plan is not None:
         detail = str(managed.plan)
     elif managed.choice.auto:
         detail = f"{managed.choice}: {detail}"
-    return Prepared(generate, managed.pipe, managed.level.value, detail, stats)
+    return Prepared(generate, managed.pipe, managed.level.value, detail, stats, after)
 
 
 def prepare(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:

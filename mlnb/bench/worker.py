@@ -204,6 +204,8 @@ def run(job: dict) -> dict:
             phase = "generate"
             counters = device.allocator_counters()
             seconds, timed, size = _measured(device, prepared.generate)
+            if prepared.after is not None:
+                prepared.after()
             result.update(warmup_seconds=warm_seconds, seconds=seconds, **prepared.stats)
             if counters:  # what the allocator had to do during the measured image (retries after freeing its cache)
                 result["allocator"] = {k: v - counters[k] for k, v in device.allocator_counters().items()}
