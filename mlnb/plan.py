@@ -334,12 +334,12 @@ def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp
         step += copies - (card.overlap or 0.0) * min(step, copies)
     seconds = work.steps * step + (card.decode(work, tile) or 0.0)
     other = card.other_offload_seconds if transfer_once else card.other_seconds
-    if other is not None:  # measured: encoding, moves, the pipeline's own work
+    if other is not None:  # measured: encoding, moves, the pipeline's own work, the cleanup
         return seconds + other
-    if transfer_once:
+    if transfer_once:  # not yet measured with them offloaded: the encoders and VAE copied in, beside the rest
         if not card.bandwidth:
             return None
-        seconds += transfer_once / card.bandwidth
+        seconds += transfer_once / card.bandwidth + (card.other_seconds or 0.0)
     return seconds
 
 

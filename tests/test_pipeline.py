@@ -654,3 +654,16 @@ def test_a_card_that_computes_bf16_gets_an_sdxl_vae_that_decodes_in_bf16(tiny_sd
     result = managed.generate("a fox", steps=1, width=64, height=64, seed=1)
     assert result.images[0].size == (64, 64) and np.asarray(result.images[0]).std() > 0
     assert managed.pipe.vae.dtype == (torch.bfloat16 if native else torch.float16)
+
+
+def test_the_time_a_generation_records_besides_its_steps_runs_to_the_end_of_its_cleanup(tiny_sd, clean_cache,
+                                                                                      monkeypatch):
+    """A plan predicts what a call to ``generate`` takes, so what it learns from one runs from the call's start to the
+    end of the cleanup (a cache clear is part of what the user waits for), not only the pipeline's call."""
+    seen = []
+    monkeypatch.setattr(ManagedPipeline, "_record", lambda self, work, timer, report, seconds, blocks: seen.append(seconds))
+    managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
+    result = managed.generate("a fox", seed=1, **FAST)
+    phases = result.phase_seconds
+    assert seen[0] == pytest.approx(phases["before"] + phases["pipeline"] + phases["cleanup"], abs=1e-6)
+    assert seen[0] > result.seconds == phases["pipeline"]

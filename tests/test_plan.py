@@ -131,6 +131,10 @@ def test_measured_tiled_decode_and_the_rest_replace_what_the_pixels_and_the_band
                                    **{f"decode_seconds_{plan.vae_tile}": 0.7})
     assert measured.decode(SDXL_WORK, plan.vae_tile) == 0.7
     assert predict(plan, sdxl, measured, SDXL_WORK)[1] == pytest.approx(steps + 0.7 + 0.25)  # not the resident 9 s
+    # measured only with everything resident (the bench's baseline): that, and the encoders and VAE copied in
+    resident_only = dataclasses.replace(measured, other_offload_seconds=None, other_seconds=0.1)
+    assert predict(plan, sdxl, resident_only, SDXL_WORK)[1] == pytest.approx(
+        steps + 0.7 + 0.1 + plan.transfer_once_bytes / 20e9)
 
 
 def test_tiles_cover_more_pixels_than_the_image():

@@ -19,6 +19,7 @@ time go into the row. Every recipe loads the same saved folder, so loading is th
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -176,6 +177,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
         start = snapshot.allocated  # the weights: the worker's monitor has just reset the peak
         empty_cache = cache_was_empty(start, snapshot.reserved)  # else cached blocks would count as fragmentation
         timer.begin()
+        began = time.perf_counter()
         with blocks:
             images = pipe(
                 prompt=call["prompt"], num_inference_steps=call["steps"], width=call["width"], height=call["height"],
@@ -183,6 +185,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
                 callback_on_step_end=timer.callback(),
             ).images
         timer.finish()
+        seconds = time.perf_counter() - began
         stats.update(step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
                      first_step_seconds=timer.first_seconds)
         if baseline and timer.step_seconds:
@@ -196,6 +199,8 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
                 step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
                 denoise_reserve=denoise, decode_reserve=decode, block_timeline=blocks.timeline(),
                 fragmentation_reserve=timer.fragmentation if empty_cache else None,
+                # encoding, the scheduler and the image's conversion: a planned image's time until it measures its own
+                other_seconds=max(1e-5, seconds - call["steps"] * timer.step_seconds - (timer.decode_seconds or 0.0)),
             )
         return images
 

@@ -317,7 +317,7 @@ class ManagedPipeline:
         )
         if loop.get(0) and steps > 1 and loop.get(steps - 1):
             result.allocator_in_steps.update({k: v - loop[0][k] for k, v in loop[steps - 1].items()})
-        self._record(work, timer, monitor.report, seconds, blocks)
+        self._record(work, timer, monitor.report, cleaned - entered, blocks)
         self._room_for_the_allocator(work, timer, result.allocator_in_steps)
         result.phase_seconds.update(
             before=start - entered, pipeline=seconds, cleanup=cleaned - start - seconds,  # the monitor's exit
@@ -391,7 +391,7 @@ class ManagedPipeline:
         when the denoiser (and, for the rest, everything) ran resident; the overlap of a streamed step and its ratio
         to the schedule replay (and, until the model runs resident on the card, its compute with the waits for copies
         taken out, as the step and timeline); and, for a plan, its tiled decode and the time besides its steps and
-        decode."""
+        decode out of ``seconds``, the call's time up to the end of its cleanup (what a prediction is for)."""
         if not self.device.is_cuda or self.model_key is None or timer.step_seconds is None:
             return
         measured: dict = {}
