@@ -140,6 +140,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
     from ..optimizer.budget import denoiser_blocks, model_key
     from ..optimizer.context import denoiser_of
     from ..optimizer.offload import vae_needs_upcast
+    from ..optimizer.vae import vae_decode_dtype
     from ..pipeline.loading import load_diffusers_pipeline
     from ..pipeline.timing import BlockTimer, StepTimer, cache_was_empty
     from ..plan import Workload
@@ -204,6 +205,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
             )
         return images
 
+    stats["vae_decode"] = vae_decode_dtype(pipe)  # SDXL's fp16 VAE decodes in fp32 under diffusers' upcast
     return Prepared(generate, pipe, None, detail, stats)
 
 
@@ -211,6 +213,7 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
     from ..card_facts import card_facts
     from ..optimizer.offload import vae_needs_upcast
     from ..optimizer.streaming import streamer_of
+    from ..optimizer.vae import vae_decode_dtype
     from ..pipeline import load_pipeline
     from ..plan import Workload, streamed_step
 
@@ -258,6 +261,7 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
         detail = str(managed.plan)
     elif managed.choice.auto:
         detail = f"{managed.choice}: {detail}"
+    stats["vae_decode"] = vae_decode_dtype(managed.pipe)  # bf16 for SDXL on a card that computes it
     return Prepared(generate, managed.pipe, managed.level.value, detail, stats, after)
 
 

@@ -26,11 +26,14 @@ __all__ = [
 ]
 
 
-def vae_decode_dtype(pipe) -> str:
-    """The dtype the VAE decodes in: fp32 when the pipeline upcasts an fp16 VAE (SDXL's ``force_upcast``)."""
+def vae_decode_dtype(pipe) -> str | None:
+    """The dtype the VAE decodes in: fp32 when the pipeline upcasts an fp16 VAE (SDXL's ``force_upcast``); None
+    without a VAE."""
     import torch
 
-    vae = pipe.vae
+    vae = getattr(pipe, "vae", None)
+    if vae is None:
+        return None
     dtype = vae.dtype
     if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "upcast_vae"):
         dtype = torch.float32

@@ -450,8 +450,7 @@ class ManagedPipeline:
 
     def __repr__(self) -> str:
         state = "loaded" if self.loaded else "unloaded"
-        vae = getattr(self.pipe, "vae", None)
-        bf16 = ", VAE decodes in bf16" if vae is not None and vae_decode_dtype(self.pipe) == "bf16" else ""
+        bf16 = ", VAE decodes in bf16" if vae_decode_dtype(self.pipe) == "bf16" else ""
         return (
             f"ManagedPipeline({self.model!r}, {dtype_name(self.dtype)}, level {self.level.value}: "
             f"{self.techniques.summary()}{bf16}; {format_bytes(self.weight_bytes)} weights, {state})"
