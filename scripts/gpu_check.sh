@@ -211,6 +211,8 @@ for r in doc.get("runs", []):
         if r.get("first_step_seconds"):
             phases.append(f"first step (with encoding) {r['first_step_seconds']:.3f} s")
         print(f"  phases, {r['model']} {r['recipe']} {cap}: " + ", ".join(phases))
+    if r.get("decode_seconds") is not None:
+        print(f"  decode, {r['model']} {r['recipe']} {cap}: {r['decode_seconds']:.3f} s in {r.get('vae_decode')}")
     if r.get("replayed_step_seconds") and r.get("step_seconds"):
         print(f"  schedule, {r['model']} {r['recipe']} {cap}: step {r['step_seconds']:.4f} s measured, "
               f"{r['replayed_step_seconds']:.4f} s replayed against the resident block timeline")
