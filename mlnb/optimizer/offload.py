@@ -4,7 +4,9 @@ A component gets at most one offload (the config refuses two). Without a CUDA de
 is nothing to onload to. The SDXL trap: SDXL pipelines upcast an fp16 VAE with ``force_upcast`` to fp32 for the
 decode (``vae.to(float32)``), which crashes group offloading with a dtype mismatch at leaf and block level. mlnb
 therefore excludes such a VAE from group offloading and keeps it resident on the GPU (84 M parameters: 0.16 GiB in
-fp16), so the upcast and the tiled fp32 decode run as diffusers intends.
+fp16), so the upcast and the tiled fp32 decode run as diffusers intends. On a card that computes bf16 in hardware,
+:func:`mlnb.load_pipeline` stores such a VAE in bf16 first (:func:`.vae.decode_in_bf16`): nothing is upcast, and it
+is offloaded like the rest.
 """
 
 from __future__ import annotations
