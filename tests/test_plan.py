@@ -227,6 +227,29 @@ def test_reserves_scale_with_pixels_and_dtype():
     assert plan_mod.decode_reserve(big, 512) < plan_mod.decode_reserve(big, None)
 
 
+def test_the_kept_part_moves_to_the_gpu_a_part_at_a_time_around_the_streamed_blocks(monkeypatch):
+    """Parts of at most ``_MAX_BLOCK`` bytes, each followed by ``each_part`` (where the host gives back the file
+    pages the part was read from), so the host never holds the pages of the whole kept part at once; the streamed
+    block stays where it is. The meta device stands in for the GPU."""
+    import mlnb.optimizer.budget as budget
+
+    monkeypatch.setattr(budget, "_MAX_BLOCK", 300_000)
+    root = torch.nn.Module()
+    root.blocks = torch.nn.ModuleList([torch.nn.Linear(256, 256) for _ in range(4)])  # 263 KB each
+    root.head = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
+    root.big = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))  # 526 KB: split
+    on_meta = []
+    budget._move_except(root, "", {"blocks.2"}, "meta",
+                        each_part=lambda: on_meta.append(sum(p.is_meta for p in root.parameters())))
+    assert [p.device.type for p in root.blocks[2].parameters()] == ["cpu", "cpu"]
+    assert all(p.is_meta for name, p in root.named_parameters() if not name.startswith("blocks.2."))
+    assert on_meta == sorted(on_meta) and on_meta[0] == 2 and on_meta[-1] == len(list(root.parameters())) - 2
+    assert len(on_meta) >= 7  # 3 kept blocks, the head, the big module's two halves, and after each container
+    whole = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    budget._move_except(whole, "", set(), "meta")  # without each_part: one move, as before
+    assert all(p.is_meta for p in whole.parameters())
+
+
 def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     """Streamed blocks, streamed encoders, the VAE's hook and resident parts compute the same image."""
     from diffusers import DiffusionPipeline

@@ -8,8 +8,10 @@ from one pinned region (or accelerate's own ``cpu_offload_with_hook`` when the p
 or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is
 moved to the GPU part by part, never whole, so a card smaller than the denoiser never holds it all at once.
 
-Order matters for host RAM: the kept part goes to the GPU first and the freed host memory is handed back to the OS,
-and only then are the streamed blocks and encoders pinned, packed into power-of-two buffers one buffer at a time
+Order matters for host RAM: the kept part goes to the GPU first, a part of at most 256 MiB at a time, each part's
+pages of the mapped weight files handed back to the OS as soon as it is on the GPU (a copy to the card reads them all;
+kept whole, SDXL's resident plan read 2.3 GiB of them at once on a CPU stand-in, 0.2 GiB part by part), and only
+then are the streamed blocks and encoders pinned, packed into power-of-two buffers one buffer at a time
 (:mod:`.pinning`: torch rounds each pinned block up to a power of two), each pageable original released as soon as it
 is copied. The process never holds the whole model twice, and pinned memory is the streamed bytes, not up to twice
 them.
@@ -26,7 +28,7 @@ import logging
 
 from ..device import get_device
 from ..levels import OptimizationLevel, Technique
-from ..monitor import cleanup, give_back_host_memory
+from ..monitor import cleanup, give_back_host_memory, release_mapped_weights
 from ..plan import Block, ModelFacts, Plan
 from ..units import MiB, format_bytes
 from .context import applied, denoiser_of, skipped
@@ -147,11 +149,14 @@ def plan_level(plan: Plan) -> OptimizationLevel:
     return OptimizationLevel.ULTRA if plan.fp8 else OptimizationLevel.AGGRESSIVE
 
 
-def _move_except(module, prefix: str, streamed: set[str], device) -> None:
-    """Move ``module`` to ``device`` except the streamed sub-blocks (named by dotted path)."""
+def _move_except(module, prefix: str, streamed: set[str], device, each_part=None) -> None:
+    """Move ``module`` to ``device`` except the streamed sub-blocks (named by dotted path). With ``each_part``, the
+    rest moves in parts of at most :data:`_MAX_BLOCK` bytes where the module tree allows (a larger module is split
+    into its children), and ``each_part()`` runs after each part."""
     if prefix in streamed:
         return
-    if not any(s.startswith(prefix + ".") or not prefix for s in streamed):
+    whole = not any(s.startswith(prefix + ".") or not prefix for s in streamed)
+    if whole and (each_part is None or (prefix and _nbytes(module) <= _MAX_BLOCK)):
         module.to(device)
         return
     for name, param in module.named_parameters(recurse=False):
@@ -159,7 +164,9 @@ def _move_except(module, prefix: str, streamed: set[str], device) -> None:
     for name, buf in module.named_buffers(recurse=False):
         module._buffers[name] = buf.to(device)
     for name, child in module.named_children():
-        _move_except(child, f"{prefix}.{name}" if prefix else name, streamed, device)
+        _move_except(child, f"{prefix}.{name}" if prefix else name, streamed, device, each_part)
+        if each_part is not None:
+            each_part()
 
 
 def _release_before(streamer, pipe) -> None:
@@ -202,7 +209,9 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
 
     device = torch.device(onload_device)
     streamed = set(plan.streamed)
-    _move_except(denoiser, "", streamed, device)
+    # Each part's pages of the mapped weight files go back as soon as it is on the GPU: reading the whole kept part
+    # first would hold all of it on the host at once.
+    _move_except(denoiser, "", streamed, device, each_part=release_mapped_weights)
     gc.collect()
     give_back_host_memory()  # the kept part's host copy is gone: give it back before anything is pinned
     if plan.offload_encoders_vae:
@@ -245,7 +254,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     else:
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module) and module is not denoiser:
-                module.to(device)
+                _move_except(module, "", set(), device, each_part=release_mapped_weights)
 
     if streamed:
         streamer = stream_units(
