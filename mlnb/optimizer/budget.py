@@ -10,8 +10,8 @@ moved to the GPU part by part, never whole, so a card smaller than the denoiser 
 
 Order matters for host RAM: the kept part goes to the GPU first, a part of at most 256 MiB at a time, each part's
 pages of the mapped weight files handed back to the OS as soon as it is on the GPU (a copy to the card reads them all;
-kept whole, SDXL's resident plan read 2.3 GiB of them at once on a CPU stand-in, 0.2 GiB part by part), and only
-then are the streamed blocks and encoders pinned, packed into power-of-two buffers one buffer at a time
+kept whole, SDXL's resident plan peaked at 5.19 GiB of host RSS on a CPU stand-in, part by part at 0.58 GiB:
+``scripts/host_ram_standin.py``), and only then are the streamed blocks and encoders pinned, packed into power-of-two buffers one buffer at a time
 (:mod:`.pinning`: torch rounds each pinned block up to a power of two), each pageable original released as soon as it
 is copied. The process never holds the whole model twice, and pinned memory is the streamed bytes, not up to twice
 them.
