@@ -50,7 +50,9 @@ def doctor_report() -> list[tuple[str, str]]:
     info = get_device().info()
     if info.available:
         cc = ".".join(map(str, info.compute_capability)) if info.compute_capability else "N/A"
-        rows.append(("GPU", f"{info.name}, compute capability {cc}, bf16 {'yes' if info.supports_bf16 else 'no'}"))
+        bf16 = "in hardware" if info.native_bf16 else ("emulated" if info.supports_bf16 else "no")
+        rows.append(("GPU", f"{info.name}, compute capability {cc}, bf16 {bf16}"))
+        rows.append(("SDXL VAE decode", "bf16 (no fp32 upcast)" if info.native_bf16 else "fp32 (diffusers' upcast)"))
         rows.append(("VRAM free / total", f"{format_bytes(info.free_bytes)} / {format_bytes(info.total_bytes)}"))
         rows.append(("driver", info.driver_version or f"N/A ({info.nvml_error})"))
     else:

@@ -228,3 +228,13 @@ def test_doctor_says_what_the_planner_has_measured_on_the_card(cache):
     assert "12.0 GB/s" in line and "step time for 2 model size(s), block timeline for 1" in line
     with use_device(Device()):
         assert dict(doctor_report())["planner facts"] == "no GPU: plans are shown, not timed"
+
+
+@pytest.mark.parametrize("capability, bf16, decode", [((8, 9), "in hardware", "bf16"), ((7, 5), "emulated", "fp32")])
+def test_doctor_says_whether_the_card_computes_bf16_and_so_how_sdxl_s_vae_decodes(cache, capability, bf16, decode):
+    from mlnb.cli import doctor_report
+    from mlnb.device import use_device
+
+    with use_device(FakeDevice(compute_capability=capability)):
+        rows = dict(doctor_report())
+    assert rows["GPU"].endswith(f"bf16 {bf16}") and rows["SDXL VAE decode"].startswith(decode)
