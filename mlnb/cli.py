@@ -105,6 +105,9 @@ def _doctor(args) -> int:
 
 
 def _demo(args) -> int:
+    # transformers' advisories (e.g. that torchvision is missing, which generation does not need) are not the demo's
+    # subject; its errors still show. Read when transformers is first imported, below.
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from IPython.testing.globalipapp import start_ipython
 
     from .testing import default_tiny_model
