@@ -667,3 +667,17 @@ def test_the_time_a_generation_records_besides_its_steps_runs_to_the_end_of_its_
     phases = result.phase_seconds
     assert seen[0] == pytest.approx(phases["before"] + phases["pipeline"] + phases["cleanup"], abs=1e-6)
     assert seen[0] > result.seconds == phases["pipeline"]
+
+
+def test_diffusers_warning_about_an_empty_list_of_fp32_modules_is_dropped_and_a_real_one_kept(tiny_sdxl, clean_cache,
+                                                                                              caplog):
+    """On a card without bf16 an SDXL pipeline casts its VAE to fp32 and back at every decode, and diffusers warns
+    each time about modules to keep in fp32, naming none."""
+    import logging
+
+    managed = mlnb.load_pipeline(tiny_sdxl, level="none", dtype="fp16", device=FakeDevice())  # a T4: upcast stays
+    with caplog.at_level(logging.WARNING, logger="diffusers.models.modeling_utils"):
+        managed.generate("a fox", seed=1, steps=1, width=64, height=64)
+        logging.getLogger("diffusers.models.modeling_utils").warning("should be kept in float32: ['norm']")
+    messages = [r.getMessage() for r in caplog.records if r.name == "diffusers.models.modeling_utils"]
+    assert messages == ["should be kept in float32: ['norm']"]

@@ -60,13 +60,7 @@ def decode_in_bf16(pipe) -> bool:
     if not vae_needs_upcast(pipe):
         return False
     vae = pipe.vae
-    quiet = logging.getLogger("diffusers.models.modeling_utils")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)  # its warning about modules kept in fp32 names none for an AutoencoderKL
-    try:
-        vae.to(dtype=torch.bfloat16)
-    finally:
-        quiet.setLevel(level)
+    vae.to(dtype=torch.bfloat16)
     for name in ("quant_conv", "encoder", "post_quant_conv", "decoder"):
         module = getattr(vae, name, None)
         if isinstance(module, torch.nn.Module):

@@ -184,6 +184,18 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
 
 
+class _NoEmptyFp32Warning(logging.Filter):
+    """Drops diffusers' warning that a model has modules to keep in fp32 when the list it names is empty. An SDXL
+    pipeline casts its VAE to fp32 and back at every decode on a card without bf16 (a T4), and diffusers then warns
+    twice an image about ``[]``. The warning that names modules still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+_EMPTY_FP32_WARNING = _NoEmptyFp32Warning()
+
+
 def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: bool = False, **kwargs):
     """``DiffusionPipeline.from_pretrained`` with mlnb's safety rules and one-line errors.
 
@@ -194,6 +206,7 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
         **kwargs: passed to ``from_pretrained`` (``variant``, ``revision``, ...). ``trust_remote_code`` stays
             False unless given here explicitly.
     """
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_EMPTY_FP32_WARNING)  # once: filters are a set
     source, is_local = resolve_model(model)
     if is_local:
         check_local_weights(source, allow_pickle)
