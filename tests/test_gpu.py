@@ -265,6 +265,41 @@ def test_sdxl_vae_decodes_in_bf16_where_the_card_computes_it_within_a_few_levels
         managed.unload()
 
 
+def test_a_planned_sdxl_vae_on_a_card_without_bf16_is_cast_to_fp32_on_the_card(cuda, tiny_sdxl, monkeypatch, tmp_path):
+    """As on a T4: a plan that offloads the fp16 SDXL VAE copies it from its pinned region at the decode and casts it
+    to fp32 there; the image is within 2 levels of diffusers' own upcast decode."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    import mlnb.pipeline.managed as managed_mod
+    from mlnb.device import DeviceInfo
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    monkeypatch.setattr(DeviceInfo, "native_bf16", property(lambda self: False))
+    call = dict(seed=5, steps=2, width=128, height=128)
+    plain = mlnb.load_pipeline(tiny_sdxl, level="none", dtype="fp16", device=cuda)
+    try:
+        assert plain.pipe.vae.dtype == torch.float16
+        reference = np.asarray(plain.generate("a watercolor fox", **call).images[0], dtype=np.float64)
+    finally:
+        plain.unload()
+    real = managed_mod.plan_for_budget
+    monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(
+        real(*a, **k), strategy="offload encoders and VAE", offload_encoders_vae=True))
+    planned = mlnb.load_pipeline(tiny_sdxl, budget="8GiB", dtype="fp16", device=cuda)
+    try:
+        vae = planned.pipe.vae
+        assert hasattr(vae, "_mlnb_whole") and not vae.config.force_upcast
+        image = np.asarray(planned.generate("a watercolor fox", **call).images[0], dtype=np.float64)
+        on_card = next(vae.parameters()).device.type == torch.device(cuda.torch_device).type
+        assert vae.dtype == torch.float32 and on_card  # cast on the card, and there until the next image starts
+        assert image.std() > 0 and np.abs(image - reference).max() <= 2
+    finally:
+        planned.unload()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The budget planner under a real cap
 

@@ -641,3 +641,51 @@ def test_a_planned_sdxl_whose_vae_decodes_in_bf16_moves_it_whole_from_pinned_mem
     for _ in range(2):
         assert np.array_equal(np.asarray(planned.generate("a fox", **call).images[0]), reference)
     assert planned.pipe.vae.dtype == torch.bfloat16
+
+
+def test_a_planned_sdxl_vae_that_decodes_in_fp32_is_cast_on_the_gpu_from_its_pinned_fp16_copy(
+        tiny_sdxl, clean_cache, tmp_path, monkeypatch):
+    """On a card without bf16 (a T4, a 4 GB GTX 1650) the fp16 SDXL VAE decodes in fp32. A plan that offloads it
+    keeps one pinned fp16 region, copies it whole at the decode and casts it to fp32 there, instead of the pipeline
+    casting it on the host before the decode; at rest it points at its fp16 host copy again. The image is the
+    unplanned pipeline's, but for the latents' scaling, which the pipeline now does in fp16 before they reach the
+    fp32 decoder."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    import mlnb
+    import mlnb.pipeline.managed as managed_mod
+    from fakes import tiny_stream_budget
+    from mlnb.optimizer.budget import model_facts
+    from mlnb.optimizer.offload import vae_needs_upcast
+    from mlnb.optimizer.vae import vae_decode_dtype
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
+
+    class CudaLike(FakeDevice):
+        is_cuda = True
+
+    device = CudaLike()  # compute capability 7.5: no bf16
+    call = dict(steps=2, width=64, height=64, seed=1)
+    plain = mlnb.load_pipeline(tiny_sdxl, level="none", device=device)
+    assert plain.pipe.vae.dtype == torch.float16 and vae_decode_dtype(plain.pipe) == "fp32"
+    reference = np.asarray(plain.generate("a fox", **call).images[0]).astype(int)
+    plain.unload()
+    planned = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=device)
+    vae = planned.pipe.vae
+    assert planned.plan.offload_encoders_vae and hasattr(vae, "_mlnb_whole")
+    assert not vae.config.force_upcast and vae_needs_upcast(planned.pipe) and vae_decode_dtype(planned.pipe) == "fp32"
+    assert "cast to fp32 on the GPU" in planned.techniques["model_cpu_offload"].detail
+    seen = []
+    vae.decoder.register_forward_pre_hook(lambda m, args: seen.append((next(m.parameters()).dtype, args[0].dtype)))
+    for _ in range(2):
+        image = np.asarray(planned.generate("a fox", **call).images[0]).astype(int)
+        assert np.abs(image - reference).max() <= 2 and np.abs(image - reference).mean() < 0.5
+    assert seen == [(torch.float32, torch.float32)] * 2  # weights and latents in fp32 inside the decoder
+    whole = vae._mlnb_whole
+    assert whole.on_device and vae.dtype == torch.float32  # until the next image's first model starts
+    whole.offload()
+    homes = {t.data_ptr() for t in whole.unit.home}
+    assert vae.dtype == torch.float16 and {p.data_ptr() for p in vae.parameters()} <= homes  # its fp16 host copy

@@ -3,9 +3,8 @@
 The pieces are hooks in diffusers' and accelerate's hook systems: one on each streamed denoiser block and on each
 unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, two GPU slots, each unit's copy issued on a copy
 stream two units ahead), so only streamed weights are pinned; for the VAE, an accelerate hook that copies it whole
-from one pinned region (or accelerate's own ``cpu_offload_with_hook`` when the pipeline upcasts it), which its
-``decode`` triggers through diffusers' ``apply_forward_hook`` and which leaves the GPU when the next image's encoders
-or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is
+from one pinned region (cast to fp32 on the GPU when it decodes in fp32), which its ``decode`` triggers through
+diffusers' ``apply_forward_hook`` and which leaves the GPU when the next image's encoders or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is
 moved to the GPU part by part, never whole, so a card smaller than the denoiser never holds it all at once.
 
 Order matters for host RAM: the kept part goes to the GPU first, a part of at most 256 MiB at a time, each part's
@@ -36,7 +35,7 @@ from .precision import store_fp8
 from .report import OptimizationReport, TechniqueResult
 from .offload import vae_needs_upcast
 from .streaming import pin_whole, stream_units
-from .vae import set_vae_tiles
+from .vae import cast_at_the_vae_s_edges, set_vae_tiles
 
 logger = logging.getLogger(__name__)
 
@@ -192,7 +191,6 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         ctx_device: the mlnb device for the after-load cleanup (default: the current one).
     """
     import torch
-    from accelerate import cpu_offload_with_hook
 
     ctx_device = ctx_device or get_device()
     results: dict[Technique, TechniqueResult] = {}
@@ -217,20 +215,18 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     if plan.offload_encoders_vae:
         # Each text encoder is streamed unit by unit like the denoiser (pinned, prefetched, never whole on the GPU,
         # nothing copied back). The VAE goes to the GPU whole when it decodes, from one pinned region in one copy
-        # (:class:`.streaming.WholeModel`), or, when the pipeline upcasts it to fp32 (SDXL), which a fixed host copy
-        # cannot follow, by accelerate's hook; it leaves when the next image's first model (an encoder, or the
-        # denoiser) starts.
+        # (:class:`.streaming.WholeModel`), and leaves when the next image's first model (an encoder, or the
+        # denoiser) starts. One that decodes in fp32 (SDXL's fp16 VAE on a card without bf16) is cast there, on
+        # the GPU: the pipeline's own cast would run on the host before the decode.
         vae_off = None
         upcast = vae is not None and vae_needs_upcast(pipe)
-        if upcast:
-            _, vae_hook = cpu_offload_with_hook(vae, device)
-            first = next(vae.parameters())
-
-            def vae_off() -> None:
-                if first.device.type != "cpu":
-                    vae_hook.offload()
-        elif vae is not None:  # one pinned region, copied whole at decode, nothing copied back
-            vae_off = pin_whole(vae, device, ctx_device, ctx_device.host_buffer).offload
+        if vae is not None:  # one pinned region, copied whole at decode, nothing copied back
+            if upcast:
+                vae._mlnb_upcast_on_gpu = True
+                vae.register_to_config(force_upcast=False)  # the pipeline leaves the cast to the onload
+                cast_at_the_vae_s_edges(vae)  # fp16 latents into an fp32 decoder
+            vae_off = pin_whole(vae, device, ctx_device, ctx_device.host_buffer,
+                                compute_dtype=torch.float32 if upcast else None).offload
         encoders = list(_text_encoders(pipe).values())
         for encoder in encoders:
             units = [name for name, _ in _units(encoder, _MAX_BLOCK)]
@@ -246,9 +242,8 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
                 model.register_forward_pre_hook(vae_leaves)
         results[Technique.MODEL_CPU_OFFLOAD] = applied(
             Technique.MODEL_CPU_OFFLOAD,
-            "text encoders streamed unit by unit and the VAE moved whole"
-            f"{' (accelerate: it is upcast)' if upcast else ' from pinned memory'}"
-            ", each on the GPU only while it runs",
+            "text encoders streamed unit by unit and the VAE moved whole from pinned memory"
+            f"{' (cast to fp32 on the GPU)' if upcast else ''}, each on the GPU only while it runs",
             "encoders+VAE offload",
         )
     else:

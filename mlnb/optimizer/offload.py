@@ -26,16 +26,16 @@ _NO_CUDA = "no CUDA device: weights stay where compute runs (CPU)"
 
 
 def vae_needs_upcast(pipe) -> bool:
-    """True when the pipeline will cast its fp16 VAE to fp32 for decoding (SDXL with ``force_upcast``)."""
+    """True when the fp16 VAE decodes in fp32: the pipeline casts it (SDXL with ``force_upcast``), or a budget plan
+    casts it on the GPU as it arrives there (:func:`mlnb.optimizer.streaming.pin_whole` with ``compute_dtype``)."""
     import torch
 
     vae = getattr(pipe, "vae", None)
-    return (
-        vae is not None
-        and hasattr(pipe, "upcast_vae")
-        and vae.dtype == torch.float16
-        and bool(getattr(vae.config, "force_upcast", False))
-    )
+    if vae is None or vae.dtype != torch.float16:
+        return False
+    if getattr(vae, "_mlnb_upcast_on_gpu", False):
+        return True
+    return hasattr(pipe, "upcast_vae") and bool(getattr(vae.config, "force_upcast", False))
 
 
 def apply_model_cpu_offload(pipe, ctx: OptimizeContext) -> TechniqueResult:

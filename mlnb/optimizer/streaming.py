@@ -356,15 +356,19 @@ class WholeModel:
     """A model kept in one packed pinned region on the host and copied to the GPU whole, in one transfer, when it
     runs; sent back by pointing it at its host copy again (nothing is copied back).
 
-    For a VAE that decodes in the dtype it is stored in: diffusers' ``apply_forward_hook`` calls the accelerate hook's
-    ``pre_forward`` at ``decode``, as it does for accelerate's own ``cpu_offload_with_hook``, which moves the module
-    from pageable memory tensor by tensor and copies it back to new pageable memory when it is offloaded. A VAE that
-    the pipeline upcasts (SDXL's ``force_upcast``) changes its weights' dtype between the two, which a fixed host copy
-    cannot follow; it keeps accelerate's hook.
+    For a VAE: diffusers' ``apply_forward_hook`` calls the accelerate hook's ``pre_forward`` at ``decode``, as it does
+    for accelerate's own ``cpu_offload_with_hook``, which moves the module from pageable memory tensor by tensor and
+    copies it back to new pageable memory when it is offloaded.
+
+    With ``compute_dtype``, the copy on the GPU is cast to that dtype as it arrives, and dropped as it leaves: an fp16
+    SDXL VAE decodes in fp32 so. Left to the pipeline, that cast (``force_upcast``) happens before the decode, while
+    the VAE is still on the host: on the host's cores, to new pageable memory, which then crosses to the GPU at twice
+    the bytes, and which a fixed host copy could not follow.
     """
 
-    def __init__(self, module, onload_device, device, host_buffer=None) -> None:
+    def __init__(self, module, onload_device, device, host_buffer=None, compute_dtype=None) -> None:
         self.module, self.onload_device, self.device = module, onload_device, device
+        self.compute_dtype = compute_dtype
         self.unit = _Unit("", module)
         _pack_home([self.unit], host_buffer, type(module).__name__)
 
@@ -375,18 +379,23 @@ class WholeModel:
     def onload(self) -> None:
         if not self.unit.on_device:
             self.unit.copy_to_own(self.onload_device, self.device)
+            if self.compute_dtype is not None:
+                for tensor in self.unit.tensors:
+                    if tensor.is_floating_point():
+                        tensor.data = tensor.data.to(self.compute_dtype)
 
     def offload(self) -> None:
         if self.unit.on_device:
             self.unit.point_home()
 
 
-def pin_whole(module, onload_device, device, host_buffer=None) -> WholeModel:
+def pin_whole(module, onload_device, device, host_buffer=None, compute_dtype=None) -> WholeModel:
     """Keep ``module`` (on the host) as a :class:`WholeModel`, onloaded by an accelerate hook when it runs (its
-    ``forward``, or a method diffusers decorates with ``apply_forward_hook`` such as a VAE's ``decode``)."""
+    ``forward``, or a method diffusers decorates with ``apply_forward_hook`` such as a VAE's ``decode``), and cast
+    to ``compute_dtype`` on the GPU when given."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    whole = WholeModel(module, onload_device, device, host_buffer)
+    whole = WholeModel(module, onload_device, device, host_buffer, compute_dtype)
 
     class Onload(ModelHook):
         execution_device = onload_device  # read by diffusers' _execution_device

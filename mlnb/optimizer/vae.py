@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "apply_vae_tiling", "apply_vae_slicing", "vae_decode_dtype", "set_vae_tiles", "blend_seams_at_once", "decode_in_bf16",
+    "cast_at_the_vae_s_edges",
 ]
 
 
@@ -31,12 +32,12 @@ def vae_decode_dtype(pipe) -> str | None:
     without a VAE."""
     import torch
 
+    from .offload import vae_needs_upcast
+
     vae = getattr(pipe, "vae", None)
     if vae is None:
         return None
-    dtype = vae.dtype
-    if dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and hasattr(pipe, "upcast_vae"):
-        dtype = torch.float32
+    dtype = torch.float32 if vae_needs_upcast(pipe) else vae.dtype
     return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
 
 
@@ -61,13 +62,24 @@ def decode_in_bf16(pipe) -> bool:
         return False
     vae = pipe.vae
     vae.to(dtype=torch.bfloat16)
+    cast_at_the_vae_s_edges(vae)
+    return True
+
+
+def cast_at_the_vae_s_edges(vae) -> None:
+    """Cast what enters ``vae``'s encoder and decoder (and their quant convs) to the dtype of its weights at that
+    moment, and the decoder's output to fp32: the VAE can then run in another dtype than the pipeline's latents."""
+    import torch
+
+    if getattr(vae, "_mlnb_edges_cast", False):
+        return
     for name in ("quant_conv", "encoder", "post_quant_conv", "decoder"):
         module = getattr(vae, name, None)
         if isinstance(module, torch.nn.Module):
             module.register_forward_pre_hook(_inputs_in_own_dtype, with_kwargs=True)
     if isinstance(getattr(vae, "decoder", None), torch.nn.Module):
         vae.decoder.register_forward_hook(_output_in_fp32)
-    return True
+    vae._mlnb_edges_cast = True
 
 
 def _inputs_in_own_dtype(module, args, kwargs):
