@@ -661,7 +661,8 @@ def test_the_time_a_generation_records_besides_its_steps_runs_to_the_end_of_its_
     """A plan predicts what a call to ``generate`` takes, so what it learns from one runs from the call's start to the
     end of the cleanup (a cache clear is part of what the user waits for), not only the pipeline's call."""
     seen = []
-    monkeypatch.setattr(ManagedPipeline, "_record", lambda self, work, timer, report, seconds, blocks: seen.append(seconds))
+    monkeypatch.setattr(ManagedPipeline, "_record",
+                        lambda self, work, timer, report, seconds, blocks: seen.append(seconds))
     managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
     result = managed.generate("a fox", seed=1, **FAST)
     phases = result.phase_seconds

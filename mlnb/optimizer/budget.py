@@ -1,19 +1,20 @@
 """Applying a budget :class:`~mlnb.plan.Plan` to a pipeline: resident blocks on the GPU, the rest streamed.
 
 The pieces are hooks in diffusers' and accelerate's hook systems: one on each streamed denoiser block and on each
-unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, two GPU slots, each unit's copy issued on a copy
-stream two units ahead), so only streamed weights are pinned; for the VAE, an accelerate hook that copies it whole
-from one pinned region (cast to fp32 on the GPU when it decodes in fp32), which its ``decode`` triggers through
-diffusers' ``apply_forward_hook`` and which leaves the GPU when the next image's encoders or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is
-moved to the GPU part by part, never whole, so a card smaller than the denoiser never holds it all at once.
+unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, two GPU slots, each unit's copy issued on a
+copy stream two units ahead), so only streamed weights are pinned; for the VAE, an accelerate hook that copies it
+whole from one pinned region (cast to fp32 on the GPU when it decodes in fp32), which its ``decode`` triggers
+through diffusers' ``apply_forward_hook`` and which leaves the GPU when the next image's encoders or denoiser start;
+``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is moved to the GPU part by part,
+never whole, so a card smaller than the denoiser never holds it all at once.
 
 Order matters for host RAM: the kept part goes to the GPU first, a part of at most 256 MiB at a time, each part's
-pages of the mapped weight files handed back to the OS as soon as it is on the GPU (a copy to the card reads them all;
-kept whole, SDXL's resident plan peaked at 5.19 GiB of host RSS on a CPU stand-in, part by part at 0.58 GiB:
-``scripts/host_ram_standin.py``), and only then are the streamed blocks and encoders pinned, packed into power-of-two buffers one buffer at a time
-(:mod:`.pinning`: torch rounds each pinned block up to a power of two), each pageable original released as soon as it
-is copied. The process never holds the whole model twice, and pinned memory is the streamed bytes, not up to twice
-them.
+pages of the mapped weight files handed back to the OS as soon as it is on the GPU (a copy to the card reads them
+all; kept whole, SDXL's resident plan peaked at 5.19 GiB of host RSS on a CPU stand-in, part by part at 0.58 GiB:
+``scripts/host_ram_standin.py``), and only then are the streamed blocks and encoders pinned, packed into
+power-of-two buffers one buffer at a time (:mod:`.pinning`: torch rounds each pinned block up to a power of two),
+each pageable original released as soon as it is copied. The process never holds the whole model twice, and pinned
+memory is the streamed bytes, not up to twice them.
 
 Blocks, not layers: on an H100, SD1.5 with 10 blocks streamed layer by layer took 67 ms a step against 29 ms
 unoffloaded; the per-layer hooks cost more than the 570 MiB of copies (11 ms at 54 GB/s). One hook per block (at

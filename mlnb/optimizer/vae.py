@@ -22,8 +22,8 @@ from .report import TechniqueResult
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "apply_vae_tiling", "apply_vae_slicing", "vae_decode_dtype", "set_vae_tiles", "blend_seams_at_once", "decode_in_bf16",
-    "cast_at_the_vae_s_edges",
+    "apply_vae_tiling", "apply_vae_slicing", "vae_decode_dtype", "set_vae_tiles", "blend_seams_at_once",
+    "decode_in_bf16", "cast_at_the_vae_s_edges",
 ]
 
 
