@@ -20,6 +20,9 @@
 #   MLNB_GPU_CHECK_BENCH   options for mlnb bench (default: --quick --device cuda --timeout 150)
 #   MLNB_WHEELS            a folder of wheels to install with --no-index --no-deps (default ./.whl, if present)
 #   MLNB_CACHE             the planner's card-facts cache (default: a fresh folder, copied to $OUT/cards.json)
+#   MLNB_GPU_CHECK_STEPS   the steps to run, comma-separated (default: environment,install,doctor,bench,diagnose,
+#                          gpu-tests,cell-hooks); e.g. "install,bench" for a shorter call when device time is short
+#   MLNB_GPU_CHECK_VARIANTS the diagnose step's variants (default capped,headroom; see diagnose_streaming.py)
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -172,17 +175,26 @@ if compgen -G "$wheels/*.whl" >/dev/null; then
   fi
 fi
 
-run_step environment 20 bash -c environment
-run_step install 40 bash -c install
-run_step doctor 20 bash -c "mlnb_cli doctor"
-run_step bench 330 bash -c bench
-if [ -d "$work/sdxl" ]; then  # built by the bench
+# wanted NAME: whether the step NAME is among $MLNB_GPU_CHECK_STEPS (default: all of them).
+wanted() {
+  case ",${MLNB_GPU_CHECK_STEPS:-environment,install,doctor,bench,diagnose,gpu-tests,cell-hooks}," in
+    *",$1,"*) return 0 ;;
+    *) return 1 ;;
+  esac
+}
+
+wanted environment && run_step environment 20 bash -c environment
+wanted install && run_step install 40 bash -c install
+wanted doctor && run_step doctor 20 bash -c "mlnb_cli doctor"
+wanted bench && run_step bench 330 bash -c bench
+if wanted diagnose && [ -d "$work/sdxl" ]; then  # built by the bench
   # The bench's uncapped baseline cached the resident step and block timeline: no resident variant needed.
   run_step diagnose 130 "$python" scripts/diagnose_streaming.py --folder "$work/sdxl" --budget 4GiB --steps 6 \
-    --variants capped,headroom --timeout 60 --profile --trace-dir "$out" --json "$out/diagnose-streaming.json"
+    --variants "${MLNB_GPU_CHECK_VARIANTS:-capped,headroom}" --timeout 60 --profile --trace-dir "$out" \
+    --json "$out/diagnose-streaming.json"
 fi
-run_step gpu-tests 120 bash -c gpu_tests
-run_step cell-hooks 30 "$python" scripts/bench_cell_hooks.py --cells 1000 --json "$out/cell-hooks.json"
+wanted gpu-tests && run_step gpu-tests 120 bash -c gpu_tests
+wanted cell-hooks && run_step cell-hooks 30 "$python" scripts/bench_cell_hooks.py --cells 1000 --json "$out/cell-hooks.json"
 cp "$MLNB_CACHE/cards.json" "$out/cards.json" 2>/dev/null || echo "no card facts were cached"
 
 echo
