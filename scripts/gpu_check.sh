@@ -21,7 +21,7 @@
 #   MLNB_WHEELS            a folder of wheels to install with --no-index --no-deps (default ./.whl, if present)
 #   MLNB_CACHE             the planner's card-facts cache (default: a fresh folder, copied to $OUT/cards.json)
 #   MLNB_GPU_CHECK_STEPS   the steps to run, comma-separated (default: environment,install,doctor,bench,diagnose,
-#                          gpu-tests,cell-hooks); e.g. "environment,install,bench" for a shorter call when device time is short
+#                          gpu-tests,cell-hooks); "environment,install,bench" makes a shorter call
 #   MLNB_GPU_CHECK_VARIANTS the diagnose step's variants (default capped,headroom; see diagnose_streaming.py)
 set -u
 
