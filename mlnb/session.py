@@ -12,9 +12,12 @@ from dataclasses import dataclass, field
 
 from .device import Device, DeviceInfo, get_device
 from .levels import AUTO, LevelChoice, choose_level, describe_auto, parse_level
-from .units import format_bytes
+from .units import format_bytes, parse_bytes
 
-__all__ = ["SessionDefaults", "defaults", "default_model", "Status", "status", "FreeReport", "free_memory"]
+__all__ = [
+    "SessionDefaults", "defaults", "default_model", "budget_of", "pipeline_choice", "Status", "status", "FreeReport",
+    "free_memory",
+]
 
 
 @dataclass
@@ -23,7 +26,7 @@ class SessionDefaults:
 
     Attributes:
         model: the last model used (``MLNB_MODEL`` when unset).
-        level: ``"auto"`` or a level name.
+        level: ``"auto"``, a level name, or a VRAM budget (``"4.0 GiB"``) for the budget planner.
         verbose: the per-cell line also for cells that did not touch the GPU.
         monitor: per-cell monitoring on (``%vram on|off``).
     """
@@ -35,11 +38,36 @@ class SessionDefaults:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def set_level(self, level: str) -> str:
-        """Validate and set the default level; returns its name. Raises ValueError for an unknown name."""
-        parsed = parse_level(level)
+        """Validate and set the default: a level name, ``auto``, or a VRAM budget such as ``4GiB`` (kept as
+        ``"4.0 GiB"``); returns what was set. Raises ValueError, naming both forms, for anything else."""
+        try:
+            parsed = parse_level(level)
+            value = AUTO if parsed is None else parsed.value
+        except ValueError as exc:
+            budget = budget_of(level)
+            if budget is None:
+                raise ValueError(f"{exc}, or a VRAM budget such as 4GiB") from None
+            value = format_bytes(budget)
         with self._lock:
-            self.level = AUTO if parsed is None else parsed.value
+            self.level = value
         return self.level
+
+
+def budget_of(level: str | None) -> int | None:
+    """The bytes of a VRAM budget given where a level is (``"4GiB"``, ``"4.0 GiB"``), or None for anything else."""
+    if not level:
+        return None
+    try:
+        budget = parse_bytes(str(level))
+    except ValueError:
+        return None
+    return budget if budget > 0 else None
+
+
+def pipeline_choice(level: str) -> dict:
+    """``load_pipeline``'s keyword for a session default: ``{"budget": bytes}`` or ``{"level": name}``."""
+    budget = budget_of(level)
+    return {"budget": budget} if budget is not None else {"level": level}
 
 
 defaults = SessionDefaults()
@@ -82,7 +110,8 @@ class Status:
             ]
         rows.append(("host RAM available / total", f"{format_bytes(i.host_available_bytes)} / {format_bytes(i.host_total_bytes)}"))
         rows.append(("auto level", describe_auto(self.info.free_bytes, self.info.kind == "cuda")))
-        rows.append(("default level", self.default_level))
+        budget = budget_of(self.default_level) is not None
+        rows.append(("default budget" if budget else "default level", self.default_level))
         if not self.pipelines:
             rows.append(("pipelines", "none loaded"))
         for p in self.pipelines:

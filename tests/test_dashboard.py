@@ -170,6 +170,17 @@ def test_controls_set_session_defaults(board_factory, session_defaults, fake_dev
     assert "none (set by the user)" in board.level_info.value
 
 
+def test_a_session_budget_joins_the_level_menu_without_being_handed_back(board_factory, session_defaults, fake_device):
+    """``%vram level 4GiB`` makes a budget the default: the menu shows it, and following it sets nothing."""
+    board = board_factory()
+    session_defaults.set_level("4GiB")
+    board.refresh()
+    assert board.level.value == "4.0 GiB" and "4.0 GiB" in board.level.options
+    assert session_defaults.level == "4.0 GiB" and "4.0 GiB budget (set by the user)" in board.level_info.value
+    board.level.value = "ultra"  # the user's choice is handed on
+    assert session_defaults.level == "ultra"
+
+
 def test_history_redrawn_only_when_version_changes(board_factory, fake_device):
     history = CellHistory()
     board = board_factory(history=history)

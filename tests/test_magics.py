@@ -178,6 +178,24 @@ def test_vram_history_has_a_row_per_cell(ip):
     assert len(table.rows) == 2 and table.rows[-1][-1] == "y = 2"
 
 
+def test_vram_level_takes_a_budget_too_and_generate_then_plans_for_it(ip, tiny_sd, clean_cache, monkeypatch):
+    import mlnb.pipeline as pipeline_mod
+    from mlnb import session
+
+    loads = []
+    real = pipeline_mod.load_pipeline
+    monkeypatch.setattr(pipeline_mod, "load_pipeline", lambda *a, **k: loads.append(k) or real(*a, **k))
+    try:
+        notice = ip.run_line_magic("vram", "level 3GiB")
+        assert "default budget for %%generate: 3.0 GiB" in str(notice)
+        assert ("default budget", "3.0 GiB") in ip.run_line_magic("vram", "").rows()
+        run(ip, f"%%generate --model {tiny_sd} --steps 1 --width 64 --height 64 --seed 1 --quiet --out r\na fox")
+        assert loads[-1]["budget"] == 3 * 2**30 and loads[-1]["level"] == "auto"
+        assert ip.user_ns["r"].plan is not None and "plan for 3.0 GiB" in ip.user_ns["r"].plan
+    finally:
+        session.defaults.set_level("auto")
+
+
 def test_vram_bad_input(ip, capsys):
     assert "unknown action" in usage_error(ip, "%vram nope", capsys)
     assert "unknown level" in usage_error(ip, "%vram level turbo", capsys)

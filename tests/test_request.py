@@ -42,6 +42,16 @@ def test_request_uses_defaults_and_remembers_nothing_itself():
     assert req.generate_kwargs()["prompt"] == "a fox\nin snow"
 
 
+def test_a_session_budget_stands_in_for_the_level_unless_an_option_says_otherwise():
+    """``%vram level 4GiB`` makes a budget the session's default: it is what a bare %%generate plans for."""
+    req = build_request(args(), "a fox", {}, default_model="m", default_level="4.0 GiB")
+    assert (req.level, req.budget) == ("auto", 4 * 2**30)
+    req = build_request(args(level="ultra"), "a fox", {}, default_model="m", default_level="4.0 GiB")
+    assert (req.level, req.budget) == ("ultra", None)
+    req = build_request(args(vram="2GiB"), "a fox", {}, default_model="m", default_level="4.0 GiB")
+    assert req.budget == 2 * 2**30
+
+
 def test_no_model_says_how_to_name_one():
     with pytest.raises(RequestError, match="--model"):
         build_request(args(), "a fox", {}, default_model=None, default_level="auto")

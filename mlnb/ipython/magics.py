@@ -102,7 +102,7 @@ class MlnbMagics(Magics):
 
     @magic_arguments()
     @argument("action", nargs="?", default="status", help=f"one of: {', '.join(_VRAM_ACTIONS)}")
-    @argument("name", nargs="?", default=None, help="the level for `%%vram level NAME`")
+    @argument("name", nargs="?", default=None, help="the level (or a VRAM budget such as 4GiB) for `%%vram level NAME`")
     @argument("--outputs", action="store_true", help="with `free`: also drop Out-cache entries that pin GPU tensors")
     @argument("-n", "--top", type=int, default=10, help="rows for `who` and `history`")
     @line_magic
@@ -142,7 +142,9 @@ class MlnbMagics(Magics):
             if args.name is None:
                 return Notice(f"default level: {session.defaults.level}")
             try:
-                return Notice(f"default level for %%generate: {session.defaults.set_level(args.name)}")
+                chosen = session.defaults.set_level(args.name)
+                what = "budget" if session.budget_of(chosen) is not None else "level"
+                return Notice(f"default {what} for %%generate: {chosen}")
             except ValueError as exc:
                 raise UsageError(f"%vram level: {exc}") from None
         # dashboard

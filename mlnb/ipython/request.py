@@ -7,8 +7,9 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..levels import parse_level
+from ..levels import AUTO, parse_level
 from ..pipeline.managed import MAX_IMAGES, MAX_SIDE
+from ..session import budget_of
 from ..units import parse_bytes
 
 __all__ = ["GenerateRequest", "RequestError", "build_request", "expand_prompt"]
@@ -90,7 +91,7 @@ def build_request(args, cell: str, user_ns: dict, default_model: str | None, def
         cell: the cell body (the prompt).
         user_ns: the notebook namespace for ``{var}``.
         default_model: the remembered model or ``$MLNB_MODEL``.
-        default_level: the session's default level.
+        default_level: the session's default level, or its default budget (``"4.0 GiB"``).
 
     Raises:
         RequestError: one line naming the option and the rule.
@@ -102,6 +103,9 @@ def build_request(args, cell: str, user_ns: dict, default_model: str | None, def
             "or set MLNB_MODEL"
         )
     level = args.level or default_level
+    default_budget = None if args.level else budget_of(default_level)
+    if default_budget is not None:  # the session's default is a budget (%vram level 4GiB); --vram replaces it
+        level = AUTO
     try:
         parse_level(level)
     except ValueError as exc:
@@ -128,8 +132,8 @@ def build_request(args, cell: str, user_ns: dict, default_model: str | None, def
         raise RequestError(f"--out must be a variable name, got {args.out!r}")
     if args.save:
         _check_save(args.save, args.num_images)
-    budget = None
-    if getattr(args, "vram", None):
+    budget = default_budget
+    if getattr(args, "vram", None):  # replaces the session's budget too
         try:
             budget = parse_bytes(args.vram)
         except ValueError as exc:

@@ -206,10 +206,11 @@ class GeneratePanel(widgets.VBox):
 
     def _run(self, model: str, level: str, kwargs: dict) -> None:
         from ..pipeline import generate_with_rescue, load_pipeline
+        from ..session import pipeline_choice
 
         # Nothing may escape this thread: threading's excepthook would print a traceback into whichever cell runs.
         try:
-            managed = load_pipeline(model, level=level)
+            managed = load_pipeline(model, **pipeline_choice(level))  # a level, or the session's budget
             self._show_status(f"generating at level {managed.level.value}…")
             result = generate_with_rescue(managed, progress=self._on_progress, **kwargs)
             self._show_result(result)

@@ -50,6 +50,12 @@ def close_all() -> int:
     return len(boards)
 
 
+def _level_options(current: str) -> list[str]:
+    """The level menu: every level name, and the session's budget (``%vram level 4GiB``) when that is the default."""
+    options = list(LEVEL_NAMES)
+    return options if current in options else options + [current]
+
+
 def _section(title: str) -> widgets.HTML:
     return widgets.HTML(value=f"<b>{html.escape(title)}</b>")
 
@@ -101,6 +107,7 @@ class Dashboard(widgets.VBox):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._synced = (None, None)  # (level, model) last copied from the session defaults
+        self._following = False  # True while the controls are set from the session defaults
 
         # -- memory
         self.headline = widgets.HTML(value="")
@@ -110,8 +117,8 @@ class Dashboard(widgets.VBox):
         self.plot = widgets.Image(value=b"", format="png", layout=widgets.Layout(width=f"{PLOT_SIZE[0]}px", display="none"))
         self.table = widgets.HTML(value="")
         # -- controls
-        self.level = widgets.Dropdown(options=list(LEVEL_NAMES), value=defaults.level, description="level",
-                                      layout=widgets.Layout(width="220px"))
+        self.level = widgets.Dropdown(options=_level_options(defaults.level), value=defaults.level,
+                                      description="level", layout=widgets.Layout(width="220px"))
         self.model = widgets.Text(value=defaults.model or "", placeholder="hub id or local folder",
                                   description="model", continuous_update=False, layout=widgets.Layout(width="420px"))
         self.free_button = widgets.Button(description="Free memory")
@@ -169,7 +176,14 @@ class Dashboard(widgets.VBox):
         if (level, model) == self._synced:
             return
         if level != self._synced[0] and self.level.value != level:
-            self.level.value = level
+            options = _level_options(level)
+            self._following = True  # the session's default changes the menu: not a choice to hand back to it
+            try:
+                if list(self.level.options) != options:  # a budget set with %vram level 4GiB joins the list
+                    self.level.options = options
+                self.level.value = level
+            finally:
+                self._following = False
         if model != self._synced[1] and (self.model.value or None) != model:
             self.model.value = model or ""
         self._synced = (level, model)
@@ -227,6 +241,8 @@ class Dashboard(widgets.VBox):
     def _on_level(self, change) -> None:
         from ..session import defaults
 
+        if self._following:
+            return
         try:
             defaults.set_level(change["new"])
             self.control_error.value = ""
