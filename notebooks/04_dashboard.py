@@ -69,13 +69,14 @@ board
 # - **Memory**: one gauge per figure: VRAM used device-wide (NVML, all processes), VRAM reserved by torch (this
 #   process), host RAM used. Without a GPU the VRAM gauges say `N/A (no GPU)` instead of showing zeros.
 # - **level / loaded**: the level `auto` would pick now and why, and the loaded pipelines with their levels.
-# - **Controls**: the session's default level (the same setting as `%vram level NAME`) and model (the one
-#   `%%generate` remembers); **Free memory** does what `%vram free` does and shows its one-line report.
+# - **Controls**: the session's default level, or a VRAM budget typed in such as `4GiB` (the same setting as
+#   `%vram level NAME`), and model (the one `%%generate` remembers); **Free memory** does what `%vram free` does and
+#   shows its one-line report.
 # - **Cell history**: the peak of each monitored cell as a chart, and the last cells as a table (`%vram history`).
 # - **Generate**: prompt, negative prompt, steps, seed, size; runs in a background thread with a progress bar, shows
 #   the image and the report line, and keeps the cell free. The button is disabled while a generation runs.
 #
-# The panel and `%vram` read the same state: change the level with `%vram level` and the dropdown follows.
+# The panel and `%vram` read the same state: change the level with `%vram level` and the level box follows.
 
 # %%
 # %vram level balanced

@@ -170,15 +170,21 @@ def test_controls_set_session_defaults(board_factory, session_defaults, fake_dev
     assert "none (set by the user)" in board.level_info.value
 
 
-def test_a_session_budget_joins_the_level_menu_without_being_handed_back(board_factory, session_defaults, fake_device):
-    """``%vram level 4GiB`` makes a budget the default: the menu shows it, and following it sets nothing."""
+def test_the_level_box_takes_a_level_or_a_budget_and_shows_the_session_s(board_factory, session_defaults, fake_device):
+    """As ``%vram level``: a level from the list, or a budget typed in; a mistake is one line and changes nothing.
+    A budget set elsewhere shows as the session keeps it, and showing it sets nothing back."""
     board = board_factory()
+    board.level.value = "2GiB"
+    assert session_defaults.level == "2.0 GiB" and not board.control_error.value
+    board.refresh()
+    assert board.level.value == "2.0 GiB" and "2.0 GiB budget (set by the user)" in board.level_info.value
+    board.level.value = "turbo"
+    assert "or a VRAM budget such as 4GiB" in board.control_error.value and session_defaults.level == "2.0 GiB"
     session_defaults.set_level("4GiB")
     board.refresh()
-    assert board.level.value == "4.0 GiB" and "4.0 GiB" in board.level.options
-    assert session_defaults.level == "4.0 GiB" and "4.0 GiB budget (set by the user)" in board.level_info.value
+    assert board.level.value == "4.0 GiB" and session_defaults.level == "4.0 GiB"
     board.level.value = "ultra"  # the user's choice is handed on
-    assert session_defaults.level == "ultra"
+    assert session_defaults.level == "ultra" and not board.control_error.value
 
 
 def test_history_redrawn_only_when_version_changes(board_factory, fake_device):

@@ -50,12 +50,6 @@ def close_all() -> int:
     return len(boards)
 
 
-def _level_options(current: str) -> list[str]:
-    """The level menu: every level name, and the session's budget (``%vram level 4GiB``) when that is the default."""
-    options = list(LEVEL_NAMES)
-    return options if current in options else options + [current]
-
-
 def _section(title: str) -> widgets.HTML:
     return widgets.HTML(value=f"<b>{html.escape(title)}</b>")
 
@@ -117,8 +111,10 @@ class Dashboard(widgets.VBox):
         self.plot = widgets.Image(value=b"", format="png", layout=widgets.Layout(width=f"{PLOT_SIZE[0]}px", display="none"))
         self.table = widgets.HTML(value="")
         # -- controls
-        self.level = widgets.Dropdown(options=_level_options(defaults.level), value=defaults.level,
-                                      description="level", layout=widgets.Layout(width="220px"))
+        # A level from the list, or a VRAM budget typed in (4GiB), as `%vram level` takes; set on Enter.
+        self.level = widgets.Combobox(options=list(LEVEL_NAMES), value=defaults.level, description="level",
+                                      placeholder="auto, a level, or 4GiB", ensure_option=False,
+                                      continuous_update=False, layout=widgets.Layout(width="220px"))
         self.model = widgets.Text(value=defaults.model or "", placeholder="hub id or local folder",
                                   description="model", continuous_update=False, layout=widgets.Layout(width="420px"))
         self.free_button = widgets.Button(description="Free memory")
@@ -176,11 +172,8 @@ class Dashboard(widgets.VBox):
         if (level, model) == self._synced:
             return
         if level != self._synced[0] and self.level.value != level:
-            options = _level_options(level)
-            self._following = True  # the session's default changes the menu: not a choice to hand back to it
+            self._following = True  # the session's default shown (4GiB becomes 4.0 GiB): not a choice to hand back
             try:
-                if list(self.level.options) != options:  # a budget set with %vram level 4GiB joins the list
-                    self.level.options = options
                 self.level.value = level
             finally:
                 self._following = False
