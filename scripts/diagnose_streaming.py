@@ -153,12 +153,23 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlnb.plan import overlap_measured
 
+    def save(rows: list[dict]) -> None:
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump({"folder": args.folder, "budget": args.budget, "size": args.size, "steps": args.steps,
+                           "rows": rows}, fh, indent=1)
+
     rows = []
     for name in args.variants.split(","):
         try:
             rows.append(_run_variant(name, args))
         except subprocess.TimeoutExpired:
             rows.append({"variant": name, "error": f"timed out after {args.timeout} s"})
+        # Each variant as it ends (a step limit that stops the run keeps the ones before it).
+        done = rows[-1]
+        print(f"{name}: " + (f"error: {done['error']}" if done.get("error") else
+                             f"{done['seconds']:.2f} s/img, step {done['step_seconds'] or 0:.3f} s"), flush=True)
+        save(rows)
     compute = next((r.get("step_seconds") for r in rows if r["variant"] == "resident" and not r.get("error")), None)
     compute = compute or next((r["compute_seconds"] for r in rows if r.get("compute_seconds")), None)
     print(f"{'variant':<18} {'s/img':>6} {'step s':>7} {'replay s':>8} {'copies s':>8} {'overlap':>7} "
@@ -187,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'':<18} profiled 3 steps: {line['copies']} copies, {line['copy_seconds']:.3f} s{rate}, "
                   f"{line['hidden']:.0%} under a kernel; kernels {line['kernel_seconds']:.3f} s, "
                   f"GPU idle {line['idle_seconds']:.3f} s of {line['window_seconds']:.3f} s")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"folder": args.folder, "budget": args.budget, "size": args.size, "steps": args.steps,
-                       "rows": rows}, fh, indent=1)
+    save(rows)
     return 0
 
 

@@ -5,8 +5,9 @@
 #
 # Steps: install mlnb (editable, keeping the machine's torch; wheels in ./.whl are installed first when the machine
 # lacks a dependency and has no package index), `mlnb doctor`, `mlnb bench --quick` (table, targets, JSON, Markdown,
-# one log per worker), scripts/diagnose_streaming.py on the bench's SDXL folder (the 4 GiB plan under its cap, and the
-# plan for 85% of it under the same cap, each with its schedule replay and a profile), the GPU tests (`pytest -m gpu`,
+# one log per worker), scripts/diagnose_streaming.py on the bench's SDXL folder (the plan for 85% of 4 GiB under a 4 GiB
+# cap, the 4 GiB plan with the allocator's expandable segments, then as the bench ran it; each with its schedule
+# replay and a profile, saved as it ends), the GPU tests (`pytest -m gpu`,
 # junit xml), and the per-cell hook overhead on CUDA (scripts/bench_cell_hooks.py). The benchmark comes before the tests: it is the step whose
 # numbers the docs need. A failing step does not stop the next one; a summary with each step's status and time comes
 # last, and the exit status is 1 if any step failed. The step limits add up to 690 s. On an H100 the whole check took
@@ -22,7 +23,8 @@
 #   MLNB_CACHE             the planner's card-facts cache (default: a fresh folder, copied to $OUT/cards.json)
 #   MLNB_GPU_CHECK_STEPS   the steps to run, comma-separated (default: environment,install,doctor,bench,diagnose,
 #                          gpu-tests,cell-hooks); "environment,install,bench" makes a shorter call
-#   MLNB_GPU_CHECK_VARIANTS the diagnose step's variants (default capped,headroom; see diagnose_streaming.py)
+#   MLNB_GPU_CHECK_VARIANTS the diagnose step's variants, in order (default headroom,capped+expandable,capped: the
+#                          bench's own 4 GiB row is the capped plan already; each variant is saved as it ends)
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -190,7 +192,7 @@ wanted bench && run_step bench 330 bash -c bench
 if wanted diagnose && [ -d "$work/sdxl" ]; then  # built by the bench
   # The bench's uncapped baseline cached the resident step and block timeline: no resident variant needed.
   run_step diagnose 130 "$python" scripts/diagnose_streaming.py --folder "$work/sdxl" --budget 4GiB --steps 6 \
-    --variants "${MLNB_GPU_CHECK_VARIANTS:-capped,headroom}" --timeout 60 --profile --trace-dir "$out" \
+    --variants "${MLNB_GPU_CHECK_VARIANTS:-headroom,capped+expandable,capped}" --timeout 60 --profile --trace-dir "$out" \
     --json "$out/diagnose-streaming.json"
 fi
 wanted gpu-tests && run_step gpu-tests 120 bash -c gpu_tests
