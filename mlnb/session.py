@@ -47,10 +47,16 @@ class SessionDefaults:
             budget = budget_of(level)
             if budget is None:
                 raise ValueError(f"{exc}, or a VRAM budget such as 4GiB") from None
+            if budget < _SMALLEST_BUDGET:  # "4" without its unit is 4 bytes
+                raise ValueError(f"a VRAM budget of {format_bytes(budget)} holds no model; give a unit, such as 4GiB") \
+                    from None
             value = format_bytes(budget)
         with self._lock:
             self.level = value
         return self.level
+
+
+_SMALLEST_BUDGET = 64 * 2**20
 
 
 def budget_of(level: str | None) -> int | None:

@@ -199,6 +199,7 @@ def test_vram_level_takes_a_budget_too_and_generate_then_plans_for_it(ip, tiny_s
 def test_vram_bad_input(ip, capsys):
     assert "unknown action" in usage_error(ip, "%vram nope", capsys)
     assert "unknown level" in usage_error(ip, "%vram level turbo", capsys)
+    assert "holds no model; give a unit" in usage_error(ip, "%vram level 4", capsys)  # 4 bytes, not 4 GiB
     assert "--outputs goes with %vram free" in usage_error(ip, "%vram who --outputs", capsys)
 
 

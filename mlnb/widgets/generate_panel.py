@@ -176,7 +176,7 @@ class GeneratePanel(widgets.VBox):
             >>> panel.wait(timeout=600)
             ```
         """
-        from ..session import default_model, defaults
+        from ..session import budget_of, default_model, defaults
 
         if self.running:
             return self._worker
@@ -195,7 +195,8 @@ class GeneratePanel(widgets.VBox):
         level = defaults.level
         self.progress.max, self.progress.value = max(1, kwargs["steps"]), 0
         self._set_running(True)
-        self._show_status(f"loading {model} at level {level}…")
+        what = f"for a {level} budget" if budget_of(level) is not None else f"at level {level}"
+        self._show_status(f"loading {model} {what}…")
         worker = threading.Thread(target=self._run, args=(model, level, kwargs), name="mlnb-generate", daemon=True)
         self._worker = worker
         worker.start()
