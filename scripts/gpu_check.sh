@@ -10,7 +10,7 @@
 # replay and a profile, saved as it ends), the GPU tests (`pytest -m gpu`,
 # junit xml), and the per-cell hook overhead on CUDA (scripts/bench_cell_hooks.py). The benchmark comes before the tests: it is the step whose
 # numbers the docs need. A failing step does not stop the next one; a summary with each step's status and time comes
-# last, and the exit status is 1 if any step failed. The step limits add up to 690 s. On an H100 the whole check took
+# last, and the exit status is 1 if any step failed. The step limits add up to 670 s. On an H100 the whole check took
 # 342 to 392 s without the diagnose step, and 537 s with it stopped at its then 110 s limit (run 5); give the device
 # call its 600 s limit.
 #
@@ -191,7 +191,7 @@ wanted doctor && run_step doctor 20 bash -c "mlnb_cli doctor"
 wanted bench && run_step bench 330 bash -c bench
 if wanted diagnose && [ -d "$work/sdxl" ]; then  # built by the bench
   # The bench's uncapped baseline cached the resident step and block timeline: no resident variant needed.
-  run_step diagnose 130 "$python" scripts/diagnose_streaming.py --folder "$work/sdxl" --budget 4GiB --steps 6 \
+  run_step diagnose 110 "$python" scripts/diagnose_streaming.py --folder "$work/sdxl" --budget 4GiB --steps 6 \
     --variants "${MLNB_GPU_CHECK_VARIANTS:-headroom,capped+expandable,capped}" --timeout 60 --profile --trace-dir "$out" \
     --json "$out/diagnose-streaming.json"
 fi
