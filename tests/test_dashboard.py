@@ -234,6 +234,19 @@ def test_generate_tiny_model(board_factory, session_defaults, tiny_sd, clean_cac
     assert f"{tiny_sd.name} at none" in board.level_info.value
 
 
+def test_generate_plans_for_the_session_s_budget(board_factory, session_defaults, tiny_sd, clean_cache):
+    session_defaults.model = str(tiny_sd)
+    session_defaults.set_level("3GiB")
+    board = board_factory()
+    panel = board.generate_panel
+    panel.prompt.value = "a watercolor fox"
+    panel.steps.value, panel.seed.value, panel.width.value, panel.height.value = 1, "1", "64", "64"
+    panel.button.click()
+    assert panel.wait(timeout=120), "generation did not finish in 120 s"
+    assert panel.error is None, panel.error
+    assert panel.result.plan is not None and panel.result.plan.startswith("plan for 3.0 GiB")
+
+
 def test_generate_errors_keep_panel_usable(board_factory, session_defaults, tiny_sd, clean_cache):
     session_defaults.set_level("none")
     board = board_factory()
