@@ -218,7 +218,8 @@ for r in doc.get("runs", []):
               + ", ".join(f"{k} {v}" for k, v in r["allocator_loop"].items()))
     if r.get("cleanup_steps"):
         timed = r.get("cleanup_timings") or [[step, None] for step in r["cleanup_steps"]]
-        print(f"  cleanup, {r['model']} {r['recipe']} {cap}: {r.get('cleanup_seconds') or 0:.3f} s, "
+        freed = f" ({r['cleanup_freed'] / 2**30:.2f} GiB freed)" if r.get("cleanup_freed") is not None else ""
+        print(f"  cleanup, {r['model']} {r['recipe']} {cap}: {r.get('cleanup_seconds') or 0:.3f} s{freed}, "
               + " + ".join(step if s is None else f"{step} {s:.3f} s" for step, s in timed))
     if r.get("phase_seconds") or r.get("first_step_seconds"):
         phases = [f"{k} {v:.3f} s" for k, v in (r.get("phase_seconds") or {}).items()]

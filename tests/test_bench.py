@@ -273,6 +273,7 @@ def test_worker_run_measures_one_recipe(tiny_sd, clean_cache, cpu_current):
     assert "allocator" not in row  # no caching allocator to count on a CPU
     assert row["cleanup_steps"] == ["gc_collect"]  # on a CPU the closing cleanup always collects
     assert row["vae_decode"] == "fp32"  # the CPU computes in fp32
+    assert "cleanup_freed" in row  # host RSS given back on a CPU (None where it cannot be read)
     assert set(row["phase_seconds"]) == {"before", "pipeline", "cleanup", "after"}
     # generate's phases, inside the timed image (each is rounded to 0.1 ms in the row)
     assert sum(row["phase_seconds"].values()) <= row["seconds"] + 4 * 0.00005

@@ -240,6 +240,7 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
             cleanup_seconds=result.memory.cleanup_seconds,
             cleanup_steps=list(result.memory.cleanup),  # a gc.collect among them: the cache clear left memory held
             cleanup_timings=[[step, round(seconds, 4)] for step, seconds in result.memory.cleanup_timings],
+            cleanup_freed=result.memory.freed,  # reserved bytes the cache clear gave back (what it cost to free)
             first_step_seconds=result.first_step_seconds,  # prompt encoding and the first step
             phase_seconds={k: round(v, 4) for k, v in result.phase_seconds.items()},
         )
