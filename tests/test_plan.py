@@ -238,16 +238,31 @@ def test_the_kept_part_moves_to_the_gpu_a_part_at_a_time_around_the_streamed_blo
     root.blocks = torch.nn.ModuleList([torch.nn.Linear(256, 256) for _ in range(4)])  # 263 KB each
     root.head = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
     root.big = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256))  # 526 KB: split
-    on_meta = []
-    budget._move_except(root, "", {"blocks.2"}, "meta",
-                        each_part=lambda: on_meta.append(sum(p.is_meta for p in root.parameters())))
+    on_meta, sizes = [], []
+
+    def each_part(nbytes):
+        sizes.append(nbytes)
+        on_meta.append(sum(p.is_meta for p in root.parameters()))
+
+    budget._move_except(root, "", {"blocks.2"}, "meta", each_part=each_part)
     assert [p.device.type for p in root.blocks[2].parameters()] == ["cpu", "cpu"]
     assert all(p.is_meta for name, p in root.named_parameters() if not name.startswith("blocks.2."))
-    assert on_meta == sorted(on_meta) and on_meta[0] == 2 and on_meta[-1] == len(list(root.parameters())) - 2
-    assert len(on_meta) >= 7  # 3 kept blocks, the head, the big module's two halves, and after each container
+    # 3 kept blocks, the head, and the big module's two halves, one at a time, each with its bytes
+    assert on_meta == [2, 4, 6, 10, 12, 14] and max(sizes) == 4 * (256 * 256 + 256) and sum(sizes) == 5 * 263168 + 2 * 288
     whole = torch.nn.Sequential(torch.nn.Linear(8, 8))
     budget._move_except(whole, "", set(), "meta")  # without each_part: one move, as before
     assert all(p.is_meta for p in whole.parameters())
+
+
+def test_the_pages_go_back_once_enough_has_moved(monkeypatch):
+    import mlnb.optimizer.budget as budget
+
+    calls = []
+    monkeypatch.setattr(budget, "release_mapped_weights", lambda: calls.append(1))
+    give_back = budget._GiveBackAsItMoves(step=100)
+    for nbytes in (30, 30, 30, 30, 250, 10):
+        give_back(nbytes)
+    assert len(calls) == 2  # at 120 bytes moved, then at 260 more
 
 
 def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):

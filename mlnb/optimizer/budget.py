@@ -8,9 +8,9 @@ through diffusers' ``apply_forward_hook`` and which leaves the GPU when the next
 ``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is moved to the GPU part by part,
 never whole, so a card smaller than the denoiser never holds it all at once.
 
-Order matters for host RAM: the kept part goes to the GPU first, a part of at most 256 MiB at a time, each part's
-pages of the mapped weight files handed back to the OS as soon as it is on the GPU (a copy to the card reads them
-all; kept whole, SDXL's resident plan peaked at 5.19 GiB of host RSS on a CPU stand-in, part by part at 0.58 GiB:
+Order matters for host RAM: the kept part goes to the GPU first, a part of at most 256 MiB at a time, the pages of
+the mapped weight files it read handed back to the OS every 64 MiB moved (a copy to the card reads them all; kept
+whole, SDXL's resident plan peaked at 5.19 GiB of host RSS on a CPU stand-in, part by part at 0.61 GiB:
 ``scripts/host_ram_standin.py``), and only then are the streamed blocks and encoders pinned, packed into
 power-of-two buffers one buffer at a time (:mod:`.pinning`: torch rounds each pinned block up to a power of two),
 each pageable original released as soon as it is copied. The process never holds the whole model twice, and pinned
@@ -152,12 +152,14 @@ def plan_level(plan: Plan) -> OptimizationLevel:
 def _move_except(module, prefix: str, streamed: set[str], device, each_part=None) -> None:
     """Move ``module`` to ``device`` except the streamed sub-blocks (named by dotted path). With ``each_part``, the
     rest moves in parts of at most :data:`_MAX_BLOCK` bytes where the module tree allows (a larger module is split
-    into its children), and ``each_part()`` runs after each part."""
+    into its children), and ``each_part(nbytes)`` runs after each part with its bytes."""
     if prefix in streamed:
         return
     whole = not any(s.startswith(prefix + ".") or not prefix for s in streamed)
     if whole and (each_part is None or (prefix and _nbytes(module) <= _MAX_BLOCK)):
         module.to(device)
+        if each_part is not None:
+            each_part(_nbytes(module))
         return
     for name, param in module.named_parameters(recurse=False):
         param.data = param.data.to(device)
@@ -165,8 +167,20 @@ def _move_except(module, prefix: str, streamed: set[str], device, each_part=None
         module._buffers[name] = buf.to(device)
     for name, child in module.named_children():
         _move_except(child, f"{prefix}.{name}" if prefix else name, streamed, device, each_part)
-        if each_part is not None:
-            each_part()
+
+
+class _GiveBackAsItMoves:
+    """An ``each_part`` for :func:`_move_except`: gives back the pages of the mapped weight files read so far once
+    ``step`` bytes have moved since the last time (reading this process's mappings costs a few milliseconds)."""
+
+    def __init__(self, step: int = 64 * MiB) -> None:
+        self.step, self.moved = step, 0
+
+    def __call__(self, nbytes: int) -> None:
+        self.moved += nbytes
+        if self.moved >= self.step:
+            release_mapped_weights()
+            self.moved = 0
 
 
 def _release_before(streamer, pipe) -> None:
@@ -210,7 +224,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     streamed = set(plan.streamed)
     # Each part's pages of the mapped weight files go back as soon as it is on the GPU: reading the whole kept part
     # first would hold all of it on the host at once.
-    _move_except(denoiser, "", streamed, device, each_part=release_mapped_weights)
+    _move_except(denoiser, "", streamed, device, each_part=_GiveBackAsItMoves())
     gc.collect()
     give_back_host_memory()  # the kept part's host copy is gone: give it back before anything is pinned
     if plan.offload_encoders_vae:
@@ -250,7 +264,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     else:
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module) and module is not denoiser:
-                _move_except(module, "", set(), device, each_part=release_mapped_weights)
+                _move_except(module, "", set(), device, each_part=_GiveBackAsItMoves())
 
     if streamed:
         streamer = stream_units(
