@@ -210,18 +210,22 @@ def test_free_memory_button(board_factory, fake_device, clean_cache):
     assert fake_device.empty_cache_calls >= 1
 
 
+def _click_generate(board, steps: int):
+    """Fill the Generate form (64×64, seed 1) and click; returns the panel, its generation started."""
+    panel = board.generate_panel
+    panel.prompt.value = "a watercolor fox"
+    panel.steps.value, panel.seed.value, panel.width.value, panel.height.value = steps, "1", "64", "64"
+    panel.button.click()
+    return panel
+
+
 def test_generate_tiny_model(board_factory, session_defaults, tiny_sd, clean_cache):
     import mlnb
 
     session_defaults.model = str(tiny_sd)
     session_defaults.set_level("none")
     board = board_factory()
-    panel = board.generate_panel
-    panel.prompt.value = "a watercolor fox"
-    panel.steps.value = 2
-    panel.seed.value = "1"
-    panel.width.value = panel.height.value = "64"
-    panel.button.click()
+    panel = _click_generate(board, steps=2)
     assert panel.button.disabled and board.free_button.disabled
     assert panel.wait(timeout=120), "generation did not finish in 120 s"
     assert panel.error is None, panel.error
@@ -237,11 +241,7 @@ def test_generate_tiny_model(board_factory, session_defaults, tiny_sd, clean_cac
 def test_generate_plans_for_the_session_s_budget(board_factory, session_defaults, tiny_sd, clean_cache):
     session_defaults.model = str(tiny_sd)
     session_defaults.set_level("3GiB")
-    board = board_factory()
-    panel = board.generate_panel
-    panel.prompt.value = "a watercolor fox"
-    panel.steps.value, panel.seed.value, panel.width.value, panel.height.value = 1, "1", "64", "64"
-    panel.button.click()
+    panel = _click_generate(board_factory(), steps=1)
     assert panel.wait(timeout=120), "generation did not finish in 120 s"
     assert panel.error is None, panel.error
     assert panel.result.plan is not None and panel.result.plan.startswith("plan for 3.0 GiB")
