@@ -89,15 +89,11 @@ def _measured(entry: dict, model: str | None, work: Workload | None) -> dict:
     if not measured:
         return {}
     key = workload_key(work)
-    if key in measured:
-        found = {k: v for k, v in measured[key].items() if k in MEASURED_FIELDS}
-        if "block_timeline" in found:
-            found["block_timeline"] = _timeline(found["block_timeline"])
-        return _in_decode_precision(found, measured[key].get("vae_fp32"), work.vae_fp32)
     want = work.width * work.height * work.batch
-    nearest = min(measured, key=lambda k: abs(_pixels(k) - want))
-    scale = want / _pixels(nearest)
-    logger.debug("measurements of %s at %s scaled ×%.2f from %s", model, key, scale, nearest)
+    nearest = key if key in measured else min(measured, key=lambda k: abs(_pixels(k) - want))
+    scale = want / _pixels(nearest)  # 1 where this size was measured
+    if nearest != key:
+        logger.debug("measurements of %s at %s scaled ×%.2f from %s", model, key, scale, nearest)
     found = {}
     for name in MEASURED_FIELDS:
         value = measured[nearest].get(name)
@@ -129,6 +125,12 @@ def _timeline(stored, scale: float = 1.0):
         return None
 
 
+def _card_name(device: Device) -> str | None:
+    """The name the card's facts are cached under; None without a GPU. Cheap: ``describe`` is cached on CUDA, where
+    a full ``info`` would ask NVML and the driver again at every generation."""
+    return None if device.kind == "cpu" else device.describe()[0]
+
+
 def card_facts(device: Device, model: str | None = None, work: Workload | None = None, measure: bool = True) -> CardFacts:
     """The cached facts for this card, measuring the bandwidth if it is missing (CUDA only).
 
@@ -138,11 +140,11 @@ def card_facts(device: Device, model: str | None = None, work: Workload | None =
         work: the size and batch they are for.
         measure: measure the bandwidth when it is not cached yet.
     """
-    info = device.info()
-    if not info.available:
+    name = _card_name(device)
+    if name is None:
         return CardFacts()
     cards = _read()
-    entry = cards.get(info.name, {})
+    entry = cards.get(name, {})
     if "bandwidth" not in entry and measure:
         try:
             bandwidth = device.h2d_bandwidth()
@@ -151,7 +153,7 @@ def card_facts(device: Device, model: str | None = None, work: Workload | None =
             bandwidth = None
         if bandwidth:
             cards = _read()  # another process may have written meanwhile
-            entry = cards.setdefault(info.name, {})
+            entry = cards.setdefault(name, {})
             entry["bandwidth"] = bandwidth
             _write(cards)
     return CardFacts(bandwidth=entry.get("bandwidth"), **_measured(entry, model, work))
@@ -167,17 +169,17 @@ def record_measured(device: Device, model: str, work: Workload, **values: float 
     unknown = set(values) - set(MEASURED_FIELDS)
     if unknown:
         raise ValueError(f"unknown measurement(s) {sorted(unknown)}: use {', '.join(MEASURED_FIELDS)}")
-    info = device.info()
+    name = _card_name(device)
     timeline = values.pop("block_timeline", None)
     fresh = {k: v for k, v in values.items() if v is not None and (v > 0 or (k == "overlap" and v == 0))}
     fresh = {k: (int(v) if k.endswith("reserve") else round(float(v), 5)) for k, v in fresh.items()}
     if timeline:
         forward, rows = timeline
         fresh["block_timeline"] = [round(forward, 6), [[n, round(a, 6), round(d, 6)] for n, a, d in rows]]
-    if not info.available or not fresh:
+    if name is None or not fresh:
         return
     cards = _read()
-    found = cards.setdefault(info.name, {}).setdefault("measured", {}).setdefault(model, {})
+    found = cards.setdefault(name, {}).setdefault("measured", {}).setdefault(model, {})
     found = found.setdefault(workload_key(work), {})
     if any(k.startswith("decode") for k in fresh):
         # The precision the decode fields were measured in; a reserve kept from the other one is converted to it.
@@ -191,14 +193,14 @@ def record_measured(device: Device, model: str, work: Workload, **values: float 
 def describe(device: Device) -> str:
     """One line on what the planner has measured on this card: the bandwidth, and for how many model sizes a step
     time (which time predictions need) and a block timeline are cached."""
-    info = device.info()
-    if not info.available:
+    name = _card_name(device)
+    if name is None:
         return "no GPU: plans are shown, not timed"
-    entry = _read().get(info.name, {})
+    entry = _read().get(name, {})
     bandwidth = entry.get("bandwidth")
     sizes = [found for model in entry.get("measured", {}).values() for found in model.values()]
     if bandwidth is None and not sizes:
-        return f"nothing measured on {info.name} yet (in {cache_path()})"
+        return f"nothing measured on {name} yet (in {cache_path()})"
     stepped = sum(1 for found in sizes if found.get("step_seconds"))
     timed = sum(1 for found in sizes if found.get("block_timeline"))
     rate = f"{bandwidth / 1e9:.1f} GB/s host to device" if bandwidth else "bandwidth not measured"
