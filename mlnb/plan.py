@@ -22,9 +22,9 @@ bytes / H2D bandwidth, and ``overlap`` (the share of the copies a step hid) is r
 (0 until then: an upper bound; on an H100 it measured 0.34 for SD1.5 and 0.07 for SDXL in run 5). decode is the
 decode measured in the plan's tiles, or until then the untiled decode times the pixels its tiles cover times
 ``TILE_TIME_FACTOR`` (on an H100, 256 px tiles took 3.2× to 3.8× the untiled decode, 1.8× to 2.4× what their pixels
-say). other is the rest of a generation (encoding, moves, the pipeline's own work) as measured by earlier generations
-with the encoders on the GPU or offloaded, or until then (encoder + VAE bytes) / bandwidth for an offloaded plan and
-nothing for one that keeps them.
+say). other is the rest of a ``generate`` call (encoding, moves, the pipeline's own work, the cleanup) as measured by
+earlier generations with the encoders on the GPU or offloaded; until then the rest plain diffusers measured with
+everything resident, plus (encoder + VAE bytes) / bandwidth for an offloaded plan.
 Blocks are kept resident first fit in one of two orders: blocks under 8 MiB first, then largest first (the fewest
 bytes moved), and among blocks of one size spread evenly over the execution order so that each copy has compute
 beside it; or, with a timeline, least compute per byte first, so that the streamed blocks are those with the most

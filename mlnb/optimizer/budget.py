@@ -1,12 +1,13 @@
 """Applying a budget :class:`~mlnb.plan.Plan` to a pipeline: resident blocks on the GPU, the rest streamed.
 
 The pieces are hooks in diffusers' and accelerate's hook systems: one on each streamed denoiser block and on each
-unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, two GPU slots, each unit's copy issued on a
-copy stream two units ahead), so only streamed weights are pinned; for the VAE, an accelerate hook that copies it
-whole from one pinned region (cast to fp32 on the GPU when it decodes in fp32), which its ``decode`` triggers
-through diffusers' ``apply_forward_hook`` and which leaves the GPU when the next image's encoders or denoiser start;
-``enable_layerwise_casting`` for fp8 storage. Everything else of the denoiser is moved to the GPU part by part,
-never whole, so a card smaller than the denoiser never holds it all at once.
+unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, GPU slots (two, or three for the denoiser where
+the plan says), each unit's copy issued on a copy stream as many units ahead), so only streamed weights are pinned;
+for the VAE, an accelerate hook that copies it whole from one pinned region (cast to fp32 on the GPU when it decodes
+in fp32), which its ``decode`` triggers through diffusers' ``apply_forward_hook`` and which leaves the GPU when the
+next image's encoders or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the
+denoiser is moved to the GPU part by part, never whole, so a card smaller than the denoiser never holds it all at
+once.
 
 Order matters for host RAM: the kept part goes to the GPU first, a part of at most 256 MiB at a time, the pages of
 the mapped weight files it read handed back to the OS every 64 MiB moved (a copy to the card reads them all; kept
@@ -222,7 +223,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
 
     device = torch.device(onload_device)
     streamed = set(plan.streamed)
-    # Each part's pages of the mapped weight files go back as soon as it is on the GPU: reading the whole kept part
+    # The pages of the mapped weight files go back as the kept part moves, every 64 MiB: reading the whole kept part
     # first would hold all of it on the host at once.
     _move_except(denoiser, "", streamed, device, each_part=_GiveBackAsItMoves())
     gc.collect()
