@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ..device import DeviceInfo
-from ..levels import AUTO, LEVEL_NAMES, describe_auto
+from ..levels import AUTO, describe_auto
 from ..monitor.history import CellHistory, CellRecord
+from ..session import budget_of
 from ..units import format_bytes
 
 __all__ = [
@@ -142,7 +143,7 @@ def gauge_state(info: DeviceInfo, default_level: str = AUTO, pipelines: Sequence
     if default_level == AUTO:
         level = f"auto, now {describe_auto(info.free_bytes, info.kind == 'cuda')}"
     else:
-        budget = " budget" if default_level not in LEVEL_NAMES else ""  # %vram level 4GiB
+        budget = " budget" if budget_of(default_level) is not None else ""  # %vram level 4GiB
         level = f"{default_level}{budget} (set by the user)"
     loaded = ", ".join(f"{_short_model(model)} at {lvl}" for model, lvl in pipelines) or "none"
     return GaugeState(device=info.name, gpu=info.available, gauges=(nvml, reserved, host), level=level, loaded=loaded)
