@@ -53,6 +53,7 @@ def doctor_report() -> list[tuple[str, str]]:
         bf16 = "in hardware" if info.native_bf16 else ("emulated" if info.supports_bf16 else "no")
         rows.append(("GPU", f"{info.name}, compute capability {cc}, bf16 {bf16}"))
         rows.append(("SDXL VAE decode", "bf16 (no fp32 upcast)" if info.native_bf16 else "fp32 (diffusers' upcast)"))
+        rows.append(("fp8 storage", "yes (float8_e4m3fn)" if info.supports_fp8 else "no: this torch has no float8_e4m3fn"))
         rows.append(("VRAM free / total", f"{format_bytes(info.free_bytes)} / {format_bytes(info.total_bytes)}"))
         rows.append(("driver", info.driver_version or f"N/A ({info.nvml_error})"))
     else:
@@ -73,26 +74,28 @@ def _known_bad(rows: list[tuple[str, str]]) -> list[str]:
     if xformers.startswith("broken"):
         warnings.append(f"xformers fails to import ({xformers}); it is probably built for another torch. mlnb uses SDPA.")
     elif xformers not in ("not installed", ""):
-        try:
-            from importlib import metadata
+        from importlib import metadata
 
-            requires = metadata.requires("xformers") or []
-            pinned = [r for r in requires if r.replace(" ", "").startswith("torch==")]
-            torch_version = values.get("torch", "").split(" ")[0].split("+")[0]
-            for pin in pinned:
-                want = pin.replace(" ", "").split("==")[1].split(";")[0]
-                if torch_version and not torch_version.startswith(want.split("+")[0]):
-                    warnings.append(f"xformers {xformers} was built for torch {want}, this is torch {torch_version}")
-        except Exception:
-            pass
+        from packaging.requirements import InvalidRequirement, Requirement
+        from packaging.version import InvalidVersion, Version
+
+        try:
+            torch_version = Version(values.get("torch", "").split(" ")[0])
+            requires = [Requirement(r) for r in metadata.requires("xformers") or []]
+        except (InvalidVersion, InvalidRequirement, metadata.PackageNotFoundError):
+            requires = []
+        for req in requires:
+            applies = req.marker is None or req.marker.evaluate({"extra": ""})
+            if req.name == "torch" and applies and not req.specifier.contains(torch_version, prereleases=True):
+                warnings.append(f"xformers {xformers} was built for torch {req.specifier}, this is torch {torch_version}")
     try:
         import diffusers
+        from packaging.version import Version
 
-        major, minor = (int(x) for x in diffusers.__version__.split(".")[:2])
-        if (major, minor) < (0, 39):
+        if Version(diffusers.__version__) < Version("0.39"):
             warnings.append(f"diffusers {diffusers.__version__} is older than 0.39, the oldest mlnb supports")
-    except Exception:
-        warnings.append("diffusers is missing or broken")
+    except Exception as exc:
+        warnings.append(f"diffusers is missing or broken ({type(exc).__name__}: {exc})")
     return warnings
 
 

@@ -11,8 +11,8 @@
 # junit xml), and the per-cell hook overhead on CUDA (scripts/bench_cell_hooks.py). The benchmark comes before the tests: it is the step whose
 # numbers the docs need. A failing step does not stop the next one; a summary with each step's status and time comes
 # last, and the exit status is 1 if any step failed. The step limits add up to 670 s. On an H100 the whole check took
-# 342 to 392 s without the diagnose step, and 537 s with it stopped at its then 110 s limit (run 5); give the device
-# call its 600 s limit.
+# 342 to 392 s without the diagnose step, and 537 s with it stopped at its then 110 s limit (run 5); allow it 10
+# minutes.
 #
 # Environment:
 #   OUT                    where results go (default ./gpu-out); keep large files out of it

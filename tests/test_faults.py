@@ -193,15 +193,15 @@ def all_dead(refs: list) -> bool:
 
 @pytest.mark.parametrize("options,needle", [
     ("--sampler euler", "unrecognized arguments: --sampler euler"),
-    ("--steps -5", "--steps must be >= 1, got -5"),
+    ("--steps -5", "--steps must be a whole number >= 1, got -5"),
     ("--width 100", "--width must be a positive multiple of 8, got 100"),
     ("--height 36", "--height must be a positive multiple of 8, got 36"),
-    ("--width 100000", "--width must be at most 4096, got 100000"),
-    ("--height 8192", "--height must be at most 4096, got 8192"),
+    ("--width 100000", "--width must be at most 4096 px, got 100000"),
+    ("--height 8192", "--height must be at most 4096 px, got 8192"),
     ("--seed 7.5", "argument --seed: invalid int value: '7.5'"),
-    ("--seed -3", "--seed must be in [0, 2**63), got -3"),
+    ("--seed -3", "--seed must be a whole number in [0, 2**63), got -3"),
     ("--level maximum", "unknown level 'maximum'"),
-    ("--guidance nan", "--guidance must be >= 0 and finite, got nan"),
+    ("--guidance nan", "--guidance must be a finite number >= 0, got nan"),
     ("--num-images 99", "--num-images must be between 1 and 16, got 99"),
 ], ids=["unknown-flag", "negative-steps", "width-not-x8", "height-not-x8", "absurd-width", "absurd-height",
         "float-seed", "negative-seed", "unknown-level", "nan-guidance", "too-many-images"])
@@ -657,3 +657,33 @@ def test_keyboard_interrupt_while_loading_frees_the_parts_loaded(ip, gpu, fresh,
     assert len(loaded) == 1 and loaded[0]() is None, "the interrupted load still holds the component it had loaded"
     assert cached_pipelines() == [] and defaults.model is None
     assert_state_after(ip, gpu)
+
+
+@pytest.mark.parametrize("torch_row, warned", [
+    ("2.13.0+cpu (CUDA CPU build)", True),
+    ("2.5.1+cu121 (CUDA 12.1)", False),   # a local build of the pinned release is that release
+    ("2.5.10 (CUDA 12.1)", True),         # not 2.5.1, though it starts with it
+])
+def test_doctor_warns_when_xformers_was_built_for_another_torch(monkeypatch, torch_row, warned):
+    from importlib import metadata
+
+    from mlnb.cli import _known_bad
+
+    real = metadata.requires
+    monkeypatch.setattr(metadata, "requires", lambda name: (
+        ["numpy", "torch==2.5.1; platform_system == 'Linux'"] if name == "xformers" else real(name)))
+    warnings = _known_bad([("torch", torch_row), ("xformers", "0.0.28.post3")])
+    assert [w for w in warnings if "xformers" in w] == (
+        [f"xformers 0.0.28.post3 was built for torch ==2.5.1, this is torch {torch_row.split(' ')[0]}"] if warned else []
+    )
+
+
+def test_doctor_warns_about_a_diffusers_older_than_the_oldest_supported(monkeypatch):
+    import diffusers
+
+    from mlnb.cli import _known_bad
+
+    monkeypatch.setattr(diffusers, "__version__", "0.38.2")
+    assert _known_bad([]) == ["diffusers 0.38.2 is older than 0.39, the oldest mlnb supports"]
+    monkeypatch.setattr(diffusers, "__version__", "0.100.0.dev0")
+    assert _known_bad([]) == []

@@ -111,8 +111,8 @@ def test_displayed_result_is_the_report_line(ip, tiny_sd, capsys):
 
 
 @pytest.mark.parametrize("options,needle", [
-    ("--steps -1", "--steps must be >= 1"),
-    ("--steps 0", "--steps must be >= 1"),
+    ("--steps -1", "--steps must be a whole number >= 1"),
+    ("--steps 0", "--steps must be a whole number >= 1"),
     ("--width 65", "--width must be a positive multiple of 8"),
     ("--level turbo", "unknown level 'turbo'"),
     ("--bogus 1", "unrecognized arguments: --bogus"),

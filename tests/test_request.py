@@ -58,16 +58,16 @@ def test_no_model_says_how_to_name_one():
 
 
 @pytest.mark.parametrize("kw,needle", [
-    (dict(steps=0), "--steps must be >= 1"),
-    (dict(steps=-3), "--steps must be >= 1"),
+    (dict(steps=0), "--steps must be a whole number >= 1"),
+    (dict(steps=-3), "--steps must be a whole number >= 1"),
     (dict(width=65), "--width must be a positive multiple of 8"),
     (dict(height=0), "--height must be a positive multiple of 8"),
     (dict(width=100000), "--width must be at most"),
     (dict(num_images=0), "--num-images must be between"),
     (dict(num_images=99), "--num-images must be between"),
     (dict(level="turbo"), "--level: unknown level 'turbo'"),
-    (dict(guidance=-1.0), "--guidance must be >= 0"),
-    (dict(seed=-1), "--seed must be in"),
+    (dict(guidance=-1.0), "--guidance must be a finite number >= 0"),
+    (dict(seed=-1), "--seed must be a whole number in"),
     (dict(out="not a name"), "--out must be a variable name"),
 ])
 def test_bad_options(kw, needle):

@@ -13,6 +13,7 @@ import shlex
 import shutil
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -35,13 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``mlnb bench`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="mlnb bench",
-        description=(
+        description=textwrap.fill(
             "Benchmark mlnb's levels against plain diffusers on the real SD1.5 and SDXL architectures (random "
             "weights), each recipe in its own process, optionally under a memory cap that simulates a smaller card. "
             "Without a CUDA device (or with --device cpu) it runs the tiny test models: a check of the harness, "
             "not of performance."
         ),
-        epilog="recipes: " + ", ".join(RECIPES) + ". See docs/benchmarks.md.",
+        epilog="recipes:\n" + "\n".join(f"  {r.name:<24}{r.description}" for r in RECIPES.values())
+        + "\nSee docs/benchmarks.md.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"a few minutes on one GPU: 8 steps, recipes {QUICK_RECIPES} (+ baseline), caps {QUICK_CAPS}")

@@ -61,7 +61,7 @@ _ALL = (
     Recipe("mlnb-balanced", "mlnb", "balanced", "mlnb.load_pipeline(level='balanced')"),
     Recipe("mlnb-aggressive", "mlnb", "aggressive", "mlnb.load_pipeline(level='aggressive')"),
     Recipe("mlnb-ultra", "mlnb", "ultra", "mlnb.load_pipeline(level='ultra')"),
-    Recipe("mlnb-auto", "mlnb", "auto", "mlnb.load_pipeline(level='auto'): the level chosen from free VRAM"),
+    Recipe("mlnb-auto", "mlnb", "auto", "mlnb.load_pipeline(level='auto'): on CUDA a plan for the free VRAM"),
     Recipe("mlnb-plan", "mlnb", "plan", "mlnb.load_pipeline(budget=free VRAM under the cap): the budget planner"),
 )
 RECIPES: dict[str, Recipe] = {r.name: r for r in _ALL}

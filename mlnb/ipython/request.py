@@ -7,12 +7,16 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..errors import InvalidArgumentError
 from ..levels import AUTO, parse_level
-from ..pipeline.managed import MAX_IMAGES, MAX_SIDE
+from ..pipeline.managed import validate_generation_args
 from ..session import budget_of
 from ..units import parse_bytes
 
 __all__ = ["GenerateRequest", "RequestError", "build_request", "expand_prompt"]
+
+
+_DEFAULT_STEPS = 30
 
 
 class RequestError(ValueError):
@@ -114,20 +118,12 @@ def build_request(args, cell: str, user_ns: dict, default_model: str | None, def
     if not prompt:
         raise RequestError("the prompt is empty: write it in the cell body below %%generate")
     negative = expand_prompt(args.negative, user_ns) if args.negative else None
-    if args.steps is not None and args.steps < 1:
-        raise RequestError(f"--steps must be >= 1, got {args.steps}")
-    for name in ("width", "height"):
-        value = getattr(args, name)
-        if value is not None and (value < 8 or value % 8):
-            raise RequestError(f"--{name} must be a positive multiple of 8, got {value}")
-        if value is not None and value > MAX_SIDE:
-            raise RequestError(f"--{name} must be at most {MAX_SIDE}, got {value}")
-    if not 1 <= args.num_images <= MAX_IMAGES:
-        raise RequestError(f"--num-images must be between 1 and {MAX_IMAGES}, got {args.num_images}")
-    if args.guidance is not None and not 0 <= args.guidance < float("inf"):  # also refuses nan
-        raise RequestError(f"--guidance must be >= 0 and finite, got {args.guidance}")
-    if args.seed is not None and not 0 <= args.seed < 2**63:
-        raise RequestError(f"--seed must be in [0, 2**63), got {args.seed}")
+    steps = _DEFAULT_STEPS if args.steps is None else args.steps
+    try:  # the rules generate applies, checked before the model loads, named as the options are
+        validate_generation_args(prompt, steps, args.width, args.height, args.num_images, args.guidance, args.seed,
+                                 spell=lambda name: "--" + name.replace("_", "-"))
+    except InvalidArgumentError as exc:
+        raise RequestError(str(exc)) from None
     if args.out is not None and not args.out.isidentifier():
         raise RequestError(f"--out must be a variable name, got {args.out!r}")
     if args.save:
@@ -141,7 +137,7 @@ def build_request(args, cell: str, user_ns: dict, default_model: str | None, def
         if args.level:
             raise RequestError("--vram and --level cannot both be given: a budget replaces the level")
     return GenerateRequest(
-        model=os.fspath(model), level=level, prompt=prompt, negative=negative, steps=args.steps or 30,
+        model=os.fspath(model), level=level, prompt=prompt, negative=negative, steps=steps,
         guidance=args.guidance, seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
         out=args.out, save=args.save, quiet=bool(args.quiet), allow_pickle=bool(args.allow_pickle), budget=budget,
     )

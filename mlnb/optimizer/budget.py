@@ -38,16 +38,13 @@ from .report import OptimizationReport, TechniqueResult
 from .offload import vae_needs_upcast
 from .streaming import pin_whole, stream_units
 from .vae import cast_at_the_vae_s_edges, set_vae_tiles
+from .weights import module_bytes
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["model_facts", "model_key", "denoiser_blocks", "apply_plan", "plan_level"]
 
 _MAX_BLOCK = 256 * MiB  # blocks larger than this are split into their children: a finer double buffer
-
-
-def _nbytes(module) -> int:
-    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
 
 
 def _split(name: str, module, max_block: int) -> list[tuple[str, object]]:
@@ -57,11 +54,11 @@ def _split(name: str, module, max_block: int) -> list[tuple[str, object]]:
     # A ModuleList is never called (its owner calls the items, or indexes one, as attention does with to_out[0]):
     # a hook on it would never onload its weights, so its items are the units, however small.
     container = isinstance(module, torch.nn.ModuleList)
-    if not container and (_nbytes(module) <= max_block or not children):
+    if not container and (module_bytes(module) <= max_block or not children):
         return [(name, module)]
     out = []
     for child_name, child in children:
-        if _nbytes(child):
+        if module_bytes(child):
             out += _split(f"{name}.{child_name}", child, max_block)
     return out  # parameters owned by this module itself count as the denoiser's "other" bytes
 
@@ -81,11 +78,11 @@ def _blocks(denoiser, max_block: int) -> list[tuple[str, object]]:
 
 def _units(module, max_block: int) -> list[tuple[str, object]]:
     """A whole model split into streamable units (``""`` when it is one unit itself)."""
-    if _nbytes(module) <= max_block:
+    if module_bytes(module) <= max_block:
         return [("", module)]
     out = []
     for name, child in module.named_children():
-        if _nbytes(child):
+        if module_bytes(child):
             out += _split(name, child, max_block)
     return out
 
@@ -105,16 +102,16 @@ def model_facts(pipe, max_block: int = _MAX_BLOCK) -> ModelFacts:
     denoiser = denoiser_of(pipe)
     if denoiser is None:
         raise ValueError(f"{type(pipe).__name__} has no unet or transformer to plan for")
-    blocks = [Block(name, _nbytes(module)) for name, module in _blocks(denoiser, max_block)]
-    encoders = {name: _nbytes(module) for name, module in _text_encoders(pipe).items()}
+    blocks = [Block(name, module_bytes(module)) for name, module in _blocks(denoiser, max_block)]
+    encoders = {name: module_bytes(module) for name, module in _text_encoders(pipe).items()}
     vae = getattr(pipe, "vae", None)
     bytes_per_param = next(denoiser.parameters()).element_size()
-    encoder_units = [_nbytes(unit) for encoder in _text_encoders(pipe).values() for _, unit in _units(encoder, max_block)]
+    encoder_units = [module_bytes(unit) for encoder in _text_encoders(pipe).values() for _, unit in _units(encoder, max_block)]
     return ModelFacts(
         encoders=encoders,
-        vae=_nbytes(vae) if vae is not None else 0,
+        vae=module_bytes(vae) if vae is not None else 0,
         blocks=tuple(blocks),
-        denoiser_other=_nbytes(denoiser) - sum(b.nbytes for b in blocks),
+        denoiser_other=module_bytes(denoiser) - sum(b.nbytes for b in blocks),
         bytes_per_param=bytes_per_param,
         encoder_block=max(encoder_units, default=None),
     )
@@ -157,10 +154,10 @@ def _move_except(module, prefix: str, streamed: set[str], device, each_part=None
     if prefix in streamed:
         return
     whole = not any(s.startswith(prefix + ".") or not prefix for s in streamed)
-    if whole and (each_part is None or (prefix and _nbytes(module) <= _MAX_BLOCK)):
+    if whole and (each_part is None or (prefix and module_bytes(module) <= _MAX_BLOCK)):
         module.to(device)
         if each_part is not None:
-            each_part(_nbytes(module))
+            each_part(module_bytes(module))
         return
     for name, param in module.named_parameters(recurse=False):
         param.data = param.data.to(device)

@@ -17,6 +17,7 @@ from ..levels import Technique
 from ..units import format_bytes
 from .context import OptimizeContext, applied, not_requested, skipped
 from .report import TechniqueResult
+from .weights import weight_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +66,6 @@ def _pinned_copy_too_big(pipe, ctx: OptimizeContext, notes: list[str]) -> bool:
     When the host has less than that available (Colab: 12.7 GB in all), pin on the fly instead
     (``low_cpu_mem_usage=True``), which is slower but does not take the kernel down.
     """
-    from ..pipeline.loading import weight_bytes
-
     available = ctx.device.info().host_available_bytes
     weights = weight_bytes(pipe)
     if available is None or available >= 2 * weights:

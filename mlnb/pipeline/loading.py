@@ -26,7 +26,6 @@ __all__ = [
     "parse_dtype",
     "default_dtype",
     "load_diffusers_pipeline",
-    "weight_bytes",
 ]
 
 _SAFE = (".safetensors",)
@@ -251,15 +250,3 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def weight_bytes(pipe) -> int:
-    """Bytes of every parameter and buffer of the pipeline's torch components, in their current dtype."""
-    import torch
-
-    total = 0
-    for component in getattr(pipe, "components", {}).values():
-        if isinstance(component, torch.nn.Module):
-            total += sum(t.numel() * t.element_size() for t in component.parameters())
-            total += sum(t.numel() * t.element_size() for t in component.buffers())
-    return total

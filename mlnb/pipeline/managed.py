@@ -41,7 +41,8 @@ from ..plan import (
 )
 from ..card_facts import card_facts, record_measured
 from ..units import MiB, format_bytes, parse_bytes
-from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model, weight_bytes
+from ..optimizer.weights import weight_bytes
+from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model
 from .result import GenerationResult
 from .timing import BlockTimer, StepTimer, cache_was_empty
 
@@ -93,24 +94,31 @@ def unload_all(device: Device | None = None) -> int:
 
 
 def validate_generation_args(
-    prompt, steps: int, width: int, height: int, num_images: int, guidance: float | None, seed: int | None
+    prompt, steps: int, width: int | None, height: int | None, num_images: int, guidance: float | None,
+    seed: int | None, spell: Callable[[str], str] = str,
 ) -> None:
-    """Check generation arguments before any work. Raises :class:`InvalidArgumentError` naming the rule."""
+    """Check generation arguments before any work. Raises :class:`InvalidArgumentError` naming the rule.
+
+    ``width``/``height`` of None (the model's native size) pass; ``spell`` gives the name a message uses for an
+    argument (``"num_images"`` → ``"--num-images"`` for the magic).
+    """
     if not isinstance(prompt, str) or not prompt.strip():
         raise InvalidArgumentError("the prompt is empty: write it in the cell body (or pass prompt=...)")
     if not isinstance(steps, int) or steps < 1:
-        raise InvalidArgumentError(f"steps must be a whole number >= 1, got {steps!r}")
+        raise InvalidArgumentError(f"{spell('steps')} must be a whole number >= 1, got {steps!r}")
     for name, value in (("width", width), ("height", height)):
+        if value is None:
+            continue
         if not isinstance(value, int) or value < 8 or value % 8:
-            raise InvalidArgumentError(f"{name} must be a positive multiple of 8, got {value!r}")
+            raise InvalidArgumentError(f"{spell(name)} must be a positive multiple of 8, got {value!r}")
         if value > MAX_SIDE:
-            raise InvalidArgumentError(f"{name} must be at most {MAX_SIDE} px, got {value}")
+            raise InvalidArgumentError(f"{spell(name)} must be at most {MAX_SIDE} px, got {value}")
     if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES:
-        raise InvalidArgumentError(f"num_images must be between 1 and {MAX_IMAGES}, got {num_images!r}")
+        raise InvalidArgumentError(f"{spell('num_images')} must be between 1 and {MAX_IMAGES}, got {num_images!r}")
     if guidance is not None and (not isinstance(guidance, (int, float)) or not 0 <= guidance < float("inf")):
-        raise InvalidArgumentError(f"guidance must be a finite number >= 0, got {guidance!r}")
+        raise InvalidArgumentError(f"{spell('guidance')} must be a finite number >= 0, got {guidance!r}")
     if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
-        raise InvalidArgumentError(f"seed must be a whole number in [0, 2**63), got {seed!r}")
+        raise InvalidArgumentError(f"{spell('seed')} must be a whole number in [0, 2**63), got {seed!r}")
 
 
 class ManagedPipeline:
@@ -457,6 +465,13 @@ class ManagedPipeline:
         )
 
 
+def _level_from_table(pipe, free: int | None) -> LevelChoice:
+    """The level table's choice for the free VRAM, the weights and one native-size image's activations."""
+    w, h = _native_size(pipe)
+    reserve = activation_reserve(w, h, 1, vae_fp32=vae_needs_upcast(pipe))
+    return choose_level(free, weight_bytes(pipe), reserve)
+
+
 def load_pipeline(
     model: str | os.PathLike,
     level: str | OptimizationLevel = "auto",
@@ -536,13 +551,9 @@ def load_pipeline(
             if plan is not None:
                 choice = LevelChoice(plan_level(plan), f"plan for the {format_bytes(free)} free: {plan.summary()}")
             else:
-                w, h = _native_size(pipe)
-                reserve = activation_reserve(w, h, 1, vae_fp32=vae_needs_upcast(pipe))
-                choice = choose_level(free, weight_bytes(pipe), reserve)
+                choice = _level_from_table(pipe, free)
         elif requested is None:
-            w, h = _native_size(pipe)
-            reserve = activation_reserve(w, h, 1, vae_fp32=vae_needs_upcast(pipe))
-            choice = choose_level(device.free_bytes(), weight_bytes(pipe), reserve)
+            choice = _level_from_table(pipe, device.free_bytes())
         else:
             choice = LevelChoice(requested, "chosen by the user", auto=False)
         cfg = config if config is not None else MemoryOptimizationConfig.from_level(choice.level)

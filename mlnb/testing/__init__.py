@@ -45,7 +45,7 @@ def _write_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def _text_config(vocab_size: int, projection: bool = False):
+def _text_config(vocab_size: int):
     from transformers import CLIPTextConfig
 
     return CLIPTextConfig(
