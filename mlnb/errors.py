@@ -12,6 +12,7 @@ __all__ = [
     "UnsupportedPipelineError",
     "OutOfMemoryRescueError",
     "GenerationInterrupted",
+    "LoadInterrupted",
 ]
 
 
@@ -49,3 +50,7 @@ class OutOfMemoryRescueError(MlnbError):
 
 class GenerationInterrupted(MlnbError):
     """The generation was interrupted (KeyboardInterrupt); memory was freed and the pipeline kept."""
+
+
+class LoadInterrupted(MlnbError):
+    """Loading was interrupted (KeyboardInterrupt); its memory was freed and nothing new was cached."""

@@ -8,6 +8,7 @@ GPU faults are simulated on the CPU: a :class:`~mlnb.device.FakeDevice` is the c
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -203,8 +204,12 @@ def all_dead(refs: list) -> bool:
     ("--level maximum", "unknown level 'maximum'"),
     ("--guidance nan", "--guidance must be a finite number >= 0, got nan"),
     ("--num-images 99", "--num-images must be between 1 and 16, got 99"),
+    ('--negative "blurry', "%%generate: No closing quotation in the options"),
+    ("--out class", "--out must be a variable name, got 'class'"),
+    ("--save /tmp/" + "a" * 300 + ".png", "--save: [Errno 36] File name too long"),
 ], ids=["unknown-flag", "negative-steps", "width-not-x8", "height-not-x8", "absurd-width", "absurd-height",
-        "float-seed", "negative-seed", "unknown-level", "nan-guidance", "too-many-images"])
+        "float-seed", "negative-seed", "unknown-level", "nan-guidance", "too-many-images", "unclosed-quote",
+        "keyword-out", "name-too-long"])
 def test_bad_option_is_one_line_and_loses_nothing(ip, gpu, sd, capsys, options, needle):
     text = failing_cell(ip, f"%%generate {GEN} {options}\na fox", capsys)  # the last of a repeated option wins
     assert needle in text
@@ -214,7 +219,9 @@ def test_bad_option_is_one_line_and_loses_nothing(ip, gpu, sd, capsys, options, 
 @pytest.mark.parametrize("body,needle", [
     ("   \n\t\n", "the prompt is empty: write it in the cell body below %%generate"),
     ("a {missing_animal_xyz} in the snow", "{missing_animal_xyz} in the prompt names no variable in the notebook"),
-], ids=["empty-prompt", "missing-variable"])
+    ("a {In!q} fox", "cannot expand the prompt: ValueError: Unknown conversion specifier q"),
+    ("a {} fox", "the prompt has {}: name a notebook variable inside the braces"),
+], ids=["empty-prompt", "missing-variable", "bad-conversion", "positional"])
 def test_bad_prompt_is_one_line_and_loses_nothing(ip, gpu, sd, capsys, body, needle):
     assert needle in failing_cell(ip, f"%%generate {GEN}\n{body}", capsys)
     assert_state_after(ip, gpu, keeps=[sd], remembered=sd.model)
@@ -239,6 +246,40 @@ def test_save_onto_an_existing_file_keeps_it_and_the_next_cell_generates(ip, gpu
     assert run(ip, f"%%generate {GEN} --seed 1 --out r\na fox").error_in_exec is None
     assert ip.user_ns["r"].images[0].size == (64, 64) and mlnb.last_result() is ip.user_ns["r"]
     assert cached_pipelines() == [sd]
+    assert_state_after(ip, gpu, keeps=[sd])
+
+
+def test_save_clashing_with_the_second_of_several_names_is_refused_before_generating(ip, gpu, sd, tmp_path, capsys):
+    (tmp_path / "fox-1.png").write_bytes(b"my earlier picture")
+    before = mlnb.last_result()
+    text = failing_cell(ip, f"%%generate {GEN} --num-images 2 --out two --save {tmp_path / 'fox.png'}\na fox", capsys)
+    assert text == f"UsageError: --save: {str(tmp_path / 'fox-1.png')!r} exists; mlnb never overwrites, choose another name"
+    assert mlnb.last_result() is before and "two" not in ip.user_ns  # refused before anything ran
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fox-1.png"]
+    assert_state_after(ip, gpu, keeps=[sd])
+
+
+def test_save_that_fails_after_generating_keeps_and_shows_the_images(ip, gpu, sd, tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    def disk_full(self, fp, *args, **kwargs):
+        if str(fp).startswith(str(tmp_path)):
+            raise OSError(28, "No space left on device")
+        return real(self, fp, *args, **kwargs)
+
+    real = Image.Image.save
+    monkeypatch.setattr(Image.Image, "save", disk_full)
+    source = f"%%generate --steps 1 --width 64 --height 64 --seed 3 --out fox --save {tmp_path / 'fox.png'}\na fox"
+    text = failing_cell(ip, source, capsys, only_line=False)
+    assert text == "UsageError: --save: [Errno 28] No space left on device; the images are in fox and mlnb.last_result()"
+    assert mlnb.last_result() is ip.user_ns["fox"] and ip.user_ns["fox"].seed == 3
+    assert_state_after(ip, gpu, keeps=[sd])
+
+
+def test_vram_option_mistakes_are_one_line(ip, gpu, sd, capsys):
+    assert failing_cell(ip, "%vram history -n 0", capsys) == "UsageError: %vram history: -n must be >= 1, got 0"
+    assert failing_cell(ip, "%vram who -n -3", capsys) == "UsageError: %vram who: -n must be >= 1, got -3"
+    assert failing_cell(ip, "%vram history 'x", capsys) == "UsageError: %vram: No closing quotation in the options"
     assert_state_after(ip, gpu, keeps=[sd])
 
 
@@ -314,19 +355,33 @@ def test_hub_id_offline_is_one_line_and_touches_no_network(ip, gpu, sd, capsys, 
     assert_state_after(ip, gpu, keeps=[sd], remembered=sd.model)
 
 
-def test_pipeline_class_without_text_to_image_call_is_refused_at_load(ip, gpu, sd, tiny_sd, tmp_path, capsys):
+def test_pipeline_class_without_text_to_image_call_is_refused_at_load(ip, gpu, sd, tiny_sd, tmp_path, capsys,
+                                                                    monkeypatch):
     img2img = tmp_path / "img2img"
     shutil.copytree(tiny_sd, img2img)
     index = json.loads((img2img / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionImg2ImgPipeline"  # same components, a call without width/height
     (img2img / "model_index.json").write_text(json.dumps(index))
+    loaded = on_component_load(monkeypatch, second=lambda folder: None)
     text = failing_cell(ip, f"%%generate --model {img2img} {GEN}\na fox", capsys)
     assert text == (
         "UsageError: StableDiffusionImg2ImgPipeline is not a text-to-image pipeline mlnb can drive "
         "(its call lacks height, width)"
     )
     assert [m.model for m in cached_pipelines()] == [sd.model]  # refused before it was cached
+    gc.collect()  # what is still reachable (the stored traceback's frames) stays
+    assert len(loaded) == 3 and all(ref() is None for ref in loaded), "the refused pipeline is still held"
     assert_state_after(ip, gpu, keeps=[sd], remembered=sd.model)
+
+
+def test_a_budget_too_small_for_the_model_frees_the_pipeline_it_read(ip, gpu, fresh, tiny_sd, capsys, monkeypatch):
+    loaded = on_component_load(monkeypatch, second=lambda folder: None)
+    text = failing_cell(ip, f"%%generate --model {tiny_sd} --vram 1KiB {GEN}\na fox", capsys)
+    assert text.startswith("UsageError: no placement fits 1.0 KiB")
+    gc.collect()
+    assert len(loaded) == 3 and all(ref() is None for ref in loaded), "the refused pipeline is still held"
+    assert cached_pipelines() == []
+    assert_state_after(ip, gpu)
 
 
 def test_call_signature_changed_after_loading(ip, gpu, sd, capsys, monkeypatch):
@@ -646,14 +701,14 @@ def test_vram_free_while_a_dashboard_is_live(ip, gpu, sd, capsys):
     assert not board.running and board not in widgets.panel.live_dashboards()
 
 
-def test_keyboard_interrupt_while_loading_frees_the_parts_loaded(ip, gpu, fresh, tiny_sd, monkeypatch):
+def test_keyboard_interrupt_while_loading_frees_the_parts_loaded(ip, gpu, fresh, tiny_sd, capsys, monkeypatch):
     def interrupt(folder):
         raise KeyboardInterrupt
 
     loaded = on_component_load(monkeypatch, second=interrupt)
     defaults.model = None
-    result = run(ip, f"%%generate --model {tiny_sd} --level none {GEN}\na fox")
-    assert isinstance(result.error_in_exec, KeyboardInterrupt)
+    text = failing_cell(ip, f"%%generate --model {tiny_sd} --level none {GEN}\na fox", capsys)
+    assert text == f"UsageError: loading {str(tiny_sd)!r} was interrupted; its memory was freed and nothing was cached"
     assert len(loaded) == 1 and loaded[0]() is None, "the interrupted load still holds the component it had loaded"
     assert cached_pipelines() == [] and defaults.model is None
     assert_state_after(ip, gpu)

@@ -22,16 +22,32 @@ def test_expand_prompt_from_namespace():
     assert expand_prompt("literal {{braces}}", ns) == "literal {braces}"
 
 
+class _Boom:
+    def __format__(self, spec):
+        raise RuntimeError("boom")
+
+
 @pytest.mark.parametrize("text,needle", [
     ("a {missing} fox", "{missing} in the prompt names no variable"),
-    ("a {fox", "stray brace"),
-    ("a fox}", "stray brace"),
+    ("a {fox", "the prompt has a stray brace"),
+    ("a fox}", "the prompt has a stray brace"),
+    ("a {animal:zz}", "cannot expand the prompt: ValueError: "),  # the wording differs between Pythons
+    ("a {animal!q}", "cannot expand the prompt: ValueError: Unknown conversion specifier q"),
+    ("a {animal[9]}", "cannot expand the prompt: IndexError: string index out of range"),
+    ("a {boom}", "cannot expand the prompt: RuntimeError: boom"),
+    ("a {} fox", "the prompt has {}: name a notebook variable inside the braces"),
+    ("a {0} fox", "the prompt has {0}: name a notebook variable inside the braces"),
 ])
-def test_expand_prompt_errors_are_one_line(text, needle):
+def test_expand_prompt_errors_are_one_line_and_name_the_real_problem(text, needle):
     with pytest.raises(RequestError) as info:
-        expand_prompt(text, {})
+        expand_prompt(text, {"animal": "fox", "boom": _Boom()})
     assert needle in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_a_mistake_in_the_negative_prompt_names_the_option():
+    with pytest.raises(RequestError, match=r"^\{nope\} in --negative names no variable"):
+        build_request(args(model="m", negative="{nope}"), "a fox", {}, None, "auto")
 
 
 def test_request_uses_defaults_and_remembers_nothing_itself():

@@ -36,6 +36,14 @@ def _progress_bar(quiet: bool):
     return tqdm(total=1, desc="generate", unit="step", leave=False)
 
 
+def _parse(magic, line: str, name: str):
+    """``parse_argstring``, with an unclosed quote as one line too (argparse's own errors already are)."""
+    try:
+        return parse_argstring(magic, line)
+    except ValueError as exc:  # shlex: "No closing quotation", "No escaped character"
+        raise UsageError(f"{name}: {exc} in the options") from None
+
+
 @magics_class
 class MlnbMagics(Magics):
     """The magics; ``cell_monitor`` is told when a cell prints its own report."""
@@ -68,7 +76,7 @@ class MlnbMagics(Magics):
         """
         from ..pipeline import generate_with_rescue, load_pipeline
 
-        args = parse_argstring(self.generate, line)
+        args = _parse(self.generate, line, "%%generate")
         try:
             req = build_request(args, cell, self.shell.user_ns, session.default_model(), session.defaults.level)
         except RequestError as exc:
@@ -88,15 +96,24 @@ class MlnbMagics(Magics):
             session.defaults.model = req.model
             bar = _progress_bar(req.quiet)  # after loading: a load error shows no empty bar
             result = generate_with_rescue(managed, progress=None if req.quiet else progress, **req.generate_kwargs())
-            saved = result.save(req.save) if req.save else []
-        except (MlnbError, FileExistsError, FileNotFoundError) as exc:
+        except MlnbError as exc:
             raise UsageError(str(exc)) from None
         finally:
             if bar is not None:
                 bar.close()
         if req.out:
             self.shell.user_ns[req.out] = result
-        if saved:
+        if req.save:
+            try:
+                saved = result.save(req.save)
+            except OSError as exc:  # checked before generating, but a disk can be full or refuse: keep the images
+                if not req.quiet:
+                    from IPython.display import display
+
+                    display(result)
+                text = str(exc) if str(exc).startswith("--save") else f"--save: {exc}"
+                where = f"{req.out} and mlnb.last_result()" if req.out else "mlnb.last_result()"
+                raise UsageError(f"{text}; the images are in {where}") from None
             print(f"saved {', '.join(str(p) for p in saved)}")
         return None if req.quiet else result
 
@@ -108,7 +125,7 @@ class MlnbMagics(Magics):
     @line_magic
     def vram(self, line: str = ""):
         """GPU memory: status table, per-cell history, free, who holds tensors, monitor on/off, default level."""
-        args = parse_argstring(self.vram, line)
+        args = _parse(self.vram, line, "%vram")
         action = args.action
         if action not in _VRAM_ACTIONS:
             raise UsageError(f"%vram: unknown action {action!r}; use one of {', '.join(_VRAM_ACTIONS)}")
@@ -116,6 +133,8 @@ class MlnbMagics(Magics):
             raise UsageError(f"%vram {action} takes no argument, got {args.name!r}")
         if args.outputs and action != "free":
             raise UsageError("--outputs goes with %vram free")
+        if args.top < 1:
+            raise UsageError(f"%vram {action}: -n must be >= 1, got {args.top}")
         device = get_device()
         if action == "status":
             return session.status(device)

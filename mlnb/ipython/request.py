@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keyword
 import os
 import string
 from dataclasses import dataclass
@@ -10,6 +11,7 @@ from pathlib import Path
 from ..errors import InvalidArgumentError
 from ..levels import AUTO, parse_level
 from ..pipeline.managed import validate_generation_args
+from ..pipeline.result import save_paths
 from ..session import budget_of
 from ..units import parse_bytes
 
@@ -51,40 +53,56 @@ class GenerateRequest:
 class _Namespace(dict):
     """``format_map`` mapping over the notebook namespace that reports the first missing name."""
 
-    def __init__(self, user_ns: dict) -> None:
+    def __init__(self, user_ns: dict, what: str) -> None:
         super().__init__()
         self.user_ns = user_ns
+        self.what = what
 
     def __missing__(self, key):
         if key in self.user_ns:
             return self.user_ns[key]
-        raise RequestError(f"{{{key}}} in the prompt names no variable in the notebook (write {{{{ for a literal brace)")
+        raise RequestError(f"{{{key}}} in {self.what} names no variable in the notebook (write {{{{ for a literal brace)")
 
 
-def expand_prompt(text: str, user_ns: dict) -> str:
-    """Expand ``{var}`` (and ``{var.attr}``, ``{var[0]}``) from the namespace; ``{{``/``}}`` are literal braces."""
+def expand_prompt(text: str, user_ns: dict, what: str = "the prompt") -> str:
+    """Expand ``{var}`` (and ``{var.attr}``, ``{var[0]}``) from the namespace; ``{{``/``}}`` are literal braces.
+
+    ``what`` names the text in errors (``"the prompt"``, ``"--negative"``).
+    """
     try:
         # Parse first so an unmatched brace is reported as such, not as a missing name.
-        list(string.Formatter().parse(text))
-        return text.format_map(_Namespace(user_ns))
+        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+    except ValueError as exc:
+        raise RequestError(f"{what} has a stray brace ({exc}); write {{{{ or }}}} for a literal brace") from None
+    for field in fields:
+        if field == "" or field.split(".")[0].split("[")[0].isdigit():
+            raise RequestError(
+                f"{what} has {{{field}}}: name a notebook variable inside the braces, or write {{{{ and }}}} for braces"
+            )
+    try:
+        return text.format_map(_Namespace(user_ns, what))
     except RequestError:
         raise
-    except (ValueError, IndexError) as exc:
-        raise RequestError(f"the prompt has a stray brace ({exc}); write {{{{ or }}}} for a literal brace") from None
-    except (AttributeError, KeyError, TypeError) as exc:
-        raise RequestError(f"cannot expand the prompt: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # a bad format spec or conversion, an index, an attribute, a __format__ that raises
+        raise RequestError(f"cannot expand {what}: {type(exc).__name__}: {exc}") from None
 
 
-def _check_save(path: str, num_images: int) -> None:
+def _check_save(path: str, num_images: int, seed: int | None) -> None:
+    """The checks ``save_images`` makes, before any work: the folder, the extension, no file to overwrite."""
     target = Path(path).expanduser()
-    if target.is_dir():
-        return
-    if not target.parent.is_dir():
-        raise RequestError(f"--save: folder {str(target.parent)!r} does not exist")
-    if target.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
-        raise RequestError(f"--save: {path!r} is neither an existing folder nor a .png/.jpg/.webp file name")
-    if num_images == 1 and target.exists():
-        raise RequestError(f"--save: {path!r} exists; mlnb never overwrites, choose another name")
+    try:
+        if not target.is_dir():
+            if not target.parent.is_dir():
+                raise RequestError(f"--save: folder {str(target.parent)!r} does not exist")
+            if target.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+                raise RequestError(f"--save: {path!r} is neither an existing folder nor a .png/.jpg/.webp file name")
+        elif seed is None:
+            return  # the names in a folder carry the seed, drawn when the image is made
+        existing = [p for p in save_paths(target, num_images, seed) if p.exists()]
+    except OSError as exc:  # a name too long, a path the OS refuses
+        raise RequestError(f"--save: {exc}") from None
+    if existing:
+        raise RequestError(f"--save: {str(existing[0])!r} exists; mlnb never overwrites, choose another name")
 
 
 def build_request(args, cell: str, user_ns: dict, default_model: str | None, default_level: str) -> GenerateRequest:
@@ -117,17 +135,17 @@ def build_request(args, cell: str, user_ns: dict, default_model: str | None, def
     prompt = expand_prompt(cell or "", user_ns).strip()
     if not prompt:
         raise RequestError("the prompt is empty: write it in the cell body below %%generate")
-    negative = expand_prompt(args.negative, user_ns) if args.negative else None
+    negative = expand_prompt(args.negative, user_ns, "--negative") if args.negative else None
     steps = _DEFAULT_STEPS if args.steps is None else args.steps
     try:  # the rules generate applies, checked before the model loads, named as the options are
         validate_generation_args(prompt, steps, args.width, args.height, args.num_images, args.guidance, args.seed,
                                  spell=lambda name: "--" + name.replace("_", "-"))
     except InvalidArgumentError as exc:
         raise RequestError(str(exc)) from None
-    if args.out is not None and not args.out.isidentifier():
+    if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
         raise RequestError(f"--out must be a variable name, got {args.out!r}")
     if args.save:
-        _check_save(args.save, args.num_images)
+        _check_save(args.save, args.num_images, args.seed)
     budget = default_budget
     if getattr(args, "vram", None):  # replaces the session's budget too
         try:

@@ -16,6 +16,7 @@ from ..device import Device, get_device
 from ..errors import (
     GenerationInterrupted,
     InvalidArgumentError,
+    LoadInterrupted,
     OutOfMemoryRescueError,
     UnsupportedPipelineError,
 )
@@ -531,7 +532,12 @@ def load_pipeline(
                 if managed.model == source and dtype_name(managed.dtype) == dname and managed.choice.auto:
                     return managed
 
-    pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
+    try:
+        pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
+    except KeyboardInterrupt as exc:
+        release_exception_frames(exc)  # the half-read weights
+        cleanup(device)
+        raise LoadInterrupted(f"loading {source!r} was interrupted; its memory was freed and nothing was cached") from None
     plan = cfg = facts = None
     try:
         text_to_image_parameters(pipe)  # refuse it before it is optimized and cached: it could never generate
@@ -574,11 +580,15 @@ def load_pipeline(
             )
     except BaseException as exc:
         del pipe
-        oom = device.is_oom(exc)
-        if oom:  # the optimizer's frames still hold the half-placed weights: free them with the pipeline
-            release_exception_frames(exc)
+        # The frames that refused or placed it (the planner's, the optimizer's) still hold the pipeline: a refused
+        # model would otherwise stay in memory through the stored traceback until the next error.
+        release_exception_frames(exc)
         cleanup(device)
-        if not oom:
+        if isinstance(exc, KeyboardInterrupt):
+            raise LoadInterrupted(
+                f"loading {source!r} was interrupted; its memory was freed and nothing was cached"
+            ) from None
+        if not device.is_oom(exc):
             raise
         stronger = stronger_level(cfg.level) if cfg is not None else None
         advice = f"try --level {stronger.value}" if stronger else "%vram who shows what holds GPU memory"

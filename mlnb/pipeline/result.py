@@ -15,7 +15,7 @@ from ..monitor import MemoryReport
 from ..optimizer import OptimizationReport
 from ..units import format_bytes, format_gib
 
-__all__ = ["GenerationResult", "save_images"]
+__all__ = ["GenerationResult", "save_images", "save_paths"]
 
 
 @dataclass(frozen=True)
@@ -129,6 +129,25 @@ def _png_b64(image) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
+def save_paths(path: str | os.PathLike, count: int, seed: int = 0) -> list[Path]:
+    """Where :func:`save_images` puts ``count`` images: ``mlnb-<seed>-<i>.png`` in an existing folder, else the file
+    name (``name-<i>.png`` for several).
+
+    Raises:
+        FileNotFoundError: the parent folder does not exist, or the path is neither a folder nor a file name.
+    """
+    target = Path(path).expanduser()
+    if target.is_dir():
+        return [target / f"mlnb-{seed}-{i}.png" for i in range(count)]
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"--save: folder {str(target.parent)!r} does not exist")
+    if target.suffix == "":
+        raise FileNotFoundError(f"--save: folder {str(target)!r} does not exist (give a .png path or a folder)")
+    if count == 1:
+        return [target]
+    return [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(count)]
+
+
 def save_images(images: list, path: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> list[Path]:
     """Save images to a file (one image) or into an existing folder (``mlnb-<seed>-<i>.png``).
 
@@ -137,19 +156,9 @@ def save_images(images: list, path: str | os.PathLike, seed: int = 0, overwrite:
     Raises:
         FileExistsError: a target file exists and ``overwrite`` is False.
         FileNotFoundError: the parent folder does not exist.
+        OSError: the file could not be written.
     """
-    target = Path(path).expanduser()
-    if target.is_dir():
-        paths = [target / f"mlnb-{seed}-{i}.png" for i in range(len(images))]
-    else:
-        if not target.parent.is_dir():
-            raise FileNotFoundError(f"--save: folder {str(target.parent)!r} does not exist")
-        if target.suffix == "":
-            raise FileNotFoundError(f"--save: folder {str(target)!r} does not exist (give a .png path or a folder)")
-        if len(images) == 1:
-            paths = [target]
-        else:
-            paths = [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(len(images))]
+    paths = save_paths(path, len(images), seed)
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
         raise FileExistsError(f"--save: {str(existing[0])!r} exists; mlnb never overwrites, choose another name")
