@@ -117,6 +117,8 @@ def test_vae_tiling_changes_the_vae(tiny_sd):
     assert pipe.vae.tile_sample_min_size == 128
     assert pipe.vae.tile_latent_min_size == 64
     assert report["vae_tiling"].label == "VAE fp32 tiles 128"
+    with pytest.raises(KeyError, match="'vae_tilling' is not a technique; use one of model_cpu_offload, "):
+        report["vae_tilling"]  # a typo: a mapping's KeyError, with the names
 
 
 def test_vae_tile_is_chosen_for_the_budget_when_not_given(tiny_sd):

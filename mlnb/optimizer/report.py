@@ -46,7 +46,11 @@ class OptimizationReport:
         return len(self.results)
 
     def __getitem__(self, technique: Technique | str) -> TechniqueResult:
-        key = Technique(technique)
+        try:
+            key = Technique(technique)
+        except ValueError:  # a mapping's missing key, named with the ones there are
+            names = ", ".join(t.value for t in Technique)
+            raise KeyError(f"{technique!r} is not a technique; use one of {names}") from None
         for result in self.results:
             if result.technique is key:
                 return result
