@@ -29,6 +29,7 @@ from mlnb.levels import OptimizationLevel
 from mlnb.monitor import MemoryReport
 from mlnb.optimizer import OptimizationReport
 from mlnb.pipeline import GenerationResult, ManagedPipeline, cached_pipelines, generate_with_rescue, last_result
+from mlnb.pipeline import learning
 
 L = OptimizationLevel
 FAST = dict(steps=2, width=64, height=64)
@@ -428,10 +429,10 @@ def test_step_times_are_recorded_only_for_an_unoffloaded_denoiser(tiny_sd, clean
     import mlnb
 
     none = mlnb.load_pipeline(tiny_sd, level="none")
-    assert none._denoiser_resident() == (True, True)
+    assert learning.resident(none) == (True, True)
     none.unload()
     ultra = mlnb.load_pipeline(tiny_sd, level="ultra")
-    denoiser, vae = ultra._denoiser_resident()
+    denoiser, vae = learning.resident(ultra)
     # On a CPU nothing is offloaded, so nothing moves: only fp8 storage (if it ran) makes the steps slower.
     assert denoiser is (not ultra.techniques.is_applied("fp8_storage") and not ultra.techniques.is_applied("group_offload"))
     assert vae is False or denoiser
@@ -472,7 +473,7 @@ def test_a_streamed_generation_records_the_overlap_it_measured(tiny_sd, clean_ca
     from mlnb.plan import Workload
 
     class CudaLike(FakeDevice):
-        is_cuda = True  # _record measures only on a CUDA card
+        is_cuda = True  # measurements are recorded only on a CUDA card
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     device = CudaLike()
@@ -487,7 +488,7 @@ def test_a_streamed_generation_records_the_overlap_it_measured(tiny_sd, clean_ca
     ticks = iter([0.0, 0.095, 0.19])  # two streamed steps of 95 ms: 25 of the 50 ms of copies were hidden
     timer = StepTimer(lambda: None, clock=lambda: next(ticks))
     timer.mark(), timer.mark(), timer.mark()
-    managed._record(work, timer, None)
+    learning.record(managed, work, timer, None)
     facts = card_facts(device, managed.model_key, work, measure=False)
     assert facts.overlap == pytest.approx(0.5) and facts.step_seconds == 0.07  # the resident step is kept
     _, seconds = managed.predict(work)
@@ -522,7 +523,7 @@ def test_a_plan_records_its_tiled_decode_and_the_rest_and_the_next_prediction_us
     timer.mark(), timer.mark(), timer.mark()
     timer.finish()
     assert timer.decode_seconds == pytest.approx(0.06)
-    managed._record(work, timer, None, seconds=0.45)  # 0.10 of steps, 0.06 of decode, 0.29 besides
+    learning.record(managed, work, timer, None, seconds=0.45)  # 0.10 of steps, 0.06 of decode, 0.29 besides
     facts = card_facts(device, managed.model_key, work, measure=False)
     assert facts.decode_seconds_256 == pytest.approx(0.06) and facts.decode_seconds == 0.02  # the untiled one kept
     assert facts.other_offload_seconds == pytest.approx(0.29) and facts.other_seconds is None
@@ -602,7 +603,7 @@ def test_a_resident_generation_on_a_card_records_its_block_timeline_and_a_stream
     ticks = iter([0.0, 2 * replayed, 4 * replayed])  # steps twice as long as the replay
     timer = StepTimer(lambda: None, clock=lambda: next(ticks))
     timer.mark(), timer.mark(), timer.mark()
-    managed._record(work, timer, None)
+    learning.record(managed, work, timer, None)
     after = card_facts(managed.device, managed.model_key, work, measure=False)
     assert after.schedule_ratio == pytest.approx(2.0) and after.block_timeline == card.block_timeline
     assert streamed_step(managed.plan, managed.plan_facts, after) == pytest.approx(2 * replayed)
@@ -633,7 +634,7 @@ def test_fragmentation_is_recorded_only_from_a_generation_that_started_with_an_e
         timer.mark(), timer.mark()
         start = SimpleNamespace(start_allocated=5 * GiB, start_reserved=5 * GiB + cached_at_start,
                                 peak_allocated=6 * GiB)
-        managed._record(work, timer, start)
+        learning.record(managed, work, timer, start)
         return card_facts(managed.device, managed.model_key, work, measure=False).fragmentation_reserve
 
     assert record(cached_at_start=0, reserved_at_end=6 * GiB + 300 * MiB) == 300 * MiB
@@ -661,8 +662,8 @@ def test_the_time_a_generation_records_besides_its_steps_runs_to_the_end_of_its_
     """A plan predicts what a call to ``generate`` takes, so what it learns from one runs from the call's start to the
     end of the cleanup (a cache clear is part of what the user waits for), not only the pipeline's call."""
     seen = []
-    monkeypatch.setattr(ManagedPipeline, "_record",
-                        lambda self, work, timer, report, seconds, blocks: seen.append(seconds))
+    monkeypatch.setattr(learning, "record",
+                        lambda managed, work, timer, report, seconds, blocks: seen.append(seconds))
     managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
     result = managed.generate("a fox", seed=1, **FAST)
     phases = result.phase_seconds
@@ -682,3 +683,22 @@ def test_diffusers_warning_about_an_empty_list_of_fp32_modules_is_dropped_and_a_
         logging.getLogger("diffusers.models.modeling_utils").warning("should be kept in float32: ['norm']")
     messages = [r.getMessage() for r in caplog.records if r.name == "diffusers.models.modeling_utils"]
     assert messages == ["should be kept in float32: ['norm']"]
+
+
+def test_a_config_given_to_load_pipeline_is_the_one_generation_cleans_up_with(tiny_sd, clean_cache):
+    """``cuda_cache_clear=False`` (or ``gc_collect=False``) given at load holds for each generation's cleanup too,
+    not only the level's settings."""
+    from mlnb.levels import MemoryOptimizationConfig
+
+    device = FakeDevice()
+    config = MemoryOptimizationConfig.from_level("none", cuda_cache_clear=False)
+    managed = mlnb.load_pipeline(tiny_sd, config=config, device=device)
+    assert managed.config is config
+    calls = device.empty_cache_calls
+    result = managed.generate("a fox", seed=1, **FAST)
+    assert device.empty_cache_calls == calls and "cuda_cache_clear" not in result.memory.cleanup
+    mlnb.unload_all()
+    default = mlnb.load_pipeline(tiny_sd, level="none", device=device)
+    calls = device.empty_cache_calls
+    assert "cuda_cache_clear" in default.generate("a fox", seed=1, **FAST).memory.cleanup
+    assert device.empty_cache_calls == calls + 1

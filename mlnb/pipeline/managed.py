@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import inspect
 import logging
 import os
@@ -33,19 +31,20 @@ from ..levels import (
 from ..monitor import MemoryMonitor, cleanup, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
-from ..optimizer.budget import apply_plan, denoiser_blocks, model_facts, model_key, plan_level
-from ..optimizer.streaming import streamer_of, streamers_of
+from ..optimizer.budget import apply_plan, model_facts, model_key, plan_level
+from ..optimizer.streaming import streamers_of
 from ..optimizer.vae import decode_in_bf16, vae_decode_dtype
-from ..optimizer.context import denoiser_of, skipped
+from ..optimizer.context import skipped
 from ..plan import (
-    TILES, BudgetError, ModelFacts, Plan, Workload, overlap_measured, plan_for_budget, predict, streamed_step,
+    BudgetError, ModelFacts, Plan, Workload, plan_for_budget,
 )
-from ..card_facts import card_facts, record_measured
-from ..units import MiB, format_bytes, parse_bytes
+from ..card_facts import card_facts
+from ..units import format_bytes, parse_bytes
 from ..optimizer.weights import weight_bytes
 from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model
+from . import learning
 from .result import GenerationResult
-from .timing import BlockTimer, StepTimer, cache_was_empty
+from .timing import StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +139,7 @@ class ManagedPipeline:
         load_kwargs: dict,
         plan: Plan | None = None,
         plan_facts: ModelFacts | None = None,
+        config: MemoryOptimizationConfig | None = None,
     ) -> None:
         self.pipe = pipe
         self.plan = plan
@@ -152,6 +152,7 @@ class ManagedPipeline:
         self.load_kwargs = load_kwargs
         self.weight_bytes = weight_bytes(pipe) if pipe is not None else 0
         self.model_key = _model_key(pipe, dtype)
+        self._config = config
 
     @property
     def level(self) -> OptimizationLevel:
@@ -159,7 +160,8 @@ class ManagedPipeline:
 
     @property
     def config(self) -> MemoryOptimizationConfig:
-        return MemoryOptimizationConfig.from_level(self.level)
+        """The techniques' settings it was loaded with (its level's, or the ``config`` given to ``load_pipeline``)."""
+        return self._config if self._config is not None else MemoryOptimizationConfig.from_level(self.level)
 
     @property
     def loaded(self) -> bool:
@@ -280,7 +282,7 @@ class ManagedPipeline:
             guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
 
         config = self.config
-        blocks = self._block_timer()
+        blocks = learning.block_timer(self)
         # A full gc.collect only when the cache clear left GPU memory held (a cycle); errors always collect.
         monitor = MemoryMonitor(
             self.device, collect="if_needed" if config.gc_collect else False, empty_cache=config.cuda_cache_clear
@@ -326,8 +328,8 @@ class ManagedPipeline:
         )
         if loop.get(0) and steps > 1 and loop.get(steps - 1):
             result.allocator_in_steps.update({k: v - loop[0][k] for k, v in loop[steps - 1].items()})
-        self._record(work, timer, monitor.report, cleaned - entered, blocks)
-        self._room_for_the_allocator(work, timer, result.allocator_in_steps)
+        learning.record(self, work, timer, monitor.report, cleaned - entered, blocks)
+        learning.room_for_the_allocator(self, work, timer, result.allocator_in_steps)
         result.phase_seconds.update(
             before=start - entered, pipeline=seconds, cleanup=cleaned - start - seconds,  # the monitor's exit
             after=time.perf_counter() - cleaned,
@@ -340,107 +342,7 @@ class ManagedPipeline:
 
         Card facts are read again each time, so a step time measured since loading improves the prediction.
         """
-        if self.plan is None or self.plan_facts is None:
-            return None, None
-        card = card_facts(self.device, self.model_key, work, measure=False)
-        return predict(self.plan, self.plan_facts, card, work)
-
-    def _denoiser_resident(self) -> tuple[bool, bool]:
-        """(the denoiser stays whole on the GPU in fp16/bf16, and so do the text encoders and the VAE, which decodes
-        untiled): the first makes a step's time compute alone; the second makes the decode time and the activation
-        bytes above the weights mean what the planner takes them for."""
-        if self.plan is not None:
-            resident = not self.plan.streamed and not self.plan.fp8
-            return resident, resident and not self.plan.vae_tile and not self.plan.offload_encoders_vae
-        applied = {r.technique for r in self.techniques.applied}
-        moving = {Technique.SEQUENTIAL_CPU_OFFLOAD, Technique.GROUP_OFFLOAD, Technique.FP8_STORAGE}
-        vae_moving = {Technique.MODEL_CPU_OFFLOAD, Technique.VAE_TILING, Technique.VAE_SLICING}
-        resident = not applied & moving
-        return resident, resident and not applied & vae_moving
-
-    def _room_for_the_allocator(self, work: Workload, timer: StepTimer, during: dict[str, int]) -> None:
-        """After a planned generation in whose steps (after the first) the caching allocator had to free cached
-        memory (retries, device frees: each synchronizes the device), cache a larger fragmentation margin for this
-        model on the card, so that the next plan made for it leaves the allocator more room: 1.5 times the room this
-        plan left between the loop's peak allocated bytes and the budget."""
-        freed = during.get("num_alloc_retries", 0) + during.get("num_device_free", 0)
-        if not freed or self.plan is None or timer.denoise_peak is None or self.model_key is None:
-            return
-        left = max(0, self.plan.budget - timer.denoise_peak)
-        known = card_facts(self.device, self.model_key, work, measure=False).fragmentation_reserve or 0
-        margin = max(known, int(1.5 * left), 64 * MiB)
-        if margin == known:
-            return  # raised before for this plan: the next plan already leaves it
-        record_measured(self.device, self.model_key, work, fragmentation_reserve=margin)
-        logger.warning(
-            "the allocator freed cached memory %d time(s) during the steps under the %s plan (%s left beside the "
-            "loop's peak); the next plan for this model on this card leaves %s", freed, format_bytes(self.plan.budget),
-            format_bytes(left), format_bytes(margin),
-        )
-
-    def _block_timer(self):
-        """A :class:`BlockTimer` of the denoiser's blocks on CUDA when the denoiser is resident, or streamed by a
-        plan in its own dtype (its waits for copies then taken out), else a context that does nothing."""
-        if not self.device.is_cuda or self.model_key is None:
-            return contextlib.nullcontext()
-        streamed = self.plan is not None and self.plan.streamed and not self.plan.fp8
-        if not (self._denoiser_resident()[0] or streamed):
-            return contextlib.nullcontext()
-        denoiser = denoiser_of(self.pipe)
-        if self.plan_facts is not None:  # the plan's blocks, which its timeline must name
-            modules = dict(denoiser.named_modules())
-            blocks = {b.name: modules[b.name] for b in self.plan_facts.blocks}
-        else:
-            blocks = denoiser_blocks(self.pipe)
-        streamer = streamer_of(self.pipe) if streamed else None
-        return BlockTimer(self.device, denoiser, blocks, streamer=streamer)
-
-    def _record(self, work: Workload, timer: StepTimer, report, seconds: float | None = None, blocks=None) -> None:
-        """Cache this card's measurements for the planner: the step and its block timeline, decode and activations
-        when the denoiser (and, for the rest, everything) ran resident; the overlap of a streamed step and its ratio
-        to the schedule replay (and, until the model runs resident on the card, its compute with the waits for copies
-        taken out, as the step and timeline); and, for a plan, its tiled decode and the time besides its steps and
-        decode out of ``seconds``, the call's time up to the end of its cleanup (what a prediction is for)."""
-        if not self.device.is_cuda or self.model_key is None or timer.step_seconds is None:
-            return
-        measured: dict = {}
-        plan = self.plan
-        if plan is not None:
-            if plan.vae_tile in TILES and timer.decode_seconds:
-                measured[f"decode_seconds_{plan.vae_tile}"] = timer.decode_seconds
-            if seconds is not None:
-                other = seconds - work.steps * timer.step_seconds - (timer.decode_seconds or 0.0)
-                measured["other_offload_seconds" if plan.offload_encoders_vae else "other_seconds"] = max(other, 1e-5)
-        denoiser, everything = self._denoiser_resident()
-        if not denoiser:
-            if plan is not None and plan.streamed and not plan.fp8:  # how much of the copies the compute hid
-                card = card_facts(self.device, self.model_key, work, measure=False)
-                timeline = blocks.timeline() if isinstance(blocks, BlockTimer) else None
-                if card.step_seconds is None and timeline is not None:
-                    # The model has not run whole on this card (it may never fit): its compute, from this step
-                    # with the waits for copies taken out, stands in until it does.
-                    compute = timer.step_seconds - blocks.stall_seconds
-                    measured.update(step_seconds=compute, block_timeline=timeline)
-                    card = dataclasses.replace(card, step_seconds=compute, block_timeline=timeline)
-                if card.step_seconds and card.bandwidth:
-                    copies = plan.streamed_bytes / card.bandwidth
-                    measured["overlap"] = overlap_measured(card.step_seconds, copies, timer.step_seconds)
-                replayed = streamed_step(plan, self.plan_facts, card, calibrated=False) if self.plan_facts else None
-                if replayed:  # what the schedule replay did not foresee (hooks, the allocator, the copy engine)
-                    measured["schedule_ratio"] = timer.step_seconds / replayed
-        else:
-            measured["step_seconds"] = timer.step_seconds
-            clean = report is not None and cache_was_empty(report.start_allocated, report.start_reserved)
-            if clean and timer.fragmentation:  # cached blocks at the start would count as fragmentation
-                # never below a margin that a plan's steps showed the allocator needed
-                known = card_facts(self.device, self.model_key, work, measure=False).fragmentation_reserve or 0
-                measured["fragmentation_reserve"] = max(timer.fragmentation, known)
-            if isinstance(blocks, BlockTimer):
-                measured["block_timeline"] = blocks.timeline()
-            if everything:
-                denoise, decode = timer.reserves(report.start_allocated, report.peak_allocated)
-                measured.update(decode_seconds=timer.decode_seconds, denoise_reserve=denoise, decode_reserve=decode)
-        record_measured(self.device, self.model_key, work, **measured)
+        return learning.predict(self, work)
 
     def unload(self) -> None:
         """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up."""
@@ -537,7 +439,9 @@ def load_pipeline(
     except KeyboardInterrupt as exc:
         release_exception_frames(exc)  # the half-read weights
         cleanup(device)
-        raise LoadInterrupted(f"loading {source!r} was interrupted; its memory was freed and nothing was cached") from None
+        raise LoadInterrupted(
+            f"loading {source!r} was interrupted; its memory was freed and nothing was cached"
+        ) from None
     plan = cfg = facts = None
     try:
         text_to_image_parameters(pipe)  # refuse it before it is optimized and cached: it could never generate
@@ -595,7 +499,9 @@ def load_pipeline(
         at = f" at level {cfg.level.value}" if cfg is not None else ""
         raise OutOfMemoryRescueError(f"out of GPU memory loading {source!r}{at}; {advice}") from None
     load_kwargs = dict(from_pretrained_kwargs, allow_pickle=allow_pickle)
-    managed = ManagedPipeline(pipe, source, torch_dtype, choice, report, device, load_kwargs, plan=plan, plan_facts=facts)
+    managed = ManagedPipeline(
+        pipe, source, torch_dtype, choice, report, device, load_kwargs, plan=plan, plan_facts=facts, config=config
+    )
     with _cache_lock:
         _cache[managed.key] = managed
     logger.debug("loaded %r", managed)

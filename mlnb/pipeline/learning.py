@@ -1,0 +1,140 @@
+"""What generations teach the planner about a card, and the predictions it makes from that.
+
+Each function takes a loaded :class:`~mlnb.pipeline.managed.ManagedPipeline` and reads its ``device``, ``model_key``,
+``plan``, ``plan_facts``, ``techniques`` and ``pipe``. After each generation on a CUDA card, :func:`record` caches the
+card's measurements for that model (:mod:`mlnb.card_facts`): a step's time and its block timeline, the decode, the
+activations, how much of a streamed step's copies the compute hid, and a plan's time besides its steps. Before a
+generation, :func:`predict` gives the plan's peak and time from what is cached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+
+from ..card_facts import card_facts, record_measured
+from ..levels import Technique
+from ..optimizer.budget import denoiser_blocks
+from ..optimizer.context import denoiser_of
+from ..optimizer.streaming import streamer_of
+from ..plan import TILES, Workload, overlap_measured, streamed_step
+from ..plan import predict as predict_plan
+from ..units import MiB, format_bytes
+from .timing import BlockTimer, StepTimer, cache_was_empty
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["predict", "resident", "block_timer", "record", "room_for_the_allocator"]
+
+
+def predict(managed, work: Workload) -> tuple[int | None, float | None]:
+    """The plan's predicted peak bytes and seconds for ``work``; ``(None, None)`` without a plan.
+
+    Card facts are read again each time, so a step time measured since loading improves the prediction.
+    """
+    if managed.plan is None or managed.plan_facts is None:
+        return None, None
+    card = card_facts(managed.device, managed.model_key, work, measure=False)
+    return predict_plan(managed.plan, managed.plan_facts, card, work)
+
+
+def resident(managed) -> tuple[bool, bool]:
+    """(the denoiser stays whole on the GPU in fp16/bf16, and so do the text encoders and the VAE, which decodes
+    untiled): the first makes a step's time compute alone; the second makes the decode time and the activation
+    bytes above the weights mean what the planner takes them for."""
+    if managed.plan is not None:
+        whole = not managed.plan.streamed and not managed.plan.fp8
+        return whole, whole and not managed.plan.vae_tile and not managed.plan.offload_encoders_vae
+    applied = {r.technique for r in managed.techniques.applied}
+    moving = {Technique.SEQUENTIAL_CPU_OFFLOAD, Technique.GROUP_OFFLOAD, Technique.FP8_STORAGE}
+    vae_moving = {Technique.MODEL_CPU_OFFLOAD, Technique.VAE_TILING, Technique.VAE_SLICING}
+    whole = not applied & moving
+    return whole, whole and not applied & vae_moving
+
+
+def room_for_the_allocator(managed, work: Workload, timer: StepTimer, during: dict[str, int]) -> None:
+    """After a planned generation in whose steps (after the first) the caching allocator had to free cached
+    memory (retries, device frees: each synchronizes the device), cache a larger fragmentation margin for this
+    model on the card, so that the next plan made for it leaves the allocator more room: 1.5 times the room this
+    plan left between the loop's peak allocated bytes and the budget."""
+    freed = during.get("num_alloc_retries", 0) + during.get("num_device_free", 0)
+    if not freed or managed.plan is None or timer.denoise_peak is None or managed.model_key is None:
+        return
+    left = max(0, managed.plan.budget - timer.denoise_peak)
+    known = card_facts(managed.device, managed.model_key, work, measure=False).fragmentation_reserve or 0
+    margin = max(known, int(1.5 * left), 64 * MiB)
+    if margin == known:
+        return  # raised before for this plan: the next plan already leaves it
+    record_measured(managed.device, managed.model_key, work, fragmentation_reserve=margin)
+    logger.warning(
+        "the allocator freed cached memory %d time(s) during the steps under the %s plan (%s left beside the "
+        "loop's peak); the next plan for this model on this card leaves %s", freed, format_bytes(managed.plan.budget),
+        format_bytes(left), format_bytes(margin),
+    )
+
+
+def block_timer(managed):
+    """A :class:`BlockTimer` of the denoiser's blocks on CUDA when the denoiser is resident, or streamed by a
+    plan in its own dtype (its waits for copies then taken out), else a context that does nothing."""
+    if not managed.device.is_cuda or managed.model_key is None:
+        return contextlib.nullcontext()
+    streamed = managed.plan is not None and managed.plan.streamed and not managed.plan.fp8
+    if not (resident(managed)[0] or streamed):
+        return contextlib.nullcontext()
+    denoiser = denoiser_of(managed.pipe)
+    if managed.plan_facts is not None:  # the plan's blocks, which its timeline must name
+        modules = dict(denoiser.named_modules())
+        blocks = {b.name: modules[b.name] for b in managed.plan_facts.blocks}
+    else:
+        blocks = denoiser_blocks(managed.pipe)
+    streamer = streamer_of(managed.pipe) if streamed else None
+    return BlockTimer(managed.device, denoiser, blocks, streamer=streamer)
+
+
+def record(managed, work: Workload, timer: StepTimer, report, seconds: float | None = None, blocks=None) -> None:
+    """Cache this card's measurements for the planner: the step and its block timeline, decode and activations
+    when the denoiser (and, for the rest, everything) ran resident; the overlap of a streamed step and its ratio
+    to the schedule replay (and, until the model runs resident on the card, its compute with the waits for copies
+    taken out, as the step and timeline); and, for a plan, its tiled decode and the time besides its steps and
+    decode out of ``seconds``, the call's time up to the end of its cleanup (what a prediction is for)."""
+    if not managed.device.is_cuda or managed.model_key is None or timer.step_seconds is None:
+        return
+    measured: dict = {}
+    plan = managed.plan
+    if plan is not None:
+        if plan.vae_tile in TILES and timer.decode_seconds:
+            measured[f"decode_seconds_{plan.vae_tile}"] = timer.decode_seconds
+        if seconds is not None:
+            other = seconds - work.steps * timer.step_seconds - (timer.decode_seconds or 0.0)
+            measured["other_offload_seconds" if plan.offload_encoders_vae else "other_seconds"] = max(other, 1e-5)
+    denoiser, everything = resident(managed)
+    if not denoiser:
+        if plan is not None and plan.streamed and not plan.fp8:  # how much of the copies the compute hid
+            card = card_facts(managed.device, managed.model_key, work, measure=False)
+            timeline = blocks.timeline() if isinstance(blocks, BlockTimer) else None
+            if card.step_seconds is None and timeline is not None:
+                # The model has not run whole on this card (it may never fit): its compute, from this step
+                # with the waits for copies taken out, stands in until it does.
+                compute = timer.step_seconds - blocks.stall_seconds
+                measured.update(step_seconds=compute, block_timeline=timeline)
+                card = dataclasses.replace(card, step_seconds=compute, block_timeline=timeline)
+            if card.step_seconds and card.bandwidth:
+                copies = plan.streamed_bytes / card.bandwidth
+                measured["overlap"] = overlap_measured(card.step_seconds, copies, timer.step_seconds)
+            replayed = streamed_step(plan, managed.plan_facts, card, calibrated=False) if managed.plan_facts else None
+            if replayed:  # what the schedule replay did not foresee (hooks, the allocator, the copy engine)
+                measured["schedule_ratio"] = timer.step_seconds / replayed
+    else:
+        measured["step_seconds"] = timer.step_seconds
+        clean = report is not None and cache_was_empty(report.start_allocated, report.start_reserved)
+        if clean and timer.fragmentation:  # cached blocks at the start would count as fragmentation
+            # never below a margin that a plan's steps showed the allocator needed
+            known = card_facts(managed.device, managed.model_key, work, measure=False).fragmentation_reserve or 0
+            measured["fragmentation_reserve"] = max(timer.fragmentation, known)
+        if isinstance(blocks, BlockTimer):
+            measured["block_timeline"] = blocks.timeline()
+        if everything:
+            denoise, decode = timer.reserves(report.start_allocated, report.peak_allocated)
+            measured.update(decode_seconds=timer.decode_seconds, denoise_reserve=denoise, decode_reserve=decode)
+    record_measured(managed.device, managed.model_key, work, **measured)
