@@ -73,7 +73,8 @@ for level in LEVELS:
 #   by far the slowest.
 # - **Group offloading with streams**: like sequential, but the next group is prefetched on a CUDA stream while the
 #   current one computes. The same low peak at a fraction of sequential's cost. Its price is host RAM: the weights
-#   are kept in pinned memory, which the diffusers docs put at about 2× the model size (Colab has 12.7 GB of RAM).
+#   are kept in pinned memory, which the diffusers docs put at about 2× the model size (Colab's GPU runtime has
+#   12.7 GB of RAM: the design notes' figure for the runtime of 2026-08).
 #   `aggressive` runs it without streams (no pinned copy), `ultra` with.
 # - **VAE tiling**: decode the latents in overlapping tiles. mlnb sets the tile size for the budget: the VAE's own
 #   default is its `sample_size`, 1024 for SDXL, which does nothing for a 1024² image.
@@ -160,29 +161,40 @@ memory
 # %% [markdown]
 # ## Reference figures (plain diffusers, not mlnb)
 #
-# To know what to expect on a GPU, these are figures for **plain diffusers 0.42.1** (no mlnb), measured on an
-# **NVIDIA H200**, fp16, 20 steps, with the real SD1.5 and SDXL architectures and **random weights**. They are
-# not mlnb's numbers; the date and the exact command were not recorded with them. mlnb's own figures, with the
-# card, versions, date and command of each run, come from `mlnb bench`: see
+# To know what to expect on a GPU, these are figures from the project's design notes for **plain diffusers
+# 0.42.1** (no mlnb), measured on an **NVIDIA H200**, fp16, 20 steps, with the real SD1.5 and SDXL architectures and
+# **random weights**. They are not mlnb's numbers; the date and the exact command were not recorded with them.
+# mlnb's own figures, with the card, versions, date and command of each run, come from `mlnb bench`: see
 # [docs/benchmarks.md](https://github.com/mlnb-project/mlnb/blob/main/docs/benchmarks.md).
 #
 # Seconds per image / peak allocated GiB:
 #
-# | plain diffusers 0.42.1, H200, fp16, 20 steps | none | model offload | sequential | group leaf + stream | fp8 storage |
+# | design notes: plain diffusers 0.42.1, H200, fp16, 20 steps | none | model offload | sequential | group leaf + stream | fp8 storage |
 # |---|---|---|---|---|---|
 # | SD1.5 512² | 0.50 / 2.66 | 2.23 / 1.77 | 7.52 / 0.63 | 1.89 / 0.63 | 0.94 / 1.86 |
 # | SDXL 1024², fp16 VAE, tiles 512 | 1.41 / 7.22 | 5.09 / 5.23 | 23.6 / 0.64 | 5.74 / 0.64 | not measured |
 #
-# What the same measurements showed, and what mlnb does about it:
+# `mlnb bench` measured two of these recipes on one H100 (run 5 in
+# [docs/benchmarks.md](https://github.com/mlnb-project/mlnb/blob/main/docs/benchmarks.md): torch 2.11.0+cu130,
+# diffusers 0.42.1, 2026-11-26,
+# `MLNB_GPU_CHECK_BENCH="--quick --steps 20 --device cuda --timeout 150" scripts/gpu_check.sh`). Plain diffusers
+# with no offload: SD1.5 0.71 s / 2.64 GiB; SDXL 1.62 s / 11.52 GiB, with diffusers' default fp32 VAE decode,
+# untiled. Group offloading (leaf level, streams): SD1.5 under a 2 GiB cap 2.27 s / 0.63 GiB; SDXL under a 4 GiB
+# cap, fp16 VAE in 512 px tiles, 6.59 s / 0.64 GiB.
+#
+# What the design notes' measurements showed, and what mlnb does about it:
 #
 # - The SDXL VAE config has `force_upcast=True`: the decode then runs in fp32 and plain SDXL peaks at 11.55 GiB
-#   instead of 7.22. The upcast also crashes group offloading (dtype mismatch). On a card that computes bf16 in
-#   hardware (compute capability 8.0 and up), mlnb stores that VAE in bf16 (fp32's range, half its memory), so
-#   nothing is upcast. On a T4 it keeps the VAE resident on the GPU when it group-offloads the rest.
+#   instead of 7.22 on the H200 (11.52 GiB on the H100 of run 5: two cards). The upcast also crashes group
+#   offloading (dtype mismatch). On a card that computes bf16 in hardware (compute capability 8.0 and up), mlnb
+#   stores that VAE in bf16 (fp32's range, half its memory), so nothing is upcast. On a T4 it keeps the VAE
+#   resident on the GPU when it group-offloads the rest.
 # - `vae.enable_tiling()` tiles at `config.sample_size` (1024 for SDXL), which does nothing for a 1024² image;
 #   mlnb sets the tile size.
-# - Attention slicing under SDPA was 1.5× slower at the same peak; mlnb skips it there.
-# - Group offloading with streams had the peak of sequential offload at about a quarter of its time.
+# - Attention slicing under SDPA was 1.5× slower at the same peak (design notes: H200, plain diffusers 0.42.1, fp16,
+#   20 steps; date and command not recorded); mlnb skips it there.
+# - Group offloading with streams had the peak of sequential offload at about a quarter of its time (design notes,
+#   H200). On the H100 of run 5 it took 3.18× (SD1.5) and 4.06× (SDXL) the time of no offload.
 
 # %% [markdown]
 # ## Choosing a level yourself

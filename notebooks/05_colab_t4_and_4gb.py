@@ -19,7 +19,8 @@
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/mlnb-project/mlnb/blob/main/notebooks/05_colab_t4_and_4gb.ipynb)
 #
 # Stable Diffusion 1.5 and SDXL with the level and settings that fit a free Colab T4 (15 GiB of VRAM, 12.7 GB of
-# host RAM) and a 4 GB card. On Colab choose *Runtime → Change runtime type → T4 GPU* first.
+# host RAM: the project's design notes on Colab's GPU runtime of 2026-08) and a 4 GB card. On Colab choose
+# *Runtime → Change runtime type → T4 GPU* first.
 #
 # The cells that download and run the real models need a CUDA GPU. Without one they are skipped, each with a line
 # that says so; everything else runs on the embedded tiny model.
@@ -88,16 +89,19 @@ for name, side in [("sd15", 512), ("sdxl", 1024)]:
 # Two things decide beyond VRAM:
 #
 # - **Host RAM.** Streamed weights sit in pinned host memory. A plan pins only what it streams (on a 4 GB card about
-#   2.0 GiB of SDXL's UNet and its 1.6 GiB of text encoders, of 6.5 GiB in all) after the rest has gone to the GPU. The fixed level `ultra` streams the whole
-#   pipeline: plain diffusers' group offloading of SDXL peaked at 14.35 GiB of host RAM on an H100 machine (2.2× the
-#   fp16 weights; see `docs/benchmarks.md`), more than Colab's 12.7 GB, so on Colab do not run SDXL at `ultra`.
+#   2.0 GiB of SDXL's UNet and its 1.52 GiB of text encoders, of 6.5 GiB in all) after the rest has gone to the GPU.
+#   The fixed level `ultra` streams the whole pipeline: plain diffusers' group offloading of SDXL peaked at
+#   14.35 GiB of host RAM on an H100 machine (2.2× the fp16 weights; run 5 in `docs/benchmarks.md`, 2026-11-26),
+#   more than Colab's 12.7 GB, so on Colab do not run SDXL at `ultra`.
 #   `aggressive` offloads the same groups without streams and without the pinned copy: slower, no pinned RAM.
-# - **Speed.** Every offload trades time for memory. On one H100 (plain diffusers 0.42.1, fp16, 20 steps, random
-#   weights, `mlnb bench`, 2026-11-26; [docs/benchmarks.md](https://github.com/mlnb-project/mlnb/blob/main/docs/benchmarks.md)),
+# - **Speed.** Every offload trades time for memory. Run 5 in
+#   [docs/benchmarks.md](https://github.com/mlnb-project/mlnb/blob/main/docs/benchmarks.md) measured on one H100
+#   (2026-11-26, torch 2.11.0+cu130, diffusers 0.42.1, fp16, 20 steps, random weights,
+#   `MLNB_GPU_CHECK_BENCH="--quick --steps 20 --device cuda --timeout 150" scripts/gpu_check.sh`). Plain diffusers:
 #   SDXL took 1.62 s with no offload and 6.59 s with leaf-level group offload and streams under a 4 GiB cap; SD1.5
-#   0.71 s and 2.27 s under 2 GiB. mlnb's plans took 2.09 s for SDXL under a 15 GiB cap (all resident; 0.33 s of it
-#   the cache clear after the image), 3.04 s under 4 GiB (part of the UNet streamed) and 1.11 s for SD1.5 under
-#   2 GiB (run 5 there; the streaming plans are still short of their targets).
+#   0.71 s and 2.27 s under 2 GiB. mlnb's plans: 2.09 s for SDXL under a 15 GiB cap (all resident; 0.33 s of it the
+#   cache clear after the image), 3.04 s under 4 GiB (part of the UNet streamed) and 1.11 s for SD1.5 under 2 GiB
+#   (the streaming plans are still short of their targets).
 #
 # No xformers on Colab: mlnb uses PyTorch's SDPA and says so in the report.
 
