@@ -219,8 +219,12 @@ for r in doc.get("runs", []):
     if r.get("cleanup_steps"):
         timed = r.get("cleanup_timings") or [[step, None] for step in r["cleanup_steps"]]
         freed = f" ({r['cleanup_freed'] / 2**30:.2f} GiB freed)" if r.get("cleanup_freed") is not None else ""
+        held = ""
+        if r.get("cleanup_held") is not None:  # what asked for the gc.collect, and whether it was a cycle
+            held = (f"; {r['cleanup_held'] / 2**20:.1f} MiB held after the clear, "
+                    f"{(r.get('cleanup_collected') or 0) / 2**20:.1f} MiB given back by the collection")
         print(f"  cleanup, {r['model']} {r['recipe']} {cap}: {r.get('cleanup_seconds') or 0:.3f} s{freed}, "
-              + " + ".join(step if s is None else f"{step} {s:.3f} s" for step, s in timed))
+              + " + ".join(step if s is None else f"{step} {s:.3f} s" for step, s in timed) + held)
     if r.get("phase_seconds") or r.get("first_step_seconds"):
         phases = [f"{k} {v:.3f} s" for k, v in (r.get("phase_seconds") or {}).items()]
         if r.get("first_step_seconds"):

@@ -327,10 +327,12 @@ def test_collect_if_needed_skips_the_full_collection_when_memory_came_back(dev, 
         dev.allocate(GiB)
         dev.release(GiB)
     assert collected == [] and mon.report.cleanup == ("cuda_cache_clear",) and mon.report.freed == GiB
+    assert (mon.report.held_after_clear, mon.report.collected) == (None, None)
     assert mon.report.cleanup_seconds is not None and mon.report.cleanup_seconds >= 0
     with MemoryMonitor(dev, collect="if_needed") as mon:
         dev.allocate(GiB)  # still held at the end (a cycle, say)
     assert collected == [1] and mon.report.cleanup == ("gc_collect", "cuda_cache_clear")
+    assert (mon.report.held_after_clear, mon.report.collected) == (GiB, 0)  # live memory: the collection found none
     # Each step timed, the first cache clear too: which one costs is what a slow cleanup needs to know.
     assert [step for step, _ in mon.report.cleanup_timings] == ["cuda_cache_clear", "gc_collect", "cuda_cache_clear"]
     assert all(seconds >= 0 for _, seconds in mon.report.cleanup_timings)
@@ -388,3 +390,14 @@ def test_pages_read_from_a_mapped_weight_file_leave_the_process_and_read_back_th
     assert before - rss_file() >= 24 * 2**20  # the weight file's pages left; the other mapping was not asked
     assert hash(weights[:]) == digest  # read back from the file, unchanged
     weights.close(), untouched.close()
+
+
+def test_collect_if_needed_reports_what_a_collection_gave_back(dev, monkeypatch):
+    """A cycle holding device memory: the collection frees it, and the report says how much was held and freed."""
+    dev.allocate(GiB)
+    monkeypatch.setattr(monitor_mod, "gc", types.SimpleNamespace(collect=lambda: dev.release(256 * MiB)))
+    with MemoryMonitor(dev, collect="if_needed") as mon:
+        dev.allocate(256 * MiB)  # held by a cycle until the collection
+    assert mon.report.cleanup == ("gc_collect", "cuda_cache_clear")
+    assert (mon.report.held_after_clear, mon.report.collected) == (256 * MiB, 256 * MiB)
+    assert mon.report.end_allocated == GiB

@@ -241,6 +241,9 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
             cleanup_steps=list(result.memory.cleanup),  # a gc.collect among them: the cache clear left memory held
             cleanup_timings=[[step, round(seconds, 4)] for step, seconds in result.memory.cleanup_timings],
             cleanup_freed=result.memory.freed,  # reserved bytes the cache clear gave back (what it cost to free)
+            # what asked for a gc.collect (allocated above the start after the cache clear), and what it gave back:
+            # a cycle (given back) or memory that stays live (nothing), which would ask again each image
+            cleanup_held=result.memory.held_after_clear, cleanup_collected=result.memory.collected,
             first_step_seconds=result.first_step_seconds,  # prompt encoding and the first step
             phase_seconds={k: round(v, 4) for k, v in result.phase_seconds.items()},
         )

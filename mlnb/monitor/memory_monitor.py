@@ -75,6 +75,10 @@ class MemoryReport:
     cleanup_seconds: float | None = None  # time the closing cleanup took (gc, cache clear)
     cleanup_timings: tuple[tuple[str, float], ...] = ()  # (step, seconds) of each, in the order they ran
     error: str | None = None  # the exception type that ended the block, if any
+    # collect="if_needed": bytes still allocated above the start after the cache clear (what asks for a collection),
+    # and what the collection then gave back (None when none ran)
+    held_after_clear: int | None = None
+    collected: int | None = None
 
     @property
     def peak(self) -> int | None:
@@ -201,18 +205,30 @@ class MemoryMonitor:
         del exc, tb
         began = time.perf_counter()
         timings: list = []
+        held = collected = None
         if self.collect == "if_needed" and exc_type is None:
             steps = cleanup(dev, collect=False, empty_cache=self.empty_cache, timings=timings)
-            start_allocated = self._start.allocated if self._start is not None else None
-            if dev.has_memory_counters and (dev.snapshot().allocated or 0) > (start_allocated or 0):
-                # still held: a cycle may be holding it
-                steps = cleanup(dev, collect=True, empty_cache=self.empty_cache, timings=timings)
+            if dev.has_memory_counters:
+                steps, held, collected = self._collect_if_held(dev, steps, timings)
         else:  # True, False, or "if_needed" after an error (collects)
             steps = cleanup(dev, collect=bool(self.collect), empty_cache=self.empty_cache, timings=timings)
         cleanup_seconds = time.perf_counter() - began
         end = dev.snapshot() if steps else at_exit  # nothing ran: the state is the one just read
         self.report = self._build_report(at_exit, end, steps, exc_type, cleanup_seconds, tuple(timings))
+        if held is not None:
+            self.report = replace(self.report, held_after_clear=held, collected=collected)
         return False
+
+    def _collect_if_held(self, dev: Device, steps: list[str], timings: list):
+        """``collect="if_needed"`` after the cache clear: a full collection when more is allocated than at the start
+        (a reference cycle may hold tensors). Returns the steps, the bytes held above the start and what the
+        collection gave back (both None when nothing was held)."""
+        start = (self._start.allocated if self._start is not None else None) or 0
+        now = dev.snapshot().allocated or 0
+        if now <= start:
+            return steps, None, None
+        steps = cleanup(dev, collect=True, empty_cache=self.empty_cache, timings=timings)
+        return steps, now - start, max(0, now - (dev.snapshot().allocated or 0))
 
     def _build_report(
         self, at_exit: MemorySnapshot, end: MemorySnapshot, steps, exc_type, cleanup_seconds: float | None = None,
