@@ -295,6 +295,21 @@ INVALID = [
     (dict(num_images=0), "num_images"),
     (dict(guidance=-1.0), "guidance"),
     (dict(seed=-1), "seed"),
+    (dict(prompt=123), "the prompt must be a string, got int"),
+    (dict(prompt=["a", "b"]), "the prompt must be a string, got list"),
+    (dict(steps=True), "steps"),          # a bool is not a count
+    (dict(steps=2.0), "steps"),
+    (dict(num_images=True), "num_images"),
+    (dict(seed=True), "seed"),
+    (dict(guidance="7"), "guidance"),
+    (dict(negative_prompt=123), "negative_prompt must be a string"),
+    (dict(progress=5), "progress must be a function"),
+    (dict(num_inference_steps=3), "num_inference_steps is set by generate: pass steps= instead"),
+    (dict(generator=None), "generator is set by generate: pass seed= instead"),
+    (dict(guidance_scale=1.0), "guidance_scale is set by generate: pass guidance= instead"),
+    (dict(num_images_per_prompt=3), "num_images_per_prompt is set by generate: pass num_images= instead"),
+    (dict(output_type="latent"), "output_type is set by generate (PIL images"),
+    (dict(callback_on_step_end=3), "callback_on_step_end must be a function"),
 ]
 
 
@@ -702,3 +717,53 @@ def test_a_config_given_to_load_pipeline_is_the_one_generation_cleans_up_with(ti
     calls = device.empty_cache_calls
     assert "cuda_cache_clear" in default.generate("a fox", seed=1, **FAST).memory.cleanup
     assert device.empty_cache_calls == calls + 1
+
+
+def test_numpy_integers_are_taken_as_the_ints_they_are(tiny_sd):
+    import numpy
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    result = managed.generate("a fox", steps=numpy.int64(2), seed=numpy.int64(3), width=64, height=64)
+    assert result.seed == 3 and type(result.seed) is int and result.params["steps"] == 2
+
+
+def test_a_user_callback_runs_after_mlnb_s_and_progress_and_step_times_still_work(tiny_sd):
+    """A ``callback_on_step_end`` of the user's is chained after mlnb's step marker (it used to replace it, and the
+    progress bar and the planner's step times went silent); what it returns is what the pipeline uses."""
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    seen, progress = [], []
+
+    def mine(pipe, step, timestep, callback_kwargs):
+        seen.append(step)
+        return {"latents": callback_kwargs["latents"] * 0}  # the pipeline must use what this returns
+
+    result = managed.generate("a fox", seed=1, steps=3, width=64, height=64, callback_on_step_end=mine,
+                              progress=lambda step, total: progress.append((step, total)))
+    assert seen == [0, 1, 2] and progress == [(1, 3), (2, 3), (3, 3)]
+    assert result.step_seconds is not None and result.first_step_seconds is not None
+    plain = managed.generate("a fox", seed=1, steps=3, width=64, height=64)
+    assert not np.array_equal(np.asarray(result.images[0]), np.asarray(plain.images[0]))  # the zeroed latents
+
+
+def test_two_threads_generating_on_one_pipeline_take_turns(tiny_sd):
+    """The scheduler and the hooks hold a call's state: a second call from another thread (the dashboard's button
+    beside a cell) waits for the first instead of both failing; each gets its own seed's image."""
+    import threading
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    alone = {s: np.asarray(managed.generate("a fox", seed=s, steps=3, width=64, height=64).images[0]) for s in (1, 2)}
+    results, errors = {}, []
+
+    def run(seed):
+        try:
+            results[seed] = np.asarray(managed.generate("a fox", seed=seed, steps=3, width=64, height=64).images[0])
+        except Exception as exc:  # the failure this test is about
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert all(np.array_equal(results[s], alone[s]) for s in (1, 2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import numbers
 import os
 import secrets
 import threading
@@ -102,23 +103,40 @@ def validate_generation_args(
     ``width``/``height`` of None (the model's native size) pass; ``spell`` gives the name a message uses for an
     argument (``"num_images"`` → ``"--num-images"`` for the magic).
     """
-    if not isinstance(prompt, str) or not prompt.strip():
+    if not isinstance(prompt, str):
+        raise InvalidArgumentError(f"the prompt must be a string, got {type(prompt).__name__}")
+    if not prompt.strip():
         raise InvalidArgumentError("the prompt is empty: write it in the cell body (or pass prompt=...)")
-    if not isinstance(steps, int) or steps < 1:
+    if not _whole(steps) or steps < 1:
         raise InvalidArgumentError(f"{spell('steps')} must be a whole number >= 1, got {steps!r}")
     for name, value in (("width", width), ("height", height)):
         if value is None:
             continue
-        if not isinstance(value, int) or value < 8 or value % 8:
+        if not _whole(value) or value < 8 or value % 8:
             raise InvalidArgumentError(f"{spell(name)} must be a positive multiple of 8, got {value!r}")
         if value > MAX_SIDE:
             raise InvalidArgumentError(f"{spell(name)} must be at most {MAX_SIDE} px, got {value}")
-    if not isinstance(num_images, int) or not 1 <= num_images <= MAX_IMAGES:
+    if not _whole(num_images) or not 1 <= num_images <= MAX_IMAGES:
         raise InvalidArgumentError(f"{spell('num_images')} must be between 1 and {MAX_IMAGES}, got {num_images!r}")
-    if guidance is not None and (not isinstance(guidance, (int, float)) or not 0 <= guidance < float("inf")):
+    if guidance is not None and (not isinstance(guidance, numbers.Real) or isinstance(guidance, bool)
+                                 or not 0 <= guidance < float("inf")):
         raise InvalidArgumentError(f"{spell('guidance')} must be a finite number >= 0, got {guidance!r}")
-    if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
+    if seed is not None and (not _whole(seed) or not 0 <= seed < 2**63):
         raise InvalidArgumentError(f"{spell('seed')} must be a whole number in [0, 2**63), got {seed!r}")
+
+
+def _whole(value) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+# generate's own arguments, which the pipeline call gets from them: passed again through **pipeline_kwargs they would
+# run something other than what the result records (its steps, seed, size), or return tensors instead of images.
+_MANAGED_KWARGS = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "steps", "generator": "seed",
+    "guidance_scale": "guidance", "width": "width", "height": "height", "num_images_per_prompt": "num_images",
+    "output_type": None, "return_dict": None,
+}
 
 
 class ManagedPipeline:
@@ -153,6 +171,7 @@ class ManagedPipeline:
         self.weight_bytes = weight_bytes(pipe) if pipe is not None else 0
         self.model_key = _model_key(pipe, dtype)
         self._config = config
+        self._generating = threading.Lock()  # one generation at a time: the scheduler and hooks hold call state
 
     @property
     def level(self) -> OptimizationLevel:
@@ -217,7 +236,13 @@ class ManagedPipeline:
             width, height: pixels, multiples of 8 (the model's native size when None).
             num_images: images per prompt.
             progress: called as ``progress(step, total)`` after each denoising step.
-            **pipeline_kwargs: passed through to the pipeline call.
+            **pipeline_kwargs: passed through to the pipeline call, except what generate sets itself
+                (``num_inference_steps``, ``generator``, ``guidance_scale``, ``num_images_per_prompt``, ``width``,
+                ``height``, ``output_type``...): those are refused with the argument to use. A
+                ``callback_on_step_end`` runs after mlnb's own step callback, and its returned tensors are used.
+
+        One generation runs at a time on a pipeline: a second call from another thread (the dashboard's button
+        beside a running cell) waits for the first.
 
         Raises:
             InvalidArgumentError: a bad argument, before any work.
@@ -230,6 +255,12 @@ class ManagedPipeline:
             >>> result.images[0], result.report_line()
             ```
         """
+        with self._generating:  # a second caller (the dashboard's button beside a cell) waits for the first
+            return self._generate(prompt, negative_prompt, steps, guidance, seed, width, height, num_images, progress,
+                                  pipeline_kwargs)
+
+    def _generate(self, prompt, negative_prompt, steps, guidance, seed, width, height, num_images, progress,
+                  pipeline_kwargs) -> GenerationResult:
         entered = time.perf_counter()
         if self.pipe is None:
             raise InvalidArgumentError(f"pipeline {self.model!r} was unloaded; load it again with mlnb.load_pipeline")
@@ -237,6 +268,21 @@ class ManagedPipeline:
         width = default_w if width is None else width
         height = default_h if height is None else height
         validate_generation_args(prompt, steps, width, height, num_images, guidance, seed)
+        steps, width, height, num_images = int(steps), int(width), int(height), int(num_images)
+        seed = None if seed is None else int(seed)
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise InvalidArgumentError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        if progress is not None and not callable(progress):
+            raise InvalidArgumentError(f"progress must be a function of (step, total), got {type(progress).__name__}")
+        for name in sorted(set(pipeline_kwargs) & set(_MANAGED_KWARGS)):
+            own = _MANAGED_KWARGS[name]
+            raise InvalidArgumentError(
+                f"{name} is set by generate: pass {own}= instead" if own else
+                f"{name} is set by generate (PIL images, which the result shows and saves)"
+            )
+        user_callback = pipeline_kwargs.pop("callback_on_step_end", None)
+        if user_callback is not None and not callable(user_callback):
+            raise InvalidArgumentError("callback_on_step_end must be a function")
         accepted = text_to_image_parameters(self.pipe)
         import torch
 
@@ -266,8 +312,10 @@ class ManagedPipeline:
             if progress is not None:
                 progress(step + 1, steps)
 
-        if "callback_on_step_end" in accepted and "callback_on_step_end" not in pipeline_kwargs:
-            kwargs["callback_on_step_end"] = timer.callback(after)
+        if "callback_on_step_end" in accepted:
+            kwargs["callback_on_step_end"] = timer.callback(after, then=user_callback)
+        elif user_callback is not None:
+            raise UnsupportedPipelineError(f"{type(self.pipe).__name__} takes no callback_on_step_end")
         kwargs.update(pipeline_kwargs)
         work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
         predicted_peak, predicted_seconds = self.predict(work)

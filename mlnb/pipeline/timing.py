@@ -86,13 +86,16 @@ class StepTimer:
         if self._reserved is not None:
             self.denoise_reserved = self._reserved()
 
-    def callback(self, after_step: Callable[[int], None] | None = None):
-        """A diffusers ``callback_on_step_end`` that marks each step, then calls ``after_step(step_index)``."""
+    def callback(self, after_step: Callable[[int], None] | None = None, then=None):
+        """A diffusers ``callback_on_step_end`` that marks each step, calls ``after_step(step_index)``, then the
+        user's own callback ``then`` (same signature), whose returned tensors the pipeline uses."""
 
         def on_step_end(pipe, step, timestep, callback_kwargs):
             self.mark()
             if after_step is not None:
                 after_step(step)
+            if then is not None:
+                return then(pipe, step, timestep, callback_kwargs)
             return callback_kwargs
 
         return on_step_end
