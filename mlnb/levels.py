@@ -145,6 +145,18 @@ class MemoryOptimizationConfig:
     cuda_cache_clear: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.level, OptimizationLevel):  # a name, as everywhere a level is taken
+            member = parse_level(self.level) if isinstance(self.level, str) else None
+            if member is None:
+                raise ValueError(f"`level` must be one of {', '.join(LEVEL_NAMES)}, got {self.level!r}")
+            object.__setattr__(self, "level", member)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.type == "bool" and not isinstance(value, bool):
+                raise ValueError(f"`{f.name}` must be True or False, got {value!r}")
+        if self.vae_tile_size is not None and (isinstance(self.vae_tile_size, bool)
+                                               or not isinstance(self.vae_tile_size, int)):
+            raise ValueError(f"`vae_tile_size` must be a whole number of pixels or None, got {self.vae_tile_size!r}")
         on = [name for name in _OFFLOADS if getattr(self, name)]
         if len(on) > 1:
             raise ValueError(f"`{on[0]}` and `{on[1]}` cannot both be True: a component can have one offload only")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 __all__ = ["GiB", "MiB", "GB", "format_bytes", "format_gib", "parse_bytes"]
@@ -46,6 +47,10 @@ def parse_bytes(text: str | int | float) -> int:
     Raises:
         ValueError: naming the text and the accepted forms.
     """
+    if isinstance(text, bool) or not isinstance(text, (str, int, float)):
+        raise ValueError(f"cannot read size {text!r}: give bytes (an int) or a string such as 4GiB, 4GB or 512MiB")
+    if isinstance(text, float) and not math.isfinite(text):
+        raise ValueError(f"size must be a finite number of bytes, got {text}")
     if isinstance(text, (int, float)):
         if text < 0:
             raise ValueError(f"size must be >= 0, got {text}")

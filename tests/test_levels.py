@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 
@@ -285,3 +286,25 @@ def test_describe_auto_says_plan_on_cuda_and_the_table_elsewhere():
     assert describe_auto(4 * GB, plans=False).startswith("ultra")
     text = describe_auto(4 * GB, plans=True)
     assert text.startswith("plan for the free VRAM when a model loads (3.7 GiB now") and "table without a model: ultra" in text
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(level="turbo"), "unknown level 'turbo'"),
+    (dict(level=None), "`level` must be one of"),
+    (dict(level="auto"), "`level` must be one of"),
+    (dict(vae_tiling="no"), "`vae_tiling` must be True or False, got 'no'"),
+    (dict(gc_collect=1), "`gc_collect` must be True or False, got 1"),
+    (dict(vae_tile_size="512"), "`vae_tile_size` must be a whole number of pixels or None, got '512'"),
+    (dict(vae_tile_size=64.0), "`vae_tile_size` must be a whole number of pixels"),
+])
+def test_config_fields_are_checked_when_it_is_made(overrides, message):
+    from mlnb.levels import MemoryOptimizationConfig
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        MemoryOptimizationConfig(**overrides)
+
+
+def test_a_config_takes_a_level_by_name_as_everywhere_else():
+    from mlnb.levels import MemoryOptimizationConfig, OptimizationLevel
+
+    assert MemoryOptimizationConfig(level=" Balanced ").level is OptimizationLevel.BALANCED

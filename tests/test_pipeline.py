@@ -767,3 +767,40 @@ def test_two_threads_generating_on_one_pipeline_take_turns(tiny_sd):
         t.join()
     assert errors == []
     assert all(np.array_equal(results[s], alone[s]) for s in (1, 2))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(level="turbo"), "unknown level 'turbo'"),
+    (dict(dtype="int8"), "unknown dtype 'int8'"),
+    (dict(budget=float("inf")), "budget: size must be a finite number of bytes"),
+    (dict(budget=[1]), "budget: cannot read size [1]"),
+    (dict(budget=True), "budget: cannot read size True"),
+    (dict(config="balanced"), "config must be a MemoryOptimizationConfig, got str"),
+    (dict(level="ultra", config="none"), "config must be a MemoryOptimizationConfig"),
+], ids=["level", "dtype", "inf-budget", "list-budget", "bool-budget", "config-str", "config-and-level"])
+def test_load_arguments_are_one_line_mlnb_errors_before_anything_loads(tiny_sd, kwargs, message):
+    with pytest.raises(InvalidArgumentError) as info:
+        mlnb.load_pipeline(tiny_sd, **kwargs)
+    assert message in str(info.value)
+    assert cached_pipelines() == [] or all(m.model != str(tiny_sd) or m.loaded for m in cached_pipelines())
+
+
+def test_a_model_that_is_not_a_path_and_a_dtype_mlnb_does_not_run_are_refused():
+    import torch
+
+    with pytest.raises(InvalidArgumentError, match="model must be a hub id .* got NoneType"):
+        mlnb.load_pipeline(None)
+    with pytest.raises(InvalidArgumentError, match="dtype torch.float64 is not one mlnb runs"):
+        mlnb.load_pipeline("org/name", dtype=torch.float64)
+
+
+def test_a_config_and_a_level_that_disagree_are_refused_and_the_cached_pipeline_stays(tiny_sd):
+    """Both given: the config sets the level, and a different level was a silent surprise; a failed load must not
+    have dropped the cached copy first."""
+    from mlnb.levels import MemoryOptimizationConfig
+
+    kept = mlnb.load_pipeline(tiny_sd, level="none")
+    config = MemoryOptimizationConfig.from_level("none", vae_tiling=True, vae_tile_size=64)
+    with pytest.raises(InvalidArgumentError, match="level 'ultra' and a config of level 'none'"):
+        mlnb.load_pipeline(tiny_sd, level="ultra", config=config)
+    assert kept.loaded and kept in cached_pipelines()

@@ -80,3 +80,9 @@ def test_format_and_parse_round_trip():
     """What ``format_bytes`` prints, ``parse_bytes`` reads back (to the printed precision)."""
     for n in (3 * MiB, 5 * GiB, 1536):
         assert parse_bytes(format_bytes(n)) == n
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), True, [1], None])
+def test_parse_bytes_refuses_what_is_not_a_size(value):
+    with pytest.raises(ValueError):
+        parse_bytes(value)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from ..device import Device
-from ..errors import ModelLoadError, ModelNotFoundError, OfflineError, UnsafeWeightsError
+from ..errors import InvalidArgumentError, ModelLoadError, ModelNotFoundError, OfflineError, UnsafeWeightsError
 from ..monitor import release_exception_frames
 
 logger = logging.getLogger(__name__)
@@ -94,8 +94,11 @@ def parse_dtype(dtype):
     """``"fp16"``, ``"float16"``, ``"bf16"``, ``"fp32"`` or a ``torch.dtype`` -> ``torch.dtype``."""
     import torch
 
-    if dtype is None or isinstance(dtype, torch.dtype):
+    allowed = (torch.float16, torch.bfloat16, torch.float32)
+    if dtype is None or dtype in allowed:
         return dtype
+    if isinstance(dtype, torch.dtype):
+        raise InvalidArgumentError(f"dtype {dtype} is not one mlnb runs: use fp16, bf16 or fp32")
     names = {
         "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
         "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -104,7 +107,7 @@ def parse_dtype(dtype):
     try:
         return names[str(dtype).lower().replace("torch.", "")]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}: use fp16, bf16 or fp32") from None
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}: use fp16, bf16 or fp32") from None
 
 
 def default_dtype(device: Device, local_folder: str | None = None):

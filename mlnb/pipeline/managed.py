@@ -458,11 +458,23 @@ def load_pipeline(
         ```
     """
     device = device or get_device()
-    requested = parse_level(config.level if config is not None else level)
+    if config is not None and not isinstance(config, MemoryOptimizationConfig):
+        raise InvalidArgumentError(f"config must be a MemoryOptimizationConfig, got {type(config).__name__}")
+    try:
+        asked = parse_level(level)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    if config is not None and asked is not None and asked is not config.level:
+        raise InvalidArgumentError(
+            f"level {asked.value!r} and a config of level {config.level.value!r}: the config sets the level, give one"
+        )
+    requested = config.level if config is not None else asked
     try:
         budget_bytes = parse_bytes(budget) if budget is not None else None
     except ValueError as exc:
         raise InvalidArgumentError(f"budget: {exc}") from None
+    if not isinstance(model, (str, os.PathLike)):
+        raise InvalidArgumentError(f"model must be a hub id (org/name) or a folder path, got {type(model).__name__}")
     source, is_local = resolve_model(model)
     torch_dtype = parse_dtype(dtype) or default_dtype(device, source if is_local else None)
     dname = dtype_name(torch_dtype)
