@@ -667,6 +667,43 @@ def test_error_in_a_user_cell_releases_its_device_tensors(ip, gpu, capsys):
     del ip.user_ns["_fake_cuda_tensor"]
 
 
+def test_an_error_in_a_method_of_a_model_the_notebook_keeps_leaves_the_traceback_whole(ip, gpu, capsys):
+    """The weights of a model in a variable, seen through a method's ``self`` in the traceback, stay allocated
+    whatever happens to the frames: no note, no clearing, ``%debug`` keeps its locals, and ``%vram who`` does not
+    count them twice."""
+    refs: list = []
+    ip.user_ns["_fake_cuda_tensor"] = lambda: device_tensor(gpu, 32 * MiB, refs)
+    run(ip, "class _Model:\n    def __init__(self):\n        self.weight = _fake_cuda_tensor()\n"
+            "    def __call__(self, prompt):\n        if not prompt:\n            raise ValueError('empty prompt')\n"
+            "model = _Model()")
+    capsys.readouterr()
+    result = run(ip, 'model("")')
+    assert isinstance(result.error_in_exec, ValueError)
+    out = "".join(capsys.readouterr())
+    assert "cleared" not in out, out
+    frames = [tb.tb_frame for tb in _walk(ip.last_execution_result.error_in_exec.__traceback__)]
+    assert any(f.f_code.co_name == "__call__" and "self" in f.f_locals for f in frames)  # %debug still sees it
+    who = str(ip.run_line_magic("vram", "who"))
+    assert "model.weight" in who and "traceback:" not in who and "last traceback 0 B" in who
+    run(ip, "del model, _Model")
+    del ip.user_ns["_fake_cuda_tensor"], frames
+    gc.collect()
+    assert not all_dead(refs)  # as in plain IPython, the stored traceback (what %debug reads) still holds it
+    from mlnb.monitor import clear_frames
+
+    clear_frames(result.error_in_exec.__traceback__)  # what mlnb does when the frames alone pin GPU memory
+    gc.collect()
+    assert all_dead(refs)
+    gpu.empty_cache()  # freed outside a cell: no cell's cleanup gave the cached block back
+    assert_state_after(ip, gpu)
+
+
+def _walk(tb):
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
+
+
 def test_reload_ext_ten_times_keeps_the_pipeline_and_one_set_of_hooks(ip, gpu, sd, capsys, monkeypatch):
     for _ in range(10):
         ip.run_line_magic("reload_ext", "mlnb")

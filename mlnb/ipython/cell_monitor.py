@@ -2,7 +2,9 @@
 
 ``pre_execute``/``post_execute`` also fire for widget comm messages, so they would measure the dashboard, not the
 user's cells. After a cell that touched the GPU the allocator cache is cleared; after an error, the stored
-traceback's frames are cleared when they pin device tensors; an output that pins device tensors is pointed out.
+traceback's frames are cleared when they alone pin device tensors (not when the namespace or the output cache holds
+them too: a model's weights seen through a method's ``self`` stay whatever happens, and ``%debug`` keeps its locals);
+an output that pins device tensors is pointed out.
 ``gc.collect()`` runs only when it can free something: after an error, or when a GPU cell ended holding more than it
 started with (a reference cycle may be what holds it). Cells that did not touch the GPU are silent.
 """
@@ -18,7 +20,7 @@ from ..monitor import CellRecord, MemoryMonitor, cell_history
 from ..session import defaults
 from ..units import format_bytes
 from ..monitor import clear_frames
-from .tensors import find_device_tensors, stored_traceback, tensors_in_traceback
+from .tensors import find_device_tensors, stored_traceback, tensors_only_in_traceback
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class CellMonitor:
 
         if error is not None:
             tb = stored_traceback(self.shell)
-            pinned = tensors_in_traceback(tb, device)
+            pinned = tensors_only_in_traceback(tb, self.shell, device)
             if pinned:
                 total = sum(r.nbytes for r in pinned)
                 frames = clear_frames(tb)

@@ -18,7 +18,9 @@ from ..levels import LEVEL_NAMES
 from ..monitor import cell_history
 from .request import RequestError, build_request
 from .results import Notice, history_table, who_table
-from .tensors import drop_outputs, stored_traceback, tensors_in_namespace, tensors_in_outputs, tensors_in_traceback
+from .tensors import (
+    drop_outputs, stored_traceback, tensors_in_namespace, tensors_in_outputs, tensors_only_in_traceback,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -147,7 +149,7 @@ class MlnbMagics(Magics):
             sources = {
                 "namespace": tensors_in_namespace(self.shell.user_ns, device),
                 "Out cache": tensors_in_outputs(self.shell, device),
-                "last traceback": tensors_in_traceback(stored_traceback(self.shell), device),
+                "last traceback": tensors_only_in_traceback(stored_traceback(self.shell), self.shell, device),
             }
             return who_table(sources, args.top)
         if action in ("on", "off"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..device import Device
 from ..monitor import function_frames
@@ -20,6 +20,7 @@ __all__ = [
     "tensors_in_namespace",
     "tensors_in_outputs",
     "tensors_in_traceback",
+    "tensors_only_in_traceback",
     "drop_outputs",
 ]
 
@@ -37,6 +38,7 @@ class TensorRef:
     nbytes: int
     shape: tuple[int, ...]
     dtype: str
+    storage: tuple = field(default=(), compare=False, repr=False)  # (data pointer, bytes): one storage, one entry
 
 
 def _tensor_type():
@@ -72,7 +74,7 @@ def find_device_tensors(roots: list[tuple[str, object]], device: Device) -> list
             if device.owns_tensor(obj):
                 key = _storage_key(obj)
                 if key not in found:
-                    found[key] = TensorRef(path, key[1], tuple(obj.shape), str(obj.dtype).replace("torch.", ""))
+                    found[key] = TensorRef(path, key[1], tuple(obj.shape), str(obj.dtype).replace("torch.", ""), key)
             return
         if depth >= _MAX_DEPTH or id(obj) in visited or budget[0] <= 0:
             return
@@ -136,6 +138,17 @@ def tensors_in_traceback(tb, device: Device) -> list[TensorRef]:
         for name, value in list(frame.f_locals.items()):
             roots.append((f"traceback: {frame.f_code.co_name}() local {name}", value))
     return find_device_tensors(roots, device)
+
+
+def tensors_only_in_traceback(tb, shell, device: Device) -> list[TensorRef]:
+    """Device tensors that the traceback's frames alone keep alive: those the namespace or the output cache also
+    hold (a model's weights seen through a method's ``self``, a variable seen through IPython's own frame) would stay
+    allocated if the frames were cleared, so clearing them would only cost ``%debug`` its locals."""
+    pinned = tensors_in_traceback(tb, device)
+    if not pinned:  # the common case after an error: no walk of the namespace
+        return []
+    held = {r.storage for r in tensors_in_namespace(shell.user_ns, device) + tensors_in_outputs(shell, device)}
+    return [r for r in pinned if r.storage not in held]
 
 
 def stored_traceback(shell):
