@@ -15,6 +15,7 @@ import pytest
 from mlnb.device import CpuDevice, FakeDevice, use_device
 from mlnb.monitor.history import CellHistory, CellRecord
 from mlnb.monitor.memory_monitor import MemoryReport
+from mlnb.pipeline import cached_pipelines
 from mlnb.units import GiB, MiB
 from mlnb.widgets.state import Gauge, HistoryPoint, gauge_state, history_points, history_table_html, one_line
 
@@ -127,6 +128,13 @@ def test_form_kwargs():
     )
     with pytest.raises(InvalidArgumentError, match="seed must be a whole number"):
         form_kwargs("a fox", "", 2, "seven", "", "")
+    # generate's own rules, before any model is loaded (they were checked only after loading it)
+    with pytest.raises(InvalidArgumentError, match="the prompt is empty: type it in the prompt field"):
+        form_kwargs("  ", "", 2, "", "", "")
+    with pytest.raises(InvalidArgumentError, match="width must be a positive multiple of 8, got 60"):
+        form_kwargs("a fox", "", 2, "", "60", "")
+    with pytest.raises(InvalidArgumentError, match="steps must be a whole number >= 1, got 0"):
+        form_kwargs("a fox", "", 0, "", "", "")
 
 
 # -- the panel ----------------------------------------------------------------------------------------------------
@@ -253,7 +261,7 @@ def test_generate_errors_keep_panel_usable(board_factory, session_defaults, tiny
     panel = board.generate_panel
     panel.steps.value, panel.width.value, panel.height.value = 1, "64", "64"
     cases = [  # (prompt, model, seed, the error line shows)
-        ("", str(tiny_sd), "", "the prompt is empty"),
+        ("", str(tiny_sd), "", "the prompt is empty: type it in the prompt field"),
         ("a fox", "/nonexistent/model-folder", "", "no model folder at '/nonexistent/model-folder'"),
         ("a fox", None, "", "no model"),
         ("a fox", str(tiny_sd), "x", "seed must be a whole number"),
@@ -267,6 +275,7 @@ def test_generate_errors_keep_panel_usable(board_factory, session_defaults, tiny
         assert "error:" in panel.status.value and html.escape(message) in panel.status.value
         assert not panel.button.disabled and not board.free_button.disabled
         assert bytes(panel.image.value) == b""
+    assert cached_pipelines() == []  # every form error was caught before anything loaded
 
 
 def test_unexpected_error_is_one_line_and_never_escapes_the_thread(board_factory, session_defaults, monkeypatch):

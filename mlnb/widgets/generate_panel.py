@@ -39,8 +39,8 @@ def _optional_int(text: str, name: str, blank: str) -> int | None:
 def form_kwargs(prompt: str, negative: str, steps: int, seed: str, width: str, height: str) -> dict:
     """The form's fields as ``ManagedPipeline.generate`` keyword arguments (pure).
 
-    Blank seed means random; blank width/height mean the model's native size. The rules on values (positive
-    multiples of 8, a non-empty prompt...) are the core's: ``generate`` checks them and its message is shown.
+    Blank seed means random; blank width/height mean the model's native size. The values are checked here, with
+    ``generate``'s own rules (positive multiples of 8, a non-empty prompt...), before any model is loaded.
 
     Args:
         prompt, negative: the prompt and the negative prompt (blank: none).
@@ -48,7 +48,8 @@ def form_kwargs(prompt: str, negative: str, steps: int, seed: str, width: str, h
         seed, width, height: the text of those fields; blank for random / native.
 
     Raises:
-        InvalidArgumentError: a number field holds something that is not a whole number.
+        InvalidArgumentError: an empty prompt, a number field that is not a whole number, or a value ``generate``
+            refuses; the message names the field.
 
     Example:
         ```python
@@ -56,7 +57,11 @@ def form_kwargs(prompt: str, negative: str, steps: int, seed: str, width: str, h
         {'prompt': 'a fox', 'negative_prompt': None, 'steps': 2, 'seed': 7, 'width': 64, 'height': None}
         ```
     """
-    return dict(
+    from ..pipeline.managed import validate_generation_args
+
+    if not prompt.strip():
+        raise InvalidArgumentError("the prompt is empty: type it in the prompt field")
+    kwargs = dict(
         prompt=prompt,
         negative_prompt=negative.strip() or None,
         steps=int(steps),
@@ -64,6 +69,9 @@ def form_kwargs(prompt: str, negative: str, steps: int, seed: str, width: str, h
         width=_optional_int(width, "width", "native"),
         height=_optional_int(height, "height", "native"),
     )
+    validate_generation_args(kwargs["prompt"], kwargs["steps"], kwargs["width"], kwargs["height"], 1, None,
+                             kwargs["seed"])
+    return kwargs
 
 
 def png_bytes(image) -> bytes:
