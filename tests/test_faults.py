@@ -720,6 +720,20 @@ def test_reload_ext_ten_times_keeps_the_pipeline_and_one_set_of_hooks(ip, gpu, s
     del ip.user_ns["_fake_cuda_tensor"]
 
 
+def test_reloading_or_unloading_the_extension_in_a_cell_leaves_no_monitor_open(ip, gpu, capsys):
+    """The monitor ``pre_run_cell`` opened for the cell that unloads the extension never reaches ``post_run_cell``;
+    left open, it would fold every later monitor's peaks into itself for good."""
+    import mlnb.monitor.memory_monitor as monitor_mod
+
+    for _ in range(3):
+        assert run(ip, "%reload_ext mlnb").success
+    assert monitor_mod._open == []
+    assert run(ip, "%unload_ext mlnb").success
+    assert monitor_mod._open == []
+    assert run(ip, "%load_ext mlnb").success
+    assert monitor_mod._open == []
+
+
 def test_vram_free_while_a_dashboard_is_live(ip, gpu, sd, capsys):
     pytest.importorskip("ipywidgets")
     widgets = pytest.importorskip("mlnb.widgets")

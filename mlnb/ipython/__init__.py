@@ -64,6 +64,7 @@ def unload_ipython_extension(ipython) -> None:
             ipython.events.unregister(event, callback)
         except ValueError:  # already gone
             pass
+    state.cell_monitor.close()
     table = ipython.magics_manager.magics
     for kind, names in state.magics.magics.items():
         for name in names:

@@ -79,6 +79,16 @@ class CellMonitor:
             logger.debug("pre_run_cell failed: %s", exc)
             self._monitor = None
 
+    def close(self) -> None:
+        """Close the current cell's monitor without a report (the extension is unloaded inside that cell, so its
+        ``post_run_cell`` will not run): an open monitor would take every later monitor's peaks for good."""
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            try:
+                monitor.__exit__(None, None, None)
+            except Exception as exc:
+                logger.debug("closing the cell monitor failed: %s", exc)
+
     def post_run_cell(self, result=None) -> None:
         monitor, self._monitor = self._monitor, None
         if monitor is None:
