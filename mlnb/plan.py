@@ -265,6 +265,9 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
     places before it has computed (the previous step's, for a step's first units: the slot's last unit there).
     A unit computes once the compute before it and its own copy are done.
     """
+    if steps < 2 or slots < 1:
+        raise ValueError(f"schedule_step replays at least 2 steps (the first is left out) through at least 1 slot, "
+                         f"got steps={steps}, slots={slots}")
     order = [name for name, _, _ in blocks if name in copies]
     if not order:
         return forward + between

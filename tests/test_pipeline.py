@@ -804,3 +804,25 @@ def test_a_config_and_a_level_that_disagree_are_refused_and_the_cached_pipeline_
     with pytest.raises(InvalidArgumentError, match="level 'ultra' and a config of level 'none'"):
         mlnb.load_pipeline(tiny_sd, level="ultra", config=config)
     assert kept.loaded and kept in cached_pipelines()
+
+
+def test_the_cache_tells_budgets_apart_to_the_byte_and_a_custom_config_from_its_level(tiny_sd):
+    """Two budgets shown alike ("3.7 GiB") are two plans: the larger must not serve the smaller. A config of the
+    user's is its own entry: the same config again is a hit, the plain level is another pipeline."""
+    from mlnb.levels import MemoryOptimizationConfig
+
+    first = mlnb.load_pipeline(tiny_sd, budget="3.74GiB", device=FakeDevice())
+    second = mlnb.load_pipeline(tiny_sd, budget="3.70GiB", device=FakeDevice())
+    assert second is not first and second.plan.budget == int(3.70 * 2**30) and not first.loaded
+    assert mlnb.load_pipeline(tiny_sd, budget=int(3.70 * 2**30), device=FakeDevice()) is second
+    config = MemoryOptimizationConfig.from_level("none", vae_tiling=True, vae_tile_size=64)
+    custom = mlnb.load_pipeline(tiny_sd, config=config)
+    assert mlnb.load_pipeline(tiny_sd, config=config) is custom  # reloaded (and the handle unloaded) before
+    plain = mlnb.load_pipeline(tiny_sd, level="none")
+    assert plain is not custom and plain.config == MemoryOptimizationConfig.from_level("none")
+
+
+def test_one_copy_of_a_model_whatever_its_dtype(tiny_sd):
+    fp32 = mlnb.load_pipeline(tiny_sd, level="none", dtype="fp32")
+    fp16 = mlnb.load_pipeline(tiny_sd, level="none", dtype="fp16")
+    assert not fp32.loaded and [m for m in cached_pipelines() if m.model == str(tiny_sd)] == [fp16]

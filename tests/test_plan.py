@@ -341,3 +341,13 @@ def test_tiny_blocks_stay_resident_so_they_do_not_cut_a_large_one_s_prefetch():
     assert plan.strategy == "stream" and len(plan.streamed) >= 8
     assert all(".t" in name for name in plan.streamed)
     assert all(b.nbytes >= plan_mod.MIN_STREAMED or b.name in plan.resident for b in blocks)
+
+
+def test_the_schedule_replay_refuses_fewer_than_two_steps_or_no_slot():
+    from mlnb.plan import schedule_step
+
+    blocks = [("a", 0.0, 0.01), ("b", 0.01, 0.01)]
+    with pytest.raises(ValueError, match="at least 2 steps .* got steps=1, slots=2"):
+        schedule_step(0.02, blocks, 0.001, {"a": 0.005}, slots=2, steps=1)
+    with pytest.raises(ValueError, match="got steps=8, slots=0"):
+        schedule_step(0.02, blocks, 0.001, {"a": 0.005}, slots=0)

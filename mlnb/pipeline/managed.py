@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 import numbers
@@ -193,7 +194,10 @@ class ManagedPipeline:
 
     @property
     def key(self) -> tuple[str, str, str]:
-        return (self.model, dtype_name(self.dtype), self.tag)
+        """The cache key: model, dtype, and the exact budget, or the level with any settings of its own."""
+        if self.plan is not None:
+            return (self.model, dtype_name(self.dtype), _budget_key(self.plan.budget))
+        return (self.model, dtype_name(self.dtype), _config_key(self.config))
 
     def default_size(self) -> tuple[int, int]:
         """The model's native resolution (``sample_size`` × VAE scale factor), e.g. 1024×1024 for SDXL."""
@@ -481,12 +485,13 @@ def load_pipeline(
 
     with _cache_lock:
         if budget_bytes is not None:
-            hit = _cache.get((source, dname, _budget_tag(budget_bytes)))
+            hit = _cache.get((source, dname, _budget_key(budget_bytes)))
             if hit is not None:
                 return hit
         elif requested is not None:
-            hit = _cache.get((source, dname, requested.value))
-            if hit is not None and config is None:
+            wanted = config if config is not None else MemoryOptimizationConfig.from_level(requested)
+            hit = _cache.get((source, dname, _config_key(wanted)))
+            if hit is not None:
                 return hit
         else:
             # auto: any cached level of this model that auto chose before is reused.
@@ -528,10 +533,11 @@ def load_pipeline(
             choice = LevelChoice(requested, "chosen by the user", auto=False)
         cfg = config if config is not None else MemoryOptimizationConfig.from_level(choice.level)
         with _cache_lock:
-            # Same weights at another level: drop the old copy first, a small card cannot hold both.
+            # The same model at another level or dtype: drop the old copy first, a small card cannot hold both.
             for other in list(_cache.values()):
-                if other.model == source and dtype_name(other.dtype) == dname:
-                    logger.warning("unloading %s (%s) to load it again as %s", source, other.tag, choice.level.value)
+                if other.model == source:
+                    logger.warning("unloading %s (%s, %s) to load it again as %s, %s", source, other.tag,
+                                   dtype_name(other.dtype), choice.level.value, dname)
                     other.unload()
         if plan is None:
             report = MemoryOptimizer(cfg, device).optimize_pipeline(pipe)
@@ -580,6 +586,19 @@ def _model_key(pipe, dtype) -> str | None:
 
 def _budget_tag(budget: int) -> str:
     return f"budget {format_bytes(budget)}"
+
+
+def _budget_key(budget: int) -> str:
+    """Exact bytes: two budgets shown alike ("3.7 GiB") are two plans, and the larger must not serve the smaller."""
+    return f"budget {budget} B"
+
+
+def _config_key(config: MemoryOptimizationConfig) -> str:
+    """The level, and the settings that differ from the level's own (a config of the user's is its own entry)."""
+    own = MemoryOptimizationConfig.from_level(config.level)
+    changed = [f"{f.name}={getattr(config, f.name)!r}" for f in dataclasses.fields(config)
+               if getattr(config, f.name) != getattr(own, f.name)]
+    return config.level.value + (f" ({', '.join(changed)})" if changed else "")
 
 
 def _plan(pipe, budget: int, device: Device, dtype) -> tuple[Plan, ModelFacts]:
