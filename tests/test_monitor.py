@@ -401,3 +401,26 @@ def test_collect_if_needed_reports_what_a_collection_gave_back(dev, monkeypatch)
     assert mon.report.cleanup == ("gc_collect", "cuda_cache_clear")
     assert (mon.report.held_after_clear, mon.report.collected) == (256 * MiB, 256 * MiB)
     assert mon.report.end_allocated == GiB
+
+
+def test_a_monitor_used_again_measures_its_new_block_only(dev):
+    mon = MemoryMonitor(dev)
+    assert mon.get_peak_memory() is None and "not entered" in repr(mon)
+    with mon:
+        dev.allocate(GiB)
+        dev.release(GiB)
+    assert mon.report.peak_allocated == GiB
+    with mon:
+        dev.allocate(MiB)
+        dev.release(MiB)
+    assert mon.report.peak_allocated == MiB  # not the first block's GiB
+
+
+def test_a_monitor_cannot_be_entered_while_open_nor_watch_something_that_is_not_a_device(dev):
+    mon = MemoryMonitor(dev)
+    with mon:
+        with pytest.raises(RuntimeError, match="already open: nest a new MemoryMonitor"):
+            mon.__enter__()
+    assert mon.report is not None
+    with pytest.raises(TypeError, match="device must be an mlnb Device .* got str"):
+        MemoryMonitor("cuda")

@@ -151,6 +151,8 @@ class MemoryMonitor:
     def __init__(self, device: Device | None = None, collect: bool | str = True, empty_cache: bool = True) -> None:
         if collect not in (True, False, "if_needed"):
             raise ValueError(f"collect must be True, False or 'if_needed', got {collect!r}")
+        if device is not None and not isinstance(device, Device):
+            raise TypeError(f"device must be an mlnb Device (mlnb.get_device()), got {type(device).__name__}")
         self.device = device or get_device()
         self.collect = collect
         self.empty_cache = empty_cache
@@ -168,7 +170,10 @@ class MemoryMonitor:
             self._peak_reserved = max(self._peak_reserved or 0, snap.peak_reserved)
 
     def __enter__(self) -> "MemoryMonitor":
+        if self._start is not None and self.report is None:
+            raise RuntimeError("this MemoryMonitor is already open: nest a new MemoryMonitor() instead")
         dev = self.device
+        self._peak_allocated = self._peak_reserved = None  # a monitor used again measures its new block only
         if dev.has_memory_counters:
             dev.synchronize()
         with _open_lock:
@@ -274,6 +279,8 @@ class MemoryMonitor:
         """Peak bytes of the block so far (allocated on a GPU; host RSS on a CPU, known after exit)."""
         if self.report is not None:
             return self.report.peak
+        if self._start is None:  # not entered yet: nothing measured
+            return None
         if self.device.has_memory_counters:
             snap = self.device.snapshot()
             self._fold(snap)
@@ -281,5 +288,5 @@ class MemoryMonitor:
         return None
 
     def __repr__(self) -> str:
-        state = "open" if self.report is None else self.report.summary()
+        state = "not entered" if self._start is None else ("open" if self.report is None else self.report.summary())
         return f"MemoryMonitor({self.device.info().name}, {state})"
