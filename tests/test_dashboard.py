@@ -340,3 +340,17 @@ def test_dashboard_without_ipywidgets(monkeypatch):
 def test_import_stays_light():
     code = "import sys, mlnb, mlnb.widgets; mlnb.widgets.close_all(); assert 'ipywidgets' not in sys.modules; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("interval", [0, -1, "1", float("nan"), True])
+def test_a_dashboard_refuses_an_interval_that_would_spin_or_kill_its_thread(interval, recwarn):
+    pytest.importorskip("ipywidgets")
+    import mlnb
+
+    with pytest.raises(ValueError, match="interval must be a number of seconds of at least 0.05"):
+        mlnb.dashboard(interval=interval, start=False)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
+        mlnb.dashboard(colour="red")
+    import gc
+
+    gc.collect()  # a refused panel leaves nothing that complains when it is collected

@@ -61,6 +61,9 @@ def dashboard(interval: float = 1.0, **kwargs):
     require_ipywidgets()
     from .panel import Dashboard
 
+    unknown = sorted(set(kwargs) - {"device", "history", "start"})
+    if unknown:  # before any widget is made: a half-built panel prints noise when it is collected
+        raise TypeError(f"dashboard() got an unexpected keyword argument {unknown[0]!r}")
     return Dashboard(interval=interval, **kwargs)
 
 
