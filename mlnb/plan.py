@@ -37,6 +37,7 @@ SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from .units import GiB, MiB, format_bytes
@@ -528,8 +529,14 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
     if not fitting:
         smallest = min(plans, key=lambda p: p.predicted_peak)
         need = max(smallest.predicted_peak / _USABLE, smallest.predicted_peak + (card.fragmentation_reserve or 0))
-        side = max(64, int(min(work.width, work.height) * 0.75) // 64 * 64)
-        smaller = f" or try --width {side} --height {side}" if side < min(work.width, work.height) else ""
+        smaller = ""
+        side = (min(work.width, work.height) - 1) // 64 * 64
+        while side >= 64:  # the largest smaller square that the planner finds a fitting placement for
+            fits = dataclasses.replace(work, width=side, height=side)
+            if any(p.predicted_peak <= _usable(budget, card) for p in _candidates(budget, model, card, fits)):
+                smaller = f", or make the image {side}×{side} or smaller"
+                break
+            side -= 64
         raise BudgetError(
             f"no placement fits {format_bytes(budget)} for {work.width}×{work.height} ×{work.batch}: the smallest "
             f"needs {format_bytes(need)} (activation reserve {format_bytes(_reserves(work, None, card)[0])}); "

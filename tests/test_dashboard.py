@@ -347,7 +347,7 @@ def test_a_dashboard_refuses_an_interval_that_would_spin_or_kill_its_thread(inte
     pytest.importorskip("ipywidgets")
     import mlnb
 
-    with pytest.raises(ValueError, match="interval must be a number of seconds of at least 0.05"):
+    with pytest.raises(ValueError, match="interval must be a number of seconds of at least 0.01"):
         mlnb.dashboard(interval=interval, start=False)
     with pytest.raises(TypeError, match="unexpected keyword argument 'colour'"):
         mlnb.dashboard(colour="red")

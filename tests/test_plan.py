@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -81,8 +82,32 @@ def test_budget_below_the_reserve_says_what_would_fit():
         plan_for_budget(400 * MiB, sdxl_like(), CardFacts(), SDXL_WORK)
     message = str(info.value)
     assert "no placement fits 400.0 MiB" in message and "give at least" in message
-    assert "--width 768 --height 768" in message
+    assert "make the image" not in message  # no smaller size fits 400 MiB either (the fixed parts do not shrink)
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("facts, work", [
+    (sdxl_like(), dataclasses.replace(SDXL_WORK, batch=4)),
+    (sd15_like(), dataclasses.replace(SD_WORK, batch=4)),
+    (sdxl_like(), Workload(2048, 2048)),
+], ids=["sdxl-x4", "sd15-x4", "sdxl-2048"])
+def test_a_smaller_image_is_suggested_only_when_the_planner_finds_it_fits(facts, work):
+    """The size in the message is one the planner itself fits into the budget, the largest such square; it was a
+    fixed three quarters of the side, which often did not fit either."""
+    suggested = 0
+    for mib in range(300, 12000, 100):
+        try:
+            plan_for_budget(mib * MiB, facts, CardFacts(), work)
+        except BudgetError as exc:
+            found = re.search(r"make the image (\d+)×\1 or smaller", str(exc))
+            if found:
+                side = int(found.group(1))
+                suggested += 1
+                plan_for_budget(mib * MiB, facts, CardFacts(), dataclasses.replace(work, width=side, height=side))
+                bigger = dataclasses.replace(work, width=side + 64, height=side + 64)
+                with pytest.raises(BudgetError):
+                    plan_for_budget(mib * MiB, facts, CardFacts(), bigger)
+    assert suggested  # some budgets in the range do get a size
 
 
 def test_measured_card_ranks_by_predicted_time():

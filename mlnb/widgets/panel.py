@@ -92,8 +92,8 @@ class Dashboard(widgets.VBox):
     def __init__(self, interval: float = 1.0, device=None, history: CellHistory | None = None, start: bool = True) -> None:
         from ..session import defaults
 
-        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0.05 <= interval < float("inf"):
-            raise ValueError(f"interval must be a number of seconds of at least 0.05, got {interval!r}")
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or not 0.01 <= interval < float("inf"):
+            raise ValueError(f"interval must be a number of seconds of at least 0.01, got {interval!r}")
         self.interval = interval
         self.device = device
         self.history = history if history is not None else cell_history
