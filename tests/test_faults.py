@@ -471,9 +471,14 @@ class _CudaLikeFake(FakeDevice):
 class _StubPipe:
     """A pipeline stub whose xformers switch runs xformers' kernel once, as diffusers does."""
 
+    components: dict = {}  # what makes it a pipeline to the optimizer
+
     def __init__(self) -> None:
         self.xformers_on = False
         self.placed_on = None
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError("a stub: never generates")
 
     def enable_xformers_memory_efficient_attention(self):
         import xformers.ops

@@ -342,3 +342,14 @@ def test_streams_pin_on_the_fly_when_host_ram_is_short(tiny_sd, recorded, monkey
     report = MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), device).optimize_pipeline(pipe)
     assert calls["group"][0]["low_cpu_mem_usage"] is pins_on_the_fly
     assert ("pins on the fly" in report["group_offload"].detail) is pins_on_the_fly
+
+
+def test_the_optimizer_takes_a_config_and_a_pipeline_and_says_so_otherwise():
+    import torch
+
+    with pytest.raises(TypeError, match=r"config must be a MemoryOptimizationConfig \(MemoryOptimizationConfig.from_level\('balanced'\)\?\)"):
+        MemoryOptimizer("balanced")
+    optimizer = MemoryOptimizer(MemoryOptimizationConfig.from_level("none"), CpuDevice())
+    for thing in (object(), torch.nn.Linear(2, 2)):
+        with pytest.raises(TypeError, match="optimize_pipeline takes a diffusers pipeline, got"):
+            optimizer.optimize_pipeline(thing)

@@ -826,3 +826,15 @@ def test_one_copy_of_a_model_whatever_its_dtype(tiny_sd):
     fp32 = mlnb.load_pipeline(tiny_sd, level="none", dtype="fp32")
     fp16 = mlnb.load_pipeline(tiny_sd, level="none", dtype="fp16")
     assert not fp32.loaded and [m for m in cached_pipelines() if m.model == str(tiny_sd)] == [fp16]
+
+
+def test_saving_from_python_names_the_problem_without_the_magic_s_option(tiny_sd, tmp_path):
+    result = mlnb.load_pipeline(tiny_sd, level="none").generate("a fox", seed=1, **FAST)
+    with pytest.raises(ValueError, match=r"'.*fox.txt' is neither an existing folder nor a .png/.jpg/.webp file name"):
+        result.save(tmp_path / "fox.txt")
+    with pytest.raises(FileNotFoundError, match=r"^folder '.*missing' does not exist$"):
+        result.save(tmp_path / "missing" / "fox.png")
+    result.save(tmp_path / "fox.png")
+    with pytest.raises(FileExistsError, match=r"^'.*fox.png' exists; mlnb never overwrites"):
+        result.save(tmp_path / "fox.png")
+    assert list(tmp_path.iterdir()) == [tmp_path / "fox.png"]

@@ -108,7 +108,7 @@ class MlnbMagics(Magics):
         if req.save:
             try:
                 saved = result.save(req.save)
-            except OSError as exc:  # checked before generating, but a disk can be full or refuse: keep the images
+            except (OSError, ValueError) as exc:  # checked before generating, but a disk can be full or refuse
                 if not req.quiet:
                     from IPython.display import display
 

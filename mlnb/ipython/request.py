@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import InvalidArgumentError
 from ..levels import AUTO, parse_level
 from ..pipeline.managed import validate_generation_args
-from ..pipeline.result import save_paths
+from ..pipeline.result import IMAGE_SUFFIXES, save_paths
 from ..session import budget_of
 from ..units import parse_bytes
 
@@ -94,7 +94,7 @@ def _check_save(path: str, num_images: int, seed: int | None) -> None:
         if not target.is_dir():
             if not target.parent.is_dir():
                 raise RequestError(f"--save: folder {str(target.parent)!r} does not exist")
-            if target.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+            if target.suffix.lower() not in IMAGE_SUFFIXES:
                 raise RequestError(f"--save: {path!r} is neither an existing folder nor a .png/.jpg/.webp file name")
         elif seed is None:
             return  # the names in a folder carry the seed, drawn when the image is made

@@ -39,6 +39,11 @@ class MemoryOptimizer:
     """
 
     def __init__(self, config: MemoryOptimizationConfig, device: Device | None = None) -> None:
+        if not isinstance(config, MemoryOptimizationConfig):
+            raise TypeError(
+                f"config must be a MemoryOptimizationConfig (MemoryOptimizationConfig.from_level({config!r})?), "
+                f"got {type(config).__name__}"
+            )
         self.config = config
         self.device = device or get_device()
 
@@ -48,6 +53,8 @@ class MemoryOptimizer:
         A pipeline can be optimized once: offload hooks cannot be stacked or cleanly undone, so a second call
         raises instead of pretending. Load a fresh pipeline for another level.
         """
+        if not hasattr(pipe, "components") or not callable(getattr(pipe, "__call__", None)):
+            raise TypeError(f"optimize_pipeline takes a diffusers pipeline, got {type(pipe).__name__}")
         if getattr(pipe, "_mlnb_optimized", None) is not None:
             raise RuntimeError(
                 f"this pipeline was already optimized at level {pipe._mlnb_optimized}; offload hooks cannot be "

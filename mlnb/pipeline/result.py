@@ -15,7 +15,9 @@ from ..monitor import MemoryReport
 from ..optimizer import OptimizationReport
 from ..units import format_bytes, format_gib
 
-__all__ = ["GenerationResult", "save_images", "save_paths"]
+__all__ = ["GenerationResult", "save_images", "save_paths", "IMAGE_SUFFIXES"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
@@ -135,14 +137,17 @@ def save_paths(path: str | os.PathLike, count: int, seed: int = 0) -> list[Path]
 
     Raises:
         FileNotFoundError: the parent folder does not exist, or the path is neither a folder nor a file name.
+        ValueError: a file name whose extension is not an image format mlnb writes (.png, .jpg, .jpeg, .webp).
     """
     target = Path(path).expanduser()
     if target.is_dir():
         return [target / f"mlnb-{seed}-{i}.png" for i in range(count)]
     if not target.parent.is_dir():
-        raise FileNotFoundError(f"--save: folder {str(target.parent)!r} does not exist")
+        raise FileNotFoundError(f"folder {str(target.parent)!r} does not exist")
     if target.suffix == "":
-        raise FileNotFoundError(f"--save: folder {str(target)!r} does not exist (give a .png path or a folder)")
+        raise FileNotFoundError(f"folder {str(target)!r} does not exist (give a .png path or a folder)")
+    if target.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ValueError(f"{str(path)!r} is neither an existing folder nor a .png/.jpg/.webp file name")
     if count == 1:
         return [target]
     return [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(count)]
@@ -161,7 +166,7 @@ def save_images(images: list, path: str | os.PathLike, seed: int = 0, overwrite:
     paths = save_paths(path, len(images), seed)
     existing = [p for p in paths if p.exists()]
     if existing and not overwrite:
-        raise FileExistsError(f"--save: {str(existing[0])!r} exists; mlnb never overwrites, choose another name")
+        raise FileExistsError(f"{str(existing[0])!r} exists; mlnb never overwrites, choose another name")
     for image, p in zip(images, paths):
         image.save(p)
     return paths
