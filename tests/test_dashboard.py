@@ -246,13 +246,19 @@ def test_generate_tiny_model(board_factory, session_defaults, tiny_sd, clean_cac
     assert f"{tiny_sd.name} at none" in board.level_info.value
 
 
-def test_generate_plans_for_the_session_s_budget(board_factory, session_defaults, tiny_sd, clean_cache):
+def test_generate_plans_for_the_session_s_budget(board_factory, session_defaults, tiny_sd, clean_cache, capfd):
+    """The plan's line, a warning of the generation thread, goes to the panel: written to stderr, a kernel would
+    put it into whichever cell runs at that moment."""
     session_defaults.model = str(tiny_sd)
     session_defaults.set_level("3GiB")
+    capfd.readouterr()
     panel = _click_generate(board_factory(), steps=1)
     assert panel.wait(timeout=120), "generation did not finish in 120 s"
     assert panel.error is None, panel.error
     assert panel.result.plan is not None and panel.result.plan.startswith("plan for 3.0 GiB")
+    assert any(note.startswith("plan for 3.0 GiB") for note in panel.notes), panel.notes
+    assert "plan for 3.0 GiB" in panel.status.value
+    assert "plan for" not in capfd.readouterr().err
 
 
 def test_generate_errors_keep_panel_usable(board_factory, session_defaults, tiny_sd, clean_cache):

@@ -16,6 +16,7 @@ from typing import Sequence
 import ipywidgets as widgets
 
 from ..errors import InvalidArgumentError, MlnbError
+from ..logs import routed
 from .state import one_line
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class GeneratePanel(widgets.VBox):
         self.width, self.height = width, height
         self.button, self.progress, self.status, self.image, self.report = button, progress, status, image, report
         self.result = None  # the last GenerationResult shown
+        self.notes: list[str] = []  # mlnb's warnings from the generation thread (the plan, an unload)
         self.error: str | None = None  # the last error line shown
         self._also_disable = list(also_disable)
         self._worker: threading.Thread | None = None
@@ -166,7 +168,7 @@ class GeneratePanel(widgets.VBox):
         self.image.layout.width = f"{min(result.image.width, _MAX_IMAGE_PX)}px"
         self.image.layout.display = None
         self.report.value = f"<code>{html.escape(result.report_line())}</code>"
-        self._show_status(f"done, seed {result.seed}")
+        self._show_status(" · ".join([f"done, seed {result.seed}"] + self.notes))
 
     def _show_error(self, exc: BaseException) -> None:
         self.error = one_line(exc)
@@ -189,6 +191,7 @@ class GeneratePanel(widgets.VBox):
         if self.running:
             return self._worker
         self.error = None
+        self.notes = []  # mlnb's warnings from the generation thread (the plan, an unload), shown with the status
         try:
             kwargs = form_kwargs(
                 self.prompt.value, self.negative.value, self.steps.value, self.seed.value,
@@ -217,18 +220,21 @@ class GeneratePanel(widgets.VBox):
         from ..pipeline import generate_with_rescue, load_pipeline
         from ..session import pipeline_choice
 
-        # Nothing may escape this thread: threading's excepthook would print a traceback into whichever cell runs.
+        # Nothing may escape this thread: threading's excepthook would print a traceback into whichever cell runs,
+        # and so would mlnb's warnings (the plan, an unload): they go to the panel's notes.
         try:
-            managed = load_pipeline(model, **pipeline_choice(level))  # a level, or the session's budget
-            self._show_status(f"generating at level {managed.level.value}…")
-            result = generate_with_rescue(managed, progress=self._on_progress, **kwargs)
-            self._show_result(result)
-        except (MlnbError, ValueError) as exc:
-            logger.debug("dashboard generation failed: %s", exc)
-            self._show_error(exc)
-        except Exception as exc:  # anything else: still one line, the traceback goes to the log
-            logger.warning("dashboard generation failed", exc_info=True)
-            self._show_error(exc)
+            with routed(self.notes.append):
+                try:
+                    managed = load_pipeline(model, **pipeline_choice(level))  # a level, or the session's budget
+                    self._show_status(f"generating at level {managed.level.value}…")
+                    result = generate_with_rescue(managed, progress=self._on_progress, **kwargs)
+                    self._show_result(result)
+                except (MlnbError, ValueError) as exc:
+                    logger.debug("dashboard generation failed: %s", exc)
+                    self._show_error(exc)
+                except Exception as exc:  # anything else: still one line; the traceback at debug level
+                    logger.debug("dashboard generation failed", exc_info=True)
+                    self._show_error(exc)
         finally:
             self._set_running(False)
 

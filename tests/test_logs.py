@@ -1,0 +1,45 @@
+"""Where mlnb's warnings go: stderr as without logging set up, except a routed thread's (the dashboard's worker)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+from mlnb.logs import install, routed
+
+
+def test_a_routed_thread_s_warnings_go_to_its_sink_and_the_others_to_stderr(monkeypatch, capsys):
+    monkeypatch.setattr(logging.getLogger(), "handlers", [])  # as in a kernel: no logging set up (pytest adds one)
+    install()
+    install()  # once
+    assert sum(type(h).__name__ == "_Handler" for h in logging.getLogger("mlnb").handlers) == 1
+    log = logging.getLogger("mlnb.pipeline.managed")
+    notes: list[str] = []
+
+    def worker():
+        with routed(notes.append):
+            log.warning("plan for %s: resident", "3.0 GiB")
+            log.info("not shown: below warning")
+        log.warning("after the route")  # the route ends with the block
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    log.warning("from the main thread")
+    err = capsys.readouterr().err
+    assert notes == ["plan for 3.0 GiB: resident"]
+    assert "from the main thread\n" in err and "after the route\n" in err and "plan for" not in err
+
+
+def test_with_logging_set_up_mlnb_writes_nothing_itself(monkeypatch, capsys):
+    """The root logger's handlers show mlnb's lines then (once, not twice)."""
+    install()
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    monkeypatch.setattr(logging.getLogger(), "handlers", [Collect()])
+    logging.getLogger("mlnb.x").warning("once")
+    assert seen == ["once"] and "once" not in capsys.readouterr().err
