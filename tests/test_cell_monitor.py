@@ -27,9 +27,10 @@ class FakeShell:
         self.execution_count = 1
         self.last_execution_result = None
 
-    def run(self, source: str, body=None):
+    def run(self, source: str, body=None, store_history: bool = True):
         """Fire pre_run_cell, run ``body()`` (its exception is the cell's error), fire post_run_cell."""
-        info = types.SimpleNamespace(raw_cell=source, store_history=True, silent=False, shell_futures=True, cell_id=None)
+        info = types.SimpleNamespace(raw_cell=source, store_history=store_history, silent=False, shell_futures=True,
+                                     cell_id=None)
         self.events.trigger("pre_run_cell", info)
         result = ExecutionResult(info)
         try:
@@ -40,7 +41,8 @@ class FakeShell:
             sys.last_type, sys.last_value, sys.last_traceback = type(exc), exc, exc.__traceback__
         self.last_execution_result = result
         self.events.trigger("post_run_cell", result)
-        self.execution_count += 1
+        if store_history:  # as IPython: only a stored cell takes a number
+            self.execution_count += 1
         return result
 
 
@@ -85,6 +87,21 @@ def test_gpu_cell_gets_a_line_and_the_cache_cleared(setup):
     assert record.report.freed == 512 * 2**20  # reserved went back to the driver
     assert device.reserved == 0 and device.empty_cache_calls == 1
     assert len(lines) == 1 and lines[0].startswith("[mlnb] cell 1 ·") and "peak 512.0 MiB" in lines[0]
+
+
+def test_a_frontend_s_own_execution_is_not_a_numbered_cell(setup):
+    """``store_history=False`` (a variable inspector, a widget's callback) ran under the next cell's number: a line
+    and a history row, then the real cell got the same number."""
+    shell, device, lines = setup
+
+    def cell():
+        device.allocate(64 * 2**20)
+        device.release(64 * 2**20)
+
+    shell.run("inspect()", cell, store_history=False)
+    assert lines == [] and len(cell_history) == 0
+    shell.run("big = work()", cell)
+    assert [r.cell for r in cell_history.records()] == [1] and len(lines) == 1
 
 
 def test_verbose_prints_every_cell_and_off_records_nothing(setup):

@@ -69,6 +69,10 @@ class CellMonitor:
             self.quiet_current_cell = False
             if not defaults.monitor:
                 return
+            if getattr(info, "store_history", True) is False:
+                # A frontend's own code (a variable inspector, a widget's callback), not a numbered cell: it would
+                # take the next cell's number in the lines and the history.
+                return
             self._cell = getattr(self.shell, "execution_count", None)
             raw = getattr(info, "raw_cell", "") or ""
             first = next((line.strip() for line in raw.splitlines() if line.strip()), "")
