@@ -231,6 +231,8 @@ class Dashboard(widgets.VBox):
         self.stop()
         for child in self.children:
             _close_tree(child)
+        if isinstance(getattr(self, "layout", None), widgets.Widget):
+            self.layout.close()
         super().close()
 
     # -- controls -----------------------------------------------------------------------------------------------
@@ -278,6 +280,12 @@ def _loaded_pipelines() -> list[tuple[str, str]]:
 
 
 def _close_tree(widget) -> None:
+    """Close a widget, its children, and their layouts and styles (each a model of its own in the kernel and in the
+    saved notebook's widget state)."""
     for child in getattr(widget, "children", ()):
         _close_tree(child)
+    for part in ("layout", "style"):
+        model = getattr(widget, part, None)
+        if isinstance(model, widgets.Widget):
+            model.close()
     widget.close()
