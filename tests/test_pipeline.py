@@ -838,3 +838,13 @@ def test_saving_from_python_names_the_problem_without_the_magic_s_option(tiny_sd
     with pytest.raises(FileExistsError, match=r"^'.*fox.png' exists; mlnb never overwrites"):
         result.save(tmp_path / "fox.png")
     assert list(tmp_path.iterdir()) == [tmp_path / "fox.png"]
+
+
+def test_the_unload_warning_names_the_dtype_only_when_it_changes(tiny_sd, caplog):
+    mlnb.load_pipeline(tiny_sd, level="none", dtype="fp32")
+    with caplog.at_level("WARNING"):
+        mlnb.load_pipeline(tiny_sd, level="balanced", dtype="fp32")
+        mlnb.load_pipeline(tiny_sd, level="balanced", dtype="fp16")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unloading")]
+    assert lines == [f"unloading {tiny_sd} (none) to load it again as balanced",
+                     f"unloading {tiny_sd} (balanced, fp32) to load it again as balanced, fp16"]

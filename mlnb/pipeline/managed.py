@@ -536,8 +536,10 @@ def load_pipeline(
             # The same model at another level or dtype: drop the old copy first, a small card cannot hold both.
             for other in list(_cache.values()):
                 if other.model == source:
-                    logger.warning("unloading %s (%s, %s) to load it again as %s, %s", source, other.tag,
-                                   dtype_name(other.dtype), choice.level.value, dname)
+                    old, new = other.tag, choice.level.value
+                    if dtype_name(other.dtype) != dname:
+                        old, new = f"{old}, {dtype_name(other.dtype)}", f"{new}, {dname}"
+                    logger.warning("unloading %s (%s) to load it again as %s", source, old, new)
                     other.unload()
         if plan is None:
             report = MemoryOptimizer(cfg, device).optimize_pipeline(pipe)
