@@ -118,10 +118,16 @@ def _demo(args) -> int:
     model = args.model or str(default_tiny_model("sd"))
     out = Path(args.out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
+    from IPython.core.error import UsageError
+
     shell = start_ipython()
     shell.run_line_magic("load_ext", "mlnb")
     cell = f"--model {model} --steps {args.steps} --width {args.size} --height {args.size} --seed {args.seed} --out demo_result"
-    shell.run_cell_magic("generate", cell, args.prompt)
+    try:
+        shell.run_cell_magic("generate", cell, args.prompt)
+    except UsageError as exc:  # a bad option or model: one line, as in a notebook
+        print(f"mlnb demo: error: {exc}", file=sys.stderr)
+        return 2
     result = shell.user_ns["demo_result"]
     paths = result.save(out, overwrite=True) if out.is_dir() else result.save(out)
     print(shell.run_line_magic("vram", ""))

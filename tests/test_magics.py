@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -227,3 +229,29 @@ def test_vram_who_names_namespace_holders(ip):
         assert rows[0][3] == "holder['latents']" and rows[0][0] == "16.0 KiB"
         assert rows[1][3] == "holder['small']"
         del ip.user_ns["holder"]
+
+
+def test_the_demo_command_turns_a_bad_option_into_one_line_and_exit_status_2(tmp_path):
+    import subprocess
+    import sys
+
+    run = subprocess.run(
+        [sys.executable, "-m", "mlnb.cli", "demo", "--steps", "0", "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "MLNB_CACHE": str(tmp_path / "cache")},
+    )
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("mlnb demo:") or "Traceback" in line]
+    assert lines == ["mlnb demo: error: --steps must be a whole number >= 1, got 0"], run.stderr
+
+
+def test_vram_free_prints_its_own_report_and_no_cell_line_beside_it(ip, capsys):
+    """The cell's line would say ``freed 0 B`` under a report that says what %vram free gave back."""
+    device = FakeDevice()
+    with use_device(device):
+        device.allocate(64 * 2**20)
+        device.release(64 * 2**20)  # 64 MiB reserved, cached
+        capsys.readouterr()
+        result = run(ip, "%vram free")
+        out = capsys.readouterr().out
+    assert result.success and "64.0 MiB" in str(result.result)
+    assert "[mlnb] cell" not in out, out

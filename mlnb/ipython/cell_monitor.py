@@ -55,7 +55,7 @@ class CellMonitor:
         self._monitor: MemoryMonitor | None = None
         self._cell: int | None = None
         self._source = ""
-        self.quiet_current_cell = False  # set by %%generate, which prints its own report
+        self.quiet_current_cell = False  # set by %%generate and %vram free, which print their own reports
 
     @property
     def device(self) -> Device:

@@ -143,6 +143,8 @@ class MlnbMagics(Magics):
         if action == "history":
             return history_table(cell_history, args.top)
         if action == "free":
+            if self.cell_monitor is not None:  # its own report says what it freed; the cell's line would say 0 B
+                self.cell_monitor.quiet_current_cell = True
             drop = (lambda: drop_outputs(self.shell, device)) if args.outputs else None
             return session.free_memory(device, drop_outputs=drop)
         if action == "who":
