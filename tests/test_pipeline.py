@@ -8,6 +8,7 @@ import functools
 import gc
 import re
 import shutil
+import time
 import weakref
 
 import numpy as np
@@ -848,3 +849,29 @@ def test_the_unload_warning_names_the_dtype_only_when_it_changes(tiny_sd, caplog
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("unloading")]
     assert lines == [f"unloading {tiny_sd} (none) to load it again as balanced",
                      f"unloading {tiny_sd} (balanced, fp32) to load it again as balanced, fp16"]
+
+
+def test_unloading_from_another_thread_waits_for_the_running_generation(tiny_sd):
+    """``%vram free`` in a cell while the dashboard generates: the generation finishes with its image, then the
+    pipeline goes (dropping it mid-call failed the generation)."""
+    import threading
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    started, results, errors = threading.Event(), [], []
+
+    def slow_progress(step, total):
+        started.set()
+        time.sleep(0.2)
+
+    def run():
+        try:
+            results.append(managed.generate("a fox", seed=1, steps=3, width=64, height=64, progress=slow_progress))
+        except Exception as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert started.wait(30)
+    managed.unload()  # waits
+    worker.join(30)
+    assert errors == [] and len(results) == 1 and not managed.loaded

@@ -172,7 +172,7 @@ class ManagedPipeline:
         self.weight_bytes = weight_bytes(pipe) if pipe is not None else 0
         self.model_key = _model_key(pipe, dtype)
         self._config = config
-        self._generating = threading.Lock()  # one generation at a time: the scheduler and hooks hold call state
+        self._generating = threading.RLock()  # one generation at a time: the scheduler and hooks hold call state
 
     @property
     def level(self) -> OptimizationLevel:
@@ -397,11 +397,13 @@ class ManagedPipeline:
         return learning.predict(self, work)
 
     def unload(self) -> None:
-        """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up."""
+        """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up. A generation running on it
+        in another thread (the dashboard's) finishes first."""
         with _cache_lock:
             if _cache.get(self.key) is self:
                 del _cache[self.key]
-        pipe, self.pipe = self.pipe, None
+        with self._generating:
+            pipe, self.pipe = self.pipe, None
         if pipe is not None:
             try:
                 if hasattr(pipe, "remove_all_hooks"):
