@@ -875,3 +875,9 @@ def test_unloading_from_another_thread_waits_for_the_running_generation(tiny_sd)
     managed.unload()  # waits
     worker.join(30)
     assert errors == [] and len(results) == 1 and not managed.loaded
+
+
+def test_auto_without_cuda_reuses_the_none_pipeline_loaded_by_name(tiny_sd):
+    """auto on a CPU is `none`: it unloaded the same pipeline and loaded it again."""
+    named = mlnb.load_pipeline(tiny_sd, level="none", device=CpuDevice())
+    assert mlnb.load_pipeline(tiny_sd, device=CpuDevice()) is named and named.loaded

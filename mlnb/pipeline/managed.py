@@ -496,10 +496,15 @@ def load_pipeline(
             if hit is not None:
                 return hit
         else:
-            # auto: any cached level of this model that auto chose before is reused.
+            # auto: any cached level of this model that auto chose before is reused; on a CPU auto is `none`
+            # (nothing to offload to), so a `none` loaded by name is what auto would load again.
             for managed in _cache.values():
                 if managed.model == source and dtype_name(managed.dtype) == dname and managed.choice.auto:
                     return managed
+            if not device.has_memory_counters:  # a CPU: the table says none
+                hit = _cache.get((source, dname, _config_key(MemoryOptimizationConfig.from_level("none"))))
+                if hit is not None:
+                    return hit
 
     try:
         pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
