@@ -205,7 +205,7 @@ a watercolor fox in a snowy forest
 
 # %% [markdown]
 # In short: mlnb clears the allocator cache after GPU cells, clears the frames of a failed cell's traceback when they
-# hold GPU tensors, points out outputs that pin GPU tensors, and drops them on `%vram free --outputs`. What it leaves
+# alone hold GPU tensors, points out outputs that pin GPU tensors, and drops them on `%vram free --outputs`. What it leaves
 # to you: your own variables (`del` them, or `%vram free` to unload pipelines).
 #
 # Next: [04 · dashboard](04_dashboard.ipynb).

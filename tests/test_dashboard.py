@@ -367,9 +367,9 @@ def test_closing_a_dashboard_closes_every_model_it_made(board_factory):
     the kernel and in the notebook's saved widget state."""
     import ipywidgets
 
-    instances = getattr(ipywidgets.Widget, "widgets", None)
-    if instances is None:  # ipywidgets 8 keeps the registry under another name
-        instances = ipywidgets.widgets.widget._instances
+    instances = getattr(ipywidgets.widgets.widget, "_instances", None)  # ipywidgets 8
+    if instances is None:  # 7.x
+        instances = ipywidgets.Widget.widgets
     before = set(instances)
     board = board_factory()
     made = set(instances) - before
