@@ -2,7 +2,8 @@
 whose lines have a place of their own.
 
 A notebook kernel sends whatever a background thread writes to stderr into the cell that is running at that moment.
-The dashboard's Generate thread therefore routes its lines (the plan, an unload) to its panel with :func:`routed`.
+The dashboard's Generate thread therefore routes its lines (the plan, an unload, the libraries' notices while loading)
+to its panel with :func:`routed`.
 Nothing is installed on import: :func:`install` adds the handler to the ``mlnb`` logger, once.
 """
 
@@ -49,13 +50,40 @@ def install() -> None:
             logger.addHandler(_handler)
 
 
+# Libraries that load and run the models, each with a handler of its own on its top logger (writing to stderr).
+_LIBRARIES = ("diffusers", "transformers", "huggingface_hub", "accelerate")
+
+
+def _thread_filter(ident: int, sink: Callable[[str], None]):
+    """A handler filter that sends the thread ``ident``'s records to ``sink`` instead of the handler's stream."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        if record.thread != ident:
+            return True
+        try:
+            sink(record.getMessage())
+        except Exception:  # a sink that fails must not take the library's logging down
+            pass
+        return False
+
+    return keep
+
+
 @contextlib.contextmanager
-def routed(sink: Callable[[str], None]):
-    """Inside, the current thread's mlnb warnings go to ``sink(message)`` instead of stderr."""
+def routed(sink: Callable[[str], None], libraries: Callable[[str], None] | None = None):
+    """Inside, the current thread's mlnb warnings go to ``sink(message)`` instead of stderr, and what diffusers,
+    transformers, huggingface_hub and accelerate log from it through their own handlers to ``libraries`` (default:
+    ``sink`` too)."""
     install()
     ident = threading.get_ident()
     _routes[ident] = sink
+    keep = _thread_filter(ident, libraries or sink)
+    handlers = [h for name in _LIBRARIES for h in logging.getLogger(name).handlers]
+    for handler in handlers:
+        handler.addFilter(keep)
     try:
         yield
     finally:
+        for handler in handlers:
+            handler.removeFilter(keep)
         _routes.pop(ident, None)

@@ -43,3 +43,47 @@ def test_with_logging_set_up_mlnb_writes_nothing_itself(monkeypatch, capsys):
     monkeypatch.setattr(logging.getLogger(), "handlers", [Collect()])
     logging.getLogger("mlnb.x").warning("once")
     assert seen == ["once"] and "once" not in capsys.readouterr().err
+
+
+def test_a_routed_thread_s_library_notices_go_to_its_sink_too(capsys):
+    """transformers and diffusers log through handlers of their own (to stderr): from the dashboard's thread, a
+    notice such as the missing-torchvision one landed in whichever cell ran."""
+    import io
+
+    stream = io.StringIO()
+    library = logging.getLogger("transformers")
+    handler = logging.StreamHandler(stream)
+    library.addHandler(handler)
+    try:
+        notes: list[str] = []
+
+        def worker():
+            with routed(notes.append):
+                logging.getLogger("transformers.models.clip").warning("requires torchvision")
+            logging.getLogger("transformers.models.clip").warning("after the route")
+
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        logging.getLogger("transformers.models.clip").warning("main thread")
+    finally:
+        library.removeHandler(handler)
+    assert notes == ["requires torchvision"]
+    assert stream.getvalue().splitlines() == ["after the route", "main thread"]
+    assert handler.filters == []  # removed with the route
+
+
+def test_library_notices_can_go_to_a_sink_of_their_own():
+    import io
+
+    library = logging.getLogger("diffusers")
+    handler = logging.StreamHandler(io.StringIO())
+    library.addHandler(handler)
+    mine: list[str] = []
+    theirs: list[str] = []
+    try:
+        with routed(mine.append, libraries=theirs.append):
+            logging.getLogger("diffusers.pipelines").warning("deprecated")
+    finally:
+        library.removeHandler(handler)
+    assert theirs == ["deprecated"] and mine == []

@@ -135,7 +135,8 @@ class GeneratePanel(widgets.VBox):
         self.width, self.height = width, height
         self.button, self.progress, self.status, self.image, self.report = button, progress, status, image, report
         self.result = None  # the last GenerationResult shown
-        self.notes: list[str] = []  # mlnb's warnings from the generation thread (the plan, an unload)
+        self.notes: list[str] = []  # mlnb's warnings from the generation thread (the plan, an unload), shown
+        self.library_notes: list[str] = []  # what diffusers/transformers logged from it (kept, not shown)
         self.error: str | None = None  # the last error line shown
         self._also_disable = list(also_disable)
         self._worker: threading.Thread | None = None
@@ -191,7 +192,7 @@ class GeneratePanel(widgets.VBox):
         if self.running:
             return self._worker
         self.error = None
-        self.notes = []  # mlnb's warnings from the generation thread (the plan, an unload), shown with the status
+        self.notes, self.library_notes = [], []  # this generation's, as in __init__
         try:
             kwargs = form_kwargs(
                 self.prompt.value, self.negative.value, self.steps.value, self.seed.value,
@@ -223,7 +224,7 @@ class GeneratePanel(widgets.VBox):
         # Nothing may escape this thread: threading's excepthook would print a traceback into whichever cell runs,
         # and so would mlnb's warnings (the plan, an unload): they go to the panel's notes.
         try:
-            with routed(self.notes.append):
+            with routed(self.notes.append, libraries=self.library_notes.append):
                 try:
                     managed = load_pipeline(model, **pipeline_choice(level))  # a level, or the session's budget
                     self._show_status(f"generating at level {managed.level.value}…")
