@@ -60,10 +60,12 @@ def _thread_filter(ident: int, sink: Callable[[str], None]):
     def keep(record: logging.LogRecord) -> bool:
         if record.thread != ident:
             return True
-        try:
-            sink(record.getMessage())
-        except Exception:  # a sink that fails must not take the library's logging down
-            pass
+        if not getattr(record, "_mlnb_routed", False):  # a logger with several handlers: sent once
+            record._mlnb_routed = True
+            try:
+                sink(record.getMessage())
+            except Exception:  # a sink that fails must not take the library's logging down
+                pass
         return False
 
     return keep
