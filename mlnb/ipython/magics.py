@@ -113,9 +113,8 @@ class MlnbMagics(Magics):
                     from IPython.display import display
 
                     display(result)
-                text = str(exc) if str(exc).startswith("--save") else f"--save: {exc}"
                 where = f"{req.out} and mlnb.last_result()" if req.out else "mlnb.last_result()"
-                raise UsageError(f"{text}; the images are in {where}") from None
+                raise UsageError(f"--save: {exc}; the images are in {where}") from None
             print(f"saved {', '.join(str(p) for p in saved)}")
         return None if req.quiet else result
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from ..errors import InvalidArgumentError
 from ..levels import AUTO, parse_level
 from ..pipeline.managed import validate_generation_args
-from ..pipeline.result import IMAGE_SUFFIXES, save_paths
+from ..pipeline.result import save_paths
 from ..session import budget_of
 from ..units import parse_bytes
 
@@ -88,19 +88,18 @@ def expand_prompt(text: str, user_ns: dict, what: str = "the prompt") -> str:
 
 
 def _check_save(path: str, num_images: int, seed: int | None) -> None:
-    """The checks ``save_images`` makes, before any work: the folder, the extension, no file to overwrite."""
+    """``save_images``' own checks, before any work: the folder, the extension, no file to overwrite."""
     target = Path(path).expanduser()
     try:
-        if not target.is_dir():
-            if not target.parent.is_dir():
-                raise RequestError(f"--save: folder {str(target.parent)!r} does not exist")
-            if target.suffix.lower() not in IMAGE_SUFFIXES:
-                raise RequestError(f"--save: {path!r} is neither an existing folder nor a .png/.jpg/.webp file name")
-        elif seed is None:
+        if target.is_dir() and seed is None:
             return  # the names in a folder carry the seed, drawn when the image is made
-        existing = [p for p in save_paths(target, num_images, seed) if p.exists()]
-    except OSError as exc:  # a name too long, a path the OS refuses
+        # a name without an extension in an existing folder: save_paths would call it a missing folder
+        no_name = not target.is_dir() and target.parent.is_dir() and not target.suffix
+        existing = [] if no_name else [p for p in save_paths(path, num_images, seed or 0) if p.exists()]
+    except (OSError, ValueError) as exc:  # no such folder, not an image name, a name the OS refuses
         raise RequestError(f"--save: {exc}") from None
+    if no_name:
+        raise RequestError(f"--save: {path!r} is neither an existing folder nor a .png/.jpg/.webp file name")
     if existing:
         raise RequestError(f"--save: {str(existing[0])!r} exists; mlnb never overwrites, choose another name")
 

@@ -219,9 +219,8 @@ class MemoryMonitor:
             steps = cleanup(dev, collect=bool(self.collect), empty_cache=self.empty_cache, timings=timings)
         cleanup_seconds = time.perf_counter() - began
         end = dev.snapshot() if steps else at_exit  # nothing ran: the state is the one just read
-        self.report = self._build_report(at_exit, end, steps, exc_type, cleanup_seconds, tuple(timings))
-        if held is not None:
-            self.report = replace(self.report, held_after_clear=held, collected=collected)
+        self.report = self._build_report(at_exit, end, steps, exc_type, cleanup_seconds, tuple(timings), held,
+                                         collected)
         return False
 
     def _collect_if_held(self, dev: Device, steps: list[str], timings: list):
@@ -237,7 +236,7 @@ class MemoryMonitor:
 
     def _build_report(
         self, at_exit: MemorySnapshot, end: MemorySnapshot, steps, exc_type, cleanup_seconds: float | None = None,
-        cleanup_timings: tuple = (),
+        cleanup_timings: tuple = (), held_after_clear: int | None = None, collected: int | None = None,
     ) -> MemoryReport:
         start = self._start
         assert start is not None
@@ -273,6 +272,8 @@ class MemoryMonitor:
             cleanup_seconds=cleanup_seconds,
             cleanup_timings=cleanup_timings,
             error=exc_type.__name__ if exc_type is not None else None,
+            held_after_clear=held_after_clear,
+            collected=collected,
         )
 
     def get_peak_memory(self) -> int | None:
