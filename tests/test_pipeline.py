@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import gc
+import logging
 import re
 import shutil
 import time
@@ -222,6 +223,35 @@ def test_pickle_only_weights_are_refused_unless_allowed(tiny_sd_pickle):
     assert cached_pipelines() == []
     managed = mlnb.load_pipeline(tiny_sd_pickle, level="none", allow_pickle=True)
     assert isinstance(managed.generate("a fox", seed=1, steps=1, width=64, height=64).images[0], Image.Image)
+
+
+def test_pickle_read_weights_are_not_served_from_the_cache_to_a_call_without_allow_pickle(tiny_sd_pickle, tiny_sd,
+                                                                                           caplog):
+    """A pipeline read from pickle files with ``allow_pickle=True`` is the cached copy of that model; a later call
+    without the opt-in gets the same refusal as a first load would, and the cached copy stays. Safetensors weights
+    loaded with the opt-in are served to either call."""
+    pickled = mlnb.load_pipeline(tiny_sd_pickle, level="none", allow_pickle=True)
+    assert pickled.read_pickle
+    assert mlnb.load_pipeline(tiny_sd_pickle, level="none", allow_pickle=True) is pickled
+    with pytest.raises(UnsafeWeightsError, match="allow_pickle"):
+        mlnb.load_pipeline(tiny_sd_pickle, level="none")
+    with pytest.raises(UnsafeWeightsError, match="allow_pickle"):
+        mlnb.load_pipeline(tiny_sd_pickle)  # auto reuses what auto loaded: not this one either
+    assert pickled.loaded and pickled in cached_pipelines()
+    safe = mlnb.load_pipeline(tiny_sd, level="none", allow_pickle=True)
+    assert not safe.read_pickle
+    assert mlnb.load_pipeline(tiny_sd, level="none") is safe
+
+
+def test_a_cached_pipeline_answers_only_the_same_from_pretrained_arguments(tiny_sd, caplog):
+    """Another variant or revision is other weights: a load that asks for it is not served the cached copy, which
+    is replaced (one copy per model) with a warning that names the difference."""
+    plain = mlnb.load_pipeline(tiny_sd, level="none")
+    with caplog.at_level(logging.WARNING, logger="mlnb"):
+        other = mlnb.load_pipeline(tiny_sd, level="none", revision="main")
+    assert other is not plain and not plain.loaded
+    assert "(none, revision=None) to load it again as none, revision='main'" in caplog.text
+    assert mlnb.load_pipeline(tiny_sd, level="none", revision="main") is other
 
 
 def test_missing_path_is_model_not_found(tmp_path):

@@ -23,6 +23,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "resolve_model",
     "check_local_weights",
+    "pickle_only_components",
+    "reads_pickle",
     "parse_dtype",
     "default_dtype",
     "load_diffusers_pipeline",
@@ -68,26 +70,41 @@ def resolve_model(model: str | os.PathLike) -> tuple[str, bool]:
     return text, False
 
 
+def pickle_only_components(folder: str | os.PathLike) -> list[str]:
+    """``component/file`` for each component of a local pipeline whose weights are pickle files only (no
+    safetensors beside them), in ``model_index.json``'s order."""
+    root = Path(folder)
+    index = json.loads((root / "model_index.json").read_text())
+    found = []
+    for name, spec in index.items():
+        sub = root / name
+        if name.startswith("_") or not sub.is_dir() or not isinstance(spec, list):
+            continue
+        files = sorted(p.name for p in sub.iterdir() if p.is_file())
+        pickled = [f for f in files if f.endswith(_PICKLE)]
+        if pickled and not any(f.endswith(_SAFE) for f in files):
+            found.append(f"{name}/{pickled[0]}")
+    return found
+
+
 def check_local_weights(folder: str | os.PathLike, allow_pickle: bool) -> None:
     """Refuse a local pipeline whose weights are pickle-only unless ``allow_pickle``.
 
     Raises:
         UnsafeWeightsError: naming the first pickle-only component and the ``allow_pickle`` opt-in.
     """
-    root = Path(folder)
-    index = json.loads((root / "model_index.json").read_text())
-    for name, spec in index.items():
-        sub = root / name
-        if name.startswith("_") or not sub.is_dir() or not isinstance(spec, list):
-            continue
-        files = [p.name for p in sub.iterdir() if p.is_file()]
-        safe = [f for f in files if f.endswith(_SAFE)]
-        pickled = [f for f in files if f.endswith(_PICKLE)]
-        if pickled and not safe and not allow_pickle:
-            raise UnsafeWeightsError(
-                f"{name}/{pickled[0]} is a pickle file and there are no safetensors weights; pickle can run code "
-                "when loaded: pass allow_pickle=True (%%generate --allow-pickle) only if you trust this model"
-            )
+    pickled = [] if allow_pickle else pickle_only_components(folder)
+    if pickled:
+        raise UnsafeWeightsError(
+            f"{pickled[0]} is a pickle file and there are no safetensors weights; pickle can run code "
+            "when loaded: pass allow_pickle=True (%%generate --allow-pickle) only if you trust this model"
+        )
+
+
+def reads_pickle(source: str, is_local: bool, allow_pickle: bool) -> bool:
+    """Whether loading ``source`` may have read pickle weights: only with ``allow_pickle``, and for a local folder
+    only when a component has no safetensors (diffusers prefers them); a hub model's files are not known here."""
+    return allow_pickle and (not is_local or bool(pickle_only_components(source)))
 
 
 def parse_dtype(dtype):

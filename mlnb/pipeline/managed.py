@@ -43,7 +43,7 @@ from ..plan import (
 from ..card_facts import card_facts
 from ..units import format_bytes, parse_bytes
 from ..optimizer.weights import weight_bytes
-from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, resolve_model
+from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, reads_pickle, resolve_model
 from . import learning
 from .result import GenerationResult
 from .timing import StepTimer
@@ -159,8 +159,10 @@ class ManagedPipeline:
         plan: Plan | None = None,
         plan_facts: ModelFacts | None = None,
         config: MemoryOptimizationConfig | None = None,
+        read_pickle: bool = False,
     ) -> None:
         self.pipe = pipe
+        self.read_pickle = read_pickle  # its weights may have come from pickle files (loaded with allow_pickle)
         self.plan = plan
         self.plan_facts = plan_facts  # the weight bytes the plan was made from (before fp8 storage)
         self.model = model
@@ -485,26 +487,9 @@ def load_pipeline(
     torch_dtype = parse_dtype(dtype) or default_dtype(device, source if is_local else None)
     dname = dtype_name(torch_dtype)
 
-    with _cache_lock:
-        if budget_bytes is not None:
-            hit = _cache.get((source, dname, _budget_key(budget_bytes)))
-            if hit is not None:
-                return hit
-        elif requested is not None:
-            wanted = config if config is not None else MemoryOptimizationConfig.from_level(requested)
-            hit = _cache.get((source, dname, _config_key(wanted)))
-            if hit is not None:
-                return hit
-        else:
-            # auto: any cached level of this model that auto chose before is reused; on a CPU auto is `none`
-            # (nothing to offload to), so a `none` loaded by name is what auto would load again.
-            for managed in _cache.values():
-                if managed.model == source and dtype_name(managed.dtype) == dname and managed.choice.auto:
-                    return managed
-            if not device.has_memory_counters:  # a CPU: the table says none
-                hit = _cache.get((source, dname, _config_key(MemoryOptimizationConfig.from_level("none"))))
-                if hit is not None:
-                    return hit
+    hit = _cached(source, dname, budget_bytes, requested, config, device, from_pretrained_kwargs, allow_pickle)
+    if hit is not None:
+        return hit
 
     try:
         pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
@@ -540,12 +525,11 @@ def load_pipeline(
             choice = LevelChoice(requested, "chosen by the user", auto=False)
         cfg = config if config is not None else MemoryOptimizationConfig.from_level(choice.level)
         with _cache_lock:
-            # The same model at another level or dtype: drop the old copy first, a small card cannot hold both.
+            # The same model at another level, dtype or revision: drop the old copy first, a small card cannot hold
+            # both.
             for other in list(_cache.values()):
                 if other.model == source:
-                    old, new = other.tag, choice.level.value
-                    if dtype_name(other.dtype) != dname:
-                        old, new = f"{old}, {dtype_name(other.dtype)}", f"{new}, {dname}"
+                    old, new = _differences(other, choice.level.value, dname, from_pretrained_kwargs, allow_pickle)
                     logger.warning("unloading %s (%s) to load it again as %s", source, old, new)
                     other.unload()
         if plan is None:
@@ -575,12 +559,56 @@ def load_pipeline(
         raise OutOfMemoryRescueError(f"out of GPU memory loading {source!r}{at}; {advice}") from None
     load_kwargs = dict(from_pretrained_kwargs, allow_pickle=allow_pickle)
     managed = ManagedPipeline(
-        pipe, source, torch_dtype, choice, report, device, load_kwargs, plan=plan, plan_facts=facts, config=config
+        pipe, source, torch_dtype, choice, report, device, load_kwargs, plan=plan, plan_facts=facts, config=config,
+        read_pickle=reads_pickle(source, is_local, allow_pickle),
     )
     with _cache_lock:
         _cache[managed.key] = managed
     logger.debug("loaded %r", managed)
     return managed
+
+
+def _cached(source: str, dname: str, budget: int | None, requested: OptimizationLevel | None,
+            config: MemoryOptimizationConfig | None, device: Device, kwargs: dict, allow_pickle: bool):
+    """The cached pipeline that answers this load, or None."""
+    with _cache_lock:
+        if budget is not None:
+            hit = _cache.get((source, dname, _budget_key(budget)))
+        elif requested is not None:
+            wanted = config if config is not None else MemoryOptimizationConfig.from_level(requested)
+            hit = _cache.get((source, dname, _config_key(wanted)))
+        else:
+            # auto: any cached level of this model that auto chose before is reused; on a CPU auto is `none`
+            # (nothing to offload to), so a `none` loaded by name is what auto would load again.
+            hit = next((m for m in _cache.values()
+                        if m.model == source and dtype_name(m.dtype) == dname and m.choice.auto), None)
+            if hit is None and not device.has_memory_counters:  # a CPU: the table says none
+                hit = _cache.get((source, dname, _config_key(MemoryOptimizationConfig.from_level("none"))))
+        return hit if hit is not None and _serves(hit, kwargs, allow_pickle) else None
+
+
+def _serves(managed: "ManagedPipeline", kwargs: dict, allow_pickle: bool) -> bool:
+    """Whether a cached pipeline answers a load with these ``from_pretrained`` arguments: the same ones (another
+    variant or revision is other weights), and weights read from pickle files only for a call that accepts pickle."""
+    theirs = {k: v for k, v in managed.load_kwargs.items() if k != "allow_pickle"}
+    return theirs == kwargs and (allow_pickle or not managed.read_pickle)
+
+
+def _differences(other: "ManagedPipeline", level: str, dname: str, kwargs: dict, allow_pickle: bool) -> tuple[str, str]:
+    """How a cached copy and the load replacing it differ, as the unload warning says it: (old, new)."""
+    old, new = [other.tag], [level]
+    if dtype_name(other.dtype) != dname:
+        old.append(dtype_name(other.dtype))
+        new.append(dname)
+    theirs = {k: v for k, v in other.load_kwargs.items() if k != "allow_pickle"}
+    for name in sorted(set(theirs) | set(kwargs)):
+        if theirs.get(name) != kwargs.get(name):
+            old.append(f"{name}={theirs.get(name)!r}")
+            new.append(f"{name}={kwargs.get(name)!r}")
+    if other.read_pickle and not allow_pickle:
+        old.append("pickle weights")
+        new.append("safetensors only")
+    return ", ".join(old), ", ".join(new)
 
 
 def _model_key(pipe, dtype) -> str | None:
