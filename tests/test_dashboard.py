@@ -304,6 +304,30 @@ def test_unexpected_error_is_one_line_and_never_escapes_the_thread(board_factory
     assert not panel.button.disabled and not escaped
 
 
+def test_a_library_s_python_warning_in_the_generate_thread_stays_on_the_panel(board_factory, session_defaults,
+                                                                               monkeypatch):
+    """diffusers and transformers call warnings.warn while loading: from the worker, Python printed it into whichever
+    cell was running. It is kept with what they log (``library_notes``), not shown in the status line."""
+    import warnings
+
+    import mlnb.pipeline
+
+    def warning_load(*args, **kwargs):
+        warnings.warn("`upcast_vae` is deprecated", FutureWarning)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(mlnb.pipeline, "load_pipeline", warning_load)
+    session_defaults.model = "org/model"
+    panel = board_factory().generate_panel
+    panel.prompt.value = "a fox"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # the run's -W ignore would hide it
+        panel.button.click()
+        assert panel.wait(timeout=30)
+    assert panel.library_notes == ["FutureWarning: `upcast_vae` is deprecated"]
+    assert panel.error == "RuntimeError: stop here" and "upcast_vae" not in panel.status.value
+
+
 def test_updater_thread_stops_on_close(board_factory, fake_device):
     import mlnb.widgets
 

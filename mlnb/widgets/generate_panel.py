@@ -136,7 +136,7 @@ class GeneratePanel(widgets.VBox):
         self.button, self.progress, self.status, self.image, self.report = button, progress, status, image, report
         self.result = None  # the last GenerationResult shown
         self.notes: list[str] = []  # mlnb's warnings from the generation thread (the plan, an unload), shown
-        self.library_notes: list[str] = []  # what diffusers/transformers logged from it (kept, not shown)
+        self.library_notes: list[str] = []  # what diffusers/transformers logged or warned from it (kept, not shown)
         self.error: str | None = None  # the last error line shown
         self._also_disable = list(also_disable)
         self._worker: threading.Thread | None = None
@@ -222,7 +222,8 @@ class GeneratePanel(widgets.VBox):
         from ..session import pipeline_choice
 
         # Nothing may escape this thread: threading's excepthook would print a traceback into whichever cell runs,
-        # and so would mlnb's warnings (the plan, an unload): they go to the panel's notes.
+        # and so would mlnb's warnings (the plan, an unload): they go to the panel's notes, the libraries' log lines
+        # and warnings.warn calls to its library notes.
         try:
             with routed(self.notes.append, libraries=self.library_notes.append):
                 try:
