@@ -338,7 +338,7 @@ def test_updater_thread_stops_on_close(board_factory, fake_device):
     while board.gauge_rows[0].bar.value == 0.0 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert board.gauge_rows[0].bar.value == pytest.approx(0.25)  # moved by the thread
-    other = board_factory(interval=0.05, start=True)
+    other = mlnb.widgets.panel.Dashboard(interval=0.05)  # the class itself leaves the first board open
     assert mlnb.widgets.close_all() == 2
     assert not board.running and not other.running and board.comm is None
     assert mlnb.widgets.close_all() == 0
@@ -400,3 +400,53 @@ def test_closing_a_dashboard_closes_every_model_it_made(board_factory):
     assert len(made) > 20
     board.close()
     assert not (set(instances) & made), sorted({type(instances[k]).__name__ for k in set(instances) & made})
+
+
+def test_a_new_dashboard_closes_the_ones_before_it(board_factory, fake_device):
+    """Re-running ``mlnb.dashboard()`` (or ``%vram dashboard``): each board polled the device until the kernel ended,
+    and every run added one. The new board closes the ones before it; a refused call closes nothing."""
+    import mlnb
+    import mlnb.widgets
+
+    first = board_factory(interval=0.05, start=True)
+    idle = board_factory()  # open, its updater not started: closed too
+    second = board_factory(interval=0.05, start=True)
+    assert not first.running and first.comm is None and idle.comm is None
+    assert second.running and mlnb.widgets.panel.live_dashboards() == [second]
+    with pytest.raises(ValueError, match="interval must be"):
+        mlnb.dashboard(interval=0)
+    assert second.running and second.comm is not None
+    assert mlnb.widgets.close_all() == 1 and not second.running
+
+
+def test_a_generation_goes_on_when_a_new_dashboard_replaces_its_board(board_factory, session_defaults, tiny_sd,
+                                                                      clean_cache, monkeypatch):
+    """The replaced board's Generate thread cannot be stopped mid-step: it finishes, and its result is
+    ``mlnb.last_result()``; nothing escapes the thread."""
+    import threading
+
+    import mlnb
+    import mlnb.pipeline
+
+    loading, release = threading.Event(), threading.Event()
+    load = mlnb.pipeline.load_pipeline
+
+    def slow_load(*args, **kwargs):
+        loading.set()
+        assert release.wait(30)
+        return load(*args, **kwargs)
+
+    escaped = []
+    monkeypatch.setattr(threading, "excepthook", escaped.append)
+    monkeypatch.setattr(mlnb.pipeline, "load_pipeline", slow_load)
+    session_defaults.model = str(tiny_sd)
+    session_defaults.set_level("none")
+    old = board_factory()
+    panel = _click_generate(old, steps=1)
+    assert loading.wait(30)
+    board_factory()
+    assert old.comm is None and panel.running
+    release.set()
+    assert panel.wait(timeout=120), "generation did not finish in 120 s"
+    assert panel.error is None and not escaped, (panel.error, escaped)
+    assert mlnb.last_result() is panel.result is not None

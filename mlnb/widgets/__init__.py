@@ -40,6 +40,10 @@ def dashboard(interval: float = 1.0, **kwargs):
     Works on ipywidgets 7.7.1 (Colab) and 8.x. The gauges update every ``interval`` seconds from a background thread
     until the panel is closed. Without a GPU the VRAM gauges say so.
 
+    One dashboard at a time: once the new panel is built, the ones ``dashboard()`` made before are closed, so
+    re-running the cell does not leave the old board polling the GPU. A generation the old board started finishes
+    in the background; its result is ``mlnb.last_result()``.
+
     Args:
         interval: seconds between gauge updates.
         **kwargs: passed to :class:`mlnb.widgets.panel.Dashboard` (``device``, ``history``, ``start``).
@@ -59,16 +63,18 @@ def dashboard(interval: float = 1.0, **kwargs):
         ```
     """
     require_ipywidgets()
-    from .panel import Dashboard
+    from . import panel
 
     unknown = sorted(set(kwargs) - {"device", "history", "start"})
     if unknown:  # before any widget is made: a half-built panel prints noise when it is collected
         raise TypeError(f"dashboard() got an unexpected keyword argument {unknown[0]!r}")
-    return Dashboard(interval=interval, **kwargs)
+    board = panel.Dashboard(interval=interval, **kwargs)  # built first: a refused call leaves the open board as is
+    panel.close_all(keep=board)
+    return board
 
 
 def close_all() -> int:
-    """Close every live dashboard and stop its updater thread; returns how many were closed.
+    """Close every open dashboard and stop its updater thread; returns how many were closed.
 
     Safe without ipywidgets and when no dashboard was ever built.
 

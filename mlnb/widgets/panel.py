@@ -3,7 +3,8 @@
 Building the widgets is kept apart from updating them: :meth:`Dashboard.refresh` computes a
 :class:`~mlnb.widgets.state.GaugeState` and copies it into traits. A daemon thread calls it every ``interval``
 seconds; it only sets traits and logs, and stops when the panel is closed (``close()``, ``Widget.close_all()``,
-``mlnb.widgets.close_all()`` on ``%unload_ext mlnb``).
+``mlnb.widgets.close_all()`` on ``%unload_ext mlnb``, or :func:`close_all` with ``keep`` when ``mlnb.dashboard()``
+builds the next one).
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from .state import GaugeState, gauge_state, history_table_html, one_line
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Dashboard", "live_dashboards", "close_all"]
+__all__ = ["Dashboard", "live_dashboards", "open_dashboards", "close_all"]
 
-_live: "weakref.WeakSet[Dashboard]" = weakref.WeakSet()
+_live: "weakref.WeakSet[Dashboard]" = weakref.WeakSet()  # updater running
+_open: weakref.WeakSet[Dashboard] = weakref.WeakSet()  # built and not closed, updating or not
 _live_lock = threading.Lock()
+
 
 def live_dashboards() -> list["Dashboard"]:
     """The dashboards whose updater is running."""
@@ -34,8 +37,14 @@ def live_dashboards() -> list["Dashboard"]:
         return list(_live)
 
 
-def close_all() -> int:
-    """Close every live dashboard (stops their threads). Returns how many were closed.
+def open_dashboards() -> list[Dashboard]:
+    """The dashboards built and not closed (a superset of :func:`live_dashboards`)."""
+    with _live_lock:
+        return list(_open | _live)
+
+
+def close_all(keep: Dashboard | None = None) -> int:
+    """Close every open dashboard but ``keep`` (stops their threads). Returns how many were closed.
 
     Example:
         ```python
@@ -44,7 +53,7 @@ def close_all() -> int:
         0
         ```
     """
-    boards = live_dashboards()
+    boards = [board for board in open_dashboards() if board is not keep]
     for board in boards:
         board.close()
     return len(boards)
@@ -136,6 +145,8 @@ class Dashboard(widgets.VBox):
             _section("Generate"), self.generate_panel,
         ])
         self.add_class("mlnb-dashboard")
+        with _live_lock:
+            _open.add(self)
 
         self.level.observe(self._on_level, names="value")
         self.model.observe(self._on_model, names="value")
@@ -229,6 +240,8 @@ class Dashboard(widgets.VBox):
         if not hasattr(self, "_stop"):  # its __init__ refused its arguments: nothing was started or built
             return
         self.stop()
+        with _live_lock:
+            _open.discard(self)
         for child in self.children:
             _close_tree(child)
         if isinstance(getattr(self, "layout", None), widgets.Widget):
