@@ -275,40 +275,14 @@ class ManagedPipeline:
         height = default_h if height is None else height
         validate_generation_args(prompt, steps, width, height, num_images, guidance, seed)
         steps, width, height, num_images = int(steps), int(width), int(height), int(num_images)
-        seed = None if seed is None else int(seed)
+        seed = secrets.randbits(31) if seed is None else int(seed)
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             raise InvalidArgumentError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         if progress is not None and not callable(progress):
             raise InvalidArgumentError(f"progress must be a function of (step, total), got {type(progress).__name__}")
-        for name in sorted(set(pipeline_kwargs) & set(_MANAGED_KWARGS)):
-            own = _MANAGED_KWARGS[name]
-            raise InvalidArgumentError(
-                f"{name} is set by generate: pass {own}= instead" if own else
-                f"{name} is set by generate (PIL images, which the result shows and saves)"
-            )
-        user_callback = pipeline_kwargs.pop("callback_on_step_end", None)
-        if user_callback is not None and not callable(user_callback):
-            raise InvalidArgumentError("callback_on_step_end must be a function")
+        user_callback = _user_callback(pipeline_kwargs)
         accepted = text_to_image_parameters(self.pipe)
-        import torch
-
-        seed = secrets.randbits(31) if seed is None else seed
-        kwargs = dict(
-            prompt=prompt,
-            num_inference_steps=steps,
-            width=width,
-            height=height,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-            output_type="pil",
-        )
-        if negative_prompt:
-            kwargs["negative_prompt"] = negative_prompt
-        if guidance is not None and "guidance_scale" in accepted:
-            kwargs["guidance_scale"] = float(guidance)
-        if "num_images_per_prompt" in accepted:
-            kwargs["num_images_per_prompt"] = num_images
-        elif num_images != 1:
-            raise UnsupportedPipelineError(f"{type(self.pipe).__name__} makes one image per call")
+        kwargs = self._call_kwargs(accepted, prompt, negative_prompt, steps, guidance, seed, width, height, num_images)
         timer = StepTimer.on(self.device)
         loop: dict[int, dict[str, int]] = {}  # the allocator's counters after the first and the last step
 
@@ -324,13 +298,7 @@ class ManagedPipeline:
             raise UnsupportedPipelineError(f"{type(self.pipe).__name__} takes no callback_on_step_end")
         kwargs.update(pipeline_kwargs)
         work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
-        predicted_peak, predicted_seconds = self.predict(work)
-        if predicted_peak is not None and predicted_peak > self.plan.budget:
-            logger.warning(
-                "%d×%d ×%d is predicted to need %s, more than the %s plan (made for the native size); "
-                "a smaller size, or a new plan for this size, fits", width, height, num_images,
-                format_bytes(predicted_peak), format_bytes(self.plan.budget),
-            )
+        predicted_peak, predicted_seconds = self._predict_warning_over_budget(work)
         if guidance is None:
             sig = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
             guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
@@ -341,33 +309,7 @@ class ManagedPipeline:
         monitor = MemoryMonitor(
             self.device, collect="if_needed" if config.gc_collect else False, empty_cache=config.cuda_cache_clear
         )
-        try:
-            with monitor:
-                start = time.perf_counter()
-                try:
-                    timer.begin()
-                    with blocks:
-                        output = self.pipe(**kwargs)
-                    images = list(output.images)
-                    del output
-                    timer.finish()
-                    for streamer in streamers_of(self.pipe):  # slots kept across the steps (a decode drops them)
-                        streamer.release()
-                except BaseException as exc:
-                    release_exception_frames(exc)
-                    for streamer in streamers_of(self.pipe):  # a prefetched block would stay on the GPU
-                        try:
-                            streamer.offload_all()
-                        except Exception as cleanup_exc:  # the error being raised is the one to report
-                            logger.debug("offloading streamed blocks after an error failed: %s", cleanup_exc)
-                    raise
-                seconds = time.perf_counter() - start
-            cleaned = time.perf_counter()
-        except KeyboardInterrupt:
-            raise GenerationInterrupted(
-                f"generation interrupted; memory freed ({monitor.report.summary() if monitor.report else 'N/A'}), "
-                f"{self.model!r} stays loaded"
-            ) from None
+        images, start, seconds, cleaned = self._run(kwargs, timer, blocks, monitor)
         params = dict(
             prompt=prompt, negative_prompt=negative_prompt, steps=steps, guidance=guidance,
             width=width, height=height, num_images=num_images,
@@ -390,6 +332,67 @@ class ManagedPipeline:
         )
         remember(result)
         return result
+
+    def _run(self, kwargs: dict, timer: StepTimer, blocks, monitor: MemoryMonitor) -> tuple[list, float, float, float]:
+        """The pipeline call inside ``monitor``: (images, when the call started, its seconds, when the monitor's
+        cleanup ended). Streamed blocks go home whatever happens; an interrupt is a one-line error."""
+        try:
+            with monitor:
+                start = time.perf_counter()
+                try:
+                    timer.begin()
+                    with blocks:
+                        output = self.pipe(**kwargs)
+                    images = list(output.images)
+                    del output
+                    timer.finish()
+                    for streamer in streamers_of(self.pipe):  # slots kept across the steps (a decode drops them)
+                        streamer.release()
+                except BaseException as exc:
+                    release_exception_frames(exc)
+                    for streamer in streamers_of(self.pipe):  # a prefetched block would stay on the GPU
+                        try:
+                            streamer.offload_all()
+                        except Exception as cleanup_exc:  # the error being raised is the one to report
+                            logger.debug("offloading streamed blocks after an error failed: %s", cleanup_exc)
+                    raise
+                seconds = time.perf_counter() - start
+            return images, start, seconds, time.perf_counter()
+        except KeyboardInterrupt:
+            raise GenerationInterrupted(
+                f"generation interrupted; memory freed ({monitor.report.summary() if monitor.report else 'N/A'}), "
+                f"{self.model!r} stays loaded"
+            ) from None
+
+    def _call_kwargs(self, accepted: set[str], prompt, negative_prompt, steps, guidance, seed, width, height,
+                     num_images) -> dict:
+        """The pipeline call's own arguments (PIL output, a CPU generator seeded with ``seed``)."""
+        import torch
+
+        kwargs = {
+            "prompt": prompt, "num_inference_steps": steps, "width": width, "height": height,
+            "generator": torch.Generator(device="cpu").manual_seed(seed), "output_type": "pil",
+        }
+        if negative_prompt:
+            kwargs["negative_prompt"] = negative_prompt
+        if guidance is not None and "guidance_scale" in accepted:
+            kwargs["guidance_scale"] = float(guidance)
+        if "num_images_per_prompt" in accepted:
+            kwargs["num_images_per_prompt"] = num_images
+        elif num_images != 1:
+            raise UnsupportedPipelineError(f"{type(self.pipe).__name__} makes one image per call")
+        return kwargs
+
+    def _predict_warning_over_budget(self, work: Workload) -> tuple[int | None, float | None]:
+        """:meth:`predict`, with a warning when the size asked for needs more than the plan's budget."""
+        peak, seconds = self.predict(work)
+        if peak is not None and peak > self.plan.budget:
+            logger.warning(
+                "%d×%d ×%d is predicted to need %s, more than the %s plan (made for the native size); "
+                "a smaller size, or a new plan for this size, fits", work.width, work.height, work.batch,
+                format_bytes(peak), format_bytes(self.plan.budget),
+            )
+        return peak, seconds
 
     def predict(self, work: Workload) -> tuple[int | None, float | None]:
         """The plan's predicted peak bytes and seconds for ``work``; ``(None, None)`` without a plan.
@@ -466,23 +469,7 @@ def load_pipeline(
         ```
     """
     device = device or get_device()
-    if config is not None and not isinstance(config, MemoryOptimizationConfig):
-        raise InvalidArgumentError(f"config must be a MemoryOptimizationConfig, got {type(config).__name__}")
-    try:
-        asked = parse_level(level)
-    except ValueError as exc:
-        raise InvalidArgumentError(str(exc)) from None
-    if config is not None and asked is not None and asked is not config.level:
-        raise InvalidArgumentError(
-            f"level {asked.value!r} and a config of level {config.level.value!r}: the config sets the level, give one"
-        )
-    requested = config.level if config is not None else asked
-    try:
-        budget_bytes = parse_bytes(budget) if budget is not None else None
-    except ValueError as exc:
-        raise InvalidArgumentError(f"budget: {exc}") from None
-    if not isinstance(model, (str, os.PathLike)):
-        raise InvalidArgumentError(f"model must be a hub id (org/name) or a folder path, got {type(model).__name__}")
+    requested, budget_bytes = _load_arguments(model, level, config, budget)
     source, is_local = resolve_model(model)
     torch_dtype = parse_dtype(dtype) or default_dtype(device, source if is_local else None)
     dname = dtype_name(torch_dtype)
@@ -505,24 +492,7 @@ def load_pipeline(
         if vae_needs_upcast(pipe) and device.info().native_bf16 and decode_in_bf16(pipe):
             # before planning: a bf16 decode needs half the memory of the fp32 one, so tiles are larger or none
             logger.info("the VAE decodes in bf16 on this card, not upcast to fp32 (half the memory, tensor cores)")
-        if budget_bytes is not None:
-            plan, facts = _plan(pipe, budget_bytes, device, torch_dtype)
-            choice = LevelChoice(plan_level(plan), f"plan for {format_bytes(budget_bytes)}: {plan.summary()}", auto=False)
-        elif requested is None and config is None and device.is_cuda:
-            # auto on a CUDA card: the budget planner, for the memory free now.
-            free = device.free_bytes()
-            try:
-                plan, facts = _plan(pipe, free, device, torch_dtype) if free else (None, None)
-            except InvalidArgumentError as exc:  # nothing fits what is free: the strongest fixed level
-                logger.warning("auto: %s; falling back to the level table", exc)
-            if plan is not None:
-                choice = LevelChoice(plan_level(plan), f"plan for the {format_bytes(free)} free: {plan.summary()}")
-            else:
-                choice = _level_from_table(pipe, free)
-        elif requested is None:
-            choice = _level_from_table(pipe, device.free_bytes())
-        else:
-            choice = LevelChoice(requested, "chosen by the user", auto=False)
+        choice, plan, facts = _choose(pipe, budget_bytes, requested, device, torch_dtype)
         cfg = config if config is not None else MemoryOptimizationConfig.from_level(choice.level)
         with _cache_lock:
             # The same model at another level, dtype or revision: drop the old copy first, a small card cannot hold
@@ -568,6 +538,47 @@ def load_pipeline(
     return managed
 
 
+def _load_arguments(model, level, config, budget) -> tuple[OptimizationLevel | None, int | None]:
+    """Check ``load_pipeline``'s arguments before anything loads: (the level asked for, None for auto; the budget in
+    bytes, or None). Raises :class:`InvalidArgumentError` naming the argument."""
+    if config is not None and not isinstance(config, MemoryOptimizationConfig):
+        raise InvalidArgumentError(f"config must be a MemoryOptimizationConfig, got {type(config).__name__}")
+    try:
+        asked = parse_level(level)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    if config is not None and asked is not None and asked is not config.level:
+        raise InvalidArgumentError(
+            f"level {asked.value!r} and a config of level {config.level.value!r}: the config sets the level, give one"
+        )
+    try:
+        budget_bytes = parse_bytes(budget) if budget is not None else None
+    except ValueError as exc:
+        raise InvalidArgumentError(f"budget: {exc}") from None
+    if not isinstance(model, (str, os.PathLike)):
+        raise InvalidArgumentError(f"model must be a hub id (org/name) or a folder path, got {type(model).__name__}")
+    return (config.level if config is not None else asked), budget_bytes
+
+
+def _choose(pipe, budget: int | None, requested: OptimizationLevel | None, device: Device,
+            dtype) -> tuple[LevelChoice, Plan | None, ModelFacts | None]:
+    """The level for a load, and the plan behind it when there is one: a budget's plan; for auto, on a CUDA card the
+    plan for the memory free now (the level table when nothing fits that), elsewhere the table; else the level."""
+    if budget is not None:
+        plan, facts = _plan(pipe, budget, device, dtype)
+        return LevelChoice(plan_level(plan), f"plan for {format_bytes(budget)}: {plan.summary()}", auto=False), plan, facts
+    if requested is not None:
+        return LevelChoice(requested, "chosen by the user", auto=False), None, None
+    free = device.free_bytes()
+    if device.is_cuda and free:
+        try:
+            plan, facts = _plan(pipe, free, device, dtype)
+            return LevelChoice(plan_level(plan), f"plan for the {format_bytes(free)} free: {plan.summary()}"), plan, facts
+        except InvalidArgumentError as exc:  # nothing fits what is free: the strongest fixed level
+            logger.warning("auto: %s; falling back to the level table", exc)
+    return _level_from_table(pipe, free), None, None
+
+
 def _cached(source: str, dname: str, budget: int | None, requested: OptimizationLevel | None,
             config: MemoryOptimizationConfig | None, device: Device, kwargs: dict, allow_pickle: bool):
     """The cached pipeline that answers this load, or None."""
@@ -609,6 +620,21 @@ def _differences(other: "ManagedPipeline", level: str, dname: str, kwargs: dict,
         old.append("pickle weights")
         new.append("safetensors only")
     return ", ".join(old), ", ".join(new)
+
+
+def _user_callback(pipeline_kwargs: dict):
+    """Refuse the pipeline arguments generate sets itself, and take a user's ``callback_on_step_end`` out of
+    ``pipeline_kwargs`` (it runs after mlnb's own)."""
+    for name in sorted(set(pipeline_kwargs) & set(_MANAGED_KWARGS)):
+        own = _MANAGED_KWARGS[name]
+        raise InvalidArgumentError(
+            f"{name} is set by generate: pass {own}= instead" if own else
+            f"{name} is set by generate (PIL images, which the result shows and saves)"
+        )
+    user_callback = pipeline_kwargs.pop("callback_on_step_end", None)
+    if user_callback is not None and not callable(user_callback):
+        raise InvalidArgumentError("callback_on_step_end must be a function")
+    return user_callback
 
 
 def _model_key(pipe, dtype) -> str | None:
