@@ -62,9 +62,14 @@ class FakeDevice(Device):
         # id -> weak reference; tensors compare elementwise, so a WeakSet cannot hold them.
         self._tracked: dict[int, weakref.ref] = {}
 
-    def track(self, tensor):
-        """Mark a CPU tensor as living on the fake GPU (for leak-finding tests); returns it."""
+    def track(self, tensor, allocate: bool = False):
+        """Mark a CPU tensor as living on the fake GPU (for leak-finding tests); returns it. With ``allocate``, its
+        bytes are allocated now and released when the tensor is garbage collected, as a CUDA tensor's would be."""
         self._tracked[id(tensor)] = weakref.ref(tensor)
+        if allocate:
+            nbytes = tensor.numel() * tensor.element_size()
+            self.allocate(nbytes)
+            weakref.finalize(tensor, self.release, nbytes)
         return tensor
 
     def owns_tensor(self, tensor) -> bool:

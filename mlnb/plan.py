@@ -38,6 +38,7 @@ SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from .units import GiB, MiB, format_bytes
@@ -52,6 +53,7 @@ __all__ = [
     "denoise_reserve",
     "decode_reserve",
     "plan_for_budget",
+    "room_needed",
     "predict",
     "schedule_step",
     "streamed_step",
@@ -456,6 +458,13 @@ def _residency_orders(blocks: list[Block], card: CardFacts):
             yield _compute_order(blocks, durations)
 
 
+def room_needed(peak: int, card: CardFacts | None = None) -> int:
+    """The free bytes a plan that peaks at ``peak`` needs: the peak and the margin plans keep (8%, or the
+    fragmentation the card measured when that is more)."""
+    fragmentation = (card.fragmentation_reserve if card is not None else None) or 0
+    return math.ceil(max(peak / _USABLE, peak + fragmentation))
+
+
 def _usable(budget: int, card: CardFacts) -> float:
     """The bytes a plan may allocate at its peak: the budget less 8%, or less the fragmentation the card measured for
     this model's denoising loop when that is more (under a cap, an allocation the allocator has no room to reserve
@@ -528,7 +537,7 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
     fitting = [p for p in plans if p.predicted_peak <= _usable(budget, card)]
     if not fitting:
         smallest = min(plans, key=lambda p: p.predicted_peak)
-        need = max(smallest.predicted_peak / _USABLE, smallest.predicted_peak + (card.fragmentation_reserve or 0))
+        need = room_needed(smallest.predicted_peak, card)
         smaller = ""
         side = (min(work.width, work.height) - 1) // 64 * 64
         while side >= 64:  # the largest smaller square that the planner finds a fitting placement for

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import logging
 import numbers
 import os
@@ -38,13 +39,13 @@ from ..optimizer.streaming import streamers_of
 from ..optimizer.vae import decode_in_bf16, vae_decode_dtype
 from ..optimizer.context import skipped
 from ..plan import (
-    BudgetError, ModelFacts, Plan, Workload, plan_for_budget,
+    BudgetError, ModelFacts, Plan, Workload, plan_for_budget, room_needed,
 )
 from ..card_facts import card_facts
 from ..units import format_bytes, parse_bytes
 from ..optimizer.weights import weight_bytes
 from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, reads_pickle, resolve_model
-from . import learning
+from . import learning, room
 from .result import GenerationResult
 from .timing import StepTimer
 
@@ -66,6 +67,7 @@ MAX_IMAGES = 16
 
 _cache: dict[tuple[str, str, str], "ManagedPipeline"] = {}
 _cache_lock = threading.RLock()
+_uses = itertools.count()  # the order pipelines were loaded or last generated with (room unloads the oldest first)
 _last: list[GenerationResult] = []
 
 
@@ -175,6 +177,7 @@ class ManagedPipeline:
         self.model_key = _model_key(pipe, dtype)
         self._config = config
         self._generating = threading.RLock()  # one generation at a time: the scheduler and hooks hold call state
+        self.last_used = next(_uses)
 
     @property
     def level(self) -> OptimizationLevel:
@@ -270,6 +273,7 @@ class ManagedPipeline:
         entered = time.perf_counter()
         if self.pipe is None:
             raise InvalidArgumentError(f"pipeline {self.model!r} was unloaded; load it again with mlnb.load_pipeline")
+        self.last_used = next(_uses)
         default_w, default_h = self.default_size()
         width = default_w if width is None else width
         height = default_h if height is None else height
@@ -299,6 +303,8 @@ class ManagedPipeline:
         kwargs.update(pipeline_kwargs)
         work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
         predicted_peak, predicted_seconds = self._predict_warning_over_budget(work)
+        if predicted_peak is not None:  # other models' weights out of the way of the plan's peak
+            room.make_room(room_needed(predicted_peak) - room.gpu_bytes(self), self.device, self.model)
         if guidance is None:
             sig = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
             guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
@@ -502,6 +508,8 @@ def load_pipeline(
                     old, new = _differences(other, choice.level.value, dname, from_pretrained_kwargs, allow_pickle)
                     logger.warning("unloading %s (%s) to load it again as %s", source, old, new)
                     other.unload()
+        if plan is not None:  # other models' weights out of the way of the plan's peak
+            room.make_room(room_needed(plan.predicted_peak), device, source)
         if plan is None:
             report = MemoryOptimizer(cfg, device).optimize_pipeline(pipe)
         elif device.is_cuda:
@@ -571,9 +579,12 @@ def _choose(pipe, budget: int | None, requested: OptimizationLevel | None, devic
         return LevelChoice(requested, "chosen by the user", auto=False), None, None
     free = device.free_bytes()
     if device.is_cuda and free:
+        # What other cached pipelines hold on the GPU counts as free: the plan unloads them as far as it needs.
+        held = sum(held for _, held in room.holders(device, besides=""))
+        room_for = f"the {format_bytes(free)} free" + (f" and {format_bytes(held)} held by cached pipelines" if held else "")
         try:
-            plan, facts = _plan(pipe, free, device, dtype)
-            return LevelChoice(plan_level(plan), f"plan for the {format_bytes(free)} free: {plan.summary()}"), plan, facts
+            plan, facts = _plan(pipe, free + held, device, dtype)
+            return LevelChoice(plan_level(plan), f"plan for {room_for}: {plan.summary()}"), plan, facts
         except InvalidArgumentError as exc:  # nothing fits what is free: the strongest fixed level
             logger.warning("auto: %s; falling back to the level table", exc)
     return _level_from_table(pipe, free), None, None

@@ -1,5 +1,8 @@
 """The OOM rescue: on a GPU out-of-memory error, free everything and retry once at the next stronger level.
 
+When other cached models hold GPU memory, they are unloaded first and the same pipeline tries once more
+(:mod:`.room`); only when that runs out of memory too does it move to a stronger level.
+
 A pipeline placed by a budget plan retries with a safer plan instead: the same budget less a quarter, so more of the
 denoiser is streamed and the margin grows; when no plan fits that, at ``ultra``.
 """
@@ -14,6 +17,7 @@ from ..errors import InvalidArgumentError, OutOfMemoryRescueError
 from ..levels import OptimizationLevel, stronger_level
 from ..monitor import cleanup, release_exception_frames
 from ..units import format_bytes
+from . import room
 from .managed import ManagedPipeline, load_pipeline, remember
 from .result import GenerationResult
 
@@ -52,6 +56,24 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
         release_exception_frames(exc)
         first_error = f"{type(exc).__name__}"
     cleanup(device)
+    beside = room.holders(device, besides=managed.model)
+    if beside:  # other models' weights first: the same pipeline may fit once they are gone
+        for other, held in beside:
+            logger.warning("out of memory (%s) with %s beside it (%s on the GPU): unloading it and retrying",
+                           first_error, other.model, format_bytes(held))
+            other.unload()
+        try:
+            result = managed.generate(**generate_kwargs)
+        except BaseException as exc:
+            if not device.is_oom(exc):
+                raise
+            release_exception_frames(exc)
+            cleanup(device)
+        else:
+            unloaded = ", ".join(other.model for other, _ in beside)
+            result = dataclasses.replace(result, notes=(f"out of memory with {unloaded} loaded: unloaded it",))
+            remember(result)
+            return result
     width = generate_kwargs.get("width") or managed.default_size()[0]
     height = generate_kwargs.get("height") or managed.default_size()[1]
     num_images = generate_kwargs.get("num_images", 1)
