@@ -343,6 +343,32 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
         unload_all(cuda)
 
 
+def test_a_budget_load_unloads_another_model_whose_weights_are_in_its_room(cuda, mid_sd, tiny_sdxl, tmp_path,
+                                                                            monkeypatch):
+    """Real CUDA memory: another model's resident weights leave less free than the plan needs (the card capped so);
+    the load unloads that model, and its memory comes back to the card."""
+    from mlnb.pipeline import room
+    from mlnb.plan import room_needed
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    unload_all(cuda)
+    probe = mlnb.load_pipeline(tiny_sdxl, budget=2 * GiB, dtype="fp16", device=cuda)
+    needed = room_needed(probe.plan.predicted_peak)
+    probe.unload()
+    other = mlnb.load_pipeline(mid_sd.folder, level="none", dtype="fp16", device=cuda)
+    held = room.gpu_bytes(other)
+    assert held >= mid_sd.unet_bytes
+    cuda.set_memory_cap(cuda.snapshot().reserved + needed - held // 2)
+    try:
+        assert cuda.free_bytes() < needed
+        planned = mlnb.load_pipeline(tiny_sdxl, budget=2 * GiB, dtype="fp16", device=cuda)
+        assert not other.loaded and planned.loaded
+        assert cuda.free_bytes() >= needed - room.gpu_bytes(planned)
+    finally:
+        cuda.set_memory_cap(None)
+        unload_all(cuda)
+
+
 def test_a_resident_generation_times_its_blocks_and_a_three_slot_plan_gives_the_same_image(cuda, mid_sd, level_runs,
                                                                                          tmp_path, monkeypatch):
     """On CUDA the step timer's events and the block timer's give a timeline inside the step, cached for the card;
