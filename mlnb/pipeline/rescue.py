@@ -42,34 +42,24 @@ def _fits_hint(width: int, height: int, num_images: int, device: Device) -> str:
 
 
 def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> GenerationResult:
-    """Generate; on a GPU out-of-memory error free everything, retry once at the next stronger level.
+    """Generate; on a GPU out-of-memory error free everything and retry: first the same pipeline, once other models
+    holding GPU memory are unloaded (when there are any), then once at the next stronger level (a safer plan).
 
     Raises:
         OutOfMemoryRescueError: still out of memory at ultra (or after the retry), with what would fit.
     """
     device = managed.device
-    try:
-        return managed.generate(**generate_kwargs)
-    except BaseException as exc:
-        if not device.is_oom(exc):
-            raise
-        release_exception_frames(exc)
-        first_error = f"{type(exc).__name__}"
-    cleanup(device)
+    result, first_error = _generate_unless_oom(managed, generate_kwargs)
+    if result is not None:
+        return result
     beside = room.holders(device, besides=managed.model)
     if beside:  # other models' weights first: the same pipeline may fit once they are gone
         for other, held in beside:
             logger.warning("out of memory (%s) with %s beside it (%s on the GPU): unloading it and retrying",
                            first_error, other.model, format_bytes(held))
             other.unload()
-        try:
-            result = managed.generate(**generate_kwargs)
-        except BaseException as exc:
-            if not device.is_oom(exc):
-                raise
-            release_exception_frames(exc)
-            cleanup(device)
-        else:
+        result, _ = _generate_unless_oom(managed, generate_kwargs)
+        if result is not None:
             unloaded = ", ".join(other.model for other, _ in beside)
             result = dataclasses.replace(result, notes=(f"out of memory with {unloaded} loaded: unloaded it",))
             remember(result)
@@ -94,20 +84,28 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
         )
         tried, again = f"level {rescued_from.value}", stronger.value
     note = f"out of memory {_at(tried)}" if managed.plan is not None else f"out of memory at {rescued_from.value}"
-    try:
-        result = retry.generate(**generate_kwargs)
-    except BaseException as exc:
-        if not device.is_oom(exc):
-            raise
-        release_exception_frames(exc)
-        del exc
-        cleanup(device)
+    result, _ = _generate_unless_oom(retry, generate_kwargs)
+    if result is None:
         raise OutOfMemoryRescueError(
             f"out of GPU memory {_at(tried)} and again {_at(again)} for {width}×{height} ×{num_images}; {hint}"
         ) from None
     result = dataclasses.replace(result, rescued_from=rescued_from, notes=(note,))
     remember(result)
     return result
+
+
+def _generate_unless_oom(managed: ManagedPipeline, generate_kwargs: dict) -> tuple[GenerationResult | None, str]:
+    """``(result, "")``, or ``(None, the error's type name)`` when the GPU ran out of memory: the error's frames
+    released and the memory cleaned up. Any other error propagates."""
+    try:
+        return managed.generate(**generate_kwargs), ""
+    except BaseException as exc:
+        if not managed.device.is_oom(exc):
+            raise
+        release_exception_frames(exc)
+        error = type(exc).__name__
+    cleanup(managed.device)
+    return None, error
 
 
 def _at(what: str) -> str:
