@@ -65,11 +65,11 @@ class FakeDevice(Device):
     def track(self, tensor, allocate: bool = False):
         """Mark a CPU tensor as living on the fake GPU (for leak-finding tests); returns it. With ``allocate``, its
         bytes are allocated now and released when the tensor is garbage collected, as a CUDA tensor's would be."""
-        self._tracked[id(tensor)] = weakref.ref(tensor)
-        if allocate:
+        if allocate and not self.owns_tensor(tensor):  # tracked twice, allocated once
             nbytes = tensor.numel() * tensor.element_size()
-            self.allocate(nbytes)
+            self.allocate(nbytes)  # first: a simulated OOM leaves it untracked
             weakref.finalize(tensor, self.release, nbytes)
+        self._tracked[id(tensor)] = weakref.ref(tensor)
         return tensor
 
     def owns_tensor(self, tensor) -> bool:

@@ -13,7 +13,7 @@ import mlnb
 from mlnb.device import FakeDevice, FakeOutOfMemoryError
 from mlnb.levels import OptimizationLevel
 from mlnb.pipeline import ManagedPipeline, cached_pipelines, generate_with_rescue
-from mlnb.pipeline.room import gpu_bytes, holders, make_room, to_unload
+from mlnb.pipeline.room import gpu_bytes, holders, make_room
 from mlnb.plan import room_needed
 from mlnb.units import GiB, MiB
 
@@ -28,18 +28,7 @@ def _empty_cache():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The rule (pure)
-
-
-@pytest.mark.parametrize("needed, free, held, count", [
-    (1 * GiB, 2 * GiB, [3 * GiB], 0),  # fits already
-    (4 * GiB, 1 * GiB, [2 * GiB, 2 * GiB, 2 * GiB], 2),  # the fewest, oldest first
-    (4 * GiB, 1 * GiB, [1 * GiB, 5 * GiB], 2),  # in order, not the largest
-    (9 * GiB, 1 * GiB, [1 * GiB, 1 * GiB], 2),  # never enough: all of them
-    (1 * GiB, 0, [], 0),  # nothing to unload
-])
-def test_to_unload_takes_the_fewest_holders_in_order_that_reach_the_need(needed, free, held, count):
-    assert to_unload(needed, free, held) == count
+# The margin (pure)
 
 
 def test_room_needed_adds_the_plans_margin():
@@ -179,19 +168,158 @@ def test_oom_with_another_model_on_the_gpu_unloads_it_and_retries_at_the_same_le
     assert "unloading it and retrying" in caplog.text and result.notes
 
 
-def test_auto_on_a_cuda_card_plans_for_the_free_memory_and_what_cached_pipelines_hold(tiny_sd, tiny_sdxl):
-    """auto's budget is the memory free now plus what other cached pipelines hold on the GPU (unloaded as far as
-    the plan needs), and its reason says how much of each."""
+def _two_holders(tiny_sd, tiny_sdxl, fake):
+    """``old`` (used first) and ``recent``, both with their denoisers on the fake GPU."""
+    old = mlnb.load_pipeline(tiny_sd, level="none", device=fake)
+    recent = mlnb.load_pipeline(tiny_sdxl, level="none", device=fake)
+    return old, _on_gpu(fake, old), recent, _on_gpu(fake, recent)
+
+
+def test_make_room_clears_the_allocator_cache_before_unloading_anything(tiny_sd, tiny_sdxl):
+    fake = FakeDevice(total=16 * GiB)
+    old, _, recent, _ = _two_holders(tiny_sd, tiny_sdxl, fake)
+    fake.allocate(64 * MiB)
+    fake.release(64 * MiB)  # reserved, not allocated: the allocator's cache
+    _leave_free(fake, 0)
+    assert make_room(32 * MiB, fake, "another") == []
+    assert old.loaded and recent.loaded and fake.free_bytes() >= 32 * MiB
+
+
+def test_make_room_reads_the_free_memory_again_after_each_unload(tiny_sd, tiny_sdxl):
+    """An unload can free more than the weights counted (memory only the pipeline kept alive): the next holder stays
+    when the first unload made enough room."""
+    import torch
+
+    fake = FakeDevice(total=16 * GiB)
+    old, old_bytes, recent, _ = _two_holders(tiny_sd, tiny_sdxl, fake)
+    old.pipe._scratch = fake.track(torch.empty(8 * MiB, dtype=torch.uint8), allocate=True)  # not a weight
+    _leave_free(fake, 0)
+    assert make_room(old_bytes + 4 * MiB, fake, "another") == [old.model]
+    assert not old.loaded and recent.loaded
+
+
+def test_make_room_unloads_nothing_when_all_of_them_would_not_be_enough(tiny_sd, tiny_sdxl, caplog):
+    fake = FakeDevice(total=16 * GiB)
+    old, old_bytes, recent, recent_bytes = _two_holders(tiny_sd, tiny_sdxl, fake)
+    _leave_free(fake, 0)
+    with caplog.at_level(logging.WARNING, logger="mlnb"):
+        assert make_room(old_bytes + recent_bytes + MiB, fake, "another") == []
+    assert old.loaded and recent.loaded
+    assert "not enough; none unloaded" in caplog.text
+
+
+def test_a_pipeline_unloaded_for_room_says_so_when_used_again(tiny_sd, tiny_sdxl):
+    fake = FakeDevice(total=16 * GiB)
+    old, old_bytes, _, _ = _two_holders(tiny_sd, tiny_sdxl, fake)
+    _leave_free(fake, 0)
+    make_room(old_bytes, fake, "the-new-one")
+    with pytest.raises(mlnb.errors.InvalidArgumentError,
+                       match=r"was unloaded to make room for 'the-new-one'; load it again with mlnb.load_pipeline"):
+        old.generate("a fox", **FAST)
+
+
+def test_asking_for_a_cached_pipeline_again_makes_it_the_last_to_go(tiny_sd, tiny_sdxl):
+    fake = FakeDevice(total=16 * GiB)
+    old, old_bytes, recent, _ = _two_holders(tiny_sd, tiny_sdxl, fake)
+    assert mlnb.load_pipeline(tiny_sd, level="none", device=fake) is old
+    assert [m for m, _ in holders(fake, besides="")] == [recent, old]
+
+
+def test_unload_all_while_another_thread_generates_and_then_reads_the_cache_does_not_deadlock(tiny_sd):
+    """A generation holds its pipeline's lock and then reads the cache (to make room); ``unload_all`` (``%vram
+    free``, the dashboard's Free button) waits for that generation: it must not hold the cache's lock meanwhile."""
+    from mlnb.pipeline import cached_pipelines as read_cache
+    from mlnb.pipeline import unload_all
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
+    generating, done = threading.Event(), []
+
+    def generation():
+        with managed._generating:
+            generating.set()
+            threading.Event().wait(0.3)  # unload_all is waiting for this lock by now
+            read_cache()
+            done.append("generation")
+
+    worker = threading.Thread(target=generation, daemon=True)
+    worker.start()
+    generating.wait(10)
+    cleaner = threading.Thread(target=lambda: (unload_all(), done.append("unload_all")), daemon=True)
+    cleaner.start()
+    worker.join(10)
+    cleaner.join(10)
+    assert sorted(done) == ["generation", "unload_all"], "deadlock"
+    assert not managed.loaded
+
+
+def test_an_interrupted_unload_leaves_the_pipeline_cached_and_loaded(tiny_sd, monkeypatch):
+    """Ctrl-C while ``unload`` waits for a generation: the pipeline is still in the cache (found, and unloaded by
+    the next ``%vram free``), not an orphan holding memory that nothing lists."""
+    managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
+
+    class Interrupted:
+        def __enter__(self):
+            raise KeyboardInterrupt
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(managed, "_generating", Interrupted())
+    with pytest.raises(KeyboardInterrupt):
+        managed.unload()
+    assert managed.loaded and managed in cached_pipelines()
+
+
+def test_auto_on_a_cuda_card_counts_what_cached_pipelines_hold_only_when_nothing_fits_the_free_memory(tiny_sd,
+                                                                                                       tiny_sdxl):
     from mlnb.pipeline.loading import load_diffusers_pipeline
     from mlnb.pipeline.managed import _choose
 
     class CudaLike(FakeDevice):
         is_cuda = True
 
+    import torch
+
     fake = CudaLike(total=16 * GiB)
     other = mlnb.load_pipeline(tiny_sdxl, level="none", device=fake)
-    held = _on_gpu(fake, other)
-    _leave_free(fake, 1 * GiB)
-    choice, plan, _ = _choose(load_diffusers_pipeline(tiny_sd), None, None, fake, None)
-    assert plan is not None and plan.budget == 1 * GiB + held
-    assert choice.reason.startswith(f"plan for the 1.0 GiB free and {mlnb.units.format_bytes(held)} held by cached")
+    other.pipe.unet.register_buffer("_held", torch.empty(640 * MiB, dtype=torch.uint8))  # a model of some size
+    held = _on_gpu(fake, other) + fake.track(other.pipe.unet._held, allocate=True).numel()
+    assert gpu_bytes(other) == held
+    pipe = load_diffusers_pipeline(tiny_sd)
+    _leave_free(fake, 8 * GiB)
+    choice, plan, _ = _choose(pipe, None, None, fake, None)
+    assert plan.budget == 8 * GiB and choice.reason.startswith("plan for the 8.0 GiB free: ")
+    for free in (256 * MiB, 0):  # nothing fits what is free (0: a card full of cached models)
+        _leave_free(fake, free)
+        choice, plan, _ = _choose(pipe, None, None, fake, None)
+        assert plan is not None and plan.budget == free + held
+        assert "held by cached pipelines" in choice.reason
+
+
+def test_the_same_from_pretrained_argument_given_as_none_is_a_cache_hit(tiny_sd):
+    plain = mlnb.load_pipeline(tiny_sd, level="none")
+    assert mlnb.load_pipeline(tiny_sd, level="none", variant=None) is plain
+
+
+def test_a_level_none_load_on_a_cuda_card_makes_room_for_its_weights_and_activations(tiny_sd, tiny_sdxl, caplog):
+    """Model A at none, model B with a budget (A unloaded or not), then A at none again: A's load must find room for
+    its whole pipeline and an image's activations, not run out of memory beside B."""
+    import torch
+
+    from mlnb.levels import activation_reserve
+    from mlnb.optimizer.weights import weight_bytes
+
+    class CudaLike(FakeDevice):
+        is_cuda = True
+
+    fake = CudaLike(total=16 * GiB)
+    other = mlnb.load_pipeline(tiny_sdxl, level="none", device=fake)
+    other.pipe.unet.register_buffer("_held", torch.empty(1 * GiB, dtype=torch.uint8))
+    _on_gpu(fake, other)
+    fake.track(other.pipe.unet._held, allocate=True)
+    _leave_free(fake, 256 * MiB)
+    with caplog.at_level(logging.WARNING, logger="mlnb"):
+        managed = mlnb.load_pipeline(tiny_sd, level="none", device=fake)
+    assert not other.loaded and managed.loaded
+    needed = weight_bytes(managed.pipe) + activation_reserve(64, 64, 1)
+    assert f"it needs {mlnb.units.format_bytes(needed)}" in caplog.text

@@ -89,10 +89,9 @@ def cached_pipelines() -> list["ManagedPipeline"]:
 
 def unload_all(device: Device | None = None) -> int:
     """Unload every cached pipeline and clean up. Returns the number unloaded."""
-    with _cache_lock:
-        pipes = list(_cache.values())
-        for managed in pipes:
-            managed.unload()
+    pipes = cached_pipelines()
+    for managed in pipes:  # outside the cache's lock: an unload waits for the pipeline's generation to end
+        managed.unload()
     cleanup(device or get_device())
     return len(pipes)
 
@@ -178,6 +177,7 @@ class ManagedPipeline:
         self._config = config
         self._generating = threading.RLock()  # one generation at a time: the scheduler and hooks hold call state
         self.last_used = next(_uses)
+        self.unloaded_for: str | None = None  # the model it was unloaded to make room for (mlnb.pipeline.room)
 
     @property
     def level(self) -> OptimizationLevel:
@@ -272,7 +272,10 @@ class ManagedPipeline:
                   pipeline_kwargs) -> GenerationResult:
         entered = time.perf_counter()
         if self.pipe is None:
-            raise InvalidArgumentError(f"pipeline {self.model!r} was unloaded; load it again with mlnb.load_pipeline")
+            why = f" to make room for {self.unloaded_for!r}" if self.unloaded_for else ""
+            raise InvalidArgumentError(
+                f"pipeline {self.model!r} was unloaded{why}; load it again with mlnb.load_pipeline"
+            )
         self.last_used = next(_uses)
         default_w, default_h = self.default_size()
         width = default_w if width is None else width
@@ -304,7 +307,12 @@ class ManagedPipeline:
         work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
         predicted_peak, predicted_seconds = self._predict_warning_over_budget(work)
         if predicted_peak is not None:  # other models' weights out of the way of the plan's peak
-            room.make_room(room_needed(predicted_peak) - room.gpu_bytes(self), self.device, self.model)
+            try:
+                room.make_room(room_needed(predicted_peak) - room.gpu_bytes(self), self.device, self.model)
+            except KeyboardInterrupt:
+                raise GenerationInterrupted(
+                    f"interrupted while making room on the GPU; {self.model!r} stays loaded"
+                ) from None
         if guidance is None:
             sig = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
             guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
@@ -410,10 +418,10 @@ class ManagedPipeline:
     def unload(self) -> None:
         """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up. A generation running on it
         in another thread (the dashboard's) finishes first."""
-        with _cache_lock:
-            if _cache.get(self.key) is self:
-                del _cache[self.key]
-        with self._generating:
+        with self._generating:  # first: interrupted while waiting, it stays cached and loaded
+            with _cache_lock:
+                if _cache.get(self.key) is self:
+                    del _cache[self.key]
             pipe, self.pipe = self.pipe, None
         if pipe is not None:
             try:
@@ -500,16 +508,16 @@ def load_pipeline(
             logger.info("the VAE decodes in bf16 on this card, not upcast to fp32 (half the memory, tensor cores)")
         choice, plan, facts = _choose(pipe, budget_bytes, requested, device, torch_dtype)
         cfg = config if config is not None else MemoryOptimizationConfig.from_level(choice.level)
-        with _cache_lock:
-            # The same model at another level, dtype or revision: drop the old copy first, a small card cannot hold
-            # both.
-            for other in list(_cache.values()):
-                if other.model == source:
-                    old, new = _differences(other, choice.level.value, dname, from_pretrained_kwargs, allow_pickle)
-                    logger.warning("unloading %s (%s) to load it again as %s", source, old, new)
-                    other.unload()
-        if plan is not None:  # other models' weights out of the way of the plan's peak
-            room.make_room(room_needed(plan.predicted_peak), device, source)
+        # The same model at another level, dtype or revision: drop the old copy first, a small card cannot hold
+        # both (outside the cache's lock: an unload waits for the copy's generation to end).
+        for other in cached_pipelines():
+            if other.model == source:
+                old, new = _differences(other, choice.level.value, dname, from_pretrained_kwargs, allow_pickle)
+                logger.warning("unloading %s (%s) to load it again as %s", source, old, new)
+                other.unload()
+        needed = _room_for_load(pipe, plan, cfg, device)
+        if needed:  # other models' weights out of the way of this one's peak
+            room.make_room(needed, device, source)
         if plan is None:
             report = MemoryOptimizer(cfg, device).optimize_pipeline(pipe)
         elif device.is_cuda:
@@ -546,6 +554,18 @@ def load_pipeline(
     return managed
 
 
+def _room_for_load(pipe, plan: Plan | None, config: MemoryOptimizationConfig, device: Device) -> int:
+    """The free bytes a load must find on the GPU: a plan's peak with its margin; for a pipeline kept whole on the
+    GPU (level none), its weights and one native-size image's activations; 0 for the offloading levels, which put
+    nothing there between calls (the OOM rescue makes room for them when a generation needs it)."""
+    if plan is not None:
+        return room_needed(plan.predicted_peak)
+    if not device.is_cuda or any(getattr(config, t) for t in ("model_cpu_offload", "sequential_cpu_offload", "group_offload")):
+        return 0
+    w, h = _native_size(pipe)
+    return weight_bytes(pipe) + activation_reserve(w, h, 1, vae_fp32=vae_needs_upcast(pipe))
+
+
 def _load_arguments(model, level, config, budget) -> tuple[OptimizationLevel | None, int | None]:
     """Check ``load_pipeline``'s arguments before anything loads: (the level asked for, None for auto; the budget in
     bytes, or None). Raises :class:`InvalidArgumentError` naming the argument."""
@@ -578,15 +598,26 @@ def _choose(pipe, budget: int | None, requested: OptimizationLevel | None, devic
     if requested is not None:
         return LevelChoice(requested, "chosen by the user", auto=False), None, None
     free = device.free_bytes()
-    if device.is_cuda and free:
-        # What other cached pipelines hold on the GPU counts as free: the plan unloads them as far as it needs.
+    if device.is_cuda and free is not None:
+        # Planned for what is free; when nothing fits that, for what other cached pipelines hold on the GPU too (they
+        # are unloaded as far as the plan needs). Unloading them first would make switching between two models
+        # read each one's files again every time.
         held = sum(held for _, held in room.holders(device, besides=""))
-        room_for = f"the {format_bytes(free)} free" + (f" and {format_bytes(held)} held by cached pipelines" if held else "")
-        try:
-            plan, facts = _plan(pipe, free + held, device, dtype)
+        tries = [(f"the {format_bytes(free)} free", free)]
+        if held:
+            tries.append((f"the {format_bytes(free)} free and {format_bytes(held)} held by cached pipelines", free + held))
+        error = None
+        for room_for, budget in tries:
+            if budget <= 0:
+                continue
+            try:
+                plan, facts = _plan(pipe, budget, device, dtype)
+            except InvalidArgumentError as exc:
+                error = exc
+                continue
             return LevelChoice(plan_level(plan), f"plan for {room_for}: {plan.summary()}"), plan, facts
-        except InvalidArgumentError as exc:  # nothing fits what is free: the strongest fixed level
-            logger.warning("auto: %s; falling back to the level table", exc)
+        if error is not None:  # nothing fits: the strongest fixed level
+            logger.warning("auto: %s; falling back to the level table", error)
     return _level_from_table(pipe, free), None, None
 
 
@@ -606,14 +637,21 @@ def _cached(source: str, dname: str, budget: int | None, requested: Optimization
                         if m.model == source and dtype_name(m.dtype) == dname and m.choice.auto), None)
             if hit is None and not device.has_memory_counters:  # a CPU: the table says none
                 hit = _cache.get((source, dname, _config_key(MemoryOptimizationConfig.from_level("none"))))
-        return hit if hit is not None and _serves(hit, kwargs, allow_pickle) else None
+        if hit is None or not _serves(hit, kwargs, allow_pickle):
+            return None
+        hit.last_used = next(_uses)  # asked for again: the last to make room
+        return hit
 
 
 def _serves(managed: "ManagedPipeline", kwargs: dict, allow_pickle: bool) -> bool:
     """Whether a cached pipeline answers a load with these ``from_pretrained`` arguments: the same ones (another
     variant or revision is other weights), and weights read from pickle files only for a call that accepts pickle."""
-    theirs = {k: v for k, v in managed.load_kwargs.items() if k != "allow_pickle"}
-    return theirs == kwargs and (allow_pickle or not managed.read_pickle)
+    return _given(managed.load_kwargs) == _given(kwargs) and (allow_pickle or not managed.read_pickle)
+
+
+def _given(kwargs: dict) -> dict:
+    """``from_pretrained`` arguments as they choose weights: ``variant=None`` is the same as no variant."""
+    return {k: v for k, v in kwargs.items() if k != "allow_pickle" and v is not None}
 
 
 def _differences(other: "ManagedPipeline", level: str, dname: str, kwargs: dict, allow_pickle: bool) -> tuple[str, str]:
@@ -622,11 +660,11 @@ def _differences(other: "ManagedPipeline", level: str, dname: str, kwargs: dict,
     if dtype_name(other.dtype) != dname:
         old.append(dtype_name(other.dtype))
         new.append(dname)
-    theirs = {k: v for k, v in other.load_kwargs.items() if k != "allow_pickle"}
-    for name in sorted(set(theirs) | set(kwargs)):
-        if theirs.get(name) != kwargs.get(name):
+    theirs, ours = _given(other.load_kwargs), _given(kwargs)
+    for name in sorted(set(theirs) | set(ours)):
+        if theirs.get(name) != ours.get(name):
             old.append(f"{name}={theirs.get(name)!r}")
-            new.append(f"{name}={kwargs.get(name)!r}")
+            new.append(f"{name}={ours.get(name)!r}")
     if other.read_pickle and not allow_pickle:
         old.append("pickle weights")
         new.append("safetensors only")

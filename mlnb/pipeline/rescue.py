@@ -54,14 +54,16 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
         return result
     beside = room.holders(device, besides=managed.model)
     if beside:  # other models' weights first: the same pipeline may fit once they are gone
+        unloaded = []
         for other, held in beside:
             logger.warning("out of memory (%s) with %s beside it (%s on the GPU): unloading it and retrying",
                            first_error, other.model, format_bytes(held))
-            other.unload()
-        result, _ = _generate_unless_oom(managed, generate_kwargs)
+            if room.unload_for(other, managed.model):
+                unloaded.append(other.model)
+        result, _ = _generate_unless_oom(managed, generate_kwargs) if unloaded else (None, "")
         if result is not None:
-            unloaded = ", ".join(other.model for other, _ in beside)
-            result = dataclasses.replace(result, notes=(f"out of memory with {unloaded} loaded: unloaded it",))
+            them = "it" if len(unloaded) == 1 else "them"
+            result = dataclasses.replace(result, notes=(f"out of memory with {', '.join(unloaded)} loaded: unloaded {them}",))
             remember(result)
             return result
     width = generate_kwargs.get("width") or managed.default_size()[0]

@@ -3,7 +3,8 @@
 Two models rarely fit side by side on a small card, and a plan made for a budget (or for what auto found free) runs
 out of memory when another model's weights still sit in it. So when a load, a planned generation or the OOM rescue
 needs more than is free, mlnb unloads other cached pipelines that hold GPU memory, the one used longest ago first,
-until the need fits, and names each in a warning. Pipelines that hold nothing on the GPU between calls (offloaded
+until the need fits (free memory read again after each), and names each in a warning; when unloading all of them
+would not be enough, none is unloaded. Pipelines that hold nothing on the GPU between calls (offloaded
 levels) stay: unloading them would free no VRAM. A pipeline generating in another thread (the dashboard's) is
 never unloaded. A model is unloaded whole, host copy included: on Colab's 12.7 GB of RAM two models' host copies
 do not fit either, and loading it again reads its files.
@@ -22,7 +23,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["gpu_bytes", "holders", "to_unload", "make_room"]
+__all__ = ["gpu_bytes", "holders", "make_room", "unload_for"]
 
 
 def gpu_bytes(managed: "ManagedPipeline") -> int:
@@ -44,6 +45,11 @@ def gpu_bytes(managed: "ManagedPipeline") -> int:
     return total
 
 
+def _same_card(a: "Device", b: "Device") -> bool:
+    """Two device objects for one GPU (a CUDA card by its index; anything else only as the same object)."""
+    return a is b or (a.is_cuda and b.is_cuda and getattr(a, "index", None) == getattr(b, "index", None))
+
+
 def _busy(managed: "ManagedPipeline") -> bool:
     """Generating in another thread (the current thread's own generation does not count)."""
     if not managed._generating.acquire(blocking=False):
@@ -53,13 +59,13 @@ def _busy(managed: "ManagedPipeline") -> bool:
 
 
 def holders(device: "Device", besides: str) -> list[tuple["ManagedPipeline", int]]:
-    """The cached pipelines on ``device`` other than model ``besides`` that hold GPU memory and are not generating,
-    with their bytes there, the least recently used first."""
+    """The cached pipelines on ``device``'s card other than model ``besides`` that hold GPU memory and are not
+    generating, with their bytes there, the least recently used first."""
     from .managed import cached_pipelines
 
     found = []
     for managed in sorted(cached_pipelines(), key=lambda m: m.last_used):
-        if managed.model == besides or managed.device is not device or _busy(managed):
+        if managed.model == besides or not _same_card(managed.device, device) or _busy(managed):
             continue
         held = gpu_bytes(managed)
         if held > 0:
@@ -67,37 +73,57 @@ def holders(device: "Device", besides: str) -> list[tuple["ManagedPipeline", int
     return found
 
 
-def to_unload(needed: int, free: int, held: list[int]) -> int:
-    """How many of the holders (their bytes in ``held``, in unloading order) must go so that ``needed`` bytes are
-    free: the fewest that reach it, or all of them when even that does not."""
-    count = 0
-    while free < needed and count < len(held):
-        free += held[count]
-        count += 1
-    return count
+def unload_for(managed: "ManagedPipeline", for_model: str) -> bool:
+    """Unload ``managed`` to make room for ``for_model``, unless it has started generating in another thread since
+    it was found idle (then False: waiting for that generation would hold up this one)."""
+    if not managed._generating.acquire(blocking=False):
+        return False
+    try:
+        managed.unloaded_for = for_model
+        managed.unload()
+    finally:
+        managed._generating.release()
+    return True
 
 
 def make_room(needed: int, device: "Device", for_model: str) -> list[str]:
     """Unload other pipelines, least recently used first, until ``needed`` bytes are free on ``device`` for
-    ``for_model``; returns the models unloaded. Nothing happens on a device without memory counters."""
+    ``for_model``; returns the models unloaded.
+
+    The allocator's cache is cleared first (memory it holds unused is not free to the driver). Free memory is read
+    again after each unload. When unloading every holder would still leave less than ``needed`` free, nothing is
+    unloaded: the generation may still fit (a plan's margin), and the OOM rescue unloads them if it does not.
+    Nothing happens on a device without memory counters, or when the free memory cannot be read.
+    """
     if not device.has_memory_counters or needed <= 0:
         return []
     free = device.free_bytes()
+    if free is not None and free < needed:
+        device.empty_cache()
+        free = device.free_bytes()
     if free is None or free >= needed:
         return []
     found = holders(device, for_model)
-    count = to_unload(needed, free, [held for _, held in found])
+    reachable = free + sum(held for _, held in found)
+    if reachable < needed:
+        if found:
+            logger.warning(
+                "%s needs %s on the GPU and %s is free: unloading the %d other cached pipeline(s) there would free "
+                "%s, not enough; none unloaded", for_model, format_bytes(needed), format_bytes(free), len(found),
+                format_bytes(reachable - free),
+            )
+        return []
     unloaded = []
-    for managed, held in found[:count]:
+    for managed, held in found:
+        if free >= needed:
+            break
         logger.warning(
             "unloading %s (%s, %s on the GPU) to make room for %s: it needs %s, %s free",
             managed.model, managed.tag, format_bytes(held), for_model, format_bytes(needed), format_bytes(free),
         )
-        managed.unload()
-        unloaded.append(managed.model)
-    if unloaded:
-        free = device.free_bytes() or 0
-        if free < needed:
-            logger.warning("%s free after unloading, less than the %s %s needs", format_bytes(free),
-                           format_bytes(needed), for_model)
+        if unload_for(managed, for_model):
+            unloaded.append(managed.model)
+        free = device.free_bytes()
+        if free is None:
+            break
     return unloaded
