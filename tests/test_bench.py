@@ -157,15 +157,15 @@ def test_planner_targets_check_budget_and_predictions():
     plan = dict(recipe="mlnb-plan", level="aggressive", peak_allocated=3 * GiB, peak_reserved=int(3.5 * GiB))
     rows = [
         _baseline(),
-        _row(**plan, seconds=1.4, predicted_peak=int(3.2 * GiB), predicted_seconds=1.3, first_predicted_seconds=0.7),
+        _row(**plan, seconds=1.4, predicted_peak=int(3.2 * GiB), first_predicted_seconds=1.3, predicted_seconds=1.41),
         _row(**dict(plan, peak_allocated=8 * GiB, peak_reserved=9 * GiB), cap_bytes=15 * GiB, seconds=1.0,
-             predicted_peak=int(8.4 * GiB), predicted_seconds=1.1),
+             predicted_peak=int(8.4 * GiB), first_predicted_seconds=1.1, predicted_seconds=1.0),
     ]
     t = _targets(rows)
     assert t["plan-budget"]["status"] == "met" and "3.50 GiB" in t["plan-budget"]["detail"]
     assert t["plan-peak"]["status"] == "met" and "+7%" in t["plan-peak"]["detail"]  # 3.2 vs 3.0; 8.4 vs 8.0 is +5%
-    assert t["plan-time"]["status"] == "met" and "-7%" in t["plan-time"]["detail"]
-    assert "before its first image 0.70 s (-50%)" in t["plan-time"]["detail"]  # shown, not judged
+    assert t["plan-time"]["status"] == "met" and "1.30 s vs 1.40 s (-7%" in t["plan-time"]["detail"]
+    assert "after the warm-up 1.41 s (+1%), not judged" in t["plan-time"]["detail"]  # shown, not judged
     # floor: 5 GiB UNet, 4 GiB cap, 8 steps at 10 GiB/s, compute 1.0 s; 1.4 s is 1.4x the floor when compute-bound
     assert t["sdxl-4gib-floor"]["status"] in ("met", "not met") and "floor" in t["sdxl-4gib-floor"]["detail"]
 
@@ -177,6 +177,103 @@ def test_planner_targets_check_budget_and_predictions():
     oom = _targets([_baseline(), _row(recipe="mlnb-plan", status="OOM", phase="generate", seconds=None)])
     assert oom["plan-budget"]["status"] == "not met" and "OOM in generate" in oom["plan-budget"]["detail"]
     assert _targets([_baseline()])["plan-budget"]["status"] == "not measured"
+
+
+_PLAN = "plan for 4.0 GiB: stream, 48 blocks streamed (1.8 GiB), 42 resident"  # what auto on CUDA writes
+
+
+def test_a_planner_run_is_known_by_its_recipe_and_any_failure_under_a_cap_fails_the_budget():
+    """auto on CUDA that ran out of memory while loading (no plan text, no level) or was stopped by --timeout is a
+    planner run all the same: the budget cannot be claimed for it."""
+    oom_at_load = _row(status="OOM", phase="load", error="OutOfMemoryError: CUDA out of memory", level=None,
+                       detail=None, seconds=None, peak_allocated=None, peak_reserved=None)
+    timed_out = {k: oom_at_load[k] for k in ("model", "recipe", "cap_bytes", "steps", "width", "height")}
+    timed_out.update(status="error", error="timed out after 150 s", timed_out=True)
+    sd15 = _row(model="sd15", cap_bytes=2 * GiB, width=512, height=512, peak_reserved=int(1.9 * GiB),
+                detail="plan for 2.0 GiB: stream, 8 blocks streamed")
+    for failed, words in ((oom_at_load, "OOM in load"), (timed_out, "timed out after 150 s")):
+        t = _targets([_baseline(), sd15, failed])
+        assert t["plan-budget"]["status"] == "not met", t["plan-budget"]
+        assert words in t["plan-budget"]["detail"] and "None" not in t["plan-budget"]["detail"]
+    error = _targets([_baseline(), _row(status="error", phase="warm-up", error="RuntimeError: boom", seconds=None)])
+    assert error["plan-budget"]["status"] == "not met" and "error in warm-up" in error["plan-budget"]["detail"]
+    cpu = _targets([_baseline(device="cpu"), _row(device="cpu", status="OOM", phase="load", detail=None)])
+    assert cpu["plan-budget"]["status"] == "not measured"  # auto on a CPU is the level table, not the planner
+
+
+def test_budget_target_says_what_it_measures_and_shows_nvml_above_the_baseline():
+    """The cap limits what PyTorch reserves; the device-wide figure above the worker's baseline is shown beside it."""
+    rows = report.add_derived([_baseline(), _row(nvml_peak=int(5.18 * GiB), nvml_baseline=int(0.98 * GiB))], None)
+    assert rows[1]["nvml_above_baseline"] == int(5.18 * GiB) - int(0.98 * GiB)
+    assert rows[0]["nvml_above_baseline"] is None  # no baseline reading: unknown, not invented
+    t = {t["key"]: t for t in report.evaluate_targets(rows)}["plan-budget"]
+    assert t["status"] == "met"  # peak reserved 3.5 GiB under 4 GiB, whatever NVML says
+    assert "peak reserved 3.50 GiB, NVML 4.20 GiB above the worker's baseline" in t["detail"]
+    assert "non-PyTorch memory are not counted" in t["target"]
+
+
+def test_peak_target_fails_when_a_planned_run_ran_out_of_memory():
+    rows = [
+        _baseline(),
+        _row(seconds=2.0, predicted_peak=int(3.63 * GiB), peak_allocated=int(3.7 * GiB), detail=_PLAN),
+        _row(model="sd15", width=512, height=512, cap_bytes=2 * GiB, status="OOM", phase="generate", seconds=None,
+             error="OutOfMemoryError: CUDA out of memory", predicted_peak=int(1.79 * GiB), peak_allocated=None,
+             detail="plan for 2.0 GiB: stream, 8 blocks streamed"),
+    ]
+    t = _targets(rows)["plan-peak"]
+    assert t["status"] == "not met" and "sd15 mlnb-auto cap 2 GiB: OOM in generate" in t["detail"]
+    assert "(predicted 1.79 GiB)" in t["detail"] and "3.63 GiB vs 3.70 GiB (-2%)" in t["detail"]
+    # Other failures are no measurement of the peak: nothing finished, nothing measured.
+    error = _targets([_baseline(), _row(status="error", phase="warm-up", seconds=None, predicted_peak=3 * GiB)])
+    assert error["plan-peak"]["status"] == "not measured"
+
+
+def test_time_target_judges_the_prediction_made_before_the_first_image():
+    """The calibrated prediction was fitted to the same run's warm-up image: it is shown, never judged."""
+    rows = [_baseline(), _row(seconds=3.0, first_predicted_seconds=1.5, predicted_seconds=2.95, detail=_PLAN)]
+    t = _targets(rows)["plan-time"]
+    assert t["status"] == "not met", t
+    assert "1.50 s vs 3.00 s (-50%; after the warm-up 2.95 s (-2%), not judged)" in t["detail"]
+    assert "before a plan's first image" in t["target"]
+    only_late = _targets([_baseline(), _row(seconds=3.0, predicted_seconds=2.95, detail=_PLAN)])["plan-time"]
+    assert only_late["status"] == "not measured" and "before its first image" in only_late["detail"]
+
+
+def test_floor_target_is_not_met_when_its_run_fails():
+    t = _targets([_baseline(), _row(status="OOM", phase="load", seconds=None, error="OutOfMemoryError: x")])
+    assert t["sdxl-4gib-floor"]["status"] == "not met" and "OOM in load" in t["sdxl-4gib-floor"]["detail"]
+    assert _targets([_baseline()])["sdxl-4gib-floor"]["status"] == "not measured"
+
+
+def test_host_target_counts_mlnb_runs_that_failed():
+    """A run that failed had still held its host RSS peak; one that failed before its parameters were counted is
+    measured against the model's fp16 bytes from another run."""
+    failed = _row(status="error", phase="warm-up", seconds=None, host_rss_peak=int(10.35 * GiB))
+    t = _targets([_baseline(), _row(cap_bytes=15 * GiB, host_rss_peak=7 * GiB), failed])["host-ram"]
+    assert t["status"] == "not met" and "1.48×" in t["detail"] and "(error in warm-up" in t["detail"]
+    at_load = _row(status="OOM", phase="load", seconds=None, host_rss_peak=10 * GiB, fp16_weight_bytes=None)
+    t = _targets([_baseline(), _row(cap_bytes=15 * GiB, host_rss_peak=7 * GiB), at_load])["host-ram"]
+    assert t["status"] == "not met" and "1.43× of 7.0 GiB" in t["detail"]
+
+
+def test_caps_that_are_not_whole_gib_are_shown_as_given():
+    rows = report.add_derived([_baseline(), _row(cap_bytes=int(3.5 * GiB), recipe="mlnb-plan")], 10 * GiB)
+    cells = report.format_table(rows).splitlines()[3].split()
+    assert cells[3] == "3.5", cells
+    budget = {t["key"]: t for t in report.evaluate_targets(rows)}["plan-budget"]["detail"]
+    assert "sdxl mlnb-plan cap 3.5 GiB" in budget, budget
+    assert report.cap_text(int(0.3 * GiB)) == "0.3" and report.cap_text(15 * GiB) == "15"
+
+
+def test_a_run_that_timed_out_reads_timed_out(tmp_path):
+    slow = [sys.executable, "-c", "import time; time.sleep(30)"]
+    row = run_job({"job": "run"}, tmp_path / "w.log", timeout=0.5, launcher=slow)
+    assert row["status"] == "error" and row["timed_out"] is True and row["error"] == "timed out after 0.5 s"
+    spec = dict(model="sdxl", recipe="mlnb-auto", cap_bytes=4 * GiB, steps=8, width=1024, height=1024)
+    rows = report.add_derived([_baseline(), {**spec, **row}], 10 * GiB)
+    assert report.format_table(rows).splitlines()[3].endswith("timed out")
+    t = {t["key"]: t for t in report.evaluate_targets(rows)}["sdxl-4gib"]
+    assert t["status"] == "not met" and t["detail"] == "mlnb-auto: timed out after 0.5 s"
 
 
 def test_floor_target_is_judged_against_the_streaming_floor():

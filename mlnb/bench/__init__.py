@@ -7,7 +7,7 @@ tiny test models run on the CPU, which checks the harness and nothing else.
 
 Usage::
 
-    mlnb bench --quick                      # a few minutes on one GPU: the four targets
+    mlnb bench --quick                      # a few minutes on one GPU: the targets
     mlnb bench --models sdxl --recipes diffusers,mlnb-ultra --caps 4,none --steps 20 --json sdxl.json
     python -m mlnb.bench --device cpu       # the harness check on the tiny models
 

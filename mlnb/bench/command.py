@@ -135,6 +135,8 @@ def _run_all(runs: list[RunSpec], failed_builds: dict[str, str], logs: Path, tim
         level = f" ({row['level']})" if row.get("level") and spec.recipe == "mlnb-auto" else ""
         status = row.get("status")
         why = f": {row.get('error')}" if status not in ("ok",) and row.get("error") else ""
+        if row.get("timed_out"):
+            status, why = row.get("error") or "timed out", ""
         _say(f"[{index}/{len(runs)}] {spec.label()}{level}: {status}{seconds}{why}")
         if status == "error" and row.get("log_tail"):
             _say(row["log_tail"])

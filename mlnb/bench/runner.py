@@ -140,7 +140,7 @@ def run_job(job: dict, log_path: str | os.PathLike, timeout: float | None = None
 
     Returns:
         The worker's result. A worker that crashed or timed out gives ``{"status": "error", "error": ...,
-        "log_tail": ...}``.
+        "log_tail": ...}``, with ``"timed_out": True`` when it was stopped by ``timeout``.
     """
     launcher = launcher or [sys.executable, "-m", "mlnb.bench.worker"]
     log_path = Path(log_path)
@@ -152,18 +152,21 @@ def run_job(job: dict, log_path: str | os.PathLike, timeout: float | None = None
         env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
         start = time.perf_counter()
         error = None
+        timed_out = False
         with open(log_path, "w") as log:
             try:
                 proc = subprocess.run([*launcher, str(job_file)], stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
                 if proc.returncode != 0:
                     error = f"worker exited with status {proc.returncode}"
             except subprocess.TimeoutExpired:
-                error = f"timed out after {timeout:g} s"
+                error, timed_out = f"timed out after {timeout:g} s", True
         wall = time.perf_counter() - start
         result_file = Path(job["result"])
         if error is None and result_file.is_file():
             result = json.loads(result_file.read_text())
         else:
             result = {"status": "error", "error": error or "worker wrote no result", "log_tail": log_tail(log_path)}
+            if timed_out:  # still an error (exit status 1), shown as "timed out" in the table and the targets
+                result["timed_out"] = True
     result["wall_seconds"] = round(wall, 2)
     return result
