@@ -506,6 +506,68 @@ def test_bad_options_exit_with_usage_errors(capsys):
     assert exc.value.code == 2 and "unknown recipe" in capsys.readouterr().err
 
 
+_CPU_ONE_RUN = ["--device", "cpu", "--models", "sd15", "--recipes", "diffusers-none", "--steps", "1"]
+
+
+@pytest.mark.parametrize("bad, option", [
+    (["--cap-gib", "0"], "--cap-gib"),  # once read as "no --cap-gib": the whole default benchmark ran
+    (["--cap-gib", "nan"], "--cap-gib"),
+    (["--caps", "inf"], "--caps"),  # once an OverflowError traceback
+    (["--timeout", "0"], "--timeout"),
+    (["--timeout", "-5"], "--timeout"),
+])
+def test_bad_numbers_are_one_line_usage_errors(bad, option, tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exc:
+        main([*bad, *_CPU_ONE_RUN, "--json", str(out)])
+    printed = capsys.readouterr()
+    assert exc.value.code == 2 and printed.err.splitlines()[-1].startswith(f"mlnb bench: error: {option}")
+    assert "Traceback" not in printed.err and printed.out == "" and not out.exists()
+
+
+def test_device_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
+    """The probe worker reports the CPU instead of raising; the parent says so in one line."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exc:
+        main(["--device", "cuda", "--log-dir", str(tmp_path / "logs"), "--json", str(tmp_path / "bench.json")])
+    printed = capsys.readouterr()
+    assert exc.value.code == 2 and "--device cuda: torch sees no CUDA device" in printed.err.splitlines()[-1]
+    assert "Traceback" not in printed.out + printed.err + (tmp_path / "logs" / "probe.log").read_text()
+
+
+def test_help_says_that_a_zero_cap_is_no_cap(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0 and "a value of 0, none or off means uncapped" in " ".join(capsys.readouterr().out.split())
+
+
+def test_a_missing_model_folder_is_a_usage_error_before_any_run(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    with pytest.raises(SystemExit) as exc:
+        main(["--model", str(tmp_path / "nowhere"), "--device", "cpu", "--recipes", "diffusers-none", "--json", str(out)])
+    printed = capsys.readouterr()
+    assert exc.value.code == 2 and "--model: no model folder at" in printed.err.splitlines()[-1]
+    assert printed.out == "" and not out.exists()
+
+
+def test_a_model_of_unknown_size_is_labelled_native_size():
+    """A hub id (or a folder without a UNet config) under --model and no --size generates at its native size."""
+    spec = RunSpec("org/model", "org/model", "mlnb-auto", None, 8, None, None, "cuda")
+    assert spec.label() == "org/model native size mlnb-auto no cap"
+    row = dict(model="org/model", recipe="mlnb-auto", cap_bytes=None, steps=8, width=None, height=None,
+               status="error", phase="load", error="OfflineError: no network")
+    assert report.format_table(report.add_derived([row], None)).splitlines()[2].split()[1] == "native"
+
+
+def test_the_worker_process_imports_its_module_once(tmp_path):
+    """``python -m mlnb.bench.worker`` once warned (runpy) that the package had imported the worker already."""
+    row = run_job({"job": "probe", "device": "cpu"}, tmp_path / "probe.log", timeout=120)
+    assert row.get("device") == "cpu", row
+    assert "RuntimeWarning" not in (tmp_path / "probe.log").read_text()
+
+
 def test_folder_native_size(tiny_sd, tmp_path):
     assert folder_native_size(tiny_sd) == 64
     assert folder_native_size(tmp_path) is None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import shlex
 import shutil
 import sys
@@ -22,7 +23,6 @@ from . import report
 from .models import ARCHS, ModelSource, model_source, native_size, tiny_source
 from .recipes import RECIPES, parse_recipes
 from .runner import DEFAULT_PROMPT, RunSpec, parse_caps, plan_runs, run_job
-from .worker import probe
 
 __all__ = ["main", "build_parser"]
 
@@ -53,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipes", help="all (default), diffusers, mlnb, or a comma list such as diffusers-none,mlnb-ultra")
     parser.add_argument("--steps", type=int, help="denoising steps per image (default 20; --quick 8; CPU 2)")
     caps = parser.add_mutually_exclusive_group()
-    caps.add_argument("--caps", help=f"memory caps in GiB: '4,15', 'none', or per model 'sdxl:4,sd15:2' (default {FULL_CAPS})")
-    caps.add_argument("--cap-gib", type=float, metavar="N", help="one cap of N GiB for every model (same as --caps N)")
+    caps.add_argument("--caps", help="memory caps in GiB: '4,15', or per model 'sdxl:4,sd15:2'; a value of 0, none or off "
+                      f"means uncapped (the whole card) (default {FULL_CAPS})")
+    caps.add_argument("--cap-gib", type=float, metavar="N", help="one cap of N GiB (> 0) for every model (same as --caps N)")
     parser.add_argument("--size", type=int, help="image side in pixels (default: native, 512 for SD1.5, 1024 for SDXL)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="auto (default): CUDA if present, else the CPU harness check")
@@ -109,11 +110,23 @@ def _sources(args, device: str, work: Path, logs: Path, timeout: float) -> tuple
     return sources, builds
 
 
+def _check_model(model: str) -> None:
+    """A ``--model`` that names a local folder must exist and be a diffusers pipeline (a hub id is checked when it
+    loads)."""
+    from ..errors import ModelNotFoundError
+    from ..pipeline.loading import resolve_model
+
+    try:
+        resolve_model(model)
+    except ModelNotFoundError as exc:
+        raise ValueError(f"--model: {exc}") from None
+
+
 def _settings(args) -> tuple[str | None, str]:
     recipes = args.recipes or (QUICK_RECIPES if args.quick else None)
     # A --model has no per-architecture defaults: it runs uncapped unless --caps says otherwise.
-    if args.caps or args.cap_gib:
-        caps = args.caps or f"{args.cap_gib:g}"
+    if args.caps or args.cap_gib is not None:
+        caps = args.caps or repr(args.cap_gib)
     else:
         caps = "none" if args.model else QUICK_CAPS if args.quick else FULL_CAPS
     return recipes, caps
@@ -184,8 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     recipes_text, caps_text = _settings(args)
     try:  # every option is checked before anything starts
+        if args.cap_gib is not None and not (math.isfinite(args.cap_gib) and args.cap_gib > 0):
+            raise ValueError(f"--cap-gib must be a number of GiB > 0, got {args.cap_gib:g} (for no cap: --caps none)")
+        if args.timeout is not None and not (math.isfinite(args.timeout) and args.timeout > 0):
+            raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout:g}")
+        if args.model:
+            _check_model(args.model)
         recipes = parse_recipes(recipes_text)
-        caps = parse_caps(caps_text, _model_names(args), ignore_other_models=not (args.caps or args.cap_gib))
+        explicit = bool(args.caps) or args.cap_gib is not None
+        caps = parse_caps(caps_text, _model_names(args), ignore_other_models=not explicit)
         if args.steps is not None and args.steps < 1:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         if args.size is not None and (args.size < 64 or args.size % 8):
@@ -200,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     timeout = args.timeout or (300.0 if args.quick else 900.0)
     try:
         if args.device == "cpu":  # nothing to isolate: no CUDA context is created
+            from .worker import probe  # here: the worker module runs as a script in its own processes
+
             machine = probe({"device": "cpu"})
         else:
             machine = run_job({"job": "probe", "device": args.device}, logs / "probe.log", timeout=timeout)

@@ -8,6 +8,7 @@ Running starts ``python -m mlnb.bench.worker`` for every job, with a timeout, an
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -33,15 +34,16 @@ class RunSpec:
     recipe: str
     cap_bytes: int | None
     steps: int
-    width: int
-    height: int
+    width: int | None  # None: the pipeline's native size (a --model whose folder does not say)
+    height: int | None
     device: str
     seed: int = 0
     prompt: str = DEFAULT_PROMPT
 
     def label(self) -> str:
         cap = "no cap" if self.cap_bytes is None else f"cap {self.cap_bytes / GiB:g} GiB"
-        return f"{self.model} {self.width}x{self.height} {self.recipe} {cap}"
+        size = "native size" if self.width is None or self.height is None else f"{self.width}x{self.height}"
+        return f"{self.model} {size} {self.recipe} {cap}"
 
     def job(self) -> dict:
         return dict(asdict(self), job="run")
@@ -50,8 +52,9 @@ class RunSpec:
 def parse_caps(text: str | None, models: list[str], ignore_other_models: bool = False) -> dict[str, list[int | None]]:
     """Caps per model from ``"none,4"`` (every model) or ``"sdxl:4,sdxl:15,sd15:2"`` (per model), in GiB.
 
-    ``none`` is the uncapped card. A model that no entry names runs uncapped only. With ``ignore_other_models``
-    (the built-in defaults) entries for models that are not being run are dropped instead of refused.
+    ``none`` (or ``off``, or ``0``) is the uncapped card. A model that no entry names runs uncapped only. With
+    ``ignore_other_models`` (the built-in defaults) entries for models that are not being run are dropped instead of
+    refused.
 
     Raises:
         ValueError: naming the entry that is not ``GiB``, ``none`` or ``MODEL:GiB``, or an unknown model.
@@ -80,8 +83,8 @@ def parse_caps(text: str | None, models: list[str], ignore_other_models: bool = 
                 gib = float(value)
             except ValueError:
                 raise ValueError(f"--caps entry {item!r}: use GiB such as 4, 'none', or MODEL:GiB such as sdxl:4") from None
-            if gib <= 0:
-                raise ValueError(f"--caps entry {item!r}: a cap must be > 0 GiB")
+            if not (math.isfinite(gib) and gib > 0):
+                raise ValueError(f"--caps entry {item!r}: a cap must be a number of GiB > 0 (0, none or off: no cap)")
             cap = int(gib * GiB)
         for target in targets:
             if cap not in caps[target]:

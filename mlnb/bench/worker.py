@@ -98,11 +98,12 @@ def _use(device_kind: str):
 def probe(job: dict) -> dict:
     """Facts about the machine: card, memory, driver, CUDA, versions and pinned host-to-device bandwidth.
 
-    With ``job["device"] == "cpu"`` nothing touches torch, so the parent can call it in-process.
+    With ``job["device"] == "cpu"`` nothing touches torch, so the parent can call it in-process. Asked for
+    ``cuda`` on a machine without it, it reports the CPU (``"device": "cpu"``) and the parent says so in one line.
     """
     from ..device import CpuDevice
 
-    device = CpuDevice() if job["device"] == "cpu" else _use(job["device"])
+    device = CpuDevice() if job["device"] == "cpu" else _use("auto")
     info = device.info()
     bandwidth = device.h2d_bandwidth() if device.is_cuda else None
     return {
