@@ -19,8 +19,8 @@ For a plan that streams, step is the steady state of :func:`schedule_step`, a re
 times the ratio of measured to replayed steps that streamed generations recorded. Without a timeline it is
 compute + copies − overlap × min(compute, copies), where compute is a measured resident step, copies = streamed
 bytes / H2D bandwidth, and ``overlap`` (the share of the copies a step hid) is recorded by each streamed generation
-(0 until then: an upper bound; on an H100 it measured 0.34 for SD1.5 and 0.07 for SDXL in run 5). decode is the
-decode measured in the plan's tiles, or until then the untiled decode times the pixels its tiles cover times
+(0 until then: an upper bound; on an H100 in run 5, 0.34 for SD1.5 and, by the bench's rows, 0 for SDXL). decode is
+the decode measured in the plan's tiles, or until then the untiled decode times the pixels its tiles cover times
 ``TILE_TIME_FACTOR`` (on an H100, 256 px tiles took 3.2× to 3.8× the untiled decode, 1.8× to 2.4× what their pixels
 say). other is the rest of a ``generate`` call (encoding, moves, the pipeline's own work, the cleanup) as measured by
 earlier generations with the encoders on the GPU or offloaded; until then the rest plain diffusers measured with
