@@ -323,3 +323,64 @@ def test_a_level_none_load_on_a_cuda_card_makes_room_for_its_weights_and_activat
     assert not other.loaded and managed.loaded
     needed = weight_bytes(managed.pipe) + activation_reserve(64, 64, 1)
     assert f"it needs {mlnb.units.format_bytes(needed)}" in caplog.text
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host RAM, and one load at a time
+
+
+def _reads(monkeypatch, watch):
+    """Record what ``watch()`` says each time a pipeline's files are read."""
+    from mlnb.pipeline import managed as managed_module
+
+    seen = []
+    original = managed_module.load_diffusers_pipeline
+
+    def reading(*args, **kwargs):
+        seen.append(watch())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(managed_module, "load_diffusers_pipeline", reading)
+    return seen
+
+
+def test_the_old_copy_goes_before_the_read_only_when_host_ram_cannot_hold_both(tiny_sd, monkeypatch, caplog):
+    """With room, the old copy stays until the new one has loaded (a failed load loses nothing); when host RAM cannot
+    hold a second copy (Colab's 12.7 GB and SDXL), it is unloaded before the files are read."""
+    import mlnb.device
+
+    old = mlnb.load_pipeline(tiny_sd, level="none")
+    seen = _reads(monkeypatch, lambda: old.loaded)
+    mlnb.load_pipeline(tiny_sd, level="balanced")
+    assert seen == [True] and not old.loaded
+    old = mlnb.load_pipeline(tiny_sd, level="none")
+    seen = _reads(monkeypatch, lambda: old.loaded)
+    monkeypatch.setattr(mlnb.device, "host_memory", lambda: (8 * GiB, old.weight_bytes))
+    with caplog.at_level(logging.WARNING, logger="mlnb"):
+        mlnb.load_pipeline(tiny_sd, level="balanced")
+    assert seen == [False]
+    assert "before reading it again: host RAM has" in caplog.text
+
+
+def test_two_threads_loading_read_one_model_at_a_time_and_share_a_cached_one(tiny_sd, tiny_sdxl, monkeypatch):
+    reading, most = [0], [0]
+    lock = threading.Lock()
+
+    def count():
+        with lock:
+            reading[0] += 1
+            most[0] = max(most[0], reading[0])
+        threading.Event().wait(0.2)  # still reading when the other thread arrives
+        with lock:
+            reading[0] -= 1
+
+    _reads(monkeypatch, count)
+    results = {}
+    threads = [threading.Thread(target=lambda k=k, m=m: results.__setitem__(k, mlnb.load_pipeline(m, level="none")))
+               for k, m in (("a", tiny_sd), ("b", tiny_sd), ("c", tiny_sdxl))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert most[0] == 1
+    assert results["a"] is results["b"] and results["c"].loaded

@@ -67,6 +67,7 @@ MAX_IMAGES = 16
 
 _cache: dict[tuple[str, str, str], "ManagedPipeline"] = {}
 _cache_lock = threading.RLock()
+_loading = threading.RLock()  # one load_pipeline reads and places a model at a time
 _uses = itertools.count()  # the order pipelines were loaded or last generated with (room unloads the oldest first)
 _last: list[GenerationResult] = []
 
@@ -491,7 +492,26 @@ def load_pipeline(
     hit = _cached(source, dname, budget_bytes, requested, config, device, from_pretrained_kwargs, allow_pickle)
     if hit is not None:
         return hit
+    try:
+        _loading.acquire()
+    except KeyboardInterrupt:
+        raise LoadInterrupted(f"interrupted while another load ran; {source!r} was not loaded") from None
+    try:  # one load at a time: two would plan for the same free memory and hold two host copies at once
+        hit = _cached(source, dname, budget_bytes, requested, config, device, from_pretrained_kwargs, allow_pickle)
+        if hit is not None:  # loaded by the other thread meanwhile
+            return hit
+        return _load(source, is_local, torch_dtype, budget_bytes, requested, config, device, allow_pickle,
+                     from_pretrained_kwargs)
+    finally:
+        _loading.release()
 
+
+def _load(source: str, is_local: bool, torch_dtype, budget_bytes: int | None, requested: OptimizationLevel | None,
+          config: MemoryOptimizationConfig | None, device: Device, allow_pickle: bool,
+          from_pretrained_kwargs: dict) -> ManagedPipeline:
+    """Read, check, place and cache a pipeline that the cache did not have (the rest of :func:`load_pipeline`)."""
+    dname = dtype_name(torch_dtype)
+    _make_host_room(source, torch_dtype)
     try:
         pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
     except KeyboardInterrupt as exc:
@@ -552,6 +572,28 @@ def load_pipeline(
         _cache[managed.key] = managed
     logger.debug("loaded %r", managed)
     return managed
+
+
+def _make_host_room(source: str, torch_dtype) -> None:
+    """Unload cached copies of ``source`` before reading it again when host RAM cannot hold a second copy beside
+    them (Colab has 12.7 GB: two SDXL copies are more, and a kernel out of host RAM dies without an error). With
+    room, the old copy is dropped only once the new one has loaded, so a failed load loses nothing."""
+    from ..device import host_memory
+
+    copies = [m for m in cached_pipelines() if m.model == source]
+    if not copies:
+        return
+    available = host_memory()[1]
+    itemsize = {"fp32": 4}.get(dtype_name(torch_dtype), 2)
+    new = max(m.weight_bytes * itemsize // ({"fp32": 4}.get(dtype_name(m.dtype), 2)) for m in copies)
+    if available is None or new * 1.1 < available:
+        return
+    for other in copies:
+        logger.warning(
+            "unloading %s (%s) before reading it again: host RAM has %s available, the new copy needs about %s",
+            source, other.tag, format_bytes(available), format_bytes(new),
+        )
+        other.unload()
 
 
 def _room_for_load(pipe, plan: Plan | None, config: MemoryOptimizationConfig, device: Device) -> int:
