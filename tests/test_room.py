@@ -384,3 +384,17 @@ def test_two_threads_loading_read_one_model_at_a_time_and_share_a_cached_one(tin
         thread.join(60)
     assert most[0] == 1
     assert results["a"] is results["b"] and results["c"].loaded
+
+
+def test_the_rescue_loads_again_a_pipeline_unloaded_for_room_since_it_was_handed_out(tiny_sd, tiny_sdxl, caplog):
+    """The magic (or the dashboard) loads A; before it generates, the other thread's load makes room and unloads A:
+    the generation loads A again as it was asked for instead of failing."""
+    fake = FakeDevice(total=16 * GiB)
+    old, old_bytes, _, _ = _two_holders(tiny_sd, tiny_sdxl, fake)
+    _leave_free(fake, 0)
+    make_room(old_bytes, fake, "the-other-thread-s-model")
+    with caplog.at_level(logging.WARNING, logger="mlnb"):
+        result = generate_with_rescue(old, prompt="a fox", seed=1, **FAST)
+    assert result.images and result.model == old.model and result.level is OptimizationLevel.NONE
+    assert "loading it again" in caplog.text
+    assert any(m.model == old.model and m.loaded for m in cached_pipelines())

@@ -44,10 +44,15 @@ def _fits_hint(width: int, height: int, num_images: int, device: Device) -> str:
 def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> GenerationResult:
     """Generate; on a GPU out-of-memory error free everything and retry: first the same pipeline, once other models
     holding GPU memory are unloaded (when there are any), then once at the next stronger level (a safer plan).
+    A pipeline unloaded to make room for another model since it was loaded (the dashboard's thread beside a cell)
+    is loaded again first.
 
     Raises:
         OutOfMemoryRescueError: still out of memory at ultra (or after the retry), with what would fit.
     """
+    if not managed.loaded and managed.unloaded_for:  # made room for another model since it was handed out
+        logger.warning("%s was unloaded to make room for %s; loading it again", managed.model, managed.unloaded_for)
+        managed = _load_again(managed)
     device = managed.device
     result, first_error = _generate_unless_oom(managed, generate_kwargs)
     if result is not None:
@@ -94,6 +99,16 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
     result = dataclasses.replace(result, rescued_from=rescued_from, notes=(note,))
     remember(result)
     return result
+
+
+def _load_again(managed: ManagedPipeline) -> ManagedPipeline:
+    """``managed``'s pipeline loaded again as it was asked for: auto, the same budget, or the same level and config."""
+    kwargs = dict(dtype=managed.dtype, device=managed.device, **managed.load_kwargs)
+    if managed.choice.auto:
+        return load_pipeline(managed.model, level="auto", **kwargs)
+    if managed.plan is not None:
+        return load_pipeline(managed.model, budget=managed.plan.budget, **kwargs)
+    return load_pipeline(managed.model, config=managed.config, **kwargs)
 
 
 def _generate_unless_oom(managed: ManagedPipeline, generate_kwargs: dict) -> tuple[GenerationResult | None, str]:
