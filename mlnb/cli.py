@@ -44,8 +44,7 @@ def doctor_report() -> list[tuple[str, str]]:
         rows.append(("nvidia-ml-py", "not installed"))
 
     from .device import get_device
-    from .levels import describe_auto
-    from .units import format_bytes
+    from .session import memory_rows
 
     info = get_device().info()
     if info.available:
@@ -54,12 +53,10 @@ def doctor_report() -> list[tuple[str, str]]:
         rows.append(("GPU", f"{info.name}, compute capability {cc}, bf16 {bf16}"))
         rows.append(("SDXL VAE decode", "bf16 (no fp32 upcast)" if info.native_bf16 else "fp32 (diffusers' upcast)"))
         rows.append(("fp8 storage", "yes (float8_e4m3fn)" if info.supports_fp8 else "no: this torch has no float8_e4m3fn"))
-        rows.append(("VRAM free / total", f"{format_bytes(info.free_bytes)} / {format_bytes(info.total_bytes)}"))
         rows.append(("driver", info.driver_version or f"N/A ({info.nvml_error})"))
     else:
         rows.append(("GPU", "none (CPU only)"))
-    rows.append(("host RAM", f"{format_bytes(info.host_available_bytes)} available / {format_bytes(info.host_total_bytes)}"))
-    rows.append(("auto level", describe_auto(info.free_bytes, info.kind == "cuda")))
+    rows += memory_rows(info)
     from .card_facts import describe
 
     rows.append(("planner facts", describe(get_device())))

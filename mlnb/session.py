@@ -16,7 +16,7 @@ from .units import format_bytes, parse_bytes
 
 __all__ = [
     "SessionDefaults", "defaults", "default_model", "budget_of", "pipeline_choice", "Status", "status", "FreeReport",
-    "free_memory",
+    "free_memory", "memory_rows",
 ]
 
 
@@ -105,17 +105,14 @@ class Status:
 
     def rows(self) -> list[tuple[str, str]]:
         i = self.info
-        rows = [("device", i.name)]
+        rows = [("device", i.name), *memory_rows(i)]
         if i.available:
             rows += [
-                ("VRAM free / total", f"{format_bytes(i.free_bytes)} / {format_bytes(i.total_bytes)}"),
                 ("device-wide used (NVML)",
                  f"{format_bytes(i.nvml_used_bytes)} / {format_bytes(i.nvml_total_bytes)}"
                  + (f"  ({i.nvml_error})" if i.nvml_error else "")),
                 ("torch allocated / reserved", f"{format_bytes(i.allocated_bytes)} / {format_bytes(i.reserved_bytes)}"),
             ]
-        rows.append(("host RAM available / total", f"{format_bytes(i.host_available_bytes)} / {format_bytes(i.host_total_bytes)}"))
-        rows.append(("auto level", describe_auto(self.info.free_bytes, self.info.kind == "cuda")))
         budget = budget_of(self.default_level) is not None
         rows.append(("default budget" if budget else "default level", self.default_level))
         if not self.pipelines:
@@ -135,6 +132,18 @@ class Status:
     def _repr_html_(self) -> str:
         body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>" for k, v in self.rows())
         return f"<table class='mlnb-status'>{body}</table>"
+
+
+def memory_rows(info: DeviceInfo) -> list[tuple[str, str]]:
+    """The rows ``%vram`` and ``mlnb doctor`` share: free and total VRAM (with a GPU), host RAM, and what ``auto``
+    does here."""
+    rows = []
+    if info.available:
+        rows.append(("VRAM free / total", f"{format_bytes(info.free_bytes)} / {format_bytes(info.total_bytes)}"))
+    rows.append(("host RAM available / total",
+                 f"{format_bytes(info.host_available_bytes)} / {format_bytes(info.host_total_bytes)}"))
+    rows.append(("auto level", describe_auto(info.free_bytes, info.kind == "cuda")))
+    return rows
 
 
 def status(device: Device | None = None) -> Status:
