@@ -689,3 +689,33 @@ def test_a_planned_sdxl_vae_that_decodes_in_fp32_is_cast_on_the_gpu_from_its_pin
     whole.offload()
     homes = {t.data_ptr() for t in whole.unit.home}
     assert vae.dtype == torch.float16 and {p.data_ptr() for p in vae.parameters()} <= homes  # its fp16 host copy
+
+
+def test_the_denoiser_s_kept_slots_are_dropped_before_the_vae_is_copied_to_the_gpu(tiny_sdxl, tmp_path, monkeypatch):
+    """The planner counts the slots in the denoising loop only: the VAE (moved whole at ``decode``, before its first
+    module runs) must not arrive while they are still allocated, or the decode's peak holds both."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from fakes import tiny_stream_budget
+    from mlnb.optimizer import streaming
+    from mlnb.optimizer.budget import apply_plan, model_facts
+    from mlnb.plan import CardFacts, Workload, plan_for_budget
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    budget = tiny_stream_budget(pipe, monkeypatch)
+    plan = plan_for_budget(budget, model_facts(pipe, max_block=200_000), CardFacts(), Workload(64, 64, 1, 2))
+    assert plan.streamed and plan.offload_encoders_vae
+    held_at_vae_copy = []
+    copy = streaming._Unit.copy_to_own
+
+    def watched(self, *args):
+        if self.module is pipe.vae:
+            held_at_vae_copy.append(streamer_of(pipe)._slots is not None)
+        return copy(self, *args)
+
+    monkeypatch.setattr(streaming._Unit, "copy_to_own", watched)
+    apply_plan(pipe, plan, "cpu", use_stream=False)
+    pipe.set_progress_bar_config(disable=True)
+    for _ in range(2):  # the first image records the order; the second keeps its slots across the steps
+        pipe("a fox", num_inference_steps=3, width=64, height=64)
+    assert held_at_vae_copy == [False, False]

@@ -183,10 +183,14 @@ class _GiveBackAsItMoves:
 
 def _release_before(streamer, pipe) -> None:
     """Drop the denoiser's kept slots before the VAE decodes and before the encoders run, so that neither phase's
-    peak holds them (the planner counts them in the denoising loop only)."""
+    peak holds them (the planner counts them in the denoising loop only). A VAE moved whole to the GPU drops them
+    before its copy, which starts at ``decode``, ahead of its first module."""
     import torch
 
     vae = getattr(pipe, "vae", None)
+    whole = getattr(vae, "_mlnb_whole", None)
+    if whole is not None:
+        whole.before_onload = streamer.release
     parts = [getattr(vae, name, None) for name in ("post_quant_conv", "decoder")] if vae is not None else []
     for module in parts + list(_text_encoders(pipe).values()):
         if isinstance(module, torch.nn.Module):

@@ -369,6 +369,7 @@ class WholeModel:
     def __init__(self, module, onload_device, device, host_buffer=None, compute_dtype=None) -> None:
         self.module, self.onload_device, self.device = module, onload_device, device
         self.compute_dtype = compute_dtype
+        self.before_onload = None  # called before each copy to the GPU (the denoiser's kept slots are dropped there)
         self.unit = _Unit("", module)
         _pack_home([self.unit], host_buffer, type(module).__name__)
 
@@ -378,6 +379,8 @@ class WholeModel:
 
     def onload(self) -> None:
         if not self.unit.on_device:
+            if self.before_onload is not None:
+                self.before_onload()
             self.unit.copy_to_own(self.onload_device, self.device)
             if self.compute_dtype is not None:
                 for tensor in self.unit.tensors:
