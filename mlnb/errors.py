@@ -13,6 +13,7 @@ __all__ = [
     "OutOfMemoryRescueError",
     "GenerationInterrupted",
     "LoadInterrupted",
+    "UnloadInterrupted",
 ]
 
 
@@ -54,3 +55,8 @@ class GenerationInterrupted(MlnbError):
 
 class LoadInterrupted(MlnbError):
     """Loading was interrupted (KeyboardInterrupt); its memory was freed and nothing new was cached."""
+
+
+class UnloadInterrupted(MlnbError):
+    """Unloading was interrupted (KeyboardInterrupt) while it waited for a generation in another thread; the pipeline
+    stays loaded and cached."""

@@ -642,6 +642,24 @@ def test_keyboard_interrupt_mid_generation(ip, gpu, sd, capsys, monkeypatch):
     assert_state_after(ip, gpu, keeps=[sd])
 
 
+def test_an_interrupt_leaves_the_cached_pipeline_s_weights_out_of_the_cleared_frames(ip, gpu, sd, capsys, monkeypatch):
+    """The interrupted generation's frames see the cached pipeline's GPU weights through ``self``; the cache keeps
+    them allocated whatever happens to the frames, so no "cleared ... frames" line claims them."""
+    weights = [gpu.track(p) for p in sd.pipe.unet.parameters()]
+    try:
+        inject(monkeypatch, gpu, "unet", KeyboardInterrupt, times=1)
+        capsys.readouterr()
+        run(ip, f"%%generate {GEN}\na fox")
+        out = "".join(capsys.readouterr())
+        assert "generation interrupted" in out and "cleared" not in out, out
+        who = str(ip.run_line_magic("vram", "who"))
+        assert "last traceback 0 B" in who, who
+    finally:
+        for p in weights:
+            gpu._tracked.pop(id(p), None)
+    assert_state_after(ip, gpu, keeps=[sd], remembered=sd.model)
+
+
 def test_other_error_inside_the_pipeline_keeps_its_traceback_and_frees_memory(ip, gpu, sd, capsys, monkeypatch):
     workspaces = inject(monkeypatch, gpu, "unet", lambda: RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
     capsys.readouterr()

@@ -252,22 +252,51 @@ def test_unload_all_while_another_thread_generates_and_then_reads_the_cache_does
     assert not managed.loaded
 
 
-def test_an_interrupted_unload_leaves_the_pipeline_cached_and_loaded(tiny_sd, monkeypatch):
-    """Ctrl-C while ``unload`` waits for a generation: the pipeline is still in the cache (found, and unloaded by
-    the next ``%vram free``), not an orphan holding memory that nothing lists."""
-    managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
+class _BusyThenCtrlC:
+    """A generation lock another thread holds, and a Ctrl-C while waiting for it."""
 
-    class Interrupted:
-        def __enter__(self):
-            raise KeyboardInterrupt
-
-        def __exit__(self, *exc):
+    def acquire(self, blocking=True):
+        if not blocking:
             return False
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(managed, "_generating", Interrupted())
-    with pytest.raises(KeyboardInterrupt):
+    def release(self):
+        raise AssertionError("never acquired")
+
+
+def test_an_interrupted_unload_is_one_line_and_leaves_the_pipeline_cached_and_loaded(tiny_sd, monkeypatch, caplog):
+    """Ctrl-C while ``unload`` waits for a generation (``%vram free`` beside the dashboard's): one line, and the
+    pipeline is still in the cache (found, and unloaded by the next ``%vram free``), not an orphan holding memory
+    that nothing lists. The wait itself is announced."""
+    from mlnb.errors import UnloadInterrupted
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
+    monkeypatch.setattr(managed, "_generating", _BusyThenCtrlC())
+    with caplog.at_level(logging.WARNING, logger="mlnb"), pytest.raises(UnloadInterrupted) as info:
         managed.unload()
+    assert "\n" not in str(info.value) and "it stays loaded" in str(info.value)
+    assert "is generating in another thread" in caplog.text and "unloading it waits" in caplog.text
     assert managed.loaded and managed in cached_pipelines()
+
+
+def test_ctrl_c_while_a_generation_waits_for_another_thread_s_is_one_line(tiny_sd, monkeypatch):
+    from mlnb.errors import GenerationInterrupted
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
+    monkeypatch.setattr(managed, "_generating", _BusyThenCtrlC())
+    with pytest.raises(GenerationInterrupted, match="nothing was generated$"):
+        managed.generate("a fox", **FAST)
+    assert managed.loaded
+
+
+def test_vram_free_interrupted_while_waiting_is_a_usage_error(tiny_sd, monkeypatch, ip):
+    from IPython.core.error import UsageError
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
+    monkeypatch.setattr(managed, "_generating", _BusyThenCtrlC())
+    with pytest.raises(UsageError, match="interrupted while waiting for the generation of .*; it stays loaded"):
+        ip.run_line_magic("vram", "free")
+    assert managed in cached_pipelines()
 
 
 def test_auto_on_a_cuda_card_counts_what_cached_pipelines_hold_only_when_nothing_fits_the_free_memory(tiny_sd,
@@ -398,3 +427,15 @@ def test_the_rescue_loads_again_a_pipeline_unloaded_for_room_since_it_was_handed
     assert result.images and result.model == old.model and result.level is OptimizationLevel.NONE
     assert "loading it again" in caplog.text
     assert any(m.model == old.model and m.loaded for m in cached_pipelines())
+
+
+def test_a_pickle_refusal_keeps_the_cached_copy_even_when_host_ram_is_short(tiny_sd_pickle, monkeypatch):
+    """The refusal needs no memory: the cached pickle-read copy must not be unloaded to make host room first."""
+    import mlnb.device
+    from mlnb.errors import UnsafeWeightsError
+
+    pickled = mlnb.load_pipeline(tiny_sd_pickle, level="none", allow_pickle=True)
+    monkeypatch.setattr(mlnb.device, "host_memory", lambda: (8 * GiB, 1))
+    with pytest.raises(UnsafeWeightsError):
+        mlnb.load_pipeline(tiny_sd_pickle, level="none")
+    assert pickled.loaded and pickled in cached_pipelines()

@@ -145,7 +145,10 @@ class MlnbMagics(Magics):
             if self.cell_monitor is not None:  # its own report says what it freed; the cell's line would say 0 B
                 self.cell_monitor.quiet_current_cell = True
             drop = (lambda: drop_outputs(self.shell, device)) if args.outputs else None
-            return session.free_memory(device, drop_outputs=drop)
+            try:
+                return session.free_memory(device, drop_outputs=drop)
+            except MlnbError as exc:  # interrupted while a pipeline waited for the dashboard's generation
+                raise UsageError(str(exc)) from None
         if action == "who":
             sources = {
                 "namespace": tensors_in_namespace(self.shell.user_ns, device),

@@ -148,7 +148,27 @@ def tensors_only_in_traceback(tb, shell, device: Device) -> list[TensorRef]:
     if not pinned:  # the common case after an error: no walk of the namespace
         return []
     held = {r.storage for r in tensors_in_namespace(shell.user_ns, device) + tensors_in_outputs(shell, device)}
+    held |= _cached_weights(device)
     return [r for r in pinned if r.storage not in held]
+
+
+def _cached_weights(device: Device) -> set:
+    """Storages of the device weights and buffers that mlnb's pipeline cache keeps alive (an interrupted generation's
+    frames see them through ``self``; the cache would keep them allocated if the frames were cleared)."""
+    from ..pipeline import cached_pipelines
+
+    module_type = getattr(sys.modules.get("torch.nn"), "Module", None)
+    if module_type is None:
+        return set()
+    keys = set()
+    for managed in cached_pipelines():
+        components = getattr(managed.pipe, "components", None) or {}
+        for component in components.values():
+            if isinstance(component, module_type):
+                for tensor in list(component.parameters()) + list(component.buffers()):
+                    if device.owns_tensor(tensor):
+                        keys.add(_storage_key(tensor))
+    return keys
 
 
 def stored_traceback(shell):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -19,6 +20,7 @@ from ..errors import (
     InvalidArgumentError,
     LoadInterrupted,
     OutOfMemoryRescueError,
+    UnloadInterrupted,
     UnsupportedPipelineError,
 )
 from ..levels import (
@@ -44,7 +46,7 @@ from ..plan import (
 from ..card_facts import card_facts
 from ..units import format_bytes, parse_bytes
 from ..optimizer.weights import weight_bytes
-from .loading import default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, reads_pickle, resolve_model
+from .loading import check_local_weights, default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, reads_pickle, resolve_model
 from . import learning, room
 from .result import GenerationResult
 from .timing import StepTimer
@@ -265,9 +267,28 @@ class ManagedPipeline:
             >>> result.images[0], result.report_line()
             ```
         """
-        with self._generating:  # a second caller (the dashboard's button beside a cell) waits for the first
+        interrupted = GenerationInterrupted(
+            f"interrupted while waiting for the generation of {self.model!r} in another thread; nothing was generated"
+        )
+        with self._turn("this generation", interrupted):  # a second caller (the dashboard's button) waits
             return self._generate(prompt, negative_prompt, steps, guidance, seed, width, height, num_images, progress,
                                   pipeline_kwargs)
+
+    @contextlib.contextmanager
+    def _turn(self, what: str, interrupted: Exception):
+        """Hold the pipeline's generation lock; while another thread generates, say that ``what`` waits, and turn
+        Ctrl-C during the wait into ``interrupted`` (one line)."""
+        if not self._generating.acquire(blocking=False):
+            logger.warning("%s is generating in another thread (the dashboard's?): %s waits for it to finish",
+                           self.model, what)
+            try:
+                self._generating.acquire()
+            except KeyboardInterrupt:
+                raise interrupted from None
+        try:
+            yield
+        finally:
+            self._generating.release()
 
     def _generate(self, prompt, negative_prompt, steps, guidance, seed, width, height, num_images, progress,
                   pipeline_kwargs) -> GenerationResult:
@@ -419,7 +440,10 @@ class ManagedPipeline:
     def unload(self) -> None:
         """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up. A generation running on it
         in another thread (the dashboard's) finishes first."""
-        with self._generating:  # first: interrupted while waiting, it stays cached and loaded
+        interrupted = UnloadInterrupted(
+            f"interrupted while waiting for the generation of {self.model!r} in another thread; it stays loaded"
+        )
+        with self._turn("unloading it", interrupted):  # first: interrupted while waiting, it stays cached and loaded
             with _cache_lock:
                 if _cache.get(self.key) is self:
                     del _cache[self.key]
@@ -511,6 +535,8 @@ def _load(source: str, is_local: bool, torch_dtype, budget_bytes: int | None, re
           from_pretrained_kwargs: dict) -> ManagedPipeline:
     """Read, check, place and cache a pipeline that the cache did not have (the rest of :func:`load_pipeline`)."""
     dname = dtype_name(torch_dtype)
+    if is_local:  # a refusal needs no room: checked before a cached copy could go to make it
+        check_local_weights(source, allow_pickle)
     _make_host_room(source, torch_dtype)
     try:
         pipe = load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
