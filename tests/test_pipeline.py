@@ -170,12 +170,15 @@ def test_auto_reuses_what_auto_loaded(tiny_sd):
 
 
 def test_loading_another_level_unloads_the_old_one(tiny_sd):
-    """A small card cannot hold two copies: the other level of the same model is unloaded first."""
+    """A small card cannot hold two copies: the other level of the same model is unloaded first; its handle says why
+    when used again."""
     old = mlnb.load_pipeline(tiny_sd, level="none")
     new = mlnb.load_pipeline(tiny_sd, level="aggressive")
     assert new is not old
     assert not old.loaded and new.loaded
     assert cached_pipelines() == [new]
+    with pytest.raises(InvalidArgumentError, match="was unloaded to load it again as aggressive; load it again with"):
+        old.generate("a fox", **FAST)
 
 
 def test_different_models_are_cached_side_by_side(tiny_sd, tiny_sdxl):
@@ -223,6 +226,26 @@ def test_pickle_only_weights_are_refused_unless_allowed(tiny_sd_pickle):
     assert cached_pipelines() == []
     managed = mlnb.load_pipeline(tiny_sd_pickle, level="none", allow_pickle=True)
     assert isinstance(managed.generate("a fox", seed=1, steps=1, width=64, height=64).images[0], Image.Image)
+
+
+def test_an_accepted_pickle_load_says_so_in_one_line_instead_of_diffusers_two_per_component(tiny_sd_pickle, caplog):
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            seen.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("diffusers").addHandler(keep)
+    try:
+        with caplog.at_level(logging.WARNING, logger="mlnb"):
+            mlnb.load_pipeline(tiny_sd_pickle, level="none", allow_pickle=True)
+    finally:
+        logging.getLogger("diffusers").removeHandler(keep)
+    assert not [m for m in seen if "unsafe serialization" in m or "An error occurred while trying to fetch" in m], seen
+    lines = [r.getMessage() for r in caplog.records if "pickle" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("read pickle weights (allow_pickle): ")
+    assert {"unet", "vae"} <= set(lines[0].split(": ", 1)[1].split(", "))
 
 
 def test_pickle_read_weights_are_not_served_from_the_cache_to_a_call_without_allow_pickle(tiny_sd_pickle, tiny_sd,

@@ -215,6 +215,36 @@ class _NoEmptyFp32Warning(logging.Filter):
 _EMPTY_FP32_WARNING = _NoEmptyFp32Warning()
 
 
+class _PickleNotices(logging.Filter):
+    """While a load that accepts pickle runs, diffusers' two lines per pickle-only component (an "error" that it
+    found no safetensors file, then "defaulting to unsafe serialization") become one mlnb line naming the
+    components; the component is the last part of the path each "error" names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.components: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("Defaulting to unsafe serialization"):
+            return False
+        if text.startswith("An error occurred while trying to fetch ") and "safetensors" in text:
+            path = text[len("An error occurred while trying to fetch "):].split(": ", 1)[0]
+            self.components.append(Path(path).name or path)
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def collected(self, active: bool):
+        logger_ = logging.getLogger("diffusers.models.modeling_utils")
+        if active:
+            logger_.addFilter(self)
+        try:
+            yield
+        finally:
+            logger_.removeFilter(self)
+
+
 def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: bool = False, **kwargs):
     """``DiffusionPipeline.from_pretrained`` with mlnb's safety rules and one-line errors.
 
@@ -237,8 +267,9 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
     offline = not is_local and _hub_offline()
     if offline:  # cache only: no hub round trip, and no multi-line "Couldn't connect to the Hub" warning first
         kwargs.setdefault("local_files_only", True)
+    pickled = _PickleNotices()
     try:
-        with quiet_hf_progress():
+        with quiet_hf_progress(), pickled.collected(allow_pickle):
             pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)
     except (MemoryError, KeyboardInterrupt) as exc:
         release_exception_frames(exc)
@@ -267,6 +298,8 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
         if not is_local and ("not found" in text or "404" in text or "repository" in text):
             raise ModelNotFoundError(f"no model {source!r} on the Hugging Face Hub ({_one_line(exc)})") from None
         raise ModelLoadError(f"could not load {source!r}: {_one_line(exc)}") from None
+    if pickled.components:
+        logger.warning("read pickle weights (allow_pickle): %s", ", ".join(pickled.components))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
     return pipe

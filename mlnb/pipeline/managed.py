@@ -181,6 +181,7 @@ class ManagedPipeline:
         self._generating = threading.RLock()  # one generation at a time: the scheduler and hooks hold call state
         self.last_used = next(_uses)
         self.unloaded_for: str | None = None  # the model it was unloaded to make room for (mlnb.pipeline.room)
+        self.unloaded_why: str | None = None  # said when it is used after mlnb unloaded it
 
     @property
     def level(self) -> OptimizationLevel:
@@ -294,7 +295,7 @@ class ManagedPipeline:
                   pipeline_kwargs) -> GenerationResult:
         entered = time.perf_counter()
         if self.pipe is None:
-            why = f" to make room for {self.unloaded_for!r}" if self.unloaded_for else ""
+            why = f" {self.unloaded_why}" if self.unloaded_why else ""
             raise InvalidArgumentError(
                 f"pipeline {self.model!r} was unloaded{why}; load it again with mlnb.load_pipeline"
             )
@@ -560,6 +561,7 @@ def _load(source: str, is_local: bool, torch_dtype, budget_bytes: int | None, re
             if other.model == source:
                 old, new = _differences(other, choice.level.value, dname, from_pretrained_kwargs, allow_pickle)
                 logger.warning("unloading %s (%s) to load it again as %s", source, old, new)
+                other.unloaded_why = f"to load it again as {new}"
                 other.unload()
         needed = _room_for_load(pipe, plan, cfg, device)
         if needed:  # other models' weights out of the way of this one's peak
@@ -619,6 +621,7 @@ def _make_host_room(source: str, torch_dtype) -> None:
             "unloading %s (%s) before reading it again: host RAM has %s available, the new copy needs about %s",
             source, other.tag, format_bytes(available), format_bytes(new),
         )
+        other.unloaded_why = "to free host RAM before reading it again"
         other.unload()
 
 

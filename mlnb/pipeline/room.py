@@ -79,7 +79,7 @@ def unload_for(managed: "ManagedPipeline", for_model: str) -> bool:
     if not managed._generating.acquire(blocking=False):
         return False
     try:
-        managed.unloaded_for = for_model
+        managed.unloaded_for, managed.unloaded_why = for_model, f"to make room for {for_model!r}"
         managed.unload()
     finally:
         managed._generating.release()
