@@ -548,8 +548,8 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
             side -= 64
         raise BudgetError(
             f"no placement fits {format_bytes(budget)} for {work.width}×{work.height} ×{work.batch}: the smallest "
-            f"needs {format_bytes(need)} (activation reserve {format_bytes(_reserves(work, None, card)[0])}); "
-            f"give at least {format_bytes(need)}{smaller}"
+            f"needs {format_bytes(need, up=True)} (activation reserve {format_bytes(_reserves(work, None, card)[0])}); "
+            f"give at least {format_bytes(need, up=True)}{smaller}"
         )
 
     def rank(p: Plan):

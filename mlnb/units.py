@@ -22,16 +22,18 @@ _UNITS = {
 }
 
 
-def format_bytes(n: int | float | None, na: str = "N/A") -> str:
-    """``1536 -> '1.5 KiB'``; ``None -> 'N/A'``. Binary units, one decimal, sign kept."""
+def format_bytes(n: int | float | None, na: str = "N/A", up: bool = False) -> str:
+    """``1536 -> '1.5 KiB'``; ``None -> 'N/A'``. Binary units, one decimal, sign kept. With ``up``, a positive size
+    is rounded up to the decimal shown (a minimum to ask for: ``1.049 GiB -> '1.1 GiB'``, never ``'1.0 GiB'``)."""
     if n is None:
         return na
     sign = "-" if n < 0 else ""
     n = abs(n)
     for unit, size in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if n >= size:
-            return f"{sign}{n / size:.1f} {unit}"
-    return f"{sign}{int(n)} B"
+            value = math.ceil(n / size * 10) / 10 if up and not sign else n / size
+            return f"{sign}{value:.1f} {unit}"
+    return f"{sign}{math.ceil(n) if up else int(n)} B"
 
 
 def format_gib(n: int | float | None, na: str = "N/A", digits: int = 1) -> str:

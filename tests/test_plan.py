@@ -86,6 +86,27 @@ def test_budget_below_the_reserve_says_what_would_fit():
     assert "\n" not in message
 
 
+def test_the_budget_a_refusal_asks_for_fits():
+    """The smallest budget in the message is rounded up to the decimal it shows: asking for exactly that fits (a
+    need of 1.049 GiB said "1.0 GiB", and a 1.0 GiB budget was refused with the same advice)."""
+    import re
+
+    from mlnb.units import parse_bytes
+
+    for facts, work in ((sdxl_like(), SDXL_WORK), (sd15_like(), SD_WORK)):
+        with pytest.raises(BudgetError) as info:
+            plan_for_budget(300 * MiB, facts, CardFacts(), work)
+        asked = re.search(r"give at least ([\d.]+ [KMG]iB)", str(info.value)).group(1)
+        plan_for_budget(parse_bytes(asked.replace(" ", "")), facts, CardFacts(), work)
+
+
+def test_format_bytes_rounds_up_when_asked():
+    from mlnb.units import format_bytes
+
+    assert format_bytes(int(1.049 * GiB)) == "1.0 GiB" and format_bytes(int(1.049 * GiB), up=True) == "1.1 GiB"
+    assert format_bytes(GiB, up=True) == "1.0 GiB" and format_bytes(-1.5 * MiB, up=True) == "-1.5 MiB"
+
+
 @pytest.mark.parametrize("facts, work", [
     (sdxl_like(), dataclasses.replace(SDXL_WORK, batch=4)),
     (sd15_like(), dataclasses.replace(SD_WORK, batch=4)),
