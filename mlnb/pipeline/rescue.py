@@ -61,9 +61,9 @@ def generate_with_rescue(managed: ManagedPipeline, **generate_kwargs) -> Generat
     if beside:  # other models' weights first: the same pipeline may fit once they are gone
         unloaded = []
         for other, held in beside:
-            logger.warning("out of memory (%s) with %s beside it (%s on the GPU): unloading it and retrying",
-                           first_error, other.model, format_bytes(held))
-            if room.unload_for(other, managed.model):
+            why = (f"out of memory ({first_error}) with {other.model} beside it ({format_bytes(held)} on the GPU): "
+                   "unloading it and retrying")
+            if room.unload_for(other, managed.model, why):
                 unloaded.append(other.model)
         result, _ = _generate_unless_oom(managed, generate_kwargs) if unloaded else (None, "")
         if result is not None:

@@ -73,12 +73,14 @@ def holders(device: "Device", besides: str) -> list[tuple["ManagedPipeline", int
     return found
 
 
-def unload_for(managed: "ManagedPipeline", for_model: str) -> bool:
-    """Unload ``managed`` to make room for ``for_model``, unless it has started generating in another thread since
-    it was found idle (then False: waiting for that generation would hold up this one)."""
+def unload_for(managed: "ManagedPipeline", for_model: str, why: str = "") -> bool:
+    """Unload ``managed`` to make room for ``for_model``, warning ``why`` first, unless it has started generating in
+    another thread since it was found idle (then False: waiting for that generation would hold up this one)."""
     if not managed._generating.acquire(blocking=False):
         return False
     try:
+        if why:
+            logger.warning("%s", why)
         managed.unloaded_for, managed.unloaded_why = for_model, f"to make room for {for_model!r}"
         managed.unload()
     finally:
@@ -117,11 +119,9 @@ def make_room(needed: int, device: "Device", for_model: str) -> list[str]:
     for managed, held in found:
         if free >= needed:
             break
-        logger.warning(
-            "unloading %s (%s, %s on the GPU) to make room for %s: it needs %s, %s free",
-            managed.model, managed.tag, format_bytes(held), for_model, format_bytes(needed), format_bytes(free),
-        )
-        if unload_for(managed, for_model):
+        why = (f"unloading {managed.model} ({managed.tag}, {format_bytes(held)} on the GPU) to make room for "
+               f"{for_model}: it needs {format_bytes(needed)}, {format_bytes(free)} free")
+        if unload_for(managed, for_model, why):
             unloaded.append(managed.model)
         free = device.free_bytes()
         if free is None:
