@@ -155,7 +155,8 @@ def status(device: Device | None = None) -> Status:
     info = device.info()
     pipes = tuple(
         PipelineStatus(
-            model=m.model, dtype=dtype_name(m.dtype), level=m.level.value, techniques=m.techniques.summary(),
+            model=m.model, dtype=dtype_name(m.dtype), techniques=m.techniques.summary(),
+            level=m.level.value if m.plan is None else f"{m.level.value}, plan for {format_bytes(m.plan.budget)}",
             weights=format_bytes(m.weight_bytes), location=m.weights_location(),
         )
         for m in cached_pipelines()

@@ -439,3 +439,11 @@ def test_a_pickle_refusal_keeps_the_cached_copy_even_when_host_ram_is_short(tiny
     with pytest.raises(UnsafeWeightsError):
         mlnb.load_pipeline(tiny_sd_pickle, level="none")
     assert pickled.loaded and pickled in cached_pipelines()
+
+
+def test_status_names_a_planned_pipeline_s_budget(tiny_sd):
+    from mlnb import session
+
+    mlnb.load_pipeline(tiny_sd, budget="1GiB", device=FakeDevice())
+    rows = dict(session.status(FakeDevice()).rows())
+    assert "level none, plan for 1.0 GiB" in rows[f"pipeline {tiny_sd}"]

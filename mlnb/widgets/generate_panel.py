@@ -228,7 +228,8 @@ class GeneratePanel(widgets.VBox):
             with routed(self.notes.append, libraries=self.library_notes.append):
                 try:
                     managed = load_pipeline(model, **pipeline_choice(level))  # a level, or the session's budget
-                    self._show_status(f"generating at level {managed.level.value}…")
+                    self._show_status(f"generating with the {managed.tag} plan…" if managed.plan is not None
+                                      else f"generating at level {managed.level.value}…")
                     result = generate_with_rescue(managed, progress=self._on_progress, **kwargs)
                     self._show_result(result)
                 except (MlnbError, ValueError) as exc:
