@@ -51,6 +51,7 @@ __all__ = [
     "Plan",
     "BudgetError",
     "denoise_reserve",
+    "streamed_denoise_reserve",
     "decode_reserve",
     "plan_for_budget",
     "room_needed",
@@ -179,6 +180,17 @@ class Workload:
 def denoise_reserve(work: Workload) -> int:
     """Activation bytes of the denoising loop (CFG included), never below 0.5 GiB."""
     return int(max(0.5 * GiB, 0.76 * GiB * work.mpix))
+
+
+def streamed_denoise_reserve(peak: int, start: int, slots: int, work: Workload) -> int | None:
+    """The denoising loop's activation bytes as a streamed generation shows them: its peak allocated up to the last
+    step, less what was on the GPU when it started (the kept part) and the streamer's slots. The peak may be the
+    encoders' phase, so this is an upper bound; it stands in for the anchors' :func:`denoise_reserve` only when it is
+    below it (run 5's H100 card facts hold 328 MiB for SDXL at 1024², from a resident run, against the anchor's
+    778 MiB), until a resident
+    run measures the reserve itself. None when it says nothing below the anchor."""
+    reserve = peak - start - slots
+    return reserve if 0 < reserve < denoise_reserve(work) else None
 
 
 def decode_reserve(work: Workload, tile: int | None) -> int:

@@ -397,3 +397,14 @@ def test_the_schedule_replay_refuses_fewer_than_two_steps_or_no_slot():
         schedule_step(0.02, blocks, 0.001, {"a": 0.005}, slots=2, steps=1)
     with pytest.raises(ValueError, match="got steps=8, slots=0"):
         schedule_step(0.02, blocks, 0.001, {"a": 0.005}, slots=0)
+
+
+def test_a_streamed_peak_stands_in_for_the_denoise_reserve_only_below_the_anchor():
+    from mlnb.plan import denoise_reserve, streamed_denoise_reserve
+
+    work = Workload(1024, 1024, 1, 20)
+    anchor = denoise_reserve(work)
+    kept, slots = 3 * GiB, 2 * 66 * MiB
+    assert streamed_denoise_reserve(kept + slots + 328 * MiB, kept, slots, work) == 328 * MiB
+    assert streamed_denoise_reserve(kept + slots + anchor + MiB, kept, slots, work) is None  # says nothing new
+    assert streamed_denoise_reserve(kept + slots, kept, slots, work) is None  # no activations seen: not a figure

@@ -719,3 +719,36 @@ def test_the_denoiser_s_kept_slots_are_dropped_before_the_vae_is_copied_to_the_g
     for _ in range(2):  # the first image records the order; the second keeps its slots across the steps
         pipe("a fox", num_inference_steps=3, width=64, height=64)
     assert held_at_vae_copy == [False, False]
+
+
+def test_a_streamed_generation_records_the_loop_s_activations_until_a_resident_run_measures_them(
+        tiny_sdxl, clean_cache, tmp_path, monkeypatch):
+    """A 4 GB card never runs SDXL resident, so the anchors' reserve (larger than the loop needs) would stay for
+    good: the streamed generation's peak, less the kept part and the slots, replaces it."""
+    import mlnb
+    import mlnb.pipeline.managed as managed_mod
+    from diffusers import DiffusionPipeline
+
+    from fakes import tiny_stream_budget
+    from mlnb.card_facts import card_facts
+    from mlnb.optimizer.budget import model_facts
+    from mlnb.plan import Workload
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)  # assumes 100 000 bytes
+
+    class CudaLike(FakeDevice):
+        is_cuda = True
+
+    device = CudaLike()
+    managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=device)
+    activations = 60_000  # what each forward allocates on the (fake) card: below the reserve the planner assumes
+    managed.pipe.unet.register_forward_pre_hook(lambda module, args: device.allocate(activations))
+    managed.pipe.unet.register_forward_hook(lambda module, args, output: device.release(activations))
+    work = Workload(64, 64, 1, 3)
+    assert card_facts(device, managed.model_key, work, measure=False).denoise_reserve is None
+    managed.generate("a fox", steps=3, width=64, height=64, seed=1)
+    streamer = streamer_of(managed.pipe)
+    slots = streamer.slot_bytes * min(streamer.slot_count, len(streamer.units))
+    assert card_facts(device, managed.model_key, work, measure=False).denoise_reserve == activations - slots

@@ -18,7 +18,7 @@ from ..levels import Technique
 from ..optimizer.budget import denoiser_blocks
 from ..optimizer.context import denoiser_of
 from ..optimizer.streaming import streamer_of
-from ..plan import TILES, Workload, overlap_measured, streamed_step
+from ..plan import TILES, Workload, overlap_measured, streamed_denoise_reserve, streamed_step
 from ..plan import predict as predict_plan
 from ..units import MiB, format_bytes
 from .timing import BlockTimer, StepTimer, cache_was_empty
@@ -122,6 +122,16 @@ def record(managed, work: Workload, timer: StepTimer, report, seconds: float | N
             if card.step_seconds and card.bandwidth:
                 copies = plan.streamed_bytes / card.bandwidth
                 measured["overlap"] = overlap_measured(card.step_seconds, copies, timer.step_seconds)
+            streamer = streamer_of(managed.pipe)
+            if card.denoise_reserve is None and streamer is not None and report is not None \
+                    and timer.denoise_peak is not None and report.start_allocated is not None:
+                # Until the model runs resident here (on a 4 GB card it never does), the loop's activations as this
+                # streamed generation bounds them replace the anchors' larger figure.
+                reserve = streamed_denoise_reserve(timer.denoise_peak, report.start_allocated,
+                                                   streamer.slot_bytes * min(streamer.slot_count, len(streamer.units)),
+                                                   work)
+                if reserve is not None:
+                    measured["denoise_reserve"] = reserve
             replayed = streamed_step(plan, managed.plan_facts, card, calibrated=False) if managed.plan_facts else None
             if replayed:  # what the schedule replay did not foresee (hooks, the allocator, the copy engine)
                 measured["schedule_ratio"] = timer.step_seconds / replayed
