@@ -12,7 +12,8 @@
   copies that the copies hid (0: they added up; 1: the step took the longer of the two).
   ``block_timeline`` is where each denoiser block started and how long it took in one resident forward (CUDA
   events, :class:`mlnb.pipeline.timing.BlockTimer`): the planner replays a streamed plan's copies against it.
-  ``schedule_ratio`` is a streamed step as measured over the step that replay predicted for the same plan.
+  ``unit_overhead`` is the seconds a streamed step took beyond the step that replay predicted for the same plan,
+  per streamed unit.
   ``fragmentation_reserve`` is how far the allocator's reserved bytes rose above its allocated peak over a resident
   denoising loop; the planner leaves at least that much of a budget unallocated.
   ``vae_fp32`` says whether the decode measured beside it ran in fp32 (SDXL's upcast VAE). A decode in fp16 or bf16
@@ -43,10 +44,11 @@ __all__ = ["card_facts", "cache_path", "describe", "record_measured", "workload_
 MEASURED_FIELDS = (
     "step_seconds", "decode_seconds", "denoise_reserve", "decode_reserve", "overlap",
     "decode_seconds_768", "decode_seconds_512", "decode_seconds_256", "other_seconds", "other_offload_seconds",
-    "block_timeline", "schedule_ratio", "fragmentation_reserve",
+    "block_timeline", "unit_overhead", "fragmentation_reserve",
 )
 # The same at any size (roughly, for "other").
-_UNSCALED = ("overlap", "other_seconds", "other_offload_seconds", "schedule_ratio")
+_ZERO_MEANS = ("overlap", "unit_overhead")  # a measured 0 is a figure (nothing hidden, nothing beyond the replay)
+_UNSCALED = ("overlap", "other_seconds", "other_offload_seconds", "unit_overhead")
 
 
 def cache_path() -> Path:
@@ -171,7 +173,7 @@ def record_measured(device: Device, model: str, work: Workload, **values: float 
         raise ValueError(f"unknown measurement(s) {sorted(unknown)}: use {', '.join(MEASURED_FIELDS)}")
     name = _card_name(device)
     timeline = values.pop("block_timeline", None)
-    fresh = {k: v for k, v in values.items() if v is not None and (v > 0 or (k == "overlap" and v == 0))}
+    fresh = {k: v for k, v in values.items() if v is not None and (v > 0 or (k in _ZERO_MEANS and v == 0))}
     fresh = {k: (int(v) if k.endswith("reserve") else round(float(v), 5)) for k, v in fresh.items()}
     if timeline:
         forward, rows = timeline

@@ -16,7 +16,7 @@ Time model (seconds per image), from measured card facts:
     steps × step + decode + other
 For a plan that streams, step is the steady state of :func:`schedule_step`, a replay of the streamer's copies
 (:mod:`mlnb.optimizer.streaming`) against the card's block timeline (where each block ran in one resident forward),
-times the ratio of measured to replayed steps that streamed generations recorded. Without a timeline it is
+plus, per streamed unit, what streamed generations measured beyond their replay. Without a timeline it is
 compute + copies − overlap × min(compute, copies), where compute is a measured resident step, copies = streamed
 bytes / H2D bandwidth, and ``overlap`` (the share of the copies a step hid) is recorded by each streamed generation
 (0 until then: an upper bound; on an H100 in run 5, 0.34 for SD1.5 and, by the bench's rows, 0 for SDXL). decode is
@@ -147,7 +147,8 @@ class CardFacts:
     other_offload_seconds: float | None = None  # the same with the encoders and the VAE offloaded
     # (forward seconds, ((block, start, seconds), ...)): one resident forward, block by block, in the order they ran
     block_timeline: tuple | None = None
-    schedule_ratio: float | None = None  # a streamed step as measured / as the schedule replay predicted it
+    # seconds a streamed step took beyond the schedule replay, per streamed unit (hooks, allocator, copy engine)
+    unit_overhead: float | None = None
     # the caching allocator's reserved bytes above its allocated peak over a resident denoising loop (fragmentation)
     fragmentation_reserve: int | None = None
 
@@ -328,12 +329,14 @@ def _stream_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, f
     between = max(0.0, card.step_seconds - forward)
     rows = [(name, start * factor, seconds * factor) for name, start, seconds in rows]
     step = schedule_step(forward * factor, rows, between, {n: sizes[n] / card.bandwidth for n in streamed}, slots)
-    return step * (card.schedule_ratio or 1.0) if calibrated else step
+    return step + len(streamed) * (card.unit_overhead or 0.0) if calibrated else step
 
 
 def streamed_step(plan: "Plan", model: ModelFacts, card: CardFacts, calibrated: bool = True) -> float | None:
-    """The step ``plan`` is predicted to take by replaying its copies against the card's block timeline (times the
-    measured ``schedule_ratio`` when ``calibrated``); None for a plan that streams nothing, or without a timeline."""
+    """The step ``plan`` is predicted to take by replaying its copies against the card's block timeline (plus the
+    measured ``unit_overhead`` per streamed unit when ``calibrated``); None for a plan that streams nothing, or
+    without a timeline. An overhead per unit, not a ratio: a ratio measured on a plan streaming 48 units would also
+    scale the compute of a plan streaming two."""
     sizes, _, _ = _scaled(model, plan.fp8)
     return _stream_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated)
 

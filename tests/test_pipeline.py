@@ -674,7 +674,7 @@ def test_a_resident_generation_on_a_card_records_its_block_timeline_and_a_stream
     timer.mark(), timer.mark(), timer.mark()
     learning.record(managed, work, timer, None)
     after = card_facts(managed.device, managed.model_key, work, measure=False)
-    assert after.schedule_ratio == pytest.approx(2.0) and after.block_timeline == card.block_timeline
+    assert after.unit_overhead == pytest.approx(replayed / 2) and after.block_timeline == card.block_timeline
     assert streamed_step(managed.plan, managed.plan_facts, after) == pytest.approx(2 * replayed)
 
 

@@ -89,15 +89,16 @@ def test_three_slots_cost_a_third_slot_of_memory_and_are_offered_only_with_a_tim
     assert "through 3 slots" in three.summary() and "slots" not in plan.summary()
 
 
-def test_the_measured_ratio_to_the_replay_scales_the_prediction_and_a_timeline_without_a_block_is_not_used():
+def test_the_measured_overhead_per_unit_adds_to_the_replay_and_a_timeline_without_a_block_is_not_used():
     facts, card = _card_with_timeline()
     work = Workload(512, 512, 1, 20)
     plan = plan_for_budget(int(940 * MiB), facts, card, work)
     replayed = streamed_step(plan, facts, card)
-    slower = dataclasses.replace(card, schedule_ratio=1.5)
-    assert streamed_step(plan, facts, slower) == pytest.approx(1.5 * replayed)
+    units = len(plan.streamed)
+    slower = dataclasses.replace(card, unit_overhead=0.001)
+    assert streamed_step(plan, facts, slower) == pytest.approx(replayed + units * 0.001)
     assert streamed_step(plan, facts, slower, calibrated=False) == pytest.approx(replayed)
-    assert predict(plan, facts, slower, work)[1] == pytest.approx(plan.predicted_seconds + 20 * 0.5 * replayed)
+    assert predict(plan, facts, slower, work)[1] == pytest.approx(plan.predicted_seconds + 20 * units * 0.001)
     forward, rows = card.block_timeline
     partial = dataclasses.replace(card, block_timeline=(forward, rows[1:]))  # b0 was not timed
     assert streamed_step(plan, facts, partial) is None  # back to the measured overlap

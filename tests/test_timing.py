@@ -186,8 +186,10 @@ def test_a_block_timeline_is_stored_read_back_and_scaled_with_the_pixels(cache):
     assert quarter[0] == pytest.approx(0.016) and quarter[1][1] == ("mid_block", 0.005, 0.0075)
     record_measured(device, KEY, work, step_seconds=0.068, block_timeline=None)  # not timed this time: kept
     assert card_facts(device, KEY, work).block_timeline == timeline
-    record_measured(device, KEY, work, schedule_ratio=1.4)
-    assert card_facts(device, KEY, Workload(512, 512, 1, 20)).schedule_ratio == 1.4  # a ratio: not scaled
+    record_measured(device, KEY, work, unit_overhead=0.0009)
+    assert card_facts(device, KEY, Workload(512, 512, 1, 20)).unit_overhead == 0.0009  # per unit: not scaled
+    record_measured(device, KEY, work, unit_overhead=0.0)  # nothing beyond the replay is a figure too
+    assert card_facts(device, KEY, work).unit_overhead == 0.0
     stored = json.loads(cache_path().read_text())["Fake GPU"]["measured"][KEY]["1024x1024x1"]
     assert stored["block_timeline"] == [0.064, [["down_blocks.0", 0.001, 0.01], ["mid_block", 0.02, 0.03]]]
     stored["block_timeline"] = "garbled"

@@ -134,7 +134,7 @@ def record(managed, work: Workload, timer: StepTimer, report, seconds: float | N
                     measured["denoise_reserve"] = reserve
             replayed = streamed_step(plan, managed.plan_facts, card, calibrated=False) if managed.plan_facts else None
             if replayed:  # what the schedule replay did not foresee (hooks, the allocator, the copy engine)
-                measured["schedule_ratio"] = timer.step_seconds / replayed
+                measured["unit_overhead"] = max(0.0, timer.step_seconds - replayed) / len(plan.streamed)
     else:
         measured["step_seconds"] = timer.step_seconds
         clean = report is not None and cache_was_empty(report.start_allocated, report.start_reserved)
