@@ -9,7 +9,7 @@ Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU 
     denoise peak = kept + slots × largest streamed block + denoise reserve
     decode peak  = kept + VAE + decode reserve(tile)
     encode peak  = kept + largest text encoder + 64 MiB   (the encoders run one at a time, beside the kept part;
-                                                           streamed unit by unit, 2 × their largest unit instead)
+                                                           streamed unit by unit, their slots instead)
 and the largest of them must fit the budget less 8%, or less the allocator fragmentation the card measured over a
 resident denoising loop of the model when that is more.
 Time model (seconds per image), from measured card facts:
@@ -105,8 +105,9 @@ class ModelFacts:
         blocks: the denoiser's streamable blocks in execution order.
         denoiser_other: denoiser bytes outside ``blocks`` (embeddings, in/out convs): always resident.
         bytes_per_param: 2 for fp16/bf16 weights (fp8 storage halves it).
-        encoder_block: the largest streamed unit of any text encoder, when offloaded encoders are streamed unit by
-            unit (two are on the GPU at once); None: an offloaded encoder moves to the GPU whole.
+        encoder_slots: when offloaded encoders are streamed unit by unit, the most one holds on the GPU at once:
+            its slots, two of its largest unit (one, for an encoder streamed as a single unit), over the encoders;
+            None: an offloaded encoder moves to the GPU whole.
     """
 
     encoders: dict[str, int]
@@ -114,7 +115,7 @@ class ModelFacts:
     blocks: tuple[Block, ...]
     denoiser_other: int
     bytes_per_param: int = 2
-    encoder_block: int | None = None
+    encoder_slots: int | None = None
 
     @property
     def denoiser(self) -> int:
@@ -387,8 +388,8 @@ def _terms(model: ModelFacts, tile: int | None, work: Workload, card: CardFacts 
     """``(encode, decode, denoise)``: what each phase needs on the GPU besides the denoiser's kept part (the
     denoise term without the streamed blocks' slots)."""
     enc_max = max(model.encoders.values(), default=0)
-    if model.encoder_block:
-        enc_max = min(enc_max, 2 * model.encoder_block)  # streamed: the unit computing and the one arriving
+    if model.encoder_slots:
+        enc_max = min(enc_max, model.encoder_slots)  # streamed: the unit computing and the one arriving
     den_res, dec = _reserves(work, tile, card)
     return enc_max + _ENCODE_ACTIVATIONS, model.vae + dec, den_res
 

@@ -408,3 +408,23 @@ def test_a_streamed_peak_stands_in_for_the_denoise_reserve_only_below_the_anchor
     assert streamed_denoise_reserve(kept + slots + 328 * MiB, kept, slots, work) == 328 * MiB
     assert streamed_denoise_reserve(kept + slots + anchor + MiB, kept, slots, work) is None  # says nothing new
     assert streamed_denoise_reserve(kept + slots, kept, slots, work) is None  # no activations seen: not a figure
+
+
+def test_an_offloaded_encoder_is_charged_its_streamer_s_slots_not_twice_the_largest_unit_of_any_encoder(tiny_sdxl):
+    """Each streamed encoder holds two slots of its own largest unit (one when it streams as a single unit): the
+    encode phase is charged the most of those, not twice the largest unit of all the encoders together (SDXL: CLIP-L
+    streams as one 235 MiB unit, bigG's two largest units are 242 MiB; 469 MiB was charged)."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from mlnb.optimizer.budget import _text_encoders, _units, model_facts
+    from mlnb.optimizer.weights import module_bytes
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
+    facts = model_facts(pipe, max_block=200_000)
+    per_encoder = []
+    for encoder in _text_encoders(pipe).values():
+        units = [module_bytes(unit) for _, unit in _units(encoder, 200_000)]
+        per_encoder.append(min(2, len(units)) * max(units))
+    assert facts.encoder_slots == max(per_encoder)
+    encode, _, _ = plan_mod._terms(facts, None, Workload(64, 64, 1, 2), CardFacts())
+    assert encode == min(max(facts.encoders.values()), facts.encoder_slots) + plan_mod._ENCODE_ACTIVATIONS

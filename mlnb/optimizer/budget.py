@@ -106,14 +106,19 @@ def model_facts(pipe, max_block: int = _MAX_BLOCK) -> ModelFacts:
     encoders = {name: module_bytes(module) for name, module in _text_encoders(pipe).items()}
     vae = getattr(pipe, "vae", None)
     bytes_per_param = next(denoiser.parameters()).element_size()
-    encoder_units = [module_bytes(unit) for encoder in _text_encoders(pipe).values() for _, unit in _units(encoder, max_block)]
+    # an offloaded encoder's streamer holds two slots of its largest unit (one when it is a single unit)
+    slots = []
+    for encoder in _text_encoders(pipe).values():
+        units = [module_bytes(unit) for _, unit in _units(encoder, max_block)]
+        if units:
+            slots.append(min(2, len(units)) * max(units))
     return ModelFacts(
         encoders=encoders,
         vae=module_bytes(vae) if vae is not None else 0,
         blocks=tuple(blocks),
         denoiser_other=module_bytes(denoiser) - sum(b.nbytes for b in blocks),
         bytes_per_param=bytes_per_param,
-        encoder_block=max(encoder_units, default=None),
+        encoder_slots=max(slots, default=None),
     )
 
 
