@@ -188,8 +188,8 @@ def streamed_denoise_reserve(peak: int, start: int, slots: int, work: Workload) 
     """The denoising loop's activation bytes as a streamed generation shows them: its peak allocated up to the last
     step, less what was on the GPU when it started (the kept part) and the streamer's slots. The peak may be the
     encoders' phase, so this is an upper bound; it stands in for the anchors' :func:`denoise_reserve` only when it is
-    below it (run 5's H100 card facts hold 328 MiB for SDXL at 1024², from a resident run, against the anchor's
-    778 MiB), until a resident
+    below it (the card facts stored with run 5's outputs hold 328 MiB for SDXL at 1024², written by a resident SDXL
+    generation on that H100, against the anchor's 778 MiB), until a resident
     run measures the reserve itself. None when it says nothing below the anchor."""
     reserve = peak - start - slots
     return reserve if 0 < reserve < denoise_reserve(work) else None
