@@ -156,19 +156,9 @@ def _cached_weights(device: Device) -> set:
     """Storages of the device weights and buffers that mlnb's pipeline cache keeps alive (an interrupted generation's
     frames see them through ``self``; the cache would keep them allocated if the frames were cleared)."""
     from ..pipeline import cached_pipelines
+    from ..pipeline.room import gpu_tensors
 
-    module_type = getattr(sys.modules.get("torch.nn"), "Module", None)
-    if module_type is None:
-        return set()
-    keys = set()
-    for managed in cached_pipelines():
-        components = getattr(managed.pipe, "components", None) or {}
-        for component in components.values():
-            if isinstance(component, module_type):
-                for tensor in list(component.parameters()) + list(component.buffers()):
-                    if device.owns_tensor(tensor):
-                        keys.add(_storage_key(tensor))
-    return keys
+    return {_storage_key(tensor) for managed in cached_pipelines() for tensor in gpu_tensors(managed, device)}
 
 
 def stored_traceback(shell):

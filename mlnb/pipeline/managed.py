@@ -612,8 +612,7 @@ def _make_host_room(source: str, torch_dtype) -> None:
     if not copies:
         return
     available = host_memory()[1]
-    itemsize = {"fp32": 4}.get(dtype_name(torch_dtype), 2)
-    new = max(m.weight_bytes * itemsize // ({"fp32": 4}.get(dtype_name(m.dtype), 2)) for m in copies)
+    new = max(m.weight_bytes * torch_dtype.itemsize // m.dtype.itemsize for m in copies)
     if available is None or new * 1.1 < available:
         return
     for other in copies:

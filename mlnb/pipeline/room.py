@@ -23,26 +23,31 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["gpu_bytes", "holders", "make_room", "unload_for"]
+__all__ = ["gpu_tensors", "gpu_bytes", "holders", "make_room", "unload_for"]
+
+
+def gpu_tensors(managed: "ManagedPipeline", device: "Device | None" = None):
+    """Each of ``managed``'s weights and buffers that ``device`` (its own by default) holds now, once (nothing when
+    it is unloaded)."""
+    pipe, device = managed.pipe, device or managed.device
+    if pipe is None:
+        return
+    import torch
+
+    seen: set[int] = set()
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            for tensor in list(component.parameters()) + list(component.buffers()):
+                if id(tensor) not in seen and device.owns_tensor(tensor):
+                    seen.add(id(tensor))
+                    yield tensor
 
 
 def gpu_bytes(managed: "ManagedPipeline") -> int:
     """Bytes of ``managed``'s weights and buffers on its GPU now (0 when unloaded, or on a CPU)."""
-    pipe, device = managed.pipe, managed.device
-    if pipe is None or not device.has_memory_counters:
+    if not managed.device.has_memory_counters:
         return 0
-    import torch
-
-    seen: set[int] = set()
-    total = 0
-    for component in pipe.components.values():
-        if not isinstance(component, torch.nn.Module):
-            continue
-        for tensor in list(component.parameters()) + list(component.buffers()):
-            if id(tensor) not in seen and device.owns_tensor(tensor):
-                seen.add(id(tensor))
-                total += tensor.numel() * tensor.element_size()
-    return total
+    return sum(tensor.numel() * tensor.element_size() for tensor in gpu_tensors(managed))
 
 
 def _same_card(a: "Device", b: "Device") -> bool:
