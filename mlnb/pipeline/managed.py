@@ -329,9 +329,11 @@ class ManagedPipeline:
         kwargs.update(pipeline_kwargs)
         work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
         predicted_peak, predicted_seconds = self._predict_warning_over_budget(work)
-        if predicted_peak is not None:  # other models' weights out of the way of the plan's peak
-            try:
-                room.make_room(room_needed(predicted_peak) - room.gpu_bytes(self), self.device, self.model)
+        needed = room_needed(predicted_peak) if predicted_peak is not None else 0
+        free = self.device.free_bytes() if needed else None
+        if free is not None and free < needed:  # other models' weights out of the way of the plan's peak
+            try:  # what this pipeline already holds there is part of its peak (walked only when short of room)
+                room.make_room(needed - room.gpu_bytes(self), self.device, self.model)
             except KeyboardInterrupt:
                 raise GenerationInterrupted(
                     f"interrupted while making room on the GPU; {self.model!r} stays loaded"
