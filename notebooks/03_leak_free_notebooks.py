@@ -43,7 +43,7 @@ STEPS = 2 if TINY else 20
 # ## A GPU, real or simulated
 #
 # With a CUDA GPU the tensors below are real CUDA tensors. **Without one, this notebook simulates a 4 GiB card
-# with `mlnb.device.FakeDevice`**: the tensors live in host RAM, and the fake card accounts for them as a CUDA
+# with `mlnb.testing.FakeDevice`**: the tensors live in host RAM, and the fake card accounts for them as a CUDA
 # caching allocator would (allocated when created, released when the tensor dies, reserved until the cache is
 # cleared). mlnb's leak finding and cleanup run unchanged on it: they ask the current device whether it owns a
 # tensor, which is what `device.track(tensor)` tells the fake one. The device must be set before `%load_ext`.
@@ -52,7 +52,8 @@ STEPS = 2 if TINY else 20
 import weakref
 
 import torch
-from mlnb.device import FakeDevice, get_device, set_device
+from mlnb.device import get_device, set_device
+from mlnb.testing import FakeDevice
 from mlnb.units import format_bytes
 
 GPU = get_device().is_cuda
@@ -62,7 +63,7 @@ if GPU:
 else:
     device = FakeDevice(total=4 * 2**30, name="simulated 4 GiB GPU (FakeDevice)")
     set_device(device)
-    print("No CUDA GPU here: the GPU below is SIMULATED by mlnb.device.FakeDevice (tensors stay in host RAM)")
+    print("No CUDA GPU here: the GPU below is SIMULATED by mlnb.testing.FakeDevice (tensors stay in host RAM)")
 
 
 def gpu_tensor(mib: int):

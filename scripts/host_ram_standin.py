@@ -75,14 +75,18 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import DiffusionPipeline
 
     from mlnb.card_facts import card_facts
-    from mlnb.device import CpuDevice, FakeDevice, host_peak_rss, host_rss
+    from mlnb.device import CopyStreams, CpuDevice, host_peak_rss, host_rss
     from mlnb.optimizer.budget import apply_plan, model_facts, model_key
     from mlnb.optimizer.offload import vae_needs_upcast
     from mlnb.pipeline.managed import _native_size
     from mlnb.plan import Workload, plan_for_budget
+    from mlnb.testing import FakeDevice
     from mlnb.units import parse_bytes
 
-    class PinnedStandIn(CpuDevice):
+    class PinnedStandIn(CpuDevice, CopyStreams):  # the CPU, as its own copy streams with mapped host buffers
+        def streams(self) -> CopyStreams:
+            return self
+
         def host_buffer(self, nbytes: int):
             return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
 

@@ -61,7 +61,8 @@ def tiny_sd_pickle(tiny_root):
 @pytest.fixture
 def fake_device():
     """A simulated 4 GiB GPU installed as the current device for the test."""
-    from mlnb.device import FakeDevice, use_device
+    from mlnb.device import use_device
+    from mlnb.testing import FakeDevice
 
     with use_device(FakeDevice(total=4 * 2**30)) as device:
         yield device

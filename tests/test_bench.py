@@ -16,7 +16,8 @@ from mlnb.bench import main, report
 from mlnb.bench.models import ARCHS, arch_params, folder_native_size, load_arch, native_size
 from mlnb.bench.recipes import BASELINE, RECIPES, parse_recipes
 from mlnb.bench.runner import RunSpec, parse_caps, plan_runs, run_job
-from mlnb.device import CudaDevice, FakeDevice, FakeOutOfMemoryError
+from mlnb.device import CudaDevice
+from mlnb.testing import FakeDevice, FakeOutOfMemoryError
 from mlnb.units import GiB, MiB
 
 RUN_FIELDS = (
@@ -442,7 +443,7 @@ def test_crashing_worker_becomes_an_error_row(tmp_path):
 # generation raises the fake out-of-memory error, as a capped GPU would.
 _OOM_SITECUSTOMIZE = """
 from mlnb.bench import recipes
-from mlnb.device import FakeOutOfMemoryError
+from mlnb.testing import FakeOutOfMemoryError
 
 _prepare_mlnb = recipes._prepare_mlnb
 

@@ -12,10 +12,11 @@ import torch
 from IPython.core.events import EventManager, available_events
 from IPython.core.interactiveshell import ExecutionResult
 
-from mlnb.device import FakeDevice, use_device
+from mlnb.device import use_device
 from mlnb.ipython.cell_monitor import CellMonitor
 from mlnb.monitor import MemoryMonitor, cell_history
 from mlnb.session import defaults
+from mlnb.testing import FakeDevice
 
 
 class FakeShell:

@@ -12,10 +12,11 @@ import time
 
 import pytest
 
-from mlnb.device import CpuDevice, FakeDevice, use_device
+from mlnb.device import CpuDevice, use_device
 from mlnb.monitor.history import CellHistory, CellRecord
 from mlnb.monitor.memory_monitor import MemoryReport
 from mlnb.pipeline import cached_pipelines
+from mlnb.testing import FakeDevice
 from mlnb.units import GiB, MiB
 from mlnb.widgets.state import Gauge, HistoryPoint, gauge_state, history_points, history_table_html, one_line
 

@@ -1,4 +1,5 @@
-"""The device layer: CPU is the N/A case, NVML failures never raise, the fake GPU behaves like an allocator."""
+"""The device layer: CPU is the N/A case, NVML failures never raise, the copy streams order copies, and the current
+device is detected once."""
 
 from __future__ import annotations
 
@@ -8,20 +9,22 @@ import types
 
 import pytest
 
-import mlnb.device as device_mod
+import mlnb.device.current as current_mod
 from mlnb.device import (
+    CopyStreams,
     CpuDevice,
+    CudaCopyStreams,
     CudaDevice,
     DeviceInfo,
-    FakeDevice,
-    FakeOutOfMemoryError,
-    _Nvml,
     get_device,
     host_memory,
+    is_out_of_memory,
     set_device,
     use_device,
 )
-from mlnb.units import GiB, MiB
+from mlnb.device.nvml import Nvml, shared_nvml
+from mlnb.testing import FakeDevice, FakeOutOfMemoryError
+from mlnb.units import GiB
 from fakes import FakeCuda
 
 GPU_INFO_FIELDS = (
@@ -34,7 +37,7 @@ GPU_SNAPSHOT_FIELDS = ("allocated", "reserved", "peak_allocated", "peak_reserved
 @pytest.fixture
 def fresh_current(monkeypatch):
     """Forget the detected device for the test; the previous one comes back afterwards."""
-    monkeypatch.setattr(device_mod, "_current", None)
+    monkeypatch.setattr(current_mod, "_current", None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -95,6 +98,7 @@ def test_is_oom_recognises_fake_torch_and_plain_runtime_errors():
     assert not dev.is_oom(RuntimeError("shape mismatch"))
     assert not dev.is_oom(ValueError("out of memory"))
     assert not dev.is_oom(KeyboardInterrupt())
+    assert is_out_of_memory(torch.OutOfMemoryError("x")) and not is_out_of_memory(RuntimeError("shape mismatch"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -137,7 +141,7 @@ def _fake_pynvml(init_fails: bool = False, queries_fail: bool = False, calls: li
 def test_nvml_missing_gives_na_and_an_error_string(monkeypatch):
     """Without nvidia-ml-py: no exception, None figures, and an error that says what is missing."""
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    nvml = _Nvml()
+    nvml = Nvml()
     assert nvml.memory(0) == (None, None, "nvidia-ml-py is not installed")
     assert nvml.driver_version() is None
     assert nvml.error == "nvidia-ml-py is not installed"
@@ -146,7 +150,7 @@ def test_nvml_missing_gives_na_and_an_error_string(monkeypatch):
 def test_nvml_init_failing_gives_na_and_the_reason(monkeypatch):
     """A library that imports but cannot initialise (no driver) is N/A with the reason."""
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(init_fails=True))
-    nvml = _Nvml()
+    nvml = Nvml()
     used, total, error = nvml.memory(0)
     assert (used, total) == (None, None)
     assert error.startswith("NVML unavailable") and "Shared Library" in error
@@ -156,7 +160,7 @@ def test_nvml_init_failing_gives_na_and_the_reason(monkeypatch):
 def test_nvml_raising_on_every_query_gives_na(monkeypatch):
     """Every query raising still returns None figures and a 'query failed' error, never an exception."""
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(queries_fail=True))
-    nvml = _Nvml()
+    nvml = Nvml()
     used, total, error = nvml.memory(0)
     assert (used, total) == (None, None)
     assert "NVML query failed" in error and "GPU is lost" in error
@@ -168,7 +172,7 @@ def test_nvml_working_reports_bytes_and_initialises_once(monkeypatch):
     """A working NVML gives device-wide used/total in bytes and a decoded driver version; init runs once."""
     calls: list = []
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml(calls=calls))
-    nvml = _Nvml()
+    nvml = Nvml()
     assert calls == []  # lazy: nothing until the first query
     assert nvml.memory(0) == (3 * GiB, 16 * GiB, None)
     assert nvml.memory(0) == (3 * GiB, 16 * GiB, None)
@@ -189,8 +193,7 @@ def test_cuda_info_with_broken_nvml_has_na_nvml_fields_and_an_error(monkeypatch,
     is reported, and nothing raises."""
     module = None if pynvml is None else _fake_pynvml(init_fails=pynvml == "init_fails", queries_fail=pynvml == "queries_fail")
     monkeypatch.setitem(sys.modules, "pynvml", module)
-    monkeypatch.setattr(device_mod, "_nvml", _Nvml())
-    dev = CudaDevice(0)
+    dev = CudaDevice(0, nvml=Nvml())
     info = dev.info()
     assert info.available is True and info.kind == "cuda" and info.name == "Tesla T4"
     assert (info.free_bytes, info.total_bytes) == (10 * GiB, 16 * GiB)
@@ -206,8 +209,7 @@ def test_cuda_info_with_broken_nvml_has_na_nvml_fields_and_an_error(monkeypatch,
 def test_cuda_info_with_working_nvml(monkeypatch, fake_cuda):
     """With NVML working the device-wide figures come from it and there is no error."""
     monkeypatch.setitem(sys.modules, "pynvml", _fake_pynvml())
-    monkeypatch.setattr(device_mod, "_nvml", _Nvml())
-    info = CudaDevice(0).info()
+    info = CudaDevice(0, nvml=Nvml()).info()
     assert (info.nvml_used_bytes, info.nvml_total_bytes) == (3 * GiB, 16 * GiB)
     assert info.driver_version == "550.54.15"
     assert info.nvml_error is None
@@ -218,8 +220,7 @@ def test_cuda_info_survives_a_failing_mem_get_info(monkeypatch):
     cuda = FakeCuda(mem_get_info_fails=True)
     monkeypatch.setattr(CudaDevice, "_cuda", staticmethod(lambda: cuda))
     monkeypatch.setitem(sys.modules, "pynvml", None)
-    monkeypatch.setattr(device_mod, "_nvml", _Nvml())
-    dev = CudaDevice(0)
+    dev = CudaDevice(0, nvml=Nvml())
     info = dev.info()
     assert info.free_bytes is None and info.total_bytes is None
     assert dev.free_bytes() is None
@@ -244,63 +245,94 @@ def test_cuda_timing_marks_are_timed_events_on_the_queue_read_in_seconds(fake_cu
     assert dev.seconds_between(start, end) == pytest.approx(0.002)
 
 
+def test_a_cuda_device_reads_the_shared_nvml_session_unless_given_its_own():
+    """NVML initialises once per process: every CUDA device shares one session, and a test injects its own."""
+    assert CudaDevice(0)._nvml is shared_nvml() is shared_nvml()
+    own = Nvml()
+    assert CudaDevice(0, nvml=own)._nvml is own
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# FakeDevice
+# Copy streams
 
 
-def test_fake_device_counts_like_a_caching_allocator():
-    """Allocations raise allocated/reserved/peak; release lowers allocated only; empty_cache returns reserved."""
-    dev = FakeDevice(total=4 * GiB)
-    dev.allocate(1 * GiB)
-    dev.allocate(512 * MiB)
-    assert dev.allocated == 1536 * MiB
-    dev.release(1 * GiB)
-    assert dev.allocated == 512 * MiB
-    assert dev.reserved == 1536 * MiB  # cached, not returned
-    assert dev.peak_allocated == 1536 * MiB
-    assert dev.free_bytes() == 4 * GiB - 1536 * MiB
-    assert dev.empty_cache() is True
-    assert dev.reserved == 512 * MiB
-    assert dev.empty_cache_calls == 1
-    assert dev.free_bytes() == 4 * GiB - 512 * MiB
-    dev.reset_peak()
-    assert dev.peak_allocated == 512 * MiB
+def test_cpu_copy_streams_copy_at_once_from_plain_memory():
+    """Without CUDA there is no copy stream, host buffers are plain memory, and a copy is done when issued."""
+    import torch
+
+    streams = CpuDevice().streams()
+    assert type(streams) is CopyStreams and streams.copy_stream() is None
+    buffer = streams.host_buffer(16)
+    assert buffer.dtype == torch.uint8 and buffer.numel() == 16 and not buffer.is_pinned()
+    src, dst = torch.arange(16, dtype=torch.uint8), torch.zeros(16, dtype=torch.uint8)
+    handle = streams.issue_copy(None, dst, src)
+    assert handle is None and torch.equal(dst, src)
+    streams.wait_copy(handle)
 
 
-def test_fake_device_out_of_memory():
-    """Past the card's size (counting other processes) an allocation raises the fake OOM and changes nothing."""
-    dev = FakeDevice(total=2 * GiB, other_processes=512 * MiB)
-    dev.allocate(1 * GiB)
-    with pytest.raises(FakeOutOfMemoryError, match="out of memory"):
-        dev.allocate(1 * GiB)
-    assert dev.allocated == 1 * GiB
-    assert dev.is_oom(FakeOutOfMemoryError("x"))
-    dev.allocate(512 * MiB)  # exactly fills the card
-    assert dev.allocated + dev.other_processes == dev.total
+class _StreamsCuda:
+    """The slice of ``torch.cuda`` that :class:`CudaCopyStreams` uses, recording the order of its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+        self.compute = self.Stream(0, "compute")
+
+    def Stream(self, index, name="copy"):
+        cuda = self
+
+        class Stream:
+            def wait_stream(self, other):
+                cuda.calls.append(("wait_stream", name, other.name))
+
+            def record_event(self):
+                cuda.calls.append(("record_event", name))
+                return ("event", name)
+
+            def wait_event(self, event):
+                cuda.calls.append(("wait_event", name, event))
+
+        stream = Stream()
+        stream.name = name
+        return stream
+
+    def current_stream(self, index):
+        return self.compute
+
+    def stream(self, stream):
+        import contextlib
+
+        @contextlib.contextmanager
+        def on():
+            self.calls.append(("on", stream.name))
+            yield
+
+        return on()
 
 
-def test_fake_device_info_and_snapshot():
-    """The fake reports itself as an available GPU; with ``nvml_fails`` the device-wide fields are N/A."""
-    dev = FakeDevice(total=4 * GiB, other_processes=256 * MiB)
-    dev.allocate(GiB)
-    info = dev.info()
-    assert info.available and info.kind == "fake"
-    assert info.total_bytes == 4 * GiB
-    assert info.nvml_used_bytes == GiB + 256 * MiB
-    assert info.nvml_error is None
-    broken = FakeDevice(nvml_fails=True)
-    assert broken.info().nvml_used_bytes is None
-    assert "NVML" in broken.info().nvml_error
-    assert broken.snapshot().device_used is None
-    assert broken.snapshot().allocated == 0
+def test_cuda_copy_streams_order_a_copy_after_the_compute_and_the_compute_after_the_copy(monkeypatch):
+    """A copy on a side stream waits for the compute queued before it and records an event; waiting for it makes
+    the compute stream wait for that event. Nothing makes the host wait."""
+    import torch
 
+    import mlnb.device.cuda as cuda_mod
 
-def test_fake_device_memory_cap():
-    """A cap shrinks the simulated card."""
-    dev = FakeDevice(total=8 * GiB)
-    dev.set_memory_cap(2 * GiB)
-    with pytest.raises(FakeOutOfMemoryError):
-        dev.allocate(3 * GiB)
+    cuda = _StreamsCuda()
+    monkeypatch.setattr(cuda_mod, "_torch_cuda", lambda: cuda)
+    device = CudaDevice(0)
+    streams = device.streams()
+    assert isinstance(streams, CudaCopyStreams) and device.streams() is streams
+    side = streams.copy_stream()
+    src, dst = torch.arange(8, dtype=torch.uint8), torch.zeros(8, dtype=torch.uint8)
+    handle = streams.issue_copy(side, dst, src)
+    assert torch.equal(dst, src)
+    assert cuda.calls == [("wait_stream", "copy", "compute"), ("on", "copy"), ("record_event", "copy")]
+    streams.wait_copy(handle)
+    assert cuda.calls[-1] == ("wait_event", "compute", ("event", "copy"))
+    cuda.calls.clear()
+    dst.zero_()
+    assert streams.issue_copy(None, dst, src) is None and torch.equal(dst, src)  # in order on the compute stream
+    streams.wait_copy(None)
+    assert cuda.calls == []
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 Every case checks the message *and* the state after it: a following cell runs, the cached pipeline is still
 there when the failure was the user's, and the fake GPU's allocated/reserved memory is back at its baseline.
-GPU faults are simulated on the CPU: a :class:`~mlnb.device.FakeDevice` is the current device and a component's
+GPU faults are simulated on the CPU: a :class:`~mlnb.testing.FakeDevice` is the current device and a component's
 ``forward`` (``decode`` for the VAE) is patched to allocate a fake-GPU workspace and raise.
 """
 
@@ -28,13 +28,14 @@ import torch
 from IPython.core.error import UsageError
 
 import mlnb
-import mlnb.device as device_mod
 from fakes import FakeCuda
-from mlnb.device import CpuDevice, CudaDevice, FakeDevice, FakeOutOfMemoryError, _Nvml, use_device
+from mlnb.device import CpuDevice, CudaDevice, use_device
+from mlnb.device.nvml import Nvml
 from mlnb.levels import MemoryOptimizationConfig, Technique
 from mlnb.optimizer import MemoryOptimizer
 from mlnb.pipeline import cached_pipelines, load_pipeline, unload_all
 from mlnb.session import defaults
+from mlnb.testing import FakeDevice, FakeOutOfMemoryError
 from mlnb.units import GiB, MiB
 
 GEN = "--steps 1 --width 64 --height 64 --quiet"
@@ -433,9 +434,8 @@ def _pynvml(kind: str):
 ])
 def test_nvml_missing_or_raising_on_a_cuda_device(ip, capsys, monkeypatch, kind, reason):
     monkeypatch.setitem(sys.modules, "pynvml", _pynvml(kind))
-    monkeypatch.setattr(device_mod, "_nvml", _Nvml())
     monkeypatch.setattr(CudaDevice, "_cuda", staticmethod(lambda: FakeCuda()))
-    with use_device(CudaDevice(0)):
+    with use_device(CudaDevice(0, nvml=Nvml())):
         ip.run_line_magic("reload_ext", "mlnb")
         banner = capsys.readouterr().out.strip()
         assert "Tesla T4 · VRAM 10.0 GiB free / 16.0 GiB" in banner and banner.count("\n") == 0
@@ -460,12 +460,6 @@ def test_no_gpu_everything_runs_on_the_cpu(ip, tiny_sd, capsys):
             assert_state_after(ip)
         finally:
             unload_all()
-
-
-class _CudaLikeFake(FakeDevice):
-    """A fake GPU that the optimizer treats as CUDA (xformers is only tried on CUDA)."""
-
-    is_cuda = True
 
 
 class _StubPipe:
@@ -495,7 +489,7 @@ class _StubPipe:
 def _optimize_stub():
     stub = _StubPipe()
     config = MemoryOptimizationConfig.from_level("none", xformers=True, attention_slicing=True)
-    report = MemoryOptimizer(config, _CudaLikeFake()).optimize_pipeline(stub)
+    report = MemoryOptimizer(config, FakeDevice(cuda_like=True)).optimize_pipeline(stub)  # xformers: tried on CUDA only
     return stub, report
 
 

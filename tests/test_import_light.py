@@ -32,6 +32,13 @@ def test_pure_layers_and_lazy_names_stay_light():
     assert _imported_after(code) == []
 
 
+def test_mlnb_testing_imports_lazily():
+    """``mlnb.testing`` is reached lazily from ``mlnb`` and imports no heavy library itself; the fake device, which
+    needs torch, loads when first asked for."""
+    assert _imported_after("import mlnb\nmlnb.testing.tiny_pipeline, mlnb.testing.TINY_KINDS") == []
+    assert "torch" in _imported_after("from mlnb.testing import FakeDevice\nassert FakeDevice().is_cuda is False")
+
+
 def test_the_probe_does_see_heavy_imports():
     """The check itself works: the first call that needs torch does import it."""
     assert "torch" in _imported_after("import mlnb.pipeline.loading as m\nm.parse_dtype('fp16')")

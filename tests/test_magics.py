@@ -10,9 +10,10 @@ import torch
 from IPython.core.error import UsageError
 
 import mlnb
-from mlnb.device import FakeDevice, use_device
+from mlnb.device import use_device
 from mlnb.monitor import cell_history
 from mlnb.session import defaults
+from mlnb.testing import FakeDevice
 
 
 

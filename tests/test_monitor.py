@@ -9,8 +9,9 @@ import pytest
 from IPython.lib.pretty import pretty
 
 import mlnb.monitor.memory_monitor as monitor_mod
-from mlnb.device import CpuDevice, FakeDevice
+from mlnb.device import CpuDevice
 from mlnb.monitor import CellHistory, CellRecord, MemoryMonitor, MemoryReport, cleanup
+from mlnb.testing import FakeDevice
 from mlnb.units import GiB, MiB
 
 GPU_REPORT_FIELDS = ("start_allocated", "peak_allocated", "end_allocated", "start_reserved", "peak_reserved", "end_reserved")

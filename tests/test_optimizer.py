@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from mlnb.device import CpuDevice, FakeDevice
+from mlnb.device import CpuDevice
 from mlnb.levels import MemoryOptimizationConfig, OptimizationLevel, Technique, choose_vae_tile
 from mlnb.optimizer import MemoryOptimizer, OptimizationReport
+from mlnb.testing import FakeDevice
 
 L = OptimizationLevel
 OFFLOADS = {"model_cpu_offload", "sequential_cpu_offload", "group_offload"}
@@ -46,12 +47,6 @@ def run(pipe, size=64, steps=1):
 
 
 pytestmark = pytest.mark.usefixtures("frozen_heap")
-
-
-class CudaLikeDevice(FakeDevice):
-    """A fake GPU that claims CUDA, so the offload paths run; the offload calls themselves are recorded."""
-
-    is_cuda = True
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,7 +249,7 @@ def test_sdxl_fp16_force_upcast_keeps_the_vae_out_of_group_offload(tiny_sdxl, re
     pipe = load(tiny_sdxl, torch.float16)
     assert pipe.vae.config.force_upcast
     calls = recorded(pipe)
-    device = CudaLikeDevice()
+    device = FakeDevice(cuda_like=True)
     report = MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), device).optimize_pipeline(pipe)
     assert len(calls["group"]) == 1
     kwargs = calls["group"][0]
@@ -274,7 +269,8 @@ def test_sd_fp16_group_offload_excludes_nothing(tiny_sd, recorded):
     """SD's VAE has no upcast: every component is group-offloaded and the VAE is not moved on its own."""
     pipe = load(tiny_sd, torch.float16)
     calls = recorded(pipe)
-    report = MemoryOptimizer(MemoryOptimizationConfig.from_level("aggressive"), CudaLikeDevice()).optimize_pipeline(pipe)
+    config = MemoryOptimizationConfig.from_level("aggressive")
+    report = MemoryOptimizer(config, FakeDevice(cuda_like=True)).optimize_pipeline(pipe)
     assert len(calls["group"]) == 1
     assert calls["group"][0]["exclude_modules"] is None
     assert calls["group"][0]["use_stream"] is False
@@ -288,7 +284,7 @@ def test_sdxl_fp32_needs_no_exclusion(tiny_sdxl, recorded):
     """The trap is the fp16 upcast: an fp32 SDXL VAE is offloaded like everything else."""
     pipe = load(tiny_sdxl)
     calls = recorded(pipe)
-    MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), CudaLikeDevice()).optimize_pipeline(pipe)
+    MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), FakeDevice(cuda_like=True)).optimize_pipeline(pipe)
     assert calls["group"][0]["exclude_modules"] is None
     assert calls["vae_to"] == []
 
@@ -296,7 +292,7 @@ def test_sdxl_fp32_needs_no_exclusion(tiny_sdxl, recorded):
 def test_balanced_uses_model_offload_and_none_places_the_pipeline(tiny_sd, recorded):
     """On a CUDA device, balanced installs model offload on that device only; with no offload the whole pipeline
     is moved to the device."""
-    device = CudaLikeDevice()
+    device = FakeDevice(cuda_like=True)
     pipe = load(tiny_sd)
     calls = recorded(pipe)
     report = MemoryOptimizer(MemoryOptimizationConfig.from_level("balanced"), device).optimize_pipeline(pipe)
@@ -322,7 +318,8 @@ def test_group_offload_falls_back_to_sequential_without_it(tiny_sd, recorded, mo
 
     monkeypatch.delattr(pipe, "enable_group_offload")  # the recorder on the instance
     monkeypatch.delattr(DiffusionPipeline, "enable_group_offload")  # and the method itself
-    report = MemoryOptimizer(MemoryOptimizationConfig.from_level("aggressive"), CudaLikeDevice()).optimize_pipeline(pipe)
+    config = MemoryOptimizationConfig.from_level("aggressive")
+    report = MemoryOptimizer(config, FakeDevice(cuda_like=True)).optimize_pipeline(pipe)
     assert not report.is_applied("group_offload")
     assert "enable_group_offload" in report["group_offload"].detail
     assert report.is_applied("sequential_cpu_offload")
@@ -336,7 +333,7 @@ def test_streams_pin_on_the_fly_when_host_ram_is_short(tiny_sd, recorded, monkey
     pin on the fly (``low_cpu_mem_usage=True``) and the report says so; otherwise it pre-pins."""
     pipe = load(tiny_sd, torch.float16)
     calls = recorded(pipe)
-    device = CudaLikeDevice()
+    device = FakeDevice(cuda_like=True)
     info = device.info()
     monkeypatch.setattr(device, "info", lambda: dataclasses.replace(info, host_available_bytes=available))
     report = MemoryOptimizer(MemoryOptimizationConfig.from_level("ultra"), device).optimize_pipeline(pipe)

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import mlnb
-from mlnb.device import CpuDevice, FakeDevice, FakeOutOfMemoryError, use_device
+from mlnb.device import CpuDevice, use_device
 from mlnb.errors import (
     GenerationInterrupted,
     InvalidArgumentError,
@@ -32,6 +32,7 @@ from mlnb.monitor import MemoryReport
 from mlnb.optimizer import OptimizationReport
 from mlnb.pipeline import GenerationResult, ManagedPipeline, cached_pipelines, generate_with_rescue, last_result
 from mlnb.pipeline import learning
+from mlnb.testing import FakeDevice, FakeOutOfMemoryError
 
 L = OptimizationLevel
 FAST = dict(steps=2, width=64, height=64)
@@ -541,11 +542,8 @@ def test_a_streamed_generation_records_the_overlap_it_measured(tiny_sd, clean_ca
     from mlnb.pipeline.timing import StepTimer
     from mlnb.plan import Workload
 
-    class CudaLike(FakeDevice):
-        is_cuda = True  # measurements are recorded only on a CUDA card
-
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    device = CudaLike()
+    device = FakeDevice(cuda_like=True)  # measurements are recorded only on a CUDA card
     managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
     managed.device = device
     work = Workload(64, 64, 1, 4)
@@ -572,11 +570,8 @@ def test_a_plan_records_its_tiled_decode_and_the_rest_and_the_next_prediction_us
     from mlnb.pipeline.timing import StepTimer
     from mlnb.plan import Workload
 
-    class CudaLike(FakeDevice):
-        is_cuda = True
-
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    device = CudaLike()
+    device = FakeDevice(cuda_like=True)
     managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
     managed.device = device
     work = Workload(64, 64, 1, 2)
@@ -651,13 +646,10 @@ def test_a_resident_generation_on_a_card_records_its_block_timeline_and_a_stream
     from mlnb.pipeline.timing import StepTimer
     from mlnb.plan import Workload, streamed_step
 
-    class CudaLike(FakeDevice):
-        is_cuda = True  # measurements are recorded on a CUDA card only
-
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
     assert managed.plan.strategy == "resident"
-    managed.device = CudaLike()
+    managed.device = FakeDevice(cuda_like=True)  # measurements are recorded on a CUDA card only
     managed.generate("a fox", steps=3, width=64, height=64, seed=1)
     work = Workload(64, 64, 1, 3)
     card = card_facts(managed.device, managed.model_key, work, measure=False)
@@ -689,12 +681,9 @@ def test_fragmentation_is_recorded_only_from_a_generation_that_started_with_an_e
     from mlnb.plan import Workload
     from mlnb.units import GiB, MiB
 
-    class CudaLike(FakeDevice):
-        is_cuda = True
-
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
-    managed.device = CudaLike()
+    managed.device = FakeDevice(cuda_like=True)
     work = Workload(64, 64, 1, 2)
 
     def record(cached_at_start: int, reserved_at_end: int) -> int | None:

@@ -10,11 +10,11 @@ import threading
 import pytest
 
 import mlnb
-from mlnb.device import FakeDevice, FakeOutOfMemoryError
 from mlnb.levels import OptimizationLevel
 from mlnb.pipeline import ManagedPipeline, cached_pipelines, generate_with_rescue
 from mlnb.pipeline.room import gpu_bytes, holders, make_room
 from mlnb.plan import room_needed
+from mlnb.testing import FakeDevice, FakeOutOfMemoryError
 from mlnb.units import GiB, MiB
 
 FAST = dict(steps=2, width=64, height=64)
@@ -304,12 +304,9 @@ def test_auto_on_a_cuda_card_counts_what_cached_pipelines_hold_only_when_nothing
     from mlnb.pipeline.loading import load_diffusers_pipeline
     from mlnb.pipeline.managed import _choose
 
-    class CudaLike(FakeDevice):
-        is_cuda = True
-
     import torch
 
-    fake = CudaLike(total=16 * GiB)
+    fake = FakeDevice(total=16 * GiB, cuda_like=True)
     other = mlnb.load_pipeline(tiny_sdxl, level="none", device=fake)
     other.pipe.unet.register_buffer("_held", torch.empty(640 * MiB, dtype=torch.uint8))  # a model of some size
     held = _on_gpu(fake, other) + fake.track(other.pipe.unet._held, allocate=True).numel()
@@ -338,10 +335,7 @@ def test_a_level_none_load_on_a_cuda_card_makes_room_for_its_weights_and_activat
     from mlnb.levels import activation_reserve
     from mlnb.optimizer.weights import weight_bytes
 
-    class CudaLike(FakeDevice):
-        is_cuda = True
-
-    fake = CudaLike(total=16 * GiB)
+    fake = FakeDevice(total=16 * GiB, cuda_like=True)
     other = mlnb.load_pipeline(tiny_sdxl, level="none", device=fake)
     other.pipe.unet.register_buffer("_held", torch.empty(1 * GiB, dtype=torch.uint8))
     _on_gpu(fake, other)

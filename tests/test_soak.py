@@ -16,10 +16,11 @@ import torch
 from IPython import get_ipython
 from IPython.testing.globalipapp import start_ipython
 
-from mlnb.device import FakeDevice, host_rss, use_device
+from mlnb.device import host_rss, use_device
 from mlnb.monitor import cell_history
 from mlnb.pipeline import cached_pipelines, unload_all
 from mlnb.session import defaults
+from mlnb.testing import FakeDevice
 from mlnb.units import GiB, MiB, format_bytes
 
 CELLS = 100

@@ -1,6 +1,6 @@
 """Streaming units through GPU slots: the order recorded, the schedule of copies and waits, results unchanged.
 
-On the CPU every copy is done when it is issued; a recording device checks the order in which copies, waits and
+On the CPU every copy is done when it is issued; recording copy streams check the order in which copies, waits and
 units happen, which on a GPU is what keeps a copy from overwriting a slot that queued kernels still read.
 """
 
@@ -10,16 +10,16 @@ import pytest
 import torch
 
 from fakes import calls_a_twice
-from mlnb.device import CpuDevice, FakeDevice
+from mlnb.device import CopyStreams, CpuDevice
 from mlnb.optimizer.streaming import stream_units, streamer_of
+from mlnb.testing import FakeDevice
 
 
-class Recording(CpuDevice):
-    """Copies as the CPU does, and logs ``("copy", destination, source)`` (data pointers) and ``("wait", copy)``,
-    so that a test can replay the schedule."""
+class Recording(CopyStreams):
+    """Copy streams that copy as the CPU does, and log ``("copy", destination, source)`` (data pointers) and
+    ``("wait", copy)``, so that a test can replay the schedule."""
 
     def __init__(self) -> None:
-        super().__init__()
         self.log: list[tuple] = []
 
     def issue_copy(self, stream, dst, src):
@@ -70,7 +70,7 @@ def model():
 
 
 def _streamed(model, keep_slots: bool = False):
-    """The model's six units streamed through a recording device, each unit logged as it runs; with an input, the
+    """The model's six units streamed through recording copy streams, each unit logged as it runs; with an input, the
     unstreamed output for it, the log and the streamer."""
     names = [f"streamed.{i}" for i in range(6)]
     x = torch.randn(3, 8)
@@ -202,7 +202,7 @@ def test_kept_slots_survive_a_forward_stopped_half_way(model):
 
 def test_a_slot_holds_the_largest_unit_and_units_point_into_it_only_while_they_run(model):
     names = [f"streamed.{i}" for i in range(6)]
-    streamer = stream_units(model, names, torch.device("cpu"), CpuDevice())
+    streamer = stream_units(model, names, torch.device("cpu"), CopyStreams())
     assert streamer.slot_bytes == max(u.layout.nbytes for u in streamer.units.values())
     model(torch.randn(1, 8))
     seen: dict[int, list[int]] = {}
@@ -260,7 +260,7 @@ def test_an_interrupted_forward_leaves_nothing_on_the_device_after_offload_all(m
 
 def test_a_unit_stopped_inside_is_sent_home(model):
     names = [f"streamed.{i}" for i in range(6)]
-    streamer = stream_units(model, names, torch.device("cpu"), CpuDevice())
+    streamer = stream_units(model, names, torch.device("cpu"), CopyStreams())
     model(torch.randn(1, 8))
 
     def stop(module, args):
@@ -283,7 +283,7 @@ def test_the_pipeline_finds_the_onload_device_and_remove_restores_the_model(tiny
 
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
     names = [n for n, _ in _blocks(pipe.unet, 50_000)][1::2]
-    streamer = stream_units(pipe.unet, names, torch.device("meta"), CpuDevice())
+    streamer = stream_units(pipe.unet, names, torch.device("meta"), CopyStreams())
     assert streamer_of(pipe) is streamer
     assert pipe.unet.device == torch.device("meta")  # diffusers reads the onload device from the hooks
     with pytest.raises(ValueError, match="group offloading"):  # and refuses a second offloading on top
@@ -309,10 +309,8 @@ def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_o
     monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
-    class CudaLike(FakeDevice):  # a plan is applied only on CUDA; this one computes on the CPU
-        is_cuda = True
-
-    managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=CudaLike())
+    # a plan is applied only on CUDA; this fake computes on the CPU
+    managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=FakeDevice(cuda_like=True))
     assert managed.plan.strategy == "stream" and managed.plan.streamed
     call = dict(steps=2, width=64, height=64, seed=1)
     reference = np.asarray(managed.generate("a fox", **call).images[0])
@@ -356,13 +354,13 @@ def test_a_vae_that_is_not_upcast_goes_to_the_gpu_in_one_copy_from_pinned_memory
     assert "from pinned memory" in report["model_cpu_offload"].detail
     whole = pipe.vae._mlnb_whole
     copies = []
-    original = CpuDevice.issue_copy
+    original = CopyStreams.issue_copy
 
     def counting(self, stream, dst, src):
         copies.append(src.data_ptr())
         return original(self, stream, dst, src)
 
-    monkeypatch.setattr(CpuDevice, "issue_copy", counting)
+    monkeypatch.setattr(CopyStreams, "issue_copy", counting)
     for _ in range(2):
         copies.clear()
         assert np.array_equal(run(pipe), reference)
@@ -381,16 +379,16 @@ def test_a_host_that_cannot_lock_the_memory_streams_from_pageable_memory(model, 
         raise RuntimeError("cannot lock host memory")
 
     with caplog.at_level("WARNING"):
-        streamer = stream_units(model, names, torch.device("cpu"), CpuDevice(), host_buffer=refuse)
+        streamer = stream_units(model, names, torch.device("cpu"), CopyStreams(), host_buffer=refuse)
     assert "could not pin the streamed weights (cannot lock host memory)" in caplog.text
     assert all(unit.region is not None for unit in streamer.units.values())
     assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
 
 
-class Timed(CpuDevice):
-    """A device with a virtual clock: the compute stream advances by each layer's given seconds, one copy engine
-    moves ``bandwidth`` bytes a second, a copy starts once the engine is free and the compute queued before it is
-    done, and a wait holds the compute until the copy is in."""
+class Timed(CpuDevice, CopyStreams):
+    """A device with a virtual clock, and its own copy streams: the compute stream advances by each layer's given
+    seconds, one copy engine moves ``bandwidth`` bytes a second, a copy starts once the engine is free and the compute
+    queued before it is done, and a wait holds the compute until the copy is in."""
 
     def __init__(self, bandwidth: float) -> None:
         super().__init__()
@@ -412,6 +410,9 @@ class Timed(CpuDevice):
     def timing_mark(self):
         return self.clock
 
+    def streams(self) -> CopyStreams:
+        return self
+
 
 def _timed(count: int, slots: int):
     """``count`` streamed units and a resident layer after each, every layer computing for a set virtual time, the
@@ -431,7 +432,8 @@ def _timed(count: int, slots: int):
 
         modules[name].forward = forward
     names = [f"streamed.{i}" for i in range(count)]
-    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object(), keep_slots=True, slots=slots)
+    streamer = stream_units(model, names, torch.device("cpu"), device.streams(), stream=object(), keep_slots=True,
+                            slots=slots)
     return model, device, compute, streamer
 
 
@@ -505,10 +507,8 @@ def test_a_model_that_never_ran_whole_on_the_card_gets_its_time_predicted_from_a
     monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
-    class CudaLike(FakeDevice):  # a plan is applied, and measurements recorded, only on CUDA
-        is_cuda = True
-
-    managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=CudaLike())
+    # a plan is applied, and measurements recorded, only on CUDA
+    managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=FakeDevice(cuda_like=True))
     assert managed.plan.strategy == "stream"
     work = Workload(64, 64, 1, 3)
     assert managed.predict(work)[1] is None  # nothing measured on this card yet
@@ -543,7 +543,6 @@ def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_n
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     class Counting(FakeDevice):
-        is_cuda = True
         frees_per_read = 0
         reads = 0
 
@@ -554,7 +553,7 @@ def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_n
         def peak_allocated_bytes(self):
             return budget // 2
 
-    device = Counting()
+    device = Counting(cuda_like=True)
     managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=device)
     work = Workload(64, 64, 1, 3)
     managed.generate("a fox", steps=3, width=64, height=64, seed=1)
@@ -591,18 +590,15 @@ def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_c
     # the managed pipeline loads in fp16 here (a CUDA-like device): the budget is sized from the same weights
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
-    class CudaLike(FakeDevice):
-        is_cuda = True
-
     call = dict(steps=3, width=64, height=64, seed=1)
-    two = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=CudaLike())
+    two = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=FakeDevice(cuda_like=True))
     assert two.plan.slots == 2 and len(two.plan.streamed) >= 3
     reference = np.asarray(two.generate("a fox", **call).images[0])
     two.unload()
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "again"))  # the same plan again, not one timed by the images
     real = managed_mod.plan_for_budget
     monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
-    three = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=CudaLike())
+    three = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=FakeDevice(cuda_like=True))
     assert three.plan.slots == 3 and streamer_of(three.pipe).slot_count == 3
     for _ in range(2):  # the first image records the order; the second runs the chain
         assert np.array_equal(np.asarray(three.generate("a fox", **call).images[0]), reference)
@@ -625,10 +621,7 @@ def test_a_planned_sdxl_whose_vae_decodes_in_bf16_moves_it_whole_from_pinned_mem
     monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
-    class CudaLike(FakeDevice):
-        is_cuda = True
-
-    device = CudaLike(compute_capability=(8, 0))
+    device = FakeDevice(compute_capability=(8, 0), cuda_like=True)
     call = dict(steps=2, width=64, height=64, seed=1)
     plain = mlnb.load_pipeline(tiny_sdxl, level="none", device=device)
     assert plain.pipe.vae.dtype == torch.bfloat16
@@ -664,10 +657,7 @@ def test_a_planned_sdxl_vae_that_decodes_in_fp32_is_cast_on_the_gpu_from_its_pin
     monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
-    class CudaLike(FakeDevice):
-        is_cuda = True
-
-    device = CudaLike()  # compute capability 7.5: no bf16
+    device = FakeDevice(cuda_like=True)  # compute capability 7.5: no bf16
     call = dict(steps=2, width=64, height=64, seed=1)
     plain = mlnb.load_pipeline(tiny_sdxl, level="none", device=device)
     assert plain.pipe.vae.dtype == torch.float16 and vae_decode_dtype(plain.pipe) == "fp32"
@@ -738,10 +728,7 @@ def test_a_streamed_generation_records_the_loop_s_activations_until_a_resident_r
     monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)  # assumes 100 000 bytes
 
-    class CudaLike(FakeDevice):
-        is_cuda = True
-
-    device = CudaLike()
+    device = FakeDevice(cuda_like=True)
     managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=device)
     activations = 60_000  # what each forward allocates on the (fake) card: below the reserve the planner assumes
     managed.pipe.unet.register_forward_pre_hook(lambda module, args: device.allocate(activations))

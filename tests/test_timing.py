@@ -7,9 +7,10 @@ import json
 import pytest
 
 from mlnb.card_facts import cache_path, card_facts, record_measured
-from mlnb.device import Device, FakeDevice
+from mlnb.device import Device
 from mlnb.pipeline.timing import StepTimer
 from mlnb.plan import Workload
+from mlnb.testing import FakeDevice
 
 KEY = "UNet2DConditionModel-2567463684-float16"
 

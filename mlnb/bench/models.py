@@ -10,7 +10,7 @@ ones (norm scales) or zeros (biases). On a GPU this takes a second or two even f
 The random-weight pipeline is saved once as fp16 safetensors (:func:`save_arch_pipeline`) and every recipe then loads
 that folder the way a user loads a downloaded model, so loading costs (host RAM, time) are measured too.
 
-The tokenizer is the byte-level CLIP tokenizer of :mod:`mlnb.testing` (``model_max_length=77``): no hub is needed,
+The tokenizer is the byte-level CLIP tokenizer of :mod:`mlnb.tiny_models` (``model_max_length=77``): no hub is needed,
 prompts still encode to real token ids, and the text encoders keep their full 49 408-entry embedding tables.
 """
 
@@ -124,10 +124,10 @@ def _materialize(module, device: str, dtype, generator) -> None:
 def _tokenizer():
     from transformers import CLIPTokenizer
 
-    from ..testing import _write_tokenizer
+    from ..tiny_models import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        _write_tokenizer(Path(tmp))
+        write_clip_tokenizer(Path(tmp))
         return CLIPTokenizer.from_pretrained(tmp)
 
 
@@ -248,8 +248,8 @@ def save_arch_pipeline(name: str, folder: str | os.PathLike, device: str = "cpu"
 
 
 def tiny_source(name: str) -> ModelSource:
-    """The tiny :mod:`mlnb.testing` model standing in for ``"sd15"``/``"sdxl"`` on a CPU (built once, cached)."""
-    from ..testing import default_tiny_model
+    """The tiny :mod:`mlnb.tiny_models` model standing in for ``"sd15"``/``"sdxl"`` on a CPU (built once, cached)."""
+    from ..tiny_models import default_tiny_model
 
     if name not in TINY_KINDS:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(TINY_KINDS)}")

@@ -215,6 +215,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     import torch
 
     ctx_device = ctx_device or get_device()
+    copies = ctx_device.streams()  # how the streamed and offloaded weights reach the GPU
     results: dict[Technique, TechniqueResult] = {}
     denoiser = denoiser_of(pipe)
     level = plan_level(plan)
@@ -247,14 +248,14 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
                 vae._mlnb_upcast_on_gpu = True
                 vae.register_to_config(force_upcast=False)  # the pipeline leaves the cast to the onload
                 cast_at_the_vae_s_edges(vae)  # fp16 latents into an fp32 decoder
-            vae_off = pin_whole(vae, device, ctx_device, ctx_device.host_buffer,
+            vae_off = pin_whole(vae, device, copies, copies.host_buffer,
                                 compute_dtype=torch.float32 if upcast else None).offload
         encoders = list(_text_encoders(pipe).values())
         for encoder in encoders:
             units = [name for name, _ in _units(encoder, _MAX_BLOCK)]
             _move_except(encoder, "", set(units), device)
-            stream_units(encoder, units, device, ctx_device, ctx_device.copy_stream() if use_stream else None,
-                         ctx_device.host_buffer)
+            stream_units(encoder, units, device, copies, copies.copy_stream() if use_stream else None,
+                         copies.host_buffer)
         give_back_host_memory()  # the encoders' pageable originals, replaced by packed pinned copies
         if vae_off is not None:
             def vae_leaves(module, args):
@@ -275,8 +276,8 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
 
     if streamed:
         streamer = stream_units(
-            denoiser, plan.streamed, device, ctx_device, ctx_device.copy_stream() if use_stream else None,
-            ctx_device.host_buffer, keep_slots=True, slots=plan.slots,
+            denoiser, plan.streamed, device, copies, copies.copy_stream() if use_stream else None,
+            copies.host_buffer, keep_slots=True, slots=plan.slots,
         )
         _release_before(streamer, pipe)
         give_back_host_memory()  # the pageable originals the packed pinned copies replaced

@@ -68,7 +68,7 @@ def pack(groups: list[list], allocate: Callable[[int], object], bin_bytes: int =
         groups: lists of host tensors of any dtype and shape (a streamed unit's parameters and buffers). Each entry
             is set to None once copied, so that, with ``done`` moving the caller's references to the copy, a source
             can be freed before the next is copied (the host never holds two copies of everything).
-        allocate: returns a uint8 tensor of exactly that many bytes (``Device.host_buffer``).
+        allocate: returns a uint8 tensor of exactly that many bytes (``CopyStreams.host_buffer``).
         bin_bytes: the size of a full buffer; raised to the largest group's power of two when that is bigger.
         done: called as ``done(group, index, copy)`` after each tensor is copied.
         filled: called after each buffer is filled (and its sources dropped): the place to hand freed host memory

@@ -18,7 +18,7 @@ in turn (unit ``p`` in slot ``p mod slots``):
 
 A unit therefore arrives while everything between the end of the unit ``slots`` places before it and its own start
 computes: the units in between and every resident block around them. Each copy is one transfer of the whole unit on a
-copy stream (:meth:`mlnb.device.Device.issue_copy`). The host never waits for the GPU, and the streaming allocates
+copy stream (:meth:`mlnb.device.CopyStreams.issue_copy`). The host never waits for the GPU, and the streaming allocates
 and frees nothing between the forward's start and end (with kept slots, nothing between one image's first step and
 its decode), so it gives the allocator no reason to free cached memory under a cap (which synchronises the device)
 in the middle of a step.
@@ -322,12 +322,13 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
         model: the denoiser or a text encoder, its streamed units still on the host.
         names: the units.
         onload_device: where they compute (a ``torch.device``).
-        device: the mlnb device whose :meth:`~mlnb.device.Device.issue_copy` and
-            :meth:`~mlnb.device.Device.wait_copy` order copies and compute.
-        stream: a copy stream (:meth:`mlnb.device.Device.copy_stream`); with None, copies are queued on the compute
-            stream (on the CPU, where tests run, each is done on return).
-        host_buffer: allocates page-locked host memory (:meth:`mlnb.device.Device.host_buffer`) for the units' host
-            regions; without it (or when the host refuses to lock that much) the regions are pageable.
+        device: the mlnb device's copy streams (:meth:`mlnb.device.Device.streams`), whose
+            :meth:`~mlnb.device.CopyStreams.issue_copy` and :meth:`~mlnb.device.CopyStreams.wait_copy` order copies
+            and compute.
+        stream: a copy stream (:meth:`mlnb.device.CopyStreams.copy_stream`); with None, copies are queued on the
+            compute stream (on the CPU, where tests run, each is done on return).
+        host_buffer: allocates page-locked host memory (:meth:`mlnb.device.CopyStreams.host_buffer`) for the
+            units' host regions; without it (or when the host refuses to lock that much) the regions are pageable.
         keep_slots: keep the slots from one forward to the next (the denoiser's steps): no allocation at each step,
             views into the slots made once, and the next forward's first units copied as their slots' last units of
             this one end. The caller releases them (:meth:`UnitStreamer.release`) before anything else needs the

@@ -1,176 +1,39 @@
-"""Tiny random-weight diffusers pipelines for tests, the demo and the notebooks (there is no hub here).
+"""Helpers for tests, the demo and the notebooks: tiny random-weight pipelines and a simulated GPU.
 
-They go through the real ``save_pretrained``/``from_pretrained`` path: a UNet, a VAE, CLIP text encoder(s) and a
-CLIP tokenizer with a byte-level vocabulary, all seeded so the same call gives the same weights.
+- :func:`tiny_pipeline` / :func:`default_tiny_model`: tiny diffusers pipelines saved to disk (there is no hub here);
+- :class:`FakeDevice`: a GPU simulated on the CPU, with :class:`FakeOutOfMemoryError` as its out-of-memory error.
+
+No module of the library imports this package. Importing it is light: the fake device (which needs torch) loads on
+first access.
+
+Example:
+    ```python
+    >>> from mlnb.device import use_device
+    >>> from mlnb.testing import FakeDevice, tiny_pipeline
+    >>> folder = tiny_pipeline("sd")
+    >>> with use_device(FakeDevice(total=4 * 2**30, cuda_like=True)):
+    ...     ...
+    ```
 """
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
-from pathlib import Path
+import importlib
 
-__all__ = ["tiny_pipeline", "default_tiny_model", "TINY_KINDS"]
+from ..tiny_models import TINY_KINDS, default_tiny_model, tiny_pipeline
 
-TINY_KINDS = ("sd", "sdxl")
+__all__ = ["tiny_pipeline", "default_tiny_model", "TINY_KINDS", "FakeDevice", "FakeOutOfMemoryError"]
 
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # The byte-to-character table of GPT-2/CLIP byte-level BPE.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+_LAZY = {"FakeDevice": "mlnb.testing.fake_device", "FakeOutOfMemoryError": "mlnb.testing.fake_device"}
 
 
-def _write_tokenizer(folder: Path) -> int:
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    from transformers import CLIPTokenizer
-
-    # transformers 5 takes ``vocab``/``merges``; it silently ignores the old ``vocab_file``/``merges_file`` names and
-    # builds a two-token vocabulary in which every prompt encodes to nothing.
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
-    tokenizer.save_pretrained(folder)
-    return len(vocab)
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mlnb.testing' has no attribute {name!r}")
 
 
-def _text_config(vocab_size: int):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-        hidden_act="gelu",
-    )
-
-
-def tiny_pipeline(kind: str = "sd", path: str | os.PathLike | None = None, pickle: bool = False) -> Path:
-    """Build and save a tiny random-weight ``"sd"`` (StableDiffusionPipeline) or ``"sdxl"`` pipeline.
-
-    Args:
-        kind: ``"sd"`` or ``"sdxl"``.
-        path: target folder (created); a fresh temporary folder when None.
-        pickle: save ``.bin`` pickle weights instead of safetensors (to test the safetensors-only rule).
-
-    Returns:
-        The folder, ready for ``mlnb.load_pipeline(path)`` or ``DiffusionPipeline.from_pretrained(path)``.
-
-    Example:
-        ```python
-        >>> from mlnb.testing import tiny_pipeline
-        >>> folder = tiny_pipeline("sdxl", "/tmp/tiny-sdxl")
-        ```
-    """
-    if kind not in TINY_KINDS:
-        raise ValueError(f"kind must be one of {TINY_KINDS}, got {kind!r}")
-    import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-
-    folder = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix=f"mlnb-tiny-{kind}-"))
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    unet_kw = dict(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        sample_size=32,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        norm_num_groups=8,
-    )
-    if kind == "sd":
-        unet = UNet2DConditionModel(cross_attention_dim=32, attention_head_dim=8, **unet_kw)
-    else:
-        unet = UNet2DConditionModel(
-            cross_attention_dim=64,
-            attention_head_dim=(2, 4),
-            use_linear_projection=True,
-            addition_embed_type="text_time",
-            addition_time_embed_dim=8,
-            transformer_layers_per_block=(1, 2),
-            projection_class_embeddings_input_dim=80,  # 6 time ids x 8 + 32 pooled text dims
-            **unet_kw,
-        )
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64),
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=64,
-        force_upcast=(kind == "sdxl"),  # as the real SDXL VAE config
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
-    )
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_size = _write_tokenizer(Path(tmp) / "tokenizer")
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(Path(tmp) / "tokenizer")
-    torch.manual_seed(1)
-    text_encoder = CLIPTextModel(_text_config(vocab_size))
-    if kind == "sd":
-        from diffusers import StableDiffusionPipeline
-
-        pipe = StableDiffusionPipeline(
-            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    else:
-        from diffusers import StableDiffusionXLPipeline
-
-        torch.manual_seed(2)
-        text_encoder_2 = CLIPTextModelWithProjection(_text_config(vocab_size))
-        pipe = StableDiffusionXLPipeline(
-            unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-            tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler,
-        )
-    from ..pipeline.loading import quiet_hf_progress
-
-    with quiet_hf_progress():
-        pipe.save_pretrained(folder, safe_serialization=not pickle)
-    return folder
-
-
-def default_tiny_model(kind: str = "sd") -> Path:
-    """The embedded tiny model, built once under ``$MLNB_CACHE`` (default ``~/.cache/mlnb``)."""
-    root = Path(os.environ.get("MLNB_CACHE", Path.home() / ".cache" / "mlnb"))
-    folder = root / f"tiny-{kind}"
-    if not (folder / "model_index.json").exists():
-        tmp = Path(tempfile.mkdtemp(prefix=f"tiny-{kind}-", dir=_ensure(root)))
-        tiny_pipeline(kind, tmp)
-        try:
-            tmp.rename(folder)  # atomic: a half-written model is never picked up
-        except OSError:  # another process won the race
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
-    return folder
-
-
-def _ensure(folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

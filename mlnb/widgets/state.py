@@ -119,7 +119,7 @@ def gauge_state(info: DeviceInfo, default_level: str = AUTO, pipelines: Sequence
 
     Example:
         ```python
-        >>> from mlnb.device import FakeDevice
+        >>> from mlnb.testing import FakeDevice
         >>> print(gauge_state(FakeDevice(total=4 * 2**30).info(), "auto"))
         ```
     """

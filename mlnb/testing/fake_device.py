@@ -1,7 +1,8 @@
 """``FakeDevice``: a simulated GPU for tests of the GPU code paths on a machine without one.
 
 It touches neither ``torch.cuda`` nor NVML: compute runs on the CPU while the memory counters behave like a caching
-allocator. :mod:`mlnb.device` re-exports it.
+allocator. Its out-of-memory error is a ``torch.OutOfMemoryError``, so every device, and any code that catches
+torch's error, recognises it as it would a real one. No module of the library imports this one.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ import time
 import weakref
 from dataclasses import dataclass, field
 
-from .device import Device, DeviceInfo, MemorySnapshot, host_memory, host_rss
+import torch
+
+from ..device import Device, DeviceInfo, MemorySnapshot, host_memory, host_rss
 
 __all__ = ["FakeDevice", "FakeOutOfMemoryError"]
 
 
-class FakeOutOfMemoryError(RuntimeError):
+class FakeOutOfMemoryError(torch.OutOfMemoryError):
     """Raised by :class:`FakeDevice` to simulate a CUDA out-of-memory error on CPU."""
 
 
@@ -24,18 +27,25 @@ class FakeOutOfMemoryError(RuntimeError):
 class FakeDevice(Device):
     """A simulated GPU for tests of the GPU code paths on a CPU machine.
 
-    Compute still runs on the CPU (``torch_device`` is ``"cpu"``, ``is_cuda`` is False, so no real offload hook is
-    installed), but memory counters, peaks, free memory and cleanup behave like a caching allocator: allocations
-    raise reserved memory, :meth:`empty_cache` returns reserved memory down to what is allocated.
+    Compute still runs on the CPU (``torch_device`` is ``"cpu"``), but memory counters, peaks, free memory and
+    cleanup behave like a caching allocator: allocations raise reserved memory, :meth:`empty_cache` returns reserved
+    memory down to what is allocated.
 
     Args:
         total: simulated card size in bytes.
         name: the card's name.
         nvml_fails: simulate NVML raising on every call (device-wide fields become N/A).
+        other_processes: bytes used by other processes (device-wide figures only).
+        supports_bf16: what :meth:`info` reports for bf16.
+        compute_capability: what :meth:`info` reports; ``(8, 0)`` and up compute bf16 in hardware.
+        cuda_like: report ``is_cuda`` True, so that the paths mlnb takes only on a CUDA card (offload hooks,
+            xformers, applying a budget plan, recording measurements) run, still computing on the CPU. False by
+            default: no offload hook is installed.
 
     Example:
         ```python
-        >>> from mlnb.device import FakeDevice, use_device
+        >>> from mlnb.device import use_device
+        >>> from mlnb.testing import FakeDevice
         >>> with use_device(FakeDevice(total=4 * 2**30)) as dev:
         ...     dev.allocate(2**30)
         ```
@@ -53,6 +63,7 @@ class FakeDevice(Device):
     synchronize_calls: int = 0
     supports_bf16: bool = True
     compute_capability: tuple[int, int] = (7, 5)  # a T4's; (8, 0) and up compute bf16 in hardware
+    cuda_like: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     kind = "fake"
@@ -61,6 +72,10 @@ class FakeDevice(Device):
     def __post_init__(self) -> None:
         # id -> weak reference; tensors compare elementwise, so a WeakSet cannot hold them.
         self._tracked: dict[int, weakref.ref] = {}
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.cuda_like
 
     def track(self, tensor, allocate: bool = False):
         """Mark a CPU tensor as living on the fake GPU (for leak-finding tests); returns it. With ``allocate``, its
