@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny pipelines saved to disk once per session, a fake GPU, and the gpu/browser markers."""
+"""Shared fixtures: the suite's own $MLNB_CACHE, tiny pipelines saved to disk once per session, a fake GPU, and the
+gpu/browser markers."""
 
 from __future__ import annotations
 
 import gc
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -15,6 +18,27 @@ def _cuda_available() -> bool:
         return torch.cuda.is_available()
     except Exception:
         return False
+
+
+_own_cache: list[tuple[str | None, str]] = []  # (MLNB_CACHE before the session, the session's folder)
+
+
+def pytest_configure(config):
+    # The suite's own $MLNB_CACHE (the notebooks' kernels inherit it): the card facts one run records never steer the
+    # plans of the next run or of another process on the machine, and the user's cache is left alone.
+    _own_cache.append((os.environ.get("MLNB_CACHE"), tempfile.mkdtemp(prefix="mlnb-test-cache-")))
+    os.environ["MLNB_CACHE"] = _own_cache[-1][1]
+
+
+def pytest_unconfigure(config):
+    if not _own_cache:
+        return
+    before, folder = _own_cache.pop()
+    if before is None:
+        os.environ.pop("MLNB_CACHE", None)
+    else:
+        os.environ["MLNB_CACHE"] = before
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):
