@@ -11,7 +11,7 @@ import torch
 
 from fakes import calls_a_twice
 from mlnb.device import CpuDevice, FakeDevice
-from mlnb.optimizer.streaming import stream_units, streamer_of
+from mlnb.planner import stream_units, streamer_of
 
 
 class Recording(CpuDevice):
@@ -279,10 +279,10 @@ def test_a_unit_stopped_inside_is_sent_home(model):
 def test_the_pipeline_finds_the_onload_device_and_remove_restores_the_model(tiny_sdxl):
     from diffusers import DiffusionPipeline
 
-    from mlnb.optimizer.budget import _blocks
+    from mlnb.planner.blocks import denoiser_units
 
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
-    names = [n for n, _ in _blocks(pipe.unet, 50_000)][1::2]
+    names = [n for n, _ in denoiser_units(pipe.unet, 50_000)][1::2]
     streamer = stream_units(pipe.unet, names, torch.device("meta"), CpuDevice())
     assert streamer_of(pipe) is streamer
     assert pipe.unet.device == torch.device("meta")  # diffusers reads the onload device from the hooks
@@ -301,12 +301,9 @@ def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_o
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from fakes import tiny_stream_budget
-    from mlnb.optimizer.budget import model_facts
-    from mlnb.optimizer.streaming import streamers_of
+    from mlnb.planner import streamers_of
 
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     class CudaLike(FakeDevice):  # a plan is applied only on CUDA; this one computes on the CPU
@@ -344,8 +341,7 @@ def test_a_vae_that_is_not_upcast_goes_to_the_gpu_in_one_copy_from_pinned_memory
     from diffusers import DiffusionPipeline
 
     from fakes import generate_64 as run, tiny_stream_budget
-    from mlnb.optimizer.budget import apply_plan, model_facts
-    from mlnb.plan import CardFacts, Workload, plan_for_budget
+    from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget
 
     reference = run(DiffusionPipeline.from_pretrained(tiny_sd))
     pipe = DiffusionPipeline.from_pretrained(tiny_sd)
@@ -438,9 +434,9 @@ def _timed(count: int, slots: int):
 @pytest.mark.parametrize("count, slots", [(6, 2), (5, 2), (5, 3), (6, 3)])
 def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
     """The streamer run on a device with a virtual clock (each layer computing for a set time, copies at a set
-    bandwidth) takes, step after step, the time :func:`mlnb.plan.schedule_step` predicts for the same blocks: the
+    bandwidth) takes, step after step, the time :func:`mlnb.planner.schedule_step` predicts for the same blocks: the
     planner's model of the copies is the streamer's schedule, wrap from one step into the next included."""
-    from mlnb.plan import schedule_step
+    from mlnb.planner import schedule_step
 
     model, device, compute, streamer = _timed(count, slots)
     names = list(streamer.units)
@@ -466,7 +462,7 @@ def test_a_streamed_forward_s_block_timeline_is_its_compute_with_the_waits_taken
     """On a card where the model never runs whole, a streamed generation times the blocks instead: each streamed
     block's wait for its copy is marked apart from its compute, so the timeline is the compute alone (what the
     planner replays copies against) and the waits add up to what the step lost to them."""
-    from mlnb.pipeline.timing import BlockTimer
+    from mlnb.planner import BlockTimer
 
     model, device, compute, streamer = _timed(6, 2)
     x = torch.randn(2, 8)
@@ -493,16 +489,12 @@ def test_a_model_that_never_ran_whole_on_the_card_gets_its_time_predicted_from_a
     records its compute instead (the step less its waits for copies, and the block timeline without them), and
     from the second image on the plan's time is predicted."""
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from diffusers import DiffusionPipeline
 
     from fakes import tiny_stream_budget
-    from mlnb.card_facts import card_facts
-    from mlnb.optimizer.budget import model_facts
-    from mlnb.plan import Workload
+    from mlnb.planner import Workload, card_facts
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     class CudaLike(FakeDevice):  # a plan is applied, and measurements recorded, only on CUDA
@@ -530,16 +522,12 @@ def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_n
     1.5 times the room the plan left beside the loop's peak, so the next plan leaves more; when it did not, nothing
     changes."""
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from diffusers import DiffusionPipeline
 
     from fakes import tiny_stream_budget
-    from mlnb.card_facts import card_facts
-    from mlnb.optimizer.budget import model_facts
-    from mlnb.plan import Workload
+    from mlnb.planner import Workload, card_facts
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     class Counting(FakeDevice):
@@ -582,12 +570,10 @@ def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_c
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from fakes import tiny_stream_budget
-    from mlnb.optimizer.budget import model_facts
+    from mlnb.planner import search
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))  # nothing measured: the plan streams by size, two slots
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     # the managed pipeline loads in fp16 here (a CUDA-like device): the budget is sized from the same weights
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
@@ -600,8 +586,8 @@ def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_c
     reference = np.asarray(two.generate("a fox", **call).images[0])
     two.unload()
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "again"))  # the same plan again, not one timed by the images
-    real = managed_mod.plan_for_budget
-    monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
+    real = search.plan_for_budget
+    monkeypatch.setattr(search, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
     three = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=CudaLike())
     assert three.plan.slots == 3 and streamer_of(three.pipe).slot_count == 3
     for _ in range(2):  # the first image records the order; the second runs the chain
@@ -617,12 +603,9 @@ def test_a_planned_sdxl_whose_vae_decodes_in_bf16_moves_it_whole_from_pinned_mem
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from fakes import tiny_stream_budget
-    from mlnb.optimizer.budget import model_facts
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
     class CudaLike(FakeDevice):
@@ -654,14 +637,11 @@ def test_a_planned_sdxl_vae_that_decodes_in_fp32_is_cast_on_the_gpu_from_its_pin
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from fakes import tiny_stream_budget
-    from mlnb.optimizer.budget import model_facts
     from mlnb.optimizer.offload import vae_needs_upcast
     from mlnb.optimizer.vae import vae_decode_dtype
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
     class CudaLike(FakeDevice):
@@ -697,9 +677,7 @@ def test_the_denoiser_s_kept_slots_are_dropped_before_the_vae_is_copied_to_the_g
     from diffusers import StableDiffusionXLPipeline
 
     from fakes import tiny_stream_budget
-    from mlnb.optimizer import streaming
-    from mlnb.optimizer.budget import apply_plan, model_facts
-    from mlnb.plan import CardFacts, Workload, plan_for_budget
+    from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget, streaming
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     budget = tiny_stream_budget(pipe, monkeypatch)
@@ -726,16 +704,12 @@ def test_a_streamed_generation_records_the_loop_s_activations_until_a_resident_r
     """A 4 GB card never runs SDXL resident, so the anchors' reserve (larger than the loop needs) would stay for
     good: the streamed generation's peak, less the kept part and the slots, replaces it."""
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from diffusers import DiffusionPipeline
 
     from fakes import tiny_stream_budget
-    from mlnb.card_facts import card_facts
-    from mlnb.optimizer.budget import model_facts
-    from mlnb.plan import Workload
+    from mlnb.planner import Workload, card_facts
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)  # assumes 100 000 bytes
 
     class CudaLike(FakeDevice):

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from mlnb.card_facts import cache_path, card_facts, record_measured
 from mlnb.device import Device, FakeDevice
-from mlnb.pipeline.timing import StepTimer
-from mlnb.plan import Workload
+from mlnb.planner import StepTimer, Workload, card_facts, record_measured
+from mlnb.planner.cards import cache_path
 
 KEY = "UNet2DConditionModel-2567463684-float16"
 
@@ -240,3 +239,4 @@ def test_doctor_says_whether_the_card_computes_bf16_and_so_how_sdxl_s_vae_decode
     with use_device(FakeDevice(compute_capability=capability)):
         rows = dict(doctor_report())
     assert rows["GPU"].endswith(f"bf16 {bf16}") and rows["SDXL VAE decode"].startswith(decode)
+

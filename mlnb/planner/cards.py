@@ -11,7 +11,7 @@
   ``overlap`` comes from a generation that streamed part of the denoiser: the fraction of the shorter of compute and
   copies that the copies hid (0: they added up; 1: the step took the longer of the two).
   ``block_timeline`` is where each denoiser block started and how long it took in one resident forward (CUDA
-  events, :class:`mlnb.pipeline.timing.BlockTimer`): the planner replays a streamed plan's copies against it.
+  events, :class:`mlnb.planner.timing.BlockTimer`): the planner replays a streamed plan's copies against it.
   ``unit_overhead`` is the seconds a streamed step took beyond the step that replay predicted for the same plan,
   per streamed unit.
   ``fragmentation_reserve`` is how far the allocator's reserved bytes rose above its allocated peak over a resident
@@ -32,12 +32,12 @@ import logging
 import os
 from pathlib import Path
 
-from .device import Device
-from .plan import CardFacts, Workload
+from ..device import Device
+from .cost import CardFacts, Workload
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["card_facts", "cache_path", "describe", "record_measured", "workload_key", "MEASURED_FIELDS"]
+__all__ = ["card_facts", "cache_path", "describe_card", "record_measured", "workload_key", "MEASURED_FIELDS"]
 
 # What generations record (a resident one most of them), and whether each scales with the pixel count when used at
 # another size.
@@ -138,7 +138,7 @@ def card_facts(device: Device, model: str | None = None, work: Workload | None =
 
     Args:
         device: the card.
-        model: the model key (:func:`mlnb.optimizer.budget.model_key`) whose measurements are wanted.
+        model: the model key (:func:`mlnb.planner.blocks.model_key`) whose measurements are wanted.
         work: the size and batch they are for.
         measure: measure the bandwidth when it is not cached yet.
     """
@@ -192,7 +192,7 @@ def record_measured(device: Device, model: str, work: Workload, **values: float 
     _write(cards)
 
 
-def describe(device: Device) -> str:
+def describe_card(device: Device) -> str:
     """One line on what the planner has measured on this card: the bandwidth, and for how many model sizes a step
     time (which time predictions need) and a block timeline are cached."""
     name = _card_name(device)
