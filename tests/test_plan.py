@@ -326,7 +326,7 @@ def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     assert report.is_applied("group_offload") and report.is_applied("model_cpu_offload")
     assert np.array_equal(run(pipe), reference)
     assert streamer_of(pipe).chained  # the second step, and this second image, ran with the prefetch chain
-    assert streamer_of(pipe)._slots is None  # the denoiser's kept slots were dropped when the VAE decoded
+    assert streamer_of(pipe).slots_in_use == 0  # the denoiser's kept slots were dropped when the VAE decoded
     assert len(streamers_of(pipe)) == 3  # the UNet and both text encoders, streamed unit by unit
     assert np.array_equal(run(pipe), reference)
 

@@ -6,6 +6,9 @@ units happen, which on a GPU is what keeps a copy from overwriting a slot that q
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -101,8 +104,8 @@ def test_units_are_copied_two_ahead_into_alternating_slots_and_waited_for_before
             if position >= 2:  # a slot is refilled only after the unit two places before has run (and left)
                 assert copied > log.index(("run", names[position - 2]))
                 assert copied < log.index(("run", names[position - 1]))  # and as early as that: two ahead
-        assert streamer._slots is None and not streamer._pending  # released when the forward ends
-        assert not any(unit.on_device for unit in streamer.units.values())
+        assert streamer.slots_in_use == 0 and not streamer.pending_copies  # released when the forward ends
+        assert streamer.units_on_device() == ()
 
 
 def test_kept_slots_carry_over_to_the_next_forward_with_its_first_two_units_already_on_their_way(model):
@@ -117,22 +120,35 @@ def test_kept_slots_carry_over_to_the_next_forward_with_its_first_two_units_alre
     assert len(copies) == 8  # 6, then the next forward's first two
     assert log.index(("run", "streamed.4")) < at[-2] < log.index(("run", "streamed.5")) < at[-1]
     assert copies[-2][2] == streamer.units["streamed.0"].region.data_ptr()
-    slots = streamer._slots
-    views = {name: unit._views for name, unit in streamer.units.items()}
-    assert slots is not None and set(streamer._pending) == {0, 1}
+    slots = streamer.slot_regions()
+    assert len(slots) == streamer.slots_in_use == 2 and streamer.pending_copies == {0, 1}
     log.clear()
-    assert torch.equal(model(x), expected)
+    made = []
+    as_strided = torch.Tensor.as_strided
+
+    def counting(self, *args, **kwargs):
+        made.append(1)
+        return as_strided(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "as_strided", counting)
+        assert torch.equal(model(x), expected)
     assert log[0] == ("wait", copies[-2])  # nothing copied before the first unit: it was already on its way
-    assert streamer._slots is slots and all(streamer.units[n]._views is views[n] for n in names)
+    assert [a is b for a, b in zip(streamer.slot_regions(), slots)] == [True, True]  # the same slots, kept
+    assert made == []  # and the units' views into them were made once, in the forward before
+    released = [weakref.ref(slot) for slot in slots]
+    del slots
     streamer.release()
-    assert streamer._slots is None and not streamer._pending and not any(u._views for u in streamer.units.values())
+    gc.collect()
+    assert streamer.slots_in_use == 0 and not streamer.pending_copies
+    assert [ref() for ref in released] == [None, None]  # nothing (no view into them either) holds the slots
     assert torch.equal(model(x), expected)  # new slots after a release
 
 
 def _check_slots(log, streamer, names) -> None:
     """Replay a log against the kept slots: a copy goes only into a slot whose last unit has run, and a unit runs only
     from the slot its own copy (waited for) went to, with nothing copied into that slot in between."""
-    slots = [slot.data_ptr() for slot in streamer._slots]
+    slots = [slot.data_ptr() for slot in streamer.slot_regions()]
     unit_of = {streamer.units[name].region.data_ptr(): name for name in names}
     held: dict[int, list] = {}  # slot -> [unit, waited, ran]
     for event in log:
@@ -166,7 +182,7 @@ def test_any_number_of_units_through_two_or_three_kept_slots_never_overwrites_a_
     device.log.clear()
     for _ in range(3):
         assert torch.equal(model(x), expected)
-    assert len(streamer._slots) == min(slots, count) and set(streamer._pending) == set(range(min(slots, count)))
+    assert streamer.slots_in_use == min(slots, count) and streamer.pending_copies == set(range(min(slots, count)))
     _check_slots(device.log, streamer, names)
     runs = [i for i, e in enumerate(device.log) if e[0] == "run"]
     copies = [i for i, e in enumerate(device.log) if e[0] == "copy"]
@@ -210,7 +226,8 @@ def test_a_slot_holds_the_largest_unit_and_units_point_into_it_only_while_they_r
     def where(position):
         def check(module, args):  # a layer inside the unit: runs after the unit's own hook pointed it somewhere
             pointer = module.weight.data_ptr()
-            seen[position] = [i for i, s in enumerate(streamer._slots) if 0 <= pointer - s.data_ptr() < s.numel()]
+            regions = streamer.slot_regions()
+            seen[position] = [i for i, s in enumerate(regions) if 0 <= pointer - s.data_ptr() < s.numel()]
         return check
 
     for position in (1, 3, 5):  # the units with layers inside (the others are layers themselves)
@@ -250,11 +267,11 @@ def test_an_interrupted_forward_leaves_nothing_on_the_device_after_offload_all(m
     with pytest.raises(KeyboardInterrupt):
         model(x)
     handle.remove()
-    assert streamer._pending  # the copies of the units after the stop were issued and never waited for
+    assert streamer.pending_copies  # the copies of the units after the stop were issued and never waited for
     device.log.clear()
     assert streamer.offload_all() == 0  # units leave as their forward ends; a unit interrupted inside is counted
     assert [e[0] for e in device.log] == ["wait"] * len([e for e in device.log])  # unused copies waited, not dropped
-    assert streamer._slots is None and not streamer._pending
+    assert streamer.slots_in_use == 0 and not streamer.pending_copies
     assert torch.equal(model(x), expected)
 
 
@@ -271,9 +288,9 @@ def test_a_unit_stopped_inside_is_sent_home(model):
     with pytest.raises(RuntimeError):
         model(torch.randn(1, 8))
     handle.remove()
-    assert streamer.units["streamed.3"].on_device
+    assert streamer.units_on_device() == ("streamed.3",)
     assert streamer.offload_all() == 1
-    assert not any(u.on_device for u in streamer.units.values())
+    assert streamer.units_on_device() == ()
 
 
 def test_the_pipeline_finds_the_onload_device_and_remove_restores_the_model(tiny_sdxl):
@@ -329,8 +346,8 @@ def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_o
         managed.generate("a fox", **call)
     handle.remove()
     for streamer in streamers:
-        assert not any(unit.on_device for unit in streamer.units.values())
-        assert streamer._slots is None and not streamer._pending
+        assert streamer.units_on_device() == ()
+        assert streamer.slots_in_use == 0 and not streamer.pending_copies
     assert np.array_equal(np.asarray(managed.generate("a fox", **call).images[0]), reference)
 
 
@@ -688,7 +705,7 @@ def test_the_denoiser_s_kept_slots_are_dropped_before_the_vae_is_copied_to_the_g
 
     def watched(self, *args):
         if self.module is pipe.vae:
-            held_at_vae_copy.append(streamer_of(pipe)._slots is not None)
+            held_at_vae_copy.append(streamer_of(pipe).slots_in_use > 0)
         return copy(self, *args)
 
     monkeypatch.setattr(streaming._Unit, "copy_to_own", watched)

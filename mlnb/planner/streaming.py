@@ -153,6 +153,27 @@ class UnitStreamer:
         """Every host copy of every unit (views into the pinned regions)."""
         return [home for unit in self.units.values() for home in unit.home]
 
+    # -- what it holds now (read-only) -----------------------------------------------------------------------------
+
+    @property
+    def slots_in_use(self) -> int:
+        """GPU slots allocated now: during a forward, and between forwards with kept slots; 0 once released."""
+        return len(self._slots) if self._slots is not None else 0
+
+    def slot_regions(self) -> tuple:
+        """The slots' device memory (uint8, :attr:`slot_bytes` each) in slot order; empty while none is allocated."""
+        return tuple(self._slots) if self._slots is not None else ()
+
+    @property
+    def pending_copies(self) -> frozenset[int]:
+        """Positions (in the recorded order) of the units whose copies are issued and not yet waited for: with kept
+        slots, between forwards, the next forward's first units."""
+        return frozenset(self._pending)
+
+    def units_on_device(self) -> tuple[str, ...]:
+        """The units whose weights point at device memory now (a slot, or a copy of their own while they run)."""
+        return tuple(name for name, unit in self.units.items() if unit.on_device)
+
     # -- one forward -----------------------------------------------------------------------------------------------
 
     def _before(self, module, args) -> None:
