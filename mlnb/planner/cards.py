@@ -174,7 +174,8 @@ def _card_name(device: Device) -> str | None:
     return None if device.kind == "cpu" else device.describe()[0]
 
 
-def card_facts(device: Device, model: str | None = None, work: Workload | None = None, measure: bool = True) -> CardFacts:
+def card_facts(device: Device, model: str | None = None, work: Workload | None = None,
+               measure: bool = True) -> CardFacts:
     """The cached facts for this card, measuring the bandwidth if it is missing (CUDA only).
 
     Args:

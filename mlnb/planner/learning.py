@@ -181,8 +181,8 @@ def record(context: LearningContext, work: Workload, timer: StepTimer, report, s
             streamer = streamer_of(context.pipe)
             if card.denoise_reserve is None and streamer is not None and report is not None \
                     and timer.denoise_peak is not None and report.start_allocated is not None:
-                # Until the model runs resident here (on a 4 GB card it never does), the loop's activations as this
-                # streamed generation bounds them replace the anchors' larger figure.
+                # Until the model runs resident here (one larger than the card never does), the loop's activations
+                # as this streamed generation bounds them replace the anchors' larger figure.
                 reserve = streamed_denoise_reserve(timer.denoise_peak, report.start_allocated,
                                                    streamer.slot_bytes * min(streamer.slot_count, len(streamer.units)),
                                                    work)

@@ -149,7 +149,8 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
 _PREFERENCE = {"resident": 0, "offload encoders and VAE": 1, "stream": 2}
 
 
-def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = None, work: Workload | None = None) -> Plan:
+def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = None,
+                    work: Workload | None = None) -> Plan:
     """The fastest plan predicted to fit ``budget`` bytes.
 
     With measured card facts, plans are ranked by predicted time; without them, by how little they move and

@@ -191,7 +191,8 @@ class UnitStreamer:
         if self._slots is None:
             import torch
 
-            self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.onload_device) for _ in range(count)]
+            self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.onload_device)
+                           for _ in range(count)]
         for position in range(count):
             if position not in self._pending:  # kept slots: the forward before issued them as it ended
                 self._prefetch(position)
@@ -300,7 +301,8 @@ def _pack_into(units: list[_Unit], allocate) -> int:
     def moved(group: int, index: int, copy) -> None:
         units[group].tensors[index].data = copy
 
-    regions, allocated = pack([list(unit.tensors) for unit in units], allocate, done=moved, filled=give_back_host_memory)
+    regions, allocated = pack([list(unit.tensors) for unit in units], allocate, done=moved,
+                              filled=give_back_host_memory)
     for unit, region in zip(units, regions):
         unit.region = region
         unit.home = [view_in(region, t, offset) for t, offset in zip(unit.tensors, unit.layout.offsets)]
