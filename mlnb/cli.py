@@ -57,9 +57,9 @@ def doctor_report() -> list[tuple[str, str]]:
     else:
         rows.append(("GPU", "none (CPU only)"))
     rows += memory_rows(info)
-    from .card_facts import describe
+    from .planner import describe_card
 
-    rows.append(("planner facts", describe(get_device())))
+    rows.append(("planner facts", describe_card(get_device())))
     rows += [("warning", w) for w in _known_bad(rows)]
     return rows
 

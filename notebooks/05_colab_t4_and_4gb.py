@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -68,8 +68,7 @@ else:
 
 # %%
 from mlnb.bench.models import build_arch_pipeline
-from mlnb.optimizer.budget import model_facts
-from mlnb.plan import Workload, plan_for_budget
+from mlnb.planner import Workload, model_facts, plan_for_budget
 from mlnb.units import GiB
 
 for name, side in [("sd15", 512), ("sdxl", 1024)]:

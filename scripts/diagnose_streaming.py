@@ -47,8 +47,8 @@ VARIANTS = {
 
 def _child(args) -> dict:
     import mlnb
-    from mlnb.card_facts import card_facts
     from mlnb.device import get_device
+    from mlnb.planner import Workload, card_facts, streamed_step
     from mlnb.units import parse_bytes
 
     device = get_device()
@@ -80,8 +80,6 @@ def _child(args) -> dict:
         "streamed_blocks": len(plan.streamed) if plan is not None else 0,
         "allocator": allocator,
     }
-    from mlnb.plan import Workload, streamed_step
-
     facts = card_facts(device, managed.model_key, Workload(args.size, args.size, 1, args.steps), measure=True)
     row["bandwidth"] = facts.bandwidth
     row["compute_seconds"] = facts.step_seconds  # the card's resident step, as cached
@@ -151,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_child(args)))
         return 0
 
-    from mlnb.plan import overlap_measured
+    from mlnb.planner import overlap_measured
 
     def save(rows: list[dict]) -> None:
         if args.json:

@@ -74,12 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from diffusers import DiffusionPipeline
 
-    from mlnb.card_facts import card_facts
     from mlnb.device import CopyStreams, CpuDevice, host_peak_rss, host_rss
-    from mlnb.optimizer.budget import apply_plan, model_facts, model_key
     from mlnb.optimizer.offload import vae_needs_upcast
     from mlnb.pipeline.managed import _native_size
-    from mlnb.plan import Workload, plan_for_budget
+    from mlnb.planner import Workload, apply_plan, card_facts, model_facts, model_key, plan_for_budget
     from mlnb.testing import FakeDevice
     from mlnb.units import parse_bytes
 

@@ -53,6 +53,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_browser)
 
 
+@pytest.fixture(autouse=True)
+def card_facts_of_the_test(tmp_path_factory):
+    """Card facts measured during a test go to a cache of its own, never the user's ``~/.cache/mlnb``: a fake CUDA
+    card's step times from one run would otherwise time (and so choose) the plans of the next. A test that sets
+    ``MLNB_CACHE`` itself overrides this. (Not through ``monkeypatch``, which would then be undone after the test's
+    own fixtures' teardown, not before.)"""
+    saved = os.environ.get("MLNB_CACHE")
+    os.environ["MLNB_CACHE"] = str(tmp_path_factory.mktemp("mlnb-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("MLNB_CACHE", None)
+    else:
+        os.environ["MLNB_CACHE"] = saved
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny-models")

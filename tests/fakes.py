@@ -70,16 +70,17 @@ class FakeCuda:
 
 
 def tiny_stream_budget(pipe, monkeypatch, max_block: int = 200_000):
-    """A budget for which a tiny pipeline's plan streams part of its UNet, with the planner's reserves scaled down to
-    the tiny model (the real ones are hundreds of MiB) and no block too small to stream."""
-    import mlnb.plan as plan_mod
-    from mlnb.optimizer.budget import model_facts
+    """A budget for which a tiny pipeline's plan streams part of its UNet, with the planner's reserves and its
+    largest block (``max_block`` bytes, for every pipeline planned while the test runs) scaled down to the tiny model
+    (the real ones are hundreds of MiB), and no block too small to stream."""
+    from mlnb.planner import blocks, cost, search
 
-    monkeypatch.setattr(plan_mod, "denoise_reserve", lambda work: 100_000)
-    monkeypatch.setattr(plan_mod, "decode_reserve", lambda work, tile: 100_000)
-    monkeypatch.setattr(plan_mod, "_ENCODE_ACTIVATIONS", 10_000)
-    monkeypatch.setattr(plan_mod, "MIN_STREAMED", 0)
-    facts = model_facts(pipe, max_block=max_block)
+    monkeypatch.setattr(cost, "denoise_reserve", lambda work: 100_000)
+    monkeypatch.setattr(cost, "decode_reserve", lambda work, tile: 100_000)
+    monkeypatch.setattr(cost, "_ENCODE_ACTIVATIONS", 10_000)
+    monkeypatch.setattr(search, "MIN_STREAMED", 0)
+    monkeypatch.setattr(blocks, "MAX_BLOCK", max_block)
+    facts = blocks.model_facts(pipe)
     need = facts.denoiser_other + 400_000 + 2 * max(b.nbytes for b in facts.blocks) + facts.vae + 300_000
     return int(need / 0.92)
 

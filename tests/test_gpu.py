@@ -273,8 +273,8 @@ def test_a_planned_sdxl_vae_on_a_card_without_bf16_is_cast_to_fp32_on_the_card(c
     import numpy as np
     import torch
 
-    import mlnb.pipeline.managed as managed_mod
     from mlnb.device import DeviceInfo
+    from mlnb.planner import search
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     monkeypatch.setattr(DeviceInfo, "native_bf16", property(lambda self: False))
@@ -285,8 +285,8 @@ def test_a_planned_sdxl_vae_on_a_card_without_bf16_is_cast_to_fp32_on_the_card(c
         reference = np.asarray(plain.generate("a watercolor fox", **call).images[0], dtype=np.float64)
     finally:
         plain.unload()
-    real = managed_mod.plan_for_budget
-    monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(
+    real = search.plan_for_budget
+    monkeypatch.setattr(search, "plan_for_budget", lambda *a, **k: dataclasses.replace(
         real(*a, **k), strategy="offload encoders and VAE", offload_encoders_vae=True))
     planned = mlnb.load_pipeline(tiny_sdxl, budget="8GiB", dtype="fp16", device=cuda)
     try:
@@ -311,7 +311,7 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
     weights are complete before they are used (a prefetch racing the compute would change it)."""
     import numpy as np
 
-    from mlnb.optimizer.streaming import streamer_of, streamers_of
+    from mlnb.planner import streamer_of, streamers_of
 
     # The budget is sized from the anchors' reserves: a fresh card-facts cache, without the activations that the
     # level runs measured (smaller ones would let the whole UNet stay resident).
@@ -348,7 +348,7 @@ def test_a_budget_load_unloads_another_model_whose_weights_are_in_its_room(cuda,
     """Real CUDA memory: another model's resident weights leave less free than the plan needs (the card capped so);
     the load unloads that model, and its memory comes back to the card."""
     from mlnb.pipeline import room
-    from mlnb.plan import room_needed
+    from mlnb.planner import room_needed
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     unload_all(cuda)
@@ -377,10 +377,7 @@ def test_a_resident_generation_times_its_blocks_and_a_three_slot_plan_gives_the_
 
     import numpy as np
 
-    import mlnb.pipeline.managed as managed_mod
-    from mlnb.card_facts import card_facts
-    from mlnb.optimizer.streaming import streamer_of
-    from mlnb.plan import Workload
+    from mlnb.planner import Workload, card_facts, search, streamer_of
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "resident"))
     unload_all(cuda)
@@ -394,8 +391,8 @@ def test_a_resident_generation_times_its_blocks_and_a_three_slot_plan_gives_the_
     unload_all(cuda)
     # A fresh cache for the plan: with the reserves measured above (small at 256²) the whole UNet would fit.
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "planned"))
-    real = managed_mod.plan_for_budget
-    monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
+    real = search.plan_for_budget
+    monkeypatch.setattr(search, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
     budget = int((0.5 * GiB + 100 * MiB + 0.4 * mid_sd.unet_bytes) / 0.92)
     cuda.set_memory_cap(budget)
     try:

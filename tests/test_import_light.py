@@ -42,3 +42,17 @@ def test_mlnb_testing_imports_lazily():
 def test_the_probe_does_see_heavy_imports():
     """The check itself works: the first call that needs torch does import it."""
     assert "torch" in _imported_after("import mlnb.pipeline.loading as m\nm.parse_dtype('fp16')")
+
+
+def test_the_planner_imports_light_and_its_cost_model_and_search_run_without_torch():
+    """The planner's pure part (its cost model and placement search) needs no torch: a plan for model facts given
+    by hand, and its prediction at another size, import no heavy library; neither does the package itself."""
+    code = (
+        "import mlnb.planner\n"
+        "from mlnb.planner import Block, CardFacts, ModelFacts, Workload, plan_for_budget, predict\n"
+        "facts = ModelFacts({'text_encoder': 2**28}, 2**27, tuple(Block(f'b{i}', 2**26) for i in range(20)), 2**27)\n"
+        "plan = plan_for_budget(2**31, facts, work=Workload(512, 512))\n"
+        "assert plan.strategy == 'stream' and plan.streamed\n"
+        "assert predict(plan, facts, CardFacts(), Workload(256, 256))[0] > 0"
+    )
+    assert _imported_after(code) == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mlnb.optimizer.pinning import BIN_BYTES, layout, pack, view_in
+from mlnb.planner.pinning import BIN_BYTES, layout, pack, view_in
 from mlnb.units import MiB
 
 
@@ -101,12 +101,12 @@ def test_streamed_units_host_copies_become_packed_views(tiny_sdxl):
     from diffusers import DiffusionPipeline
 
     from mlnb.device import CpuDevice
-    from mlnb.optimizer.budget import _units
-    from mlnb.optimizer.streaming import stream_units
+    from mlnb.planner import stream_units
+    from mlnb.planner.blocks import model_units
 
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
     encoder = pipe.text_encoder_2
-    names = [name for name, _ in _units(encoder, 20_000)]
+    names = [name for name, _ in model_units(encoder, 20_000)]
     before = {name: t.detach().clone() for name, t in list(encoder.named_parameters()) + list(encoder.named_buffers())}
     allocate, sizes = _recording_allocator()
     buffers: list = []

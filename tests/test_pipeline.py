@@ -31,7 +31,7 @@ from mlnb.levels import OptimizationLevel
 from mlnb.monitor import MemoryReport
 from mlnb.optimizer import OptimizationReport
 from mlnb.pipeline import GenerationResult, ManagedPipeline, cached_pipelines, generate_with_rescue, last_result
-from mlnb.pipeline import learning
+from mlnb.planner import learning
 from mlnb.testing import FakeDevice, FakeOutOfMemoryError
 
 L = OptimizationLevel
@@ -499,10 +499,10 @@ def test_step_times_are_recorded_only_for_an_unoffloaded_denoiser(tiny_sd, clean
     import mlnb
 
     none = mlnb.load_pipeline(tiny_sd, level="none")
-    assert learning.resident(none) == (True, True)
+    assert learning.resident(none.learning_context()) == (True, True)
     none.unload()
     ultra = mlnb.load_pipeline(tiny_sd, level="ultra")
-    denoiser, vae = learning.resident(ultra)
+    denoiser, vae = learning.resident(ultra.learning_context())
     # On a CPU nothing is offloaded, so nothing moves: only fp8 storage (if it ran) makes the steps slower.
     assert denoiser is (not ultra.techniques.is_applied("fp8_storage") and not ultra.techniques.is_applied("group_offload"))
     assert vae is False or denoiser
@@ -538,9 +538,7 @@ def test_oom_with_a_plan_falls_back_to_ultra_when_no_smaller_plan_fits(tiny_sd, 
 def test_a_streamed_generation_records_the_overlap_it_measured(tiny_sd, clean_cache, tmp_path, monkeypatch):
     """With a resident step time and the bandwidth known for the card, a generation that streamed part of the
     denoiser records how much of its copies the compute hid; the next prediction uses it."""
-    from mlnb.card_facts import card_facts, record_measured
-    from mlnb.pipeline.timing import StepTimer
-    from mlnb.plan import Workload
+    from mlnb.planner import StepTimer, Workload, card_facts, record_measured
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     device = FakeDevice(cuda_like=True)  # measurements are recorded only on a CUDA card
@@ -555,7 +553,7 @@ def test_a_streamed_generation_records_the_overlap_it_measured(tiny_sd, clean_ca
     ticks = iter([0.0, 0.095, 0.19])  # two streamed steps of 95 ms: 25 of the 50 ms of copies were hidden
     timer = StepTimer(lambda: None, clock=lambda: next(ticks))
     timer.mark(), timer.mark(), timer.mark()
-    learning.record(managed, work, timer, None)
+    learning.record(managed.learning_context(), work, timer, None)
     facts = card_facts(device, managed.model_key, work, measure=False)
     assert facts.overlap == pytest.approx(0.5) and facts.step_seconds == 0.07  # the resident step is kept
     _, seconds = managed.predict(work)
@@ -566,9 +564,7 @@ def test_a_plan_records_its_tiled_decode_and_the_rest_and_the_next_prediction_us
                                                                                      monkeypatch):
     """Measured on the card, not derived: a decode in the plan's tiles, and the time besides the steps and decode
     (for a plan that offloads the encoders, under its own name)."""
-    from mlnb.card_facts import card_facts, record_measured
-    from mlnb.pipeline.timing import StepTimer
-    from mlnb.plan import Workload
+    from mlnb.planner import StepTimer, Workload, card_facts, record_measured
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     device = FakeDevice(cuda_like=True)
@@ -587,7 +583,7 @@ def test_a_plan_records_its_tiled_decode_and_the_rest_and_the_next_prediction_us
     timer.mark(), timer.mark(), timer.mark()
     timer.finish()
     assert timer.decode_seconds == pytest.approx(0.06)
-    learning.record(managed, work, timer, None, seconds=0.45)  # 0.10 of steps, 0.06 of decode, 0.29 besides
+    learning.record(managed.learning_context(), work, timer, None, seconds=0.45)  # 0.10 of steps, 0.06 of decode, 0.29 besides
     facts = card_facts(device, managed.model_key, work, measure=False)
     assert facts.decode_seconds_256 == pytest.approx(0.06) and facts.decode_seconds == 0.02  # the untiled one kept
     assert facts.other_offload_seconds == pytest.approx(0.29) and facts.other_seconds is None
@@ -599,8 +595,7 @@ def test_block_timer_gives_each_block_s_start_and_time_in_the_forward_it_timed(t
     """On the CPU the marks are the host clock (the compute is done when a hook runs): the timeline of the second
     forward has every block the planner knows, in the order they ran, one after the other inside the forward."""
     from mlnb.device import CpuDevice
-    from mlnb.optimizer.budget import denoiser_blocks
-    from mlnb.pipeline.timing import BlockTimer, StepTimer
+    from mlnb.planner import BlockTimer, StepTimer, denoiser_blocks
 
     managed = mlnb.load_pipeline(tiny_sdxl, level="none", device=CpuDevice())
     pipe = managed.pipe
@@ -629,7 +624,7 @@ def test_block_timer_refuses_a_forward_in_which_a_block_ran_twice():
 
     from fakes import calls_a_twice
     from mlnb.device import CpuDevice
-    from mlnb.pipeline.timing import BlockTimer
+    from mlnb.planner import BlockTimer
 
     model = calls_a_twice()
     with BlockTimer(CpuDevice(), model, {"a": model.a, "b": model.b}, forward=0) as timed:
@@ -642,9 +637,7 @@ def test_block_timer_refuses_a_forward_in_which_a_block_ran_twice():
 
 def test_a_resident_generation_on_a_card_records_its_block_timeline_and_a_streamed_one_its_overhead_per_unit(
         tiny_sd, clean_cache, tmp_path, monkeypatch):
-    from mlnb.card_facts import card_facts
-    from mlnb.pipeline.timing import StepTimer
-    from mlnb.plan import Workload, streamed_step
+    from mlnb.planner import StepTimer, Workload, card_facts, streamed_step
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
@@ -664,7 +657,7 @@ def test_a_resident_generation_on_a_card_records_its_block_timeline_and_a_stream
     ticks = iter([0.0, 2 * replayed, 4 * replayed])  # steps twice as long as the replay
     timer = StepTimer(lambda: None, clock=lambda: next(ticks))
     timer.mark(), timer.mark(), timer.mark()
-    learning.record(managed, work, timer, None)
+    learning.record(managed.learning_context(), work, timer, None)
     after = card_facts(managed.device, managed.model_key, work, measure=False)
     # stored to 10 µs, as every time in the card facts
     assert after.unit_overhead == pytest.approx(replayed / 2, abs=1e-5) and after.block_timeline == card.block_timeline
@@ -676,9 +669,7 @@ def test_fragmentation_is_recorded_only_from_a_generation_that_started_with_an_e
     """Blocks the allocator still cached when a generation started would read as fragmentation of its loop."""
     from types import SimpleNamespace
 
-    from mlnb.card_facts import card_facts
-    from mlnb.pipeline.timing import StepTimer
-    from mlnb.plan import Workload
+    from mlnb.planner import StepTimer, Workload, card_facts
     from mlnb.units import GiB, MiB
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
@@ -693,7 +684,7 @@ def test_fragmentation_is_recorded_only_from_a_generation_that_started_with_an_e
         timer.mark(), timer.mark()
         start = SimpleNamespace(start_allocated=5 * GiB, start_reserved=5 * GiB + cached_at_start,
                                 peak_allocated=6 * GiB)
-        learning.record(managed, work, timer, start)
+        learning.record(managed.learning_context(), work, timer, start)
         return card_facts(managed.device, managed.model_key, work, measure=False).fragmentation_reserve
 
     assert record(cached_at_start=0, reserved_at_end=6 * GiB + 300 * MiB) == 300 * MiB
@@ -722,7 +713,7 @@ def test_the_time_a_generation_records_besides_its_steps_runs_to_the_end_of_its_
     end of the cleanup (a cache clear is part of what the user waits for), not only the pipeline's call."""
     seen = []
     monkeypatch.setattr(learning, "record",
-                        lambda managed, work, timer, report, seconds, blocks: seen.append(seconds))
+                        lambda context, work, timer, report, seconds, blocks: seen.append(seconds))
     managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
     result = managed.generate("a fox", seed=1, **FAST)
     phases = result.phase_seconds

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import mlnb.plan as plan_mod
-from mlnb.plan import Block, BudgetError, CardFacts, ModelFacts, Workload, plan_for_budget, predict
+from mlnb.planner import Block, BudgetError, CardFacts, ModelFacts, Workload, cost, plan_for_budget, predict, search
 from mlnb.units import GiB, MiB
 
 FP16 = 2
@@ -73,7 +72,7 @@ def test_fp8_only_when_needed():
     assert not roomy.fp8
     tight = plan_for_budget(int(0.75 * GiB), facts, CardFacts(), SD_WORK)
     assert tight.predicted_peak <= 0.75 * GiB * 0.92
-    loose_floor = min(p.predicted_peak for p in plan_mod._candidates(int(0.75 * GiB), facts, CardFacts(), SD_WORK) if not p.fp8)
+    loose_floor = min(p.predicted_peak for p in search._candidates(int(0.75 * GiB), facts, CardFacts(), SD_WORK) if not p.fp8)
     assert tight.fp8 == (loose_floor > 0.75 * GiB * 0.92)
 
 
@@ -138,7 +137,7 @@ def test_measured_card_ranks_by_predicted_time():
     assert plan.predicted_seconds is not None
     floor = SDXL_WORK.steps * max(card.step_seconds, plan.streamed_bytes / card.bandwidth)
     assert plan.predicted_seconds >= floor
-    for other in plan_mod._candidates(4 * GiB, facts, card, SDXL_WORK):
+    for other in search._candidates(4 * GiB, facts, card, SDXL_WORK):
         if other.predicted_peak <= 4 * GiB * 0.92 and other.predicted_seconds is not None:
             assert plan.predicted_seconds <= other.predicted_seconds
 
@@ -153,7 +152,7 @@ def test_streamed_step_time_follows_the_measured_overlap(overlap):
     assert plan.strategy == "stream" and plan.streamed_bytes and not plan.fp8
     copies = plan.streamed_bytes / 20e9
     assert 0.001 < copies < 0.2
-    decode = 0.3 * plan_mod._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2 * plan_mod.TILE_TIME_FACTOR
+    decode = 0.3 * cost._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2 * cost.TILE_TIME_FACTOR
     for compute in (0.2, 0.001):  # compute-bound, then copy-bound
         card = CardFacts(bandwidth=20e9, step_seconds=compute, decode_seconds=0.3, overlap=overlap)
         step = {None: compute + copies, 0.0: compute + copies, 1.0: max(compute, copies)}.get(
@@ -166,11 +165,11 @@ def test_measured_tiled_decode_and_the_rest_replace_what_the_pixels_and_the_band
     sdxl = sdxl_like()
     base = CardFacts(bandwidth=20e9, step_seconds=0.1, decode_seconds=0.2)
     plan = plan_for_budget(4 * GiB, sdxl, base, SDXL_WORK)
-    assert plan.vae_tile in plan_mod.TILES and plan.transfer_once_bytes
-    share = plan_mod._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2 * plan_mod.TILE_TIME_FACTOR
+    assert plan.vae_tile in cost.TILES and plan.transfer_once_bytes
+    share = cost._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2 * cost.TILE_TIME_FACTOR
     assert base.decode(SDXL_WORK, plan.vae_tile) == pytest.approx(0.2 * share)
     assert base.decode(SDXL_WORK, None) == 0.2
-    compute = 0.1 * (plan_mod.FP8_STEP_FACTOR if plan.fp8 else 1.0)
+    compute = 0.1 * (cost.FP8_STEP_FACTOR if plan.fp8 else 1.0)
     steps = SDXL_WORK.steps * (compute + plan.streamed_bytes / 20e9)
     assert predict(plan, sdxl, base, SDXL_WORK)[1] == pytest.approx(steps + 0.2 * share + plan.transfer_once_bytes / 20e9)
     measured = dataclasses.replace(base, other_offload_seconds=0.25, other_seconds=9.0,
@@ -185,11 +184,11 @@ def test_measured_tiled_decode_and_the_rest_replace_what_the_pixels_and_the_band
 
 def test_tiles_cover_more_pixels_than_the_image():
     work = Workload(1024, 1024)
-    assert plan_mod._tiled_pixels(work, None) == plan_mod._tiled_pixels(work, 1024) == 1024 * 1024
-    assert plan_mod._tiled_pixels(work, 512) == 1280 * 1280  # tiles at 0, 384, 768 a side: 512 + 512 + 256 px
-    assert plan_mod._tiled_pixels(work, 256) == 1344 * 1344  # 6 a side, every 192 px: 5 × 256 + 64
-    assert plan_mod._tiled_pixels(Workload(512, 512), 256) == 640 * 640  # 256 + 256 + 128 a side
-    assert plan_mod._tiled_pixels(Workload(1024, 768), 512) == 1280 * 896  # 512 + 384 down the 768 px side
+    assert cost._tiled_pixels(work, None) == cost._tiled_pixels(work, 1024) == 1024 * 1024
+    assert cost._tiled_pixels(work, 512) == 1280 * 1280  # tiles at 0, 384, 768 a side: 512 + 512 + 256 px
+    assert cost._tiled_pixels(work, 256) == 1344 * 1344  # 6 a side, every 192 px: 5 × 256 + 64
+    assert cost._tiled_pixels(Workload(512, 512), 256) == 640 * 640  # 256 + 256 + 128 a side
+    assert cost._tiled_pixels(Workload(1024, 768), 512) == 1280 * 896  # 512 + 384 down the 768 px side
 
 
 def test_tiled_pixels_are_what_diffusers_decodes(tiny_sd):
@@ -210,14 +209,14 @@ def test_tiled_pixels_are_what_diffusers_decodes(tiny_sd):
         decoded.clear()
         with torch.no_grad():
             vae.decode(torch.zeros(1, vae.config.latent_channels, height // scale, width // scale))
-        assert sum(decoded) == plan_mod._tiled_pixels(Workload(width, height), 32), (width, height)
+        assert sum(decoded) == cost._tiled_pixels(Workload(width, height), 32), (width, height)
 
 
 def test_overlap_measured():
-    assert plan_mod.overlap_measured(0.07, 0.05, 0.12) == pytest.approx(0.0)  # added up
-    assert plan_mod.overlap_measured(0.07, 0.05, 0.07) == pytest.approx(1.0)  # the floor
-    assert plan_mod.overlap_measured(0.07, 0.05, 0.095) == pytest.approx(0.5)
-    assert plan_mod.overlap_measured(0.07, 0.05, 0.2) == 0.0 and plan_mod.overlap_measured(0.07, 0.0, 0.07) == 0.0
+    assert cost.overlap_measured(0.07, 0.05, 0.12) == pytest.approx(0.0)  # added up
+    assert cost.overlap_measured(0.07, 0.05, 0.07) == pytest.approx(1.0)  # the floor
+    assert cost.overlap_measured(0.07, 0.05, 0.095) == pytest.approx(0.5)
+    assert cost.overlap_measured(0.07, 0.05, 0.2) == 0.0 and cost.overlap_measured(0.07, 0.0, 0.07) == 0.0
 
 
 def test_streamed_blocks_of_one_size_are_spread_over_the_execution_order():
@@ -260,26 +259,26 @@ def test_measured_reserves_replace_the_anchors():
     # Tiles take their share of the measured untiled decode.
     sdxl_work = Workload(1024, 1024, 1, 30, vae_fp32=True)
     sdxl_measured = CardFacts(denoise_reserve=300 * MiB, decode_reserve=int(4.95 * GiB))
-    tiled = int(4.95 * GiB) // 4 + plan_mod.TILE_OVERHEAD  # a part of the decode does not shrink with the tile
-    assert plan_mod._reserves(sdxl_work, 512, sdxl_measured) == (300 * MiB, tiled)
-    assert plan_mod._reserves(sdxl_work, 512, sdxl_measured)[1] < plan_mod._reserves(sdxl_work, None, sdxl_measured)[1]
-    assert plan_mod._reserves(work, None, CardFacts()) == (plan_mod.denoise_reserve(work), plan_mod.decode_reserve(work, None))
+    tiled = int(4.95 * GiB) // 4 + cost.TILE_OVERHEAD  # a part of the decode does not shrink with the tile
+    assert cost.reserves(sdxl_work, 512, sdxl_measured) == (300 * MiB, tiled)
+    assert cost.reserves(sdxl_work, 512, sdxl_measured)[1] < cost.reserves(sdxl_work, None, sdxl_measured)[1]
+    assert cost.reserves(work, None, CardFacts()) == (cost.denoise_reserve(work), cost.decode_reserve(work, None))
 
 
 def test_reserves_scale_with_pixels_and_dtype():
     small, big = Workload(512, 512), Workload(1024, 1024)
-    assert plan_mod.denoise_reserve(big) > plan_mod.denoise_reserve(small)
-    assert plan_mod.decode_reserve(Workload(1024, 1024, vae_fp32=True), None) == 2 * plan_mod.decode_reserve(big, None)
-    assert plan_mod.decode_reserve(big, 512) < plan_mod.decode_reserve(big, None)
+    assert cost.denoise_reserve(big) > cost.denoise_reserve(small)
+    assert cost.decode_reserve(Workload(1024, 1024, vae_fp32=True), None) == 2 * cost.decode_reserve(big, None)
+    assert cost.decode_reserve(big, 512) < cost.decode_reserve(big, None)
 
 
 def test_the_kept_part_moves_to_the_gpu_a_part_at_a_time_around_the_streamed_blocks(monkeypatch):
-    """Parts of at most ``_MAX_BLOCK`` bytes, each followed by ``each_part`` (where the host gives back the file
+    """Parts of at most ``MOVE_PART`` bytes, each followed by ``each_part`` (where the host gives back the file
     pages the part was read from), so the host never holds the pages of the whole kept part at once; the streamed
     block stays where it is. The meta device stands in for the GPU."""
-    import mlnb.optimizer.budget as budget
+    from mlnb.planner import apply
 
-    monkeypatch.setattr(budget, "_MAX_BLOCK", 300_000)
+    monkeypatch.setattr(apply, "MOVE_PART", 300_000)
     root = torch.nn.Module()
     root.blocks = torch.nn.ModuleList([torch.nn.Linear(256, 256) for _ in range(4)])  # 263 KB each
     root.head = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8))
@@ -290,22 +289,22 @@ def test_the_kept_part_moves_to_the_gpu_a_part_at_a_time_around_the_streamed_blo
         sizes.append(nbytes)
         on_meta.append(sum(p.is_meta for p in root.parameters()))
 
-    budget._move_except(root, "", {"blocks.2"}, "meta", each_part=each_part)
+    apply._move_except(root, "", {"blocks.2"}, "meta", each_part=each_part)
     assert [p.device.type for p in root.blocks[2].parameters()] == ["cpu", "cpu"]
     assert all(p.is_meta for name, p in root.named_parameters() if not name.startswith("blocks.2."))
     # 3 kept blocks, the head, and the big module's two halves, one at a time, each with its bytes
     assert on_meta == [2, 4, 6, 10, 12, 14] and max(sizes) == 4 * (256 * 256 + 256) and sum(sizes) == 5 * 263168 + 2 * 288
     whole = torch.nn.Sequential(torch.nn.Linear(8, 8))
-    budget._move_except(whole, "", set(), "meta")  # without each_part: one move, as before
+    apply._move_except(whole, "", set(), "meta")  # without each_part: one move, as before
     assert all(p.is_meta for p in whole.parameters())
 
 
 def test_the_pages_go_back_once_enough_has_moved(monkeypatch):
-    import mlnb.optimizer.budget as budget
+    from mlnb.planner import apply
 
     calls = []
-    monkeypatch.setattr(budget, "release_mapped_weights", lambda: calls.append(1))
-    give_back = budget._GiveBackAsItMoves(step=100)
+    monkeypatch.setattr(apply, "release_mapped_weights", lambda: calls.append(1))
+    give_back = apply._GiveBackAsItMoves(step=100)
     for nbytes in (30, 30, 30, 30, 250, 10):
         give_back(nbytes)
     assert len(calls) == 2  # at 120 bytes moved, then at 260 more
@@ -316,8 +315,7 @@ def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     from diffusers import DiffusionPipeline
 
     from fakes import generate_64 as run, tiny_stream_budget
-    from mlnb.optimizer.budget import apply_plan, model_facts
-    from mlnb.optimizer.streaming import streamer_of, streamers_of
+    from mlnb.planner import apply_plan, model_facts, streamer_of, streamers_of
 
     reference = run(DiffusionPipeline.from_pretrained(tiny_sdxl))
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
@@ -328,7 +326,7 @@ def test_plan_applied_on_cpu_gives_the_same_image(tiny_sdxl, monkeypatch):
     assert report.is_applied("group_offload") and report.is_applied("model_cpu_offload")
     assert np.array_equal(run(pipe), reference)
     assert streamer_of(pipe).chained  # the second step, and this second image, ran with the prefetch chain
-    assert streamer_of(pipe)._slots is None  # the denoiser's kept slots were dropped when the VAE decoded
+    assert streamer_of(pipe).slots_in_use == 0  # the denoiser's kept slots were dropped when the VAE decoded
     assert len(streamers_of(pipe)) == 3  # the UNet and both text encoders, streamed unit by unit
     assert np.array_equal(run(pipe), reference)
 
@@ -340,10 +338,10 @@ def test_every_streamable_block_is_called_by_its_forward(tiny_sdxl, max_block):
     failed as "Input type (torch.cuda.HalfTensor) and weight type (torch.HalfTensor)". Every unit must run."""
     from diffusers import DiffusionPipeline
 
-    from mlnb.optimizer.budget import _blocks, model_facts
+    from mlnb.planner.blocks import denoiser_units, model_facts
 
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
-    units = dict(_blocks(pipe.unet, max_block))
+    units = dict(denoiser_units(pipe.unet, max_block))
     assert [b.name for b in model_facts(pipe, max_block=max_block).blocks] == list(units)
     assert not [n for n, m in units.items() if isinstance(m, torch.nn.ModuleList)]
     called: set[str] = set()
@@ -386,11 +384,11 @@ def test_tiny_blocks_stay_resident_so_they_do_not_cut_a_large_one_s_prefetch():
     plan = plan_for_budget(int(1.5 * GiB), facts, CardFacts(), Workload(512, 512, 1, 30))
     assert plan.strategy == "stream" and len(plan.streamed) >= 8
     assert all(".t" in name for name in plan.streamed)
-    assert all(b.nbytes >= plan_mod.MIN_STREAMED or b.name in plan.resident for b in blocks)
+    assert all(b.nbytes >= search.MIN_STREAMED or b.name in plan.resident for b in blocks)
 
 
 def test_the_schedule_replay_refuses_fewer_than_two_steps_or_no_slot():
-    from mlnb.plan import schedule_step
+    from mlnb.planner import schedule_step
 
     blocks = [("a", 0.0, 0.01), ("b", 0.01, 0.01)]
     with pytest.raises(ValueError, match="at least 2 steps .* got steps=1, slots=2"):
@@ -400,7 +398,7 @@ def test_the_schedule_replay_refuses_fewer_than_two_steps_or_no_slot():
 
 
 def test_a_streamed_peak_stands_in_for_the_denoise_reserve_only_below_the_anchor():
-    from mlnb.plan import denoise_reserve, streamed_denoise_reserve
+    from mlnb.planner.cost import denoise_reserve, streamed_denoise_reserve
 
     work = Workload(1024, 1024, 1, 20)
     anchor = denoise_reserve(work)
@@ -416,15 +414,15 @@ def test_an_offloaded_encoder_is_charged_its_streamer_s_slots_not_twice_the_larg
     streams as one 235 MiB unit, bigG's two largest units are 242 MiB; 469 MiB was charged)."""
     from diffusers import StableDiffusionXLPipeline
 
-    from mlnb.optimizer.budget import _text_encoders, _units, model_facts
+    from mlnb.planner.blocks import model_facts, model_units, text_encoders
     from mlnb.optimizer.weights import module_bytes
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     facts = model_facts(pipe, max_block=200_000)
     per_encoder = []
-    for encoder in _text_encoders(pipe).values():
-        units = [module_bytes(unit) for _, unit in _units(encoder, 200_000)]
+    for encoder in text_encoders(pipe).values():
+        units = [module_bytes(unit) for _, unit in model_units(encoder, 200_000)]
         per_encoder.append(min(2, len(units)) * max(units))
     assert facts.encoder_slots == max(per_encoder)
-    encode, _, _ = plan_mod._terms(facts, None, Workload(64, 64, 1, 2), CardFacts())
-    assert encode == min(max(facts.encoders.values()), facts.encoder_slots) + plan_mod._ENCODE_ACTIVATIONS
+    encode, _, _ = cost.phase_terms(facts, None, Workload(64, 64, 1, 2), CardFacts())
+    assert encode == min(max(facts.encoders.values()), facts.encoder_slots) + cost._ENCODE_ACTIVATIONS

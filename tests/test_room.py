@@ -13,7 +13,7 @@ import mlnb
 from mlnb.levels import OptimizationLevel
 from mlnb.pipeline import ManagedPipeline, cached_pipelines, generate_with_rescue
 from mlnb.pipeline.room import gpu_bytes, holders, make_room
-from mlnb.plan import room_needed
+from mlnb.planner import CardFacts, Workload, room_needed
 from mlnb.testing import FakeDevice, FakeOutOfMemoryError
 from mlnb.units import GiB, MiB
 
@@ -33,7 +33,7 @@ def _empty_cache():
 
 def test_room_needed_adds_the_plans_margin():
     assert room_needed(int(0.92 * GiB)) == GiB
-    assert room_needed(GiB, mlnb.plan.CardFacts(fragmentation_reserve=512 * MiB)) == GiB + 512 * MiB
+    assert room_needed(GiB, CardFacts(fragmentation_reserve=512 * MiB)) == GiB + 512 * MiB
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -110,7 +110,7 @@ def test_a_planned_generation_unloads_a_model_loaded_into_its_room_since(tiny_sd
     planned = mlnb.load_pipeline(tiny_sd, budget="2GiB", device=fake)
     other = mlnb.load_pipeline(tiny_sdxl, level="none", device=fake)
     held = _on_gpu(fake, other)
-    peak, _ = planned.predict(mlnb.plan.Workload(64, 64, 1, 2))
+    peak, _ = planned.predict(Workload(64, 64, 1, 2))
     _leave_free(fake, room_needed(peak) - held // 2)
     with caplog.at_level(logging.WARNING, logger="mlnb"):
         planned.generate("a fox", seed=1, **FAST)

@@ -6,8 +6,9 @@ import dataclasses
 
 import pytest
 
-import mlnb.plan as plan_mod
-from mlnb.plan import Block, CardFacts, ModelFacts, Workload, plan_for_budget, predict, schedule_step, streamed_step
+from mlnb.planner import (
+    Block, BudgetError, CardFacts, ModelFacts, Workload, plan_for_budget, predict, schedule_step, search, streamed_step,
+)
 from mlnb.units import MiB
 
 
@@ -82,10 +83,10 @@ def test_three_slots_cost_a_third_slot_of_memory_and_are_offered_only_with_a_tim
     plan = plan_for_budget(int(940 * MiB), facts, card, work)
     three = dataclasses.replace(plan, slots=3)
     assert predict(three, facts, card, work)[0] == plan.predicted_peak + 100 * MiB
-    offered = {p.slots for p in plan_mod._candidates(int(940 * MiB), facts, card, work) if p.strategy == "stream"}
+    offered = {p.slots for p in search._candidates(int(940 * MiB), facts, card, work) if p.strategy == "stream"}
     assert offered == {2, 3}
     blind = dataclasses.replace(card, block_timeline=None)
-    assert {p.slots for p in plan_mod._candidates(int(940 * MiB), facts, blind, work) if p.strategy == "stream"} == {2}
+    assert {p.slots for p in search._candidates(int(940 * MiB), facts, blind, work) if p.strategy == "stream"} == {2}
     assert "through 3 slots" in three.summary() and "slots" not in plan.summary()
 
 
@@ -121,6 +122,6 @@ def test_a_measured_fragmentation_above_8_percent_of_the_budget_is_left_unalloca
     assert len(tight.resident) < len(loose.resident)
     small = dataclasses.replace(card, fragmentation_reserve=10 * MiB)  # less than 8%: the 8% stands
     assert plan_for_budget(budget, facts, small, work) == loose
-    with pytest.raises(plan_mod.BudgetError) as error:
+    with pytest.raises(BudgetError) as error:
         plan_for_budget(int(300 * MiB), facts, fragmented, work)
     assert "give at least" in str(error.value)

@@ -6,12 +6,15 @@ units happen, which on a GPU is what keeps a copy from overwriting a slot that q
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
 from fakes import calls_a_twice
 from mlnb.device import CopyStreams, CpuDevice
-from mlnb.optimizer.streaming import stream_units, streamer_of
+from mlnb.planner import stream_units, streamer_of
 from mlnb.testing import FakeDevice
 
 
@@ -101,8 +104,8 @@ def test_units_are_copied_two_ahead_into_alternating_slots_and_waited_for_before
             if position >= 2:  # a slot is refilled only after the unit two places before has run (and left)
                 assert copied > log.index(("run", names[position - 2]))
                 assert copied < log.index(("run", names[position - 1]))  # and as early as that: two ahead
-        assert streamer._slots is None and not streamer._pending  # released when the forward ends
-        assert not any(unit.on_device for unit in streamer.units.values())
+        assert streamer.slots_in_use == 0 and not streamer.pending_copies  # released when the forward ends
+        assert streamer.units_on_device() == ()
 
 
 def test_kept_slots_carry_over_to_the_next_forward_with_its_first_two_units_already_on_their_way(model):
@@ -117,22 +120,35 @@ def test_kept_slots_carry_over_to_the_next_forward_with_its_first_two_units_alre
     assert len(copies) == 8  # 6, then the next forward's first two
     assert log.index(("run", "streamed.4")) < at[-2] < log.index(("run", "streamed.5")) < at[-1]
     assert copies[-2][2] == streamer.units["streamed.0"].region.data_ptr()
-    slots = streamer._slots
-    views = {name: unit._views for name, unit in streamer.units.items()}
-    assert slots is not None and set(streamer._pending) == {0, 1}
+    slots = streamer.slot_regions()
+    assert len(slots) == streamer.slots_in_use == 2 and streamer.pending_copies == {0, 1}
     log.clear()
-    assert torch.equal(model(x), expected)
+    made = []
+    as_strided = torch.Tensor.as_strided
+
+    def counting(self, *args, **kwargs):
+        made.append(1)
+        return as_strided(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.Tensor, "as_strided", counting)
+        assert torch.equal(model(x), expected)
     assert log[0] == ("wait", copies[-2])  # nothing copied before the first unit: it was already on its way
-    assert streamer._slots is slots and all(streamer.units[n]._views is views[n] for n in names)
+    assert [a is b for a, b in zip(streamer.slot_regions(), slots)] == [True, True]  # the same slots, kept
+    assert made == []  # and the units' views into them were made once, in the forward before
+    released = [weakref.ref(slot) for slot in slots]
+    del slots
     streamer.release()
-    assert streamer._slots is None and not streamer._pending and not any(u._views for u in streamer.units.values())
+    gc.collect()
+    assert streamer.slots_in_use == 0 and not streamer.pending_copies
+    assert [ref() for ref in released] == [None, None]  # nothing (no view into them either) holds the slots
     assert torch.equal(model(x), expected)  # new slots after a release
 
 
 def _check_slots(log, streamer, names) -> None:
     """Replay a log against the kept slots: a copy goes only into a slot whose last unit has run, and a unit runs only
     from the slot its own copy (waited for) went to, with nothing copied into that slot in between."""
-    slots = [slot.data_ptr() for slot in streamer._slots]
+    slots = [slot.data_ptr() for slot in streamer.slot_regions()]
     unit_of = {streamer.units[name].region.data_ptr(): name for name in names}
     held: dict[int, list] = {}  # slot -> [unit, waited, ran]
     for event in log:
@@ -166,7 +182,7 @@ def test_any_number_of_units_through_two_or_three_kept_slots_never_overwrites_a_
     device.log.clear()
     for _ in range(3):
         assert torch.equal(model(x), expected)
-    assert len(streamer._slots) == min(slots, count) and set(streamer._pending) == set(range(min(slots, count)))
+    assert streamer.slots_in_use == min(slots, count) and streamer.pending_copies == set(range(min(slots, count)))
     _check_slots(device.log, streamer, names)
     runs = [i for i, e in enumerate(device.log) if e[0] == "run"]
     copies = [i for i, e in enumerate(device.log) if e[0] == "copy"]
@@ -210,7 +226,8 @@ def test_a_slot_holds_the_largest_unit_and_units_point_into_it_only_while_they_r
     def where(position):
         def check(module, args):  # a layer inside the unit: runs after the unit's own hook pointed it somewhere
             pointer = module.weight.data_ptr()
-            seen[position] = [i for i, s in enumerate(streamer._slots) if 0 <= pointer - s.data_ptr() < s.numel()]
+            regions = streamer.slot_regions()
+            seen[position] = [i for i, s in enumerate(regions) if 0 <= pointer - s.data_ptr() < s.numel()]
         return check
 
     for position in (1, 3, 5):  # the units with layers inside (the others are layers themselves)
@@ -250,11 +267,11 @@ def test_an_interrupted_forward_leaves_nothing_on_the_device_after_offload_all(m
     with pytest.raises(KeyboardInterrupt):
         model(x)
     handle.remove()
-    assert streamer._pending  # the copies of the units after the stop were issued and never waited for
+    assert streamer.pending_copies  # the copies of the units after the stop were issued and never waited for
     device.log.clear()
     assert streamer.offload_all() == 0  # units leave as their forward ends; a unit interrupted inside is counted
     assert [e[0] for e in device.log] == ["wait"] * len([e for e in device.log])  # unused copies waited, not dropped
-    assert streamer._slots is None and not streamer._pending
+    assert streamer.slots_in_use == 0 and not streamer.pending_copies
     assert torch.equal(model(x), expected)
 
 
@@ -271,18 +288,18 @@ def test_a_unit_stopped_inside_is_sent_home(model):
     with pytest.raises(RuntimeError):
         model(torch.randn(1, 8))
     handle.remove()
-    assert streamer.units["streamed.3"].on_device
+    assert streamer.units_on_device() == ("streamed.3",)
     assert streamer.offload_all() == 1
-    assert not any(u.on_device for u in streamer.units.values())
+    assert streamer.units_on_device() == ()
 
 
 def test_the_pipeline_finds_the_onload_device_and_remove_restores_the_model(tiny_sdxl):
     from diffusers import DiffusionPipeline
 
-    from mlnb.optimizer.budget import _blocks
+    from mlnb.planner.blocks import denoiser_units
 
     pipe = DiffusionPipeline.from_pretrained(tiny_sdxl)
-    names = [n for n, _ in _blocks(pipe.unet, 50_000)][1::2]
+    names = [n for n, _ in denoiser_units(pipe.unet, 50_000)][1::2]
     streamer = stream_units(pipe.unet, names, torch.device("meta"), CopyStreams())
     assert streamer_of(pipe) is streamer
     assert pipe.unet.device == torch.device("meta")  # diffusers reads the onload device from the hooks
@@ -301,12 +318,9 @@ def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_o
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from fakes import tiny_stream_budget
-    from mlnb.optimizer.budget import model_facts
-    from mlnb.optimizer.streaming import streamers_of
+    from mlnb.planner import streamers_of
 
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     # a plan is applied only on CUDA; this fake computes on the CPU
@@ -330,8 +344,8 @@ def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_o
         managed.generate("a fox", **call)
     handle.remove()
     for streamer in streamers:
-        assert not any(unit.on_device for unit in streamer.units.values())
-        assert streamer._slots is None and not streamer._pending
+        assert streamer.units_on_device() == ()
+        assert streamer.slots_in_use == 0 and not streamer.pending_copies
     assert np.array_equal(np.asarray(managed.generate("a fox", **call).images[0]), reference)
 
 
@@ -342,8 +356,7 @@ def test_a_vae_that_is_not_upcast_goes_to_the_gpu_in_one_copy_from_pinned_memory
     from diffusers import DiffusionPipeline
 
     from fakes import generate_64 as run, tiny_stream_budget
-    from mlnb.optimizer.budget import apply_plan, model_facts
-    from mlnb.plan import CardFacts, Workload, plan_for_budget
+    from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget
 
     reference = run(DiffusionPipeline.from_pretrained(tiny_sd))
     pipe = DiffusionPipeline.from_pretrained(tiny_sd)
@@ -440,9 +453,9 @@ def _timed(count: int, slots: int):
 @pytest.mark.parametrize("count, slots", [(6, 2), (5, 2), (5, 3), (6, 3)])
 def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
     """The streamer run on a device with a virtual clock (each layer computing for a set time, copies at a set
-    bandwidth) takes, step after step, the time :func:`mlnb.plan.schedule_step` predicts for the same blocks: the
+    bandwidth) takes, step after step, the time :func:`mlnb.planner.schedule_step` predicts for the same blocks: the
     planner's model of the copies is the streamer's schedule, wrap from one step into the next included."""
-    from mlnb.plan import schedule_step
+    from mlnb.planner import schedule_step
 
     model, device, compute, streamer = _timed(count, slots)
     names = list(streamer.units)
@@ -468,7 +481,7 @@ def test_a_streamed_forward_s_block_timeline_is_its_compute_with_the_waits_taken
     """On a card where the model never runs whole, a streamed generation times the blocks instead: each streamed
     block's wait for its copy is marked apart from its compute, so the timeline is the compute alone (what the
     planner replays copies against) and the waits add up to what the step lost to them."""
-    from mlnb.pipeline.timing import BlockTimer
+    from mlnb.planner import BlockTimer
 
     model, device, compute, streamer = _timed(6, 2)
     x = torch.randn(2, 8)
@@ -495,16 +508,12 @@ def test_a_model_that_never_ran_whole_on_the_card_gets_its_time_predicted_from_a
     records its compute instead (the step less its waits for copies, and the block timeline without them), and
     from the second image on the plan's time is predicted."""
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from diffusers import DiffusionPipeline
 
     from fakes import tiny_stream_budget
-    from mlnb.card_facts import card_facts
-    from mlnb.optimizer.budget import model_facts
-    from mlnb.plan import Workload
+    from mlnb.planner import Workload, card_facts
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     # a plan is applied, and measurements recorded, only on CUDA
@@ -530,16 +539,12 @@ def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_n
     1.5 times the room the plan left beside the loop's peak, so the next plan leaves more; when it did not, nothing
     changes."""
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from diffusers import DiffusionPipeline
 
     from fakes import tiny_stream_budget
-    from mlnb.card_facts import card_facts
-    from mlnb.optimizer.budget import model_facts
-    from mlnb.plan import Workload
+    from mlnb.planner import Workload, card_facts
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     class Counting(FakeDevice):
@@ -581,12 +586,10 @@ def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_c
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from fakes import tiny_stream_budget
-    from mlnb.optimizer.budget import model_facts
+    from mlnb.planner import search
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))  # nothing measured: the plan streams by size, two slots
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     # the managed pipeline loads in fp16 here (a CUDA-like device): the budget is sized from the same weights
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
@@ -596,8 +599,8 @@ def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_c
     reference = np.asarray(two.generate("a fox", **call).images[0])
     two.unload()
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "again"))  # the same plan again, not one timed by the images
-    real = managed_mod.plan_for_budget
-    monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
+    real = search.plan_for_budget
+    monkeypatch.setattr(search, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
     three = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=FakeDevice(cuda_like=True))
     assert three.plan.slots == 3 and streamer_of(three.pipe).slot_count == 3
     for _ in range(2):  # the first image records the order; the second runs the chain
@@ -613,12 +616,9 @@ def test_a_planned_sdxl_whose_vae_decodes_in_bf16_moves_it_whole_from_pinned_mem
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from fakes import tiny_stream_budget
-    from mlnb.optimizer.budget import model_facts
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
     device = FakeDevice(compute_capability=(8, 0), cuda_like=True)
@@ -647,14 +647,11 @@ def test_a_planned_sdxl_vae_that_decodes_in_fp32_is_cast_on_the_gpu_from_its_pin
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from fakes import tiny_stream_budget
-    from mlnb.optimizer.budget import model_facts
     from mlnb.optimizer.offload import vae_needs_upcast
     from mlnb.optimizer.vae import vae_decode_dtype
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
     device = FakeDevice(cuda_like=True)  # compute capability 7.5: no bf16
@@ -687,9 +684,7 @@ def test_the_denoiser_s_kept_slots_are_dropped_before_the_vae_is_copied_to_the_g
     from diffusers import StableDiffusionXLPipeline
 
     from fakes import tiny_stream_budget
-    from mlnb.optimizer import streaming
-    from mlnb.optimizer.budget import apply_plan, model_facts
-    from mlnb.plan import CardFacts, Workload, plan_for_budget
+    from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget, streaming
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     budget = tiny_stream_budget(pipe, monkeypatch)
@@ -700,7 +695,7 @@ def test_the_denoiser_s_kept_slots_are_dropped_before_the_vae_is_copied_to_the_g
 
     def watched(self, *args):
         if self.module is pipe.vae:
-            held_at_vae_copy.append(streamer_of(pipe)._slots is not None)
+            held_at_vae_copy.append(streamer_of(pipe).slots_in_use > 0)
         return copy(self, *args)
 
     monkeypatch.setattr(streaming._Unit, "copy_to_own", watched)
@@ -716,16 +711,12 @@ def test_a_streamed_generation_records_the_loop_s_activations_until_a_resident_r
     """A 4 GB card never runs SDXL resident, so the anchors' reserve (larger than the loop needs) would stay for
     good: the streamed generation's peak, less the kept part and the slots, replaces it."""
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
     from diffusers import DiffusionPipeline
 
     from fakes import tiny_stream_budget
-    from mlnb.card_facts import card_facts
-    from mlnb.optimizer.budget import model_facts
-    from mlnb.plan import Workload
+    from mlnb.planner import Workload, card_facts
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)  # assumes 100 000 bytes
 
     device = FakeDevice(cuda_like=True)

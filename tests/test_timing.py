@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from mlnb.card_facts import cache_path, card_facts, record_measured
 from mlnb.device import Device
-from mlnb.pipeline.timing import StepTimer
-from mlnb.plan import Workload
+from mlnb.planner import StepTimer, Workload, card_facts, record_measured
+from mlnb.planner.cards import cache_path
 from mlnb.testing import FakeDevice
 
 KEY = "UNet2DConditionModel-2567463684-float16"
@@ -241,3 +240,38 @@ def test_doctor_says_whether_the_card_computes_bf16_and_so_how_sdxl_s_vae_decode
     with use_device(FakeDevice(compute_capability=capability)):
         rows = dict(doctor_report())
     assert rows["GPU"].endswith(f"bf16 {bf16}") and rows["SDXL VAE decode"].startswith(decode)
+
+
+def test_the_card_facts_file_is_read_once_over_many_generations_and_predictions(tiny_sd, clean_cache, cache,
+                                                                               monkeypatch):
+    """A planned generation on a CUDA card asks for the card facts several times (its prediction, what it learns,
+    what it records): the file is read from disk once, kept in memory and written through, and read again only when
+    something else changes it on disk."""
+    import pathlib
+
+    import mlnb
+
+    reads = []
+    read_text = pathlib.Path.read_text
+
+    def counting(self, *args, **kwargs):
+        if self.name == "cards.json":
+            reads.append(self)
+        return read_text(self, *args, **kwargs)
+
+    device = FakeDevice(cuda_like=True)  # measurements are recorded on a CUDA card only
+    cache_path().write_text(json.dumps({device.name: {"bandwidth": 12e9}}))  # from an earlier session
+    monkeypatch.setattr(pathlib.Path, "read_text", counting)
+    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=device)
+    work = Workload(64, 64, 1, 2)
+    for _ in range(3):
+        result = managed.generate("a fox", steps=2, width=64, height=64, seed=1)
+        managed.predict(work)
+    assert result.predicted_seconds is not None  # the step times recorded are used, from memory
+    learnt = card_facts(device, managed.model_key, work, measure=False).step_seconds
+    assert learnt > 0 and len(reads) == 1
+    with open(cache_path()) as fh:  # written through: on disk as in memory
+        assert json.load(fh)[device.name]["measured"][managed.model_key]["64x64x1"]["step_seconds"] == learnt
+    cards = {device.name: {"measured": {managed.model_key: {"64x64x1": {"step_seconds": 12.5}}}}, "another": {}}
+    cache_path().write_text(json.dumps(cards))  # another process recorded something
+    assert card_facts(device, managed.model_key, work, measure=False).step_seconds == 12.5 and len(reads) == 2

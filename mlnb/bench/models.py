@@ -147,7 +147,7 @@ def build_arch_pipeline(name: str, device: str = "cpu", dtype=None, seed: int = 
     Args:
         name: ``"sd15"`` (StableDiffusionPipeline) or ``"sdxl"`` (StableDiffusionXLPipeline).
         device: where the weights are allocated and initialised (``"cuda"`` is fastest; ``"meta"`` gives the shapes
-            without memory, e.g. for :func:`mlnb.optimizer.budget.model_facts`).
+            without memory, e.g. for :func:`mlnb.planner.blocks.model_facts`).
         dtype: weights dtype (default fp16).
         seed: seed of the random weights.
 

@@ -136,14 +136,11 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
 
     import torch
 
-    from ..card_facts import record_measured
-    from ..optimizer.budget import denoiser_blocks, model_key
     from ..optimizer.context import denoiser_of
     from ..optimizer.offload import vae_needs_upcast
     from ..optimizer.vae import vae_decode_dtype
     from ..pipeline.loading import load_diffusers_pipeline
-    from ..pipeline.timing import BlockTimer, StepTimer, cache_was_empty
-    from ..plan import Workload
+    from ..planner import BlockTimer, StepTimer, Workload, cache_was_empty, denoiser_blocks, model_key, record_measured
 
     if recipe.needs_cuda and not device.is_cuda:
         raise RecipeSkipped(f"{recipe.name} installs offload hooks and needs a CUDA device")
@@ -210,12 +207,10 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
 
 
 def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
-    from ..card_facts import card_facts
     from ..optimizer.offload import vae_needs_upcast
-    from ..optimizer.streaming import streamer_of
     from ..optimizer.vae import vae_decode_dtype
     from ..pipeline import load_pipeline
-    from ..plan import Workload, streamed_step
+    from ..planner import Workload, card_facts, streamed_step, streamer_of
 
     if recipe.setting == "plan":
         if not device.is_cuda:

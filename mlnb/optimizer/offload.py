@@ -28,7 +28,7 @@ _NO_CUDA = "no CUDA device: weights stay where compute runs (CPU)"
 
 def vae_needs_upcast(pipe) -> bool:
     """True when the fp16 VAE decodes in fp32: the pipeline casts it (SDXL with ``force_upcast``), or a budget plan
-    casts it on the GPU as it arrives there (:func:`mlnb.optimizer.streaming.pin_whole` with ``compute_dtype``)."""
+    casts it on the GPU as it arrives there (:func:`mlnb.planner.streaming.pin_whole` with ``compute_dtype``)."""
     import torch
 
     vae = getattr(pipe, "vae", None)

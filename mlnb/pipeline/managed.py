@@ -36,20 +36,17 @@ from ..levels import (
 from ..monitor import MemoryMonitor, cleanup, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
-from ..optimizer.budget import apply_plan, model_facts, model_key, plan_level
-from ..optimizer.streaming import streamers_of
 from ..optimizer.vae import decode_in_bf16, vae_decode_dtype
 from ..optimizer.context import skipped
-from ..plan import (
-    BudgetError, ModelFacts, Plan, Workload, plan_for_budget, room_needed,
+from ..planner import (
+    BudgetError, LearningContext, ModelFacts, Plan, StepTimer, Workload, apply_plan, card_facts, learning, model_facts,
+    model_key, plan_level, room_needed, search, streamers_of,
 )
-from ..card_facts import card_facts
 from ..units import format_bytes, parse_bytes
 from ..optimizer.weights import weight_bytes
 from .loading import check_local_weights, default_dtype, dtype_name, load_diffusers_pipeline, parse_dtype, reads_pickle, resolve_model
-from . import learning, room
+from . import room
 from .result import GenerationResult
-from .timing import StepTimer
 
 logger = logging.getLogger(__name__)
 
@@ -343,7 +340,8 @@ class ManagedPipeline:
             guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
 
         config = self.config
-        blocks = learning.block_timer(self)
+        context = self.learning_context()
+        blocks = learning.block_timer(context, work)
         # A full gc.collect only when the cache clear left GPU memory held (a cycle); errors always collect.
         monitor = MemoryMonitor(
             self.device, collect="if_needed" if config.gc_collect else False, empty_cache=config.cuda_cache_clear
@@ -363,8 +361,8 @@ class ManagedPipeline:
         )
         if loop.get(0) and steps > 1 and loop.get(steps - 1):
             result.allocator_in_steps.update({k: v - loop[0][k] for k, v in loop[steps - 1].items()})
-        learning.record(self, work, timer, monitor.report, cleaned - entered, blocks)
-        learning.room_for_the_allocator(self, work, timer, result.allocator_in_steps)
+        learning.record(context, work, timer, monitor.report, cleaned - entered, blocks)
+        learning.room_for_the_allocator(context, work, timer, result.allocator_in_steps)
         result.phase_seconds.update(
             before=start - entered, pipeline=seconds, cleanup=cleaned - start - seconds,  # the monitor's exit
             after=time.perf_counter() - cleaned,
@@ -436,9 +434,13 @@ class ManagedPipeline:
     def predict(self, work: Workload) -> tuple[int | None, float | None]:
         """The plan's predicted peak bytes and seconds for ``work``; ``(None, None)`` without a plan.
 
-        Card facts are read again each time, so a step time measured since loading improves the prediction.
+        The card facts are the ones known now, so a step time measured since loading improves the prediction.
         """
-        return learning.predict(self, work)
+        return learning.predict(self.learning_context(), work)
+
+    def learning_context(self) -> LearningContext:
+        """What the planner's learning reads of this pipeline now (its plan may have been replaced since loading)."""
+        return LearningContext(self.device, self.model_key, self.pipe, self.plan, self.plan_facts, self.techniques)
 
     def unload(self) -> None:
         """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up. A generation running on it
@@ -497,7 +499,7 @@ def load_pipeline(
         device: the device to use (default: the current device).
         config: explicit technique settings (overrides ``level``'s).
         budget: a VRAM budget (``"4GiB"`` or bytes) instead of a level: the planner keeps what fits resident and
-            streams the rest (see :mod:`mlnb.plan`); it prints its predicted peak. Overrides ``level``.
+            streams the rest (see :mod:`mlnb.planner`); it prints its predicted peak. Overrides ``level``.
         **from_pretrained_kwargs: passed to ``DiffusionPipeline.from_pretrained`` (``variant``, ``revision``...).
 
     Returns:
@@ -791,7 +793,7 @@ def _plan(pipe, budget: int, device: Device, dtype) -> tuple[Plan, ModelFacts]:
     work = Workload(w, h, 1, steps=30, vae_fp32=vae_needs_upcast(pipe))
     try:
         facts = model_facts(pipe)
-        plan = plan_for_budget(budget, facts, card_facts(device, model_key(pipe, dtype), work), work)
+        plan = search.plan_for_budget(budget, facts, card_facts(device, model_key(pipe, dtype), work), work)
     except (BudgetError, ValueError) as exc:  # nothing fits, or no UNet/transformer to plan for
         raise InvalidArgumentError(str(exc)) from None
     logger.warning("%s", plan)

@@ -24,18 +24,11 @@ its decode), so it gives the allocator no reason to free cached memory under a c
 in the middle of a step.
 At most ``slots`` units are on the GPU at once, the planner's ``slots × largest streamed block``.
 
-Why not diffusers' group offloading hook, which this replaced. Measured on an H100 (docs/benchmarks.md, runs 3
-and 4), its copies did not overlap the compute: a streamed SDXL step took compute plus copies (114 ms = 67 ms +
-52 ms for 2.5 GiB in 59 units). Its hook waits on the host for the compute stream at every offload (without
-``record_stream``) and for the copy stream at every onload, allocates every tensor of a unit on the copy stream's
-pool and frees it into that pool, and issues one copy per tensor. The hooks here are still diffusers' (a
-``ModelHook`` in the unit's ``HookRegistry``, under group offloading's name, so the pipeline finds the onload
-device and refuses a second offloading as it does for its own).
-
-Measured on the H100 with this scheme as it was in run 5 (two slots allocated at each forward, nothing issued
-across steps, and a device synchronize at every step's end by the step timer): SD1.5 at 2 GiB, 8 units (313 MiB),
-35.4 ms a step against 31.4 ms of compute and 5.7 ms of copies (a third of the copies hidden); SDXL at 4 GiB, 48
-units (1.8 GiB), 112 ms against 67 + 35 ms (7% hidden), mostly 66 MiB transformer blocks at the lowest resolution.
+The hooks are diffusers' (a ``ModelHook`` in the unit's ``HookRegistry``, under group offloading's name, so the
+pipeline finds the onload device and refuses a second offloading as it does for its own), but not diffusers' group
+offloading itself: its hook waits on the host for the compute stream at every offload (without ``record_stream``)
+and for the copy stream at every onload, allocates every tensor of a unit on the copy stream's pool and frees it
+into that pool, and issues one copy per tensor, so its copies do not overlap the compute (``docs/benchmarks.md``).
 
 A unit that runs twice in one forward, or not at all, leaves the order unrecorded. Every unit then copies blocking
 into memory of its own when it runs, which is correct and slower; a warning says so. So does a unit that runs
@@ -47,6 +40,7 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+from .host_memory import give_back_host_memory
 from .pinning import layout, pack, view_in
 
 logger = logging.getLogger(__name__)
@@ -159,6 +153,27 @@ class UnitStreamer:
         """Every host copy of every unit (views into the pinned regions)."""
         return [home for unit in self.units.values() for home in unit.home]
 
+    # -- what it holds now (read-only) -----------------------------------------------------------------------------
+
+    @property
+    def slots_in_use(self) -> int:
+        """GPU slots allocated now: during a forward, and between forwards with kept slots; 0 once released."""
+        return len(self._slots) if self._slots is not None else 0
+
+    def slot_regions(self) -> tuple:
+        """The slots' device memory (uint8, :attr:`slot_bytes` each) in slot order; empty while none is allocated."""
+        return tuple(self._slots) if self._slots is not None else ()
+
+    @property
+    def pending_copies(self) -> frozenset[int]:
+        """Positions (in the recorded order) of the units whose copies are issued and not yet waited for: with kept
+        slots, between forwards, the next forward's first units."""
+        return frozenset(self._pending)
+
+    def units_on_device(self) -> tuple[str, ...]:
+        """The units whose weights point at device memory now (a slot, or a copy of their own while they run)."""
+        return tuple(name for name, unit in self.units.items() if unit.on_device)
+
     # -- one forward -----------------------------------------------------------------------------------------------
 
     def _before(self, module, args) -> None:
@@ -176,7 +191,8 @@ class UnitStreamer:
         if self._slots is None:
             import torch
 
-            self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.onload_device) for _ in range(count)]
+            self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.onload_device)
+                           for _ in range(count)]
         for position in range(count):
             if position not in self._pending:  # kept slots: the forward before issued them as it ended
                 self._prefetch(position)
@@ -285,9 +301,8 @@ def _pack_into(units: list[_Unit], allocate) -> int:
     def moved(group: int, index: int, copy) -> None:
         units[group].tensors[index].data = copy
 
-    from ..monitor import give_back_host_memory
-
-    regions, allocated = pack([list(unit.tensors) for unit in units], allocate, done=moved, filled=give_back_host_memory)
+    regions, allocated = pack([list(unit.tensors) for unit in units], allocate, done=moved,
+                              filled=give_back_host_memory)
     for unit, region in zip(units, regions):
         unit.region = region
         unit.home = [view_in(region, t, offset) for t, offset in zip(unit.tensors, unit.layout.offsets)]
@@ -297,9 +312,9 @@ def _pack_into(units: list[_Unit], allocate) -> int:
 def _pack_home(units: list[_Unit], host_buffer=None, what: str = "the streamed weights") -> int:
     """Copy every unit's tensors into its region of packed buffers from ``host_buffer`` and point the tensors there,
     releasing each original as soon as it is copied. After each buffer the host memory given up so far goes back to
-    the OS (the heap's free pages, and the pages of the mapped weight files read: on an H100 host, without that, the
-    peak held every page of the files beside every pinned copy, 1.61× the weights). Where the host cannot lock that
-    much, the regions are pageable. Returns the bytes allocated."""
+    the OS (the heap's free pages, and the pages of the mapped weight files read: without that, the peak holds every
+    page of the files beside every pinned copy). Where the host cannot lock that much, the regions are pageable.
+    Returns the bytes allocated."""
     try:
         return _pack_into(units, host_buffer or _pageable)
     except RuntimeError as exc:

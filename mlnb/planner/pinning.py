@@ -1,14 +1,14 @@
 """Host copies of streamed units, each unit contiguous, packed into page-locked buffers whose sizes are powers of two.
 
 ``Tensor.pin_memory()`` allocates through torch's caching host allocator, which rounds every block up to the next
-power of two. Pinning a model tensor by tensor therefore locks far more host memory than the weights hold: a
-13.1 MB SDXL projection takes 16 MiB, a 26 MB one 32 MiB. Others have measured it at 1.47× to 1.78× the weights
-(pytorch/pytorch#95823 and #150517, vllm-project/vllm#56410). On a Colab host with 12.7 GB that decides whether a
-plan fits at all. Here the tensors of each streamed unit are laid out one after the other (one region, so a unit
-moves to the GPU in one copy), and the units are packed, largest first, into buffers that are themselves powers of
-two (64 MiB, or the largest unit's power of two if that is bigger), so the allocator has nothing to round. Only the
-last, partly filled buffer is shrunk to the power of two that holds its contents. Each tensor becomes a view into a
-buffer: ``is_pinned()`` is true, and asynchronous copies work as before.
+power of two. Pinning a model tensor by tensor therefore locks far more host memory than the weights hold: a 13.1 MB
+SDXL projection takes 16 MiB, a 26 MB one 32 MiB, and a whole model up to 1.8× its weights (pytorch/pytorch#95823
+and #150517, vllm-project/vllm#56410). On a host with little RAM (Colab's 12.7 GB) that decides whether a plan fits
+at all. Here the tensors of each streamed unit are laid out one after the other (one region, so a unit moves to the
+GPU in one copy), and the units are packed, largest first, into buffers that are themselves powers of two (64 MiB,
+or the largest unit's power of two if that is bigger), so the allocator has nothing to round. Only the last, partly
+filled buffer is shrunk to the power of two that holds its contents. Each tensor becomes a view into a buffer:
+``is_pinned()`` is true, and asynchronous copies work as before.
 """
 
 from __future__ import annotations

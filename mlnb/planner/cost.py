@@ -1,9 +1,11 @@
-"""The budget planner: a VRAM budget in, the fastest placement that fits out (pure; no torch).
+"""The budget planner's cost model: what a placement of a pipeline's weights needs on the GPU and how long it takes
+(pure; no torch).
 
 A plan keeps as much of the denoiser resident on the GPU as fits beside the activation reserve and streams the rest
 block by block from pinned memory through two or three GPU slots, each block's copy prefetched on a copy stream.
 Text encoders (streamed the same way) and the VAE are on the GPU only while they run, so they never add to the
-denoiser's peak. VAE tiling and fp8 storage are chosen only when they are needed to fit or make the plan faster.
+denoiser's peak. VAE tiling and fp8 storage are chosen only when they are needed to fit or make the plan faster
+(:mod:`mlnb.planner.search`).
 
 Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU (other + resident blocks):
     denoise peak = kept + slots × largest streamed block + denoise reserve
@@ -12,36 +14,32 @@ Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU 
                                                            streamed unit by unit, their slots instead)
 and the largest of them must fit the budget less 8%, or less the allocator fragmentation the card measured over a
 resident denoising loop of the model when that is more.
-Time model (seconds per image), from measured card facts:
+
+Time model (seconds per image), from measured card facts (:mod:`mlnb.planner.cards`):
     steps × step + decode + other
 For a plan that streams, step is the steady state of :func:`schedule_step`, a replay of the streamer's copies
-(:mod:`mlnb.optimizer.streaming`) against the card's block timeline (where each block ran in one resident forward),
+(:mod:`mlnb.planner.streaming`) against the card's block timeline (where each block ran in one resident forward),
 plus, per streamed unit, what streamed generations measured beyond their replay. Without a timeline it is
 compute + copies − overlap × min(compute, copies), where compute is a measured resident step, copies = streamed
 bytes / H2D bandwidth, and ``overlap`` (the share of the copies a step hid) is recorded by each streamed generation
-(0 until then: an upper bound; on an H100 in run 5, 0.34 for SD1.5 and, by the bench's rows, 0 for SDXL). decode is
-the decode measured in the plan's tiles, or until then the untiled decode times the pixels its tiles cover times
-``TILE_TIME_FACTOR`` (on an H100, 256 px tiles took 3.2× to 3.8× the untiled decode, 1.8× to 2.4× what their pixels
-say). other is the rest of a ``generate`` call (encoding, moves, the pipeline's own work, the cleanup) as measured by
-earlier generations with the encoders on the GPU or offloaded; until then the rest plain diffusers measured with
-everything resident, plus (encoder + VAE bytes) / bandwidth for an offloaded plan.
-Blocks are kept resident first fit in one of two orders: blocks under 8 MiB first, then largest first (the fewest
-bytes moved), and among blocks of one size spread evenly over the execution order so that each copy has compute
-beside it; or, with a timeline, least compute per byte first, so that the streamed blocks are those with the most
-compute to hide the next copies behind. With a timeline each order is tried with two and three slots, and the
-fastest replay that fits wins.
-The reserves come from the plain-diffusers peaks measured on an H200 in the design notes (fp16, CFG, 20 steps):
-SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at 512; SDXL's fp32
-(upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
+(0 until then: an upper bound). decode is the decode measured in the plan's tiles, or until then the untiled decode
+times the pixels its tiles cover times :data:`TILE_TIME_FACTOR`. other is the rest of a ``generate`` call (encoding,
+moves, the pipeline's own work, the cleanup) as measured by earlier generations with the encoders on the GPU or
+offloaded; until then the rest measured with everything resident, plus (encoder + VAE bytes) / bandwidth for an
+offloaded plan.
+
+Until the card has measured them, the activation reserves come from the plain-diffusers peaks in the design notes
+(fp16, CFG, 20 steps): SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at
+512; SDXL's fp32 (upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
+The measurements behind the constants here are in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 
-from .units import GiB, MiB, format_bytes
+from ..units import GiB, MiB, format_bytes
 
 __all__ = [
     "Block",
@@ -49,11 +47,9 @@ __all__ = [
     "CardFacts",
     "Workload",
     "Plan",
-    "BudgetError",
     "denoise_reserve",
     "streamed_denoise_reserve",
     "decode_reserve",
-    "plan_for_budget",
     "room_needed",
     "predict",
     "schedule_step",
@@ -61,30 +57,21 @@ __all__ = [
     "overlap_measured",
     "FP8_STEP_FACTOR",
     "TILE_TIME_FACTOR",
+    "TILES",
 ]
 
-# fp8 storage upcasts every layer's weights before use: SD1.5 ran 0.94 s vs 0.50 s per image (design notes, H200).
+# A step with fp8 storage against one in fp16: every layer's weights are upcast before use.
 FP8_STEP_FACTOR = 1.88
-# A tiled decode takes longer than the untiled one charged the pixels its tiles cover: on an H100 (mlnb bench run 5,
-# 2026-11-26, 256 px tiles, seams blended row by row as diffusers does) 2.43× that for SD1.5 at 512² (0.114 s against
-# 0.030 s, 9 tiles covering 1.56× the image) and 1.84× for SDXL at 1024² in fp32 (0.551 s against 0.174 s, 36 tiles
-# covering 1.72×). The smaller of the two stands in until the card has decoded in the plan's tiles.
+# A tiled decode takes longer than the untiled one charged the pixels its tiles cover (each tile's seams are blended
+# row by row, as diffusers does): the smaller of the factors measured for SD1.5 and SDXL stands in until the card
+# has decoded in the plan's tiles.
 TILE_TIME_FACTOR = 1.84
 _ENCODE_ACTIVATIONS = 64 * MiB
 _USABLE = 0.92  # keep 8% of the budget for allocator fragmentation, or what the card measured if that is more
-# A tiled decode needs more than its tiles' share of the untiled decode. On an H100 (mlnb bench, 2026-11-26) plans
-# decoding in 256 px tiles peaked 0.15 GiB above that share (SDXL 1024², fp32 VAE) and ran out of memory at least
-# 0.13 GiB above it (SD1.5 512²): a part of the decode's memory does not shrink with the tile.
+# A tiled decode needs more than its tiles' share of the untiled decode: a part of the decode's memory does not
+# shrink with the tile.
 TILE_OVERHEAD = 192 * MiB
-# A streamed unit's copy is issued when the unit two places before it ends, so a tiny streamed unit (a transformer's
-# norm or 1×1 projection, split off a block too large to stream whole) leaves the next large unit almost no compute
-# to arrive behind. Blocks this small stay resident.
-MIN_STREAMED = 8 * MiB
 TILES = (768, 512, 256)  # the VAE tile sizes a plan may choose, largest first
-
-
-class BudgetError(ValueError):
-    """No placement fits the budget; the message says what would."""
 
 
 @dataclass(frozen=True)
@@ -188,9 +175,7 @@ def streamed_denoise_reserve(peak: int, start: int, slots: int, work: Workload) 
     """The denoising loop's activation bytes as a streamed generation shows them: its peak allocated up to the last
     step, less what was on the GPU when it started (the kept part) and the streamer's slots. The peak may be the
     encoders' phase, so this is an upper bound; it stands in for the anchors' :func:`denoise_reserve` only when it is
-    below it (the card facts stored with run 5's outputs hold 328 MiB for SDXL at 1024², written by a resident SDXL
-    generation on that H100, against the anchor's 778 MiB), until a resident
-    run measures the reserve itself. None when it says nothing below the anchor."""
+    below it, until a resident run measures the reserve itself. None when it says nothing below the anchor."""
     reserve = peak - start - slots
     return reserve if 0 < reserve < denoise_reserve(work) else None
 
@@ -235,7 +220,8 @@ class Plan:
         return ", ".join(parts)
 
     def prediction(self) -> str:
-        time = f"{self.predicted_seconds:.1f} s" if self.predicted_seconds is not None else "time unknown until measured"
+        known = self.predicted_seconds is not None
+        time = f"{self.predicted_seconds:.1f} s" if known else "time unknown until measured"
         return f"predicted peak {format_bytes(self.predicted_peak)} of {format_bytes(self.budget)}, {time}"
 
     def __str__(self) -> str:
@@ -267,7 +253,7 @@ def overlap_measured(compute: float, copies: float, step: float) -> float:
 def schedule_step(forward: float, blocks, between: float, copies: dict[str, float], slots: int = 2,
                   steps: int = 8) -> float:
     """Seconds of one denoising step with the blocks in ``copies`` streamed, replaying the streamer's schedule
-    (:mod:`mlnb.optimizer.streaming`) against one measured resident forward.
+    (:mod:`mlnb.planner.streaming`) against one measured resident forward.
 
     Args:
         forward: seconds of the resident forward.
@@ -318,9 +304,10 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
     return (clock - starts[1]) / (steps - 1)
 
 
-def _stream_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool,
-                 calibrated: bool = True) -> float | None:
-    """A streamed step from the card's block timeline (None without one that has every streamed block)."""
+def replayed_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool,
+                  calibrated: bool = True) -> float | None:
+    """A step streaming ``streamed`` (of ``sizes`` bytes each) through ``slots``, replayed against the card's block
+    timeline (None without one that has every streamed block)."""
     if card.block_timeline is None or not card.bandwidth or card.step_seconds is None or not streamed:
         return None
     forward, rows = card.block_timeline
@@ -338,12 +325,15 @@ def streamed_step(plan: "Plan", model: ModelFacts, card: CardFacts, calibrated: 
     measured ``unit_overhead`` per streamed unit when ``calibrated``); None for a plan that streams nothing, or
     without a timeline. An overhead per unit, not a ratio: a ratio measured on a plan streaming 48 units would also
     scale the compute of a plan streaming two."""
-    sizes, _, _ = _scaled(model, plan.fp8)
-    return _stream_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated)
+    sizes, _, _ = stored_bytes(model, plan.fp8)
+    return replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated)
 
 
-def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp8: bool,
-          tile: int | None = None, schedule: float | None = None) -> float | None:
+def seconds_per_image(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp8: bool,
+                      tile: int | None = None, schedule: float | None = None) -> float | None:
+    """The time model: seconds of one image streaming ``streamed`` bytes a step and moving ``transfer_once`` bytes
+    once (the offloaded encoders and VAE), with the step ``schedule`` replayed when there is one; None while the card
+    has not measured a step (or the bandwidth a streamed plan needs)."""
     if card.step_seconds is None:
         return None
     step = card.step_seconds * (FP8_STEP_FACTOR if fp8 else 1.0)
@@ -365,7 +355,7 @@ def _time(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp
     return seconds
 
 
-def _scaled(model: ModelFacts, fp8: bool) -> tuple[dict[str, int], int, int]:
+def stored_bytes(model: ModelFacts, fp8: bool) -> tuple[dict[str, int], int, int]:
     """Block bytes, other bytes and denoiser bytes as stored (fp8 halves the denoiser)."""
     scale = 0.5 if fp8 else 1.0
     blocks = {b.name: int(b.nbytes * scale) for b in model.blocks}
@@ -373,7 +363,7 @@ def _scaled(model: ModelFacts, fp8: bool) -> tuple[dict[str, int], int, int]:
     return blocks, other, other + sum(blocks.values())
 
 
-def _reserves(work: Workload, tile: int | None, card: CardFacts | None) -> tuple[int, int]:
+def reserves(work: Workload, tile: int | None, card: CardFacts | None) -> tuple[int, int]:
     """Denoise and decode activation bytes: measured on this card when known, else from the anchors."""
     den_res = card.denoise_reserve if card is not None and card.denoise_reserve else denoise_reserve(work)
     if card is not None and card.decode_reserve:
@@ -384,20 +374,21 @@ def _reserves(work: Workload, tile: int | None, card: CardFacts | None) -> tuple
     return den_res, decode_reserve(work, tile)
 
 
-def _terms(model: ModelFacts, tile: int | None, work: Workload, card: CardFacts | None) -> tuple[int, int, int]:
+def phase_terms(model: ModelFacts, tile: int | None, work: Workload, card: CardFacts | None) -> tuple[int, int, int]:
     """``(encode, decode, denoise)``: what each phase needs on the GPU besides the denoiser's kept part (the
     denoise term without the streamed blocks' slots)."""
     enc_max = max(model.encoders.values(), default=0)
     if model.encoder_slots:
         enc_max = min(enc_max, model.encoder_slots)  # streamed: the unit computing and the one arriving
-    den_res, dec = _reserves(work, tile, card)
+    den_res, dec = reserves(work, tile, card)
     return enc_max + _ENCODE_ACTIVATIONS, model.vae + dec, den_res
 
 
-def _peak(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, resident: tuple[str, ...],
-          streamed: tuple[str, ...], work: Workload, card: CardFacts | None = None, slots: int = 2) -> int:
-    blocks, other, denoiser = _scaled(model, fp8)
-    encode, decode, den_res = _terms(model, tile, work, card)
+def peak_bytes(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, resident: tuple[str, ...],
+               streamed: tuple[str, ...], work: Workload, card: CardFacts | None = None, slots: int = 2) -> int:
+    """The memory model: the peak of a placement, the largest of its encode, denoise and decode phases."""
+    blocks, other, denoiser = stored_bytes(model, fp8)
+    encode, decode, den_res = phase_terms(model, tile, work, card)
     if strategy == "resident":
         return model.total - (model.denoiser - denoiser) + max(den_res, decode - model.vae)
     if strategy == "offload encoders and VAE":
@@ -406,72 +397,15 @@ def _peak(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, residen
     return res_bytes + max(encode, decode, slots * max((blocks[n] for n in streamed), default=0) + den_res)
 
 
-def _fill(ranked: list[Block], other: int, fixed: int, den_res: int, slots: int, usable: float) -> list[Block]:
-    """The blocks kept resident: each in ``ranked`` order that still fits beside those kept before it (first fit),
-    counting the slots of the largest block left streamed. ``fixed`` is the larger of the encode and decode terms."""
-    left: dict[int, int] = {}
-    for block in ranked:
-        left[block.nbytes] = left.get(block.nbytes, 0) + 1
-    sizes = sorted(left, reverse=True)
-    kept: list[Block] = []
-    resident = other
-    for block in ranked:
-        left[block.nbytes] -= 1
-        largest = next((n for n in sizes if left[n] > 0), 0)
-        if resident + block.nbytes + max(fixed, slots * largest + den_res) <= usable:
-            kept.append(block)
-            resident += block.nbytes
-        else:
-            left[block.nbytes] += 1
-    return kept
-
-
 def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> tuple[int, float | None]:
     """``(peak bytes, seconds per image)`` of ``plan`` for ``work`` (another size, batch or step count than it was
     made for) with ``card``'s current facts, by the same formulas that chose it."""
-    peak = _peak(plan.strategy, model, plan.fp8, plan.vae_tile, plan.resident, plan.streamed, work, card, plan.slots)
+    peak = peak_bytes(plan.strategy, model, plan.fp8, plan.vae_tile, plan.resident, plan.streamed, work, card,
+                      plan.slots)
     schedule = streamed_step(plan, model, card)
-    return peak, _time(card, work, plan.streamed_bytes, plan.transfer_once_bytes, plan.fp8, plan.vae_tile, schedule)
-
-
-def _bit_reversed(index: int, bits: int) -> int:
-    return int(f"{index:0{bits}b}"[::-1], 2) if bits else 0
-
-
-def _residency_order(blocks: list[Block]) -> list[Block]:
-    """The order in which blocks are kept resident: blocks under :data:`MIN_STREAMED` first (streaming them saves
-    next to no memory and puts a copy turn between two large blocks), then largest first (the fewest bytes left to
-    stream); among blocks of one size, by the bit-reversed position in execution order, so that any number kept, and
-    the rest streamed, lie evenly spread (half of them: every other block) and each streamed block has resident
-    compute beside it."""
-    positions: dict[int, list[int]] = {}
-    for index, block in enumerate(blocks):
-        positions.setdefault(block.nbytes, []).append(index)
-    rank = {}
-    for indices in positions.values():
-        bits = max(0, (len(indices) - 1).bit_length())
-        for k, index in enumerate(indices):
-            rank[index] = _bit_reversed(k, bits)
-    order = sorted(range(len(blocks)), key=lambda i: (blocks[i].nbytes >= MIN_STREAMED, -blocks[i].nbytes, rank[i]))
-    return [blocks[i] for i in order]
-
-
-def _compute_order(blocks: list[Block], durations: dict[str, float]) -> list[Block]:
-    """Blocks under :data:`MIN_STREAMED` first, then the least compute per byte first: those are kept resident, so
-    the streamed blocks are the ones with the most compute to hide the next copies behind."""
-    spread = {b.name: i for i, b in enumerate(_residency_order(blocks))}
-    per_byte = {b.name: durations[b.name] / max(1, b.nbytes) for b in blocks}
-    return sorted(blocks, key=lambda b: (b.nbytes >= MIN_STREAMED, per_byte[b.name], spread[b.name]))
-
-
-def _residency_orders(blocks: list[Block], card: CardFacts):
-    """Orders in which to keep blocks resident: by size, and, with a block timeline on the card, by compute per
-    byte."""
-    yield _residency_order(blocks)
-    if card.block_timeline is not None:
-        durations = {name: seconds for name, _, seconds in card.block_timeline[1]}
-        if all(b.name in durations for b in blocks):
-            yield _compute_order(blocks, durations)
+    seconds = seconds_per_image(card, work, plan.streamed_bytes, plan.transfer_once_bytes, plan.fp8, plan.vae_tile,
+                                schedule)
+    return peak, seconds
 
 
 def room_needed(peak: int, card: CardFacts | None = None) -> int:
@@ -481,97 +415,8 @@ def room_needed(peak: int, card: CardFacts | None = None) -> int:
     return math.ceil(max(peak / _USABLE, peak + fragmentation))
 
 
-def _usable(budget: int, card: CardFacts) -> float:
+def usable_bytes(budget: int, card: CardFacts) -> float:
     """The bytes a plan may allocate at its peak: the budget less 8%, or less the fragmentation the card measured for
     this model's denoising loop when that is more (under a cap, an allocation the allocator has no room to reserve
     makes it free its cache and retry, which synchronizes the device)."""
     return budget - max(budget * (1 - _USABLE), card.fragmentation_reserve or 0)
-
-
-def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
-    usable = _usable(budget, card)
-    enc_total = sum(model.encoders.values())
-    for fp8 in (False, True):
-        sizes, other, denoiser = _scaled(model, fp8)
-        blocks = [Block(name, nbytes) for name, nbytes in sizes.items()]
-        every = tuple(sizes)
-        for tile in (None, *TILES):
-            if tile is not None and tile >= max(work.width, work.height):
-                continue
-            # Everything resident.
-            yield Plan(budget, "resident", every, (), False, fp8, tile,
-                       _peak("resident", model, fp8, tile, every, (), work, card), _time(card, work, 0, 0, fp8, tile), 0)
-            # Encoders and VAE on the GPU only while they run; the denoiser stays.
-            once = enc_total + model.vae
-            yield Plan(budget, "offload encoders and VAE", every, (), True, fp8, tile,
-                       _peak("offload encoders and VAE", model, fp8, tile, every, (), work, card),
-                       _time(card, work, 0, once, fp8, tile), 0, once)
-            # Stream what does not fit, in each order of residency and with two or three slots.
-            encode, decode, den_res = _terms(model, tile, work, card)
-            seen = set()
-            for ranked in _residency_orders(blocks, card):
-                for slots in (2, 3) if card.block_timeline else (2,):
-                    resident = {b.name for b in _fill(ranked, other, max(encode, decode), den_res, slots, usable)}
-                    if len(resident) == len(blocks):
-                        continue  # nothing to stream: the plans above cover it
-                    kept = tuple(b.name for b in model.blocks if b.name in resident)
-                    moved_names = tuple(b.name for b in model.blocks if b.name not in resident)
-                    if (moved_names, slots) in seen:
-                        continue
-                    seen.add((moved_names, slots))
-                    moved = sum(sizes[n] for n in moved_names)
-                    schedule = _stream_step(card, sizes, moved_names, slots, fp8)
-                    yield Plan(
-                        budget, "stream", kept, moved_names, True, fp8, tile,
-                        _peak("stream", model, fp8, tile, kept, moved_names, work, card, slots),
-                        _time(card, work, moved, once, fp8, tile, schedule), moved, once, slots=slots,
-                    )
-
-
-_PREFERENCE = {"resident": 0, "offload encoders and VAE": 1, "stream": 2}
-
-
-def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = None, work: Workload | None = None) -> Plan:
-    """The fastest plan predicted to fit ``budget`` bytes.
-
-    With measured card facts, plans are ranked by predicted time; without them, by how little they move and
-    transform (resident, then offloaded encoders/VAE, then streaming with the most bytes resident; no fp8 or tiling
-    unless needed to fit).
-
-    Raises:
-        BudgetError: nothing fits; the message gives the smallest budget that would, and a smaller size.
-
-    Example:
-        ```python
-        >>> plan = plan_for_budget(4 * GiB, facts, CardFacts(bandwidth=20e9, step_seconds=0.07), Workload(1024, 1024))
-        >>> print(plan)
-        ```
-    """
-    card = card or CardFacts()
-    work = work or Workload()
-    plans = list(_candidates(budget, model, card, work))
-    fitting = [p for p in plans if p.predicted_peak <= _usable(budget, card)]
-    if not fitting:
-        smallest = min(plans, key=lambda p: p.predicted_peak)
-        need = room_needed(smallest.predicted_peak, card)
-        smaller = ""
-        side = (min(work.width, work.height) - 1) // 64 * 64
-        while side >= 64:  # the largest smaller square that the planner finds a fitting placement for
-            fits = dataclasses.replace(work, width=side, height=side)
-            if any(p.predicted_peak <= _usable(budget, card) for p in _candidates(budget, model, card, fits)):
-                smaller = f", or make the image {side}×{side} or smaller"
-                break
-            side -= 64
-        raise BudgetError(
-            f"no placement fits {format_bytes(budget)} for {work.width}×{work.height} ×{work.batch}: the smallest "
-            f"needs {format_bytes(need, up=True)} (activation reserve {format_bytes(_reserves(work, None, card)[0])}); "
-            f"give at least {format_bytes(need, up=True)}{smaller}"
-        )
-
-    def rank(p: Plan):
-        known = p.predicted_seconds is not None
-        structural = (p.fp8, p.vae_tile is not None, _PREFERENCE[p.strategy], p.streamed_bytes, p.slots,
-                      -(p.vae_tile or 0))
-        return (0, p.predicted_seconds, structural) if known else (1, 0.0, structural)
-
-    return min(fitting, key=rank)

@@ -6,11 +6,14 @@ streaming then add to it. ``malloc_trim(0)`` returns the free pages; elsewhere (
 
 Weights loaded from safetensors are not in the heap at all: diffusers maps each file, and a tensor is a view of the
 mapping. Copying a weight to the GPU or to pinned memory reads its pages, which then count in the process's resident
-size until the whole file's mapping goes, that is until the last tensor of the file has moved. Planning SDXL for
-4 GiB on an H100 host peaked at 10.4 GiB resident for 6.5 GiB of weights: every page of the files read, plus the
-pinned copies. ``madvise(MADV_PAGEOUT)`` (Linux 5.4 and later) asks the kernel to reclaim a mapping's pages: clean
-pages of a file leave the process (a tensor that still views them reads them again from the file), and a page that
-was changed is kept or swapped, never lost.
+size until the whole file's mapping goes, that is until the last tensor of the file has moved: a plan that pins
+part of the model would otherwise hold every page of the files read beside the pinned copies.
+``madvise(MADV_PAGEOUT)`` (Linux 5.4 and later) asks the kernel to reclaim a mapping's pages: clean pages of a file
+leave the process (a tensor that still views them reads them again from the file), and a page that was changed is
+kept or swapped, never lost.
+
+The planner gives host memory back as it places a pipeline (:mod:`.apply`) and as it packs pinned copies
+(:mod:`.streaming`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@
   ``overlap`` comes from a generation that streamed part of the denoiser: the fraction of the shorter of compute and
   copies that the copies hid (0: they added up; 1: the step took the longer of the two).
   ``block_timeline`` is where each denoiser block started and how long it took in one resident forward (CUDA
-  events, :class:`mlnb.pipeline.timing.BlockTimer`): the planner replays a streamed plan's copies against it.
+  events, :class:`mlnb.planner.timing.BlockTimer`): the planner replays a streamed plan's copies against it.
   ``unit_overhead`` is the seconds a streamed step took beyond the step that replay predicted for the same plan,
   per streamed unit.
   ``fragmentation_reserve`` is how far the allocator's reserved bytes rose above its allocated peak over a resident
@@ -23,6 +23,10 @@
 Until a model has been measured on the card, the planner predicts time as unknown and uses the activation reserves
 derived from the design notes' anchors. A measurement at another size is scaled by the pixel count (compute and
 activations grow about linearly with pixels at these sizes).
+
+A process reads the file once and keeps it in memory, reading it again only when it changed on disk (its time,
+size or inode: another process recorded something); a measurement that changes what is stored is written through
+at once.
 """
 
 from __future__ import annotations
@@ -30,14 +34,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
-from .device import Device
-from .plan import CardFacts, Workload
+from ..device import Device
+from .cost import CardFacts, Workload
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["card_facts", "cache_path", "describe", "record_measured", "workload_key", "MEASURED_FIELDS"]
+__all__ = ["card_facts", "cache_path", "describe_card", "record_measured", "workload_key", "MEASURED_FIELDS"]
 
 # What generations record (a resident one most of them), and whether each scales with the pixel count when used at
 # another size.
@@ -52,25 +57,61 @@ _UNSCALED = ("overlap", "other_seconds", "other_offload_seconds", "unit_overhead
 
 
 def cache_path() -> Path:
+    """``$MLNB_CACHE/cards.json`` (default ``~/.cache/mlnb/cards.json``), read when asked."""
     return Path(os.environ.get("MLNB_CACHE", Path.home() / ".cache" / "mlnb")) / "cards.json"
 
 
-def _read() -> dict:
-    try:
-        return json.loads(cache_path().read_text())
-    except (OSError, ValueError):
-        return {}
+class _Store:
+    """One ``cards.json`` kept in memory: read from disk once, read again only when the file changed there (another
+    process recorded something, or it was replaced), and written through when something new is recorded here."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.cards: dict = {}
+        self.stamp: tuple | None = None  # the file as last read or written: (mtime_ns, size, inode); None if absent
+        self.loaded = False
+
+    def _on_disk(self) -> tuple | None:
+        try:
+            found = self.path.stat()
+        except OSError:
+            return None
+        return found.st_mtime_ns, found.st_size, found.st_ino
+
+    def current(self) -> dict:
+        """The cards, read again only if the file is not the one last read or written."""
+        stamp = self._on_disk()
+        if not self.loaded or stamp != self.stamp:
+            try:
+                self.cards = json.loads(self.path.read_text()) if stamp is not None else {}
+            except (OSError, ValueError):
+                self.cards = {}
+            self.stamp, self.loaded = stamp, True
+        return self.cards
+
+    def save(self) -> None:
+        """Write the cards as they are in memory (whole: a reader never sees half a file)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.cards, indent=1))
+            tmp.replace(self.path)
+        except OSError as exc:
+            logger.debug("cannot write %s: %s", self.path, exc)
+        self.stamp = self._on_disk()
 
 
-def _write(cards: dict) -> None:
+_stores: dict[Path, _Store] = {}
+_lock = threading.RLock()  # a generation in the dashboard's thread may record beside one in the kernel's
+
+
+def _store() -> _Store:
+    """The store of the cache file ``MLNB_CACHE`` names now."""
     path = cache_path()
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cards, indent=1))
-        tmp.replace(path)  # a reader never sees half a file
-    except OSError as exc:
-        logger.debug("cannot write %s: %s", path, exc)
+    store = _stores.get(path)
+    if store is None:
+        store = _stores[path] = _Store(path)
+    return store
 
 
 def workload_key(work: Workload) -> str:
@@ -133,32 +174,35 @@ def _card_name(device: Device) -> str | None:
     return None if device.kind == "cpu" else device.describe()[0]
 
 
-def card_facts(device: Device, model: str | None = None, work: Workload | None = None, measure: bool = True) -> CardFacts:
+def card_facts(device: Device, model: str | None = None, work: Workload | None = None,
+               measure: bool = True) -> CardFacts:
     """The cached facts for this card, measuring the bandwidth if it is missing (CUDA only).
 
     Args:
         device: the card.
-        model: the model key (:func:`mlnb.optimizer.budget.model_key`) whose measurements are wanted.
+        model: the model key (:func:`mlnb.planner.blocks.model_key`) whose measurements are wanted.
         work: the size and batch they are for.
         measure: measure the bandwidth when it is not cached yet.
     """
     name = _card_name(device)
     if name is None:
         return CardFacts()
-    cards = _read()
-    entry = cards.get(name, {})
-    if "bandwidth" not in entry and measure:
-        try:
-            bandwidth = device.h2d_bandwidth()
-        except Exception as exc:  # a failed measurement only costs the time prediction
-            logger.warning("could not measure host-to-device bandwidth: %s", exc)
-            bandwidth = None
+    with _lock:
+        entry = _store().current().get(name, {})
+        if "bandwidth" in entry or not measure:
+            return CardFacts(bandwidth=entry.get("bandwidth"), **_measured(entry, model, work))
+    try:
+        bandwidth = device.h2d_bandwidth()
+    except Exception as exc:  # a failed measurement only costs the time prediction
+        logger.warning("could not measure host-to-device bandwidth: %s", exc)
+        bandwidth = None
+    with _lock:
+        store = _store()
+        entry = store.current().setdefault(name, {})  # another process may have written meanwhile
         if bandwidth:
-            cards = _read()  # another process may have written meanwhile
-            entry = cards.setdefault(name, {})
             entry["bandwidth"] = bandwidth
-            _write(cards)
-    return CardFacts(bandwidth=entry.get("bandwidth"), **_measured(entry, model, work))
+            store.save()
+        return CardFacts(bandwidth=entry.get("bandwidth"), **_measured(entry, model, work))
 
 
 def record_measured(device: Device, model: str, work: Workload, **values: float | int | None) -> None:
@@ -180,25 +224,29 @@ def record_measured(device: Device, model: str, work: Workload, **values: float 
         fresh["block_timeline"] = [round(forward, 6), [[n, round(a, 6), round(d, 6)] for n, a, d in rows]]
     if name is None or not fresh:
         return
-    cards = _read()
-    found = cards.setdefault(name, {}).setdefault("measured", {}).setdefault(model, {})
-    found = found.setdefault(workload_key(work), {})
-    if any(k.startswith("decode") for k in fresh):
-        # The precision the decode fields were measured in; a reserve kept from the other one is converted to it.
-        kept = _in_decode_precision({k: v for k, v in found.items() if k == "decode_reserve"},
-                                    found.get("vae_fp32"), bool(work.vae_fp32))
-        found.update(kept, vae_fp32=bool(work.vae_fp32))
-    found.update(fresh)
-    _write(cards)
+    with _lock:
+        store = _store()
+        measured = store.current().setdefault(name, {}).setdefault("measured", {}).setdefault(model, {})
+        found = measured.setdefault(workload_key(work), {})
+        before = json.dumps(found, sort_keys=True)
+        if any(k.startswith("decode") for k in fresh):
+            # The precision the decode fields were measured in; a reserve kept from the other one is converted to it.
+            kept = _in_decode_precision({k: v for k, v in found.items() if k == "decode_reserve"},
+                                        found.get("vae_fp32"), bool(work.vae_fp32))
+            found.update(kept, vae_fp32=bool(work.vae_fp32))
+        found.update(fresh)
+        if json.dumps(found, sort_keys=True) != before:  # written only when something changed
+            store.save()
 
 
-def describe(device: Device) -> str:
+def describe_card(device: Device) -> str:
     """One line on what the planner has measured on this card: the bandwidth, and for how many model sizes a step
     time (which time predictions need) and a block timeline are cached."""
     name = _card_name(device)
     if name is None:
         return "no GPU: plans are shown, not timed"
-    entry = _read().get(name, {})
+    with _lock:
+        entry = _store().current().get(name, {})
     bandwidth = entry.get("bandwidth")
     sizes = [found for model in entry.get("measured", {}).values() for found in model.values()]
     if bandwidth is None and not sizes:

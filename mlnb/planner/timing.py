@@ -160,9 +160,9 @@ class BlockTimer:
     Args:
         device: the mlnb device whose marks are read.
         denoiser: the UNet or transformer.
-        blocks: its blocks by name (``mlnb.optimizer.budget.denoiser_blocks``).
+        blocks: its blocks by name (:func:`mlnb.planner.blocks.denoiser_blocks`).
         forward: which forward to time, counted from 0.
-        streamer: the denoiser's :class:`~mlnb.optimizer.streaming.UnitStreamer`, when a plan streams blocks.
+        streamer: the denoiser's :class:`~mlnb.planner.streaming.UnitStreamer`, when a plan streams blocks.
 
     Example:
         ```python

@@ -1,0 +1,128 @@
+"""A pipeline's weights as the planner sees them: the denoiser's blocks, the text encoders' units, and the bytes of
+each (:class:`~mlnb.planner.cost.ModelFacts`), plus the key a model's measurements are cached under.
+
+A block is a unit the planner keeps resident or streams: each item of the denoiser's block lists and its
+``mid_block``, split into its children while it is larger than :data:`MAX_BLOCK` (a finer double buffer). One hook
+per block, not per layer, keeps the streaming overhead to the copies (``docs/planner.md``). An offloaded text encoder
+streams in units cut the same way.
+"""
+
+from __future__ import annotations
+
+from ..optimizer.context import denoiser_of
+from ..optimizer.weights import module_bytes
+from ..units import MiB
+from .cost import Block, ModelFacts
+
+__all__ = ["MAX_BLOCK", "model_facts", "model_key", "denoiser_blocks", "denoiser_units", "model_units",
+           "text_encoders"]
+
+MAX_BLOCK = 256 * MiB  # units larger than this are split into their children (read when a pipeline is split)
+
+
+def _split(name: str, module, max_block: int) -> list[tuple[str, object]]:
+    import torch
+
+    children = list(module.named_children())
+    # A ModuleList is never called (its owner calls the items, or indexes one, as attention does with to_out[0]):
+    # a hook on it would never onload its weights, so its items are the units, however small.
+    container = isinstance(module, torch.nn.ModuleList)
+    if not container and (module_bytes(module) <= max_block or not children):
+        return [(name, module)]
+    out = []
+    for child_name, child in children:
+        if module_bytes(child):
+            out += _split(f"{name}.{child_name}", child, max_block)
+    return out  # parameters owned by this module itself count as the denoiser's "other" bytes
+
+
+def denoiser_units(denoiser, max_block: int | None = None) -> list[tuple[str, object]]:
+    """The denoiser's blocks ``(dotted name, module)`` in execution order, none larger than ``max_block`` bytes
+    (default :data:`MAX_BLOCK`) where the module tree allows."""
+    import torch
+
+    max_block = MAX_BLOCK if max_block is None else max_block
+    found = []
+    for name, child in denoiser.named_children():
+        if isinstance(child, torch.nn.ModuleList):
+            for index, block in enumerate(child):
+                found += _split(f"{name}.{index}", block, max_block)
+        elif name in ("mid_block",) and child is not None:
+            found += _split(name, child, max_block)
+    return found
+
+
+def model_units(module, max_block: int | None = None) -> list[tuple[str, object]]:
+    """A whole model (a text encoder) split into streamable units (``""`` when it is one unit itself)."""
+    max_block = MAX_BLOCK if max_block is None else max_block
+    if module_bytes(module) <= max_block:
+        return [("", module)]
+    out = []
+    for name, child in module.named_children():
+        if module_bytes(child):
+            out += _split(name, child, max_block)
+    return out
+
+
+def text_encoders(pipe) -> dict:
+    """The pipeline's text encoders by component name (``text_encoder``, ``text_encoder_2`` ...)."""
+    import torch
+
+    return {
+        name: module for name, module in pipe.components.items()
+        if name.startswith("text_encoder") and isinstance(module, torch.nn.Module)
+    }
+
+
+def model_facts(pipe, max_block: int | None = None) -> ModelFacts:
+    """Weight bytes of ``pipe`` by component and denoiser block (execution order).
+
+    Args:
+        pipe: a diffusers pipeline with a ``unet`` or ``transformer``.
+        max_block: the largest block in bytes (default :data:`MAX_BLOCK`); larger ones are split.
+
+    Raises:
+        ValueError: the pipeline has no denoiser to plan for.
+    """
+    denoiser = denoiser_of(pipe)
+    if denoiser is None:
+        raise ValueError(f"{type(pipe).__name__} has no unet or transformer to plan for")
+    blocks = [Block(name, module_bytes(module)) for name, module in denoiser_units(denoiser, max_block)]
+    encoders = text_encoders(pipe)
+    vae = getattr(pipe, "vae", None)
+    bytes_per_param = next(denoiser.parameters()).element_size()
+    # an offloaded encoder's streamer holds two slots of its largest unit (one when it is a single unit)
+    slots = []
+    for encoder in encoders.values():
+        units = [module_bytes(unit) for _, unit in model_units(encoder, max_block)]
+        if units:
+            slots.append(min(2, len(units)) * max(units))
+    return ModelFacts(
+        encoders={name: module_bytes(module) for name, module in encoders.items()},
+        vae=module_bytes(vae) if vae is not None else 0,
+        blocks=tuple(blocks),
+        denoiser_other=module_bytes(denoiser) - sum(b.nbytes for b in blocks),
+        bytes_per_param=bytes_per_param,
+        encoder_slots=max(slots, default=None),
+    )
+
+
+def denoiser_blocks(pipe, max_block: int | None = None) -> dict:
+    """The denoiser's blocks by name, as :func:`model_facts` lists them (the units a plan keeps or streams)."""
+    denoiser = denoiser_of(pipe)
+    return dict(denoiser_units(denoiser, max_block)) if denoiser is not None else {}
+
+
+def model_key(pipe, dtype) -> str:
+    """The key under which a model's measurements (step time, activations) are cached.
+
+    For example ``"UNet2DConditionModel-2567463684-float16"``.
+
+    The denoiser's class and parameter count (not its name or path: the same architecture runs at the same speed)
+    and the compute dtype (fp8 storage computes in it too).
+    """
+    denoiser = denoiser_of(pipe)
+    if denoiser is None:
+        raise ValueError(f"{type(pipe).__name__} has no unet or transformer")
+    params = sum(p.numel() for p in denoiser.parameters())
+    return f"{type(denoiser).__name__}-{params}-{str(dtype).removeprefix('torch.')}"

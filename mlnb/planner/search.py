@@ -1,0 +1,196 @@
+"""The budget planner's search: the fastest placement of a pipeline's weights that fits a VRAM budget (pure; no
+torch).
+
+Candidates are every strategy (everything resident; the encoders and the VAE offloaded; part of the denoiser
+streamed), with and without fp8 storage, untiled and in each VAE tile size; :mod:`mlnb.planner.cost` gives each its
+peak and time. Blocks are kept resident first fit in one of two orders: blocks under :data:`MIN_STREAMED` first,
+then largest first (the fewest bytes moved), and among blocks of one size spread evenly over the execution order so
+that each copy has compute beside it; or, with a block timeline on the card, least compute per byte first, so that
+the streamed blocks are those with the most compute to hide the next copies behind. With a timeline each order is
+tried with two and three slots. With measured card facts the fastest plan that fits wins; without them, the one
+that moves and transforms least.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..units import MiB, format_bytes
+from .cost import (
+    TILES,
+    Block,
+    CardFacts,
+    ModelFacts,
+    Plan,
+    Workload,
+    peak_bytes,
+    phase_terms,
+    replayed_step,
+    reserves,
+    room_needed,
+    seconds_per_image,
+    stored_bytes,
+    usable_bytes,
+)
+
+__all__ = ["BudgetError", "plan_for_budget", "MIN_STREAMED"]
+
+# A streamed unit's copy is issued when the unit two places before it ends, so a tiny streamed unit (a transformer's
+# norm or 1×1 projection, split off a block too large to stream whole) leaves the next large unit almost no compute
+# to arrive behind. Blocks this small stay resident.
+MIN_STREAMED = 8 * MiB
+
+
+class BudgetError(ValueError):
+    """No placement fits the budget; the message says what would."""
+
+
+def _fill(ranked: list[Block], other: int, fixed: int, den_res: int, slots: int, usable: float) -> list[Block]:
+    """The blocks kept resident: each in ``ranked`` order that still fits beside those kept before it (first fit),
+    counting the slots of the largest block left streamed. ``fixed`` is the larger of the encode and decode terms."""
+    left: dict[int, int] = {}
+    for block in ranked:
+        left[block.nbytes] = left.get(block.nbytes, 0) + 1
+    sizes = sorted(left, reverse=True)
+    kept: list[Block] = []
+    resident = other
+    for block in ranked:
+        left[block.nbytes] -= 1
+        largest = next((n for n in sizes if left[n] > 0), 0)
+        if resident + block.nbytes + max(fixed, slots * largest + den_res) <= usable:
+            kept.append(block)
+            resident += block.nbytes
+        else:
+            left[block.nbytes] += 1
+    return kept
+
+
+def _bit_reversed(index: int, bits: int) -> int:
+    return int(f"{index:0{bits}b}"[::-1], 2) if bits else 0
+
+
+def _residency_order(blocks: list[Block]) -> list[Block]:
+    """The order in which blocks are kept resident: blocks under :data:`MIN_STREAMED` first (streaming them saves
+    next to no memory and puts a copy turn between two large blocks), then largest first (the fewest bytes left to
+    stream); among blocks of one size, by the bit-reversed position in execution order, so that any number kept, and
+    the rest streamed, lie evenly spread (half of them: every other block) and each streamed block has resident
+    compute beside it."""
+    positions: dict[int, list[int]] = {}
+    for index, block in enumerate(blocks):
+        positions.setdefault(block.nbytes, []).append(index)
+    rank = {}
+    for indices in positions.values():
+        bits = max(0, (len(indices) - 1).bit_length())
+        for k, index in enumerate(indices):
+            rank[index] = _bit_reversed(k, bits)
+    order = sorted(range(len(blocks)), key=lambda i: (blocks[i].nbytes >= MIN_STREAMED, -blocks[i].nbytes, rank[i]))
+    return [blocks[i] for i in order]
+
+
+def _compute_order(blocks: list[Block], durations: dict[str, float]) -> list[Block]:
+    """Blocks under :data:`MIN_STREAMED` first, then the least compute per byte first: those are kept resident, so
+    the streamed blocks are the ones with the most compute to hide the next copies behind."""
+    spread = {b.name: i for i, b in enumerate(_residency_order(blocks))}
+    per_byte = {b.name: durations[b.name] / max(1, b.nbytes) for b in blocks}
+    return sorted(blocks, key=lambda b: (b.nbytes >= MIN_STREAMED, per_byte[b.name], spread[b.name]))
+
+
+def _residency_orders(blocks: list[Block], card: CardFacts):
+    """Orders in which to keep blocks resident: by size, and, with a block timeline on the card, by compute per
+    byte."""
+    yield _residency_order(blocks)
+    if card.block_timeline is not None:
+        durations = {name: seconds for name, _, seconds in card.block_timeline[1]}
+        if all(b.name in durations for b in blocks):
+            yield _compute_order(blocks, durations)
+
+
+def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
+    usable = usable_bytes(budget, card)
+    enc_total = sum(model.encoders.values())
+    for fp8 in (False, True):
+        sizes, other, denoiser = stored_bytes(model, fp8)
+        blocks = [Block(name, nbytes) for name, nbytes in sizes.items()]
+        every = tuple(sizes)
+        for tile in (None, *TILES):
+            if tile is not None and tile >= max(work.width, work.height):
+                continue
+            # Everything resident.
+            yield Plan(budget, "resident", every, (), False, fp8, tile,
+                       peak_bytes("resident", model, fp8, tile, every, (), work, card),
+                       seconds_per_image(card, work, 0, 0, fp8, tile), 0)
+            # Encoders and VAE on the GPU only while they run; the denoiser stays.
+            once = enc_total + model.vae
+            yield Plan(budget, "offload encoders and VAE", every, (), True, fp8, tile,
+                       peak_bytes("offload encoders and VAE", model, fp8, tile, every, (), work, card),
+                       seconds_per_image(card, work, 0, once, fp8, tile), 0, once)
+            # Stream what does not fit, in each order of residency and with two or three slots.
+            encode, decode, den_res = phase_terms(model, tile, work, card)
+            seen = set()
+            for ranked in _residency_orders(blocks, card):
+                for slots in (2, 3) if card.block_timeline else (2,):
+                    resident = {b.name for b in _fill(ranked, other, max(encode, decode), den_res, slots, usable)}
+                    if len(resident) == len(blocks):
+                        continue  # nothing to stream: the plans above cover it
+                    kept = tuple(b.name for b in model.blocks if b.name in resident)
+                    moved_names = tuple(b.name for b in model.blocks if b.name not in resident)
+                    if (moved_names, slots) in seen:
+                        continue
+                    seen.add((moved_names, slots))
+                    moved = sum(sizes[n] for n in moved_names)
+                    schedule = replayed_step(card, sizes, moved_names, slots, fp8)
+                    yield Plan(
+                        budget, "stream", kept, moved_names, True, fp8, tile,
+                        peak_bytes("stream", model, fp8, tile, kept, moved_names, work, card, slots),
+                        seconds_per_image(card, work, moved, once, fp8, tile, schedule), moved, once, slots=slots,
+                    )
+
+
+_PREFERENCE = {"resident": 0, "offload encoders and VAE": 1, "stream": 2}
+
+
+def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = None,
+                    work: Workload | None = None) -> Plan:
+    """The fastest plan predicted to fit ``budget`` bytes.
+
+    With measured card facts, plans are ranked by predicted time; without them, by how little they move and
+    transform (resident, then offloaded encoders/VAE, then streaming with the most bytes resident; no fp8 or tiling
+    unless needed to fit).
+
+    Raises:
+        BudgetError: nothing fits; the message gives the smallest budget that would, and a smaller size.
+
+    Example:
+        ```python
+        >>> plan = plan_for_budget(4 * GiB, facts, CardFacts(bandwidth=20e9, step_seconds=0.07), Workload(1024, 1024))
+        >>> print(plan)
+        ```
+    """
+    card = card or CardFacts()
+    work = work or Workload()
+    plans = list(_candidates(budget, model, card, work))
+    fitting = [p for p in plans if p.predicted_peak <= usable_bytes(budget, card)]
+    if not fitting:
+        smallest = min(plans, key=lambda p: p.predicted_peak)
+        need = room_needed(smallest.predicted_peak, card)
+        smaller = ""
+        side = (min(work.width, work.height) - 1) // 64 * 64
+        while side >= 64:  # the largest smaller square that the planner finds a fitting placement for
+            fits = dataclasses.replace(work, width=side, height=side)
+            if any(p.predicted_peak <= usable_bytes(budget, card) for p in _candidates(budget, model, card, fits)):
+                smaller = f", or make the image {side}×{side} or smaller"
+                break
+            side -= 64
+        raise BudgetError(
+            f"no placement fits {format_bytes(budget)} for {work.width}×{work.height} ×{work.batch}: the smallest "
+            f"needs {format_bytes(need, up=True)} (activation reserve {format_bytes(reserves(work, None, card)[0])}); "
+            f"give at least {format_bytes(need, up=True)}{smaller}"
+        )
+
+    def rank(p: Plan):
+        known = p.predicted_seconds is not None
+        structural = (p.fp8, p.vae_tile is not None, _PREFERENCE[p.strategy], p.streamed_bytes, p.slots,
+                      -(p.vae_tile or 0))
+        return (0, p.predicted_seconds, structural) if known else (1, 0.0, structural)
+
+    return min(fitting, key=rank)
