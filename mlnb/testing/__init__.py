@@ -13,7 +13,7 @@ from pathlib import Path
 
 __all__ = ["tiny_pipeline", "default_tiny_model", "TINY_KINDS"]
 
-TINY_KINDS = ("sd", "sdxl")
+TINY_KINDS = ("sd", "sdxl", "sd3", "flux")
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -64,10 +64,10 @@ def _text_config(vocab_size: int):
 
 
 def tiny_pipeline(kind: str = "sd", path: str | os.PathLike | None = None, pickle: bool = False) -> Path:
-    """Build and save a tiny random-weight ``"sd"`` (StableDiffusionPipeline) or ``"sdxl"`` pipeline.
+    """Build and save a tiny random-weight ``"sd"`` (StableDiffusionPipeline), ``"sdxl"``, ``"sd3"`` or ``"flux"`` pipeline.
 
     Args:
-        kind: ``"sd"`` or ``"sdxl"``.
+        kind: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` (the last two: :mod:`mlnb.testing.tiny_dit`).
         path: target folder (created); a fresh temporary folder when None.
         pickle: save ``.bin`` pickle weights instead of safetensors (to test the safetensors-only rule).
 
@@ -87,6 +87,10 @@ def tiny_pipeline(kind: str = "sd", path: str | os.PathLike | None = None, pickl
 
     folder = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix=f"mlnb-tiny-{kind}-"))
     folder.mkdir(parents=True, exist_ok=True)
+    if kind in ("sd3", "flux"):  # transformer denoisers: mlnb.testing.tiny_dit
+        from .tiny_dit import tiny_dit_pipeline
+
+        return tiny_dit_pipeline(kind, folder, pickle=pickle)
     torch.manual_seed(0)
     unet_kw = dict(
         block_out_channels=(32, 64),
