@@ -64,7 +64,7 @@ def _text_config(vocab_size: int):
 
 
 def tiny_pipeline(kind: str = "sd", path: str | os.PathLike | None = None, pickle: bool = False) -> Path:
-    """Build and save a tiny random-weight ``"sd"`` (StableDiffusionPipeline), ``"sdxl"``, ``"sd3"`` or ``"flux"`` pipeline.
+    """Build and save a tiny random-weight ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` pipeline.
 
     Args:
         kind: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` (the last two: :mod:`mlnb.testing.tiny_dit`).
