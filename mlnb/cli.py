@@ -110,7 +110,7 @@ def _demo(args) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     from IPython.testing.globalipapp import start_ipython
 
-    from .tiny_models import default_tiny_model
+    from .tiny import default_tiny_model
 
     model = args.model or str(default_tiny_model("sd"))
     out = Path(args.out).expanduser()

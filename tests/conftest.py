@@ -90,6 +90,22 @@ def tiny_sdxl(tiny_root):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3(tiny_root):
+    """A tiny random-weight StableDiffusion3Pipeline folder (MMDiT with a dual-attention block, two CLIPs, T5)."""
+    from mlnb.testing import tiny_pipeline
+
+    return tiny_pipeline("sd3", tiny_root / "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tiny_root):
+    """A tiny random-weight FluxPipeline folder (double- and single-stream blocks, guidance embedder, CLIP, T5)."""
+    from mlnb.testing import tiny_pipeline
+
+    return tiny_pipeline("flux", tiny_root / "flux")
+
+
+@pytest.fixture(scope="session")
 def tiny_sd_pickle(tiny_root):
     """The tiny SD pipeline saved with pickle (.bin) weights only."""
     from mlnb.testing import tiny_pipeline

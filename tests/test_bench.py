@@ -48,13 +48,51 @@ def _baseline(**kw) -> dict:
 
 def test_arch_configs_are_the_public_models_shapes():
     """The packaged configs carry the public parameter counts and native sizes."""
-    assert ARCHS == ("sd15", "sdxl")
+    assert ARCHS == ("sd15", "sdxl", "sd35-medium", "sd35-large", "flux-dev")
     assert arch_params("sdxl")["unet"] == 2567463684
     assert arch_params("sd15")["unet"] == 859520964
     assert load_arch("sdxl")["unet"]["cross_attention_dim"] == 2048
     assert (native_size("sd15"), native_size("sdxl")) == (512, 1024)
+    assert {native_size(name) for name in ("sd35-medium", "sd35-large", "flux-dev")} == {1024}
     with pytest.raises(ValueError, match="unknown architecture 'sd3'"):
         load_arch("sd3")
+
+
+# The public models' sizes as published (model cards, papers): what the stored configs must build, within 1%.
+_PUBLIC_PARAMS = {
+    "sd35-medium": {"transformer": 2.24e9, "vae": 83.8e6, "text_encoder": 123e6, "text_encoder_2": 695e6,
+                    "text_encoder_3": 4.76e9},
+    "sd35-large": {"transformer": 8.06e9, "vae": 83.8e6, "text_encoder": 123e6, "text_encoder_2": 695e6,
+                   "text_encoder_3": 4.76e9},
+    "flux-dev": {"transformer": 11.9e9, "vae": 83.8e6, "text_encoder": 123e6, "text_encoder_2": 4.76e9},
+}
+
+
+@pytest.mark.parametrize("name", list(_PUBLIC_PARAMS))
+def test_transformer_archs_build_on_meta_with_the_public_parameter_counts(name):
+    """SD3.5 medium (MMDiT-X: dual attention in blocks 0-12), SD3.5 large and FLUX.1-dev (19 double-stream + 38
+    single-stream blocks), with CLIP and T5-XXL encoders, built on the meta device from the stored configs: each
+    component has its stored ``_params`` (T5's input embedding counted once), and those are the published sizes."""
+    from mlnb.bench.models import build_arch_pipeline
+
+    pipe = build_arch_pipeline(name, device="meta")
+    counted = {key: sum(p.numel() for p in module.parameters())
+               for key, module in pipe.components.items() if hasattr(module, "parameters")}
+    assert counted == arch_params(name)
+    for key, public in _PUBLIC_PARAMS[name].items():
+        assert counted[key] == pytest.approx(public, rel=0.01), key
+    assert all(p.is_meta for p in pipe.transformer.parameters())
+    assert type(pipe).__name__ == load_arch(name)["_classes"]["pipeline"].split(".")[1]
+    blocks = pipe.transformer.transformer_blocks
+    if name == "flux-dev":
+        assert (len(blocks), len(pipe.transformer.single_transformer_blocks)) == (19, 38)
+        assert type(pipe.tokenizer_2).__name__ in ("T5Tokenizer", "T5TokenizerFast")
+    else:
+        assert len(blocks) == {"sd35-medium": 24, "sd35-large": 38}[name]
+        dual = [i for i, block in enumerate(blocks) if getattr(block, "attn2", None) is not None]
+        assert dual == (list(range(13)) if name == "sd35-medium" else [])
+        assert type(pipe.tokenizer_3).__name__ in ("T5Tokenizer", "T5TokenizerFast")
+    assert "_note" in load_arch(name) and "huggingface/diffusers" in load_arch(name)["_note"]
 
 
 def test_parse_recipes_accepts_families_names_and_bare_levels():
@@ -501,6 +539,35 @@ def test_cpu_bench_end_to_end_writes_valid_json(tiny_sd, tmp_path, monkeypatch, 
     assert len(list((tmp_path / "logs").glob("run-*.log"))) == 2 and "| model |" in md.read_text()
 
 
+def test_cpu_bench_quick_runs_the_transformer_archs_on_their_tiny_stand_ins(tiny_sd3, tiny_flux, tmp_path,
+                                                                             monkeypatch, capsys):
+    """``mlnb bench --device cpu --models sd35-medium,flux-dev --quick``: the tiny SD3 and Flux pipelines stand in,
+    each recipe in its own worker; the offload recipe that needs CUDA is skipped, the others generate 64×64."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(tiny_sd3, cache / "tiny-sd3")
+    os.symlink(tiny_flux, cache / "tiny-flux")
+    monkeypatch.setenv("MLNB_CACHE", str(cache))
+    out = tmp_path / "bench.json"
+    argv = ["--device", "cpu", "--models", "sd35-medium,flux-dev", "--quick", "--json", str(out),
+            "--log-dir", str(tmp_path / "logs")]
+    assert main(argv) == 0
+    assert "sd35-medium" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is True and [m["size"] for m in doc["settings"]["models"]] == [64, 64]
+    runs = {(r["model"], r["recipe"]): r for r in doc["runs"]}
+    assert set(runs) == {(m, r) for m in ("sd35-medium", "flux-dev")
+                         for r in (BASELINE, "mlnb-auto", "diffusers-group-stream")}
+    for model, t5 in (("sd35-medium", "text_encoder_3"), ("flux-dev", "text_encoder_2")):
+        base, auto = runs[model, BASELINE], runs[model, "mlnb-auto"]
+        assert runs[model, "diffusers-group-stream"]["status"] == "skipped"
+        for row in (base, auto):
+            assert row["status"] == "ok" and (row["width"], row["height"]) == (64, 64) and row["seconds"] > 0, row
+            assert "unet" not in row["params"] and t5 in row["params"]
+            assert row["denoiser_fp16_bytes"] == 2 * row["params"]["transformer"]
+        assert auto["level"] == "none" and base["ratio"] == 1.0
+
+
 def test_bad_options_exit_with_usage_errors(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["--recipes", "turbo", "--device", "cpu"])
@@ -572,6 +639,18 @@ def test_the_worker_process_imports_its_module_once(tmp_path):
 def test_folder_native_size(tiny_sd, tmp_path):
     assert folder_native_size(tiny_sd) == 64
     assert folder_native_size(tmp_path) is None
+
+
+def test_folder_native_size_of_transformer_pipelines(tiny_sd3, tiny_flux, monkeypatch, tmp_path):
+    """SD3's transformer has a ``sample_size``; Flux's has none (the pipeline's own default applies), so its tiny
+    stand-in runs at the size the tiny models are made for."""
+    from mlnb.bench.models import tiny_source
+
+    assert folder_native_size(tiny_sd3) == 64
+    assert folder_native_size(tiny_flux) is None
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    os.symlink(tiny_flux, tmp_path / "tiny-flux")
+    assert tiny_source("flux-dev").size == 64 and tiny_source("flux-dev").path == str(tmp_path / "tiny-flux")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -37,8 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlnb bench",
         description=textwrap.fill(
-            "Benchmark mlnb's levels against plain diffusers on the real SD1.5 and SDXL architectures (random "
-            "weights), each recipe in its own process, optionally under a memory cap that simulates a smaller card. "
+            "Benchmark mlnb's levels against plain diffusers on real architectures (SD1.5, SDXL, SD3.5, "
+            "FLUX.1-dev; random weights), each recipe in its own process, optionally under a memory cap that "
+            "simulates a smaller card. "
             "Without a CUDA device (or with --device cpu) it runs the tiny test models: a check of the harness, "
             "not of performance."
         ),
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quick", action="store_true",
                         help=f"a few minutes on one GPU: 8 steps, recipes {QUICK_RECIPES} (+ baseline), caps {QUICK_CAPS}")
-    parser.add_argument("--models", default="sd15,sdxl", help="architectures to build: sd15, sdxl (default both)")
+    parser.add_argument("--models", default="sd15,sdxl",
+                        help=f"architectures to build: {', '.join(ARCHS)} (default sd15,sdxl)")
     parser.add_argument("--model", help="a real model (local diffusers folder or hub id) instead of --models")
     parser.add_argument("--recipes", help="all (default), diffusers, mlnb, or a comma list such as diffusers-none,mlnb-ultra")
     parser.add_argument("--steps", type=int, help="denoising steps per image (default 20; --quick 8; CPU 2)")
@@ -56,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_argument("--caps", help="memory caps in GiB: '4,15', or per model 'sdxl:4,sd15:2'; a value of 0, none or off "
                       f"means uncapped (the whole card) (default {FULL_CAPS})")
     caps.add_argument("--cap-gib", type=float, metavar="N", help="one cap of N GiB (> 0) for every model (same as --caps N)")
-    parser.add_argument("--size", type=int, help="image side in pixels (default: native, 512 for SD1.5, 1024 for SDXL)")
+    parser.add_argument("--size", type=int, help="image side in pixels (default: native, 512 for SD1.5, 1024 for the others)")
     parser.add_argument("--device", choices=("auto", "cuda", "cpu"), default="auto",
                         help="auto (default): CUDA if present, else the CPU harness check")
     parser.add_argument("--json", default="bench-results.json", help="where to write the results (default %(default)s)")

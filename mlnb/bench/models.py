@@ -1,21 +1,28 @@
-"""The benchmark's models: the real SD1.5 and SDXL-base architectures with random weights, or the tiny test models.
+"""The benchmark's models: real architectures with random weights (SD1.5, SDXL-base, SD3.5 medium and large,
+FLUX.1-dev), or the tiny test models.
 
-GPU memory and time depend on the shapes of the weights, not on their values. ``archs/sd15.json`` and
-``archs/sdxl.json`` hold the component configs of the public ``stable-diffusion-v1-5`` and
-``stable-diffusion-xl-base-1.0`` models, so a pipeline built from them with random weights costs what the real one
-costs. Building is fast: every module is created on the ``meta`` device (no memory, no init), then each parameter is
-allocated once, directly in the target dtype on the target device, and filled with ``normal_(0, 0.02)`` (weights),
-ones (norm scales) or zeros (biases). On a GPU this takes a second or two even for SDXL's 2.6 B-parameter UNet.
+GPU memory and time depend on the shapes of the weights, not on their values. ``archs/NAME.json`` holds the component
+configs of the public model (``stable-diffusion-v1-5``, ``stable-diffusion-xl-base-1.0``,
+``stable-diffusion-3.5-medium``, ``stable-diffusion-3.5-large``, ``FLUX.1-dev``), the class of each component
+(``_classes``), its parameter count (``_params``) and where the configs come from (``_note``), so a pipeline built
+from them with random weights costs what the real one costs. Building is fast: every module is created on the
+``meta`` device (no memory, no init), then each parameter is allocated once, directly in the target dtype on the
+target device, and filled with ``normal_(0, 0.02)`` (weights), ones (norm scales) or zeros (biases). On a GPU this
+takes a second or two even for SDXL's 2.6 B-parameter UNet.
 
 The random-weight pipeline is saved once as fp16 safetensors (:func:`save_arch_pipeline`) and every recipe then loads
 that folder the way a user loads a downloaded model, so loading costs (host RAM, time) are measured too.
 
-The tokenizer is the byte-level CLIP tokenizer of :mod:`mlnb.tiny_models` (``model_max_length=77``): no hub is needed,
-prompts still encode to real token ids, and the text encoders keep their full 49 408-entry embedding tables.
+The tokenizer is the byte-level CLIP tokenizer of :mod:`mlnb.tiny` (``model_max_length=77``): no hub is needed,
+prompts still encode to real token ids, and the text encoders keep their full 49 408-entry embedding tables. A T5
+encoder gets the small offline T5 tokenizer of :mod:`mlnb.tiny.dit`, whose ids are T5's first ones, and keeps
+its full 32 128-entry table.
 """
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import logging
 import os
@@ -42,9 +49,11 @@ __all__ = [
     "folder_native_size",
 ]
 
-ARCHS = ("sd15", "sdxl")
-TINY_KINDS = {"sd15": "sd", "sdxl": "sdxl"}  # the tiny mlnb.testing model that stands in on a CPU
-_NATIVE = {"sd15": 512, "sdxl": 1024}
+ARCHS = ("sd15", "sdxl", "sd35-medium", "sd35-large", "flux-dev")
+# the tiny mlnb.testing model that stands in on a CPU
+TINY_KINDS = {"sd15": "sd", "sdxl": "sdxl", "sd35-medium": "sd3", "sd35-large": "sd3", "flux-dev": "flux"}
+_NATIVE = {"sd15": 512, "sdxl": 1024, "sd35-medium": 1024, "sd35-large": 1024, "flux-dev": 1024}
+_TINY_SIZE = 64  # the side the tiny models are made for (FluxPipeline's own default would be 256 for them)
 _MARKER = "mlnb-bench-build.json"  # written last: a folder without it is an interrupted build
 
 
@@ -53,7 +62,7 @@ class ModelSource:
     """What one benchmark model is and where its recipes load it from.
 
     Args:
-        name: the name in the table (``"sd15"``, ``"sdxl"`` or the folder/id of ``--model``).
+        name: the name in the table (one of :data:`ARCHS`, or the folder/id of ``--model``).
         path: a diffusers folder (or hub id) that every recipe loads.
         kind: ``"arch"`` (real shapes, random weights), ``"tiny"`` (CPU harness check) or ``"model"`` (``--model``).
         size: the side of the square image generated, in pixels (``None``: the pipeline's native size).
@@ -68,7 +77,8 @@ class ModelSource:
 
 
 def load_arch(name: str) -> dict:
-    """The stored component configs of ``"sd15"`` or ``"sdxl"``, including ``_params`` (parameter counts).
+    """The stored component configs of an architecture of :data:`ARCHS`, with ``_classes``, ``_params`` (parameter
+    counts) and ``_note`` (where the configs come from).
 
     Raises:
         ValueError: naming the architecture and the known ones.
@@ -85,7 +95,7 @@ def arch_params(name: str) -> dict[str, int]:
 
 
 def native_size(name: str) -> int:
-    """The native resolution (square side in pixels): 512 for SD1.5, 1024 for SDXL."""
+    """The native resolution (square side in pixels): 512 for SD1.5, 1024 for the others."""
     return _NATIVE[name]
 
 
@@ -124,28 +134,65 @@ def _materialize(module, device: str, dtype, generator) -> None:
 def _tokenizer():
     from transformers import CLIPTokenizer
 
-    from ..tiny_models import write_clip_tokenizer
+    from ..tiny import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         write_clip_tokenizer(Path(tmp))
         return CLIPTokenizer.from_pretrained(tmp)
 
 
-def _text_config(section: dict, tokenizer):
-    from transformers import CLIPTextConfig
+def _class(path: str):
+    """``"diffusers.AutoencoderKL"`` -> the class."""
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
 
+
+def _component(path: str, section: dict, tokenizer):
+    """One model of the pipeline (``path``: its class, e.g. ``"transformers.T5EncoderModel"``) from its stored config;
+    called under ``init_empty_weights``."""
+    cls = _class(path)
+    if path.startswith("diffusers."):
+        return cls.from_config(_config(section))
     config = _config(section)
-    # Same shapes (vocab 49408); the special ids follow the byte-level tokenizer so the pooled output is read at
-    # the real end-of-text position.
-    config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    return CLIPTextConfig(**config)
+    if cls.config_class.model_type == "clip_text_model":
+        # Same shapes (vocab 49408); the special ids follow the byte-level tokenizer so the pooled output is read at
+        # the real end-of-text position.
+        config.update(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                      pad_token_id=tokenizer.pad_token_id)
+    return cls(cls.config_class(**config))
+
+
+def _scheduler(arch: dict):
+    if "scheduler" in arch:  # the flow-matching models store theirs
+        return _class(arch["_classes"]["scheduler"]).from_config(_config(arch["scheduler"]))
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
+    )
+
+
+def _pipeline(arch: dict, models: dict, tokenizer):
+    """The pipeline of ``arch`` around its models, each text encoder with its tokenizer and no safety checker."""
+    from ..tiny.dit import t5_tokenizer
+
+    parts = dict(models, scheduler=_scheduler(arch))
+    for key, model in models.items():
+        if key.startswith("text_encoder"):
+            t5 = model.config.model_type == "t5"
+            parts["tokenizer" + key[len("text_encoder"):]] = t5_tokenizer() if t5 else tokenizer
+    cls = _class(arch["_classes"]["pipeline"])
+    if "requires_safety_checker" in inspect.signature(cls.__init__).parameters:
+        parts.update(safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    return cls(**parts)
 
 
 def build_arch_pipeline(name: str, device: str = "cpu", dtype=None, seed: int = 0):
-    """Build the ``"sd15"`` or ``"sdxl"`` pipeline with its real shapes and random weights.
+    """Build an architecture of :data:`ARCHS` with its real shapes and random weights.
 
     Args:
-        name: ``"sd15"`` (StableDiffusionPipeline) or ``"sdxl"`` (StableDiffusionXLPipeline).
+        name: ``"sd15"`` (StableDiffusionPipeline), ``"sdxl"`` (StableDiffusionXLPipeline), ``"sd35-medium"`` or
+            ``"sd35-large"`` (StableDiffusion3Pipeline) or ``"flux-dev"`` (FluxPipeline).
         device: where the weights are allocated and initialised (``"cuda"`` is fastest; ``"meta"`` gives the shapes
             without memory, e.g. for :func:`mlnb.planner.blocks.model_facts`).
         dtype: weights dtype (default fp16).
@@ -163,42 +210,23 @@ def build_arch_pipeline(name: str, device: str = "cpu", dtype=None, seed: int = 
     """
     import torch
     from accelerate import init_empty_weights
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     arch = load_arch(name)
     dtype = dtype or torch.float16
     tokenizer = _tokenizer()
-    # Buffers stay real (include_buffers=False): they hold values such as CLIP's position ids.
-    with init_empty_weights(include_buffers=False):
-        unet = UNet2DConditionModel.from_config(_config(arch["unet"]))
-        vae = AutoencoderKL.from_config(_config(arch["vae"]))
-        text_encoder = CLIPTextModel(_text_config(arch["text_encoder"], tokenizer))
-        text_encoder_2 = (
-            CLIPTextModelWithProjection(_text_config(arch["text_encoder_2"], tokenizer)) if "text_encoder_2" in arch else None
-        )
+    classes = {key: path for key, path in arch["_classes"].items() if key not in ("pipeline", "scheduler")}
+    # Off the meta device buffers stay real: they hold values such as CLIP's position ids and SD3's sin-cos position
+    # table (0.9 GiB in fp32 for SD3.5 medium, seconds to compute); on it only their shapes count.
+    with init_empty_weights(include_buffers=str(device) == "meta"):
+        models = {key: _component(path, arch[key], tokenizer) for key, path in classes.items()}
     # On "meta" nothing is allocated or filled: the shapes alone (what the planner needs) in no memory.
     generator = None if str(device) == "meta" else torch.Generator(device=device).manual_seed(seed)
-    for module in (unet, vae, text_encoder, text_encoder_2):
-        if module is not None:
-            _materialize(module, device, dtype, generator)
-            module.eval()
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", timestep_spacing="leading", steps_offset=1
-    )
-    if text_encoder_2 is None:
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(
-            unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-        )
-    from diffusers import StableDiffusionXLPipeline
-
-    return StableDiffusionXLPipeline(
-        unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-        tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler,
-    )
+    for model in models.values():
+        if hasattr(model, "tie_weights"):  # a transformers model: T5's input embedding is its shared table, a tie
+            model.tie_weights()  # that init_empty_weights undoes by replacing each parameter with its own meta copy
+        _materialize(model, device, dtype, generator)
+        model.eval()
+    return _pipeline(arch, models, tokenizer)
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -248,13 +276,13 @@ def save_arch_pipeline(name: str, folder: str | os.PathLike, device: str = "cpu"
 
 
 def tiny_source(name: str) -> ModelSource:
-    """The tiny :mod:`mlnb.tiny_models` model standing in for ``"sd15"``/``"sdxl"`` on a CPU (built once, cached)."""
-    from ..tiny_models import default_tiny_model
+    """The tiny :mod:`mlnb.tiny` model standing in for an architecture on a CPU (built once, cached)."""
+    from ..tiny import default_tiny_model
 
     if name not in TINY_KINDS:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(TINY_KINDS)}")
     path = str(default_tiny_model(TINY_KINDS[name]))
-    return ModelSource(name=name, path=path, kind="tiny", size=folder_native_size(path))
+    return ModelSource(name=name, path=path, kind="tiny", size=folder_native_size(path) or _TINY_SIZE)
 
 
 def model_source(model: str, size: int | None = None) -> ModelSource:
@@ -264,15 +292,18 @@ def model_source(model: str, size: int | None = None) -> ModelSource:
 
 
 def folder_native_size(path: str | os.PathLike) -> int | None:
-    """The native image side of a local UNet pipeline folder (UNet ``sample_size`` × VAE scale), else ``None``.
+    """The native image side of a local pipeline folder (the UNet's or transformer's ``sample_size`` × VAE scale),
+    else ``None``.
 
-    Read from the configs, without loading weights; ``None`` for a hub id or another layout (the pipeline's own
-    default is then used and reported).
+    Read from the configs, without loading weights; ``None`` for a hub id or a denoiser without ``sample_size``
+    (Flux's transformer), for which the pipeline's own default is then used and reported.
     """
+    folder = Path(path)
     try:
-        unet = json.loads((Path(path) / "unet" / "config.json").read_text())
-        vae = json.loads((Path(path) / "vae" / "config.json").read_text())
-        size = unet["sample_size"]
+        denoiser = folder / "unet" if (folder / "unet").is_dir() else folder / "transformer"
+        config = json.loads((denoiser / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        size = config["sample_size"]
         size = size[0] if isinstance(size, (list, tuple)) else size
         return int(size) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import importlib
 
-from ..tiny_models import TINY_KINDS, default_tiny_model, tiny_pipeline
+from ..tiny import TINY_KINDS, default_tiny_model, tiny_pipeline
 
 __all__ = ["tiny_pipeline", "default_tiny_model", "TINY_KINDS", "FakeDevice", "FakeOutOfMemoryError"]
 

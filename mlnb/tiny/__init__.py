@@ -7,74 +7,24 @@ CLIP tokenizer with a byte-level vocabulary, all seeded so the same call gives t
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
+from .clip import text_config as _text_config
+from .clip import write_clip_tokenizer
+
 __all__ = ["tiny_pipeline", "default_tiny_model", "write_clip_tokenizer", "TINY_KINDS"]
 
-TINY_KINDS = ("sd", "sdxl")
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # The byte-to-character table of GPT-2/CLIP byte-level BPE.
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def write_clip_tokenizer(folder: Path) -> int:
-    """Save a CLIP tokenizer with a byte-level vocabulary (every byte, with and without ``</w>``, no merges) into
-    ``folder``; returns the vocabulary's size.
-
-    Args:
-        folder: where the tokenizer files go (created).
-    """
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    from transformers import CLIPTokenizer
-
-    # transformers 5 takes ``vocab``/``merges``; it silently ignores the old ``vocab_file``/``merges_file`` names and
-    # builds a two-token vocabulary in which every prompt encodes to nothing.
-    tokenizer = CLIPTokenizer(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=77)
-    tokenizer.save_pretrained(folder)
-    return len(vocab)
-
-
-def _text_config(vocab_size: int):
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
-        projection_dim=32,
-        bos_token_id=vocab_size - 2,
-        eos_token_id=vocab_size - 1,
-        pad_token_id=vocab_size - 1,
-        hidden_act="gelu",
-    )
+TINY_KINDS = ("sd", "sdxl", "sd3", "flux")
 
 
 def tiny_pipeline(kind: str = "sd", path: str | os.PathLike | None = None, pickle: bool = False) -> Path:
-    """Build and save a tiny random-weight ``"sd"`` (StableDiffusionPipeline) or ``"sdxl"`` pipeline.
+    """Build and save a tiny random-weight ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` pipeline.
 
     Args:
-        kind: ``"sd"`` or ``"sdxl"``.
+        kind: ``"sd"`` (StableDiffusionPipeline), ``"sdxl"``, ``"sd3"`` or ``"flux"`` (the transformer denoisers of
+            :mod:`mlnb.tiny.dit`).
         path: target folder (created); a fresh temporary folder when None.
         pickle: save ``.bin`` pickle weights instead of safetensors (to test the safetensors-only rule).
 
@@ -94,6 +44,10 @@ def tiny_pipeline(kind: str = "sd", path: str | os.PathLike | None = None, pickl
 
     folder = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix=f"mlnb-tiny-{kind}-"))
     folder.mkdir(parents=True, exist_ok=True)
+    if kind in ("sd3", "flux"):
+        from .dit import tiny_dit_pipeline
+
+        return tiny_dit_pipeline(kind, folder, pickle=pickle)
     torch.manual_seed(0)
     unet_kw = dict(
         block_out_channels=(32, 64),
@@ -155,7 +109,7 @@ def tiny_pipeline(kind: str = "sd", path: str | os.PathLike | None = None, pickl
             unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
             tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler,
         )
-    from .pipeline.loading import quiet_hf_progress
+    from ..pipeline.loading import quiet_hf_progress
 
     with quiet_hf_progress():
         pipe.save_pretrained(folder, safe_serialization=not pickle)
