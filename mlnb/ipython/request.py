@@ -133,10 +133,10 @@ def _check_out(name: str) -> None:
         raise RequestError(f"--out must be a variable name, got {name!r}")
     if name in _IPYTHON_NAMES or _IPYTHON_NUMBERED.match(name):
         owner = "one of IPython's own names (its output cache, history or shell)"
-    elif hasattr(builtins, name):
-        owner = "a Python builtin"
     elif name.startswith("__") and name.endswith("__"):
         owner = "one of Python's own module names"
+    elif hasattr(builtins, name):
+        owner = "a Python builtin"
     else:
         return
     raise RequestError(f"--out {name!r} is {owner}; storing the result there would replace it: choose another name")
