@@ -63,6 +63,23 @@ def test_a_quoted_negative_prompt_reaches_the_pipeline_without_its_quotes(ip, sp
     assert ip.user_ns["r"].params["negative_prompt"] == "blurry, low quality"
 
 
+def test_every_option_takes_a_quoted_value(ip, spaced_model, tmp_path, monkeypatch):
+    (tmp_path / "my pictures").mkdir()
+    monkeypatch.chdir(tmp_path)
+    cell = (f"%%generate --model \"{spaced_model}\" --level 'none' --steps \"1\" --guidance '7.5' --seed \"3\" "
+            "--width '64' --height \"64\" --negative 'dull, grey' --num-images \"2\" --out \"pair\" "
+            "--save 'my pictures/fox.png' --quiet --allow-pickle\na fox")
+    assert run(ip, cell).success
+    result = ip.user_ns["pair"]
+    assert (result.level.value, result.seed, len(result.images)) == ("none", 3, 2)
+    assert {k: result.params[k] for k in ("steps", "guidance", "width", "height", "negative_prompt")} == {
+        "steps": 1, "guidance": 7.5, "width": 64, "height": 64, "negative_prompt": "dull, grey"}
+    assert sorted(p.name for p in (tmp_path / "my pictures").iterdir()) == ["fox-0.png", "fox-1.png"]
+    assert run(ip, f"%%generate --model '{spaced_model}' {FAST} --vram \"1 GiB\" --quiet --out planned\na fox").success
+    assert ip.user_ns["planned"].plan is not None and "plan for 1.0 GiB" in ip.user_ns["planned"].plan
+    assert len(ip.run_line_magic("vram", "'history' -n \"1\"").rows) == 1
+
+
 def test_save_into_a_folder_with_a_space(ip, spaced_model, tmp_path, monkeypatch):
     (tmp_path / "out dir").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -218,12 +235,12 @@ def demo(tmp_path, *args):
     )
 
 
-def test_the_demo_never_replaces_an_existing_picture(tmp_path, tiny_sd):
+def test_the_demo_never_replaces_an_existing_picture(tmp_path, spaced_model):
     out = tmp_path / "demo out"
     out.mkdir()
     (out / "mlnb-7-0.png").write_bytes(b"my picture")
     (out / "mlnb-7-0-1.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link is taken too
-    done = demo(tmp_path, "--model", str(tiny_sd), "--steps", "1", "--prompt", "a {fox}", "--out", str(out))
+    done = demo(tmp_path, "--model", str(spaced_model), "--steps", "1", "--prompt", "a {fox}", "--out", str(out))
     assert done.returncode == 0, done.stderr
     assert (out / "mlnb-7-0.png").read_bytes() == b"my picture"
     assert not (tmp_path / "nowhere.png").exists()
