@@ -41,6 +41,7 @@ def test_generate_options_are_read_as_a_shell_reads_them(line, field, value):
     ("who --top=-2", ("who", None, -2, False)),
     ("history -n5", ("history", None, 5, False)),
     ("free --outputs", ("free", None, 10, True)),
+    ("-n 3 -- level -x", ("level", "-x", 3, False)),
 ])
 def test_vram_options_and_positionals(line, expected):
     args = parse_options(vram, line, "%vram")

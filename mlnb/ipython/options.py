@@ -83,6 +83,9 @@ def _argv(parser: argparse.ArgumentParser, words: list[str]) -> list[str]:
     i = 0
     while i < len(words):
         word = words[i]
+        if word == "--":  # the user's own end of options: the rest are values
+            positionals += words[i + 1:]
+            break
         known, action = _option(parser, word)
         if known:
             takes_one = action is not None and action.nargs is None and action.option_strings
