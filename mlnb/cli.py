@@ -6,10 +6,11 @@ import argparse
 import importlib
 import os
 import platform
+import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["main", "doctor_report"]
+__all__ = ["main", "doctor_report", "save_new"]
 
 
 def _version(module: str) -> str:
@@ -22,20 +23,26 @@ def _version(module: str) -> str:
     return str(getattr(mod, "__version__", "installed"))
 
 
+def _torch_row() -> str:
+    """``2.11.0+cu130 (CUDA 13.0)``, ``2.13.0+cpu (CPU build, no CUDA)``, or why torch is not there."""
+    version = _version("torch")
+    try:
+        import torch
+
+        cuda, hip = torch.version.cuda, getattr(torch.version, "hip", None)
+    except Exception:  # not installed, or broken: _version says which
+        return version
+    if cuda:
+        return f"{version} (CUDA {cuda})"
+    return f"{version} (ROCm {hip})" if hip else f"{version} (CPU build, no CUDA)"
+
+
 def doctor_report() -> list[tuple[str, str]]:
     """``(what, value)`` rows about the environment, then ``("warning", ...)`` rows for known-bad combinations."""
     from importlib import metadata
 
     rows = [("python", platform.python_version()), ("platform", platform.platform())]
-    torch_version = _version("torch")
-    cuda = "N/A"
-    try:
-        import torch
-
-        cuda = torch.version.cuda or "CPU build"
-    except Exception:
-        pass
-    rows.append(("torch", f"{torch_version} (CUDA {cuda})"))
+    rows.append(("torch", _torch_row()))
     for name in ("diffusers", "transformers", "accelerate", "safetensors", "xformers", "IPython", "ipykernel", "ipywidgets", "tqdm"):
         rows.append((name, _version(name)))
     try:
@@ -108,29 +115,68 @@ def _demo(args) -> int:
     # transformers' advisories (e.g. that torchvision is missing, which generation does not need) are not the demo's
     # subject; its errors still show. Read when transformers is first imported, below.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    out = Path(args.out).expanduser()
+    if os.path.lexists(out) and not out.is_dir():
+        return _demo_error(f"--out {str(out)!r} is a file, not a folder: give a folder for the PNG")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file on the way, no permission
+        return _demo_error(f"--out: cannot create the folder {str(out)!r}: {exc.strerror or exc}")
+    from IPython.core.error import UsageError
     from IPython.testing.globalipapp import start_ipython
 
+    from .pipeline.result import save_paths
     from .tiny import default_tiny_model
 
     model = args.model or str(default_tiny_model("sd"))
-    out = Path(args.out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    from IPython.core.error import UsageError
-
     shell = start_ipython()
     shell.run_line_magic("load_ext", "mlnb")
-    cell = f"--model {model} --steps {args.steps} --width {args.size} --height {args.size} --seed {args.seed} --out demo_result"
+    # The line is read as a shell reads it (a model folder may have spaces); the body's braces are the prompt's own.
+    cell = (f"--model {shlex.quote(model)} --steps {args.steps} --width {args.size} --height {args.size} "
+            f"--seed {args.seed} --out demo_result")
     try:
-        shell.run_cell_magic("generate", cell, args.prompt)
+        shell.run_cell_magic("generate", cell, args.prompt.replace("{", "{{").replace("}", "}}"))
     except UsageError as exc:  # a bad option or model: one line, as in a notebook
-        print(f"mlnb demo: error: {exc}", file=sys.stderr)
-        return 2
+        return _demo_error(str(exc))
     result = shell.user_ns["demo_result"]
-    paths = result.save(out, overwrite=True) if out.is_dir() else result.save(out)
+    names = save_paths(out, len(result.images), result.seed)  # mlnb-<seed>-<i>.png, as --save names them
+    try:
+        paths = [save_new(image, name) for image, name in zip(result.images, names)]
+    except OSError as exc:
+        return _demo_error(f"--out: cannot save the image in {str(out)!r}: {exc.strerror or exc}")
     print(shell.run_line_magic("vram", ""))
     print(f"saved {', '.join(str(p) for p in paths)}")
     print(result.report_line())
     return 0
+
+
+def _demo_error(message: str) -> int:
+    print(f"mlnb demo: error: {message}", file=sys.stderr)
+    return 2
+
+
+def save_new(image, path: Path, tries: int = 1000) -> Path:
+    """Save ``image`` as a PNG under ``path``'s name, or the first free ``<stem>-<n>.png`` beside it: an existing
+    file or link of that name is never replaced (the file is created exclusively, so a racing writer cannot either).
+
+    Raises:
+        FileExistsError: every name up to ``<stem>-<tries>`` is taken.
+        OSError: the file could not be written (a partly written one is removed).
+    """
+    for n in range(tries + 1):
+        candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
+        try:
+            handle = open(candidate, "xb")
+        except FileExistsError:
+            continue
+        try:
+            with handle:
+                image.save(handle, format="PNG")
+        except BaseException:
+            candidate.unlink(missing_ok=True)
+            raise
+        return candidate
+    raise FileExistsError(f"{str(path)!r} and {tries} numbered names beside it exist")
 
 
 def _bench(argv: list[str]) -> int:
@@ -151,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--steps", type=int, default=4)
     demo.add_argument("--size", type=int, default=64, help="width and height in pixels (multiple of 8)")
     demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--out", default=os.environ.get("MLNB_DEMO_OUT", "mlnb-demo"), help="folder for the PNG")
+    demo.add_argument("--out", default=os.environ.get("MLNB_DEMO_OUT", "mlnb-demo"),
+                      help="folder for the PNG (created; an existing file there is never replaced)")
     demo.set_defaults(func=_demo)
     doctor = sub.add_parser("doctor", help="versions, GPU, driver, and known-bad combinations")
     doctor.set_defaults(func=_doctor)

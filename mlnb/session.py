@@ -15,8 +15,8 @@ from .levels import AUTO, LevelChoice, choose_level, describe_auto, parse_level
 from .units import format_bytes, parse_bytes
 
 __all__ = [
-    "SessionDefaults", "defaults", "default_model", "budget_of", "pipeline_choice", "Status", "status", "FreeReport",
-    "free_memory", "memory_rows",
+    "SessionDefaults", "defaults", "default_model", "budget_of", "check_budget", "pipeline_choice", "Status", "status",
+    "FreeReport", "free_memory", "memory_rows",
 ]
 
 
@@ -47,16 +47,25 @@ class SessionDefaults:
             budget = budget_of(level)
             if budget is None:
                 raise ValueError(f"{exc}, or a VRAM budget such as 4GiB") from None
-            if budget < _SMALLEST_BUDGET:  # "4" without its unit is 4 bytes
-                raise ValueError(f"a VRAM budget of {format_bytes(budget)} holds no model; give a unit, such as 4GiB") \
-                    from None
-            value = format_bytes(budget)
+            value = None
+        if value is None:
+            value = format_bytes(check_budget(budget))
         with self._lock:
             self.level = value
         return self.level
 
 
 _SMALLEST_BUDGET = 64 * 2**20
+
+
+def check_budget(budget: int) -> int:
+    """``budget`` (bytes), or ValueError when it is too small to hold any model: ``4`` without its unit is 4 bytes.
+
+    ``%vram level`` and ``%%generate --vram`` both refuse such a budget with this message, before any model is read.
+    """
+    if budget < _SMALLEST_BUDGET:
+        raise ValueError(f"a VRAM budget of {format_bytes(budget)} holds no model; give a unit, such as 4GiB")
+    return budget
 
 
 def budget_of(level: str | None) -> int | None:

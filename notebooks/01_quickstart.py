@@ -29,9 +29,10 @@
 # %% [markdown]
 # ## Install and parameters
 #
-# On Colab, torch, diffusers and transformers are already installed, and the first cell adds mlnb. Elsewhere,
-# install torch first (on a machine without a GPU `pip install torch==2.13.0`, the CPU build), then `pip install mlnb`
-# or `pip install -e .` from a checkout.
+# On Colab, torch, diffusers and transformers are already installed, and the first cell adds mlnb from its
+# repository (mlnb is not published on PyPI). Elsewhere, install torch first (on a machine without a GPU
+# `pip install torch==2.13.0`, the CPU build), then mlnb from a checkout (`pip install -e .`) or from a wheel
+# (`python -m build` in the checkout, then `pip install dist/mlnb-*.whl`).
 #
 # `MODEL` is the only thing to change: set `MLNB_MODEL` to a hub id such as
 # `stable-diffusion-v1-5/stable-diffusion-v1-5`, or to a local folder. The tiny model gets a tiny size and few steps
@@ -42,8 +43,8 @@
 import os
 import sys
 
-if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb
-    # %pip install -q mlnb
+if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb (not on PyPI)
+    # %pip install -q git+https://github.com/mlnb-project/mlnb
 
 import mlnb
 

@@ -31,8 +31,8 @@
 import os
 import sys
 
-if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb
-    # %pip install -q mlnb
+if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb (not on PyPI)
+    # %pip install -q git+https://github.com/mlnb-project/mlnb
 
 import mlnb
 

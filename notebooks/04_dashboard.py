@@ -21,7 +21,8 @@
 # `mlnb.dashboard()` returns an ipywidgets panel over the session: live memory gauges (VRAM used, VRAM reserved by
 # torch, host RAM), the level `auto` picks and what is loaded, the level and model controls, a
 # **Free memory** button, the per-cell history as a chart and a table, and a **Generate** form. It works on
-# ipywidgets 7.7.1 (Colab) and 8. ipywidgets is optional for the rest of mlnb: `pip install "mlnb[widgets]"`.
+# ipywidgets 7.7.1 (Colab) and 8. ipywidgets is optional for the rest of mlnb: `pip install ipywidgets matplotlib`
+# (from a checkout, `pip install -e ".[widgets]"`).
 #
 # The gauges update once a second from a background thread until the panel is closed. Widgets only render in a
 # live notebook, so this page's stored copy shows the panel's text form at most: run it to see the panel.
@@ -31,8 +32,8 @@
 import os
 import sys
 
-if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb
-    # %pip install -q mlnb
+if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add mlnb (not on PyPI)
+    # %pip install -q git+https://github.com/mlnb-project/mlnb
 
 import mlnb
 

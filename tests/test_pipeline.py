@@ -143,7 +143,7 @@ def test_report_line_with_several_images_and_a_gpu_report(tiny_sd, monkeypatch):
     """``×N`` follows the size for several images; a GPU report shows ``peak X / Y GiB``."""
     result = mlnb.load_pipeline(tiny_sd, level="none").generate("a fox", seed=1, num_images=2, steps=1, width=64, height=64)
     assert len(result.images) == 2
-    assert result.report_line().startswith("64×64 ×2 · 1 steps · ")
+    assert result.report_line().startswith("64×64 ×2 · 1 step · ")
     gpu = dataclasses.replace(
         result.memory, gpu=True, peak_allocated=int(3.7 * 2**30), device_total=4 * 2**30, freed=int(3.6 * 2**30)
     )

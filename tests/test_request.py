@@ -31,8 +31,8 @@ class _Boom:
     ("a {missing} fox", "{missing} in the prompt names no variable"),
     ("a {fox", "the prompt has a stray brace"),
     ("a fox}", "the prompt has a stray brace"),
-    ("a {animal:zz}", "cannot expand the prompt: ValueError: "),  # the wording differs between Pythons
-    ("a {animal!q}", "cannot expand the prompt: ValueError: Unknown conversion specifier q"),
+    ("a {animal:zz}", "the prompt has {animal:zz}: a format spec is not applied; write {animal}"),
+    ("a {animal!q}", "the prompt has {animal!q}: only {animal!r} and {animal!s} convert a value"),
     ("a {animal[9]}", "cannot expand the prompt: IndexError: string index out of range"),
     ("a {boom}", "cannot expand the prompt: RuntimeError: boom"),
     ("a {} fox", "the prompt has {}: name a notebook variable inside the braces"),
@@ -45,9 +45,10 @@ def test_expand_prompt_errors_are_one_line_and_name_the_real_problem(text, needl
     assert "\n" not in str(info.value)
 
 
-def test_a_mistake_in_the_negative_prompt_names_the_option():
-    with pytest.raises(RequestError, match=r"^\{nope\} in --negative names no variable"):
-        build_request(args(model="m", negative="{nope}"), "a fox", {}, None, "auto")
+def test_the_negative_prompt_is_used_as_the_option_line_gives_it():
+    """IPython has expanded ``{var}`` in the line already: braces left in the value are text, never expanded again."""
+    req = build_request(args(model="m", negative="{nope} {x.y:>99}"), "a fox", {"x": "boom"}, None, "auto")
+    assert req.negative == "{nope} {x.y:>99}"
 
 
 def test_request_uses_defaults_and_remembers_nothing_itself():
@@ -116,3 +117,61 @@ def test_vram_budget_option():
         build_request(args(model="m", vram="lots"), "a fox", {}, None, "auto")
     with pytest.raises(RequestError, match="cannot both be given"):
         build_request(args(model="m", vram="4GiB", level="ultra"), "a fox", {}, None, "auto")
+
+
+def test_what_a_variable_holds_is_never_expanded_again():
+    ns = {"x": "{os.environ}", "os": __import__("os"), "animal": "fox"}
+    assert expand_prompt("a {x} and {animal!r}", ns) == "a {os.environ} and 'fox'"
+    assert expand_prompt("{x!s}", ns) == "{os.environ}"
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("{animal:>20000000}", "the prompt has {animal:>20000000}: a format spec is not applied"),
+    ("{animal!r:>20000000}", "the prompt has {animal!r:>20000000}: a format spec is not applied"),
+    ("{animal:{animal}}", "the prompt has {animal:{animal}}: a format spec is not applied"),
+    ("{animal!a}", "the prompt has {animal!a}: only {animal!r} and {animal!s} convert a value"),
+    ("{animal.__class__}", "the prompt has {animal.__class__}: attributes that start with _ are not expanded"),
+    ("{animal.upper()}", "the prompt has {animal.upper()}: name a notebook variable inside the braces"),
+])
+def test_no_field_builds_more_than_the_value_or_reaches_inside_python(text, needle):
+    with pytest.raises(RequestError) as info:
+        expand_prompt(text, {"animal": "fox"})
+    assert str(info.value).startswith(needle)
+
+
+def test_attributes_and_keys_still_expand():
+    class Pet:
+        name = "otter"
+
+    ns = {"pet": Pet(), "d": {"k": ["a", "b"]}}
+    assert expand_prompt("{pet.name} {d[k][1]}", ns) == "otter b"
+
+
+@pytest.mark.parametrize("name", ["__builtins__", "get_ipython", "Out", "In", "_oh", "_ih", "_dh", "_", "__", "___",
+                                  "_i", "_ii", "_iii", "_i12", "_12", "exit", "quit", "print", "open", "__name__"])
+def test_out_refuses_a_name_of_pythons_or_ipythons(name):
+    with pytest.raises(RequestError, match=rf"^--out '{name}' is .*: choose another name$"):
+        build_request(args(model="m", out=name), "a fox", {}, None, "auto")
+
+
+@pytest.mark.parametrize("name", ["result", "_result", "fox_1", "i12", "_image", "Output"])
+def test_out_takes_a_users_name(name):
+    assert build_request(args(model="m", out=name), "a fox", {}, None, "auto").out == name
+
+
+def test_save_refuses_links_dangling_or_not(tmp_path):
+    (tmp_path / "dangling.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "real.png").write_bytes(b"x")
+    (tmp_path / "to-real.png").symlink_to(tmp_path / "real.png")
+    for name in ("dangling.png", "to-real.png"):
+        with pytest.raises(RequestError, match="is a symbolic link; mlnb never writes through one"):
+            build_request(args(model="m", save=str(tmp_path / name)), "a fox", {}, None, "auto")
+    (tmp_path / "mlnb-3-1.png").symlink_to(tmp_path / "nowhere.png")  # the second of two names in a folder
+    with pytest.raises(RequestError, match="mlnb-3-1.png' is a symbolic link"):
+        build_request(args(model="m", save=str(tmp_path), seed=3, num_images=2), "a fox", {}, None, "auto")
+    assert not (tmp_path / "nowhere.png").exists()
+
+
+def test_a_budget_without_its_unit_is_refused_before_any_model_is_read():
+    with pytest.raises(RequestError, match=r"^--vram: a VRAM budget of 4 B holds no model; give a unit, such as 4GiB$"):
+        build_request(args(model="m", vram="4"), "a fox", {}, None, "auto")

@@ -9,13 +9,14 @@ import logging
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
-from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.core.magic_arguments import argument, magic_arguments
 
 from .. import session
 from ..device import get_device
 from ..errors import MlnbError
 from ..levels import LEVEL_NAMES
 from ..monitor import cell_history
+from .options import HelpRequested, help_argument, parse_options
 from .request import RequestError, build_request
 from .results import Notice, history_table, who_table
 from .tensors import (
@@ -29,21 +30,22 @@ __all__ = ["MlnbMagics"]
 _VRAM_ACTIONS = ["status", "history", "free", "who", "on", "off", "verbose", "level", "dashboard"]
 
 
-def _progress_bar(quiet: bool):
-    """A tqdm bar over the denoising steps (tqdm's notebook bar where widgets work); None when quiet."""
+def _progress_bar(quiet: bool, total: int):
+    """A tqdm bar over the ``total`` denoising steps (tqdm's notebook bar where widgets work); None when quiet."""
     if quiet:
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=1, desc="generate", unit="step", leave=False)
+    return tqdm(total=total, desc="generate", unit="step", leave=False)
 
 
 def _parse(magic, line: str, name: str):
-    """``parse_argstring``, with an unclosed quote as one line too (argparse's own errors already are)."""
+    """The options as a shell user types them (quotes removed; see ``options``); None after printing the help."""
     try:
-        return parse_argstring(magic, line)
-    except ValueError as exc:  # shlex: "No closing quotation", "No escaped character"
-        raise UsageError(f"{name}: {exc} in the options") from None
+        return parse_options(magic, line, name)
+    except HelpRequested as shown:
+        print(shown)
+        return None
 
 
 @magics_class
@@ -54,7 +56,8 @@ class MlnbMagics(Magics):
         super().__init__(shell)
         self.cell_monitor = cell_monitor
 
-    @magic_arguments()
+    @magic_arguments("%generate")  # the usage line reads %%generate
+    @help_argument
     @argument("--model", help="hub id (org/name) or local diffusers folder; remembered for later cells (or $MLNB_MODEL)")
     @argument("--level", help=f"memory level: {'|'.join(LEVEL_NAMES)} (default: the session's, auto)")
     @argument("--vram", default=None, metavar="SIZE", help="a VRAM budget such as 4GiB instead of a level: keep what fits on the GPU, stream the rest")
@@ -63,22 +66,26 @@ class MlnbMagics(Magics):
     @argument("--seed", type=int, default=None, help="seed; the same seed gives the same image (default: random, reported)")
     @argument("--width", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
     @argument("--height", type=int, default=None, help="pixels, a multiple of 8 (default: the model's native size)")
-    @argument("--negative", default=None, help="negative prompt; {var} expands too")
+    @argument("--negative", default=None, help="negative prompt, used as written (IPython expands {var} in this line; quote text with spaces)")
     @argument("--num-images", type=int, default=1, help="images per prompt (default 1)")
-    @argument("--out", default=None, metavar="VAR", help="store the GenerationResult in this variable")
-    @argument("--save", default=None, metavar="PATH", help="save PNGs to a file or an existing folder; never overwrites")
+    @argument("--out", default=None, metavar="VAR", help="store the GenerationResult in this variable (not a name of Python's or IPython's)")
+    @argument("--save", default=None, metavar="PATH", help="save PNGs to a file or an existing folder; never overwrites a file, never writes through a link")
     @argument("--quiet", action="store_true", help="no progress bar, no display (the result still goes to --out)")
     @argument("--allow-pickle", action="store_true", help="accept pickle weights (can run code: only for trusted models)")
     @cell_magic
     def generate(self, line: str, cell: str):
         """Generate images from the prompt in the cell body.
 
-        The cell body is the prompt; ``{var}`` expands from the notebook namespace. Prints a progress bar, then
-        shows the images and one report line. The result also goes to ``--out VAR`` and ``mlnb.last_result()``.
+        The cell body is the prompt; ``{var}`` (``{var.attr}``, ``{var[0]}``) expands once from the notebook namespace,
+        and what the variable holds is used as it is. Options are read as a shell reads them: quote a value with
+        spaces (``--negative "blurry, low quality"``, ``--model "/content/my models/sd"``). Prints a progress bar,
+        then shows the images and one report line. The result also goes to ``--out VAR`` and ``mlnb.last_result()``.
         """
         from ..pipeline import generate_with_rescue, load_pipeline
 
         args = _parse(self.generate, line, "%%generate")
+        if args is None:  # --help
+            return None
         try:
             req = build_request(args, cell, self.shell.user_ns, session.default_model(), session.defaults.level)
         except RequestError as exc:
@@ -96,7 +103,7 @@ class MlnbMagics(Magics):
         try:
             managed = load_pipeline(req.model, level=req.level, allow_pickle=req.allow_pickle, budget=req.budget)
             session.defaults.model = req.model
-            bar = _progress_bar(req.quiet)  # after loading: a load error shows no empty bar
+            bar = _progress_bar(req.quiet, req.steps)  # after loading: a load error shows no empty bar
             result = generate_with_rescue(managed, progress=None if req.quiet else progress, **req.generate_kwargs())
         except MlnbError as exc:
             raise UsageError(str(exc)) from None
@@ -119,6 +126,7 @@ class MlnbMagics(Magics):
         return None if req.quiet else result
 
     @magic_arguments()
+    @help_argument
     @argument("action", nargs="?", default="status", help=f"one of: {', '.join(_VRAM_ACTIONS)}")
     @argument("name", nargs="?", default=None, help="the level (or a VRAM budget such as 4GiB) for `%%vram level NAME`")
     @argument("--outputs", action="store_true", help="with `free`: also drop Out-cache entries that pin GPU tensors")
@@ -127,6 +135,8 @@ class MlnbMagics(Magics):
     def vram(self, line: str = ""):
         """GPU memory: status table, per-cell history, free, who holds tensors, monitor on/off, default level."""
         args = _parse(self.vram, line, "%vram")
+        if args is None:  # --help
+            return None
         action = args.action
         if action not in _VRAM_ACTIONS:
             raise UsageError(f"%vram: unknown action {action!r}; use one of {', '.join(_VRAM_ACTIONS)}")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import builtins
 import keyword
 import os
+import re
 import string
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,8 +13,8 @@ from pathlib import Path
 from ..errors import InvalidArgumentError
 from ..levels import AUTO, parse_level
 from ..pipeline.managed import validate_generation_args
-from ..pipeline.result import save_paths
-from ..session import budget_of
+from ..pipeline.result import check_targets, save_paths
+from ..session import budget_of, check_budget
 from ..units import parse_bytes
 
 __all__ = ["GenerateRequest", "RequestError", "build_request", "expand_prompt"]
@@ -50,58 +52,110 @@ class GenerateRequest:
         )
 
 
-class _Namespace(dict):
-    """``format_map`` mapping over the notebook namespace that reports the first missing name."""
+# {name}, {name.attr}, {name[key]}, chained: str.format's field syntax without its format spec and conversions.
+_FIELD = re.compile(r"(?!\d)\w+(?:\.\w+|\[[^\[\]]*\])*")
+_STEP = re.compile(r"\.(\w+)|\[([^\[\]]*)\]")
 
-    def __init__(self, user_ns: dict, what: str) -> None:
-        super().__init__()
-        self.user_ns = user_ns
-        self.what = what
 
-    def __missing__(self, key):
-        if key in self.user_ns:
-            return self.user_ns[key]
-        raise RequestError(f"{{{key}}} in {self.what} names no variable in the notebook (write {{{{ for a literal brace)")
+def _field_text(field: str, conversion: str | None, spec: str) -> str:
+    return "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+
+
+def _lookup(field: str, user_ns: dict, what: str):
+    """The value ``field`` names: a namespace variable, then its attributes and items, as ``str.format`` reads them."""
+    name = re.match(r"\w+", field).group()
+    if name not in user_ns:
+        raise RequestError(f"{{{field}}} in {what} names no variable in the notebook (write {{{{ for a literal brace)")
+    value = user_ns[name]
+    for attr, key in _STEP.findall(field[len(name):]):
+        if attr.startswith("_"):
+            raise RequestError(f"{what} has {{{field}}}: attributes that start with _ are not expanded")
+        try:
+            value = getattr(value, attr) if attr else value[int(key) if key.isdigit() else key]
+        except Exception as exc:  # a missing attribute or index, or a property that raises
+            raise RequestError(f"cannot expand {what}: {type(exc).__name__}: {exc}") from None
+    return value
 
 
 def expand_prompt(text: str, user_ns: dict, what: str = "the prompt") -> str:
-    """Expand ``{var}`` (and ``{var.attr}``, ``{var[0]}``) from the namespace; ``{{``/``}}`` are literal braces.
+    """Expand ``{var}`` (and ``{var.attr}``, ``{var[0]}``) from the namespace, once; ``{{``/``}}`` are literal braces.
 
-    ``what`` names the text in errors (``"the prompt"``, ``"--negative"``).
+    What a variable holds is inserted as it is: braces in it are not expanded again. A format spec (``{var:>9}``)
+    is refused, so no field can build a string larger than the value itself; ``{var!r}`` and ``{var!s}`` work.
+
+    Args:
+        text: the cell body.
+        user_ns: the notebook namespace.
+        what: the text's name in errors (``"the prompt"``).
+
+    Raises:
+        RequestError: one line naming the field and the rule.
     """
     try:
         # Parse first so an unmatched brace is reported as such, not as a missing name.
-        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+        parts = list(string.Formatter().parse(text))
     except ValueError as exc:
         raise RequestError(f"{what} has a stray brace ({exc}); write {{{{ or }}}} for a literal brace") from None
-    for field in fields:
-        if field == "" or field.split(".")[0].split("[")[0].isdigit():
+    pieces = []
+    for literal, field, spec, conversion in parts:
+        pieces.append(literal)
+        if field is None:
+            continue
+        shown = _field_text(field, conversion, spec)
+        if not _FIELD.fullmatch(field):
             raise RequestError(
-                f"{what} has {{{field}}}: name a notebook variable inside the braces, or write {{{{ and }}}} for braces"
+                f"{what} has {shown}: name a notebook variable inside the braces, or write {{{{ and }}}} for braces"
             )
-    try:
-        return text.format_map(_Namespace(user_ns, what))
-    except RequestError:
-        raise
-    except Exception as exc:  # a bad format spec or conversion, an index, an attribute, a __format__ that raises
-        raise RequestError(f"cannot expand {what}: {type(exc).__name__}: {exc}") from None
+        if spec:
+            raise RequestError(
+                f"{what} has {shown}: a format spec is not applied; write {{{field}}}, or {{{{ and }}}} for braces"
+            )
+        if conversion not in (None, "r", "s"):
+            raise RequestError(f"{what} has {shown}: only {{{field}!r}} and {{{field}!s}} convert a value")
+        value = _lookup(field, user_ns, what)
+        try:
+            pieces.append(repr(value) if conversion == "r" else format(value, ""))
+        except Exception as exc:  # the value's own __format__/__str__/__repr__ raises
+            raise RequestError(f"cannot expand {what}: {type(exc).__name__}: {exc}") from None
+    return "".join(pieces)
+
+
+# IPython's own names in the namespace: its output cache and history (also _N and _iN), the shell, the exits.
+_IPYTHON_NAMES = frozenset({"In", "Out", "_ih", "_oh", "_dh", "_i", "_ii", "_iii", "_", "__", "___",
+                            "get_ipython", "exit", "quit"})
+_IPYTHON_NUMBERED = re.compile(r"_i?\d")
+
+
+def _check_out(name: str) -> None:
+    """``--out`` must be a new variable's name, not one that Python or IPython relies on: rebinding ``print``,
+    ``Out`` or ``get_ipython`` breaks the session or every later magic."""
+    if not name.isidentifier() or keyword.iskeyword(name):
+        raise RequestError(f"--out must be a variable name, got {name!r}")
+    if name in _IPYTHON_NAMES or _IPYTHON_NUMBERED.match(name):
+        owner = "one of IPython's own names (its output cache, history or shell)"
+    elif name.startswith("__") and name.endswith("__"):
+        owner = "one of Python's own module names"
+    elif hasattr(builtins, name):
+        owner = "a Python builtin"
+    else:
+        return
+    raise RequestError(f"--out {name!r} is {owner}; storing the result there would replace it: choose another name")
 
 
 def _check_save(path: str, num_images: int, seed: int | None) -> None:
-    """``save_images``' own checks, before any work: the folder, the extension, no file to overwrite."""
+    """``save_images``' own checks, before any work: the folder, the extension, no file or link to write over."""
     target = Path(path).expanduser()
     try:
         if target.is_dir() and seed is None:
             return  # the names in a folder carry the seed, drawn when the image is made
         # a name without an extension in an existing folder: save_paths would call it a missing folder
         no_name = not target.is_dir() and target.parent.is_dir() and not target.suffix
-        existing = [] if no_name else [p for p in save_paths(path, num_images, seed or 0) if p.exists()]
-    except (OSError, ValueError) as exc:  # no such folder, not an image name, a name the OS refuses
+        if not no_name:
+            check_targets(save_paths(path, num_images, seed or 0))
+    except (OSError, ValueError) as exc:  # no such folder, not an image name, a name the OS refuses, a file there
         raise RequestError(f"--save: {exc}") from None
     if no_name:
         raise RequestError(f"--save: {path!r} is neither an existing folder nor a .png/.jpg/.webp file name")
-    if existing:
-        raise RequestError(f"--save: {str(existing[0])!r} exists; mlnb never overwrites, choose another name")
 
 
 def build_request(args, cell: str, user_ns: dict, default_model: str | None, default_level: str) -> GenerateRequest:
@@ -134,21 +188,21 @@ def build_request(args, cell: str, user_ns: dict, default_model: str | None, def
     prompt = expand_prompt(cell or "", user_ns).strip()
     if not prompt:
         raise RequestError("the prompt is empty: write it in the cell body below %%generate")
-    negative = expand_prompt(args.negative, user_ns, "--negative") if args.negative else None
+    negative = args.negative or None  # as typed: IPython has already expanded {var} in the option line
     steps = _DEFAULT_STEPS if args.steps is None else args.steps
     try:  # the rules generate applies, checked before the model loads, named as the options are
         validate_generation_args(prompt, steps, args.width, args.height, args.num_images, args.guidance, args.seed,
                                  spell=lambda name: "--" + name.replace("_", "-"))
     except InvalidArgumentError as exc:
         raise RequestError(str(exc)) from None
-    if args.out is not None and (not args.out.isidentifier() or keyword.iskeyword(args.out)):
-        raise RequestError(f"--out must be a variable name, got {args.out!r}")
+    if args.out is not None:
+        _check_out(args.out)
     if args.save:
         _check_save(args.save, args.num_images, args.seed)
     budget = default_budget
     if getattr(args, "vram", None):  # replaces the session's budget too
         try:
-            budget = parse_bytes(args.vram)
+            budget = check_budget(parse_bytes(args.vram))
         except ValueError as exc:
             raise RequestError(f"--vram: {exc}") from None
         if args.level:

@@ -172,31 +172,37 @@ def stored_traceback(shell):
 
 
 def drop_outputs(shell, device: Device) -> list[str]:
-    """Remove output-cache entries that pin device tensors; returns their names (``Out[4]``, ``_``...)."""
+    """Remove output-cache entries that pin device tensors; returns their names (``Out[4]``, ``_``...).
+
+    Only IPython's own references go: the output cache's entry, its ``_N`` while that is still the entry, and ``_``,
+    ``__``, ``___`` while they are still what IPython's displayhook stored. A variable the user bound is never
+    touched, whatever its name (``_ = x``, ``_5 = y``, ``Out = {...}``).
+    """
     user_ns = shell.user_ns
-    out = user_ns.get("Out", {})
     hook = getattr(shell, "displayhook", None)
+    history = getattr(shell, "history_manager", None)
+    out = getattr(history, "output_hist", None) if history is not None else user_ns.get("Out")
     # The displayhook pushes _N, _, __ and ___ with interactive=False: user_ns_hidden holds a second reference to each.
     hidden = getattr(shell, "user_ns_hidden", None) or {}
     dropped: list[str] = []
     pinned_ids = set()
-    for n, value in list(out.items()):
+    for n, value in list((out or {}).items()):
         if find_device_tensors([(f"Out[{n}]", value)], device):
             pinned_ids.add(id(value))
             del out[n]
-            user_ns.pop(f"_{n}", None)
-            hidden.pop(f"_{n}", None)
+            for namespace in (user_ns, hidden):
+                if namespace.get(f"_{n}") is value:
+                    del namespace[f"_{n}"]
             dropped.append(f"Out[{n}]")
     for name in ("_", "__", "___"):
-        value = user_ns.get(name)
+        value = getattr(hook, name, None)  # IPython's own reference; user_ns[name] is one only while it is the same
         if value is None or isinstance(value, str):
             continue
         if id(value) in pinned_ids or find_device_tensors([(name, value)], device):
-            user_ns[name] = ""
-            if hidden.get(name) is value:
-                hidden[name] = ""
-            if hook is not None and getattr(hook, name, None) is value:
-                setattr(hook, name, "")
+            setattr(hook, name, "")
+            for namespace in (user_ns, hidden):
+                if namespace.get(name) is value:
+                    namespace[name] = ""
             if id(value) not in pinned_ids:
                 dropped.append(name)
     result = getattr(shell, "last_execution_result", None)

@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from ..monitor import MemoryReport
 from ..optimizer import OptimizationReport
 from ..units import format_bytes, format_gib
 
-__all__ = ["GenerationResult", "save_images", "save_paths", "IMAGE_SUFFIXES"]
+__all__ = ["GenerationResult", "check_targets", "save_images", "save_paths", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -80,7 +81,7 @@ class GenerationResult:
         parts = [f"{p['width']}×{p['height']}"]
         if p.get("num_images", 1) > 1:
             parts[0] += f" ×{p['num_images']}"
-        parts.append(f"{p['steps']} steps")
+        parts.append(f"{p['steps']} step" + ("" if p["steps"] == 1 else "s"))
         parts.append(f"{self.seconds:.1f} s")
         mem = self.memory
         if mem.gpu:
@@ -153,20 +154,36 @@ def save_paths(path: str | os.PathLike, count: int, seed: int = 0) -> list[Path]
     return [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(count)]
 
 
+def check_targets(paths: list[Path], overwrite: bool = False) -> None:
+    """Refuse to write through a symbolic link (a dangling one too), or onto an existing file unless ``overwrite``.
+
+    Raises:
+        FileExistsError: naming the first such path.
+        OSError: a path the system refuses to look at (a name too long, no permission).
+    """
+    for p in paths:
+        try:
+            mode = os.lstat(p).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if stat.S_ISLNK(mode):
+            raise FileExistsError(f"{str(p)!r} is a symbolic link; mlnb never writes through one, choose another name")
+        if not overwrite:
+            raise FileExistsError(f"{str(p)!r} exists; mlnb never overwrites, choose another name")
+
+
 def save_images(images: list, path: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> list[Path]:
     """Save images to a file (one image) or into an existing folder (``mlnb-<seed>-<i>.png``).
 
-    Never overwrites silently.
+    Never overwrites silently, and never writes through a symbolic link.
 
     Raises:
-        FileExistsError: a target file exists and ``overwrite`` is False.
+        FileExistsError: a target is a symbolic link, or a target file exists and ``overwrite`` is False.
         FileNotFoundError: the parent folder does not exist.
         OSError: the file could not be written.
     """
     paths = save_paths(path, len(images), seed)
-    existing = [p for p in paths if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{str(existing[0])!r} exists; mlnb never overwrites, choose another name")
+    check_targets(paths, overwrite)
     for image, p in zip(images, paths):
         image.save(p)
     return paths
