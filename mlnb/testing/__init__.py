@@ -11,7 +11,9 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["tiny_pipeline", "default_tiny_model", "TINY_KINDS"]
+from .loras import tiny_lora
+
+__all__ = ["tiny_pipeline", "default_tiny_model", "TINY_KINDS", "tiny_lora"]
 
 TINY_KINDS = ("sd", "sdxl")
 
