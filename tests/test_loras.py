@@ -40,7 +40,7 @@ def loras(tiny_sd, tiny_sdxl, tmp_path_factory):
         "b": tiny_lora(tiny_sd, root / "b", seed=2),
         "a_pickle": tiny_lora(tiny_sd, root / "a-pickle", seed=1, text_encoder=True, pickle=True),
         "xl": tiny_lora(tiny_sdxl, root / "xl", seed=3, text_encoder=True),
-        "xl_unet": tiny_lora(tiny_sdxl, root / "xl-unet", seed=3),
+        "xl_unet": tiny_lora(tiny_sdxl, root / "xl-unet", seed=4),
     }
 
 
@@ -184,6 +184,23 @@ def test_a_pickle_lora_is_refused_unless_allowed_and_then_gives_the_same_image(t
     assert np.array_equal(image(pipe), safe)
 
 
+def test_a_kohya_file_gives_the_image_of_the_same_lora_in_diffusers_format(tiny_sd, loras, tmp_path):
+    """The other common format (``lora_unet_...``, ``lora_te_text_model_...`` and an alpha per module), text
+    encoder included, whose ``text_model`` level a transformers 5 CLIP has not."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
+
+    kohya = convert_state_dict_to_kohya(load_file(loras["a"]))
+    assert any(k.startswith("lora_te1_text_model_") for k in kohya) and any(k.endswith(".alpha") for k in kohya)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    pipe = load(tiny_sd)
+    set_loras(pipe, [loras["a"]])
+    reference = image(pipe)
+    (applied,) = set_loras(pipe, [tmp_path / "kohya.safetensors"])
+    assert set(applied.components) == {"unet", "text_encoder"}
+    assert np.abs(image(pipe) - reference).max() < 1e-5
+
+
 def test_a_hub_id_is_found_in_the_cache_and_offline_without_it_is_one_line(loras, monkeypatch):
     import huggingface_hub
 
@@ -277,8 +294,7 @@ def test_a_failure_while_loading_takes_the_new_adapters_out_and_keeps_the_old_se
 def test_a_lora_changes_the_image_scale_zero_is_the_base_two_combine_and_clearing_is_bit_exact(request, kind, loras):
     pipe = load(request.getfixturevalue(f"tiny_{kind}"))
     base, weights = image(pipe), snapshot(pipe)
-    first = loras["a"] if kind == "sd" else loras["xl"]
-    second = loras["b"] if kind == "sd" else tiny_lora(request.getfixturevalue("tiny_sdxl"), first.parent.parent / "xl2", seed=4)
+    first, second = (loras["a"], loras["b"]) if kind == "sd" else (loras["xl"], loras["xl_unet"])
 
     (applied,) = set_loras(pipe, [first])
     one = image(pipe)
@@ -390,8 +406,11 @@ def test_loras_under_group_offloading_give_the_same_image(tiny_sd, loras, fp8):
         if fp8:
             store_fp8(pipe.unet)
         if group:
-            pipe.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
-                                      offload_type="leaf_level")
+            try:
+                pipe.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                          offload_type="leaf_level")
+            except AttributeError as exc:  # diffusers 0.39 looks up torch.accelerator's device type, None here
+                pytest.skip(f"this diffusers' group offloading needs an accelerator ({exc})")
         return pipe
 
     reference = prepared(group=False)

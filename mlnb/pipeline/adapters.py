@@ -234,7 +234,8 @@ def set_loras(pipe, loras, allow_pickle: bool = False) -> tuple[ActiveLora, ...]
     names = [adapter_name(f) for f in files]
     for i, name in enumerate(names):
         if name in names[:i]:
-            raise InvalidArgumentError(f"LoRA {specs[i].source!r} names the same file as {specs[names.index(name)].source!r}")
+            first = specs[names.index(name)].source
+            raise InvalidArgumentError(f"LoRA {specs[i].source!r} names the same file as {first!r}")
     current: dict[str, ActiveLora] = dict(getattr(pipe, "_mlnb_loras", {}))
     new = {name: check_lora(pipe, f, read_lora(f)) for name, f in zip(names, files) if name not in current}
     if not specs:

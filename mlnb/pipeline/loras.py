@@ -291,7 +291,8 @@ class LoraWeights:
 
     Args:
         file: where it was read from.
-        tensors: its tensors as read, which ``pipe.load_lora_weights`` converts as it does a file.
+        tensors: its tensors as read (keys of CLIP text encoders as this transformers names their modules), which
+            ``pipe.load_lora_weights`` converts as it does a file.
         targets: per component, the module each adapter pair modifies and its ``(lora_A, lora_B)`` tensors, in the
             keys peft uses for that module.
     """
@@ -310,16 +311,41 @@ class LoraWeights:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
-def _peft_keys(component: str, model, state: dict) -> dict:
+_KOHYA_TEXT = {"text_encoder": ("lora_te_", "lora_te1_"), "text_encoder_2": ("lora_te2_",)}
+
+
+def _for_flat_clip(pipe, tensors: dict) -> dict:
+    """``tensors`` with the ``text_model`` level taken out of the keys of a text encoder that has none.
+
+    CLIP text models of transformers 5 have no ``text_model`` level, and LoRA files name it
+    (``text_encoder.text_model.encoder...``, kohya's ``lora_te_text_model_encoder...``). diffusers 0.42 strips it
+    from the first form when it loads; 0.39 does not and fails with an IndexError.
+    """
+    renames = []
+    for name, kohya in _KOHYA_TEXT.items():
+        model = getattr(pipe, name, None)
+        if model is not None and not hasattr(model, "text_model"):
+            renames += [(f"{name}.text_model.", f"{name}.")] + [(f"{k}text_model_", k) for k in kohya]
+    if not renames:
+        return tensors
+    renamed = {}
+    for key, tensor in tensors.items():
+        old, new = next(((o, n) for o, n in renames if key.startswith(o)), ("", ""))
+        renamed[new + key[len(old):]] = tensor
+    return renamed
+
+
+def _peft_keys(component: str, state: dict) -> dict:
     """``state`` (one component's keys, prefix removed) in peft's key format, converted as diffusers converts it
     when it loads the LoRA into that component."""
-    from diffusers.utils import convert_state_dict_to_diffusers, convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils import (
+        convert_state_dict_to_diffusers,
+        convert_state_dict_to_peft,
+        convert_unet_state_dict_to_peft,
+    )
 
     if component.startswith("text_encoder"):
-        state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
-        if not hasattr(model, "text_model"):
-            state = {k.removeprefix("text_model."): v for k, v in state.items()}
-        return state
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
     if "lora_A" not in next(iter(state)):
         state = convert_unet_state_dict_to_peft(state)
     return state
@@ -366,6 +392,7 @@ def check_lora(pipe, file: LoraFile, tensors: dict) -> LoraWeights:
     loadable = tuple(getattr(type(pipe), "_lora_loadable_modules", ()) or ())
     if not hasattr(pipe, "load_lora_weights") or not loadable:
         raise InvalidArgumentError(f"{type(pipe).__name__} does not take LoRAs")
+    tensors = _for_flat_clip(pipe, tensors)
     unet = getattr(pipe, "unet", None)
     kwargs = {"unet_config": unet.config} if unet is not None else {}
     try:
@@ -386,7 +413,7 @@ def check_lora(pipe, file: LoraFile, tensors: dict) -> LoraWeights:
     for component, state in by_component.items():
         model = getattr(pipe, component)
         modules = dict(model.named_modules())
-        peft_state = _peft_keys(component, model, state)
+        peft_state = _peft_keys(component, state)
         pairs: dict[str, tuple] = {}
         for key, a in peft_state.items():
             if not key.endswith(".lora_A.weight"):
