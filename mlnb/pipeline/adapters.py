@@ -29,7 +29,7 @@ What each memory technique needs, checked on the CPU as far as it runs there (te
 - diffusers' group offloading: loading, deleting and unloading adapters remove the group hooks and apply them again
   over the new layers (``_maybe_remove_and_reapply_group_offloading``); after the fp8 repair above, this module
   applies them again once more, since the groups copied the adapters as they were. Runs on a CPU with the CPU as
-  the onload device.
+  the onload device where diffusers allows it (0.42; 0.39 looks for an accelerator).
 - mlnb's streamed units (a budget plan): diffusers takes the streamer's hooks, registered under group offloading's
   name, for its own and crashes re-applying them, so :func:`set_loras` refuses a pipeline whose LoRA components
   are streamed. The streamer has to be removed before adapters change and set up again after, so the adapters are
