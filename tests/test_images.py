@@ -60,7 +60,7 @@ def test_an_image_opens_from_a_path_or_a_pil_image_as_rgb_and_a_mask_as_l(tmp_pa
     ("missing", "image: no image file at"),
     ("text", "does not open as an image (cannot identify image file"),
     ("truncated", "does not open as an image"),
-    ("empty", "image: a 0×0 PIL image has no pixels (0×0)"),
+    ("empty", "image: the PIL image has no pixels (0×0)"),
     ("number", "image must be a path or a PIL image, got int"),
 ])
 def test_an_image_that_does_not_open_or_has_no_pixels_is_one_line(tmp_path, case, says):

@@ -424,14 +424,21 @@ def test_loras_under_group_offloading_give_the_same_image(tiny_sd, loras, fp8):
     assert np.array_equal(image(pipe), base)
 
 
-def test_loras_under_model_offload_keep_the_hooks(tiny_sd, loras, monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8"])
+def test_loras_under_model_offload_keep_the_hooks(tiny_sd, loras, monkeypatch, fp8):
     """load_lora_weights takes the accelerate hooks off and enables model offload again with no device, which on a
-    CUDA machine is the card; here the pipeline's own call is pointed at the CPU it was enabled on."""
+    CUDA machine is the card; here the pipeline's own call is pointed at the CPU it was enabled on. The fp8 repair
+    of the adapters takes them off and puts them back the same way."""
     import functools
 
+    from mlnb.optimizer.precision import store_fp8
+
     reference = load(tiny_sd)
-    set_loras(reference, [loras["a"]])
     pipe = load(tiny_sd)
+    if fp8:
+        store_fp8(reference.unet)
+        store_fp8(pipe.unet)
+    set_loras(reference, [loras["a"]])
     pipe.enable_model_cpu_offload(device="cpu")
     monkeypatch.setattr(pipe, "enable_model_cpu_offload",
                         functools.partial(type(pipe).enable_model_cpu_offload, pipe, device="cpu"))
@@ -458,17 +465,25 @@ def test_a_pipeline_streaming_a_lora_component_is_refused_and_left_as_it_was(tin
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp16", "fp8"])
 @pytest.mark.parametrize("offload", ["model", "sequential", "group"])
-def test_loras_under_each_offload_on_a_gpu_give_the_resident_image(tiny_sd, loras, offload):
-    pipe = load(tiny_sd).to(torch.float16)
-    pipe.to("cuda")
+def test_loras_under_each_offload_on_a_gpu_give_the_resident_image(tiny_sd, loras, offload, fp8):
+    from mlnb.optimizer.precision import store_fp8
+
+    def fp16():
+        pipe = load(tiny_sd).to(torch.float16)
+        if fp8:
+            store_fp8(pipe.unet)
+        return pipe
+
+    pipe = fp16().to("cuda")
     base = image(pipe)
     set_loras(pipe, [loras["a"], loras["b"]])
     resident = image(pipe)
     set_loras(pipe, [])
     assert np.array_equal(image(pipe), base)
 
-    pipe = load(tiny_sd).to(torch.float16)
+    pipe = fp16()
     if offload == "model":
         pipe.enable_model_cpu_offload()
     elif offload == "sequential":

@@ -153,23 +153,38 @@ def _casting_dtype(module):
 
 def _adapters_to_compute_dtype(pipe, name: str, weights: LoraWeights) -> None:
     """Give adapter ``name`` of every layer stored in fp8 the layer's compute dtype and the file's exact values
-    (peft made it in the storage dtype); then apply group offloading again over the changed adapters."""
-    from diffusers.hooks.group_offloading import _is_group_offload_enabled, _maybe_remove_and_reapply_group_offloading
+    (peft made it in the storage dtype).
 
+    As diffusers' own load does, accelerate's hooks are off meanwhile (sequential offload keeps a map of the weights
+    it onloads, which would still hold the fp8 adapters) and put back after, and group offloading is applied again
+    over the changed adapters.
+    """
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled, _maybe_remove_and_reapply_group_offloading
+    from diffusers.loaders.lora_base import _func_optionally_disable_offloading
+
+    cast = []  # (component, layer, A, B, compute dtype)
     for component, pairs in weights.targets.items():
-        model = getattr(pipe, component)
-        changed = False
         for path, (a, b) in pairs.items():
-            layer = model.get_submodule(path)
+            layer = getattr(pipe, component).get_submodule(path)
             dtype = _casting_dtype(layer.get_base_layer())
-            if dtype is None:
-                continue
+            if dtype is not None:
+                cast.append((component, layer, a, b, dtype))
+    if not cast:
+        return
+    model_offload, sequential, _ = _func_optionally_disable_offloading(pipe)
+    try:
+        for _, layer, a, b, dtype in cast:
             for adapter, value in ((layer.lora_A[name], a), (layer.lora_B[name], b)):
                 adapter.to(dtype=dtype)
                 adapter.weight.data.copy_(value)
-            changed = True
-        if changed and _is_group_offload_enabled(model):
-            _maybe_remove_and_reapply_group_offloading(model)
+    finally:
+        if sequential:
+            pipe.enable_sequential_cpu_offload()
+        elif model_offload:
+            pipe.enable_model_cpu_offload()
+    for component in dict.fromkeys(c for c, *_ in cast):
+        if _is_group_offload_enabled(getattr(pipe, component)):
+            _maybe_remove_and_reapply_group_offloading(getattr(pipe, component))
 
 
 def _refuse_streamed(pipe) -> None:

@@ -35,9 +35,10 @@ class ImageTask(str, Enum):
     INPAINT = "inpaint"
 
 
-def _describe(value) -> str:
+def _source(value) -> str:
+    """An image input as given, for the record: its path, or what the PIL image is."""
     if isinstance(value, (str, os.PathLike)):
-        return repr(os.fspath(value))
+        return os.fspath(value)
     size = getattr(value, "size", None)
     return f"a {size[0]}×{size[1]} PIL image" if isinstance(size, tuple) and len(size) == 2 else type(value).__name__
 
@@ -78,7 +79,8 @@ def load_image(value, name: str = "image", mode: str = "RGB"):
         raise InvalidArgumentError(f"{name} must be a path or a PIL image, got {type(value).__name__}")
     width, height = image.size
     if width == 0 or height == 0:
-        raise InvalidArgumentError(f"{name}: {_describe(value)} has no pixels ({width}×{height})")
+        shown = repr(os.fspath(value)) if isinstance(value, (str, os.PathLike)) else "the PIL image"
+        raise InvalidArgumentError(f"{name}: {shown} has no pixels ({width}×{height})")
     return image.convert(mode) if image.mode != mode else image
 
 
@@ -163,10 +165,7 @@ def image_inputs(image=None, strength=None, mask_image=None) -> ImageInputs | No
                 f"mask_image is {mask.size[0]}×{mask.size[1]} but the image is {picture.size[0]}×{picture.size[1]}: "
                 "give a mask of the image's size"
             )
-    return ImageInputs(
-        picture, mask, value, _describe(image).strip("'"),
-        _describe(mask_image).strip("'") if mask_image is not None else None,
-    )
+    return ImageInputs(picture, mask, value, _source(image), _source(mask_image) if mask_image is not None else None)
 
 
 def pipeline_for(pipe, task: ImageTask | str):
