@@ -21,7 +21,7 @@ from mlnb.errors import (
     UnsafeWeightsError,
     UnsupportedPipelineError,
 )
-from mlnb.levels import MemoryOptimizationConfig, OptimizationLevel
+from mlnb.levels import MemoryOptimizationConfig
 from mlnb.optimizer import MemoryOptimizer
 from mlnb.pipeline.adapters import active_loras, adapter_bytes, set_loras
 from mlnb.pipeline.loras import LoraSpec, parse_loras, resolve_lora

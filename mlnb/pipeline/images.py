@@ -10,7 +10,14 @@ The image-to-image and inpainting pipelines come from the loaded text-to-image p
 ``AutoPipelineForImage2Image.from_pipe`` / ``AutoPipelineForInpainting.from_pipe``: the same component objects, so no
 weight is read or copied, and what is installed on the components (offload hooks, fp8 storage, LoRA adapters) is
 shared with it. (The ``from_pipe`` of a pipeline class casts the new pipeline to a dtype, fp32 unless told, which
-copies weights; the auto pipelines' does not.)
+copies weights; the auto pipelines' does not.) What the derived pipelines do differently:
+
+- the image-to-image calls take no ``height``/``width``: the image's size is the output's (rounded down to a
+  multiple of the VAE's 8); the inpainting calls take them and default to the image's;
+- their default strength is their own (SD 0.8 for image-to-image and 1 for inpainting, SDXL 0.3 and 0.9999);
+- under model CPU offload a derived pipeline has no list of the hooks (``_all_hooks`` is the loaded pipeline's), so
+  its call ends without offloading the last component it ran; the loaded pipeline's ``maybe_free_model_hooks()``
+  does.
 """
 
 from __future__ import annotations
@@ -105,8 +112,7 @@ class ImageInputs:
     Args:
         image: the start image (RGB).
         mask: the inpainting mask (``L``, the image's size), or None for image-to-image.
-        strength: how much may change, in (0, 1]; None for the pipeline's default (0.8 for image-to-image, 1 for
-            inpainting in diffusers).
+        strength: how much may change, in (0, 1]; None for the derived pipeline's own default.
         image_source: the image as given (a path, or the PIL image's size), for the record.
         mask_source: the mask as given, or None.
     """
