@@ -69,8 +69,8 @@ deps_importable() {
   "$python" - <<'EOF'
 import importlib, sys
 missing = []
-for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "IPython", "tqdm", "psutil", "PIL",
-             "numpy", "pytest", "pynvml"):
+for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "IPython", "tqdm", "psutil",
+             "PIL", "numpy", "pytest", "pynvml"):
     try:
         importlib.import_module(name)
     except Exception as exc:
@@ -107,7 +107,7 @@ install() {
   "$python" -m pip install --no-deps --no-build-isolation -e . || true
   "$python" - <<'EOF'
 import importlib
-for name in ("torch", "diffusers", "transformers", "accelerate", "safetensors", "pytest", "pynvml"):
+for name in ("torch", "diffusers", "transformers", "accelerate", "peft", "safetensors", "pytest", "pynvml"):
     try:
         mod = importlib.import_module(name)
         print(f"{name:<13} {getattr(mod, '__version__', 'installed')}")
@@ -131,7 +131,7 @@ environment() {
   else
     echo "nvidia-smi: not found"
   fi
-  "$python" -m pip list 2>/dev/null | grep -iE '^(torch|diffusers|transformers|accelerate|safetensors|nvidia-ml-py|xformers|pytest|mlnb) ' || true
+  "$python" -m pip list 2>/dev/null | grep -iE '^(torch|diffusers|transformers|accelerate|peft|safetensors|nvidia-ml-py|xformers|pytest|mlnb) ' || true
 }
 
 mlnb_cli() {

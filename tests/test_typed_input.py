@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import mlnb
-from mlnb.device import FakeDevice, use_device
+from mlnb.device import use_device
+from mlnb.testing import FakeDevice
 
 pytestmark = pytest.mark.usefixtures("fresh_defaults")
 

@@ -31,13 +31,13 @@ from .cost import (
 )
 from .learning import LearningContext
 from .search import BudgetError, plan_for_budget
-from .streaming import UnitStreamer, stream_units, streamer_of, streamers_of
+from .streaming import UnitStreamer, module_streamer, stream_units, streamer_of, streamers_of
 from .timing import BlockTimer, StepTimer, cache_was_empty
 
 __all__ = [
     "Block", "CardFacts", "ModelFacts", "Plan", "Workload", "BudgetError", "plan_for_budget", "predict",
     "room_needed", "schedule_step", "streamed_step", "overlap_measured",
     "card_facts", "record_measured", "describe_card", "model_facts", "model_key", "denoiser_blocks",
-    "apply_plan", "plan_level", "UnitStreamer", "stream_units", "streamer_of", "streamers_of",
+    "apply_plan", "plan_level", "UnitStreamer", "stream_units", "streamer_of", "streamers_of", "module_streamer",
     "StepTimer", "BlockTimer", "cache_was_empty", "LearningContext",
 ]

@@ -45,7 +45,7 @@ from .pinning import layout, pack, view_in
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["UnitStreamer", "WholeModel", "pin_whole", "stream_units", "streamer_of", "streamers_of"]
+__all__ = ["UnitStreamer", "WholeModel", "pin_whole", "stream_units", "streamer_of", "streamers_of", "module_streamer"]
 
 
 class _Unit:
@@ -435,6 +435,11 @@ def streamer_of(pipe) -> UnitStreamer | None:
         if streamer is not None:
             return streamer
     return None
+
+
+def module_streamer(module) -> UnitStreamer | None:
+    """The streamer that streams ``module``'s units, or None."""
+    return getattr(module, "_mlnb_streamer", None)
 
 
 def streamers_of(pipe) -> list[UnitStreamer]:
