@@ -273,7 +273,7 @@ def test_a_planned_sdxl_vae_on_a_card_without_bf16_is_cast_to_fp32_on_the_card(c
     import numpy as np
     import torch
 
-    import mlnb.pipeline.managed as managed_mod
+    import mlnb.plan as plan_mod
     from mlnb.device import DeviceInfo
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
@@ -285,8 +285,8 @@ def test_a_planned_sdxl_vae_on_a_card_without_bf16_is_cast_to_fp32_on_the_card(c
         reference = np.asarray(plain.generate("a watercolor fox", **call).images[0], dtype=np.float64)
     finally:
         plain.unload()
-    real = managed_mod.plan_for_budget
-    monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(
+    real = plan_mod.plan_for_budget
+    monkeypatch.setattr(plan_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(
         real(*a, **k), strategy="offload encoders and VAE", offload_encoders_vae=True))
     planned = mlnb.load_pipeline(tiny_sdxl, budget="8GiB", dtype="fp16", device=cuda)
     try:
@@ -347,7 +347,7 @@ def test_a_budget_load_unloads_another_model_whose_weights_are_in_its_room(cuda,
                                                                             monkeypatch):
     """Real CUDA memory: another model's resident weights leave less free than the plan needs (the card capped so);
     the load unloads that model, and its memory comes back to the card."""
-    from mlnb.pipeline import room
+    from mlnb.pipeline import cache
     from mlnb.plan import room_needed
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
@@ -356,14 +356,14 @@ def test_a_budget_load_unloads_another_model_whose_weights_are_in_its_room(cuda,
     needed = room_needed(probe.plan.predicted_peak)
     probe.unload()
     other = mlnb.load_pipeline(mid_sd.folder, level="none", dtype="fp16", device=cuda)
-    held = room.gpu_bytes(other)
+    held = cache.gpu_bytes(other)
     assert held >= mid_sd.unet_bytes
     cuda.set_memory_cap(cuda.snapshot().reserved + needed - held // 2)
     try:
         assert cuda.free_bytes() < needed
         planned = mlnb.load_pipeline(tiny_sdxl, budget=2 * GiB, dtype="fp16", device=cuda)
         assert not other.loaded and planned.loaded
-        assert cuda.free_bytes() >= needed - room.gpu_bytes(planned)
+        assert cuda.free_bytes() >= needed - cache.gpu_bytes(planned)
     finally:
         cuda.set_memory_cap(None)
         unload_all(cuda)
@@ -377,7 +377,7 @@ def test_a_resident_generation_times_its_blocks_and_a_three_slot_plan_gives_the_
 
     import numpy as np
 
-    import mlnb.pipeline.managed as managed_mod
+    import mlnb.plan as plan_mod
     from mlnb.card_facts import card_facts
     from mlnb.optimizer.streaming import streamer_of
     from mlnb.plan import Workload
@@ -394,8 +394,8 @@ def test_a_resident_generation_times_its_blocks_and_a_three_slot_plan_gives_the_
     unload_all(cuda)
     # A fresh cache for the plan: with the reserves measured above (small at 256²) the whole UNet would fit.
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "planned"))
-    real = managed_mod.plan_for_budget
-    monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
+    real = plan_mod.plan_for_budget
+    monkeypatch.setattr(plan_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
     budget = int((0.5 * GiB + 100 * MiB + 0.4 * mid_sd.unet_bytes) / 0.92)
     cuda.set_memory_cap(budget)
     try:

@@ -34,4 +34,4 @@ def test_pure_layers_and_lazy_names_stay_light():
 
 def test_the_probe_does_see_heavy_imports():
     """The check itself works: the first call that needs torch does import it."""
-    assert "torch" in _imported_after("import mlnb.pipeline.loading as m\nm.parse_dtype('fp16')")
+    assert "torch" in _imported_after("import mlnb.pipeline.files as m\nm.parse_dtype('fp16')")

@@ -6,6 +6,8 @@ units happen, which on a GPU is what keeps a copy from overwriting a slot that q
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -301,12 +303,12 @@ def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_o
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
+    import mlnb.optimizer.budget as budget_mod
     from fakes import tiny_stream_budget
     from mlnb.optimizer.budget import model_facts
     from mlnb.optimizer.streaming import streamers_of
 
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    monkeypatch.setattr(budget_mod, "model_facts", functools.partial(model_facts, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     class CudaLike(FakeDevice):  # a plan is applied only on CUDA; this one computes on the CPU
@@ -493,7 +495,7 @@ def test_a_model_that_never_ran_whole_on_the_card_gets_its_time_predicted_from_a
     records its compute instead (the step less its waits for copies, and the block timeline without them), and
     from the second image on the plan's time is predicted."""
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
+    import mlnb.optimizer.budget as budget_mod
     from diffusers import DiffusionPipeline
 
     from fakes import tiny_stream_budget
@@ -502,7 +504,7 @@ def test_a_model_that_never_ran_whole_on_the_card_gets_its_time_predicted_from_a
     from mlnb.plan import Workload
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    monkeypatch.setattr(budget_mod, "model_facts", functools.partial(model_facts, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     class CudaLike(FakeDevice):  # a plan is applied, and measurements recorded, only on CUDA
@@ -530,7 +532,7 @@ def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_n
     1.5 times the room the plan left beside the loop's peak, so the next plan leaves more; when it did not, nothing
     changes."""
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
+    import mlnb.optimizer.budget as budget_mod
     from diffusers import DiffusionPipeline
 
     from fakes import tiny_stream_budget
@@ -539,7 +541,7 @@ def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_n
     from mlnb.plan import Workload
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    monkeypatch.setattr(budget_mod, "model_facts", functools.partial(model_facts, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     class Counting(FakeDevice):
@@ -582,12 +584,13 @@ def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_c
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
+    import mlnb.optimizer.budget as budget_mod
+    import mlnb.plan as plan_mod
     from fakes import tiny_stream_budget
     from mlnb.optimizer.budget import model_facts
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))  # nothing measured: the plan streams by size, two slots
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    monkeypatch.setattr(budget_mod, "model_facts", functools.partial(model_facts, max_block=200_000))
     # the managed pipeline loads in fp16 here (a CUDA-like device): the budget is sized from the same weights
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
@@ -600,8 +603,8 @@ def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_c
     reference = np.asarray(two.generate("a fox", **call).images[0])
     two.unload()
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "again"))  # the same plan again, not one timed by the images
-    real = managed_mod.plan_for_budget
-    monkeypatch.setattr(managed_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
+    real = plan_mod.plan_for_budget
+    monkeypatch.setattr(plan_mod, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
     three = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=CudaLike())
     assert three.plan.slots == 3 and streamer_of(three.pipe).slot_count == 3
     for _ in range(2):  # the first image records the order; the second runs the chain
@@ -617,12 +620,12 @@ def test_a_planned_sdxl_whose_vae_decodes_in_bf16_moves_it_whole_from_pinned_mem
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
+    import mlnb.optimizer.budget as budget_mod
     from fakes import tiny_stream_budget
     from mlnb.optimizer.budget import model_facts
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    monkeypatch.setattr(budget_mod, "model_facts", functools.partial(model_facts, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
     class CudaLike(FakeDevice):
@@ -654,14 +657,14 @@ def test_a_planned_sdxl_vae_that_decodes_in_fp32_is_cast_on_the_gpu_from_its_pin
     from diffusers import DiffusionPipeline
 
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
+    import mlnb.optimizer.budget as budget_mod
     from fakes import tiny_stream_budget
     from mlnb.optimizer.budget import model_facts
     from mlnb.optimizer.offload import vae_needs_upcast
     from mlnb.optimizer.vae import vae_decode_dtype
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    monkeypatch.setattr(budget_mod, "model_facts", functools.partial(model_facts, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
 
     class CudaLike(FakeDevice):
@@ -726,7 +729,7 @@ def test_a_streamed_generation_records_the_loop_s_activations_until_a_resident_r
     """A 4 GB card never runs SDXL resident, so the anchors' reserve (larger than the loop needs) would stay for
     good: the streamed generation's peak, less the kept part and the slots, replaces it."""
     import mlnb
-    import mlnb.pipeline.managed as managed_mod
+    import mlnb.optimizer.budget as budget_mod
     from diffusers import DiffusionPipeline
 
     from fakes import tiny_stream_budget
@@ -735,7 +738,7 @@ def test_a_streamed_generation_records_the_loop_s_activations_until_a_resident_r
     from mlnb.plan import Workload
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
-    monkeypatch.setattr(managed_mod, "model_facts", lambda pipe: model_facts(pipe, max_block=200_000))
+    monkeypatch.setattr(budget_mod, "model_facts", functools.partial(model_facts, max_block=200_000))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)  # assumes 100 000 bytes
 
     class CudaLike(FakeDevice):
