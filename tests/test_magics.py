@@ -290,3 +290,20 @@ def test_vram_free_prints_its_own_report_and_no_cell_line_beside_it(ip, capsys):
         out = capsys.readouterr().out
     assert result.success and "64.0 MiB" in str(result.result)
     assert "[mlnb] cell" not in out, out
+
+
+def test_a_generate_cell_checks_its_arguments_once_and_calls_the_session_s_use_case(ip, tiny_sd, monkeypatch):
+    """The magic parses, calls the session's generation (the dashboard's Generate calls it too), and displays: the
+    arguments are checked once, where the options are read, not again below."""
+    from mlnb import session
+    from mlnb.pipeline import GenerationArgs
+
+    checks, calls = [], []
+    checked = GenerationArgs.checked.__func__
+    monkeypatch.setattr(GenerationArgs, "checked",
+                        classmethod(lambda cls, *a, **k: checks.append(1) or checked(cls, *a, **k)))
+    use_case = session.generate_images
+    monkeypatch.setattr(session, "generate_images", lambda *a, **k: calls.append(a) or use_case(*a, **k))
+    assert run(ip, gen_cell(tiny_sd, "--seed 1 --out r")).success
+    assert checks == [1] and len(calls) == 1 and calls[0][0].prompt == "a watercolor fox"
+    assert mlnb.last_result() is ip.user_ns["r"]
