@@ -35,7 +35,7 @@ from .files import (
 )
 from .managed import ManagedPipeline, native_size
 from .result import plan_title
-from .validation import check_load_keywords, text_to_image_parameters
+from .validation import FROM_PRETRAINED_KEYWORDS, check_load_keywords, text_to_image_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,8 @@ def _load_pipeline(model, setting: MemorySetting, dtype, allow_pickle: bool, dev
     device = device or get_device()
     source, is_local = resolve_model(model)
     unverified: frozenset[str] = frozenset()
-    if check_keywords:  # those only the pipeline's class could take wait for it, when its index is not at hand
+    if check_keywords and not FROM_PRETRAINED_KEYWORDS.issuperset(from_pretrained_kwargs):
+        # a name only the pipeline's class could take waits for the class when its index is not at hand
         unverified = check_load_keywords(from_pretrained_kwargs,
                                          pipeline_parameters(source, is_local, from_pretrained_kwargs))
     torch_dtype = parse_dtype(dtype) or default_dtype(device, source if is_local else None)
