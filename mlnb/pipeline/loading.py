@@ -13,9 +13,13 @@ import os
 import threading
 
 from .. import plan as planner
+from ..card_facts import card_facts
 from ..device import Device, get_device
 from ..errors import InvalidArgumentError, LoadInterrupted, OutOfMemoryRescueError
-from ..levels import LevelChoice, MemoryOptimizationConfig, Technique, activation_reserve, choose_level, stronger_level
+from ..levels import (
+    LevelChoice, MemoryOptimizationConfig, OptimizationLevel, Technique, activation_reserve, choose_level,
+    stronger_level,
+)
 from ..monitor import cleanup, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer import budget as placement
@@ -23,7 +27,6 @@ from ..optimizer.context import skipped
 from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.vae import decode_in_bf16
 from ..optimizer.weights import weight_bytes
-from ..card_facts import card_facts
 from ..plan import ModelFacts, Plan, Workload, room_needed
 from ..redact import masked_kwargs
 from ..setting import MemorySetting
@@ -303,7 +306,7 @@ def _cached(source: str, dname: str, setting: MemorySetting, device: Device, kwa
         # (nothing to offload to), so a `none` loaded by name is what auto would load again.
         hit = cache.find_one(lambda m: m.model == source and dtype_name(m.dtype) == dname and m.choice.auto)
         if hit is None and not device.has_memory_counters:  # a CPU: the table says none
-            hit = cache.find((source, dname, MemorySetting.of_level("none").key))
+            hit = cache.find((source, dname, MemorySetting(level=OptimizationLevel.NONE).key))
     if hit is None or not _serves(hit, kwargs, allow_pickle):
         return None
     cache.touch(hit)  # asked for again: the last to make room
