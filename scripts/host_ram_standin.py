@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlnb.device import CopyStreams, CpuDevice, host_peak_rss, host_rss
     from mlnb.optimizer.offload import vae_needs_upcast
-    from mlnb.pipeline.managed import _native_size
+    from mlnb.pipeline.managed import native_size
     from mlnb.planner import Workload, apply_plan, card_facts, model_facts, model_key, plan_for_budget
     from mlnb.testing import FakeDevice
     from mlnb.units import parse_bytes
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe = DiffusionPipeline.from_pretrained(args.folder, torch_dtype=torch.float16)
     weights = sum(t.numel() * t.element_size() for m in pipe.components.values() if isinstance(m, torch.nn.Module)
                   for t in m.parameters())
-    side = args.size or _native_size(pipe)[0]
+    side = args.size or native_size(pipe)[0]
     work = Workload(side, side, 1, 20, vae_fp32=vae_needs_upcast(pipe))
     card = card_facts(FakeDevice(name=args.card), model_key(pipe, torch.float16), work, measure=False) \
         if args.card else None

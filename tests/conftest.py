@@ -165,6 +165,6 @@ def fresh_defaults(monkeypatch):
     from mlnb.session import defaults
 
     monkeypatch.delenv("MLNB_MODEL", raising=False)
-    saved = (defaults.model, defaults.level, defaults.monitor, defaults.verbose)
+    saved = (defaults.model, defaults.setting, defaults.monitor, defaults.verbose)
     yield
-    defaults.model, defaults.level, defaults.monitor, defaults.verbose = saved
+    defaults.model, defaults.setting, defaults.monitor, defaults.verbose = saved

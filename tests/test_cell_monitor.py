@@ -199,3 +199,42 @@ def test_hook_failure_never_breaks_the_cell(setup, monkeypatch):
     monkeypatch.setattr(device, "snapshot", lambda: (_ for _ in ()).throw(RuntimeError("driver gone")))
     result = shell.run("x = 1", lambda: 42)
     assert result.result == 42 and result.error_in_exec is None
+
+
+def test_a_cell_that_shows_its_own_report_gets_no_line_beside_it(setup):
+    """Learnt from what the cell did, not from a flag a magic sets: a generation ended in it (``last_result()``
+    changed), its value is ``%vram free``'s report, or it ended in a magic's one-line error. Its notes still show."""
+    from IPython.core.error import UsageError
+
+    from mlnb.pipeline import cache
+    from mlnb.session import FreeReport
+
+    shell, device, lines = setup
+    before = cache.last_result()
+
+    def generation():
+        device.allocate(64 * 2**20)
+        device.release(64 * 2**20)
+        cache.remember(types.SimpleNamespace(report_line=lambda: "64×64 · 2 steps"))
+
+    def free():
+        device.allocate(64 * 2**20)
+        device.release(64 * 2**20)
+        return FreeReport(0, (), 0, 0, 64 * 2**20, 0, None, None)
+
+    def failed():
+        device.allocate(64 * 2**20)
+        device.release(64 * 2**20)
+        raise UsageError("out of GPU memory at level ultra for 64×64 ×1; try --num-images 2")
+
+    try:
+        shell.run("%%generate --quiet", generation)
+        shell.run("%vram free", free)
+        shell.run("%%generate --level ultra", failed)
+        assert lines == []
+        assert [r.touched_gpu for r in cell_history.records()] == [True, True, True]
+        shell.run("again = work()", lambda: (device.allocate(64 * 2**20), device.release(64 * 2**20)) and None)
+        assert len(lines) == 1 and lines[0].startswith("[mlnb] cell 4 ·")  # the same result: not this cell's
+    finally:
+        if before is not None:
+            cache.remember(before)

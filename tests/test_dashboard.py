@@ -17,6 +17,7 @@ from mlnb.monitor.history import CellHistory, CellRecord
 from mlnb.monitor.memory_monitor import MemoryReport
 from mlnb.pipeline import cached_pipelines
 from mlnb.testing import FakeDevice
+from mlnb.setting import MemorySetting
 from mlnb.units import GiB, MiB
 from mlnb.widgets.state import Gauge, HistoryPoint, gauge_state, history_points, history_table_html, one_line
 
@@ -28,9 +29,9 @@ def session_defaults():
     """The session defaults, restored after the test."""
     from mlnb.session import defaults
 
-    saved = (defaults.level, defaults.model)
+    saved = (defaults.setting, defaults.model)
     yield defaults
-    defaults.level, defaults.model = saved
+    defaults.setting, defaults.model = saved
 
 
 @pytest.fixture
@@ -68,7 +69,7 @@ def _report(peak: int, gpu: bool = True) -> MemoryReport:
 def test_gauge_state_from_fake_device():
     device = FakeDevice(total=4 * GiB, other_processes=GiB)
     device.allocate(2 * GiB)
-    state = gauge_state(device.info(), "auto", [("/models/tiny-sd", "ultra"), ("org/name", "none")])
+    state = gauge_state(device.info(), MemorySetting.parse("auto"), [("/models/tiny-sd", "ultra"), ("org/name", "none")])
     nvml, reserved, host = state.gauges
     assert nvml.used == 3 * GiB and nvml.total == 4 * GiB
     assert nvml.fraction == pytest.approx(0.75) and nvml.bar_style == "warning"
@@ -81,7 +82,7 @@ def test_gauge_state_from_fake_device():
 
 
 def test_gauge_state_without_gpu_or_nvml():
-    state = gauge_state(CpuDevice().info(), "balanced")
+    state = gauge_state(CpuDevice().info(), MemorySetting.parse("balanced"))
     assert not state.gpu and state.headline.startswith("no GPU")
     assert [g.text for g in state.gauges[:2]] == ["N/A (no GPU)", "N/A (no GPU)"]
     assert state.level == "balanced (set by the user)" and state.loaded == "none"
@@ -119,23 +120,24 @@ def test_one_line_errors():
     assert one_line(RuntimeError("boom")) == "RuntimeError: boom"
 
 
-def test_form_kwargs():
+def test_form_args():
     pytest.importorskip("ipywidgets")
     from mlnb.errors import InvalidArgumentError
-    from mlnb.widgets.generate_panel import form_kwargs
+    from mlnb.pipeline import GenerationArgs
+    from mlnb.widgets.generate_panel import form_args
 
-    assert form_kwargs("a fox", " ", 2, "7", "64", "") == dict(
+    assert form_args("a fox", " ", 2, "7", "64", "") == GenerationArgs(
         prompt="a fox", negative_prompt=None, steps=2, seed=7, width=64, height=None
     )
     with pytest.raises(InvalidArgumentError, match="seed must be a whole number"):
-        form_kwargs("a fox", "", 2, "seven", "", "")
+        form_args("a fox", "", 2, "seven", "", "")
     # generate's own rules, before any model is loaded (they were checked only after loading it)
     with pytest.raises(InvalidArgumentError, match="the prompt is empty: type it in the prompt field"):
-        form_kwargs("  ", "", 2, "", "", "")
+        form_args("  ", "", 2, "", "", "")
     with pytest.raises(InvalidArgumentError, match="width must be a positive multiple of 8, got 60"):
-        form_kwargs("a fox", "", 2, "", "60", "")
+        form_args("a fox", "", 2, "", "60", "")
     with pytest.raises(InvalidArgumentError, match="steps must be a whole number >= 1, got 0"):
-        form_kwargs("a fox", "", 0, "", "", "")
+        form_args("a fox", "", 0, "", "", "")
 
 
 # -- the panel ----------------------------------------------------------------------------------------------------
@@ -166,13 +168,13 @@ def test_no_gpu_gauges_say_so(board_factory):
 def test_controls_set_session_defaults(board_factory, session_defaults, fake_device):
     board = board_factory()
     board.level.value = "aggressive"
-    assert session_defaults.level == "aggressive"
+    assert session_defaults.setting == MemorySetting.of_level("aggressive")
     board.model.value = " some/model "
     assert session_defaults.model == "some/model"
     board.model.value = ""
     assert session_defaults.model is None
     # Changes made elsewhere (%vram level, %%generate --model) show on the next refresh.
-    session_defaults.set_level("none")
+    session_defaults.setting = MemorySetting.parse("none")
     session_defaults.model = "other/model"
     board.refresh()
     assert board.level.value == "none" and board.model.value == "other/model"
@@ -184,16 +186,37 @@ def test_the_level_box_takes_a_level_or_a_budget_and_shows_the_session_s(board_f
     A budget set elsewhere shows as the session keeps it, and showing it sets nothing back."""
     board = board_factory()
     board.level.value = "2GiB"
-    assert session_defaults.level == "2.0 GiB" and not board.control_error.value
+    assert session_defaults.setting.budget == 2 * GiB and not board.control_error.value
     board.refresh()
-    assert board.level.value == "2.0 GiB" and "2.0 GiB budget (set by the user)" in board.level_info.value
+    assert board.level.value == "2 GiB" and "2 GiB budget (set by the user)" in board.level_info.value
     board.level.value = "turbo"
-    assert "or a VRAM budget such as 4GiB" in board.control_error.value and session_defaults.level == "2.0 GiB"
-    session_defaults.set_level("4GiB")
+    assert "or a VRAM budget such as 4GiB" in board.control_error.value and session_defaults.setting.budget == 2 * GiB
+    session_defaults.setting = MemorySetting.parse("4GiB")
     board.refresh()
-    assert board.level.value == "4.0 GiB" and session_defaults.level == "4.0 GiB"
+    assert board.level.value == "4 GiB" and str(session_defaults.setting) == "4 GiB"
     board.level.value = "ultra"  # the user's choice is handed on
-    assert session_defaults.level == "ultra" and not board.control_error.value
+    assert session_defaults.setting == MemorySetting.of_level("ultra") and not board.control_error.value
+
+
+@pytest.mark.parametrize("typed, shown, budget", [
+    ("3.75GiB", "3.75 GiB", 4_026_531_840),
+    ("1500MiB", "1500 MiB", 1_572_864_000),
+])
+def test_a_budget_typed_in_the_level_box_is_shown_as_typed_and_generate_plans_to_the_byte(
+        board_factory, session_defaults, tiny_sd, clean_cache, typed, shown, budget):
+    """The box reads a budget once: the session keeps its exact bytes and the user's number and unit; the box, the
+    level line and the Generate panel's plan say it back as typed."""
+    board = board_factory()
+    board.level.value = typed
+    assert session_defaults.setting.budget == budget and not board.control_error.value
+    board.refresh()
+    assert board.level.value == shown and f"{shown} budget (set by the user)" in board.level_info.value
+    session_defaults.model = str(tiny_sd)
+    panel = _click_generate(board, steps=1)
+    assert panel.wait(timeout=120), "generation did not finish in 120 s"
+    assert panel.error is None, panel.error
+    assert panel.result.plan.budget == budget and f"plan for {shown}: " in panel.report.value
+    assert any(note.startswith(f"plan for {shown}: ") for note in panel.notes), panel.notes
 
 
 def test_history_redrawn_only_when_version_changes(board_factory, fake_device):
@@ -232,7 +255,7 @@ def test_generate_tiny_model(board_factory, session_defaults, tiny_sd, clean_cac
     import mlnb
 
     session_defaults.model = str(tiny_sd)
-    session_defaults.set_level("none")
+    session_defaults.setting = MemorySetting.parse("none")
     board = board_factory()
     panel = _click_generate(board, steps=2)
     assert panel.button.disabled and board.free_button.disabled
@@ -251,19 +274,19 @@ def test_generate_plans_for_the_session_s_budget(board_factory, session_defaults
     """The plan's line, a warning of the generation thread, goes to the panel: written to stderr, a kernel would
     put it into whichever cell runs at that moment."""
     session_defaults.model = str(tiny_sd)
-    session_defaults.set_level("3GiB")
+    session_defaults.setting = MemorySetting.parse("3GiB")
     capfd.readouterr()
     panel = _click_generate(board_factory(), steps=1)
     assert panel.wait(timeout=120), "generation did not finish in 120 s"
     assert panel.error is None, panel.error
-    assert panel.result.plan is not None and panel.result.plan.startswith("plan for 3.0 GiB")
-    assert any(note.startswith("plan for 3.0 GiB") for note in panel.notes), panel.notes
-    assert "plan for 3.0 GiB" in panel.status.value
+    assert panel.result.plan is not None and panel.result.plan_line().startswith("plan for 3 GiB")
+    assert any(note.startswith("plan for 3 GiB") for note in panel.notes), panel.notes
+    assert "plan for 3 GiB" in panel.status.value
     assert "plan for" not in capfd.readouterr().err
 
 
 def test_generate_errors_keep_panel_usable(board_factory, session_defaults, tiny_sd, clean_cache):
-    session_defaults.set_level("none")
+    session_defaults.setting = MemorySetting.parse("none")
     board = board_factory()
     panel = board.generate_panel
     panel.steps.value, panel.width.value, panel.height.value = 1, "64", "64"
@@ -288,14 +311,14 @@ def test_generate_errors_keep_panel_usable(board_factory, session_defaults, tiny
 def test_unexpected_error_is_one_line_and_never_escapes_the_thread(board_factory, session_defaults, monkeypatch):
     import threading
 
-    import mlnb.pipeline
+    from mlnb.pipeline import loading
 
     def broken_load(*args, **kwargs):
         raise RuntimeError("driver exploded\nsecond line")
 
     escaped = []
     monkeypatch.setattr(threading, "excepthook", escaped.append)
-    monkeypatch.setattr(mlnb.pipeline, "load_pipeline", broken_load)
+    monkeypatch.setattr(loading, "load", broken_load)
     session_defaults.model = "org/model"
     panel = board_factory().generate_panel
     panel.prompt.value = "a fox"
@@ -311,13 +334,13 @@ def test_a_library_s_python_warning_in_the_generate_thread_stays_on_the_panel(bo
     cell was running. It is kept with what they log (``library_notes``), not shown in the status line."""
     import warnings
 
-    import mlnb.pipeline
+    from mlnb.pipeline import loading
 
     def warning_load(*args, **kwargs):
         warnings.warn("`upcast_vae` is deprecated", FutureWarning)
         raise RuntimeError("stop here")
 
-    monkeypatch.setattr(mlnb.pipeline, "load_pipeline", warning_load)
+    monkeypatch.setattr(loading, "load", warning_load)
     session_defaults.model = "org/model"
     panel = board_factory().generate_panel
     panel.prompt.value = "a fox"
@@ -427,10 +450,10 @@ def test_a_generation_goes_on_when_a_new_dashboard_replaces_its_board(board_fact
     import threading
 
     import mlnb
-    import mlnb.pipeline
+    from mlnb.pipeline import loading as loading_mod
 
     loading, release = threading.Event(), threading.Event()
-    load = mlnb.pipeline.load_pipeline
+    load = loading_mod.load
 
     def slow_load(*args, **kwargs):
         loading.set()
@@ -439,9 +462,9 @@ def test_a_generation_goes_on_when_a_new_dashboard_replaces_its_board(board_fact
 
     escaped = []
     monkeypatch.setattr(threading, "excepthook", escaped.append)
-    monkeypatch.setattr(mlnb.pipeline, "load_pipeline", slow_load)
+    monkeypatch.setattr(loading_mod, "load", slow_load)
     session_defaults.model = str(tiny_sd)
-    session_defaults.set_level("none")
+    session_defaults.setting = MemorySetting.parse("none")
     old = board_factory()
     panel = _click_generate(old, steps=1)
     assert loading.wait(30)

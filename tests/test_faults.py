@@ -36,6 +36,7 @@ from mlnb.optimizer import MemoryOptimizer
 from mlnb.pipeline import cached_pipelines, load_pipeline, unload_all
 from mlnb.session import defaults
 from mlnb.testing import FakeDevice, FakeOutOfMemoryError
+from mlnb.setting import MemorySetting
 from mlnb.units import GiB, MiB
 
 GEN = "--steps 1 --width 64 --height 64 --quiet"
@@ -64,7 +65,7 @@ def gpu():
 def sd(ip, gpu, tiny_sd):
     """The tiny SD pipeline loaded at level none on the fake GPU; the session's model and level name it."""
     managed = loaded_on(gpu, tiny_sd, "none")
-    defaults.model, defaults.level = str(tiny_sd), "none"
+    defaults.model, defaults.setting = str(tiny_sd), MemorySetting.of_level("none")
     assert (gpu.allocated, gpu.reserved) == (0, 0)
     return managed
 

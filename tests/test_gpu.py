@@ -347,7 +347,7 @@ def test_a_budget_load_unloads_another_model_whose_weights_are_in_its_room(cuda,
                                                                             monkeypatch):
     """Real CUDA memory: another model's resident weights leave less free than the plan needs (the card capped so);
     the load unloads that model, and its memory comes back to the card."""
-    from mlnb.pipeline import room
+    from mlnb.pipeline import cache
     from mlnb.planner import room_needed
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
@@ -356,14 +356,14 @@ def test_a_budget_load_unloads_another_model_whose_weights_are_in_its_room(cuda,
     needed = room_needed(probe.plan.predicted_peak)
     probe.unload()
     other = mlnb.load_pipeline(mid_sd.folder, level="none", dtype="fp16", device=cuda)
-    held = room.gpu_bytes(other)
+    held = cache.gpu_bytes(other)
     assert held >= mid_sd.unet_bytes
     cuda.set_memory_cap(cuda.snapshot().reserved + needed - held // 2)
     try:
         assert cuda.free_bytes() < needed
         planned = mlnb.load_pipeline(tiny_sdxl, budget=2 * GiB, dtype="fp16", device=cuda)
         assert not other.loaded and planned.loaded
-        assert cuda.free_bytes() >= needed - room.gpu_bytes(planned)
+        assert cuda.free_bytes() >= needed - cache.gpu_bytes(planned)
     finally:
         cuda.set_memory_cap(None)
         unload_all(cuda)

@@ -41,7 +41,7 @@ def test_mlnb_testing_imports_lazily():
 
 def test_the_probe_does_see_heavy_imports():
     """The check itself works: the first call that needs torch does import it."""
-    assert "torch" in _imported_after("import mlnb.pipeline.loading as m\nm.parse_dtype('fp16')")
+    assert "torch" in _imported_after("import mlnb.pipeline.files as m\nm.parse_dtype('fp16')")
 
 
 def test_the_planner_imports_light_and_its_cost_model_and_search_run_without_torch():

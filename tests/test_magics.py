@@ -14,6 +14,7 @@ from mlnb.device import use_device
 from mlnb.monitor import cell_history
 from mlnb.session import defaults
 from mlnb.testing import FakeDevice
+from mlnb.setting import MemorySetting
 
 
 
@@ -163,7 +164,7 @@ def test_vram_actions_return_text_and_html(ip, tiny_sd):
         value = ip.run_line_magic("vram", line)
         assert str(value).strip(), line
         assert value._repr_html_().startswith("<"), line
-    assert defaults.level == "ultra"
+    assert defaults.setting == MemorySetting.of_level("ultra")
     assert "pipeline" not in str(ip.run_line_magic("vram", "")) or "none loaded" in str(ip.run_line_magic("vram", ""))
 
 
@@ -181,22 +182,56 @@ def test_vram_history_has_a_row_per_cell(ip):
     assert len(table.rows) == 2 and table.rows[-1][-1] == "y = 2"
 
 
-def test_vram_level_takes_a_budget_too_and_generate_then_plans_for_it(ip, tiny_sd, clean_cache, monkeypatch):
-    import mlnb.pipeline as pipeline_mod
-    from mlnb import session
+def _loads(monkeypatch) -> list:
+    """The memory settings ``load`` is called with (patched where it is defined)."""
+    from mlnb.pipeline import loading
 
     loads = []
-    real = pipeline_mod.load_pipeline
-    monkeypatch.setattr(pipeline_mod, "load_pipeline", lambda *a, **k: loads.append(k) or real(*a, **k))
-    try:
-        notice = ip.run_line_magic("vram", "level 3GiB")
-        assert "default budget for %%generate: 3.0 GiB" in str(notice)
-        assert ("default budget", "3.0 GiB") in ip.run_line_magic("vram", "").rows()
-        run(ip, f"%%generate --model {tiny_sd} --steps 1 --width 64 --height 64 --seed 1 --quiet --out r\na fox")
-        assert loads[-1]["budget"] == 3 * 2**30 and loads[-1]["level"] == "auto"
-        assert ip.user_ns["r"].plan is not None and "plan for 3.0 GiB" in ip.user_ns["r"].plan
-    finally:
-        session.defaults.set_level("auto")
+    real = loading.load
+    monkeypatch.setattr(loading, "load", lambda model, setting, **k: loads.append(setting) or real(model, setting, **k))
+    return loads
+
+
+def test_vram_level_takes_a_budget_too_and_generate_then_plans_for_it(ip, tiny_sd, clean_cache, monkeypatch):
+    loads = _loads(monkeypatch)
+    notice = ip.run_line_magic("vram", "level 3GiB")
+    assert "default budget for %%generate: 3 GiB" in str(notice)
+    assert ("default budget", "3 GiB") in ip.run_line_magic("vram", "").rows()
+    run(ip, f"%%generate --model {tiny_sd} --steps 1 --width 64 --height 64 --seed 1 --quiet --out r\na fox")
+    assert loads[-1] == MemorySetting.of_budget(3 * 2**30)
+    result = ip.user_ns["r"]
+    assert result.plan is not None and result.plan.budget == 3 * 2**30 and result.setting is loads[-1]
+    assert "plan for 3 GiB: " in result.report_line()
+
+
+@pytest.mark.parametrize("typed, shown, budget", [
+    ("3.75GiB", "3.75 GiB", 4_026_531_840),
+    ("1500MiB", "1500 MiB", 1_572_864_000),
+])
+def test_a_budget_typed_with_vram_level_is_shown_as_typed_and_planned_to_the_byte(ip, tiny_sd, clean_cache, capsys,
+                                                                                  typed, shown, budget):
+    """``%vram level 3.75GiB`` answers with 3.75 GiB (it said 3.8 GiB and planned 51 MiB more); ``1500MiB`` is
+    1500 MiB (it became 1.5 GiB): the number and unit as typed, and the plan for exactly those bytes."""
+    capsys.readouterr()
+    assert run(ip, f"%vram level {typed}").success
+    assert f"default budget for %%generate: {shown}" in capsys.readouterr().out
+    assert defaults.setting.budget == budget
+    assert run(ip, "%vram level").result.text == f"default budget: {shown}"
+    assert run(ip, f"%%generate --model {tiny_sd} --steps 1 --width 64 --height 64 --seed 1 --out r\na fox").success
+    result = ip.user_ns["r"]
+    assert result.plan.budget == budget and str(result.setting) == shown
+    assert f"plan for {shown}: " in capsys.readouterr().out  # the report line, and the plan as it loaded
+    assert [p.tag for p in mlnb.pipeline.cached_pipelines()] == [f"budget {shown}"]
+    assert ("default budget", shown) in ip.run_line_magic("vram", "").rows()
+
+
+def test_vram_on_generate_is_planned_to_the_byte_and_shown_as_typed(ip, tiny_sd, clean_cache, monkeypatch):
+    loads = _loads(monkeypatch)
+    run(ip, f"%%generate --model {tiny_sd} --vram 1500MiB --steps 1 --width 64 --height 64 --seed 1 --quiet --out r"
+            "\na fox")
+    assert loads[-1].budget == 1_572_864_000 and ip.user_ns["r"].plan.budget == 1_572_864_000
+    assert "plan for 1500 MiB: " in ip.user_ns["r"].report_line()
+    assert defaults.setting.is_auto  # a cell's option is not the session's
 
 
 def test_vram_bad_input(ip, capsys):
@@ -256,3 +291,20 @@ def test_vram_free_prints_its_own_report_and_no_cell_line_beside_it(ip, capsys):
         out = capsys.readouterr().out
     assert result.success and "64.0 MiB" in str(result.result)
     assert "[mlnb] cell" not in out, out
+
+
+def test_a_generate_cell_checks_its_arguments_once_and_calls_the_session_s_use_case(ip, tiny_sd, monkeypatch):
+    """The magic parses, calls the session's generation (the dashboard's Generate calls it too), and displays: the
+    arguments are checked once, where the options are read, not again below."""
+    from mlnb import session
+    from mlnb.pipeline import GenerationArgs
+
+    checks, calls = [], []
+    checked = GenerationArgs.checked.__func__
+    monkeypatch.setattr(GenerationArgs, "checked",
+                        classmethod(lambda cls, *a, **k: checks.append(1) or checked(cls, *a, **k)))
+    use_case = session.generate_images
+    monkeypatch.setattr(session, "generate_images", lambda *a, **k: calls.append(a) or use_case(*a, **k))
+    assert run(ip, gen_cell(tiny_sd, "--seed 1 --out r")).success
+    assert checks == [1] and len(calls) == 1 and calls[0][0].prompt == "a watercolor fox"
+    assert mlnb.last_result() is ip.user_ns["r"]

@@ -422,18 +422,19 @@ def test_keyboard_interrupt_mid_generation(tiny_sd, monkeypatch):
 
 @pytest.fixture
 def oom_first(monkeypatch):
-    """Make ``ManagedPipeline.generate`` raise the fake OOM for the first ``n`` calls; records the levels tried."""
-    original = ManagedPipeline.generate
+    """Make a generation (``ManagedPipeline.run``, which ``generate`` and the rescue call) raise the fake OOM for
+    the first ``n`` calls; records the levels tried."""
+    original = ManagedPipeline.run
     tried: list[OptimizationLevel] = []
 
     def install(n: int):
-        def generate(self, *args, **kwargs):
+        def run(self, *args, **kwargs):
             tried.append(self.level)
             if len(tried) <= n:
                 raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return original(self, *args, **kwargs)
 
-        monkeypatch.setattr(ManagedPipeline, "generate", generate)
+        monkeypatch.setattr(ManagedPipeline, "run", run)
         return tried
 
     return install
@@ -488,7 +489,7 @@ def test_other_errors_are_not_rescued(tiny_sd, monkeypatch):
     def broken(self, *args, **kwargs):
         raise ValueError("scheduler exploded")
 
-    monkeypatch.setattr(ManagedPipeline, "generate", broken)
+    monkeypatch.setattr(ManagedPipeline, "run", broken)
     with pytest.raises(ValueError, match="scheduler exploded"):
         generate_with_rescue(managed, prompt="a fox", **FAST)
     assert cached_pipelines() == [managed]
@@ -514,13 +515,14 @@ def test_oom_with_a_plan_retries_with_a_safer_plan(tiny_sd, oom_first, clean_cac
     managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
     oom_first(1)
     result = generate_with_rescue(managed, prompt="a fox", seed=1, **FAST)
-    assert result.plan is not None and result.plan.startswith("plan for 2.2 GiB")
-    assert result.notes == ("out of memory with the plan for 3.0 GiB",)
-    assert not managed.loaded and [m.tag for m in cached_pipelines()] == ["budget 2.2 GiB"]
+    assert result.plan is not None and result.plan.budget == 3 * 2**30 * 3 // 4
+    assert result.plan_line().startswith("plan for 2.25 GiB: ")
+    assert result.notes == ("out of memory with the plan for 3 GiB",)
+    assert not managed.loaded and [m.tag for m in cached_pipelines()] == ["budget 2.25 GiB"]
 
     again = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
     oom_first(99)
-    with pytest.raises(OutOfMemoryRescueError, match="with the plan for 3.0 GiB and again with the plan for 2.2 GiB"):
+    with pytest.raises(OutOfMemoryRescueError, match="with the plan for 3 GiB and again with the plan for 2.25 GiB"):
         generate_with_rescue(again, prompt="a fox", **FAST)
 
 
@@ -532,7 +534,7 @@ def test_oom_with_a_plan_falls_back_to_ultra_when_no_smaller_plan_fits(tiny_sd, 
     tried = oom_first(1)
     result = generate_with_rescue(managed, prompt="a fox", seed=1, **FAST)
     assert tried[-1] is L.ULTRA and result.level is L.ULTRA
-    assert result.notes == ("out of memory with the plan for 3.0 GiB",)
+    assert result.notes == ("out of memory with the plan for 3 GiB",)
 
 
 def test_a_streamed_generation_records_the_overlap_it_measured(tiny_sd, clean_cache, tmp_path, monkeypatch):
@@ -915,3 +917,103 @@ def test_auto_without_cuda_reuses_the_none_pipeline_loaded_by_name(tiny_sd):
     """auto on a CPU is `none`: it unloaded the same pipeline and loaded it again."""
     named = mlnb.load_pipeline(tiny_sd, level="none", device=CpuDevice())
     assert mlnb.load_pipeline(tiny_sd, device=CpuDevice()) is named and named.loaded
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Keyword arguments of load_pipeline, and secrets in what it shows
+
+
+@pytest.mark.parametrize("kwargs, named, close", [
+    (dict(revison="main"), "revison=", "did you mean revision"),
+    (dict(levle="none"), "levle=", "did you mean level"),
+    (dict(loras=["fox.safetensors"]), "loras=", None),
+    (dict(schedular=None), "schedular=", "did you mean scheduler"),
+], ids=["from_pretrained-typo", "load_pipeline-typo", "loras", "component-typo"])
+def test_load_pipeline_refuses_a_keyword_neither_it_nor_from_pretrained_takes(tiny_sd, kwargs, named, close):
+    """A misspelt keyword was passed to from_pretrained, which ignored it: the load ran without the setting the user
+    believed given. It is one line naming the keyword and what it is close to, before anything loads."""
+    with pytest.raises(InvalidArgumentError) as info:
+        mlnb.load_pipeline(tiny_sd, **kwargs)
+    message = _one_line(info.value)
+    assert message.startswith(f"load_pipeline got an unknown keyword argument {named}: ")
+    assert (close in message) if close else "did you mean" not in message
+    assert cached_pipelines() == []
+
+
+def test_load_pipeline_takes_from_pretrained_s_keywords_and_the_pipeline_s_components(tiny_sd):
+    """from_pretrained's own keywords (``revision``, ``use_safetensors``...), a component to replace
+    (``scheduler=``) and a pipeline setting (``requires_safety_checker``) are passed on; ``torch_dtype`` is
+    ``dtype``."""
+    from diffusers import EulerDiscreteScheduler
+
+    scheduler = EulerDiscreteScheduler.from_pretrained(tiny_sd, subfolder="scheduler")
+    managed = mlnb.load_pipeline(tiny_sd, level="none", scheduler=scheduler, requires_safety_checker=False,
+                                 revision=None, low_cpu_mem_usage=True, torch_dtype="fp16")
+    assert managed.pipe.scheduler is scheduler and managed.key[1] == "fp16"
+    with pytest.raises(InvalidArgumentError, match="dtype and torch_dtype are one argument: give dtype"):
+        mlnb.load_pipeline(tiny_sd, level="none", dtype="fp32", torch_dtype="fp16")
+
+
+def test_a_keyword_of_a_hub_model_not_in_the_cache_is_checked_once_its_pipeline_class_is_known(monkeypatch):
+    """Without the model's index at hand (a hub model not downloaded yet), the names only its pipeline could take
+    are checked against the pipeline once it is read, before it is placed or cached."""
+    from mlnb.pipeline import files
+
+    class HubPipeline:
+        def __init__(self, unet, scheduler, requires_safety_checker: bool = True) -> None:
+            self.components = {"unet": unet, "scheduler": scheduler}
+
+    monkeypatch.setattr(files, "load_diffusers_pipeline", lambda *a, **k: HubPipeline(None, None))
+    with pytest.raises(InvalidArgumentError, match=r"unknown keyword argument schedular=: .*did you mean scheduler"):
+        mlnb.load_pipeline("mlnb-tests/not-downloaded", level="none", schedular=None)
+    assert cached_pipelines() == []
+
+
+def test_a_token_never_shows_in_the_unload_warning_or_the_logs(tiny_sd, caplog, capsys):
+    """``token=`` reaches from_pretrained (a local folder ignores it), but what mlnb shows of the arguments (the
+    warning that a cached copy is replaced because an argument changed, its debug lines) masks it."""
+    first, second = "hf_" + "a1" * 17, "hf_" + "b2" * 17
+    with caplog.at_level(logging.DEBUG, logger="mlnb"):
+        old = mlnb.load_pipeline(tiny_sd, level="none", token=first)
+        new = mlnb.load_pipeline(tiny_sd, level="none", token=second)
+    assert new is not old and not old.loaded
+    shown = caplog.text + "".join(capsys.readouterr())
+    assert "(none, token='***') to load it again as none, token='***'" in shown
+    assert first not in shown and second not in shown
+    with pytest.raises(InvalidArgumentError) as info:
+        old.generate("a fox", **FAST)
+    assert first not in str(info.value) and second not in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One check, one result, one remember
+
+
+def test_a_generation_checks_its_arguments_once_and_remembers_one_result_built_once(tiny_sd, oom_first,
+                                                                                     monkeypatch):
+    """Through the OOM rescue too: the arguments are checked once (not again for the retry), the result comes out
+    of the retry as built (the rescue's note in it, not replaced afterwards) and is remembered once."""
+    from mlnb.pipeline import GenerationArgs, cache
+
+    checks, remembered = [], []
+    checked = GenerationArgs.checked.__func__
+    monkeypatch.setattr(GenerationArgs, "checked",
+                        classmethod(lambda cls, *a, **k: checks.append(1) or checked(cls, *a, **k)))
+    remember = cache.remember
+    monkeypatch.setattr(cache, "remember", lambda result: remembered.append(result) or remember(result))
+    managed = mlnb.load_pipeline(tiny_sd, level="none", device=FakeDevice())
+    oom_first(1)
+    result = generate_with_rescue(managed, prompt="a fox", seed=1, **FAST)
+    assert checks == [1] and remembered == [result] and last_result() is result
+    assert result.notes == ("out of memory at none",) and result.rescued_from is L.NONE
+    assert set(result.phase_seconds) == {"before", "pipeline", "cleanup", "after"}
+
+
+def test_the_result_carries_the_plan_and_the_setting_as_given(tiny_sd):
+    """The plan object travels into the result (not its text), with the memory setting as the user gave it."""
+    managed = mlnb.load_pipeline(tiny_sd, budget="3.75GiB", device=FakeDevice())
+    result = managed.generate("a fox", seed=1, **FAST)
+    assert result.plan is managed.plan and result.plan.budget == 4_026_531_840
+    assert result.setting is managed.setting and str(result.setting) == "3.75 GiB"
+    assert result.report_line().split(" · ")[4].startswith(f"plan for 3.75 GiB: {managed.plan.summary()}; predicted ")
+    assert managed.tag == "budget 3.75 GiB" and managed.key[2] == "budget 4026531840 B"

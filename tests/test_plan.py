@@ -197,7 +197,7 @@ def test_tiled_pixels_are_what_diffusers_decodes(tiny_sd):
     import torch
 
     from mlnb.optimizer.vae import set_vae_tiles
-    from mlnb.pipeline.loading import load_diffusers_pipeline
+    from mlnb.pipeline.files import load_diffusers_pipeline
 
     vae = load_diffusers_pipeline(tiny_sd).vae
     scale = 2 ** (len(vae.config.block_out_channels) - 1)
@@ -357,9 +357,9 @@ def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
     import mlnb
 
     managed = mlnb.load_pipeline(tiny_sd, budget="3GiB")
-    assert managed.plan is not None and managed.tag == "budget 3.0 GiB"
+    assert managed.plan is not None and managed.tag == "budget 3 GiB"
     result = managed.generate("a fox", steps=2, width=64, height=64, seed=1)
-    assert result.plan.startswith("plan for 3.0 GiB")
+    assert result.plan is managed.plan and result.plan_line().startswith("plan for 3 GiB: ")
     # The prediction is for the size generated (64², not the native size the plan was made for).
     assert result.predicted_peak == managed.predict(Workload(64, 64, 1, 2))[0] is not None
     assert f"predicted {result.predicted_peak / 2**30:.1f} GiB" in result.report_line()

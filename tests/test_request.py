@@ -7,6 +7,7 @@ import argparse
 import pytest
 
 from mlnb.ipython.request import RequestError, build_request, expand_prompt
+from mlnb.setting import MemorySetting
 
 
 def args(**kw):
@@ -47,31 +48,34 @@ def test_expand_prompt_errors_are_one_line_and_name_the_real_problem(text, needl
 
 def test_the_negative_prompt_is_used_as_the_option_line_gives_it():
     """IPython has expanded ``{var}`` in the line already: braces left in the value are text, never expanded again."""
-    req = build_request(args(model="m", negative="{nope} {x.y:>99}"), "a fox", {"x": "boom"}, None, "auto")
-    assert req.negative == "{nope} {x.y:>99}"
+    req = build_request(args(model="m", negative="{nope} {x.y:>99}"), "a fox", {"x": "boom"})
+    assert req.args.negative_prompt == "{nope} {x.y:>99}"
 
 
-def test_request_uses_defaults_and_remembers_nothing_itself():
-    req = build_request(args(), "a fox\nin snow", {}, default_model="some/model", default_level="ultra")
-    assert req.model == "some/model" and req.level == "ultra"
-    assert req.prompt == "a fox\nin snow"
-    assert req.steps == 30 and req.num_images == 1
-    assert req.generate_kwargs()["prompt"] == "a fox\nin snow"
+def test_request_leaves_the_defaults_to_the_session_and_remembers_nothing_itself():
+    """No --model, --level or --vram: the request names none (the generation use case takes the session's)."""
+    req = build_request(args(), "a fox\nin snow", {})
+    assert req.model is None and req.setting is None
+    assert req.args.prompt == "a fox\nin snow"
+    assert req.args.steps == 30 and req.args.num_images == 1
+    assert build_request(args(model="some/model"), "a fox", {}).model == "some/model"
 
 
-def test_a_session_budget_stands_in_for_the_level_unless_an_option_says_otherwise():
-    """``%vram level 4GiB`` makes a budget the session's default: it is what a bare %%generate plans for."""
-    req = build_request(args(), "a fox", {}, default_model="m", default_level="4.0 GiB")
-    assert (req.level, req.budget) == ("auto", 4 * 2**30)
-    req = build_request(args(level="ultra"), "a fox", {}, default_model="m", default_level="4.0 GiB")
-    assert (req.level, req.budget) == ("ultra", None)
-    req = build_request(args(vram="2GiB"), "a fox", {}, default_model="m", default_level="4.0 GiB")
-    assert req.budget == 2 * 2**30
+def test_the_options_name_the_memory_setting_typed_as_given():
+    """--level is a level (auto too); --vram a budget in exact bytes, shown as typed; either replaces the session's."""
+    assert build_request(args(level="ultra"), "a fox", {}).setting == MemorySetting.of_level("ultra")
+    assert build_request(args(level="auto"), "a fox", {}).setting.is_auto
+    req = build_request(args(vram="3.75GiB"), "a fox", {})
+    assert req.setting.budget == 4_026_531_840 and str(req.setting) == "3.75 GiB"
+    assert build_request(args(vram="1500MiB"), "a fox", {}).setting.budget == 1_572_864_000
 
 
 def test_no_model_says_how_to_name_one():
-    with pytest.raises(RequestError, match="--model"):
-        build_request(args(), "a fox", {}, default_model=None, default_level="auto")
+    from mlnb.errors import InvalidArgumentError
+    from mlnb.session import resolve
+
+    with pytest.raises(InvalidArgumentError, match="--model"):
+        resolve(None)
 
 
 @pytest.mark.parametrize("kw,needle", [
@@ -89,34 +93,34 @@ def test_no_model_says_how_to_name_one():
 ])
 def test_bad_options(kw, needle):
     with pytest.raises(RequestError) as info:
-        build_request(args(model="m", **kw), "a fox", {}, None, "auto")
+        build_request(args(model="m", **kw), "a fox", {})
     assert needle in str(info.value)
 
 
 def test_empty_prompt():
     with pytest.raises(RequestError, match="prompt is empty"):
-        build_request(args(model="m"), "  \n ", {}, None, "auto")
+        build_request(args(model="m"), "  \n ", {})
 
 
 def test_save_rules(tmp_path):
     existing = tmp_path / "a.png"
     existing.write_bytes(b"x")
     with pytest.raises(RequestError, match="exists; mlnb never overwrites"):
-        build_request(args(model="m", save=str(existing)), "a fox", {}, None, "auto")
+        build_request(args(model="m", save=str(existing)), "a fox", {})
     with pytest.raises(RequestError, match="does not exist"):
-        build_request(args(model="m", save=str(tmp_path / "nope" / "a.png")), "a fox", {}, None, "auto")
+        build_request(args(model="m", save=str(tmp_path / "nope" / "a.png")), "a fox", {})
     with pytest.raises(RequestError, match="neither an existing folder"):
-        build_request(args(model="m", save=str(tmp_path / "newfolder")), "a fox", {}, None, "auto")
-    assert build_request(args(model="m", save=str(tmp_path)), "a fox", {}, None, "auto").save == str(tmp_path)
-    assert build_request(args(model="m", save=str(tmp_path / "b.png")), "a fox", {}, None, "auto").save
+        build_request(args(model="m", save=str(tmp_path / "newfolder")), "a fox", {})
+    assert build_request(args(model="m", save=str(tmp_path)), "a fox", {}).save == str(tmp_path)
+    assert build_request(args(model="m", save=str(tmp_path / "b.png")), "a fox", {}).save
 
 
 def test_vram_budget_option():
-    assert build_request(args(model="m", vram="4GiB"), "a fox", {}, None, "auto").budget == 4 * 2**30
+    assert build_request(args(model="m", vram="4GiB"), "a fox", {}).setting.budget == 4 * 2**30
     with pytest.raises(RequestError, match="--vram: cannot read size"):
-        build_request(args(model="m", vram="lots"), "a fox", {}, None, "auto")
+        build_request(args(model="m", vram="lots"), "a fox", {})
     with pytest.raises(RequestError, match="cannot both be given"):
-        build_request(args(model="m", vram="4GiB", level="ultra"), "a fox", {}, None, "auto")
+        build_request(args(model="m", vram="4GiB", level="ultra"), "a fox", {})
 
 
 def test_what_a_variable_holds_is_never_expanded_again():
@@ -151,12 +155,12 @@ def test_attributes_and_keys_still_expand():
                                   "_i", "_ii", "_iii", "_i12", "_12", "exit", "quit", "print", "open", "__name__"])
 def test_out_refuses_a_name_of_pythons_or_ipythons(name):
     with pytest.raises(RequestError, match=rf"^--out '{name}' is .*: choose another name$"):
-        build_request(args(model="m", out=name), "a fox", {}, None, "auto")
+        build_request(args(model="m", out=name), "a fox", {})
 
 
 @pytest.mark.parametrize("name", ["result", "_result", "fox_1", "i12", "_image", "Output"])
 def test_out_takes_a_users_name(name):
-    assert build_request(args(model="m", out=name), "a fox", {}, None, "auto").out == name
+    assert build_request(args(model="m", out=name), "a fox", {}).out == name
 
 
 def test_save_refuses_links_dangling_or_not(tmp_path):
@@ -165,13 +169,13 @@ def test_save_refuses_links_dangling_or_not(tmp_path):
     (tmp_path / "to-real.png").symlink_to(tmp_path / "real.png")
     for name in ("dangling.png", "to-real.png"):
         with pytest.raises(RequestError, match="is a symbolic link; mlnb never writes through one"):
-            build_request(args(model="m", save=str(tmp_path / name)), "a fox", {}, None, "auto")
+            build_request(args(model="m", save=str(tmp_path / name)), "a fox", {})
     (tmp_path / "mlnb-3-1.png").symlink_to(tmp_path / "nowhere.png")  # the second of two names in a folder
     with pytest.raises(RequestError, match="mlnb-3-1.png' is a symbolic link"):
-        build_request(args(model="m", save=str(tmp_path), seed=3, num_images=2), "a fox", {}, None, "auto")
+        build_request(args(model="m", save=str(tmp_path), seed=3, num_images=2), "a fox", {})
     assert not (tmp_path / "nowhere.png").exists()
 
 
 def test_a_budget_without_its_unit_is_refused_before_any_model_is_read():
     with pytest.raises(RequestError, match=r"^--vram: a VRAM budget of 4 B holds no model; give a unit, such as 4GiB$"):
-        build_request(args(model="m", vram="4"), "a fox", {}, None, "auto")
+        build_request(args(model="m", vram="4"), "a fox", {})

@@ -12,7 +12,7 @@ import pytest
 import mlnb
 from mlnb.levels import OptimizationLevel
 from mlnb.pipeline import ManagedPipeline, cached_pipelines, generate_with_rescue
-from mlnb.pipeline.room import gpu_bytes, holders, make_room
+from mlnb.pipeline.cache import gpu_bytes, holders, make_room
 from mlnb.planner import CardFacts, Workload, room_needed
 from mlnb.testing import FakeDevice, FakeOutOfMemoryError
 from mlnb.units import GiB, MiB
@@ -125,7 +125,7 @@ def test_a_model_generating_in_another_thread_is_never_unloaded(tiny_sd, tiny_sd
     holding, release = threading.Event(), threading.Event()
 
     def generate_slowly():
-        with busy._generating:  # what a generation holds while it runs
+        with busy.hold():  # what a generation holds while it runs
             holding.set()
             release.wait(10)
 
@@ -150,16 +150,16 @@ def test_oom_with_another_model_on_the_gpu_unloads_it_and_retries_at_the_same_le
     managed = mlnb.load_pipeline(tiny_sd, level="none", device=fake)
     other = mlnb.load_pipeline(tiny_sdxl, level="none", device=fake)
     _on_gpu(fake, other)
-    original = ManagedPipeline.generate
+    original = ManagedPipeline.run
     tried = []
 
-    def generate(self, *args, **kwargs):
+    def run(self, *args, **kwargs):
         tried.append((self.model, self.level))
         if other.loaded:
             raise FakeOutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(ManagedPipeline, "generate", generate)
+    monkeypatch.setattr(ManagedPipeline, "run", run)
     with caplog.at_level(logging.WARNING, logger="mlnb"):
         result = generate_with_rescue(managed, prompt="a fox", seed=1, **FAST)
     assert tried == [(managed.model, OptimizationLevel.NONE)] * 2
@@ -235,7 +235,7 @@ def test_unload_all_while_another_thread_generates_and_then_reads_the_cache_does
     generating, done = threading.Event(), []
 
     def generation():
-        with managed._generating:
+        with managed.hold():
             generating.set()
             threading.Event().wait(0.3)  # unload_all is waiting for this lock by now
             read_cache()
@@ -301,8 +301,9 @@ def test_vram_free_interrupted_while_waiting_is_a_usage_error(tiny_sd, monkeypat
 
 def test_auto_on_a_cuda_card_counts_what_cached_pipelines_hold_only_when_nothing_fits_the_free_memory(tiny_sd,
                                                                                                        tiny_sdxl):
-    from mlnb.pipeline.loading import load_diffusers_pipeline
-    from mlnb.pipeline.managed import _choose
+    from mlnb.pipeline.files import load_diffusers_pipeline
+    from mlnb.pipeline.loading import _choose
+    from mlnb.setting import AUTO_SETTING
 
     import torch
 
@@ -313,11 +314,11 @@ def test_auto_on_a_cuda_card_counts_what_cached_pipelines_hold_only_when_nothing
     assert gpu_bytes(other) == held
     pipe = load_diffusers_pipeline(tiny_sd)
     _leave_free(fake, 8 * GiB)
-    choice, plan, _ = _choose(pipe, None, None, fake, None)
+    choice, plan, _ = _choose(pipe, AUTO_SETTING, fake, None)
     assert plan.budget == 8 * GiB and choice.reason.startswith("plan for the 8.0 GiB free: ")
     for free in (256 * MiB, 0):  # nothing fits what is free (0: a card full of cached models)
         _leave_free(fake, free)
-        choice, plan, _ = _choose(pipe, None, None, fake, None)
+        choice, plan, _ = _choose(pipe, AUTO_SETTING, fake, None)
         assert plan is not None and plan.budget == free + held
         assert "held by cached pipelines" in choice.reason
 
@@ -354,16 +355,16 @@ def test_a_level_none_load_on_a_cuda_card_makes_room_for_its_weights_and_activat
 
 def _reads(monkeypatch, watch):
     """Record what ``watch()`` says each time a pipeline's files are read."""
-    from mlnb.pipeline import managed as managed_module
+    from mlnb.pipeline import files
 
     seen = []
-    original = managed_module.load_diffusers_pipeline
+    original = files.load_diffusers_pipeline
 
     def reading(*args, **kwargs):
         seen.append(watch())
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(managed_module, "load_diffusers_pipeline", reading)
+    monkeypatch.setattr(files, "load_diffusers_pipeline", reading)
     return seen
 
 
@@ -440,4 +441,4 @@ def test_status_names_a_planned_pipeline_s_budget(tiny_sd):
 
     mlnb.load_pipeline(tiny_sd, budget="1GiB", device=FakeDevice())
     rows = dict(session.status(FakeDevice()).rows())
-    assert "level none, plan for 1.0 GiB" in rows[f"pipeline {tiny_sd}"]
+    assert "level none, plan for 1 GiB" in rows[f"pipeline {tiny_sd}"]

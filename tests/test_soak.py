@@ -21,6 +21,7 @@ from mlnb.monitor import cell_history
 from mlnb.pipeline import cached_pipelines, unload_all
 from mlnb.session import defaults
 from mlnb.testing import FakeDevice
+from mlnb.setting import MemorySetting
 from mlnb.units import GiB, MiB, format_bytes
 
 CELLS = 100
@@ -39,15 +40,15 @@ def ip():
 @pytest.fixture
 def session(ip, tiny_sd):
     """The tiny model as the session's model at level none, one torch thread, and everything restored after."""
-    saved = (defaults.model, defaults.level, defaults.monitor, defaults.verbose)
+    saved = (defaults.model, defaults.setting, defaults.monitor, defaults.verbose)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model is all overhead; threads only spin on a 2-core machine
-    defaults.model, defaults.level, defaults.monitor = str(tiny_sd), "none", True
+    defaults.model, defaults.setting, defaults.monitor = str(tiny_sd), MemorySetting.of_level("none"), True
     unload_all()
     yield ip
     unload_all()
     torch.set_num_threads(threads)
-    defaults.model, defaults.level, defaults.monitor, defaults.verbose = saved
+    defaults.model, defaults.setting, defaults.monitor, defaults.verbose = saved
 
 
 def live_tensors() -> int:

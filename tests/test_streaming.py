@@ -310,7 +310,7 @@ def test_the_pipeline_finds_the_onload_device_and_remove_restores_the_model(tiny
 
 
 def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_one_is_the_same(tiny_sdxl, clean_cache,
-                                                                                               monkeypatch):
+                                                                                               tmp_path, monkeypatch):
     """Through the managed pipeline, with a plan that streams part of the UNet and both text encoders: Ctrl-C in the
     middle of the second step raises the one-line interruption, no streamed unit is left pointing at device memory,
     no slot is held, and the next generation gives the image of an uninterrupted one."""
@@ -321,6 +321,7 @@ def test_an_interrupted_streamed_generation_leaves_nothing_behind_and_the_next_o
     from fakes import tiny_stream_budget
     from mlnb.planner import streamers_of
 
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))  # a step time an earlier run cached would change the plan
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
 
     # a plan is applied only on CUDA; this fake computes on the CPU

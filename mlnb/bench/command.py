@@ -116,7 +116,7 @@ def _check_model(model: str) -> None:
     """A ``--model`` that names a local folder must exist and be a diffusers pipeline (a hub id is checked when it
     loads)."""
     from ..errors import ModelNotFoundError
-    from ..pipeline.loading import resolve_model
+    from ..pipeline.files import resolve_model
 
     try:
         resolve_model(model)

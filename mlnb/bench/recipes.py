@@ -139,7 +139,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
     from ..optimizer.context import denoiser_of
     from ..optimizer.offload import vae_needs_upcast
     from ..optimizer.vae import vae_decode_dtype
-    from ..pipeline.loading import load_diffusers_pipeline
+    from ..pipeline.files import load_diffusers_pipeline
     from ..planner import BlockTimer, StepTimer, Workload, cache_was_empty, denoiser_blocks, model_key, record_measured
 
     if recipe.needs_cuda and not device.is_cuda:

@@ -46,7 +46,7 @@ def load_ipython_extension(ipython) -> None:
     if getattr(ipython, _STATE_ATTR, None) is not None:
         unload_ipython_extension(ipython)
     monitor = CellMonitor(ipython)
-    magics = MlnbMagics(ipython, cell_monitor=monitor)
+    magics = MlnbMagics(ipython)
     callbacks = (("pre_run_cell", monitor.pre_run_cell), ("post_run_cell", monitor.post_run_cell))
     for event, callback in callbacks:
         ipython.events.register(event, callback)

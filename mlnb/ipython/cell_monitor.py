@@ -4,7 +4,8 @@
 user's cells. After a cell that touched the GPU the allocator cache is cleared; after an error, the stored
 traceback's frames are cleared when they alone pin device tensors (not when the namespace or the output cache holds
 them too: a model's weights seen through a method's ``self`` stay whatever happens, and ``%debug`` keeps its locals);
-an output that pins device tensors is pointed out.
+an output that pins device tensors is pointed out. A cell that showed its own memory report (a generation's report
+line, what ``%vram free`` freed, a magic's one-line error) gets no line of its own beside it, only the notes.
 ``gc.collect()`` runs only when it can free something: after an error, or when a GPU cell ended holding more than it
 started with (a reference cycle may be what holds it). Cells that did not touch the GPU are silent.
 """
@@ -14,10 +15,13 @@ from __future__ import annotations
 import dataclasses
 import gc
 import logging
+import sys
+
+from IPython.core.error import UsageError
 
 from ..device import Device, get_device
 from ..monitor import CellRecord, MemoryMonitor, cell_history
-from ..session import defaults
+from ..session import FreeReport, defaults
 from ..units import format_bytes
 from ..monitor import clear_frames
 from .tensors import find_device_tensors, stored_traceback, tensors_only_in_traceback
@@ -55,7 +59,7 @@ class CellMonitor:
         self._monitor: MemoryMonitor | None = None
         self._cell: int | None = None
         self._source = ""
-        self.quiet_current_cell = False  # set by %%generate and %vram free, which print their own reports
+        self._last_generation = None  # mlnb.last_result() when the cell started
 
     @property
     def device(self) -> Device:
@@ -66,7 +70,7 @@ class CellMonitor:
             if self._monitor is not None:  # the last cell never reached post_run_cell
                 self._monitor.__exit__(None, None, None)
                 self._monitor = None
-            self.quiet_current_cell = False
+            self._last_generation = _last_generation()
             if not defaults.monitor:
                 return
             if getattr(info, "store_history", True) is False:
@@ -150,12 +154,21 @@ class CellMonitor:
             error=type(error).__name__ if error is not None else None, notes=tuple(notes),
         )
         cell_history.append(record)
-        if self.quiet_current_cell:
+        if self._reported_itself(result, error):
             for note in notes:
                 self.echo(f"[mlnb] {note}")
             return
         if record.touched_gpu or notes or defaults.verbose:
             self.echo(self.line(record))
+
+    def _reported_itself(self, result, error) -> bool:
+        """Whether the cell showed its own memory report, which the per-cell line would repeat or contradict (a
+        line saying ``freed 0 B`` under what ``%vram free`` freed): a generation ended in it (``mlnb.last_result()``
+        changed, whether or not ``--quiet`` displayed it), its value is a :class:`~mlnb.session.FreeReport`, or it
+        ended in a magic's one-line error."""
+        last = _last_generation()
+        return ((last is not None and last is not self._last_generation)
+                or isinstance(getattr(result, "result", None), FreeReport) or isinstance(error, UsageError))
 
     @staticmethod
     def line(record: CellRecord) -> str:
@@ -169,6 +182,12 @@ class CellMonitor:
         if record.notes:
             text += "\n" + "\n".join(f"[mlnb] {note}" for note in record.notes)
         return text
+
+
+def _last_generation():
+    """The last GenerationResult, without importing the pipeline cache into a session that never loaded it."""
+    cache = sys.modules.get("mlnb.pipeline.cache")
+    return cache.last_result() if cache is not None else None
 
 
 def _with_freed(report, freed: int, after):

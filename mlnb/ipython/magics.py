@@ -16,6 +16,7 @@ from ..device import get_device
 from ..errors import MlnbError
 from ..levels import LEVEL_NAMES
 from ..monitor import cell_history
+from ..setting import MemorySetting
 from .options import HelpRequested, help_argument, parse_options
 from .request import RequestError, build_request
 from .results import Notice, history_table, who_table
@@ -30,13 +31,32 @@ __all__ = ["MlnbMagics"]
 _VRAM_ACTIONS = ["status", "history", "free", "who", "on", "off", "verbose", "level", "dashboard"]
 
 
-def _progress_bar(quiet: bool, total: int):
-    """A tqdm bar over the ``total`` denoising steps (tqdm's notebook bar where widgets work); None when quiet."""
-    if quiet:
-        return None
-    from tqdm.auto import tqdm
+class _ProgressBar:
+    """A tqdm bar over the ``total`` denoising steps (tqdm's notebook bar where widgets work), opened once the pipeline
+    has loaded (a load error shows no empty bar); nothing at all when quiet."""
 
-    return tqdm(total=total, desc="generate", unit="step", leave=False)
+    def __init__(self, quiet: bool, total: int) -> None:
+        self.quiet = quiet
+        self.total = total
+        self.bar = None
+
+    def open(self, _managed=None) -> None:
+        if not self.quiet:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=self.total, desc="generate", unit="step", leave=False)
+
+    def update(self, step: int, total: int) -> None:
+        if self.bar is None:
+            return
+        if self.bar.total != total:
+            self.bar.reset(total=total)
+        self.bar.n = step
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _parse(magic, line: str, name: str):
@@ -50,11 +70,7 @@ def _parse(magic, line: str, name: str):
 
 @magics_class
 class MlnbMagics(Magics):
-    """The magics; ``cell_monitor`` is told when a cell prints its own report."""
-
-    def __init__(self, shell, cell_monitor=None) -> None:
-        super().__init__(shell)
-        self.cell_monitor = cell_monitor
+    """The magics: each parses what was typed, calls the session, and returns (displays) the result."""
 
     @magic_arguments("%generate")  # the usage line reads %%generate
     @help_argument
@@ -81,35 +97,21 @@ class MlnbMagics(Magics):
         spaces (``--negative "blurry, low quality"``, ``--model "/content/my models/sd"``). Prints a progress bar,
         then shows the images and one report line. The result also goes to ``--out VAR`` and ``mlnb.last_result()``.
         """
-        from ..pipeline import generate_with_rescue, load_pipeline
-
         args = _parse(self.generate, line, "%%generate")
         if args is None:  # --help
             return None
         try:
-            req = build_request(args, cell, self.shell.user_ns, session.default_model(), session.defaults.level)
+            req = build_request(args, cell, self.shell.user_ns)
         except RequestError as exc:
             raise UsageError(str(exc)) from None
-        if self.cell_monitor is not None:
-            self.cell_monitor.quiet_current_cell = True
-        bar = None
-
-        def progress(step: int, total: int) -> None:
-            if bar.total != total:
-                bar.reset(total=total)
-            bar.n = step
-            bar.refresh()
-
+        bar = _ProgressBar(req.quiet, req.args.steps)
         try:
-            managed = load_pipeline(req.model, level=req.level, allow_pickle=req.allow_pickle, budget=req.budget)
-            session.defaults.model = req.model
-            bar = _progress_bar(req.quiet, req.steps)  # after loading: a load error shows no empty bar
-            result = generate_with_rescue(managed, progress=None if req.quiet else progress, **req.generate_kwargs())
+            result = session.generate_images(req.args, req.model, req.setting, allow_pickle=req.allow_pickle,
+                                             progress=None if req.quiet else bar.update, loaded=bar.open)
         except MlnbError as exc:
             raise UsageError(str(exc)) from None
         finally:
-            if bar is not None:
-                bar.close()
+            bar.close()
         if req.out:
             self.shell.user_ns[req.out] = result
         if req.save:
@@ -152,8 +154,6 @@ class MlnbMagics(Magics):
         if action == "history":
             return history_table(cell_history, args.top)
         if action == "free":
-            if self.cell_monitor is not None:  # its own report says what it freed; the cell's line would say 0 B
-                self.cell_monitor.quiet_current_cell = True
             drop = (lambda: drop_outputs(self.shell, device)) if args.outputs else None
             try:
                 return session.free_memory(device, drop_outputs=drop)
@@ -175,13 +175,14 @@ class MlnbMagics(Magics):
             return Notice(f"per-cell line for {state}")
         if action == "level":
             if args.name is None:
-                return Notice(f"default level: {session.defaults.level}")
+                current = session.defaults.setting
+                return Notice(f"default {current.kind}: {current}")
             try:
-                chosen = session.defaults.set_level(args.name)
-                what = "budget" if session.budget_of(chosen) is not None else "level"
-                return Notice(f"default {what} for %%generate: {chosen}")
-            except ValueError as exc:
+                chosen = MemorySetting.parse(args.name)
+            except MlnbError as exc:
                 raise UsageError(f"%vram level: {exc}") from None
+            session.defaults.setting = chosen
+            return Notice(f"default {chosen.kind} for %%generate: {chosen}")
         # dashboard
         try:
             from ..widgets import dashboard

@@ -11,11 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
-from ..levels import AUTO, parse_level
-from ..pipeline.managed import validate_generation_args
 from ..pipeline.result import check_targets, save_paths
-from ..session import budget_of, check_budget
-from ..units import parse_bytes
+from ..pipeline.validation import GenerationArgs
+from ..setting import MemorySetting
 
 __all__ = ["GenerateRequest", "RequestError", "build_request", "expand_prompt"]
 
@@ -29,27 +27,16 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    model: str
-    level: str
-    prompt: str
-    negative: str | None
-    steps: int
-    guidance: float | None
-    seed: int | None
-    width: int | None
-    height: int | None
-    num_images: int
+    """A checked ``%%generate`` cell: what to generate, and the model and memory setting when the options name them
+    (None: the session's, which the generation use case resolves)."""
+
+    model: str | None
+    setting: MemorySetting | None
+    args: GenerationArgs
     out: str | None
     save: str | None
     quiet: bool
     allow_pickle: bool
-    budget: int | None = None
-
-    def generate_kwargs(self) -> dict:
-        return dict(
-            prompt=self.prompt, negative_prompt=self.negative, steps=self.steps, guidance=self.guidance,
-            seed=self.seed, width=self.width, height=self.height, num_images=self.num_images,
-        )
 
 
 # {name}, {name.attr}, {name[key]}, chained: str.format's field syntax without its format spec and conversions.
@@ -158,57 +145,45 @@ def _check_save(path: str, num_images: int, seed: int | None) -> None:
         raise RequestError(f"--save: {path!r} is neither an existing folder nor a .png/.jpg/.webp file name")
 
 
-def build_request(args, cell: str, user_ns: dict, default_model: str | None, default_level: str) -> GenerateRequest:
+def build_request(args, cell: str, user_ns: dict) -> GenerateRequest:
     """Check everything a user can get wrong before any model is touched.
 
     Args:
         args: the parsed ``magic_arguments`` namespace.
         cell: the cell body (the prompt).
         user_ns: the notebook namespace for ``{var}``.
-        default_model: the remembered model or ``$MLNB_MODEL``.
-        default_level: the session's default level, or its default budget (``"4.0 GiB"``).
 
     Raises:
         RequestError: one line naming the option and the rule.
     """
-    model = args.model or default_model
-    if not model:
-        raise RequestError(
-            "no model: name one with %%generate --model ID_OR_FOLDER (it is remembered for later cells), "
-            "or set MLNB_MODEL"
-        )
-    level = args.level or default_level
-    default_budget = None if args.level else budget_of(default_level)
-    if default_budget is not None:  # the session's default is a budget (%vram level 4GiB); --vram replaces it
-        level = AUTO
-    try:
-        parse_level(level)
-    except ValueError as exc:
-        raise RequestError(f"--level: {exc}") from None
+    setting = None  # the session's (%vram level), unless --level or --vram names one
+    if args.level:
+        try:
+            setting = MemorySetting.of_level(args.level)
+        except InvalidArgumentError as exc:
+            raise RequestError(f"--level: {exc}") from None
     prompt = expand_prompt(cell or "", user_ns).strip()
     if not prompt:
         raise RequestError("the prompt is empty: write it in the cell body below %%generate")
     negative = args.negative or None  # as typed: IPython has already expanded {var} in the option line
     steps = _DEFAULT_STEPS if args.steps is None else args.steps
-    try:  # the rules generate applies, checked before the model loads, named as the options are
-        validate_generation_args(prompt, steps, args.width, args.height, args.num_images, args.guidance, args.seed,
-                                 spell=lambda name: "--" + name.replace("_", "-"))
+    try:  # the rules generate applies, checked once, before the model loads, named as the options are
+        generation = GenerationArgs.checked(prompt, negative, steps, args.guidance, args.seed, args.width, args.height,
+                                            args.num_images, spell=lambda name: "--" + name.replace("_", "-"))
     except InvalidArgumentError as exc:
         raise RequestError(str(exc)) from None
     if args.out is not None:
         _check_out(args.out)
     if args.save:
         _check_save(args.save, args.num_images, args.seed)
-    budget = default_budget
-    if getattr(args, "vram", None):  # replaces the session's budget too
+    if getattr(args, "vram", None):  # replaces the session's setting too
         try:
-            budget = check_budget(parse_bytes(args.vram))
-        except ValueError as exc:
+            setting = MemorySetting.of_budget(args.vram, typed=True)
+        except InvalidArgumentError as exc:
             raise RequestError(f"--vram: {exc}") from None
         if args.level:
             raise RequestError("--vram and --level cannot both be given: a budget replaces the level")
     return GenerateRequest(
-        model=os.fspath(model), level=level, prompt=prompt, negative=negative, steps=steps,
-        guidance=args.guidance, seed=args.seed, width=args.width, height=args.height, num_images=args.num_images,
-        out=args.out, save=args.save, quiet=bool(args.quiet), allow_pickle=bool(args.allow_pickle), budget=budget,
+        model=os.fspath(args.model) if args.model else None, setting=setting, args=generation, out=args.out,
+        save=args.save, quiet=bool(args.quiet), allow_pickle=bool(args.allow_pickle),
     )

@@ -156,7 +156,7 @@ def _cached_weights(device: Device) -> set:
     """Storages of the device weights and buffers that mlnb's pipeline cache keeps alive (an interrupted generation's
     frames see them through ``self``; the cache would keep them allocated if the frames were cleared)."""
     from ..pipeline import cached_pipelines
-    from ..pipeline.room import gpu_tensors
+    from ..pipeline.cache import gpu_tensors
 
     return {_storage_key(tensor) for managed in cached_pipelines() for tensor in gpu_tensors(managed, device)}
 

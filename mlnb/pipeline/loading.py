@@ -1,305 +1,340 @@
-"""Loading a diffusers pipeline safely: safetensors only unless the user opts in, never remote code by default.
+"""``load_pipeline``: read a model once, choose its level or plan for the memory setting, place it, and cache it.
 
-Every failure becomes one line that says what to do: a missing folder, a folder that is not a pipeline, pickle-only
-weights, a corrupt file, a hub id with no network.
+A load answers from the cache when it can (the same model, dtype, setting and ``from_pretrained`` arguments); else
+one load at a time reads the files, checks the pipeline can generate, chooses (a budget's plan; for ``auto`` on a CUDA
+card the plan for the memory free now, elsewhere the level table; else the level or config), drops the model's other
+cached copy, makes room on the GPU, and applies the techniques or the plan.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import json
 import logging
 import os
-import sys
-from pathlib import Path
+import threading
 
-from ..device import Device
-from ..errors import InvalidArgumentError, ModelLoadError, ModelNotFoundError, OfflineError, UnsafeWeightsError
-from ..monitor import release_exception_frames
+from ..device import Device, get_device
+from ..errors import InvalidArgumentError, LoadInterrupted, OutOfMemoryRescueError
+from ..levels import (
+    LevelChoice, MemoryOptimizationConfig, OptimizationLevel, Technique, activation_reserve, choose_level,
+    stronger_level,
+)
+from ..monitor import cleanup, release_exception_frames
+from ..optimizer import MemoryOptimizer, OptimizationReport
+from ..optimizer.context import skipped
+from ..optimizer.offload import vae_needs_upcast
+from ..optimizer.vae import decode_in_bf16
+from ..optimizer.weights import weight_bytes
+from ..planner import ModelFacts, Plan, Workload, apply, blocks, card_facts, room_needed, search
+from ..redact import masked_kwargs
+from ..setting import MemorySetting
+from ..units import format_bytes
+from . import cache, files
+from .files import (
+    check_local_weights, default_dtype, dtype_name, parameters_of, parse_dtype, pipeline_parameters, reads_pickle,
+    resolve_model,
+)
+from .managed import ManagedPipeline, native_size
+from .result import plan_title
+from .validation import FROM_PRETRAINED_KEYWORDS, check_load_keywords, text_to_image_parameters
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "resolve_model",
-    "check_local_weights",
-    "pickle_only_components",
-    "reads_pickle",
-    "parse_dtype",
-    "default_dtype",
-    "load_diffusers_pipeline",
-]
+__all__ = ["load_pipeline", "load"]
 
-_SAFE = (".safetensors",)
-_PICKLE = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-_NETWORK_HINTS = (
-    "offline", "connection", "resolve", "network", "couldn't connect", "could not connect", "max retries",
-    "name or service not known", "temporary failure", "timed out", "localentrynotfound", "cannot find the requested files",
-)
+_loading = threading.RLock()  # one load reads and places a model at a time
 
 
-def resolve_model(model: str | os.PathLike) -> tuple[str, bool]:
-    """``(source, is_local)``: a local folder (absolute path) or a hub id.
-
-    Raises:
-        ModelNotFoundError: a path that does not exist, or a folder without ``model_index.json``.
-    """
-    text = os.fspath(model).strip()
-    if not text:
-        raise ModelNotFoundError("no model given: pass a hub id (org/name) or a local diffusers folder")
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ModelNotFoundError(
-                f"{text!r} is a folder but not a diffusers pipeline (no model_index.json); "
-                "save one with pipe.save_pretrained(folder)"
-            )
-        return str(path.resolve()), True
-    if path.is_file():
-        raise ModelNotFoundError(
-            f"{text!r} is a single file; mlnb loads diffusers pipeline folders or hub ids (org/name)"
-        )
-    looks_like_path = (
-        text.startswith(("/", "./", "../", "~", "\\"))
-        or text.count("/") > 1
-        or text.lower().endswith(_SAFE + _PICKLE)
-        or (len(text) > 1 and text[1] == ":")
-    )
-    if looks_like_path:
-        raise ModelNotFoundError(f"no model folder at {text!r}")
-    return text, False
-
-
-def pickle_only_components(folder: str | os.PathLike) -> list[str]:
-    """``component/file`` for each component of a local pipeline whose weights are pickle files only (no
-    safetensors beside them), in ``model_index.json``'s order."""
-    root = Path(folder)
-    index = json.loads((root / "model_index.json").read_text())
-    found = []
-    for name, spec in index.items():
-        sub = root / name
-        if name.startswith("_") or not sub.is_dir() or not isinstance(spec, list):
-            continue
-        files = sorted(p.name for p in sub.iterdir() if p.is_file())
-        pickled = [f for f in files if f.endswith(_PICKLE)]
-        if pickled and not any(f.endswith(_SAFE) for f in files):
-            found.append(f"{name}/{pickled[0]}")
-    return found
-
-
-def check_local_weights(folder: str | os.PathLike, allow_pickle: bool) -> None:
-    """Refuse a local pipeline whose weights are pickle-only unless ``allow_pickle``.
-
-    Raises:
-        UnsafeWeightsError: naming the first pickle-only component and the ``allow_pickle`` opt-in.
-    """
-    pickled = [] if allow_pickle else pickle_only_components(folder)
-    if pickled:
-        raise UnsafeWeightsError(
-            f"{pickled[0]} is a pickle file and there are no safetensors weights; pickle can run code "
-            "when loaded: pass allow_pickle=True (%%generate --allow-pickle) only if you trust this model"
-        )
-
-
-def reads_pickle(source: str, is_local: bool, allow_pickle: bool) -> bool:
-    """Whether loading ``source`` may have read pickle weights: only with ``allow_pickle``, and for a local folder
-    only when a component has no safetensors (diffusers prefers them); a hub model's files are not known here."""
-    return allow_pickle and (not is_local or bool(pickle_only_components(source)))
-
-
-def parse_dtype(dtype):
-    """``"fp16"``, ``"float16"``, ``"bf16"``, ``"fp32"`` or a ``torch.dtype`` -> ``torch.dtype``."""
-    import torch
-
-    allowed = (torch.float16, torch.bfloat16, torch.float32)
-    if dtype is None or dtype in allowed:
-        return dtype
-    if isinstance(dtype, torch.dtype):
-        raise InvalidArgumentError(f"dtype {dtype} is not one mlnb runs: use fp16, bf16 or fp32")
-    names = {
-        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
-        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-    }
-    try:
-        return names[str(dtype).lower().replace("torch.", "")]
-    except KeyError:
-        raise InvalidArgumentError(f"unknown dtype {dtype!r}: use fp16, bf16 or fp32") from None
-
-
-def default_dtype(device: Device, local_folder: str | None = None):
-    """fp32 on a CPU; fp16 on CUDA, or bf16 for transformer-based pipelines on cards that support it."""
-    import torch
-
-    if not device.is_cuda:
-        return torch.float32
-    if local_folder is not None and device.info().supports_bf16:
-        try:
-            index = json.loads((Path(local_folder) / "model_index.json").read_text())
-            if "transformer" in index and "unet" not in index:
-                return torch.bfloat16
-        except (OSError, ValueError):
-            pass
-    return torch.float16
-
-
-def dtype_name(dtype) -> str:
-    return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
-
-
-@contextlib.contextmanager
-def quiet_hf_progress():
-    """Hide diffusers'/transformers' loading and saving bars for the block (mlnb shows its own progress)."""
-    toggles = []
-    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
-        try:
-            mod = importlib.import_module(module)
-            enabled = getattr(mod, "is_progress_bar_enabled", None)
-            if enabled is not None and enabled():
-                mod.disable_progress_bar()
-                toggles.append(mod)
-        except Exception:
-            continue
-    try:
-        yield
-    finally:
-        for mod in toggles:
-            mod.enable_progress_bar()
-
-
-def _dtype_keyword() -> str:
-    """Newer diffusers take ``dtype`` (``torch_dtype`` warns); 0.39 knows only ``torch_dtype``."""
-    from diffusers.pipelines import pipeline_utils
-
-    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
-
-
-def _is_network_error(exc: BaseException) -> bool:
-    """True when ``exc`` or any exception it was raised from is a network or offline-mode failure.
-
-    diffusers wraps the hub's ``OfflineModeIsEnabled``/connection error in a generic ``OSError`` ("not cached
-    locally"), so the cause has to be looked at too.
-    """
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        text = str(exc).lower()
-        if any(h in type(exc).__name__.lower() or h in text for h in _NETWORK_HINTS):
-            return True
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def _hub_offline() -> bool:
-    """``HF_HUB_OFFLINE`` as it is now: huggingface_hub reads it once, at import, and notebooks often set it later."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
-        return True
-    constants = sys.modules.get("huggingface_hub.constants")
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
-
-
-class _NoEmptyFp32Warning(logging.Filter):
-    """Drops diffusers' warning that a model has modules to keep in fp32 when the list it names is empty. An SDXL
-    pipeline casts its VAE to fp32 and back at every decode on a card without bf16 (a T4), and diffusers then warns
-    twice an image about ``[]``. The warning that names modules still shows."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "should be kept in float32: []" not in record.getMessage()
-
-
-_EMPTY_FP32_WARNING = _NoEmptyFp32Warning()
-
-
-class _PickleNotices(logging.Filter):
-    """While a load that accepts pickle runs, diffusers' two lines per pickle-only component (an "error" that it
-    found no safetensors file, then "defaulting to unsafe serialization") become one mlnb line naming the
-    components; the component is the last part of the path each "error" names."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.components: list[str] = []
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if text.startswith("Defaulting to unsafe serialization"):
-            return False
-        if text.startswith("An error occurred while trying to fetch ") and "safetensors" in text:
-            path = text[len("An error occurred while trying to fetch "):].split(": ", 1)[0]
-            self.components.append(Path(path).name or path)
-            return False
-        return True
-
-    @contextlib.contextmanager
-    def collected(self, active: bool):
-        logger_ = logging.getLogger("diffusers.models.modeling_utils")
-        if active:
-            logger_.addFilter(self)
-        try:
-            yield
-        finally:
-            logger_.removeFilter(self)
-
-
-def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: bool = False, **kwargs):
-    """``DiffusionPipeline.from_pretrained`` with mlnb's safety rules and one-line errors.
+def load_pipeline(
+    model: str | os.PathLike,
+    level: str = "auto",
+    dtype=None,
+    allow_pickle: bool = False,
+    device: Device | None = None,
+    config: MemoryOptimizationConfig | None = None,
+    budget: int | str | None = None,
+    **from_pretrained_kwargs,
+) -> ManagedPipeline:
+    """Load a diffusers pipeline, fit it to GPU memory, and cache it by (model, dtype, memory setting).
 
     Args:
-        model: hub id or local folder.
-        dtype: torch dtype for the weights.
-        allow_pickle: accept pickle (``.bin``/``.ckpt``) weights. Off by default: pickle can run code.
-        **kwargs: passed to ``from_pretrained`` (``variant``, ``revision``, ...). ``trust_remote_code`` stays
-            False unless given here explicitly.
-    """
-    logging.getLogger("diffusers.models.modeling_utils").addFilter(_EMPTY_FP32_WARNING)  # once: filters are a set
-    source, is_local = resolve_model(model)
-    if is_local:
-        check_local_weights(source, allow_pickle)
-    from diffusers import DiffusionPipeline
+        model: a hub id (``org/name``) or a local diffusers folder.
+        level: ``"auto"`` (chosen from free VRAM and the model's size), ``"none"``, ``"balanced"``,
+            ``"aggressive"`` or ``"ultra"``.
+        dtype: weights dtype; default fp16 on CUDA (bf16 for transformer pipelines where supported), fp32 on CPU.
+            ``torch_dtype`` is taken as the same argument.
+        allow_pickle: accept pickle weights. Off by default: pickle can run code when loaded.
+        device: the device to use (default: the current device).
+        config: explicit technique settings (overrides ``level``'s; a different ``level`` beside it is an error).
+        budget: a VRAM budget (``"4GiB"``, ``"3.75 GiB"`` or bytes) instead of a level: the planner keeps what fits
+            resident and streams the rest (see :mod:`mlnb.planner`); it prints its predicted peak. Overrides ``level``.
+        **from_pretrained_kwargs: passed to ``DiffusionPipeline.from_pretrained``: its own arguments (``variant``,
+            ``revision``, ``token``...) and the pipeline's components (``scheduler=``). Any other name is refused.
 
-    kwargs.setdefault("trust_remote_code", False)
-    if not allow_pickle:
-        kwargs["use_safetensors"] = True
-    offline = not is_local and _hub_offline()
-    if offline:  # cache only: no hub round trip, and no multi-line "Couldn't connect to the Hub" warning first
-        kwargs.setdefault("local_files_only", True)
-    pickled = _PickleNotices()
+    Returns:
+        A :class:`ManagedPipeline`. A second call with the same model, dtype and setting returns the cached one.
+
+    Raises:
+        InvalidArgumentError: an argument that breaks a rule, or a keyword neither ``load_pipeline`` nor
+            ``from_pretrained`` takes, before anything loads.
+        LoadInterrupted: Ctrl-C while loading; its memory was freed and nothing was cached.
+
+    Example:
+        ```python
+        >>> import mlnb
+        >>> pipe = mlnb.load_pipeline("stabilityai/stable-diffusion-xl-base-1.0", budget="3.75GiB")
+        >>> result = pipe.generate("a watercolor fox", steps=20, seed=1)
+        ```
+    """
+    setting = MemorySetting.from_arguments(level, budget, config)
+    if not isinstance(model, (str, os.PathLike)):
+        raise InvalidArgumentError(f"model must be a hub id (org/name) or a folder path, got {type(model).__name__}")
+    if "torch_dtype" in from_pretrained_kwargs:
+        if dtype is not None:
+            raise InvalidArgumentError("dtype and torch_dtype are one argument: give dtype")
+        dtype = from_pretrained_kwargs.pop("torch_dtype")
+    return _load_pipeline(model, setting, dtype, allow_pickle, device, from_pretrained_kwargs, check_keywords=True)
+
+
+def load(model: str | os.PathLike, setting: MemorySetting, dtype=None, allow_pickle: bool = False,
+         device: Device | None = None, **from_pretrained_kwargs) -> ManagedPipeline:
+    """:func:`load_pipeline` for a caller that holds a :class:`~mlnb.setting.MemorySetting` already (the session's
+    generation, the OOM rescue), with ``from_pretrained`` arguments ``load_pipeline`` has checked before."""
+    return _load_pipeline(model, setting, dtype, allow_pickle, device, from_pretrained_kwargs, check_keywords=False)
+
+
+def _load_pipeline(model, setting: MemorySetting, dtype, allow_pickle: bool, device: Device | None,
+                   from_pretrained_kwargs: dict, check_keywords: bool) -> ManagedPipeline:
+    device = device or get_device()
+    source, is_local = resolve_model(model)
+    unverified: frozenset[str] = frozenset()
+    if check_keywords and not FROM_PRETRAINED_KEYWORDS.issuperset(from_pretrained_kwargs):
+        # a name only the pipeline's class could take waits for the class when its index is not at hand
+        unverified = check_load_keywords(from_pretrained_kwargs,
+                                         pipeline_parameters(source, is_local, from_pretrained_kwargs))
+    torch_dtype = parse_dtype(dtype) or default_dtype(device, source if is_local else None)
+    dname = dtype_name(torch_dtype)
+
+    hit = _cached(source, dname, setting, device, from_pretrained_kwargs, allow_pickle)
+    if hit is not None:
+        return hit
     try:
-        with quiet_hf_progress(), pickled.collected(allow_pickle):
-            pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)
-    except (MemoryError, KeyboardInterrupt) as exc:
+        _loading.acquire()
+    except KeyboardInterrupt:
+        raise LoadInterrupted(f"interrupted while another load ran; {source!r} was not loaded") from None
+    try:  # one load at a time: two would plan for the same free memory and hold two host copies at once
+        hit = _cached(source, dname, setting, device, from_pretrained_kwargs, allow_pickle)
+        if hit is not None:  # loaded by the other thread meanwhile
+            return hit
+        return _load(source, is_local, torch_dtype, setting, device, allow_pickle, from_pretrained_kwargs, unverified)
+    finally:
+        _loading.release()
+
+
+def _load(source: str, is_local: bool, torch_dtype, setting: MemorySetting, device: Device, allow_pickle: bool,
+          from_pretrained_kwargs: dict, unverified: frozenset[str]) -> ManagedPipeline:
+    """Read, check, place and cache a pipeline that the cache did not have (the rest of :func:`load_pipeline`)."""
+    dname = dtype_name(torch_dtype)
+    if is_local:  # a refusal needs no room: checked before a cached copy could go to make it
+        check_local_weights(source, allow_pickle)
+    _make_host_room(source, torch_dtype)
+    try:
+        pipe = files.load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle,
+                                             **from_pretrained_kwargs)
+    except KeyboardInterrupt as exc:
+        release_exception_frames(exc)  # the half-read weights
+        cleanup(device)
+        raise LoadInterrupted(
+            f"loading {source!r} was interrupted; its memory was freed and nothing was cached"
+        ) from None
+    plan = cfg = facts = None
+    try:
+        if unverified:  # the class is known now: a keyword it does not take is refused before anything is placed
+            check_load_keywords(unverified, parameters_of(type(pipe)) | set(pipe.components))
+        text_to_image_parameters(pipe)  # refuse it before it is optimized and cached: it could never generate
+        if vae_needs_upcast(pipe) and device.info().native_bf16 and decode_in_bf16(pipe):
+            # before planning: a bf16 decode needs half the memory of the fp32 one, so tiles are larger or none
+            logger.info("the VAE decodes in bf16 on this card, not upcast to fp32 (half the memory, tensor cores)")
+        choice, plan, facts = _choose(pipe, setting, device, torch_dtype)
+        cfg = setting.config if setting.config is not None else MemoryOptimizationConfig.from_level(choice.level)
+        # The same model at another level, dtype or revision: drop the old copy first, a small card cannot hold
+        # both (outside the cache's lock: an unload waits for the copy's generation to end).
+        tag = f"budget {setting.show_budget(plan.budget)}" if plan is not None else choice.level.value
+        for other in cache.cached_pipelines():
+            if other.model == source:
+                old, new = _differences(other, tag, dname, from_pretrained_kwargs, allow_pickle)
+                logger.warning("unloading %s (%s) to load it again as %s", source, old, new)
+                other.unloaded_why = f"to load it again as {new}"
+                other.unload()
+        needed = _room_for_load(pipe, plan, cfg, device)
+        if needed:  # other models' weights out of the way of this one's peak
+            cache.make_room(needed, device, source)
+        if plan is None:
+            report = MemoryOptimizer(cfg, device).optimize_pipeline(pipe)
+        elif device.is_cuda:
+            report = apply.apply_plan(pipe, plan, device.torch_device, use_stream=True, ctx_device=device)
+        else:
+            cleanup(device)
+            report = OptimizationReport(
+                apply.plan_level(plan),
+                tuple(skipped(t, "no CUDA device: the plan is computed, not applied") for t in Technique),
+            )
+    except BaseException as exc:
+        del pipe
+        # The frames that refused or placed it (the planner's, the optimizer's) still hold the pipeline: a refused
+        # model would otherwise stay in memory through the stored traceback until the next error.
         release_exception_frames(exc)
-        raise
-    except Exception as exc:
-        # The loader's frames hold the components loaded before the failure, and the one-line error below keeps
-        # them alive (as its __context__) until the next error replaces sys.last_value: free them now.
-        release_exception_frames(exc)
-        text = str(exc).lower()
-        if offline and _is_network_error(exc):
-            raise OfflineError(
-                f"{source!r} is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set "
-                "(offline): download it where there is network and give the local folder, "
-                "e.g. --model /content/models/name"
+        cleanup(device)
+        if isinstance(exc, KeyboardInterrupt):
+            raise LoadInterrupted(
+                f"loading {source!r} was interrupted; its memory was freed and nothing was cached"
             ) from None
-        if not is_local and _is_network_error(exc):
-            raise OfflineError(
-                f"cannot reach the Hugging Face Hub for {source!r} (offline?): download it where there is network "
-                "and give the local folder, e.g. --model /content/models/name"
-            ) from None
-        if not allow_pickle and "safetensors" in text and ("not found" in text or "could not find" in text or "no such" in text):
-            raise UnsafeWeightsError(
-                f"{source!r} has no safetensors weights; pickle can run code when loaded: pass allow_pickle=True "
-                "(%%generate --allow-pickle) only if you trust this model"
-            ) from None
-        if not is_local and ("not found" in text or "404" in text or "repository" in text):
-            raise ModelNotFoundError(f"no model {source!r} on the Hugging Face Hub ({_one_line(exc)})") from None
-        raise ModelLoadError(f"could not load {source!r}: {_one_line(exc)}") from None
-    if pickled.components:
-        logger.warning("read pickle weights (allow_pickle): %s", ", ".join(pickled.components))
-    if hasattr(pipe, "set_progress_bar_config"):
-        pipe.set_progress_bar_config(disable=True)
-    return pipe
+        if not device.is_oom(exc):
+            raise
+        stronger = stronger_level(cfg.level) if cfg is not None else None
+        advice = f"try --level {stronger.value}" if stronger else "%vram who shows what holds GPU memory"
+        at = f" at level {cfg.level.value}" if cfg is not None else ""
+        raise OutOfMemoryRescueError(f"out of GPU memory loading {source!r}{at}; {advice}") from None
+    load_kwargs = dict(from_pretrained_kwargs, allow_pickle=allow_pickle)
+    managed = ManagedPipeline(
+        pipe, source, torch_dtype, setting, choice, report, device, load_kwargs, plan=plan, plan_facts=facts,
+        read_pickle=reads_pickle(source, is_local, allow_pickle),
+    )
+    cache.add(managed)
+    logger.debug("loaded %r", managed)
+    return managed
+
+
+def _make_host_room(source: str, torch_dtype) -> None:
+    """Unload cached copies of ``source`` before reading it again when host RAM cannot hold a second copy beside
+    them (Colab has 12.7 GB: two SDXL copies are more, and a kernel out of host RAM dies without an error). With
+    room, the old copy is dropped only once the new one has loaded, so a failed load loses nothing."""
+    from ..device import host_memory
+
+    copies = [m for m in cache.cached_pipelines() if m.model == source]
+    if not copies:
+        return
+    available = host_memory()[1]
+    new = max(m.weight_bytes * torch_dtype.itemsize // m.dtype.itemsize for m in copies)
+    if available is None or new * 1.1 < available:
+        return
+    for other in copies:
+        logger.warning(
+            "unloading %s (%s) before reading it again: host RAM has %s available, the new copy needs about %s",
+            source, other.tag, format_bytes(available), format_bytes(new),
+        )
+        other.unloaded_why = "to free host RAM before reading it again"
+        other.unload()
+
+
+def _room_for_load(pipe, plan: Plan | None, config: MemoryOptimizationConfig, device: Device) -> int:
+    """The free bytes a load must find on the GPU: a plan's peak with its margin; for a pipeline kept whole on the
+    GPU (level none), its weights and one native-size image's activations; 0 for the offloading levels, which put
+    nothing there between calls (the OOM rescue makes room for them when a generation needs it)."""
+    if plan is not None:
+        return room_needed(plan.predicted_peak)
+    if not device.is_cuda or any(getattr(config, t) for t in ("model_cpu_offload", "sequential_cpu_offload", "group_offload")):
+        return 0
+    w, h = native_size(pipe)
+    return weight_bytes(pipe) + activation_reserve(w, h, 1, vae_fp32=vae_needs_upcast(pipe))
+
+
+def _choose(pipe, setting: MemorySetting, device: Device, dtype) -> tuple[LevelChoice, Plan | None, ModelFacts | None]:
+    """The level for a load, and the plan behind it when there is one: a budget's plan; for auto, on a CUDA card the
+    plan for the memory free now (the level table when nothing fits that), elsewhere the table; else the level of the
+    setting (or of its config)."""
+    if setting.budget is not None:
+        plan, facts = _plan(pipe, setting.budget, setting, device, dtype)
+        return LevelChoice(apply.plan_level(plan), plan_title(plan, setting), auto=False), plan, facts
+    if setting.techniques is not None:
+        return LevelChoice(setting.techniques.level, "chosen by the user", auto=False), None, None
+    free = device.free_bytes()
+    if device.is_cuda and free is not None:
+        # Planned for what is free; when nothing fits that, for what other cached pipelines hold on the GPU too (they
+        # are unloaded as far as the plan needs). Unloading them first would make switching between two models
+        # read each one's files again every time.
+        held = sum(held for _, held in cache.holders(device, besides=""))
+        tries = [(f"the {format_bytes(free)} free", free)]
+        if held:
+            tries.append((f"the {format_bytes(free)} free and {format_bytes(held)} held by cached pipelines", free + held))
+        error = None
+        for room_for, budget in tries:
+            if budget <= 0:
+                continue
+            try:
+                plan, facts = _plan(pipe, budget, setting, device, dtype)
+            except InvalidArgumentError as exc:
+                error = exc
+                continue
+            return LevelChoice(apply.plan_level(plan), f"plan for {room_for}: {plan.summary()}"), plan, facts
+        if error is not None:  # nothing fits: the strongest fixed level
+            logger.warning("auto: %s; falling back to the level table", error)
+    return _level_from_table(pipe, free), None, None
+
+
+def _level_from_table(pipe, free: int | None) -> LevelChoice:
+    """The level table's choice for the free VRAM, the weights and one native-size image's activations."""
+    w, h = native_size(pipe)
+    reserve = activation_reserve(w, h, 1, vae_fp32=vae_needs_upcast(pipe))
+    return choose_level(free, weight_bytes(pipe), reserve)
+
+
+def _plan(pipe, budget: int, setting: MemorySetting, device: Device, dtype) -> tuple[Plan, ModelFacts]:
+    """The plan for ``budget`` bytes for ``pipe`` at its native size (30 steps), announced with the budget as
+    ``setting`` shows it; a budget nothing fits is a one-line error."""
+    w, h = native_size(pipe)
+    work = Workload(w, h, 1, steps=30, vae_fp32=vae_needs_upcast(pipe))
+    try:
+        facts = blocks.model_facts(pipe)
+        card = card_facts(device, blocks.model_key(pipe, dtype), work)
+        plan = search.plan_for_budget(budget, facts, card, work)
+    except (search.BudgetError, ValueError) as exc:  # nothing fits, or no UNet/transformer to plan for
+        raise InvalidArgumentError(str(exc)) from None
+    logger.warning("%s; %s", plan_title(plan, setting), plan.prediction())
+    return plan, facts
+
+
+def _cached(source: str, dname: str, setting: MemorySetting, device: Device, kwargs: dict,
+            allow_pickle: bool) -> ManagedPipeline | None:
+    """The cached pipeline that answers this load, or None."""
+    if not setting.is_auto:
+        hit = cache.find((source, dname, setting.key))
+    else:
+        # auto: any cached level of this model that auto chose before is reused; on a CPU auto is `none`
+        # (nothing to offload to), so a `none` loaded by name is what auto would load again.
+        hit = cache.find_one(lambda m: m.model == source and dtype_name(m.dtype) == dname and m.choice.auto)
+        if hit is None and not device.has_memory_counters:  # a CPU: the table says none
+            hit = cache.find((source, dname, MemorySetting(level=OptimizationLevel.NONE).key))
+    if hit is None or not _serves(hit, kwargs, allow_pickle):
+        return None
+    cache.touch(hit)  # asked for again: the last to make room
+    return hit
+
+
+def _serves(managed: ManagedPipeline, kwargs: dict, allow_pickle: bool) -> bool:
+    """Whether a cached pipeline answers a load with these ``from_pretrained`` arguments: the same ones (another
+    variant or revision is other weights), and weights read from pickle files only for a call that accepts pickle."""
+    return _given(managed.load_kwargs) == _given(kwargs) and (allow_pickle or not managed.read_pickle)
+
+
+def _given(kwargs: dict) -> dict:
+    """``from_pretrained`` arguments as they choose weights: ``variant=None`` is the same as no variant."""
+    return {k: v for k, v in kwargs.items() if k != "allow_pickle" and v is not None}
+
+
+def _differences(other: ManagedPipeline, tag: str, dname: str, kwargs: dict, allow_pickle: bool) -> tuple[str, str]:
+    """How a cached copy and the load (its ``tag``) replacing it differ, as the unload warning says it: (old, new),
+    with secrets (a ``token``) masked."""
+    old, new = [other.tag], [tag]
+    if dtype_name(other.dtype) != dname:
+        old.append(dtype_name(other.dtype))
+        new.append(dname)
+    theirs, ours = _given(other.load_kwargs), _given(kwargs)
+    shown_theirs, shown_ours = masked_kwargs(theirs), masked_kwargs(ours)
+    for name in sorted(set(theirs) | set(ours)):
+        if theirs.get(name) != ours.get(name):
+            old.append(f"{name}={shown_theirs.get(name)!r}")
+            new.append(f"{name}={shown_ours.get(name)!r}")
+    if other.read_pickle and not allow_pickle:
+        old.append("pickle weights")
+        new.append("safetensors only")
+    return ", ".join(old), ", ".join(new)

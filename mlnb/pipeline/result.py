@@ -9,21 +9,25 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..levels import OptimizationLevel
 from ..monitor import MemoryReport
 from ..optimizer import OptimizationReport
+from ..setting import AUTO_SETTING, MemorySetting
 from ..units import format_bytes, format_gib
 
-__all__ = ["GenerationResult", "check_targets", "save_images", "save_paths", "IMAGE_SUFFIXES"]
+if TYPE_CHECKING:
+    from ..planner import Plan
+
+__all__ = ["GenerationResult", "check_targets", "plan_title", "save_images", "save_paths", "IMAGE_SUFFIXES"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    """The outcome of one generation.
+    """The outcome of one generation, built once when it ends and never changed afterwards.
 
     Attributes:
         images: PIL images.
@@ -34,8 +38,11 @@ class GenerationResult:
         level: the level that produced the images.
         techniques: the applied/skipped list of that level.
         model: the model id or folder.
+        setting: the memory setting the pipeline was loaded for, as the user gave it (``auto``, ``ultra``,
+            ``3.75 GiB``...).
         rescued_from: the level that ran out of memory first, when the OOM rescue retried.
-        plan: the budget plan, if any.
+        notes: what happened before the images came (the OOM rescue's unloads and retries).
+        plan: the budget plan (a :class:`mlnb.planner.Plan`) that placed the pipeline, if any.
         predicted_peak: the plan's predicted peak bytes for this size and batch (compare with
             ``memory.peak_allocated``), when a budget was given.
         predicted_seconds: the plan's predicted seconds for these steps and size, when the card's step time is known.
@@ -59,9 +66,10 @@ class GenerationResult:
     level: OptimizationLevel
     techniques: OptimizationReport
     model: str
+    setting: MemorySetting = AUTO_SETTING
     rescued_from: OptimizationLevel | None = None
     notes: tuple[str, ...] = field(default=())
-    plan: str | None = None  # the budget plan and its prediction, when a budget was given
+    plan: Plan | None = None
     predicted_peak: int | None = None
     predicted_seconds: float | None = None
     step_seconds: float | None = None
@@ -91,12 +99,17 @@ class GenerationResult:
             parts.append(f"CPU, host RSS peak {format_bytes(mem.host_peak_rss)}")
         level = f"level {self.level.value} ({self.techniques.summary()})"
         if self.plan is not None:
-            level = self.plan.split(";")[0] + "; " + self.prediction_line()
+            level = f"{self.plan_line()}; {self.prediction_line()}"
         if self.rescued_from is not None:
             level += f" after OOM at {self.rescued_from.value}"
         parts.append(level)
         parts.append(f"freed {format_bytes(mem.freed)}")
         return " · ".join(parts)
+
+    def plan_line(self) -> str:
+        """``plan for 3.75 GiB: stream, 24 blocks streamed (...), 16 resident`` for a planned generation ('' otherwise),
+        the budget as the user gave it."""
+        return plan_title(self.plan, self.setting) if self.plan is not None else ""
 
     def prediction_line(self) -> str:
         """``predicted 3.1 GiB / 4.2 s, measured 3.0 GiB / 4.5 s`` for a planned generation ('' otherwise)."""
@@ -124,6 +137,12 @@ class GenerationResult:
             f"<img src='data:image/png;base64,{_png_b64(im)}' style='max-width:100%;margin:2px'/>" for im in self.images
         )
         return f"<div class='mlnb-result'>{imgs}<div><code>{html.escape(self.report_line())}</code></div></div>"
+
+
+def plan_title(plan: Plan, setting: MemorySetting) -> str:
+    """``plan for 3.75 GiB: stream, 24 blocks streamed (...), 16 resident``: the budget as ``setting`` gives it when
+    it is that setting's (the user's number and unit), else rounded (a plan auto made for the free memory)."""
+    return f"plan for {setting.show_budget(plan.budget)}: {plan.summary()}"
 
 
 def _png_b64(image) -> str:

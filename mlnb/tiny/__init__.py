@@ -109,7 +109,7 @@ def tiny_pipeline(kind: str = "sd", path: str | os.PathLike | None = None, pickl
             unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
             tokenizer=tokenizer, tokenizer_2=tokenizer, scheduler=scheduler,
         )
-    from ..pipeline.loading import quiet_hf_progress
+    from ..pipeline.files import quiet_hf_progress
 
     with quiet_hf_progress():
         pipe.save_pretrained(folder, safe_serialization=not pickle)

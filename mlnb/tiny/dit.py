@@ -182,7 +182,7 @@ def tiny_dit_pipeline(kind: str, path: str | os.PathLike, pickle: bool = False) 
         raise ValueError(f"kind must be one of {TINY_DIT_KINDS}, got {kind!r}")
     from transformers import CLIPTokenizer
 
-    from ..pipeline.loading import quiet_hf_progress
+    from ..pipeline.files import quiet_hf_progress
     from .clip import write_clip_tokenizer as _write_tokenizer
 
     folder = Path(path)

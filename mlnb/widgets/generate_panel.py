@@ -1,8 +1,8 @@
 """The dashboard's Generate panel: a form, a progress bar over the denoising steps, the image and the report line.
 
 The generation runs in a worker thread so the kernel keeps answering (the gauges keep moving, other cells run).
-The worker only calls the core (``load_pipeline`` then ``generate_with_rescue``) and sets widget traits; an error
-becomes one line in the panel and the form stays usable.
+The worker only calls the session's generation use case (:func:`mlnb.session.generate_images`, as ``%%generate``
+does) and sets widget traits; an error becomes one line in the panel and the form stays usable.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .state import one_line
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["GeneratePanel", "form_kwargs"]
+__all__ = ["GeneratePanel", "form_args"]
 
 _WIDE = {"description_width": "90px"}
 _MAX_IMAGE_PX = 512
@@ -37,11 +37,11 @@ def _optional_int(text: str, name: str, blank: str) -> int | None:
         raise InvalidArgumentError(f"{name} must be a whole number or blank ({blank}), got {text!r}") from None
 
 
-def form_kwargs(prompt: str, negative: str, steps: int, seed: str, width: str, height: str) -> dict:
-    """The form's fields as ``ManagedPipeline.generate`` keyword arguments (pure).
+def form_args(prompt: str, negative: str, steps: int, seed: str, width: str, height: str):
+    """The form's fields as checked generation arguments, a :class:`~mlnb.pipeline.GenerationArgs` (pure).
 
-    Blank seed means random; blank width/height mean the model's native size. The values are checked here, with
-    ``generate``'s own rules (positive multiples of 8, a non-empty prompt...), before any model is loaded.
+    Blank seed means random; blank width/height mean the model's native size. The values are checked here, once,
+    with ``generate``'s own rules (positive multiples of 8, a non-empty prompt...), before any model is loaded.
 
     Args:
         prompt, negative: the prompt and the negative prompt (blank: none).
@@ -54,25 +54,22 @@ def form_kwargs(prompt: str, negative: str, steps: int, seed: str, width: str, h
 
     Example:
         ```python
-        >>> form_kwargs("a fox", "", 2, "7", "64", "")
-        {'prompt': 'a fox', 'negative_prompt': None, 'steps': 2, 'seed': 7, 'width': 64, 'height': None}
+        >>> form_args("a fox", "", 2, "7", "64", "").seed
+        7
         ```
     """
-    from ..pipeline.managed import validate_generation_args
+    from ..pipeline.validation import GenerationArgs
 
     if not prompt.strip():
         raise InvalidArgumentError("the prompt is empty: type it in the prompt field")
-    kwargs = dict(
-        prompt=prompt,
+    return GenerationArgs.checked(
+        prompt,
         negative_prompt=negative.strip() or None,
         steps=int(steps),
         seed=_optional_int(seed, "seed", "random"),
         width=_optional_int(width, "width", "native"),
         height=_optional_int(height, "height", "native"),
     )
-    validate_generation_args(kwargs["prompt"], kwargs["steps"], kwargs["width"], kwargs["height"], 1, None,
-                             kwargs["seed"])
-    return kwargs
 
 
 def png_bytes(image) -> bytes:
@@ -85,8 +82,8 @@ def png_bytes(image) -> bytes:
 class GeneratePanel(widgets.VBox):
     """Prompt, negative prompt, steps, seed, size and a Generate button over the session's model and level.
 
-    The model is ``mlnb.session.default_model()`` and the level ``mlnb.session.defaults.level`` at the moment the
-    button is pressed. The result is stored where ``mlnb.last_result()`` finds it.
+    The model is ``mlnb.session.default_model()`` and the memory setting ``mlnb.session.defaults.setting`` at the
+    moment the button is pressed. The result is stored where ``mlnb.last_result()`` finds it.
 
     Args:
         also_disable: widgets to disable while a generation runs (the dashboard's Free memory button).
@@ -187,29 +184,26 @@ class GeneratePanel(widgets.VBox):
             >>> panel.wait(timeout=600)
             ```
         """
-        from ..session import budget_of, default_model, defaults
+        from ..session import resolve
 
         if self.running:
             return self._worker
         self.error = None
         self.notes, self.library_notes = [], []  # this generation's, as in __init__
         try:
-            kwargs = form_kwargs(
+            args = form_args(
                 self.prompt.value, self.negative.value, self.steps.value, self.seed.value,
                 self.width.value, self.height.value,
             )
-            model = default_model()
-            if not model:
-                raise InvalidArgumentError("no model: type a hub id or a local diffusers folder in the model field")
+            model, setting = resolve()  # the session's, as the button is pressed
         except (MlnbError, ValueError) as exc:
             self._show_error(exc)
             return None
-        level = defaults.level
-        self.progress.max, self.progress.value = max(1, kwargs["steps"]), 0
+        self.progress.max, self.progress.value = max(1, args.steps), 0
         self._set_running(True)
-        what = f"for a {level} budget" if budget_of(level) is not None else f"at level {level}"
+        what = f"for a {setting} budget" if setting.budget is not None else f"at {setting.kind} {setting}"
         self._show_status(f"loading {model} {what}…")
-        worker = threading.Thread(target=self._run, args=(model, level, kwargs), name="mlnb-generate", daemon=True)
+        worker = threading.Thread(target=self._run, args=(args, model, setting), name="mlnb-generate", daemon=True)
         self._worker = worker
         worker.start()
         return worker
@@ -217,9 +211,12 @@ class GeneratePanel(widgets.VBox):
     def _on_click(self, _button) -> None:
         self.generate()
 
-    def _run(self, model: str, level: str, kwargs: dict) -> None:
-        from ..pipeline import generate_with_rescue, load_pipeline
-        from ..session import pipeline_choice
+    def _show_loaded(self, managed) -> None:
+        self._show_status(f"generating with the {managed.tag} plan…" if managed.plan is not None
+                          else f"generating at level {managed.level.value}…")
+
+    def _run(self, args, model: str, setting) -> None:
+        from ..session import generate_images
 
         # Nothing may escape this thread: threading's excepthook would print a traceback into whichever cell runs,
         # and so would mlnb's warnings (the plan, an unload): they go to the panel's notes, the libraries' log lines
@@ -227,10 +224,8 @@ class GeneratePanel(widgets.VBox):
         try:
             with routed(self.notes.append, libraries=self.library_notes.append):
                 try:
-                    managed = load_pipeline(model, **pipeline_choice(level))  # a level, or the session's budget
-                    self._show_status(f"generating with the {managed.tag} plan…" if managed.plan is not None
-                                      else f"generating at level {managed.level.value}…")
-                    result = generate_with_rescue(managed, progress=self._on_progress, **kwargs)
+                    result = generate_images(args, model, setting, progress=self._on_progress,
+                                             loaded=self._show_loaded)
                     self._show_result(result)
                 except (MlnbError, ValueError) as exc:
                     logger.debug("dashboard generation failed: %s", exc)

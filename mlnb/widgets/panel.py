@@ -111,7 +111,7 @@ class Dashboard(widgets.VBox):
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._synced = (None, None)  # (level, model) last copied from the session defaults
+        self._synced = (None, None)  # (setting, model) last copied from the session defaults
         self._following = False  # True while the controls are set from the session defaults
 
         # -- memory
@@ -123,7 +123,7 @@ class Dashboard(widgets.VBox):
         self.table = widgets.HTML(value="")
         # -- controls
         # A level from the list, or a VRAM budget typed in (4GiB), as `%vram level` takes; set on Enter.
-        self.level = widgets.Combobox(options=list(LEVEL_NAMES), value=defaults.level, description="level",
+        self.level = widgets.Combobox(options=list(LEVEL_NAMES), value=str(defaults.setting), description="level",
                                       placeholder="auto, a level, or 4GiB", ensure_option=False,
                                       continuous_update=False, layout=widgets.Layout(width="220px"))
         self.model = widgets.Text(value=defaults.model or "", placeholder="hub id or local folder",
@@ -164,7 +164,7 @@ class Dashboard(widgets.VBox):
 
         with self._lock:
             info = (self.device or get_device()).info()
-            state = gauge_state(info, defaults.level, _loaded_pipelines())
+            state = gauge_state(info, defaults.setting, _loaded_pipelines())
             self.state = state
             self.headline.value = f"<b>mlnb</b> · {html.escape(state.headline)}"
             for row, gauge in zip(self.gauge_rows, state.gauges):
@@ -181,18 +181,18 @@ class Dashboard(widgets.VBox):
 
     def _sync_controls(self, defaults) -> None:
         # %vram level / %%generate --model change the defaults too; follow them without undoing the user's typing.
-        level, model = defaults.level, defaults.model
-        if (level, model) == self._synced:
+        setting, model = defaults.setting, defaults.model
+        if (setting, model) == self._synced:
             return
-        if level != self._synced[0] and self.level.value != level:
-            self._following = True  # the session's default shown (4GiB becomes 4.0 GiB): not a choice to hand back
+        if setting != self._synced[0] and self.level.value != str(setting):
+            self._following = True  # the session's default shown (4GiB as 4 GiB): not a choice to hand back
             try:
-                self.level.value = level
+                self.level.value = str(setting)
             finally:
                 self._following = False
         if model != self._synced[1] and (self.model.value or None) != model:
             self.model.value = model or ""
-        self._synced = (level, model)
+        self._synced = (setting, model)
 
     def start(self) -> None:
         """Start the updater thread (once)."""
@@ -252,11 +252,12 @@ class Dashboard(widgets.VBox):
 
     def _on_level(self, change) -> None:
         from ..session import defaults
+        from ..setting import MemorySetting
 
         if self._following:
             return
         try:
-            defaults.set_level(change["new"])
+            defaults.setting = MemorySetting.parse(change["new"])  # a level, or a budget typed in, as %vram level
             self.control_error.value = ""
         except ValueError as exc:
             self.control_error.value = f"<span style='color:#b00'>{html.escape(one_line(exc))}</span>"
@@ -284,8 +285,8 @@ class Dashboard(widgets.VBox):
 def _loaded_pipelines() -> list[tuple[str, str]]:
     import sys
 
-    # Only ask the pipeline cache when it exists: importing it would import torch on every tick of a bare session.
-    if "mlnb.pipeline.managed" not in sys.modules:
+    # Only ask the pipeline cache when it exists: a session that never loaded a model has none to list.
+    if "mlnb.pipeline.cache" not in sys.modules:
         return []
     from ..pipeline import cached_pipelines
 

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from ..device import DeviceInfo
-from ..levels import AUTO, describe_auto
+from ..levels import describe_auto
 from ..monitor.history import CellHistory, CellRecord
-from ..session import budget_of
+from ..setting import AUTO_SETTING, MemorySetting
 from ..units import format_bytes
 
 __all__ = [
@@ -109,18 +109,19 @@ class GaugeState:
         return "\n".join(self.lines())
 
 
-def gauge_state(info: DeviceInfo, default_level: str = AUTO, pipelines: Sequence[tuple[str, str]] = ()) -> GaugeState:
+def gauge_state(info: DeviceInfo, default: MemorySetting = AUTO_SETTING,
+                pipelines: Sequence[tuple[str, str]] = ()) -> GaugeState:
     """Compute the gauges from device facts (pure: no widgets, no torch).
 
     Args:
         info: the device facts, from ``get_device().info()``.
-        default_level: ``mlnb.session.defaults.level``.
+        default: the session's memory setting, ``mlnb.session.defaults.setting``.
         pipelines: ``(model, level)`` of each loaded pipeline.
 
     Example:
         ```python
         >>> from mlnb.testing import FakeDevice
-        >>> print(gauge_state(FakeDevice(total=4 * 2**30).info(), "auto"))
+        >>> print(gauge_state(FakeDevice(total=4 * 2**30).info()))
         ```
     """
     if info.available:
@@ -140,11 +141,11 @@ def gauge_state(info: DeviceInfo, default_level: str = AUTO, pipelines: Sequence
         host_used = info.host_total_bytes - info.host_available_bytes
     host = Gauge("host RAM used", host_used, info.host_total_bytes, "" if host_used is not None else "psutil unavailable")
 
-    if default_level == AUTO:
+    if default.is_auto:
         level = f"auto, now {describe_auto(info.free_bytes, info.kind == 'cuda')}"
     else:
-        budget = " budget" if budget_of(default_level) is not None else ""  # %vram level 4GiB
-        level = f"{default_level}{budget} (set by the user)"
+        budget = " budget" if default.budget is not None else ""  # %vram level 4GiB
+        level = f"{default}{budget} (set by the user)"
     loaded = ", ".join(f"{_short_model(model)} at {lvl}" for model, lvl in pipelines) or "none"
     return GaugeState(device=info.name, gpu=info.available, gauges=(nvml, reserved, host), level=level, loaded=loaded)
 

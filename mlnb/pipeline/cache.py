@@ -1,29 +1,108 @@
-"""Room on the GPU for the pipeline in use: other cached pipelines' GPU weights go, the least recently used first.
+"""The pipeline cache: the loaded pipelines by key, the order they were used in, the last result, and room on the GPU.
 
-Two models rarely fit side by side on a small card, and a plan made for a budget (or for what auto found free) runs
-out of memory when another model's weights still sit in it. So when a load, a planned generation or the OOM rescue
-needs more than is free, mlnb unloads other cached pipelines that hold GPU memory, the one used longest ago first,
-until the need fits (free memory read again after each), and names each in a warning; when unloading all of them
-would not be enough, none is unloaded. Pipelines that hold nothing on the GPU between calls (offloaded
-levels) stay: unloading them would free no VRAM. A pipeline generating in another thread (the dashboard's) is
-never unloaded. A model is unloaded whole, host copy included: on Colab's 12.7 GB of RAM two models' host copies
-do not fit either, and loading it again reads its files.
+One :class:`~mlnb.ManagedPipeline` per (model, dtype, memory setting) is kept. Two models rarely fit side by side on
+a small card, and a plan made for a budget (or for what auto found free) runs out of memory when another model's
+weights still sit in it. So when a load, a planned generation or the OOM rescue needs more than is free, mlnb
+unloads other cached pipelines that hold GPU memory, the one used longest ago first, until the need fits (free memory
+read again after each), and names each in a warning; when unloading all of them would not be enough, none is
+unloaded. Pipelines that hold nothing on the GPU between calls (offloaded levels) stay: unloading them would free no
+VRAM. A pipeline generating in another thread (the dashboard's) is never unloaded. A model is unloaded whole, host
+copy included: on Colab's 12.7 GB of RAM two models' host copies do not fit either, and loading it again reads its
+files.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Callable
 
+from ..monitor import cleanup
 from ..units import format_bytes
 
 if TYPE_CHECKING:
     from ..device import Device
     from .managed import ManagedPipeline
+    from .result import GenerationResult
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["gpu_tensors", "gpu_bytes", "holders", "make_room", "unload_for"]
+__all__ = [
+    "add", "find", "find_one", "forget", "touch", "cached_pipelines", "unload_all", "remember", "last_result",
+    "gpu_tensors", "gpu_bytes", "holders", "make_room", "unload_for",
+]
+
+_cache: dict[tuple[str, str, str], "ManagedPipeline"] = {}
+_lock = threading.RLock()
+_uses = itertools.count()  # the order pipelines were loaded or last used in (room unloads the oldest first)
+_last: list["GenerationResult"] = []
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cached pipelines
+
+
+def add(managed: "ManagedPipeline") -> None:
+    """Cache ``managed`` under its key, as the most recently used."""
+    with _lock:
+        _cache[managed.key] = managed
+    touch(managed)
+
+
+def find(key: tuple[str, str, str]) -> "ManagedPipeline | None":
+    """The pipeline cached under ``key``, or None."""
+    with _lock:
+        return _cache.get(key)
+
+
+def find_one(matches: Callable[["ManagedPipeline"], bool]) -> "ManagedPipeline | None":
+    """The first cached pipeline, oldest first, that ``matches``, or None."""
+    with _lock:
+        return next((m for m in _cache.values() if matches(m)), None)
+
+
+def forget(managed: "ManagedPipeline") -> None:
+    """Drop ``managed`` from the cache (another pipeline cached under its key since stays)."""
+    with _lock:
+        if _cache.get(managed.key) is managed:
+            del _cache[managed.key]
+
+
+def touch(managed: "ManagedPipeline") -> None:
+    """Make ``managed`` the most recently used: the last to be unloaded to make room."""
+    managed.last_used = next(_uses)
+
+
+def cached_pipelines() -> list["ManagedPipeline"]:
+    """The loaded pipelines, oldest first."""
+    with _lock:
+        return list(_cache.values())
+
+
+def unload_all(device: "Device | None" = None) -> int:
+    """Unload every cached pipeline and clean up. Returns the number unloaded."""
+    from ..device import get_device
+
+    pipes = cached_pipelines()
+    for managed in pipes:  # outside the cache's lock: an unload waits for the pipeline's generation to end
+        managed.unload()
+    cleanup(device or get_device())
+    return len(pipes)
+
+
+def remember(result: "GenerationResult") -> None:
+    """Make ``result`` what :func:`last_result` returns."""
+    _last[:] = [result]
+
+
+def last_result() -> "GenerationResult | None":
+    """The last :class:`GenerationResult` produced in this process, or None."""
+    return _last[-1] if _last else None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Room on the GPU
 
 
 def gpu_tensors(managed: "ManagedPipeline", device: "Device | None" = None):
@@ -55,22 +134,12 @@ def _same_card(a: "Device", b: "Device") -> bool:
     return a is b or (a.is_cuda and b.is_cuda and getattr(a, "index", None) == getattr(b, "index", None))
 
 
-def _busy(managed: "ManagedPipeline") -> bool:
-    """Generating in another thread (the current thread's own generation does not count)."""
-    if not managed._generating.acquire(blocking=False):
-        return True
-    managed._generating.release()
-    return False
-
-
 def holders(device: "Device", besides: str) -> list[tuple["ManagedPipeline", int]]:
     """The cached pipelines on ``device``'s card other than model ``besides`` that hold GPU memory and are not
     generating, with their bytes there, the least recently used first."""
-    from .managed import cached_pipelines
-
     found = []
     for managed in sorted(cached_pipelines(), key=lambda m: m.last_used):
-        if managed.model == besides or not _same_card(managed.device, device) or _busy(managed):
+        if managed.model == besides or not _same_card(managed.device, device) or managed.busy:
             continue
         held = gpu_bytes(managed)
         if held > 0:
@@ -81,15 +150,13 @@ def holders(device: "Device", besides: str) -> list[tuple["ManagedPipeline", int
 def unload_for(managed: "ManagedPipeline", for_model: str, why: str = "") -> bool:
     """Unload ``managed`` to make room for ``for_model``, warning ``why`` first, unless it has started generating in
     another thread since it was found idle (then False: waiting for that generation would hold up this one)."""
-    if not managed._generating.acquire(blocking=False):
-        return False
-    try:
+    with managed.hold_if_idle() as idle:
+        if not idle:
+            return False
         if why:
             logger.warning("%s", why)
         managed.unloaded_for, managed.unloaded_why = for_model, f"to make room for {for_model!r}"
         managed.unload()
-    finally:
-        managed._generating.release()
     return True
 
 

@@ -1,96 +1,19 @@
-"""The notebook session's state shared by the magics and the dashboard: defaults, status, and freeing memory.
-
-Nothing here prints; the UI layers render the result objects.
+"""What ``%vram`` (and ``mlnb doctor``) shows of the session, and freeing its memory: the status table and the free
+report. Nothing here prints; the UI layers render the result objects.
 """
 
 from __future__ import annotations
 
 import html
-import os
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .device import Device, DeviceInfo, get_device
-from .levels import AUTO, LevelChoice, choose_level, describe_auto, parse_level
-from .units import format_bytes, parse_bytes
+from ..device import Device, DeviceInfo, get_device
+from ..levels import LevelChoice, choose_level, describe_auto
+from ..setting import MemorySetting
+from ..units import format_bytes
+from .defaults import defaults
 
-__all__ = [
-    "SessionDefaults", "defaults", "default_model", "budget_of", "check_budget", "pipeline_choice", "Status", "status",
-    "FreeReport", "free_memory", "memory_rows",
-]
-
-
-@dataclass
-class SessionDefaults:
-    """Defaults for ``%%generate`` and the dashboard's Generate button.
-
-    Attributes:
-        model: the last model used (``MLNB_MODEL`` when unset).
-        level: ``"auto"``, a level name, or a VRAM budget (``"4.0 GiB"``) for the budget planner.
-        verbose: the per-cell line also for cells that did not touch the GPU.
-        monitor: per-cell monitoring on (``%vram on|off``).
-    """
-
-    model: str | None = None
-    level: str = AUTO
-    verbose: bool = False
-    monitor: bool = True
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def set_level(self, level: str) -> str:
-        """Validate and set the default: a level name, ``auto``, or a VRAM budget such as ``4GiB`` (kept as
-        ``"4.0 GiB"``); returns what was set. Raises ValueError, naming both forms, for anything else."""
-        try:
-            parsed = parse_level(level)
-            value = AUTO if parsed is None else parsed.value
-        except ValueError as exc:
-            budget = budget_of(level)
-            if budget is None:
-                raise ValueError(f"{exc}, or a VRAM budget such as 4GiB") from None
-            value = None
-        if value is None:
-            value = format_bytes(check_budget(budget))
-        with self._lock:
-            self.level = value
-        return self.level
-
-
-_SMALLEST_BUDGET = 64 * 2**20
-
-
-def check_budget(budget: int) -> int:
-    """``budget`` (bytes), or ValueError when it is too small to hold any model: ``4`` without its unit is 4 bytes.
-
-    ``%vram level`` and ``%%generate --vram`` both refuse such a budget with this message, before any model is read.
-    """
-    if budget < _SMALLEST_BUDGET:
-        raise ValueError(f"a VRAM budget of {format_bytes(budget)} holds no model; give a unit, such as 4GiB")
-    return budget
-
-
-def budget_of(level: str | None) -> int | None:
-    """The bytes of a VRAM budget given where a level is (``"4GiB"``, ``"4.0 GiB"``), or None for anything else."""
-    if not level:
-        return None
-    try:
-        budget = parse_bytes(str(level))
-    except ValueError:
-        return None
-    return budget if budget > 0 else None
-
-
-def pipeline_choice(level: str) -> dict:
-    """``load_pipeline``'s keyword for a session default: ``{"budget": bytes}`` or ``{"level": name}``."""
-    budget = budget_of(level)
-    return {"budget": budget} if budget is not None else {"level": level}
-
-
-defaults = SessionDefaults()
-
-
-def default_model() -> str | None:
-    """The model ``%%generate`` uses when none is named: the last one, else ``$MLNB_MODEL``."""
-    return defaults.model or os.environ.get("MLNB_MODEL") or None
+__all__ = ["PipelineStatus", "Status", "status", "FreeReport", "free_memory", "memory_rows"]
 
 
 @dataclass(frozen=True)
@@ -109,7 +32,7 @@ class Status:
 
     info: DeviceInfo
     auto: LevelChoice
-    default_level: str
+    default: MemorySetting
     pipelines: tuple[PipelineStatus, ...]
 
     def rows(self) -> list[tuple[str, str]]:
@@ -122,8 +45,7 @@ class Status:
                  + (f"  ({i.nvml_error})" if i.nvml_error else "")),
                 ("torch allocated / reserved", f"{format_bytes(i.allocated_bytes)} / {format_bytes(i.reserved_bytes)}"),
             ]
-        budget = budget_of(self.default_level) is not None
-        rows.append(("default budget" if budget else "default level", self.default_level))
+        rows.append((f"default {self.default.kind}", str(self.default)))
         if not self.pipelines:
             rows.append(("pipelines", "none loaded"))
         for p in self.pipelines:
@@ -157,20 +79,20 @@ def memory_rows(info: DeviceInfo) -> list[tuple[str, str]]:
 
 def status(device: Device | None = None) -> Status:
     """Gather the :class:`Status` (never raises for a missing GPU or NVML)."""
-    from .pipeline import cached_pipelines
-    from .pipeline.loading import dtype_name
+    from ..pipeline import cached_pipelines
+    from ..pipeline.files import dtype_name
 
     device = device or get_device()
     info = device.info()
     pipes = tuple(
         PipelineStatus(
             model=m.model, dtype=dtype_name(m.dtype), techniques=m.techniques.summary(),
-            level=m.level.value if m.plan is None else f"{m.level.value}, plan for {format_bytes(m.plan.budget)}",
+            level=m.level.value if m.plan is None else f"{m.level.value}, plan for {m.setting.show_budget(m.plan.budget)}",
             weights=format_bytes(m.weight_bytes), location=m.weights_location(),
         )
         for m in cached_pipelines()
     )
-    return Status(info=info, auto=choose_level(info.free_bytes), default_level=defaults.level, pipelines=pipes)
+    return Status(info=info, auto=choose_level(info.free_bytes), default=defaults.setting, pipelines=pipes)
 
 
 @dataclass(frozen=True)
@@ -217,7 +139,7 @@ class FreeReport:
 
 def free_memory(device: Device | None = None, drop_outputs=None) -> FreeReport:
     """Unload every cached pipeline and clean up; ``drop_outputs`` (a callable returning dropped names) runs first."""
-    from .pipeline import unload_all
+    from ..pipeline import unload_all
 
     device = device or get_device()
     before = device.snapshot()

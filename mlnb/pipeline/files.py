@@ -1,0 +1,350 @@
+"""A model's files: finding them, reading what they say, and reading the pipeline from them safely (safetensors only
+unless the user opts in, never remote code by default).
+
+Every failure becomes one line that says what to do: a missing folder, a folder that is not a pipeline, pickle-only
+weights, a corrupt file, a hub id with no network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from ..device import Device
+from ..errors import InvalidArgumentError, ModelLoadError, ModelNotFoundError, OfflineError, UnsafeWeightsError
+from ..monitor import release_exception_frames
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "resolve_model",
+    "check_local_weights",
+    "pickle_only_components",
+    "reads_pickle",
+    "pipeline_parameters",
+    "parameters_of",
+    "parse_dtype",
+    "dtype_name",
+    "default_dtype",
+    "load_diffusers_pipeline",
+]
+
+_SAFE = (".safetensors",)
+_PICKLE = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+_NETWORK_HINTS = (
+    "offline", "connection", "resolve", "network", "couldn't connect", "could not connect", "max retries",
+    "name or service not known", "temporary failure", "timed out", "localentrynotfound", "cannot find the requested files",
+)
+
+
+def resolve_model(model: str | os.PathLike) -> tuple[str, bool]:
+    """``(source, is_local)``: a local folder (absolute path) or a hub id.
+
+    Raises:
+        ModelNotFoundError: a path that does not exist, or a folder without ``model_index.json``.
+    """
+    text = os.fspath(model).strip()
+    if not text:
+        raise ModelNotFoundError("no model given: pass a hub id (org/name) or a local diffusers folder")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ModelNotFoundError(
+                f"{text!r} is a folder but not a diffusers pipeline (no model_index.json); "
+                "save one with pipe.save_pretrained(folder)"
+            )
+        return str(path.resolve()), True
+    if path.is_file():
+        raise ModelNotFoundError(
+            f"{text!r} is a single file; mlnb loads diffusers pipeline folders or hub ids (org/name)"
+        )
+    looks_like_path = (
+        text.startswith(("/", "./", "../", "~", "\\"))
+        or text.count("/") > 1
+        or text.lower().endswith(_SAFE + _PICKLE)
+        or (len(text) > 1 and text[1] == ":")
+    )
+    if looks_like_path:
+        raise ModelNotFoundError(f"no model folder at {text!r}")
+    return text, False
+
+
+def pickle_only_components(folder: str | os.PathLike) -> list[str]:
+    """``component/file`` for each component of a local pipeline whose weights are pickle files only (no
+    safetensors beside them), in ``model_index.json``'s order."""
+    root = Path(folder)
+    index = json.loads((root / "model_index.json").read_text())
+    found = []
+    for name, spec in index.items():
+        sub = root / name
+        if name.startswith("_") or not sub.is_dir() or not isinstance(spec, list):
+            continue
+        files = sorted(p.name for p in sub.iterdir() if p.is_file())
+        pickled = [f for f in files if f.endswith(_PICKLE)]
+        if pickled and not any(f.endswith(_SAFE) for f in files):
+            found.append(f"{name}/{pickled[0]}")
+    return found
+
+
+def check_local_weights(folder: str | os.PathLike, allow_pickle: bool) -> None:
+    """Refuse a local pipeline whose weights are pickle-only unless ``allow_pickle``.
+
+    Raises:
+        UnsafeWeightsError: naming the first pickle-only component and the ``allow_pickle`` opt-in.
+    """
+    pickled = [] if allow_pickle else pickle_only_components(folder)
+    if pickled:
+        raise UnsafeWeightsError(
+            f"{pickled[0]} is a pickle file and there are no safetensors weights; pickle can run code "
+            "when loaded: pass allow_pickle=True (%%generate --allow-pickle) only if you trust this model"
+        )
+
+
+def reads_pickle(source: str, is_local: bool, allow_pickle: bool) -> bool:
+    """Whether loading ``source`` may have read pickle weights: only with ``allow_pickle``, and for a local folder
+    only when a component has no safetensors (diffusers prefers them); a hub model's files are not known here."""
+    return allow_pickle and (not is_local or bool(pickle_only_components(source)))
+
+
+def pipeline_parameters(source: str, is_local: bool, from_pretrained_kwargs: dict) -> set[str] | None:
+    """What the pipeline class of ``source`` takes besides ``from_pretrained``'s own arguments (its components, such
+    as ``scheduler``, and its optional settings), read from its ``model_index.json``: a local folder's, or a hub
+    model's already in the Hugging Face cache (nothing is downloaded for it). None when that file is not at hand, or
+    names a class diffusers does not have (a custom pipeline)."""
+    if from_pretrained_kwargs.get("custom_pipeline") is not None:
+        return None
+    if is_local:
+        index_file = Path(source) / "model_index.json"
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(source, "model_index.json", revision=from_pretrained_kwargs.get("revision"),
+                                            cache_dir=from_pretrained_kwargs.get("cache_dir"))
+        except Exception:  # a name the hub would refuse: from_pretrained says so in its own words
+            return None
+        if not isinstance(cached, str):
+            return None
+        index_file = Path(cached)
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        return None
+    import diffusers
+
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+    if not isinstance(pipeline_class, type):
+        return None
+    return parameters_of(pipeline_class) | {name for name in index if not name.startswith("_")}
+
+
+def parameters_of(pipeline_class: type) -> set[str]:
+    """The keyword arguments a pipeline class's ``__init__`` takes: its components and its optional settings."""
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {name for name, p in inspect.signature(pipeline_class.__init__).parameters.items()
+            if name != "self" and p.kind in kinds}
+
+
+def parse_dtype(dtype):
+    """``"fp16"``, ``"float16"``, ``"bf16"``, ``"fp32"`` or a ``torch.dtype`` -> ``torch.dtype``."""
+    import torch
+
+    allowed = (torch.float16, torch.bfloat16, torch.float32)
+    if dtype is None or dtype in allowed:
+        return dtype
+    if isinstance(dtype, torch.dtype):
+        raise InvalidArgumentError(f"dtype {dtype} is not one mlnb runs: use fp16, bf16 or fp32")
+    names = {
+        "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
+        "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+        "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+    }
+    try:
+        return names[str(dtype).lower().replace("torch.", "")]
+    except KeyError:
+        raise InvalidArgumentError(f"unknown dtype {dtype!r}: use fp16, bf16 or fp32") from None
+
+
+def default_dtype(device: Device, local_folder: str | None = None):
+    """fp32 on a CPU; fp16 on CUDA, or bf16 for transformer-based pipelines on cards that support it."""
+    import torch
+
+    if not device.is_cuda:
+        return torch.float32
+    if local_folder is not None and device.info().supports_bf16:
+        try:
+            index = json.loads((Path(local_folder) / "model_index.json").read_text())
+            if "transformer" in index and "unet" not in index:
+                return torch.bfloat16
+        except (OSError, ValueError):
+            pass
+    return torch.float16
+
+
+def dtype_name(dtype) -> str:
+    """``torch.float16`` -> ``"fp16"``; ``torch.bfloat16`` -> ``"bf16"``."""
+    return str(dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float", "fp")
+
+
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """Hide diffusers'/transformers' loading and saving bars for the block (mlnb shows its own progress)."""
+    toggles = []
+    for module in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            mod = importlib.import_module(module)
+            enabled = getattr(mod, "is_progress_bar_enabled", None)
+            if enabled is not None and enabled():
+                mod.disable_progress_bar()
+                toggles.append(mod)
+        except Exception:
+            continue
+    try:
+        yield
+    finally:
+        for mod in toggles:
+            mod.enable_progress_bar()
+
+
+def _dtype_keyword() -> str:
+    """Newer diffusers take ``dtype`` (``torch_dtype`` warns); 0.39 knows only ``torch_dtype``."""
+    from diffusers.pipelines import pipeline_utils
+
+    return "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+
+
+def _is_network_error(exc: BaseException) -> bool:
+    """True when ``exc`` or any exception it was raised from is a network or offline-mode failure.
+
+    diffusers wraps the hub's ``OfflineModeIsEnabled``/connection error in a generic ``OSError`` ("not cached
+    locally"), so the cause has to be looked at too.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        text = str(exc).lower()
+        if any(h in type(exc).__name__.lower() or h in text for h in _NETWORK_HINTS):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` as it is now: huggingface_hub reads it once, at import, and notebooks often set it later."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in ("1", "ON", "YES", "TRUE"):
+        return True
+    constants = sys.modules.get("huggingface_hub.constants")
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+class _NoEmptyFp32Warning(logging.Filter):
+    """Drops diffusers' warning that a model has modules to keep in fp32 when the list it names is empty. An SDXL
+    pipeline casts its VAE to fp32 and back at every decode on a card without bf16 (a T4), and diffusers then warns
+    twice an image about ``[]``. The warning that names modules still shows."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "should be kept in float32: []" not in record.getMessage()
+
+
+_EMPTY_FP32_WARNING = _NoEmptyFp32Warning()
+
+
+class _PickleNotices(logging.Filter):
+    """While a load that accepts pickle runs, diffusers' two lines per pickle-only component (an "error" that it
+    found no safetensors file, then "defaulting to unsafe serialization") become one mlnb line naming the
+    components; the component is the last part of the path each "error" names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.components: list[str] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("Defaulting to unsafe serialization"):
+            return False
+        if text.startswith("An error occurred while trying to fetch ") and "safetensors" in text:
+            path = text[len("An error occurred while trying to fetch "):].split(": ", 1)[0]
+            self.components.append(Path(path).name or path)
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def collected(self, active: bool):
+        logger_ = logging.getLogger("diffusers.models.modeling_utils")
+        if active:
+            logger_.addFilter(self)
+        try:
+            yield
+        finally:
+            logger_.removeFilter(self)
+
+
+def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: bool = False, **kwargs):
+    """``DiffusionPipeline.from_pretrained`` with mlnb's safety rules and one-line errors.
+
+    Args:
+        model: hub id or local folder.
+        dtype: torch dtype for the weights.
+        allow_pickle: accept pickle (``.bin``/``.ckpt``) weights. Off by default: pickle can run code.
+        **kwargs: passed to ``from_pretrained`` (``variant``, ``revision``, ...). ``trust_remote_code`` stays
+            False unless given here explicitly.
+    """
+    logging.getLogger("diffusers.models.modeling_utils").addFilter(_EMPTY_FP32_WARNING)  # once: filters are a set
+    source, is_local = resolve_model(model)
+    if is_local:
+        check_local_weights(source, allow_pickle)
+    from diffusers import DiffusionPipeline
+
+    kwargs.setdefault("trust_remote_code", False)
+    if not allow_pickle:
+        kwargs["use_safetensors"] = True
+    offline = not is_local and _hub_offline()
+    if offline:  # cache only: no hub round trip, and no multi-line "Couldn't connect to the Hub" warning first
+        kwargs.setdefault("local_files_only", True)
+    pickled = _PickleNotices()
+    try:
+        with quiet_hf_progress(), pickled.collected(allow_pickle):
+            pipe = DiffusionPipeline.from_pretrained(source, **{_dtype_keyword(): dtype}, **kwargs)
+    except (MemoryError, KeyboardInterrupt) as exc:
+        release_exception_frames(exc)
+        raise
+    except Exception as exc:
+        # The loader's frames hold the components loaded before the failure, and the one-line error below keeps
+        # them alive (as its __context__) until the next error replaces sys.last_value: free them now.
+        release_exception_frames(exc)
+        text = str(exc).lower()
+        if offline and _is_network_error(exc):
+            raise OfflineError(
+                f"{source!r} is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is set "
+                "(offline): download it where there is network and give the local folder, "
+                "e.g. --model /content/models/name"
+            ) from None
+        if not is_local and _is_network_error(exc):
+            raise OfflineError(
+                f"cannot reach the Hugging Face Hub for {source!r} (offline?): download it where there is network "
+                "and give the local folder, e.g. --model /content/models/name"
+            ) from None
+        if not allow_pickle and "safetensors" in text and ("not found" in text or "could not find" in text or "no such" in text):
+            raise UnsafeWeightsError(
+                f"{source!r} has no safetensors weights; pickle can run code when loaded: pass allow_pickle=True "
+                "(%%generate --allow-pickle) only if you trust this model"
+            ) from None
+        if not is_local and ("not found" in text or "404" in text or "repository" in text):
+            raise ModelNotFoundError(f"no model {source!r} on the Hugging Face Hub ({_one_line(exc)})") from None
+        raise ModelLoadError(f"could not load {source!r}: {_one_line(exc)}") from None
+    if pickled.components:
+        logger.warning("read pickle weights (allow_pickle): %s", ", ".join(pickled.components))
+    if hasattr(pipe, "set_progress_bar_config"):
+        pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,216 @@
+"""Argument checks, made once where arguments enter, before any work: generation arguments (:class:`GenerationArgs`),
+the keyword arguments ``load_pipeline`` passes to ``from_pretrained``, and what a pipeline's call must take.
+
+Each refusal is an :class:`~mlnb.errors.InvalidArgumentError` (or :class:`~mlnb.errors.UnsupportedPipelineError`)
+whose one line names the argument and the rule it broke.
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from ..errors import InvalidArgumentError, UnsupportedPipelineError
+
+__all__ = [
+    "GenerationArgs",
+    "MAX_SIDE",
+    "MAX_IMAGES",
+    "check_progress",
+    "check_load_keywords",
+    "FROM_PRETRAINED_KEYWORDS",
+    "LOAD_PIPELINE_KEYWORDS",
+    "text_to_image_parameters",
+]
+
+MAX_SIDE = 4096  # pixels; larger requests are almost always typos
+MAX_IMAGES = 16
+
+# generate's own arguments, which the pipeline call gets from them: passed again as pipeline arguments they would run
+# something other than what the result records (its steps, seed, size), or return tensors instead of images.
+_MANAGED_KWARGS = {
+    "prompt": "prompt", "negative_prompt": "negative_prompt", "num_inference_steps": "steps", "generator": "seed",
+    "guidance_scale": "guidance", "width": "width", "height": "height", "num_images_per_prompt": "num_images",
+    "output_type": None, "return_dict": None,
+}
+
+
+@dataclass(frozen=True)
+class GenerationArgs:
+    """What to generate, checked: build it with :meth:`checked` (the magic's request, the dashboard's form and
+    :meth:`~mlnb.ManagedPipeline.generate` do), and the layers below take it as it is.
+
+    Attributes:
+        prompt: the text prompt.
+        negative_prompt: what to steer away from.
+        steps: denoising steps.
+        guidance: classifier-free guidance scale (the pipeline's default when None).
+        seed: the seed (drawn at random and recorded when None).
+        width, height: pixels, multiples of 8 (the model's native size when None).
+        num_images: images per prompt.
+        pipeline_kwargs: further arguments of the pipeline's call (a ``callback_on_step_end`` among them).
+    """
+
+    prompt: str
+    negative_prompt: str | None = None
+    steps: int = 30
+    guidance: float | None = None
+    seed: int | None = None
+    width: int | None = None
+    height: int | None = None
+    num_images: int = 1
+    pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def checked(
+        cls,
+        prompt,
+        negative_prompt: str | None = None,
+        steps: int = 30,
+        guidance: float | None = None,
+        seed: int | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        spell: Callable[[str], str] = str,
+        **pipeline_kwargs,
+    ) -> GenerationArgs:
+        """Check generation arguments and keep them as the types they are (numpy integers become ints).
+
+        Args:
+            prompt, negative_prompt, steps, guidance, seed, width, height, num_images: see the attributes.
+            spell: the name a message uses for an argument (``"num_images"`` -> ``"--num-images"`` for the magic).
+            **pipeline_kwargs: passed on to the pipeline's call, except what generate sets itself
+                (``num_inference_steps``, ``generator``, ``guidance_scale``, ``output_type``...), which is refused with
+                the argument to use.
+
+        Raises:
+            InvalidArgumentError: naming the argument and its rule.
+
+        Example:
+            ```python
+            >>> GenerationArgs.checked("a fox", steps=20, width=512, height=512).steps
+            20
+            ```
+        """
+        if not isinstance(prompt, str):
+            raise InvalidArgumentError(f"the prompt must be a string, got {type(prompt).__name__}")
+        if not prompt.strip():
+            raise InvalidArgumentError("the prompt is empty: write it in the cell body (or pass prompt=...)")
+        if not _whole(steps) or steps < 1:
+            raise InvalidArgumentError(f"{spell('steps')} must be a whole number >= 1, got {steps!r}")
+        for name, value in (("width", width), ("height", height)):
+            if value is None:
+                continue
+            if not _whole(value) or value < 8 or value % 8:
+                raise InvalidArgumentError(f"{spell(name)} must be a positive multiple of 8, got {value!r}")
+            if value > MAX_SIDE:
+                raise InvalidArgumentError(f"{spell(name)} must be at most {MAX_SIDE} px, got {value}")
+        if not _whole(num_images) or not 1 <= num_images <= MAX_IMAGES:
+            raise InvalidArgumentError(f"{spell('num_images')} must be between 1 and {MAX_IMAGES}, got {num_images!r}")
+        if guidance is not None and (not isinstance(guidance, numbers.Real) or isinstance(guidance, bool)
+                                     or not 0 <= guidance < float("inf")):
+            raise InvalidArgumentError(f"{spell('guidance')} must be a finite number >= 0, got {guidance!r}")
+        if seed is not None and (not _whole(seed) or not 0 <= seed < 2**63):
+            raise InvalidArgumentError(f"{spell('seed')} must be a whole number in [0, 2**63), got {seed!r}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise InvalidArgumentError(
+                f"{spell('negative_prompt')} must be a string, got {type(negative_prompt).__name__}"
+            )
+        _check_pipeline_kwargs(pipeline_kwargs)
+        return cls(
+            prompt=prompt, negative_prompt=negative_prompt, steps=int(steps),
+            guidance=None if guidance is None else float(guidance), seed=None if seed is None else int(seed),
+            width=None if width is None else int(width), height=None if height is None else int(height),
+            num_images=int(num_images), pipeline_kwargs=dict(pipeline_kwargs),
+        )
+
+
+def _whole(value) -> bool:
+    """An int (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check_pipeline_kwargs(pipeline_kwargs: Mapping[str, Any]) -> None:
+    """Refuse the pipeline arguments generate sets itself, and a ``callback_on_step_end`` that is not a function."""
+    for name in sorted(set(pipeline_kwargs) & set(_MANAGED_KWARGS)):
+        own = _MANAGED_KWARGS[name]
+        raise InvalidArgumentError(
+            f"{name} is set by generate: pass {own}= instead" if own else
+            f"{name} is set by generate (PIL images, which the result shows and saves)"
+        )
+    callback = pipeline_kwargs.get("callback_on_step_end")
+    if callback is not None and not callable(callback):
+        raise InvalidArgumentError("callback_on_step_end must be a function")
+
+
+def check_progress(progress) -> None:
+    """Refuse a ``progress`` that is not a function of ``(step, total)`` (None is none)."""
+    if progress is not None and not callable(progress):
+        raise InvalidArgumentError(f"progress must be a function of (step, total), got {type(progress).__name__}")
+
+
+def text_to_image_parameters(pipe) -> set[str]:
+    """The parameters of ``pipe.__call__``.
+
+    Raises:
+        UnsupportedPipelineError: the call lacks one of prompt, num_inference_steps, width, height, generator.
+    """
+    accepted = set(inspect.signature(pipe.__call__).parameters)
+    missing = sorted({"prompt", "num_inference_steps", "width", "height", "generator"} - accepted)
+    if missing:
+        raise UnsupportedPipelineError(
+            f"{type(pipe).__name__} is not a text-to-image pipeline mlnb can drive (its call lacks {', '.join(missing)})"
+        )
+    return accepted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# load_pipeline's keyword arguments
+
+LOAD_PIPELINE_KEYWORDS = frozenset({"model", "level", "dtype", "allow_pickle", "device", "config", "budget"})
+
+# DiffusionPipeline.from_pretrained's own keyword arguments, diffusers 0.39 to 0.42: what it reads from **kwargs and
+# what its docstring lists (the dtype it gets from load_pipeline's own `dtype`). Anything else it passes to the
+# pipeline class, which takes its components (`scheduler=`) and its optional settings, and ignores the rest.
+FROM_PRETRAINED_KEYWORDS = frozenset({
+    "cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "custom_pipeline",
+    "custom_revision", "mirror", "device_map", "max_memory", "offload_folder", "offload_state_dict",
+    "low_cpu_mem_usage", "use_safetensors", "use_onnx", "variant", "dduf_file", "quantization_config", "torch_dtype",
+    "trust_remote_code", "load_connected_pipeline", "provider", "provider_options", "sess_options", "disable_mmap",
+    "use_flashpack", "from_flax",
+})
+
+
+def check_load_keywords(names: Iterable[str], pipeline_parameters: Iterable[str] | None) -> frozenset[str]:
+    """Refuse a keyword argument of ``load_pipeline`` that neither it nor ``from_pretrained`` takes.
+
+    Args:
+        names: the keyword arguments ``load_pipeline`` did not take itself.
+        pipeline_parameters: what the model's pipeline class takes (its components and settings); None while the
+            class is not known yet (a hub model not in the local cache): the names only it could take are returned,
+            to be checked once it is.
+
+    Returns:
+        The names left to check against the pipeline class (empty when ``pipeline_parameters`` was given).
+
+    Raises:
+        InvalidArgumentError: one line naming the keyword and the close matches.
+    """
+    own = LOAD_PIPELINE_KEYWORDS | FROM_PRETRAINED_KEYWORDS
+    unknown = sorted(set(names) - own - set(pipeline_parameters or ()))
+    if not unknown:
+        return frozenset()
+    if pipeline_parameters is None:
+        return frozenset(unknown)
+    name = unknown[0]
+    known = sorted(own | set(pipeline_parameters))
+    close = difflib.get_close_matches(name, known, n=3)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise InvalidArgumentError(
+        f"load_pipeline got an unknown keyword argument {name}=: neither load_pipeline nor "
+        f"DiffusionPipeline.from_pretrained takes it, nor the pipeline as a component{hint}"
+    )
