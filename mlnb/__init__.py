@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 
-__version__ = "0.1.0"
+from .version import __version__
 
 # public name -> module that defines it (imported on first access)
 _LAZY = {
@@ -21,6 +21,7 @@ _LAZY = {
     "MemoryOptimizationConfig": "mlnb.levels",
     "Technique": "mlnb.levels",
     "choose_level": "mlnb.levels",
+    "MemorySetting": "mlnb.setting",
     "MemoryOptimizer": "mlnb.optimizer",
     "OptimizationReport": "mlnb.optimizer",
     "TechniqueResult": "mlnb.optimizer",

@@ -216,9 +216,9 @@ class LevelChoice:
 def activation_reserve(width: int = 1024, height: int = 1024, batch: int = 1, vae_fp32: bool = False) -> int:
     """Bytes to keep free beyond the weights for one generation with everything resident.
 
-    Derived from the plain-diffusers peaks measured on an H200 in the design notes (fp16, 20 steps): SD1.5 at 512²
-    peaks 0.67 GiB above its weights, SDXL at 1024² 0.76 GiB with an fp16 VAE; an fp32 (upcast) VAE decode at 1024²
-    adds 4.3 GiB. Scales with pixels and batch; never below the SD1.5 figure.
+    The anchors are plain diffusers' peaks above the weights (fp16, classifier-free guidance; the measurements are in
+    docs/benchmarks.md): 0.67 GiB for SD1.5 at 512², 0.76 GiB for SDXL at 1024² with an fp16 VAE, and 4.3 GiB more
+    for an fp32 (upcast) VAE decode at 1024². Scales with pixels and batch; never below the SD1.5 figure.
     """
     pixels = width * height * batch / (1024 * 1024)
     reserve = max(0.67 * GiB, 0.76 * GiB * pixels)

@@ -1,9 +1,14 @@
-"""The pipeline and session layers as the design draws them, read from the source (no import runs): no import
-cycle, dependencies pointing down, and no module reading another object's private state."""
+"""The package's shape as the design draws it, read from the source (no import runs): no import cycle anywhere in
+mlnb, dependencies of the pipeline and session layers pointing down, no module reading another object's private
+state, modules of a readable size, and code comments without measurement history (runs, cards and dates live in
+docs/benchmarks.md)."""
 
 from __future__ import annotations
 
 import ast
+import io
+import re
+import tokenize
 from pathlib import Path
 
 import pytest
@@ -72,7 +77,8 @@ def graph() -> dict[str, set[str]]:
     return {name: _imports(name, path, set(modules)) for name, path in modules.items() if _in_checked(name)}
 
 
-def test_no_import_cycle_through_the_pipeline_and_session_modules(graph):
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as the path that closes it, or None."""
     done: set[str] = set()
 
     def visit(name: str, path: list[str]) -> list[str] | None:
@@ -89,7 +95,26 @@ def test_no_import_cycle_through_the_pipeline_and_session_modules(graph):
 
     for start in sorted(graph):
         cycle = visit(start, [start])
-        assert cycle is None, " -> ".join(cycle)
+        if cycle:
+            return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycle_through_the_pipeline_and_session_modules(graph):
+    cycle = _cycle(graph)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_no_import_cycle_anywhere_in_mlnb():
+    modules = _modules()
+    whole = {name: _imports(name, path, set(modules)) for name, path in modules.items()}
+    cycle = _cycle(whole)
+    assert cycle is None, " -> ".join(cycle)
 
 
 @pytest.mark.parametrize("layer", sorted(ABOVE))
@@ -111,3 +136,56 @@ def test_no_module_reads_another_object_s_private_state():
                     and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))):
                 found.append(f"{name}:{node.lineno} .{node.attr}")
     assert not found, found
+
+
+# Modules allowed past MAX_LINES, each with the reason it stays one module.
+MAX_LINES = 500
+LONG_MODULES: dict[str, str] = {}
+
+
+def test_modules_stay_readable_in_size():
+    too_long = {name: n for name, path in _modules().items()
+                if (n := len(path.read_text().splitlines())) > MAX_LINES and name not in LONG_MODULES}
+    assert not too_long, too_long
+
+
+# Measurement history: dates, numbered runs, commits, "measured on an H100". A card named as a fact about what it
+# computes ("bf16 is emulated on a T4") is not history.
+_HISTORY = re.compile(
+    r"\b20\d\d-\d\d-\d\d\b"
+    r"|\bruns? \d+\b"
+    r"|\bcommit [0-9a-f]{7,}\b"
+    r"|\b(?:measured|timed|took|peaked|ran)\b[^.\n]{0,60}\bon (?:an?|the|one) (?:H100|H200|A100|T4|L4)\b"
+    r"|\bon (?:an?|the|one) (?:H100|H200|A100)\b",
+    re.IGNORECASE,
+)
+
+
+def _comments_and_docstrings(path: Path) -> list[tuple[int, str]]:
+    source = path.read_text()
+    found = [(tok.start[0], tok.string) for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+             if tok.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node, clean=False)
+            if doc:
+                found.append((node.body[0].lineno, doc))
+    return found
+
+
+@pytest.mark.parametrize("text", ["took 67 ms a step on an H100", "(run 5, 2026-11-26)", "as in commit 807578c",
+                                  "measured on the H200 in the design notes"])
+def test_the_history_pattern_catches_history(text):
+    assert _HISTORY.search(text)
+
+
+def test_the_history_pattern_leaves_facts_about_cards_alone():
+    assert not _HISTORY.search("on a T4, bf16 is emulated and slow")
+
+
+def test_no_measurement_history_in_code_comments():
+    """The benchmark (mlnb.bench) names the cards and runs it measures on: that is its subject, not history."""
+    hits = [f"{name}:{line}: {_HISTORY.search(text)[0]!r}" for name, path in sorted(_modules().items())
+            if not name.startswith("mlnb.bench") for line, text in _comments_and_docstrings(path)
+            if _HISTORY.search(text)]
+    assert not hits, hits

@@ -26,7 +26,7 @@ class _Extension:
 
 def banner() -> str:
     """The one line printed on load: version, device, VRAM free/total, the level auto would pick."""
-    from .. import __version__
+    from ..version import __version__
     from ..device import get_device
     from ..levels import describe_auto
     from ..units import format_bytes
