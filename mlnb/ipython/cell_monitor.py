@@ -2,9 +2,9 @@
 
 ``pre_execute``/``post_execute`` also fire for widget comm messages, so they would measure the dashboard, not the
 user's cells. After a cell that touched the GPU the allocator cache is cleared; after an error, the stored
-traceback's frames are cleared when they alone pin device tensors (not when the namespace or the output cache holds
-them too: a model's weights seen through a method's ``self`` stay whatever happens, and ``%debug`` keeps its locals);
-an output that pins device tensors is pointed out.
+traceback's frames that alone pin device tensors are cleared (not when the namespace or the output cache holds them
+too: a model's weights seen through a method's ``self`` stay whatever happens), and every other frame keeps its locals
+for ``%debug``; an output that pins device tensors is pointed out.
 ``gc.collect()`` runs only when it can free something: after an error, or when a GPU cell ended holding more than it
 started with (a reference cycle may be what holds it). Cells that did not touch the GPU are silent.
 """
@@ -16,11 +16,10 @@ import gc
 import logging
 
 from ..device import Device, get_device
-from ..monitor import CellRecord, MemoryMonitor, cell_history
+from ..monitor import CellRecord, MemoryMonitor, Skipped, cell_history, find_device_tensors
 from ..session import defaults
 from ..units import format_bytes
-from ..monitor import clear_frames
-from .tensors import find_device_tensors, stored_traceback, tensors_only_in_traceback
+from .tensors import clear_pinning_frames, stored_traceback, tensors_only_in_traceback
 
 logger = logging.getLogger(__name__)
 
@@ -116,14 +115,17 @@ class CellMonitor:
 
         if error is not None:
             tb = stored_traceback(self.shell)
-            pinned = tensors_only_in_traceback(tb, self.shell, device)
+            skipped = Skipped()
+            pinned = tensors_only_in_traceback(tb, self.shell, device, skipped)
             if pinned:
                 total = sum(r.nbytes for r in pinned)
-                frames = clear_frames(tb)
+                frames = clear_pinning_frames(tb, pinned, device)
                 notes.append(
                     f"cleared {frames} traceback frame(s) pinning {format_bytes(total)} of GPU tensors "
                     f"({pinned[0].path}); %debug will not see their locals"
                 )
+            if skipped:
+                notes.append(f"the traceback check {skipped.line()}")
         value = getattr(result, "result", None)
         pinned = find_device_tensors([(f"Out[{self._cell}]", value)], device) if value is not None else []
         if pinned:

@@ -33,7 +33,7 @@ from ..levels import (
     parse_level,
     stronger_level,
 )
-from ..monitor import MemoryMonitor, cleanup, release_exception_frames
+from ..monitor import MemoryMonitor, cleanup, frames_pinning, release_exception_frames
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.budget import apply_plan, model_facts, model_key, plan_level
@@ -388,7 +388,9 @@ class ManagedPipeline:
                     for streamer in streamers_of(self.pipe):  # slots kept across the steps (a decode drops them)
                         streamer.release()
                 except BaseException as exc:
-                    release_exception_frames(exc)
+                    # The frames that pin memory the cache does not keep (latents, a failing layer's workspace) let
+                    # it go; the others (a user's step callback) keep their locals for %debug.
+                    release_exception_frames(exc, frames_pinning(self.device, spare=(self.pipe,)))
                     for streamer in streamers_of(self.pipe):  # a prefetched block would stay on the GPU
                         try:
                             streamer.offload_all()

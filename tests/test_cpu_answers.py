@@ -1,0 +1,45 @@
+"""A session without a GPU gets useful answers: ``%vram who`` lists the largest host tensors, ``%vram free
+--outputs`` drops the outputs that pin large host tensors. Typed as a user types them, in the real shell, on the CPU device the tests run on."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.usefixtures("fresh_defaults")
+
+
+@pytest.fixture(autouse=True)
+def fresh_outputs(ip):
+    """Each test starts and ends with an empty output cache (the shell is the module's)."""
+    ip.run_line_magic("reset", "-f out")
+    yield
+    ip.run_line_magic("reset", "-f out")
+
+
+def run(ip, source: str):
+    return ip.run_cell(source, store_history=True)
+
+
+def test_vram_who_without_a_gpu_lists_the_largest_host_tensors(ip):
+    run(ip, "import torch\nbig = torch.zeros(8, 1024, 1024)")
+    shown = run(ip, "torch.ones(4, 1024, 1024)").execution_count
+    table = run(ip, "%vram who").result
+    assert table.title == "no GPU: largest host tensors reachable from the notebook"
+    assert table.rows[0][:4] == ("32.0 MiB", "float32", "8×1024×1024", "big")
+    assert ("16.0 MiB", "float32", "4×1024×1024", f"Out[{shown}]") in table.rows
+    del ip.user_ns["big"]
+
+
+def test_vram_free_outputs_without_a_gpu_drops_outputs_that_pin_large_host_tensors(ip):
+    run(ip, "import torch\nbig = torch.zeros(8, 1024, 1024)")
+    own = run(ip, "big").execution_count  # the user's variable, shown: only IPython's reference goes
+    large = run(ip, "torch.ones(4, 1024, 1024)").execution_count
+    small = run(ip, "torch.ones(4)").execution_count
+    report = run(ip, "%vram free --outputs").result
+    assert set(report.outputs_dropped) == {f"Out[{own}]", f"Out[{large}]"}
+    assert small in ip.user_ns["Out"] and own not in ip.user_ns["Out"] and large not in ip.user_ns["Out"]
+    assert f"_{large}" not in ip.user_ns
+    assert ip.user_ns["big"].shape == (8, 1024, 1024)  # never the user's own variables
+    assert "pinning large host tensors" in str(report)
+    del ip.user_ns["big"]
+
