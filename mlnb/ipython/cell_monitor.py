@@ -4,7 +4,8 @@
 user's cells. After a cell that touched the GPU the allocator cache is cleared; after an error, the stored
 traceback's frames that alone pin device tensors are cleared (not when the namespace or the output cache holds them
 too: a model's weights seen through a method's ``self`` stay whatever happens), and every other frame keeps its locals
-for ``%debug``; an output that pins device tensors is pointed out.
+for ``%debug``; an output that pins device tensors is pointed out. The history keeps each cell's first line with
+secrets masked.
 ``gc.collect()`` runs only when it can free something: after an error, or when a GPU cell ended holding more than it
 started with (a reference cycle may be what holds it). Cells that did not touch the GPU are silent.
 """
@@ -17,6 +18,7 @@ import logging
 
 from ..device import Device, get_device
 from ..monitor import CellRecord, MemoryMonitor, Skipped, cell_history, find_device_tensors
+from ..monitor.history import source_line
 from ..session import defaults
 from ..units import format_bytes
 from .tensors import clear_pinning_frames, stored_traceback, tensors_only_in_traceback
@@ -73,9 +75,7 @@ class CellMonitor:
                 # take the next cell's number in the lines and the history.
                 return
             self._cell = getattr(self.shell, "execution_count", None)
-            raw = getattr(info, "raw_cell", "") or ""
-            first = next((line.strip() for line in raw.splitlines() if line.strip()), "")
-            self._source = first[:60] + ("…" if len(first) > 60 else "")
+            self._source = source_line(getattr(info, "raw_cell", "") or "")
             # Cleanup decisions are made after the cell, from what it did; the monitor only measures.
             self._monitor = MemoryMonitor(self.device, collect=False, empty_cache=False).__enter__()
         except Exception as exc:  # a hook must never break the user's cell
