@@ -17,6 +17,7 @@ import gc
 import logging
 
 from ..device import Device, get_device
+from .. import notices
 from ..monitor import CellRecord, MemoryMonitor, Skipped, cell_history, find_device_tensors
 from ..monitor.history import source_line
 from ..session import defaults
@@ -68,6 +69,7 @@ class CellMonitor:
                 self._monitor.__exit__(None, None, None)
                 self._monitor = None
             self.quiet_current_cell = False
+            notices.new_cell()  # a library notice said in the last cell is said again in this one
             if not defaults.monitor:
                 return
             if getattr(info, "store_history", True) is False:
