@@ -1,4 +1,4 @@
-"""The libraries' known notices, said in one mlnb line at most.
+"""Notices said in one line: the libraries' known notices, and a budget plan that a CPU does not apply.
 
 diffusers and transformers warn, through their own loggers, about things a notebook user cannot act on or that mlnb
 says better: a missing torchvision (an image processor falls back to its PIL version), a hub that cannot be reached
@@ -22,7 +22,7 @@ import threading
 import time
 from typing import Callable
 
-__all__ = ["install", "new_cell", "truncation_line"]
+__all__ = ["install", "new_cell", "truncation_line", "plan_not_applied"]
 
 logger = logging.getLogger(__name__)
 
@@ -137,3 +137,18 @@ def new_cell() -> None:
     repeats dropped are those of one prompt's encoders, not the next cell's."""
     _filter.forget()
 
+
+def plan_not_applied(plan) -> str:
+    """The one line a budget gets where there is no GPU: the plan is shown, not applied (its predicted GPU peak
+    means nothing for a pipeline that runs whole in host memory).
+
+    Args:
+        plan: the :class:`~mlnb.plan.Plan` made for the budget, or its text (``str(plan)``).
+
+    Example:
+        ```python
+        >>> plan_not_applied("plan for 2.0 GiB: resident; predicted peak 518.4 MiB of 2.0 GiB")
+        'plan for 2.0 GiB: resident (shown, not applied: no GPU, the pipeline runs on the CPU)'
+        ```
+    """
+    return f"{str(plan).split(';')[0]} (shown, not applied: no GPU, the pipeline runs on the CPU)"

@@ -1,5 +1,6 @@
 """A session without a GPU gets useful answers: ``%vram who`` lists the largest host tensors, ``%vram free
---outputs`` drops the outputs that pin large host tensors. Typed as a user types them, in the real shell, on the CPU device the tests run on."""
+--outputs`` drops the outputs that pin large host tensors, and a budget says in one line that its plan is not
+applied. Typed as a user types them, in the real shell, on the CPU device the tests run on."""
 
 from __future__ import annotations
 
@@ -43,3 +44,32 @@ def test_vram_free_outputs_without_a_gpu_drops_outputs_that_pin_large_host_tenso
     assert "pinning large host tensors" in str(report)
     del ip.user_ns["big"]
 
+
+NOT_APPLIED = "(shown, not applied: no GPU, the pipeline runs on the CPU)"
+
+
+def _said(capsys, caplog) -> list[str]:
+    """What a cell printed, and mlnb's warnings (a kernel writes them to stderr; pytest's handler takes them here)."""
+    printed = "".join(capsys.readouterr())
+    warned = [r.getMessage() for r in caplog.records if r.name.startswith("mlnb") and r.levelno >= 30]
+    caplog.clear()
+    return [line for line in printed.splitlines() if line.strip()] + warned
+
+
+def test_a_budget_without_a_gpu_says_in_one_line_that_its_plan_is_not_applied(ip, tiny_sd, clean_cache, capsys,
+                                                                              caplog):
+    capsys.readouterr()
+    caplog.clear()
+    cell = f"%%generate --model {tiny_sd} --vram 2GiB --steps 1 --width 64 --height 64 --seed 1 --quiet --out r\na fox"
+    assert run(ip, cell).success
+    assert _said(capsys, caplog) == [f"plan for 2.0 GiB: resident {NOT_APPLIED}"]
+    report = ip.user_ns["r"].report_line()
+    assert f"plan for 2.0 GiB: resident {NOT_APPLIED}" in report
+    assert "predicted" not in report and "measured" not in report and "N/A" not in report
+    ip.user_ns["folder"] = str(tiny_sd)
+    run(ip, "%vram free")  # the next load is not announced as replacing this one
+    _said(capsys, caplog)
+    assert run(ip, "import mlnb\npipe = mlnb.load_pipeline(folder, budget='3GiB')").success
+    assert _said(capsys, caplog) == [f"plan for 3.0 GiB: resident {NOT_APPLIED}"]
+    for name in ("r", "pipe", "folder"):
+        ip.user_ns.pop(name, None)

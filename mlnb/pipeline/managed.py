@@ -34,6 +34,7 @@ from ..levels import (
     stronger_level,
 )
 from ..monitor import MemoryMonitor, cleanup, frames_pinning, release_exception_frames
+from ..notices import plan_not_applied
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.budget import apply_plan, model_facts, model_key, plan_level
@@ -328,7 +329,10 @@ class ManagedPipeline:
             raise UnsupportedPipelineError(f"{type(self.pipe).__name__} takes no callback_on_step_end")
         kwargs.update(pipeline_kwargs)
         work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
-        predicted_peak, predicted_seconds = self._predict_warning_over_budget(work)
+        # Without a GPU the plan is not applied: nothing to predict, nothing to warn about.
+        predicted_peak, predicted_seconds = (
+            self._predict_warning_over_budget(work) if self.device.has_memory_counters else (None, None)
+        )
         needed = room_needed(predicted_peak) if predicted_peak is not None else 0
         free = self.device.free_bytes() if needed else None
         if free is not None and free < needed:  # other models' weights out of the way of the plan's peak
@@ -796,7 +800,7 @@ def _plan(pipe, budget: int, device: Device, dtype) -> tuple[Plan, ModelFacts]:
         plan = plan_for_budget(budget, facts, card_facts(device, model_key(pipe, dtype), work), work)
     except (BudgetError, ValueError) as exc:  # nothing fits, or no UNet/transformer to plan for
         raise InvalidArgumentError(str(exc)) from None
-    logger.warning("%s", plan)
+    logger.warning("%s", plan if device.has_memory_counters else plan_not_applied(plan))
     return plan, facts
 
 

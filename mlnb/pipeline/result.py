@@ -12,6 +12,7 @@ from typing import Any
 
 from ..levels import OptimizationLevel
 from ..monitor import MemoryReport
+from ..notices import plan_not_applied
 from ..optimizer import OptimizationReport
 from ..units import format_bytes, format_gib
 
@@ -90,7 +91,7 @@ class GenerationResult:
             parts.append(f"CPU, host RSS peak {format_bytes(mem.host_peak_rss)}")
         level = f"level {self.level.value} ({self.techniques.summary()})"
         if self.plan is not None:
-            level = self.plan.split(";")[0] + "; " + self.prediction_line()
+            level = self.plan.split(";")[0] + "; " + self.prediction_line() if mem.gpu else plan_not_applied(self.plan)
         if self.rescued_from is not None:
             level += f" after OOM at {self.rescued_from.value}"
         parts.append(level)
