@@ -6,15 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-pytestmark = pytest.mark.usefixtures("fresh_defaults")
-
-
-@pytest.fixture(autouse=True)
-def fresh_outputs(ip):
-    """Each test starts and ends with an empty output cache (the shell is the module's)."""
-    ip.run_line_magic("reset", "-f out")
-    yield
-    ip.run_line_magic("reset", "-f out")
+pytestmark = pytest.mark.usefixtures("fresh_defaults", "fresh_outputs")
 
 
 def run(ip, source: str):

@@ -122,12 +122,12 @@ class CellMonitor:
             if pinned:
                 total = sum(r.nbytes for r in pinned)
                 frames = clear_pinning_frames(tb, pinned, device)
+                # What the check could not look into is said with what it did: after every error, a line about a
+                # lazy proxy somewhere in the namespace would be noise.
                 notes.append(
                     f"cleared {frames} traceback frame(s) pinning {format_bytes(total)} of GPU tensors "
-                    f"({pinned[0].path}); %debug will not see their locals"
+                    f"({pinned[0].path}); %debug will not see their locals" + (f"; {skipped.line()}" if skipped else "")
                 )
-            if skipped:
-                notes.append(f"the traceback check {skipped.line()}")
         value = getattr(result, "result", None)
         pinned = find_device_tensors([(f"Out[{self._cell}]", value)], device) if value is not None else []
         if pinned:
