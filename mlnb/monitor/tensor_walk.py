@@ -157,6 +157,7 @@ def find_tensors(
     wanted: Callable[[object], bool],
     skipped: Skipped | None = None,
     spared: frozenset | set = frozenset(),
+    visited: set[int] | None = None,
 ) -> list[TensorRef]:
     """Tensors reachable from ``roots`` (``(name, object)`` pairs) for which ``wanted(tensor)`` is true, largest
     first, each storage once.
@@ -169,6 +170,7 @@ def find_tensors(
         wanted: which tensors count, e.g. ``device.owns_tensor`` or :func:`is_host_tensor`.
         skipped: where to count the objects skipped (a fresh counter when None).
         spared: storage keys (:func:`storage_key`) held elsewhere, left out of the answer.
+        visited: ids of objects not to walk into (what an earlier walk already saw), filled with this walk's.
     """
     tensor_type = _tensor_type()
     if tensor_type is None:  # torch never imported: no tensor exists
@@ -176,7 +178,7 @@ def find_tensors(
     skipped = skipped if skipped is not None else Skipped()
     module_type = getattr(sys.modules.get("torch.nn"), "Module", None)
     found: dict[tuple[int, int], TensorRef] = {}
-    visited: set[int] = set()
+    visited = visited if visited is not None else set()
     budget = [_MAX_VISITS]
 
     def visit(obj, path: str, depth: int) -> None:
@@ -232,9 +234,11 @@ def frames_pinning(device, spare: Iterable[object] = ()) -> Callable[[object], b
     on_gpu = bool(getattr(device, "has_memory_counters", False))
     wanted = device.owns_tensor if on_gpu else is_host_tensor
     least = 1 if on_gpu else HOST_PIN_BYTES
-    spared = {r.storage for r in find_tensors([("spare", obj) for obj in spare], wanted)}
+    held: set[int] = set()  # what the spared objects reach: a frame's `self` is not walked again
+    spared = {r.storage for r in find_tensors([("spare", obj) for obj in spare], wanted, visited=held)}
 
     def pins(frame) -> bool:
-        return sum(r.nbytes for r in find_tensors(frame_roots(frame), wanted, spared=spared)) >= least
+        found = find_tensors(frame_roots(frame), wanted, spared=spared, visited=set(held))
+        return sum(r.nbytes for r in found) >= least
 
     return pins
