@@ -20,9 +20,18 @@ MASK = "***"
 _SECRET_WORDS = re.compile(r"(?i)(?:^|_)(tokens?|secrets?|password|passwd|credentials?|auth|(?:api|secret|access|private)_?key)(?:_|$)")
 # Values that are secrets by their shape, wherever they appear.
 _TOKEN_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{30,}|sk-[A-Za-z0-9_\-]{20,}|gh[pousr]_[A-Za-z0-9]{30,})\b")
-# `name = "value"` / `name="value"` / `name: "value"` in source text, where the name says it is a secret.
+# A quoted value given to a name in source text: `name = "value"`, `name="value"`, `name: "value"`, a quoted key
+# (`{"token": "value"}`, `os.environ["HF_TOKEN"] = "value"`) or a quoted name and value as two arguments
+# (`os.environ.setdefault("HF_TOKEN", "value")`). The value is masked when the name says it is a secret.
 _ASSIGNED = re.compile(
-    r"""(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>\s*(?:=|:)\s*)(?P<q>[rbuRBU]{0,2}['"])(?P<value>[^'"\n]*)(?P=q)"""
+    r"""(?P<kq>['"]?)(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P=kq)(?P<op>\s*\]?\s*(?:=|:|,)\s*)"""
+    r"""(?P<p>[rbufRBUF]{0,2})(?P<q>['"])(?P<value>[^'"\n]*)(?P=q)"""
+)
+# An environment variable set by a magic or a shell line: `%env HF_TOKEN=value`, `%set_env HF_TOKEN value`,
+# `!export HF_TOKEN=value`.
+_ENV_LINE = re.compile(
+    r"""(?m)^(?P<head>[ \t]*(?:%env|%set_env|!?[ \t]*export)[ \t]+)(?P<name>[A-Za-z_][A-Za-z0-9_]*)"""
+    r"""(?P<op>[ \t]*=[ \t]*|[ \t]+)(?P<value>\S[^\n]*)"""
 )
 
 
@@ -66,8 +75,14 @@ def mask_text(text: str) -> str:
     """
 
     def assigned(match: re.Match) -> str:
-        if not is_secret_name(match["name"]) or not match["value"]:
-            return match[0]
-        return f"{match['name']}{match['op']}{match['q']}{MASK}{match['q'][-1]}"
+        quoted_pair = "," in match["op"]
+        if not is_secret_name(match["name"]) or not match["value"] or (quoted_pair and not match["kq"]):
+            return match[0]  # `f(token, "x")`: the string is another argument, not the variable's value
+        return f"{match['kq']}{match['name']}{match['kq']}{match['op']}{match['p']}{match['q']}{MASK}{match['q']}"
 
-    return _TOKEN_VALUE.sub(MASK, _ASSIGNED.sub(assigned, text))
+    def env(match: re.Match) -> str:
+        if not is_secret_name(match["name"]):
+            return match[0]
+        return f"{match['head']}{match['name']}{match['op']}{MASK}"
+
+    return _TOKEN_VALUE.sub(MASK, _ENV_LINE.sub(env, _ASSIGNED.sub(assigned, text)))

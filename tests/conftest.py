@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -168,3 +169,26 @@ def fresh_defaults(monkeypatch):
     saved = (defaults.model, defaults.setting, defaults.monitor, defaults.verbose)
     yield
     defaults.model, defaults.setting, defaults.monitor, defaults.verbose = saved
+
+
+@pytest.fixture
+def fresh_outputs(ip):
+    """An empty output cache and no stored error before and after the test (the real shell is the whole run's).
+
+    ``_``, ``__`` and ``___`` are emptied too: IPython leaves them when ``_`` is a builtin, as under pytest.
+    """
+
+    def forget() -> None:
+        ip.run_line_magic("reset", "-f out")
+        for name in ("_", "__", "___"):
+            ip.user_ns[name] = ""
+            if name in ip.user_ns_hidden:
+                ip.user_ns_hidden[name] = ""
+            setattr(ip.displayhook, name, "")
+
+    forget()
+    yield
+    forget()
+    for name in ("last_type", "last_value", "last_traceback", "last_exc"):
+        if hasattr(sys, name):
+            setattr(sys, name, None)

@@ -354,9 +354,13 @@ def test_every_streamable_block_is_called_by_its_forward(tiny_sdxl, max_block):
 
 
 def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
+    """On a (fake) GPU the plan is applied and its prediction reported; without one it is only shown (tested where
+    the user types it, in test_magics)."""
     import mlnb
+    from mlnb.device import FakeDevice
 
-    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB")
+    fake = FakeDevice()
+    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=fake)
     assert managed.plan is not None and managed.tag == "budget 3 GiB"
     result = managed.generate("a fox", steps=2, width=64, height=64, seed=1)
     assert result.plan is managed.plan and result.plan_line().startswith("plan for 3 GiB: ")
@@ -365,7 +369,7 @@ def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
     assert f"predicted {result.predicted_peak / 2**30:.1f} GiB" in result.report_line()
     assert result.predicted_seconds is None  # no step time measured on this card
     assert result.step_seconds is not None and result.decode_seconds is not None
-    assert mlnb.load_pipeline(tiny_sd, budget=3 * 2**30) is managed
+    assert mlnb.load_pipeline(tiny_sd, budget=3 * 2**30, device=fake) is managed
     with pytest.raises(mlnb.errors.InvalidArgumentError, match="no placement fits"):
         mlnb.load_pipeline(tiny_sd, budget="1MiB")
     with pytest.raises(mlnb.errors.InvalidArgumentError, match="budget: cannot read size"):

@@ -40,9 +40,11 @@ def banner() -> str:
 
 
 def load_ipython_extension(ipython) -> None:
+    from .. import notices
     from .cell_monitor import CellMonitor
     from .magics import MlnbMagics
 
+    notices.install()
     if getattr(ipython, _STATE_ATTR, None) is not None:
         unload_ipython_extension(ipython)
     monitor = CellMonitor(ipython)

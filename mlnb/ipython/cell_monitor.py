@@ -2,10 +2,11 @@
 
 ``pre_execute``/``post_execute`` also fire for widget comm messages, so they would measure the dashboard, not the
 user's cells. After a cell that touched the GPU the allocator cache is cleared; after an error, the stored
-traceback's frames are cleared when they alone pin device tensors (not when the namespace or the output cache holds
-them too: a model's weights seen through a method's ``self`` stay whatever happens, and ``%debug`` keeps its locals);
-an output that pins device tensors is pointed out. A cell that showed its own memory report (a generation's report
-line, what ``%vram free`` freed, a magic's one-line error) gets no line of its own beside it, only the notes.
+traceback's frames that alone pin device tensors are cleared (not when the namespace or the output cache holds them
+too: a model's weights seen through a method's ``self`` stay whatever happens), and every other frame keeps its locals
+for ``%debug``; an output that pins device tensors is pointed out. A cell that showed its own memory report (a
+generation's report line, what ``%vram free`` freed, a magic's one-line error) gets no line of its own beside it,
+only the notes. The history keeps each cell's first line with secrets masked.
 ``gc.collect()`` runs only when it can free something: after an error, or when a GPU cell ended holding more than it
 started with (a reference cycle may be what holds it). Cells that did not touch the GPU are silent.
 """
@@ -20,11 +21,12 @@ import sys
 from IPython.core.error import UsageError
 
 from ..device import Device, get_device
-from ..monitor import CellRecord, MemoryMonitor, cell_history
+from .. import notices
+from ..monitor import CellRecord, MemoryMonitor, Skipped, cell_history, find_device_tensors
+from ..monitor.history import source_line
 from ..session import FreeReport, defaults
 from ..units import format_bytes
-from ..monitor import clear_frames
-from .tensors import find_device_tensors, stored_traceback, tensors_only_in_traceback
+from .tensors import clear_pinning_frames, stored_traceback, tensors_only_in_traceback
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class CellMonitor:
                 self._monitor.__exit__(None, None, None)
                 self._monitor = None
             self._last_generation = _last_generation()
+            notices.new_cell()  # a library notice said in the last cell is said again in this one
             if not defaults.monitor:
                 return
             if getattr(info, "store_history", True) is False:
@@ -78,9 +81,7 @@ class CellMonitor:
                 # take the next cell's number in the lines and the history.
                 return
             self._cell = getattr(self.shell, "execution_count", None)
-            raw = getattr(info, "raw_cell", "") or ""
-            first = next((line.strip() for line in raw.splitlines() if line.strip()), "")
-            self._source = first[:60] + ("…" if len(first) > 60 else "")
+            self._source = source_line(getattr(info, "raw_cell", "") or "")
             # Cleanup decisions are made after the cell, from what it did; the monitor only measures.
             self._monitor = MemoryMonitor(self.device, collect=False, empty_cache=False).__enter__()
         except Exception as exc:  # a hook must never break the user's cell
@@ -120,13 +121,16 @@ class CellMonitor:
 
         if error is not None:
             tb = stored_traceback(self.shell)
-            pinned = tensors_only_in_traceback(tb, self.shell, device)
+            skipped = Skipped()
+            pinned = tensors_only_in_traceback(tb, self.shell, device, skipped)
             if pinned:
                 total = sum(r.nbytes for r in pinned)
-                frames = clear_frames(tb)
+                frames = clear_pinning_frames(tb, pinned, device)
+                # What the check could not look into is said with what it did: after every error, a line about a
+                # lazy proxy somewhere in the namespace would be noise.
                 notes.append(
                     f"cleared {frames} traceback frame(s) pinning {format_bytes(total)} of GPU tensors "
-                    f"({pinned[0].path}); %debug will not see their locals"
+                    f"({pinned[0].path}); %debug will not see their locals" + (f"; {skipped.line()}" if skipped else "")
                 )
         value = getattr(result, "result", None)
         pinned = find_device_tensors([(f"Out[{self._cell}]", value)], device) if value is not None else []

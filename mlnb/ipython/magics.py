@@ -15,7 +15,7 @@ from .. import session
 from ..device import get_device
 from ..errors import MlnbError
 from ..levels import LEVEL_NAMES
-from ..monitor import cell_history
+from ..monitor import Skipped, cell_history
 from ..setting import MemorySetting
 from .options import HelpRequested, help_argument, parse_options
 from .request import RequestError, build_request
@@ -154,18 +154,25 @@ class MlnbMagics(Magics):
         if action == "history":
             return history_table(cell_history, args.top)
         if action == "free":
-            drop = (lambda: drop_outputs(self.shell, device)) if args.outputs else None
+            skipped = Skipped()
+            drop = (lambda: drop_outputs(self.shell, device, skipped)) if args.outputs else None
             try:
-                return session.free_memory(device, drop_outputs=drop)
+                report = session.free_memory(device, drop_outputs=drop)
             except MlnbError as exc:  # interrupted while a pipeline waited for the dashboard's generation
                 raise UsageError(str(exc)) from None
+            if skipped:
+                print(f"[mlnb] %vram free --outputs {skipped.line()}")
+            return report
         if action == "who":
+            host = not device.has_memory_counters  # no GPU: the host tensors are what a CPU session runs short of
+            skipped = Skipped()
+            tb = stored_traceback(self.shell)
             sources = {
-                "namespace": tensors_in_namespace(self.shell.user_ns, device),
-                "Out cache": tensors_in_outputs(self.shell, device),
-                "last traceback": tensors_only_in_traceback(stored_traceback(self.shell), self.shell, device),
+                "namespace": tensors_in_namespace(self.shell.user_ns, device, skipped, host),
+                "Out cache": tensors_in_outputs(self.shell, device, skipped, host),
+                "last traceback": tensors_only_in_traceback(tb, self.shell, device, skipped, host),
             }
-            return who_table(sources, args.top)
+            return who_table(sources, args.top, host, skipped)
         if action in ("on", "off"):
             session.defaults.monitor = action == "on"
             return Notice(f"per-cell memory monitor {action}")

@@ -5,9 +5,8 @@ from __future__ import annotations
 import html
 from dataclasses import dataclass
 
-from ..monitor import CellHistory, CellRecord
+from ..monitor import CellHistory, CellRecord, Skipped, TensorRef
 from ..units import format_bytes
-from .tensors import TensorRef
 
 __all__ = ["Table", "Notice", "history_table", "who_table"]
 
@@ -68,9 +67,21 @@ def history_table(history: CellHistory, last: int | None = None) -> Table:
     return Table(title, CellHistory.HEADER, tuple(r.row() for r in records), f"{len(history)} cell(s) recorded")
 
 
-def who_table(sources: dict[str, list[TensorRef]], top: int = 10) -> Table:
-    """``%vram who``: the largest device tensors and who holds them."""
+def who_table(sources: dict[str, list[TensorRef]], top: int = 10, host: bool = False,
+              skipped: Skipped | None = None) -> Table:
+    """``%vram who``: the largest device tensors and who holds them.
+
+    Args:
+        sources: the tensors found in each place (namespace, Out cache, last traceback).
+        top: rows shown.
+        host: the tensors are host tensors (a session without a GPU); the title says so.
+        skipped: the objects the walks skipped, said in the footer.
+    """
     refs = sorted((r for group in sources.values() for r in group), key=lambda r: r.nbytes, reverse=True)
     rows = tuple((format_bytes(r.nbytes), r.dtype, "×".join(map(str, r.shape)) or "scalar", r.path) for r in refs[:top])
     totals = ", ".join(f"{name} {format_bytes(sum(r.nbytes for r in group))}" for name, group in sources.items())
-    return Table("largest GPU tensors reachable from the notebook", ("size", "dtype", "shape", "held by"), rows, f"totals: {totals}")
+    footer = f"totals: {totals}" + (f"; {skipped.line()}" if skipped else "")
+    title = "no GPU: largest host tensors reachable from the notebook" if host else (
+        "largest GPU tensors reachable from the notebook"
+    )
+    return Table(title, ("size", "dtype", "shape", "held by"), rows, footer)

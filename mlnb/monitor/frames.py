@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 __all__ = ["function_frames", "clear_frames", "release_exception_frames"]
 
 
@@ -14,10 +16,18 @@ def function_frames(tb):
         tb = tb.tb_next
 
 
-def clear_frames(tb) -> int:
-    """Clear the locals of a traceback's finished function frames; returns how many were cleared."""
+def clear_frames(tb, pins: Callable[[object], bool] | None = None) -> int:
+    """Clear the locals of a traceback's finished function frames; returns how many were cleared.
+
+    Args:
+        tb: the traceback.
+        pins: which frames to clear (``pins(frame)``); every finished frame when None. The others keep their
+            locals for ``%debug``.
+    """
     count = 0
     for frame in function_frames(tb):
+        if pins is not None and not pins(frame):
+            continue
         try:
             frame.clear()
         except RuntimeError:  # a frame still executing cannot be cleared
@@ -29,12 +39,17 @@ def clear_frames(tb) -> int:
     return count
 
 
-def release_exception_frames(exc: BaseException | None) -> int:
-    """:func:`clear_frames` for an exception and every exception chained to it; returns frames cleared."""
+def release_exception_frames(exc: BaseException | None, pins: Callable[[object], bool] | None = None) -> int:
+    """:func:`clear_frames` for an exception and every exception chained to it; returns frames cleared.
+
+    Args:
+        exc: the exception.
+        pins: which frames to clear, as for :func:`clear_frames` (e.g. :func:`mlnb.monitor.frames_pinning`).
+    """
     seen: set[int] = set()
     count = 0
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        count += clear_frames(exc.__traceback__)
+        count += clear_frames(exc.__traceback__, pins)
         exc = exc.__cause__ or exc.__context__
     return count

@@ -6,10 +6,27 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from ..redact import mask_text
 from ..units import format_bytes
 from .memory_monitor import MemoryReport
 
-__all__ = ["CellRecord", "CellHistory", "cell_history"]
+__all__ = ["CellRecord", "CellHistory", "cell_history", "source_line"]
+
+_SOURCE_CHARS = 60
+
+
+def source_line(raw: str) -> str:
+    """What the history keeps of a cell's source: its first non-blank line, secrets masked (``os_token = "***"``),
+    shortened to 60 characters. Masked first: a token cut in two would no longer look like one.
+
+    Example:
+        ```python
+        >>> source_line('\nos_token = "hf_...')
+        'os_token = "***"'
+        ```
+    """
+    first = mask_text(next((line.strip() for line in raw.splitlines() if line.strip()), ""))
+    return first[:_SOURCE_CHARS] + ("…" if len(first) > _SOURCE_CHARS else "")
 
 
 @dataclass(frozen=True)
@@ -18,7 +35,7 @@ class CellRecord:
 
     Attributes:
         cell: the execution count (``In[n]``).
-        source: the first line of the cell, shortened.
+        source: the first line of the cell, secrets masked, shortened (:func:`source_line`).
         report: the cell's :class:`MemoryReport`.
         touched_gpu: the cell allocated, freed or reserved GPU memory.
         error: the exception type that ended the cell, if any.

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..device import Device
 from ..errors import InvalidArgumentError, ModelLoadError, ModelNotFoundError, OfflineError, UnsafeWeightsError
 from ..monitor import release_exception_frames
+from ..notices import install as install_library_notices
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +302,7 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
             False unless given here explicitly.
     """
     logging.getLogger("diffusers.models.modeling_utils").addFilter(_EMPTY_FP32_WARNING)  # once: filters are a set
+    install_library_notices()  # a first load's notices (torchvision) as one line at most
     source, is_local = resolve_model(model)
     if is_local:
         check_local_weights(source, allow_pickle)
@@ -343,6 +345,7 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
         if not is_local and ("not found" in text or "404" in text or "repository" in text):
             raise ModelNotFoundError(f"no model {source!r} on the Hugging Face Hub ({_one_line(exc)})") from None
         raise ModelLoadError(f"could not load {source!r}: {_one_line(exc)}") from None
+    install_library_notices()  # on the logger of the pipeline's module too, which the load imported
     if pickled.components:
         logger.warning("read pickle weights (allow_pickle): %s", ", ".join(pickled.components))
     if hasattr(pipe, "set_progress_bar_config"):

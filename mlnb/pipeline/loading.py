@@ -19,6 +19,7 @@ from ..levels import (
     stronger_level,
 )
 from ..monitor import cleanup, release_exception_frames
+from ..notices import plan_not_applied
 from ..optimizer import MemoryOptimizer, OptimizationReport
 from ..optimizer.context import skipped
 from ..optimizer.offload import vae_needs_upcast
@@ -289,7 +290,10 @@ def _plan(pipe, budget: int, setting: MemorySetting, device: Device, dtype) -> t
         plan = search.plan_for_budget(budget, facts, card, work)
     except (search.BudgetError, ValueError) as exc:  # nothing fits, or no UNet/transformer to plan for
         raise InvalidArgumentError(str(exc)) from None
-    logger.warning("%s; %s", plan_title(plan, setting), plan.prediction())
+    if device.has_memory_counters:
+        logger.warning("%s; %s", plan_title(plan, setting), plan.prediction())
+    else:  # a plan is applied on a GPU only: here it is shown, in one line
+        logger.warning("%s", plan_not_applied(plan_title(plan, setting)))
     return plan, facts
 
 

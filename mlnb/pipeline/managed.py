@@ -14,7 +14,7 @@ from typing import Callable
 from ..device import Device
 from ..errors import GenerationInterrupted, InvalidArgumentError, UnloadInterrupted, UnsupportedPipelineError
 from ..levels import LevelChoice, MemoryOptimizationConfig, OptimizationLevel
-from ..monitor import MemoryMonitor, cleanup, release_exception_frames
+from ..monitor import MemoryMonitor, cleanup, frames_pinning, release_exception_frames
 from ..optimizer import OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.vae import vae_decode_dtype
@@ -273,7 +273,10 @@ class ManagedPipeline:
             raise UnsupportedPipelineError(f"{type(self.pipe).__name__} takes no callback_on_step_end")
         kwargs.update(pipeline_kwargs)
         work = Workload(width, height, num_images, steps, vae_fp32=vae_needs_upcast(self.pipe))
-        predicted_peak, predicted_seconds = self._predict_warning_over_budget(work)
+        # Without a GPU the plan is not applied: nothing to predict, nothing to warn about.
+        predicted_peak, predicted_seconds = (
+            self._predict_warning_over_budget(work) if self.device.has_memory_counters else (None, None)
+        )
         self._make_room(predicted_peak)
         guidance = args.guidance
         if guidance is None:
@@ -343,7 +346,9 @@ class ManagedPipeline:
                     for streamer in streamers_of(self.pipe):  # slots kept across the steps (a decode drops them)
                         streamer.release()
                 except BaseException as exc:
-                    release_exception_frames(exc)
+                    # The frames that pin memory the cache does not keep (latents, a failing layer's workspace) let
+                    # it go; the others (a user's step callback) keep their locals for %debug.
+                    release_exception_frames(exc, frames_pinning(self.device, spare=(self.pipe,)))
                     for streamer in streamers_of(self.pipe):  # a prefetched block would stay on the GPU
                         try:
                             streamer.offload_all()

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..levels import OptimizationLevel
 from ..monitor import MemoryReport
+from ..notices import plan_not_applied
 from ..optimizer import OptimizationReport
 from ..setting import AUTO_SETTING, MemorySetting
 from ..units import format_bytes, format_gib
@@ -99,7 +100,7 @@ class GenerationResult:
             parts.append(f"CPU, host RSS peak {format_bytes(mem.host_peak_rss)}")
         level = f"level {self.level.value} ({self.techniques.summary()})"
         if self.plan is not None:
-            level = f"{self.plan_line()}; {self.prediction_line()}"
+            level = f"{self.plan_line()}; {self.prediction_line()}" if mem.gpu else plan_not_applied(self.plan_line())
         if self.rescued_from is not None:
             level += f" after OOM at {self.rescued_from.value}"
         parts.append(level)

@@ -119,7 +119,8 @@ class FreeReport:
     def __str__(self) -> str:
         parts = [f"unloaded {self.unloaded} pipeline(s)"]
         if self.outputs_dropped:
-            parts.append(f"dropped {len(self.outputs_dropped)} output(s) pinning CUDA tensors ({', '.join(self.outputs_dropped)})")
+            pinned = "CUDA tensors" if self.reserved_before is not None else "large host tensors"  # no GPU: host
+            parts.append(f"dropped {len(self.outputs_dropped)} output(s) pinning {pinned} ({', '.join(self.outputs_dropped)})")
         if self.reserved_before is not None:
             parts.append(
                 f"GPU reserved {format_bytes(self.reserved_before)} -> {format_bytes(self.reserved_after)}, "
