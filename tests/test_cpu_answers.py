@@ -54,14 +54,14 @@ def test_a_budget_without_a_gpu_says_in_one_line_that_its_plan_is_not_applied(ip
     caplog.clear()
     cell = f"%%generate --model {tiny_sd} --vram 2GiB --steps 1 --width 64 --height 64 --seed 1 --quiet --out r\na fox"
     assert run(ip, cell).success
-    assert _said(capsys, caplog) == [f"plan for 2.0 GiB: resident {NOT_APPLIED}"]
+    assert _said(capsys, caplog) == [f"plan for 2 GiB: resident {NOT_APPLIED}"]
     report = ip.user_ns["r"].report_line()
-    assert f"plan for 2.0 GiB: resident {NOT_APPLIED}" in report
+    assert f"plan for 2 GiB: resident {NOT_APPLIED}" in report
     assert "predicted" not in report and "measured" not in report and "N/A" not in report
     ip.user_ns["folder"] = str(tiny_sd)
     run(ip, "%vram free")  # the next load is not announced as replacing this one
     _said(capsys, caplog)
     assert run(ip, "import mlnb\npipe = mlnb.load_pipeline(folder, budget='3GiB')").success
-    assert _said(capsys, caplog) == [f"plan for 3.0 GiB: resident {NOT_APPLIED}"]
+    assert _said(capsys, caplog) == [f"plan for 3 GiB: resident {NOT_APPLIED}"]
     for name in ("r", "pipe", "folder"):
         ip.user_ns.pop(name, None)

@@ -357,7 +357,7 @@ def test_load_pipeline_with_a_budget(tiny_sd, clean_cache):
     """On a (fake) GPU the plan is applied and its prediction reported; without one it is only shown (tested where
     the user types it, in test_magics)."""
     import mlnb
-    from mlnb.device import FakeDevice
+    from mlnb.testing import FakeDevice
 
     fake = FakeDevice()
     managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=fake)

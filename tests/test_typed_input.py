@@ -77,7 +77,8 @@ def test_every_option_takes_a_quoted_value(ip, spaced_model, tmp_path, monkeypat
         "steps": 1, "guidance": 7.5, "width": 64, "height": 64, "negative_prompt": "dull, grey"}
     assert sorted(p.name for p in (tmp_path / "my pictures").iterdir()) == ["fox-0.png", "fox-1.png"]
     assert run(ip, f"%%generate --model '{spaced_model}' {FAST} --vram \"1 GiB\" --quiet --out planned\na fox").success
-    assert ip.user_ns["planned"].plan is not None and "plan for 1.0 GiB" in ip.user_ns["planned"].plan
+    planned = ip.user_ns["planned"]
+    assert planned.plan is not None and planned.plan.budget == 2**30 and "plan for 1 GiB" in planned.plan_line()
     assert len(ip.run_line_magic("vram", "'history' -n \"1\"").rows) == 1
 
 

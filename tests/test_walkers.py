@@ -13,7 +13,8 @@ import sys
 import pytest
 import torch
 
-from mlnb.device import FakeDevice, use_device
+from mlnb.device import use_device
+from mlnb.testing import FakeDevice
 from mlnb.monitor import cell_history
 
 pytestmark = pytest.mark.usefixtures("fresh_defaults", "fresh_outputs")

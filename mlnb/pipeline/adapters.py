@@ -43,6 +43,7 @@ import contextlib
 import hashlib
 import logging
 import re
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,9 +78,13 @@ class ActiveLora:
         return str(self.spec)
 
 
+# The LoRAs set on each pipeline, by adapter name in the order given; a pipeline that is dropped leaves.
+_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 def active_loras(pipe) -> tuple[ActiveLora, ...]:
     """The LoRAs :func:`set_loras` applied to ``pipe``, in the order given."""
-    return tuple(getattr(pipe, "_mlnb_loras", {}).values())
+    return tuple(_ACTIVE.get(pipe, {}).values())
 
 
 def adapter_name(file: LoraFile) -> str:
@@ -213,10 +218,10 @@ def _present(pipe) -> set[str]:
 
 def clear_loras(pipe) -> None:
     """Remove every adapter from ``pipe``: the peft layers give their base layers back, bit-exact."""
-    if _present(pipe) or getattr(pipe, "_mlnb_loras", None):
+    if _present(pipe) or _ACTIVE.get(pipe):
         _refuse_streamed(pipe)
         pipe.unload_lora_weights()
-    pipe._mlnb_loras = {}
+    _ACTIVE[pipe] = {}
 
 
 def set_loras(pipe, loras, allow_pickle: bool = False) -> tuple[ActiveLora, ...]:
@@ -252,7 +257,7 @@ def set_loras(pipe, loras, allow_pickle: bool = False) -> tuple[ActiveLora, ...]
         if name in names[:i]:
             first = specs[names.index(name)].source
             raise InvalidArgumentError(f"LoRA {specs[i].source!r} names the same file as {first!r}")
-    current: dict[str, ActiveLora] = dict(getattr(pipe, "_mlnb_loras", {}))
+    current: dict[str, ActiveLora] = dict(_ACTIVE.get(pipe, {}))
     new = {name: check_lora(pipe, f, read_lora(f)) for name, f in zip(names, files) if name not in current}
     if not specs:
         clear_loras(pipe)
@@ -277,7 +282,7 @@ def set_loras(pipe, loras, allow_pickle: bool = False) -> tuple[ActiveLora, ...]
     for spec, file, name in zip(specs, files, names):
         components = current[name].components if name in current else new[name].components
         applied[name] = ActiveLora(spec, file.path, name, components, adapter_bytes(pipe, name))
-    pipe._mlnb_loras = applied
+    _ACTIVE[pipe] = applied
     logger.debug("LoRAs applied: %s", ", ".join(f"{a} ({a.nbytes} B)" for a in applied.values()))
     return tuple(applied.values())
 
