@@ -21,29 +21,6 @@ pytestmark = pytest.mark.usefixtures("fresh_defaults", "fresh_outputs")
 
 # What lazy proxies and odd containers do: every way of looking at them raises.
 HOSTILE = '''
-class Lazy:
-    """A lazy proxy that is not loaded: attribute access, its class, len, iteration, ==, hash and truth raise."""
-    @property
-    def __class__(self):
-        raise RuntimeError("not loaded")
-    @property
-    def __dict__(self):
-        raise RuntimeError("not loaded")
-    def __getattr__(self, name):
-        raise RuntimeError("not loaded")
-    def __len__(self):
-        raise RuntimeError("not loaded")
-    def __iter__(self):
-        raise RuntimeError("not loaded")
-    def __eq__(self, other):
-        raise RuntimeError("not loaded")
-    def __hash__(self):
-        raise RuntimeError("not loaded")
-    def __bool__(self):
-        raise RuntimeError("not loaded")
-    def __repr__(self):
-        return "<Lazy (not loaded)>"
-
 class Loading:
     """A lazy proxy as IPython can still show it (its class is readable): the rest raises."""
     @property
@@ -63,6 +40,14 @@ class Loading:
         raise RuntimeError("not loaded")
     def __repr__(self):
         return "<Loading>"
+
+class Lazy(Loading):
+    """A lazy proxy that is not loaded: attribute access, its class, len, iteration, ==, hash and truth raise."""
+    @property
+    def __class__(self):
+        raise RuntimeError("not loaded")
+    def __repr__(self):
+        return "<Lazy (not loaded)>"
 
 class LazyDict(dict):
     def items(self):
