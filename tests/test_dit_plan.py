@@ -135,6 +135,24 @@ def test_a_budget_plan_applied_on_the_cpu_gives_the_unplanned_image(request, kin
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_streamed_plan_with_fp8_storage_gives_the_unplanned_image_within_tolerance(request, kind, monkeypatch):
+    """fp8 storage (diffusers' layerwise casting) under the streamer's hooks: each streamed unit's fp8 bytes go
+    through its slot and are upcast for its forward."""
+    import dataclasses
+
+    reference = run(_pipe(request, kind)).astype(np.int16)
+    pipe = _pipe(request, kind)
+    budget = _stream_budget(pipe, monkeypatch, 20_000)
+    plan = dataclasses.replace(plan_for_budget(budget, model_facts(pipe), CardFacts(), Workload(64, 64, 1, 2)), fp8=True)
+    assert plan.strategy == "stream"
+    assert apply_plan(pipe, plan, "cpu", use_stream=False).is_applied("fp8_storage")
+    first, second = run(pipe).astype(np.int16), run(pipe).astype(np.int16)
+    assert np.array_equal(first, second) and streamer_of(pipe).chained
+    diff = np.abs(first - reference)
+    assert diff.max() <= MAX_DIFF and diff.mean() <= MEAN_DIFF, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_budget_plan_through_the_managed_pipeline_gives_the_unplanned_image(request, kind, clean_cache, monkeypatch):
     """The CPU plan path of ``load_pipeline(budget=...)`` on a CUDA-like fake device (no bf16: the weights load in
     fp16, and the budget is sized from the same weights), against plain diffusers in fp16."""
