@@ -4,25 +4,29 @@
 #   scripts/gpu_check.sh                 # writes everything under $OUT, or ./gpu-out when OUT is unset
 #
 # Steps: install mlnb (editable, keeping the machine's torch; wheels in ./.whl are installed first when the machine
-# lacks a dependency and has no package index), `mlnb doctor`, `mlnb bench --quick` (table, targets, JSON, Markdown,
-# one log per worker), scripts/diagnose_streaming.py on the bench's SDXL folder (the plan for 85% of 4 GiB under a 4 GiB
-# cap, the 4 GiB plan with the allocator's expandable segments, then as the bench ran it; each with its schedule
-# replay and a profile, saved as it ends), the GPU tests (`pytest -m gpu`,
-# junit xml), and the per-cell hook overhead on CUDA (scripts/bench_cell_hooks.py). The benchmark comes before the tests: it is the step whose
-# numbers the docs need. A failing step does not stop the next one; a summary with each step's status and time comes
-# last, and the exit status is 1 if any step failed. The step limits add up to 670 s. On an H100 the whole check took
-# 342 to 392 s without the diagnose step, and 537 s with it stopped at its then 110 s limit (run 5); allow it 10
-# minutes.
+# lacks a dependency and has no package index), `mlnb bench --quick` on SD1.5, SDXL, SD3.5 medium and FLUX.1-dev
+# (table, targets, JSON, Markdown, one log per worker; the transformer models at one cap each, SD3.5 medium at 4 GiB
+# and FLUX.1-dev at 15 GiB, beside their uncapped baseline), the GPU tests (`pytest -m gpu`, junit xml), and the
+# per-cell hook overhead on CUDA (scripts/bench_cell_hooks.py). scripts/diagnose_streaming.py on the bench's SDXL
+# folder (the plan for 85% of 4 GiB under a 4 GiB cap, the 4 GiB plan with the allocator's expandable segments, then
+# as the bench ran it; each with its schedule replay and a profile, saved as it ends) runs when named in
+# MLNB_GPU_CHECK_STEPS: the two transformer models' builds (T5-XXL and a 12 B transformer, 33 GB on disk for FLUX.1)
+# and runs take its time. The benchmark comes before the tests: it is the step whose numbers the docs need. A failing
+# step does not stop the next one; a summary with each step's status and time comes last, and the exit status is 1 if
+# any step failed. The default step limits add up to 790 s; on an H100 the check took 342 to 392 s before the
+# transformer models joined the bench, whose share has not been measured yet. Where one command may run 10 minutes at
+# most, run it as two: MLNB_GPU_CHECK_STEPS=environment,install,bench, then install,gpu-tests,cell-hooks.
 #
 # Environment:
 #   OUT                    where results go (default ./gpu-out); keep large files out of it
 #   MLNB_BENCH_WORK        where the random-weight model folders are built and reused (default /tmp/mlnb-bench-models;
-#                          about 9 GiB for SD1.5 + SDXL in fp16)
-#   MLNB_GPU_CHECK_BENCH   options for mlnb bench (default: --quick --device cuda --timeout 150)
+#                          about 9 GiB for SD1.5 + SDXL in fp16, 16 GiB more for SD3.5 medium, 33 GiB for FLUX.1-dev)
+#   MLNB_GPU_CHECK_BENCH   options for mlnb bench (default: --quick --device cuda --timeout 240
+#                          --models sd15,sdxl,sd35-medium,flux-dev; FLUX.1's build needs more than 150 s)
 #   MLNB_WHEELS            a folder of wheels to install with --no-index --no-deps (default ./.whl, if present)
 #   MLNB_CACHE             the planner's card-facts cache (default: a fresh folder, copied to $OUT/cards.json)
-#   MLNB_GPU_CHECK_STEPS   the steps to run, comma-separated (default: environment,install,doctor,bench,diagnose,
-#                          gpu-tests,cell-hooks); "environment,install,bench" makes a shorter call
+#   MLNB_GPU_CHECK_STEPS   the steps to run, comma-separated (default: environment,install,doctor,bench,gpu-tests,
+#                          cell-hooks; diagnose runs when named); "environment,install,bench" makes a shorter call
 #   MLNB_GPU_CHECK_VARIANTS the diagnose step's variants, in order (default headroom,capped+expandable,capped: the
 #                          bench's own 4 GiB row is the capped plan already; each variant is saved as it ends)
 set -u
@@ -33,7 +37,7 @@ out=${OUT:-$root/gpu-out}
 mkdir -p "$out" || exit 1
 out=$(cd "$out" && pwd)
 work=${MLNB_BENCH_WORK:-/tmp/mlnb-bench-models}
-bench_opts=${MLNB_GPU_CHECK_BENCH:---quick --device cuda --timeout 150}
+bench_opts=${MLNB_GPU_CHECK_BENCH:---quick --device cuda --timeout 240 --models sd15,sdxl,sd35-medium,flux-dev}
 wheels=${MLNB_WHEELS:-$root/.whl}
 # Card facts (bandwidth, step times) start empty, so the planner's predictions come from this run's measurements.
 export MLNB_CACHE=${MLNB_CACHE:-$(mktemp -d /tmp/mlnb-cache-XXXX)}
@@ -179,7 +183,7 @@ fi
 
 # wanted NAME: whether the step NAME is among $MLNB_GPU_CHECK_STEPS (default: all of them).
 wanted() {
-  case ",${MLNB_GPU_CHECK_STEPS:-environment,install,doctor,bench,diagnose,gpu-tests,cell-hooks}," in
+  case ",${MLNB_GPU_CHECK_STEPS:-environment,install,doctor,bench,gpu-tests,cell-hooks}," in
     *",$1,"*) return 0 ;;
     *) return 1 ;;
   esac
@@ -188,7 +192,7 @@ wanted() {
 wanted environment && run_step environment 20 bash -c environment
 wanted install && run_step install 40 bash -c install
 wanted doctor && run_step doctor 20 bash -c "mlnb_cli doctor"
-wanted bench && run_step bench 330 bash -c bench
+wanted bench && run_step bench 560 bash -c bench
 if wanted diagnose && [ -d "$work/sdxl" ]; then  # built by the bench
   # The bench's uncapped baseline cached the resident step and block timeline: no resident variant needed.
   run_step diagnose 110 "$python" scripts/diagnose_streaming.py --folder "$work/sdxl" --budget 4GiB --steps 6 \

@@ -115,6 +115,30 @@ def test_parse_caps_per_model_and_for_all():
         parse_caps("four", ["sd15"])
 
 
+def test_the_transformer_models_default_caps_are_a_t4_an_8_gib_card_and_4_gib_for_sd35_medium():
+    from mlnb.bench.command import FULL_CAPS, QUICK_CAPS
+
+    models = ["sd35-medium", "sd35-large", "flux-dev"]
+    assert parse_caps(FULL_CAPS, models, ignore_other_models=True) == {
+        "sd35-medium": [None, 4 * GiB, 8 * GiB, 15 * GiB], "sd35-large": [None, 8 * GiB, 15 * GiB],
+        "flux-dev": [None, 8 * GiB, 15 * GiB],
+    }
+    # --quick: one cap each, the one its target names
+    assert parse_caps(QUICK_CAPS, models, ignore_other_models=True) == {
+        "sd35-medium": [4 * GiB], "sd35-large": [15 * GiB], "flux-dev": [15 * GiB],
+    }
+    # the UNet models keep theirs
+    assert parse_caps(QUICK_CAPS, ["sd15", "sdxl"], ignore_other_models=True) == {
+        "sd15": [2 * GiB], "sdxl": [4 * GiB, 15 * GiB],
+    }
+
+
+def test_the_plain_diffusers_recipes_include_fp8_layerwise_casting_with_model_offload():
+    recipe = RECIPES["diffusers-layerwise-fp8"]
+    assert (recipe.family, recipe.setting, recipe.needs_cuda) == ("diffusers", "layerwise_fp8", True)
+    assert recipe in parse_recipes("diffusers")
+
+
 def test_plan_puts_the_uncapped_baseline_first_once():
     recipes = parse_recipes("mlnb-auto,diffusers-none")
     runs = plan_runs([("sdxl", "/m", 1024, 1024)], recipes, {"sdxl": [4 * GiB, None]}, 8, "cuda")
@@ -447,10 +471,11 @@ def test_worker_reports_oom_as_oom(tiny_sd, clean_cache, cpu_current, monkeypatc
     assert "out of memory" in row["error"] and row.get("seconds") is None
 
 
-def test_worker_skips_offload_recipes_without_cuda(tiny_sd, cpu_current):
+@pytest.mark.parametrize("recipe", ["diffusers-group-stream", "diffusers-layerwise-fp8"])
+def test_worker_skips_offload_recipes_without_cuda(tiny_sd, cpu_current, recipe):
     from mlnb.bench.worker import run
 
-    row = run(_job(tiny_sd, "diffusers-group-stream"))
+    row = run(_job(tiny_sd, recipe))
     assert row["status"] == "skipped" and "needs a CUDA device" in row["error"]
 
 

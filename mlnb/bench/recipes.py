@@ -8,6 +8,9 @@ Plain diffusers, as a user would write it:
 - ``diffusers-group-stream``: ``pipe.enable_group_offload(offload_type="leaf_level", use_stream=True)``, with the
   VAE kept in fp16 (``force_upcast`` disabled: the fp32 upcast crashes group offloading) and tiled at 512 px
   (``vae.enable_tiling()`` alone tiles at SDXL's 1024 px, which does nothing for a 1024² image), so that it runs.
+- ``diffusers-layerwise-fp8``: the denoiser's ``enable_layerwise_casting(storage_dtype=float8_e4m3fn)`` (weights
+  stored as fp8, each layer upcast for its forward) with ``pipe.enable_model_cpu_offload()``: diffusers' recipe for
+  a transformer (FLUX.1's 24 GB, SD3.5 large's 16 GB) whose 16-bit weights do not fit the card beside nothing else.
 
 mlnb: ``mlnb-none``, ``mlnb-balanced``, ``mlnb-aggressive``, ``mlnb-ultra`` and ``mlnb-auto`` load the same folder
 with ``mlnb.load_pipeline(folder, level=...)`` and generate with ``ManagedPipeline.generate``, exactly as a notebook
@@ -37,7 +40,8 @@ class Recipe:
     Args:
         name: the recipe's name on the command line and in the table.
         family: ``"diffusers"`` (plain diffusers calls) or ``"mlnb"`` (``mlnb.load_pipeline`` at a level).
-        setting: the diffusers set-up (``none``, ``model_offload``, ``sequential``, ``group_stream``) or the level.
+        setting: the diffusers set-up (``none``, ``model_offload``, ``sequential``, ``group_stream``,
+            ``layerwise_fp8``) or the level.
         description: one line for the docs and ``--help``.
         needs_cuda: the recipe installs offload hooks, which need a CUDA device to onload to.
     """
@@ -56,6 +60,10 @@ _ALL = (
     Recipe(
         "diffusers-group-stream", "diffusers", "group_stream",
         "plain enable_group_offload(leaf_level, use_stream=True); VAE fp16 (force_upcast off), tiles 512", True,
+    ),
+    Recipe(
+        "diffusers-layerwise-fp8", "diffusers", "layerwise_fp8",
+        "plain enable_layerwise_casting(fp8 storage) on the denoiser + enable_model_cpu_offload()", True,
     ),
     Recipe("mlnb-none", "mlnb", "none", "mlnb.load_pipeline(level='none')"),
     Recipe("mlnb-balanced", "mlnb", "balanced", "mlnb.load_pipeline(level='balanced')"),
@@ -162,6 +170,10 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
             offload_type="leaf_level", use_stream=True,
         )
         detail = "enable_group_offload(leaf_level, use_stream=True), VAE fp16 tiles 512"
+    elif recipe.setting == "layerwise_fp8":
+        denoiser_of(pipe).enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=dtype)
+        pipe.enable_model_cpu_offload(device=target)
+        detail = "denoiser enable_layerwise_casting(float8_e4m3fn), enable_model_cpu_offload()"
     else:  # the table above is the only source of settings
         raise AssertionError(recipe.setting)
 

@@ -2,7 +2,8 @@
 each generation measures.
 
 - :mod:`.cost` and :mod:`.search`: the cost model and the placement search (pure; no torch);
-- :mod:`.cards` and :mod:`.blocks`: the facts a plan is made from, measured on the card and read off the model;
+- :mod:`.cards`, :mod:`.blocks` and :mod:`.models`: the facts a plan is made from, measured on the card and read off
+  the model (its units in the order they run, its native size);
 - :mod:`.apply`, :mod:`.streaming`, :mod:`.pinning` and :mod:`.host_memory`: a plan applied to a pipeline (resident
   parts placed, the rest streamed from packed pinned copies, host memory given back as it goes);
 - :mod:`.timing` and :mod:`.learning`: what a generation measures, and what the card facts learn from it.
@@ -30,6 +31,7 @@ from .cost import (
     streamed_step,
 )
 from .learning import LearningContext
+from .models import native_size
 from .search import BudgetError, plan_for_budget
 from .streaming import UnitStreamer, module_streamer, stream_units, streamer_of, streamers_of
 from .timing import BlockTimer, StepTimer, cache_was_empty
@@ -37,7 +39,7 @@ from .timing import BlockTimer, StepTimer, cache_was_empty
 __all__ = [
     "Block", "CardFacts", "ModelFacts", "Plan", "Workload", "BudgetError", "plan_for_budget", "predict",
     "room_needed", "schedule_step", "streamed_step", "overlap_measured",
-    "card_facts", "record_measured", "describe_card", "model_facts", "model_key", "denoiser_blocks",
+    "card_facts", "record_measured", "describe_card", "model_facts", "model_key", "denoiser_blocks", "native_size",
     "apply_plan", "plan_level", "UnitStreamer", "stream_units", "streamer_of", "streamers_of", "module_streamer",
     "StepTimer", "BlockTimer", "cache_was_empty", "LearningContext",
 ]

@@ -4,7 +4,12 @@ each (:class:`~mlnb.planner.cost.ModelFacts`), plus the key a model's measuremen
 A block is a unit the planner keeps resident or streams: each item of the denoiser's block lists and its
 ``mid_block``, split into its children while it is larger than :data:`MAX_BLOCK` (a finer double buffer). One hook
 per block, not per layer, keeps the streaming overhead to the copies (``docs/planner.md``). An offloaded text encoder
-streams in units cut the same way.
+streams in units cut the same way (T5's ``encoder.block`` list item by item).
+
+In a transformer denoiser the planner knows (SD3, Flux: :mod:`.models`), the embedders and norms around the block
+lists (``time_text_embed``, ``context_embedder``, ``norm_out`` ...) are units too, and every unit is listed in the
+order the forward runs it, a block cut into sub-units included. A denoiser with no block list is one the planner does
+not know: it has no blocks, and is planned as a whole (resident, or refused with the budget it needs).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from ..optimizer.context import denoiser_of
 from ..optimizer.weights import module_bytes
 from ..units import MiB
 from .cost import Block, ModelFacts
+from .models import denoiser_family, execution_order
 
 __all__ = ["MAX_BLOCK", "model_facts", "model_key", "denoiser_blocks", "denoiser_units", "model_units",
            "text_encoders"]
@@ -20,28 +26,44 @@ __all__ = ["MAX_BLOCK", "model_facts", "model_key", "denoiser_blocks", "denoiser
 MAX_BLOCK = 256 * MiB  # units larger than this are split into their children (read when a pipeline is split)
 
 
-def _split(name: str, module, max_block: int) -> list[tuple[str, object]]:
+def _split(name: str, module, max_block: int, scoped: bool = False, seen: set | None = None) -> list:
+    """``module`` as units ``(dotted name, module)`` none larger than ``max_block`` where the tree allows; with
+    ``scoped``, children in the order they run (:func:`.models.execution_order`). A module whose tensors all belong to
+    units listed before (a tied table such as T5's ``shared``) is no unit: it never runs, and would be packed twice."""
     import torch
 
-    children = list(module.named_children())
+    seen = set() if seen is None else seen
+    tensors = {id(t) for t in list(module.parameters()) + list(module.buffers())}
+    if tensors and tensors <= seen:
+        return []
+    children = execution_order(module, scoped)
     # A ModuleList is never called (its owner calls the items, or indexes one, as attention does with to_out[0]):
     # a hook on it would never onload its weights, so its items are the units, however small.
     container = isinstance(module, torch.nn.ModuleList)
     if not container and (module_bytes(module) <= max_block or not children):
+        seen |= tensors
         return [(name, module)]
     out = []
     for child_name, child in children:
         if module_bytes(child):
-            out += _split(f"{name}.{child_name}", child, max_block)
+            out += _split(f"{name}.{child_name}" if name else child_name, child, max_block, scoped, seen)
     return out  # parameters owned by this module itself count as the denoiser's "other" bytes
 
 
 def denoiser_units(denoiser, max_block: int | None = None) -> list[tuple[str, object]]:
     """The denoiser's blocks ``(dotted name, module)`` in execution order, none larger than ``max_block`` bytes
-    (default :data:`MAX_BLOCK`) where the module tree allows."""
+    (default :data:`MAX_BLOCK`) where the module tree allows.
+
+    A UNet's are the items of its block lists and its ``mid_block``; a transformer's the items of its block lists;
+    an SD3 or Flux transformer's also the embedders and norms around them, each block's sub-units in the order they
+    run. A denoiser with no block list has none."""
     import torch
 
     max_block = MAX_BLOCK if max_block is None else max_block
+    if denoiser_family(denoiser) is not None:
+        seen: set = set()
+        return [unit for child_name, child in execution_order(denoiser) if module_bytes(child)
+                for unit in _split(child_name, child, max_block, scoped=True, seen=seen)]
     found = []
     for name, child in denoiser.named_children():
         if isinstance(child, torch.nn.ModuleList):
@@ -53,15 +75,12 @@ def denoiser_units(denoiser, max_block: int | None = None) -> list[tuple[str, ob
 
 
 def model_units(module, max_block: int | None = None) -> list[tuple[str, object]]:
-    """A whole model (a text encoder) split into streamable units (``""`` when it is one unit itself)."""
+    """A whole model (a text encoder) split into streamable units in the order they run (``""`` when it is one unit
+    itself); a tied copy of a table another unit holds is left out."""
     max_block = MAX_BLOCK if max_block is None else max_block
     if module_bytes(module) <= max_block:
         return [("", module)]
-    out = []
-    for name, child in module.named_children():
-        if module_bytes(child):
-            out += _split(name, child, max_block)
-    return out
+    return _split("", module, max_block, scoped=True)
 
 
 def text_encoders(pipe) -> dict:

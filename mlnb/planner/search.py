@@ -181,8 +181,9 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
                 smaller = f", or make the image {side}×{side} or smaller"
                 break
             side -= 64
+        whole = "" if model.blocks else " (the denoiser has no block list to stream: it is planned as a whole)"
         raise BudgetError(
-            f"no placement fits {format_bytes(budget)} for {work.width}×{work.height} ×{work.batch}: the smallest "
+            f"no placement fits {format_bytes(budget)} for {work.width}×{work.height} ×{work.batch}{whole}: the smallest "
             f"needs {format_bytes(need, up=True)} (activation reserve {format_bytes(reserves(work, None, card)[0])}); "
             f"give at least {format_bytes(need, up=True)}{smaller}"
         )
