@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlnb.device import CopyStreams, CpuDevice, host_peak_rss, host_rss
     from mlnb.optimizer.offload import vae_needs_upcast
-    from mlnb.pipeline.managed import native_size
-    from mlnb.planner import Workload, apply_plan, card_facts, model_facts, model_key, plan_for_budget
+    from mlnb.planner import Workload, apply_plan, card_facts, model_facts, model_key, native_size, plan_for_budget
     from mlnb.testing import FakeDevice
     from mlnb.units import parse_bytes
 

@@ -25,7 +25,7 @@ from ..optimizer.context import skipped
 from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.vae import decode_in_bf16
 from ..optimizer.weights import weight_bytes
-from ..planner import ModelFacts, Plan, Workload, apply, blocks, card_facts, room_needed, search
+from ..planner import ModelFacts, Plan, Workload, apply, blocks, card_facts, native_size, room_needed, search
 from ..redact import masked_kwargs
 from ..setting import MemorySetting
 from ..units import format_bytes
@@ -34,7 +34,7 @@ from .files import (
     check_local_weights, default_dtype, dtype_name, parameters_of, parse_dtype, pipeline_parameters, reads_pickle,
     resolve_model,
 )
-from .managed import ManagedPipeline, native_size
+from .managed import ManagedPipeline
 from .result import plan_title
 from .validation import FROM_PRETRAINED_KEYWORDS, check_load_keywords, text_to_image_parameters
 

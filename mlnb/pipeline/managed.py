@@ -20,7 +20,8 @@ from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.vae import vae_decode_dtype
 from ..optimizer.weights import weight_bytes
 from ..planner import (
-    LearningContext, ModelFacts, Plan, StepTimer, Workload, learning, model_key, room_needed, streamers_of,
+    LearningContext, ModelFacts, Plan, StepTimer, Workload, learning, model_key, native_size, room_needed,
+    streamers_of,
 )
 from ..setting import MemorySetting
 from ..units import format_bytes
@@ -31,7 +32,7 @@ from .validation import GenerationArgs, check_progress, text_to_image_parameters
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ManagedPipeline", "native_size"]
+__all__ = ["ManagedPipeline"]
 
 
 class ManagedPipeline:
@@ -420,16 +421,6 @@ class ManagedPipeline:
             f"ManagedPipeline({self.model!r}, {dtype_name(self.dtype)}, level {self.level.value}: "
             f"{self.techniques.summary()}{bf16}; {format_bytes(self.weight_bytes)} weights, {state})"
         )
-
-
-def native_size(pipe) -> tuple[int, int]:
-    """A pipeline's native resolution: the denoiser's ``sample_size`` times the VAE scale factor."""
-    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
-    size = getattr(getattr(denoiser, "config", None), "sample_size", 64) or 64
-    if isinstance(size, (list, tuple)):
-        size = size[0]
-    scale = getattr(pipe, "vae_scale_factor", 8)
-    return int(size) * scale, int(size) * scale
 
 
 def _model_key(pipe, dtype) -> str | None:
