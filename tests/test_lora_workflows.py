@@ -288,3 +288,35 @@ def test_every_bad_input_is_one_line_and_the_next_cell_generates(ip, tiny_sd, lo
     assert managed.loaded and cached_pipelines() == [managed]
     assert [a.spec.source for a in managed.loras] == [str(loras["a"])]  # a refused cell changed nothing
     assert run(ip, cell(tiny_sd)).success and ip.user_ns["r"].images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What %vram and the dashboard show
+
+
+def test_vram_status_and_the_dashboard_list_the_active_loras_with_their_bytes(ip, tiny_sd, loras):
+    from mlnb.device import CpuDevice
+    from mlnb.session import status
+    from mlnb.units import format_bytes
+    from mlnb.widgets.state import gauge_state
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none", loras=[(loras["a"], 0.5)])
+    nbytes = managed.loras[0].nbytes
+    (row,) = status().pipelines[0].loras
+    assert (row.source, row.scale, row.nbytes) == (str(loras["a"]), 0.5, nbytes)
+    text = str(ip.run_line_magic("vram", ""))
+    (line,) = [line for line in text.splitlines() if line.startswith("  LoRA ")]
+    assert line.endswith(f"{loras['a']} at 0.5, {format_bytes(nbytes)}")
+    state = gauge_state(CpuDevice().info(), pipelines=[(managed.model, "none")],
+                        loras=[(str(loras["a"]), 0.5, 61440)])
+    assert state.loras == "pytorch_lora_weights.safetensors:0.5 (60.0 KiB)" and "LoRAs: " in str(state)
+    assert gauge_state(CpuDevice().info()).loras == "none"
+    pytest.importorskip("ipywidgets")
+    board = mlnb.dashboard(start=False)
+    try:
+        assert "LoRAs: pytorch_lora_weights.safetensors:0.5 (" in board.level_info.value
+        managed.set_loras([])
+        board.refresh()
+        assert "LoRAs: none" in board.level_info.value
+    finally:
+        board.close()
