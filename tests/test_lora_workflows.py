@@ -320,3 +320,38 @@ def test_vram_status_and_the_dashboard_list_the_active_loras_with_their_bytes(ip
         assert "LoRAs: none" in board.level_info.value
     finally:
         board.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Under a budget plan
+
+
+def test_a_planned_pipeline_with_a_lora_gives_the_unplanned_image_with_it_and_counts_its_bytes(
+        tiny_sdxl, loras, tmp_path, monkeypatch):
+    """The plan path on the CPU (a CUDA-like fake device): the streamer comes off while the adapters change and
+    streams the same blocks again with their adapters; the image is the unplanned pipeline's with the same LoRA,
+    and the plan's facts count the adapters' bytes."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from fakes import tiny_stream_budget
+    from mlnb.planner import streamer_of
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl, torch_dtype=torch.float16), monkeypatch)
+    device = FakeDevice(cuda_like=True)
+    call = dict(steps=2, width=64, height=64, seed=1)
+    plain = mlnb.load_pipeline(tiny_sdxl, level="none", device=device, loras=[loras["xl"]])
+    reference = pixels(plain.generate("a fox", **call))
+    plain.unload()
+    planned = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=device)
+    assert planned.plan.streamed and streamer_of(planned.pipe) is not None
+    base_total = planned.plan_facts.total
+    base = pixels(planned.generate("a fox", **call))
+    planned.set_loras([loras["xl"]])
+    assert streamer_of(planned.pipe) is not None
+    assert planned.plan_facts.total == base_total + planned.loras[0].nbytes
+    assert np.abs(pixels(planned.generate("a fox", **call)) - reference).max() <= 2
+    planned.set_loras([])
+    assert planned.plan_facts.total == base_total
+    assert np.array_equal(pixels(planned.generate("a fox", **call)), base)

@@ -22,6 +22,7 @@ from ..optimizer.weights import weight_bytes
 from ..planner import (
     LearningContext, ModelFacts, Plan, StepTimer, Workload, learning, model_key, room_needed, streamers_of,
 )
+from ..planner.blocks import with_adapters
 from ..setting import MemorySetting
 from ..units import format_bytes
 from . import cache
@@ -71,7 +72,8 @@ class ManagedPipeline:
         self.read_pickle = read_pickle  # its weights may have come from pickle files (loaded with allow_pickle)
         self.setting = setting
         self.plan = plan
-        self.plan_facts = plan_facts  # the weight bytes the plan was made from (before fp8 storage)
+        self.plan_facts = plan_facts  # the weight bytes the plan was made from (before fp8 storage), adapters added
+        self._base_facts = plan_facts  # the same without adapters
         self.model = model
         self.dtype = dtype
         self.choice = choice
@@ -220,6 +222,8 @@ class ManagedPipeline:
         with self.hold("changing its LoRAs", interrupted):
             self._check_loaded()
             active = apply_loras(self.pipe, loras, allow_pickle)
+            if self._base_facts is not None:  # the plan's predictions count the adapters where they live
+                self.plan_facts = with_adapters(self._base_facts, self.pipe)
             self.lora_specs = tuple(a.spec for a in active)
             self.loras_allow_pickle = bool(allow_pickle)
             return active
