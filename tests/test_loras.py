@@ -447,22 +447,29 @@ def test_loras_under_model_offload_keep_the_hooks(tiny_sd, loras, monkeypatch, f
     assert np.array_equal(image(pipe), image(reference))
 
 
-def test_a_pipeline_streaming_a_lora_component_is_refused_and_left_as_it_was(tiny_sd, loras):
-    """diffusers would take mlnb's streaming hooks (named as group offloading's) for its own, remove them and fail
-    to apply them again: a streamed LoRA component is refused before anything changes."""
+def test_a_streamed_lora_component_gets_its_adapters_packed_into_its_units_and_clears_exactly(tiny_sd, loras):
+    """diffusers would take mlnb's streaming hooks (named as group offloading's) for its own and fail to apply them
+    again: set_loras takes the streamer off, changes the adapters and streams the same units again, the adapters
+    packed beside their base weights; the image is the resident pipeline's, and clearing gives the base image."""
     from mlnb.device import CopyStreams
-    from mlnb.planner import stream_units
+    from mlnb.planner import module_streamer, stream_units
     from mlnb.planner.blocks import denoiser_units
 
+    reference = load(tiny_sd)
+    set_loras(reference, [loras["a"]])
+    styled = image(reference)
     pipe = load(tiny_sd)
     names = [n for n, _ in denoiser_units(pipe.unet, 50_000)]
-    streamer = stream_units(pipe.unet, names, torch.device("cpu"), CopyStreams())
+    stream_units(pipe.unet, names, torch.device("cpu"), CopyStreams())
     base = image(pipe)
-    with pytest.raises(UnsupportedPipelineError) as info:
-        set_loras(pipe, [loras["a"]])
-    assert "streams its weights from host memory" in one_line(info)
-    assert pipe.get_list_adapters() == {} and pipe.unet._mlnb_streamer is streamer
-    assert np.array_equal(image(pipe), base)
+    set_loras(pipe, [loras["a"]])
+    streamer = module_streamer(pipe.unet)
+    assert streamer is not None and sorted(streamer.units) == sorted(names)
+    packed = {n: p for u in streamer.units.values() for n, p in u.module.named_parameters() if "lora_" in n}
+    assert packed  # the adapters of the streamed units are among the units' packed weights
+    assert np.array_equal(image(pipe), styled)
+    set_loras(pipe, [])
+    assert np.array_equal(image(pipe), base) and module_streamer(pipe.unet) is not None
 
 
 @pytest.mark.gpu

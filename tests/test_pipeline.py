@@ -926,9 +926,9 @@ def test_auto_without_cuda_reuses_the_none_pipeline_loaded_by_name(tiny_sd):
 @pytest.mark.parametrize("kwargs, named, close", [
     (dict(revison="main"), "revison=", "did you mean revision"),
     (dict(levle="none"), "levle=", "did you mean level"),
-    (dict(loras=["fox.safetensors"]), "loras=", None),
+    (dict(lora=["fox.safetensors"]), "lora=", "did you mean loras"),
     (dict(schedular=None), "schedular=", "did you mean scheduler"),
-], ids=["from_pretrained-typo", "load_pipeline-typo", "loras", "component-typo"])
+], ids=["from_pretrained-typo", "load_pipeline-typo", "loras-typo", "component-typo"])
 def test_load_pipeline_refuses_a_keyword_neither_it_nor_from_pretrained_takes(tiny_sd, kwargs, named, close):
     """A misspelt keyword was passed to from_pretrained, which ignored it: the load ran without the setting the user
     believed given. It is one line naming the keyword and what it is close to, before anything loads."""

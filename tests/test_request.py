@@ -12,7 +12,8 @@ from mlnb.setting import MemorySetting
 
 def args(**kw):
     base = dict(model=None, level=None, steps=None, guidance=None, seed=None, width=None, height=None,
-                negative=None, num_images=1, out=None, save=None, quiet=False, allow_pickle=False, vram=None)
+                negative=None, num_images=1, out=None, save=None, quiet=False, allow_pickle=False, vram=None,
+                lora=None, image=None, strength=None, mask=None)
     base.update(kw)
     return argparse.Namespace(**base)
 

@@ -87,7 +87,11 @@ class MlnbMagics(Magics):
     @argument("--out", default=None, metavar="VAR", help="store the GenerationResult in this variable (not a name of Python's or IPython's)")
     @argument("--save", default=None, metavar="PATH", help="save PNGs to a file or an existing folder; never overwrites a file, never writes through a link")
     @argument("--quiet", action="store_true", help="no progress bar, no display (the result still goes to --out)")
-    @argument("--allow-pickle", action="store_true", help="accept pickle weights (can run code: only for trusted models)")
+    @argument("--allow-pickle", action="store_true", help="accept pickle weights of the model and its LoRAs (can run code: only for trusted files)")
+    @argument("--lora", action="append", default=None, metavar="PATH_OR_ID[:SCALE]", help="a LoRA (.safetensors file, folder or hub id) at a scale (default 1); repeatable. The cell generates with exactly the LoRAs it names: none without --lora")
+    @argument("--image", default=None, metavar="PATH_OR_VAR", help="image-to-image: start from this image file, or the notebook variable holding a PIL image")
+    @argument("--strength", type=float, default=None, help="with --image: how much may change, in (0, 1] (default: the pipeline's)")
+    @argument("--mask", default=None, metavar="PATH_OR_VAR", help="with --image: inpaint where this mask (file or variable, the image's size) is white")
     @cell_magic
     def generate(self, line: str, cell: str):
         """Generate images from the prompt in the cell body.
@@ -96,6 +100,11 @@ class MlnbMagics(Magics):
         and what the variable holds is used as it is. Options are read as a shell reads them: quote a value with
         spaces (``--negative "blurry, low quality"``, ``--model "/content/my models/sd"``). Prints a progress bar,
         then shows the images and one report line. The result also goes to ``--out VAR`` and ``mlnb.last_result()``.
+
+        ``--lora`` sets the LoRAs of this cell's generation: the pipeline keeps its weights and changes only its
+        adapters, and a later cell without ``--lora`` generates without LoRAs. ``--image`` (and ``--mask``) take a
+        file or the name of a notebook variable holding a PIL image (``--image result.image`` is not a name: store
+        it first, ``start = result.image``).
         """
         args = _parse(self.generate, line, "%%generate")
         if args is None:  # --help
@@ -107,7 +116,8 @@ class MlnbMagics(Magics):
         bar = _ProgressBar(req.quiet, req.args.steps)
         try:
             result = session.generate_images(req.args, req.model, req.setting, allow_pickle=req.allow_pickle,
-                                             progress=None if req.quiet else bar.update, loaded=bar.open)
+                                             progress=None if req.quiet else bar.update, loaded=bar.open,
+                                             loras=req.loras)
         except MlnbError as exc:
             raise UsageError(str(exc)) from None
         finally:

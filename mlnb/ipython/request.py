@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
+from ..pipeline.loras import LoraSpec, parse_loras
 from ..pipeline.result import check_targets, save_paths
 from ..pipeline.validation import GenerationArgs
 from ..setting import MemorySetting
@@ -28,7 +29,8 @@ class RequestError(ValueError):
 @dataclass(frozen=True)
 class GenerateRequest:
     """A checked ``%%generate`` cell: what to generate, and the model and memory setting when the options name them
-    (None: the session's, which the generation use case resolves)."""
+    (None: the session's, which the generation use case resolves). ``loras`` are the cell's ``--lora`` options: the
+    pipeline generates with exactly these, and with none when the cell names none."""
 
     model: str | None
     setting: MemorySetting | None
@@ -37,6 +39,7 @@ class GenerateRequest:
     save: str | None
     quiet: bool
     allow_pickle: bool
+    loras: tuple[LoraSpec, ...] = ()
 
 
 # {name}, {name.attr}, {name[key]}, chained: str.format's field syntax without its format spec and conversions.
@@ -145,6 +148,33 @@ def _check_save(path: str, num_images: int, seed: int | None) -> None:
         raise RequestError(f"--save: {path!r} is neither an existing folder nor a .png/.jpg/.webp file name")
 
 
+# The magic's option for each generation argument whose name differs from the option's.
+_OPTION_NAMES = {"mask_image": "--mask"}
+
+
+def _spell(name: str) -> str:
+    return _OPTION_NAMES.get(name) or "--" + name.replace("_", "-")
+
+
+def _image_value(text: str | None, user_ns: dict, option: str):
+    """What ``--image``/``--mask`` names: a notebook variable's value (a PIL image, or a path) when the text is
+    the name of one, else the path as typed."""
+    if text is None:
+        return None
+    if text.isidentifier() and text in user_ns:
+        return user_ns[text]
+    if text.isidentifier() and not Path(text).expanduser().exists():
+        raise RequestError(f"{option}: {text!r} is neither an image file nor a notebook variable")
+    return text
+
+
+def _loras(given: list[str] | None) -> tuple[LoraSpec, ...]:
+    try:
+        return parse_loras([LoraSpec.parse(text) for text in given or ()])
+    except InvalidArgumentError as exc:
+        raise RequestError(f"--lora: {exc}") from None
+
+
 def build_request(args, cell: str, user_ns: dict) -> GenerateRequest:
     """Check everything a user can get wrong before any model is touched.
 
@@ -167,9 +197,13 @@ def build_request(args, cell: str, user_ns: dict) -> GenerateRequest:
         raise RequestError("the prompt is empty: write it in the cell body below %%generate")
     negative = args.negative or None  # as typed: IPython has already expanded {var} in the option line
     steps = _DEFAULT_STEPS if args.steps is None else args.steps
+    loras = _loras(args.lora)
+    image = _image_value(args.image, user_ns, "--image")
+    mask = _image_value(args.mask, user_ns, "--mask")
     try:  # the rules generate applies, checked once, before the model loads, named as the options are
         generation = GenerationArgs.checked(prompt, negative, steps, args.guidance, args.seed, args.width, args.height,
-                                            args.num_images, spell=lambda name: "--" + name.replace("_", "-"))
+                                            args.num_images, spell=_spell, image=image,
+                                            strength=args.strength, mask_image=mask)
     except InvalidArgumentError as exc:
         raise RequestError(str(exc)) from None
     if args.out is not None:
@@ -185,5 +219,5 @@ def build_request(args, cell: str, user_ns: dict) -> GenerateRequest:
             raise RequestError("--vram and --level cannot both be given: a budget replaces the level")
     return GenerateRequest(
         model=os.fspath(args.model) if args.model else None, setting=setting, args=generation, out=args.out,
-        save=args.save, quiet=bool(args.quiet), allow_pickle=bool(args.allow_pickle),
+        save=args.save, quiet=bool(args.quiet), allow_pickle=bool(args.allow_pickle), loras=loras,
     )

@@ -31,10 +31,10 @@ What each memory technique needs, checked on the CPU as far as it runs there (te
   applies them again once more, since the groups copied the adapters as they were. Runs on a CPU with the CPU as
   the onload device where diffusers allows it (0.42; 0.39 looks for an accelerator).
 - mlnb's streamed units (a budget plan): diffusers takes the streamer's hooks, registered under group offloading's
-  name, for its own and crashes re-applying them, so :func:`set_loras` refuses a pipeline whose LoRA components
-  are streamed. The streamer has to be removed before adapters change and set up again after, so the adapters are
-  packed into their unit's pinned host copy (and the planner counts them in the unit's bytes), or kept resident on
-  the GPU beside the streamed base layers.
+  name, for its own and crashes re-applying them, so :func:`set_loras` takes the streamers off the LoRA components
+  first (every unit back in its host region), changes the adapters, and streams the same units again: the adapters
+  of a streamed unit are packed into its host region beside its base weights and travel with it, unfused; those of
+  a resident layer stay on the GPU with it. A change of scales alone changes no layer and lifts nothing.
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InvalidArgumentError, ModelLoadError, UnsupportedPipelineError
-from ..planner import module_streamer
+from ..errors import InvalidArgumentError, ModelLoadError
+from ..planner import module_streamer, stream_units
 from .loras import LoraFile, LoraSpec, LoraWeights, _one_line, check_lora, parse_loras, read_lora, resolve_lora
 
 logger = logging.getLogger(__name__)
@@ -78,13 +78,13 @@ class ActiveLora:
         return str(self.spec)
 
 
-# The LoRAs set on each pipeline, by adapter name in the order given; a pipeline that is dropped leaves.
-_ACTIVE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The LoRAs set_loras applied, by pipeline (the adapter names, as peft layers hold them, say no scale or source).
+_applied: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def active_loras(pipe) -> tuple[ActiveLora, ...]:
     """The LoRAs :func:`set_loras` applied to ``pipe``, in the order given."""
-    return tuple(_ACTIVE.get(pipe, {}).values())
+    return tuple(_applied.get(pipe, {}).values())
 
 
 def adapter_name(file: LoraFile) -> str:
@@ -193,13 +193,24 @@ def _adapters_to_compute_dtype(pipe, name: str, weights: LoraWeights) -> None:
             _maybe_remove_and_reapply_group_offloading(getattr(pipe, component))
 
 
-def _refuse_streamed(pipe) -> None:
-    for component, model in _lora_components(pipe):
-        if module_streamer(model) is not None:
-            raise UnsupportedPipelineError(
-                f"the {component} of this pipeline streams its weights from host memory (a budget plan), and its "
-                "LoRAs cannot change while it does: load it at a level to use LoRAs"
-            )
+@contextlib.contextmanager
+def _streamers_lifted(pipe):
+    """Take mlnb's streamers off the LoRA components while their adapters change, and stream the same units again
+    after: the adapters of a streamed unit are packed into its host region beside its base weights and travel with
+    it; those of a resident layer stay on the GPU with it. diffusers would take the streamers' hooks (registered
+    under group offloading's name) for its own and fail to apply them again."""
+    lifted = []
+    for _, model in _lora_components(pipe):
+        streamer = module_streamer(model)
+        if streamer is not None:
+            streamer.remove()  # every unit back home: its weights are views of its host region
+            lifted.append((model, list(streamer.units), streamer))
+    try:
+        yield
+    finally:
+        for model, names, old in lifted:
+            stream_units(model, names, old.onload_device, old.device, old.stream, old.device.host_buffer,
+                         keep_slots=old.keep_slots, slots=old.slot_count)
 
 
 def _load(pipe, name: str, weights: LoraWeights) -> None:
@@ -218,10 +229,10 @@ def _present(pipe) -> set[str]:
 
 def clear_loras(pipe) -> None:
     """Remove every adapter from ``pipe``: the peft layers give their base layers back, bit-exact."""
-    if _present(pipe) or _ACTIVE.get(pipe):
-        _refuse_streamed(pipe)
-        pipe.unload_lora_weights()
-    _ACTIVE[pipe] = {}
+    if _present(pipe) or _applied.get(pipe):
+        with _streamers_lifted(pipe):
+            pipe.unload_lora_weights()
+    _applied.pop(pipe, None)
 
 
 def set_loras(pipe, loras, allow_pickle: bool = False) -> tuple[ActiveLora, ...]:
@@ -241,7 +252,6 @@ def set_loras(pipe, loras, allow_pickle: bool = False) -> tuple[ActiveLora, ...]
     Raises:
         InvalidArgumentError, ModelNotFoundError, UnsafeWeightsError, OfflineError, ModelLoadError: one line each
             (see :mod:`mlnb.pipeline.loras`); the pipeline keeps the LoRAs it had.
-        UnsupportedPipelineError: the pipeline streams a LoRA component (a budget plan).
 
     Example:
         ```python
@@ -257,32 +267,33 @@ def set_loras(pipe, loras, allow_pickle: bool = False) -> tuple[ActiveLora, ...]
         if name in names[:i]:
             first = specs[names.index(name)].source
             raise InvalidArgumentError(f"LoRA {specs[i].source!r} names the same file as {first!r}")
-    current: dict[str, ActiveLora] = dict(_ACTIVE.get(pipe, {}))
+    current: dict[str, ActiveLora] = dict(_applied.get(pipe, {}))
     new = {name: check_lora(pipe, f, read_lora(f)) for name, f in zip(names, files) if name not in current}
     if not specs:
         clear_loras(pipe)
         return ()
-    _refuse_streamed(pipe)
-    loaded: list[str] = []
-    try:
-        for name, weights in new.items():
-            loaded.append(name)
-            _load(pipe, name, weights)
-        pipe.set_adapters(names, [s.scale for s in specs])
-    except BaseException as exc:
-        _undo(pipe, loaded, current)
-        if not isinstance(exc, Exception):
-            raise
-        failed = new[loaded[-1]].file.shown if loaded else "the LoRAs"
-        raise ModelLoadError(f"could not apply LoRA {failed!r}: {_one_line(exc)}") from None
     dropped = [n for n in current if n not in names]
-    if dropped:
-        pipe.delete_adapters(dropped)
+    # only a change of the adapter layers lifts the streamers (and packs their host regions again), not new scales
+    with _streamers_lifted(pipe) if new or dropped else contextlib.nullcontext():
+        loaded: list[str] = []
+        try:
+            for name, weights in new.items():
+                loaded.append(name)
+                _load(pipe, name, weights)
+            pipe.set_adapters(names, [s.scale for s in specs])
+        except BaseException as exc:
+            _undo(pipe, loaded, current)
+            if not isinstance(exc, Exception):
+                raise
+            failed = new[loaded[-1]].file.shown if loaded else "the LoRAs"
+            raise ModelLoadError(f"could not apply LoRA {failed!r}: {_one_line(exc)}") from None
+        if dropped:
+            pipe.delete_adapters(dropped)
     applied = {}
     for spec, file, name in zip(specs, files, names):
         components = current[name].components if name in current else new[name].components
         applied[name] = ActiveLora(spec, file.path, name, components, adapter_bytes(pipe, name))
-    _ACTIVE[pipe] = applied
+    _applied[pipe] = applied
     logger.debug("LoRAs applied: %s", ", ".join(f"{a} ({a.nbytes} B)" for a in applied.values()))
     return tuple(applied.values())
 

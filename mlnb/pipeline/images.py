@@ -91,17 +91,21 @@ def load_image(value, name: str = "image", mode: str = "RGB"):
     return image.convert(mode) if image.mode != mode else image
 
 
-def check_strength(strength) -> float:
+def check_strength(strength, name: str = "strength") -> float:
     """``strength`` as a float in (0, 1]: how much of the image the generation may change (1: all of it).
+
+    Args:
+        strength: the value given.
+        name: the argument's name, for the messages.
 
     Raises:
         InvalidArgumentError: a value that is not a finite number in (0, 1].
     """
     if isinstance(strength, bool) or not isinstance(strength, numbers.Real):
-        raise InvalidArgumentError(f"strength must be a number in (0, 1], got {strength!r}")
+        raise InvalidArgumentError(f"{name} must be a number in (0, 1], got {strength!r}")
     value = float(strength)
     if not math.isfinite(value) or not 0 < value <= 1:
-        raise InvalidArgumentError(f"strength must be a finite number in (0, 1], got {strength!r}")
+        raise InvalidArgumentError(f"{name} must be a finite number in (0, 1], got {strength!r}")
     return value
 
 
@@ -138,13 +142,14 @@ class ImageInputs:
         return kwargs
 
 
-def image_inputs(image=None, strength=None, mask_image=None) -> ImageInputs | None:
+def image_inputs(image=None, strength=None, mask_image=None, spell=str) -> ImageInputs | None:
     """Check a generation's image arguments together; None for a text-to-image call (no image, mask or strength).
 
     Args:
         image: the start image (a path or a PIL image).
         strength: in (0, 1], or None for the pipeline's default.
         mask_image: the inpainting mask (a path or a PIL image), the image's size.
+        spell: the name a message uses for an argument (``"mask_image"`` -> ``"--mask"`` for the magic).
 
     Raises:
         InvalidArgumentError: a bad image, mask or strength (see :func:`load_image`, :func:`check_strength`), a
@@ -158,18 +163,18 @@ def image_inputs(image=None, strength=None, mask_image=None) -> ImageInputs | No
     """
     if image is None:
         if mask_image is not None or strength is not None:
-            given = "mask_image" if mask_image is not None else "strength"
-            raise InvalidArgumentError(f"{given} needs an image to start from: give image= too")
+            given = spell("mask_image") if mask_image is not None else spell("strength")
+            raise InvalidArgumentError(f"{given} needs an image to start from: give {spell('image')} too")
         return None
-    picture = load_image(image, "image")
-    value = check_strength(strength) if strength is not None else None
+    picture = load_image(image, spell("image"))
+    value = check_strength(strength, spell("strength")) if strength is not None else None
     mask = None
     if mask_image is not None:
-        mask = load_image(mask_image, "mask_image", mode="L")
+        mask = load_image(mask_image, spell("mask_image"), mode="L")
         if mask.size != picture.size:
             raise InvalidArgumentError(
-                f"mask_image is {mask.size[0]}×{mask.size[1]} but the image is {picture.size[0]}×{picture.size[1]}: "
-                "give a mask of the image's size"
+                f"{spell('mask_image')} is {mask.size[0]}×{mask.size[1]} but the image is "
+                f"{picture.size[0]}×{picture.size[1]}: give a mask of the image's size"
             )
     return ImageInputs(picture, mask, value, _source(image), _source(mask_image) if mask_image is not None else None)
 

@@ -34,6 +34,7 @@ from .files import (
     check_local_weights, default_dtype, dtype_name, parameters_of, parse_dtype, pipeline_parameters, reads_pickle,
     resolve_model,
 )
+from .loras import parse_loras
 from .managed import ManagedPipeline
 from .result import plan_title
 from .validation import FROM_PRETRAINED_KEYWORDS, check_load_keywords, text_to_image_parameters
@@ -53,9 +54,13 @@ def load_pipeline(
     device: Device | None = None,
     config: MemoryOptimizationConfig | None = None,
     budget: int | str | None = None,
+    loras=None,
     **from_pretrained_kwargs,
 ) -> ManagedPipeline:
     """Load a diffusers pipeline, fit it to GPU memory, and cache it by (model, dtype, memory setting).
+
+    The LoRAs are not part of the cache key: the same model with other LoRAs is the cached pipeline with its adapter
+    set changed (:meth:`ManagedPipeline.set_loras`), which reads no base weight again.
 
     Args:
         model: a hub id (``org/name``) or a local diffusers folder.
@@ -63,11 +68,15 @@ def load_pipeline(
             ``"aggressive"`` or ``"ultra"``.
         dtype: weights dtype; default fp16 on CUDA (bf16 for transformer pipelines where supported), fp32 on CPU.
             ``torch_dtype`` is taken as the same argument.
-        allow_pickle: accept pickle weights. Off by default: pickle can run code when loaded.
+        allow_pickle: accept pickle weights, of the model and of its LoRAs. Off by default: pickle can run code
+            when loaded.
         device: the device to use (default: the current device).
         config: explicit technique settings (overrides ``level``'s; a different ``level`` beside it is an error).
         budget: a VRAM budget (``"4GiB"``, ``"3.75 GiB"`` or bytes) instead of a level: the planner keeps what fits
             resident and streams the rest (see :mod:`mlnb.planner`); it prints its predicted peak. Overrides ``level``.
+        loras: the LoRAs to apply, unfused: ``[path_or_id | (path_or_id, scale) | "PATH:SCALE", ...]``
+            (``.safetensors`` files, folders holding one, or hub ids); ``[]`` removes the cached pipeline's LoRAs,
+            None (the default) leaves them as they are.
         **from_pretrained_kwargs: passed to ``DiffusionPipeline.from_pretrained``: its own arguments (``variant``,
             ``revision``, ``token``...) and the pipeline's components (``scheduler=``). Any other name is refused.
 
@@ -78,14 +87,19 @@ def load_pipeline(
         InvalidArgumentError: an argument that breaks a rule, or a keyword neither ``load_pipeline`` nor
             ``from_pretrained`` takes, before anything loads.
         LoadInterrupted: Ctrl-C while loading; its memory was freed and nothing was cached.
+        ModelNotFoundError, UnsafeWeightsError, ModelLoadError, OfflineError: a LoRA that cannot be applied (one
+            line); the pipeline is loaded and cached without the new LoRAs.
 
     Example:
         ```python
         >>> import mlnb
         >>> pipe = mlnb.load_pipeline("stabilityai/stable-diffusion-xl-base-1.0", budget="3.75GiB")
         >>> result = pipe.generate("a watercolor fox", steps=20, seed=1)
+        >>> styled = mlnb.load_pipeline("stabilityai/stable-diffusion-xl-base-1.0", budget="3.75GiB",
+        ...                             loras=[("ink.safetensors", 0.8)])  # the same pipeline, with a LoRA
         ```
     """
+    specs = parse_loras(loras) if loras is not None else None  # a bad spec is refused before anything loads
     setting = MemorySetting.from_arguments(level, budget, config)
     if not isinstance(model, (str, os.PathLike)):
         raise InvalidArgumentError(f"model must be a hub id (org/name) or a folder path, got {type(model).__name__}")
@@ -93,7 +107,10 @@ def load_pipeline(
         if dtype is not None:
             raise InvalidArgumentError("dtype and torch_dtype are one argument: give dtype")
         dtype = from_pretrained_kwargs.pop("torch_dtype")
-    return _load_pipeline(model, setting, dtype, allow_pickle, device, from_pretrained_kwargs, check_keywords=True)
+    managed = _load_pipeline(model, setting, dtype, allow_pickle, device, from_pretrained_kwargs, check_keywords=True)
+    if specs is not None:
+        managed.set_loras(specs, allow_pickle=allow_pickle)
+    return managed
 
 
 def load(model: str | os.PathLike, setting: MemorySetting, dtype=None, allow_pickle: bool = False,

@@ -23,10 +23,15 @@ from ..planner import (
     LearningContext, ModelFacts, Plan, StepTimer, Workload, learning, model_key, native_size, room_needed,
     streamers_of,
 )
+from ..planner.blocks import with_adapters
 from ..setting import MemorySetting
 from ..units import format_bytes
 from . import cache
+from .adapters import ActiveLora, active_loras
+from .adapters import set_loras as apply_loras
 from .files import dtype_name
+from .images import pipeline_for
+from .loras import LoraSpec
 from .result import GenerationResult
 from .validation import GenerationArgs, check_progress, text_to_image_parameters
 
@@ -68,7 +73,8 @@ class ManagedPipeline:
         self.read_pickle = read_pickle  # its weights may have come from pickle files (loaded with allow_pickle)
         self.setting = setting
         self.plan = plan
-        self.plan_facts = plan_facts  # the weight bytes the plan was made from (before fp8 storage)
+        self.plan_facts = plan_facts  # the weight bytes the plan was made from (before fp8 storage), adapters added
+        self._base_facts = plan_facts  # the same without adapters
         self.model = model
         self.dtype = dtype
         self.choice = choice
@@ -81,6 +87,9 @@ class ManagedPipeline:
         self.last_used = 0  # the cache's use order (mlnb.pipeline.cache.touch)
         self.unloaded_for: str | None = None  # the model it was unloaded to make room for (mlnb.pipeline.cache)
         self.unloaded_why: str | None = None  # said when it is used after mlnb unloaded it
+        # the LoRAs asked for last, kept past an unload so a reload (the OOM rescue) applies them again
+        self.lora_specs: tuple[LoraSpec, ...] = ()
+        self.loras_allow_pickle = False
 
     @property
     def level(self) -> OptimizationLevel:
@@ -175,6 +184,51 @@ class ManagedPipeline:
         """What the planner's learning reads of this pipeline now (its plan may have been replaced since loading)."""
         return LearningContext(self.device, self.model_key, self.pipe, self.plan, self.plan_facts, self.techniques)
 
+    # -- LoRAs -----------------------------------------------------------------------------------------------------
+
+    @property
+    def loras(self) -> tuple[ActiveLora, ...]:
+        """The active LoRAs, in the order given, each with its spec (source, scale), adapter name and bytes."""
+        return active_loras(self.pipe) if self.pipe is not None else ()
+
+    def set_loras(self, loras, allow_pickle: bool = False) -> tuple[ActiveLora, ...]:
+        """Apply exactly these LoRAs, unfused; an empty list removes them all and gives back the base weights
+        bit-exactly. LoRAs already active are kept (only weighted anew), new ones are read and checked before any
+        is applied, and no base weight is read from disk. It waits for a generation running in another thread.
+
+        Args:
+            loras: ``[path_or_id | (path_or_id, scale) | "PATH:SCALE" | LoraSpec, ...]``: ``.safetensors`` files,
+                folders holding one, or hub ids.
+            allow_pickle: accept pickle LoRA files (``.bin``, ``.pt``, ``.ckpt``). Off by default: pickle can run
+                code when loaded.
+
+        Returns:
+            The active LoRAs (:attr:`loras`).
+
+        Raises:
+            InvalidArgumentError, ModelNotFoundError, UnsafeWeightsError, OfflineError, ModelLoadError: one line
+                each, and the pipeline keeps the LoRAs it had.
+
+        Example:
+            ```python
+            >>> pipe = mlnb.load_pipeline(folder)
+            >>> pipe.set_loras(["ink.safetensors", ("paper.safetensors", 0.6)])
+            >>> pipe.set_loras([])  # the base model again
+            ```
+        """
+        interrupted = GenerationInterrupted(
+            f"interrupted while waiting for the generation of {self.model!r} in another thread; its LoRAs are "
+            "unchanged"
+        )
+        with self.hold("changing its LoRAs", interrupted):
+            self._check_loaded()
+            active = apply_loras(self.pipe, loras, allow_pickle)
+            if self._base_facts is not None:  # the plan's predictions count the adapters where they live
+                self.plan_facts = with_adapters(self._base_facts, self.pipe)
+            self.lora_specs = tuple(a.spec for a in active)
+            self.loras_allow_pickle = bool(allow_pickle)
+            return active
+
     # -- generating ------------------------------------------------------------------------------------------------
 
     def generate(
@@ -188,9 +242,15 @@ class ManagedPipeline:
         height: int | None = None,
         num_images: int = 1,
         progress: Callable[[int, int], None] | None = None,
+        image=None,
+        strength: float | None = None,
+        mask_image=None,
         **pipeline_kwargs,
     ) -> GenerationResult:
         """Generate images; memory is measured and cleaned up whatever happens.
+
+        With ``image`` it is image-to-image, and with ``mask_image`` too inpainting, run by diffusers' pipeline for
+        that task made from the loaded components (no weight is read or copied; LoRAs and offloading apply alike).
 
         Args:
             prompt: the text prompt.
@@ -200,7 +260,13 @@ class ManagedPipeline:
             seed: the seed; drawn at random and recorded when None. The same seed gives the same image.
             width, height: pixels, multiples of 8 (the model's native size when None).
             num_images: images per prompt.
-            progress: called as ``progress(step, total)`` after each denoising step.
+            progress: called as ``progress(step, total)`` after each denoising step (``total``: the steps that
+                run, ``strength`` × ``steps`` from an image).
+            image: the start image (a path or a PIL image). Image-to-image makes an image of its size (rounded
+                down to a multiple of 8) and takes no ``width``/``height``; inpainting takes them (default: the
+                image's size).
+            strength: how much of the image may change, in (0, 1]; the derived pipeline's default when None.
+            mask_image: the inpainting mask (a path or a PIL image of the image's size; white is repainted).
             **pipeline_kwargs: passed through to the pipeline call, except what generate sets itself
                 (``num_inference_steps``, ``generator``, ``guidance_scale``, ``num_images_per_prompt``, ``width``,
                 ``height``, ``output_type``...): those are refused with the argument to use. A
@@ -218,10 +284,11 @@ class ManagedPipeline:
             ```python
             >>> result = mlnb.load_pipeline(folder).generate("a watercolor fox", steps=20, seed=1)
             >>> result.images[0], result.report_line()
+            >>> pipe.generate("the same fox in ink", image=result.image, strength=0.6, seed=1)
             ```
         """
         args = GenerationArgs.checked(prompt, negative_prompt, steps, guidance, seed, width, height, num_images,
-                                      **pipeline_kwargs)
+                                      image=image, strength=strength, mask_image=mask_image, **pipeline_kwargs)
         check_progress(progress)
         return self.run(args, progress)
 
@@ -241,24 +308,39 @@ class ManagedPipeline:
         with self.hold("this generation", interrupted):  # a second caller (the dashboard's button) waits
             return self._generate(args, progress, rescued_from, notes)
 
-    def _generate(self, args: GenerationArgs, progress, rescued_from, notes) -> GenerationResult:
-        entered = time.perf_counter()
+    def _check_loaded(self) -> None:
         if self.pipe is None:
             why = f" {self.unloaded_why}" if self.unloaded_why else ""
             raise InvalidArgumentError(
                 f"pipeline {self.model!r} was unloaded{why}; load it again with mlnb.load_pipeline"
             )
+
+    def _generate(self, args: GenerationArgs, progress, rescued_from, notes) -> GenerationResult:
+        entered = time.perf_counter()
+        self._check_loaded()
         cache.touch(self)
-        default_w, default_h = self.default_size()
-        width = default_w if args.width is None else args.width
-        height = default_h if args.height is None else args.height
-        steps, num_images = args.steps, args.num_images
+        runner = pipeline_for(self.pipe, args.task)  # the loaded pipeline, or its img2img/inpaint twin
+        width, height = self._size(args)
+        num_images = args.num_images
         seed = secrets.randbits(31) if args.seed is None else args.seed
         pipeline_kwargs = dict(args.pipeline_kwargs)
         user_callback = pipeline_kwargs.pop("callback_on_step_end", None)  # runs after mlnb's own
-        accepted = text_to_image_parameters(self.pipe)
-        kwargs = self._call_kwargs(accepted, args.prompt, args.negative_prompt, steps, args.guidance, seed, width,
-                                   height, num_images)
+        text_to_image_parameters(self.pipe)
+        accepted = set(inspect.signature(runner.__call__).parameters)
+        kwargs = self._call_kwargs(accepted, args.prompt, args.negative_prompt, args.steps, args.guidance, seed,
+                                   width, height, num_images)
+        strength = None
+        if args.inputs is not None:
+            kwargs.update(args.inputs.call_kwargs())
+            strength = args.inputs.strength if args.inputs.strength is not None else _default(runner, "strength")
+            if "width" not in accepted:  # image-to-image: the image's size
+                del kwargs["width"], kwargs["height"]
+            if int(args.steps * strength) < 1:  # the pipeline's own default strength (a given one is checked)
+                raise InvalidArgumentError(
+                    f"{type(runner).__name__}'s default strength {strength:g} of {args.steps} steps runs no "
+                    "denoising step: give more steps or a strength"
+                )
+        steps = _denoising_steps(args.steps, strength)
         timer = StepTimer.on(self.device)
         loop: dict[int, dict[str, int]] = {}  # the allocator's counters after the first and the last step
 
@@ -279,10 +361,8 @@ class ManagedPipeline:
             self._predict_warning_over_budget(work) if self.device.has_memory_counters else (None, None)
         )
         self._make_room(predicted_peak)
-        guidance = args.guidance
-        if guidance is None:
-            sig = inspect.signature(self.pipe.__call__).parameters.get("guidance_scale")
-            guidance = sig.default if sig is not None and sig.default is not inspect.Parameter.empty else None
+        guidance = args.guidance if args.guidance is not None else _default(runner, "guidance_scale")
+        loras = tuple(a.spec for a in active_loras(self.pipe))
 
         config = self.config
         context = self.learning_context()
@@ -291,7 +371,7 @@ class ManagedPipeline:
         monitor = MemoryMonitor(
             self.device, collect="if_needed" if config.gc_collect else False, empty_cache=config.cuda_cache_clear
         )
-        images, start, seconds, cleaned = self._call(kwargs, timer, blocks, monitor)
+        images, start, seconds, cleaned = self._call(runner, kwargs, timer, blocks, monitor)
         allocator_in_steps = {}
         if loop.get(0) and steps > 1 and loop.get(steps - 1):
             allocator_in_steps = {k: v - loop[0][k] for k, v in loop[steps - 1].items()}
@@ -302,9 +382,10 @@ class ManagedPipeline:
             after=time.perf_counter() - cleaned,
         )
         params = dict(
-            prompt=args.prompt, negative_prompt=args.negative_prompt, steps=steps, guidance=guidance,
+            prompt=args.prompt, negative_prompt=args.negative_prompt, steps=args.steps, guidance=guidance,
             width=width, height=height, num_images=num_images,
         )
+        inputs = args.inputs
         result = GenerationResult(
             images=images, seed=seed, params=params, memory=monitor.report, seconds=seconds,
             level=self.level, techniques=self.techniques, model=self.model, setting=self.setting,
@@ -312,7 +393,9 @@ class ManagedPipeline:
             predicted_peak=predicted_peak, predicted_seconds=predicted_seconds,
             step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
             first_step_seconds=timer.first_seconds, phase_seconds=phase_seconds,
-            allocator_in_steps=allocator_in_steps,
+            allocator_in_steps=allocator_in_steps, loras=loras,
+            image_source=inputs.image_source if inputs is not None else None,
+            mask_source=inputs.mask_source if inputs is not None else None, strength=strength,
         )
         cache.remember(result)
         return result
@@ -331,18 +414,33 @@ class ManagedPipeline:
                 f"interrupted while making room on the GPU; {self.model!r} stays loaded"
             ) from None
 
-    def _call(self, kwargs: dict, timer: StepTimer, blocks, monitor: MemoryMonitor) -> tuple[list, float, float, float]:
-        """The pipeline call inside ``monitor``: (images, when the call started, its seconds, when the monitor's
-        cleanup ended). Streamed blocks go home whatever happens; an interrupt is a one-line error."""
+    def _size(self, args: GenerationArgs) -> tuple[int, int]:
+        """The output's size: the one given, else the start image's (rounded down to a multiple of the VAE's 8),
+        else the model's native size."""
+        if args.inputs is not None:
+            w, h = args.inputs.image.size
+            default_w, default_h = max(8, w // 8 * 8), max(8, h // 8 * 8)
+        else:
+            default_w, default_h = self.default_size()
+        return (default_w if args.width is None else args.width, default_h if args.height is None else args.height)
+
+    def _call(self, runner, kwargs: dict, timer: StepTimer, blocks, monitor: MemoryMonitor) -> tuple[
+            list, float, float, float]:
+        """``runner``'s call inside ``monitor``: (images, when the call started, its seconds, when the monitor's
+        cleanup ended). Streamed blocks go home whatever happens; an interrupt is a one-line error. A derived
+        pipeline (image-to-image, inpainting) has no list of model offload's hooks: the loaded pipeline's
+        ``maybe_free_model_hooks`` offloads the last component it ran."""
         try:
             with monitor:
                 start = time.perf_counter()
                 try:
                     timer.begin()
                     with blocks:
-                        output = self.pipe(**kwargs)
+                        output = runner(**kwargs)
                     images = list(output.images)
                     del output
+                    if runner is not self.pipe and hasattr(self.pipe, "maybe_free_model_hooks"):
+                        self.pipe.maybe_free_model_hooks()
                     timer.finish()
                     for streamer in streamers_of(self.pipe):  # slots kept across the steps (a decode drops them)
                         streamer.release()
@@ -421,6 +519,20 @@ class ManagedPipeline:
             f"ManagedPipeline({self.model!r}, {dtype_name(self.dtype)}, level {self.level.value}: "
             f"{self.techniques.summary()}{bf16}; {format_bytes(self.weight_bytes)} weights, {state})"
         )
+
+
+def _default(pipe, name: str):
+    """The default of ``pipe``'s call argument ``name``, or None."""
+    parameter = inspect.signature(pipe.__call__).parameters.get(name)
+    if parameter is None or parameter.default is inspect.Parameter.empty:
+        return None
+    return parameter.default
+
+
+def _denoising_steps(steps: int, strength: float | None) -> int:
+    """The denoising steps a call runs: all of them from text, ``int(steps × strength)`` from an image (as
+    diffusers' image-to-image and inpainting pipelines count them)."""
+    return steps if strength is None else max(1, min(steps, int(steps * strength)))
 
 
 def _model_key(pipe, dtype) -> str | None:

@@ -105,8 +105,8 @@ def generate_with_rescue(managed: ManagedPipeline, args: GenerationArgs | None =
                 f"out of GPU memory at level ultra for {width}×{height} ×{args.num_images}; {hint}"
             ) from None
         logger.warning("out of memory at level %s (%s); retrying at %s", managed.level.value, first_error, stronger.value)
-        retry = load(managed.model, MemorySetting.of_level(stronger), dtype=managed.dtype, device=device,
-                     **managed.load_kwargs)
+        retry = _with_loras(load(managed.model, MemorySetting.of_level(stronger), dtype=managed.dtype,
+                                 device=device, **managed.load_kwargs), managed)
         tried, again = f"level {rescued_from.value}", stronger.value
         note = f"out of memory at {rescued_from.value}"
     result, _ = _generate_unless_oom(retry, args, progress, rescued_from=rescued_from, notes=(note,))
@@ -118,8 +118,17 @@ def generate_with_rescue(managed: ManagedPipeline, args: GenerationArgs | None =
 
 
 def _load_again(managed: ManagedPipeline) -> ManagedPipeline:
-    """``managed``'s pipeline loaded again as it was asked for: auto, the same budget, or the same level or config."""
-    return load(managed.model, managed.setting, dtype=managed.dtype, device=managed.device, **managed.load_kwargs)
+    """``managed``'s pipeline loaded again as it was asked for: auto, the same budget, or the same level or config,
+    with its LoRAs."""
+    return _with_loras(load(managed.model, managed.setting, dtype=managed.dtype, device=managed.device,
+                            **managed.load_kwargs), managed)
+
+
+def _with_loras(retry: ManagedPipeline, managed: ManagedPipeline) -> ManagedPipeline:
+    """``retry`` with the LoRAs ``managed`` generated with: a retry makes the image that was asked for."""
+    if retry is not managed and (managed.lora_specs or retry.lora_specs):
+        retry.set_loras(managed.lora_specs, allow_pickle=managed.loras_allow_pickle)
+    return retry
 
 
 def _generate_unless_oom(managed: ManagedPipeline, args: GenerationArgs, progress, **rescue) -> tuple[
@@ -155,4 +164,4 @@ def _safer_plan(managed: ManagedPipeline, first_error: str) -> tuple[ManagedPipe
         retry = load(managed.model, MemorySetting.of_level(OptimizationLevel.ULTRA), **kwargs)
         again = "ultra"
     logger.warning("out of memory with the %s (%s); retrying with the %s", tried, first_error, again)
-    return retry, tried, again
+    return _with_loras(retry, managed), tried, again

@@ -20,6 +20,7 @@ from ..units import format_bytes, format_gib
 
 if TYPE_CHECKING:
     from ..planner import Plan
+    from .loras import LoraSpec
 
 __all__ = ["GenerationResult", "check_targets", "plan_title", "save_images", "save_paths", "IMAGE_SUFFIXES"]
 
@@ -57,6 +58,13 @@ class GenerationResult:
         allocator_in_steps: on CUDA, what the caching allocator did from the end of the first step to the end of the
             last (``num_alloc_retries``, ``num_device_alloc``, ``num_device_free`` ...): frees there synchronized
             the device in the middle of the steps.
+        loras: the LoRAs the pipeline ran with (each a :class:`~mlnb.pipeline.loras.LoraSpec`: source and scale),
+            in the order given.
+        image_source: the start image of an image-to-image or inpainting generation as given (its path, or what
+            the PIL image was); None for text-to-image.
+        mask_source: the inpainting mask as given; None otherwise.
+        strength: the strength the derived pipeline ran with (its own default when none was given); None for
+            text-to-image.
     """
 
     images: list
@@ -78,11 +86,38 @@ class GenerationResult:
     first_step_seconds: float | None = None
     phase_seconds: dict[str, float] = field(default_factory=dict)
     allocator_in_steps: dict[str, int] = field(default_factory=dict)
+    loras: tuple[LoraSpec, ...] = field(default=())
+    image_source: str | None = None
+    mask_source: str | None = None
+    strength: float | None = None
 
     @property
     def image(self):
         """The first image."""
         return self.images[0]
+
+    @property
+    def task(self) -> str:
+        """``"text2img"``, ``"img2img"`` or ``"inpaint"``."""
+        if self.image_source is None:
+            return "text2img"
+        return "inpaint" if self.mask_source is not None else "img2img"
+
+    def inputs_line(self) -> str:
+        """``img2img from fox.png, strength 0.6 · LoRAs ink:0.7, paper`` ('' for text-to-image without LoRAs): what
+        the generation started from, each file by its name."""
+        parts = []
+        if self.image_source is not None:
+            start = f"{self.task} from {_short(self.image_source)}"
+            if self.mask_source is not None:
+                start += f" masked by {_short(self.mask_source)}"
+            if self.strength is not None:
+                start += f", strength {self.strength:g}"
+            parts.append(start)
+        if self.loras:
+            shown = ", ".join(_short(s.source) + ("" if s.scale == 1 else f":{s.scale:g}") for s in self.loras)
+            parts.append(f"LoRA{'s' if len(self.loras) > 1 else ''} {shown}")
+        return " · ".join(parts)
 
     def report_line(self) -> str:
         """``1024×1024 · 30 steps · 41.2 s · peak 3.7 / 4.0 GiB · level ultra (...) · freed 3.6 GiB``."""
@@ -92,6 +127,8 @@ class GenerationResult:
             parts[0] += f" ×{p['num_images']}"
         parts.append(f"{p['steps']} step" + ("" if p["steps"] == 1 else "s"))
         parts.append(f"{self.seconds:.1f} s")
+        if self.image_source is not None or self.loras:
+            parts.append(self.inputs_line())
         mem = self.memory
         if mem.gpu:
             total = f" / {format_gib(mem.device_total)}" if mem.device_total else ""
@@ -144,6 +181,15 @@ def plan_title(plan: Plan, setting: MemorySetting) -> str:
     """``plan for 3.75 GiB: stream, 24 blocks streamed (...), 16 resident``: the budget as ``setting`` gives it when
     it is that setting's (the user's number and unit), else rounded (a plan auto made for the free memory)."""
     return f"plan for {setting.show_budget(plan.budget)}: {plan.summary()}"
+
+
+def _short(source: str) -> str:
+    """A path by its file or folder name; a hub id or a PIL image's description as it is."""
+    if "/" not in source and "\\" not in source:
+        return source
+    if source.startswith(("/", ".", "~")) or "\\" in source or Path(source).exists():
+        return Path(source.rstrip("/\\")).name or source
+    return source  # a hub id, org/name
 
 
 def _png_b64(image) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import InvalidArgumentError, UnsupportedPipelineError
+from .images import ImageInputs, ImageTask, image_inputs
 
 __all__ = [
     "GenerationArgs",
@@ -52,6 +53,8 @@ class GenerationArgs:
         width, height: pixels, multiples of 8 (the model's native size when None).
         num_images: images per prompt.
         pipeline_kwargs: further arguments of the pipeline's call (a ``callback_on_step_end`` among them).
+        inputs: the start image, mask and strength of an image-to-image or inpainting generation, opened and
+            checked; None for text-to-image.
     """
 
     prompt: str
@@ -63,6 +66,12 @@ class GenerationArgs:
     height: int | None = None
     num_images: int = 1
     pipeline_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    inputs: ImageInputs | None = None
+
+    @property
+    def task(self) -> ImageTask:
+        """Text-to-image, image-to-image or inpainting."""
+        return self.inputs.task if self.inputs is not None else ImageTask.TEXT_TO_IMAGE
 
     @classmethod
     def checked(
@@ -76,12 +85,18 @@ class GenerationArgs:
         height: int | None = None,
         num_images: int = 1,
         spell: Callable[[str], str] = str,
+        image=None,
+        strength: float | None = None,
+        mask_image=None,
         **pipeline_kwargs,
     ) -> GenerationArgs:
         """Check generation arguments and keep them as the types they are (numpy integers become ints).
 
         Args:
             prompt, negative_prompt, steps, guidance, seed, width, height, num_images: see the attributes.
+            image: the start image of an image-to-image or inpainting generation (a path or a PIL image).
+            strength: how much of the image may change, in (0, 1] (the derived pipeline's default when None).
+            mask_image: the inpainting mask (a path or a PIL image, the image's size; white is repainted).
             spell: the name a message uses for an argument (``"num_images"`` -> ``"--num-images"`` for the magic).
             **pipeline_kwargs: passed on to the pipeline's call, except what generate sets itself
                 (``num_inference_steps``, ``generator``, ``guidance_scale``, ``output_type``...), which is refused with
@@ -121,11 +136,30 @@ class GenerationArgs:
                 f"{spell('negative_prompt')} must be a string, got {type(negative_prompt).__name__}"
             )
         _check_pipeline_kwargs(pipeline_kwargs)
+        inputs = image_inputs(image, strength, mask_image, spell=spell)
+        if inputs is not None:
+            _check_image_task(inputs, int(steps), width, height, spell)
         return cls(
             prompt=prompt, negative_prompt=negative_prompt, steps=int(steps),
             guidance=None if guidance is None else float(guidance), seed=None if seed is None else int(seed),
             width=None if width is None else int(width), height=None if height is None else int(height),
-            num_images=int(num_images), pipeline_kwargs=dict(pipeline_kwargs),
+            num_images=int(num_images), pipeline_kwargs=dict(pipeline_kwargs), inputs=inputs,
+        )
+
+
+def _check_image_task(inputs: ImageInputs, steps: int, width, height, spell: Callable[[str], str]) -> None:
+    """Refuse a size for image-to-image (its output is the image's size) and a strength that leaves no step."""
+    if inputs.task is ImageTask.IMAGE_TO_IMAGE and (width is not None or height is not None):
+        given = spell("width") if width is not None else spell("height")
+        w, h = inputs.image.size
+        raise InvalidArgumentError(
+            f"{given}: image-to-image makes an image of the start image's size ({w}×{h}); resize the image, or "
+            "give a mask to inpaint at another size"
+        )
+    if inputs.strength is not None and int(steps * inputs.strength) < 1:
+        raise InvalidArgumentError(
+            f"{spell('strength')} {inputs.strength:g} of {steps} {spell('steps')} runs no denoising step "
+            f"(strength × steps < 1): raise one of them"
         )
 
 
@@ -171,7 +205,7 @@ def text_to_image_parameters(pipe) -> set[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # load_pipeline's keyword arguments
 
-LOAD_PIPELINE_KEYWORDS = frozenset({"model", "level", "dtype", "allow_pickle", "device", "config", "budget"})
+LOAD_PIPELINE_KEYWORDS = frozenset({"model", "level", "dtype", "allow_pickle", "device", "config", "budget", "loras"})
 
 # DiffusionPipeline.from_pretrained's own keyword arguments, diffusers 0.39 to 0.42: what it reads from **kwargs and
 # what its docstring lists (the dtype it gets from load_pipeline's own `dtype`). Anything else it passes to the

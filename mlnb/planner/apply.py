@@ -36,7 +36,7 @@ from ..units import MiB, format_bytes
 from .blocks import model_units, text_encoders
 from .cost import Plan
 from .host_memory import give_back_host_memory, release_mapped_weights
-from .streaming import pin_whole, stream_units
+from .streaming import module_streamer, pin_whole, stream_units
 
 logger = logging.getLogger(__name__)
 
@@ -94,14 +94,20 @@ def _release_before(streamer, pipe) -> None:
     before its copy, which starts at ``decode``, ahead of its first module."""
     import torch
 
+    denoiser = denoiser_of(pipe)
+
+    def release(*_) -> None:  # the denoiser's streamer now: changing LoRAs streams its units anew
+        current = module_streamer(denoiser) or streamer
+        current.release()
+
     vae = getattr(pipe, "vae", None)
     whole = getattr(vae, "_mlnb_whole", None)
     if whole is not None:
-        whole.before_onload = streamer.release
+        whole.before_onload = release
     parts = [getattr(vae, name, None) for name in ("post_quant_conv", "decoder")] if vae is not None else []
     for module in parts + list(text_encoders(pipe).values()):
         if isinstance(module, torch.nn.Module):
-            module.register_forward_pre_hook(lambda module, args: streamer.release())
+            module.register_forward_pre_hook(release)
 
 
 def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_device=None) -> OptimizationReport:

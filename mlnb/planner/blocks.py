@@ -21,7 +21,7 @@ from .cost import Block, ModelFacts
 from .models import denoiser_family, execution_order
 
 __all__ = ["MAX_BLOCK", "model_facts", "model_key", "denoiser_blocks", "denoiser_units", "model_units",
-           "text_encoders"]
+           "text_encoders", "with_adapters"]
 
 MAX_BLOCK = 256 * MiB  # units larger than this are split into their children (read when a pipeline is split)
 
@@ -123,6 +123,38 @@ def model_facts(pipe, max_block: int | None = None) -> ModelFacts:
         denoiser_other=module_bytes(denoiser) - sum(b.nbytes for b in blocks),
         bytes_per_param=bytes_per_param,
         encoder_slots=max(slots, default=None),
+    )
+
+
+def _adapter_bytes(module) -> int:
+    """Bytes of the LoRA adapter weights (peft's ``lora_*`` parameters) inside ``module``."""
+    return sum(p.numel() * p.element_size() for n, p in module.named_parameters() if ".lora_" in f".{n}")
+
+
+def with_adapters(facts: ModelFacts, pipe) -> ModelFacts:
+    """``facts`` (made before any LoRA was applied) with the bytes of ``pipe``'s LoRA adapters added where they
+    live: a denoiser block's adapters to that block (they are streamed with it, or resident with it), the rest of
+    the denoiser's to its resident part, a text encoder's to that encoder.
+
+    Args:
+        facts: the pipeline's facts without adapters (:func:`model_facts` before the LoRAs).
+        pipe: the pipeline, with its adapters applied.
+    """
+    import dataclasses
+
+    denoiser = denoiser_of(pipe)
+    if denoiser is None:
+        return facts
+    modules = dict(denoiser.named_modules())
+    blocks = tuple(
+        dataclasses.replace(b, nbytes=b.nbytes + _adapter_bytes(modules[b.name])) if b.name in modules else b
+        for b in facts.blocks
+    )
+    in_blocks = sum(b.nbytes for b in blocks) - sum(b.nbytes for b in facts.blocks)
+    encoders = {name: nbytes + _adapter_bytes(getattr(pipe, name)) for name, nbytes in facts.encoders.items()}
+    return dataclasses.replace(
+        facts, blocks=blocks, encoders=encoders,
+        denoiser_other=facts.denoiser_other + _adapter_bytes(denoiser) - in_blocks,
     )
 
 

@@ -8,10 +8,11 @@ generation, and generates with the OOM rescue. The UI then only displays the res
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Callable, Sequence
 
 from ..errors import InvalidArgumentError
 from ..pipeline import loading, rescue
+from ..pipeline.loras import LoraSpec
 from ..pipeline.managed import ManagedPipeline
 from ..pipeline.result import GenerationResult
 from ..pipeline.validation import GenerationArgs
@@ -47,6 +48,7 @@ def generate_images(
     allow_pickle: bool = False,
     progress: Callable[[int, int], None] | None = None,
     loaded: Callable[[ManagedPipeline], None] | None = None,
+    loras: Sequence[LoraSpec] | None = None,
 ) -> GenerationResult:
     """Generate as ``%%generate`` and the dashboard do: the session's model and memory setting where none is given,
     the pipeline loaded (or found in the cache) for them, the model remembered, and the OOM rescue around the
@@ -56,10 +58,12 @@ def generate_images(
         args: what to generate, checked where it was typed.
         model: a hub id or a local folder; the session's when None.
         setting: the memory setting; the session's (``%vram level``) when None.
-        allow_pickle: accept pickle weights (can run code: only for trusted models).
+        allow_pickle: accept pickle weights, of the model and of its LoRAs (can run code: only for trusted files).
         progress: called as ``progress(step, total)`` after each denoising step.
         loaded: called with the pipeline once it is loaded, before the generation starts (a UI says which level
             or plan it runs with, and opens its progress bar).
+        loras: the LoRAs to generate with (the pipeline's set becomes exactly these; empty: none); None leaves the
+            pipeline's set as it is (the dashboard generates with the LoRAs the last cell set).
 
     Returns:
         The :class:`~mlnb.GenerationResult`, also what :func:`mlnb.last_result` returns.
@@ -78,6 +82,8 @@ def generate_images(
     model, setting = resolve(model, setting)
     managed = loading.load(model, setting, allow_pickle=allow_pickle)
     defaults.model = model
+    if loras is not None:  # a bad LoRA is one line, and the pipeline stays loaded with the set it had
+        managed.set_loras(loras, allow_pickle=allow_pickle)
     if loaded is not None:
         loaded(managed)
     return rescue.generate_with_rescue(managed, args, progress)

@@ -13,7 +13,20 @@ from ..setting import MemorySetting
 from ..units import format_bytes
 from .defaults import defaults
 
-__all__ = ["PipelineStatus", "Status", "status", "FreeReport", "free_memory", "memory_rows"]
+__all__ = ["LoraStatus", "PipelineStatus", "Status", "status", "FreeReport", "free_memory", "memory_rows"]
+
+
+@dataclass(frozen=True)
+class LoraStatus:
+    """An active LoRA of a loaded pipeline: as the user gave it, and its adapter weights' bytes."""
+
+    source: str
+    scale: float
+    nbytes: int  # in bytes, in the dtype the adapters compute in
+
+    def __str__(self) -> str:
+        scale = "" if self.scale == 1 else f" at {self.scale:g}"
+        return f"{self.source}{scale}, {format_bytes(self.nbytes)}"
 
 
 @dataclass(frozen=True)
@@ -24,6 +37,7 @@ class PipelineStatus:
     techniques: str
     weights: str  # e.g. "1.9 GiB"
     location: dict[str, str]
+    loras: tuple[LoraStatus, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,6 +65,7 @@ class Status:
         for p in self.pipelines:
             where = ", ".join(f"{k}: {v}" for k, v in p.location.items())
             rows.append((f"pipeline {p.model}", f"{p.dtype}, level {p.level} ({p.techniques}), {p.weights}; {where}"))
+            rows += [("  LoRA", str(lora)) for lora in p.loras]
         return rows
 
     def __str__(self) -> str:
@@ -89,6 +104,7 @@ def status(device: Device | None = None) -> Status:
             model=m.model, dtype=dtype_name(m.dtype), techniques=m.techniques.summary(),
             level=m.level.value if m.plan is None else f"{m.level.value}, plan for {m.setting.show_budget(m.plan.budget)}",
             weights=format_bytes(m.weight_bytes), location=m.weights_location(),
+            loras=tuple(LoraStatus(a.spec.source, a.spec.scale, a.nbytes) for a in m.loras),
         )
         for m in cached_pipelines()
     )

@@ -164,12 +164,13 @@ class Dashboard(widgets.VBox):
 
         with self._lock:
             info = (self.device or get_device()).info()
-            state = gauge_state(info, defaults.setting, _loaded_pipelines())
+            state = gauge_state(info, defaults.setting, _loaded_pipelines(), _active_loras())
             self.state = state
             self.headline.value = f"<b>mlnb</b> · {html.escape(state.headline)}"
             for row, gauge in zip(self.gauge_rows, state.gauges):
                 row.show(gauge)
-            self.level_info.value = f"level: {html.escape(state.level)} · loaded: {html.escape(state.loaded)}"
+            self.level_info.value = (f"level: {html.escape(state.level)} · loaded: {html.escape(state.loaded)}"
+                                     f"<br>LoRAs: {html.escape(state.loras)}")
             self._sync_controls(defaults)
             changed, records, png = self._plot.render()
             if changed:
@@ -282,7 +283,7 @@ class Dashboard(widgets.VBox):
         self.refresh()
 
 
-def _loaded_pipelines() -> list[tuple[str, str]]:
+def _cached() -> list:
     import sys
 
     # Only ask the pipeline cache when it exists: a session that never loaded a model has none to list.
@@ -290,7 +291,15 @@ def _loaded_pipelines() -> list[tuple[str, str]]:
         return []
     from ..pipeline import cached_pipelines
 
-    return [(m.model, m.level.value) for m in cached_pipelines()]
+    return cached_pipelines()
+
+
+def _loaded_pipelines() -> list[tuple[str, str]]:
+    return [(m.model, m.level.value) for m in _cached()]
+
+
+def _active_loras() -> list[tuple[str, float, int]]:
+    return [(a.spec.source, a.spec.scale, a.nbytes) for m in _cached() for a in m.loras]
 
 
 def _close_tree(widget) -> None:

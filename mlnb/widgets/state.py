@@ -86,6 +86,8 @@ class GaugeState:
         gauges: VRAM device-wide (NVML), VRAM reserved by torch, host RAM, in that order.
         level: the default level, and what ``auto`` would pick now from free VRAM.
         loaded: the loaded pipelines and their levels.
+        loras: the active LoRAs of the loaded pipelines with their scales and bytes (``"none"`` when there are
+            none).
     """
 
     device: str
@@ -93,6 +95,7 @@ class GaugeState:
     gauges: tuple[Gauge, ...]
     level: str
     loaded: str
+    loras: str = "none"
 
     @property
     def headline(self) -> str:
@@ -102,7 +105,7 @@ class GaugeState:
         width = max(len(g.label) for g in self.gauges)
         rows = [self.headline]
         rows += [f"{g.label:<{width}}  {g.text}" for g in self.gauges]
-        rows += [f"level: {self.level}", f"loaded: {self.loaded}"]
+        rows += [f"level: {self.level}", f"loaded: {self.loaded}", f"LoRAs: {self.loras}"]
         return rows
 
     def __str__(self) -> str:
@@ -110,13 +113,15 @@ class GaugeState:
 
 
 def gauge_state(info: DeviceInfo, default: MemorySetting = AUTO_SETTING,
-                pipelines: Sequence[tuple[str, str]] = ()) -> GaugeState:
+                pipelines: Sequence[tuple[str, str]] = (),
+                loras: Sequence[tuple[str, float, int]] = ()) -> GaugeState:
     """Compute the gauges from device facts (pure: no widgets, no torch).
 
     Args:
         info: the device facts, from ``get_device().info()``.
         default: the session's memory setting, ``mlnb.session.defaults.setting``.
         pipelines: ``(model, level)`` of each loaded pipeline.
+        loras: ``(source, scale, bytes)`` of each active LoRA of the loaded pipelines.
 
     Example:
         ```python
@@ -147,7 +152,12 @@ def gauge_state(info: DeviceInfo, default: MemorySetting = AUTO_SETTING,
         budget = " budget" if default.budget is not None else ""  # %vram level 4GiB
         level = f"{default}{budget} (set by the user)"
     loaded = ", ".join(f"{_short_model(model)} at {lvl}" for model, lvl in pipelines) or "none"
-    return GaugeState(device=info.name, gpu=info.available, gauges=(nvml, reserved, host), level=level, loaded=loaded)
+    active = ", ".join(
+        f"{_short_model(source)}{'' if scale == 1 else f':{scale:g}'} ({format_bytes(nbytes)})"
+        for source, scale, nbytes in loras
+    ) or "none"
+    return GaugeState(device=info.name, gpu=info.available, gauges=(nvml, reserved, host), level=level, loaded=loaded,
+                      loras=active)
 
 
 def _short_model(model: str) -> str:
