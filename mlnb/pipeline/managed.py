@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 import secrets
 import threading
@@ -29,6 +28,7 @@ from ..units import format_bytes
 from . import cache
 from .adapters import ActiveLora, active_loras
 from .adapters import set_loras as apply_loras
+from .call import call_arguments, call_default, output_size
 from .files import dtype_name
 from .images import pipeline_for
 from .loras import LoraSpec
@@ -320,27 +320,13 @@ class ManagedPipeline:
         self._check_loaded()
         cache.touch(self)
         runner = pipeline_for(self.pipe, args.task)  # the loaded pipeline, or its img2img/inpaint twin
-        width, height = self._size(args)
+        width, height = output_size(args, self.default_size())
         num_images = args.num_images
         seed = secrets.randbits(31) if args.seed is None else args.seed
         pipeline_kwargs = dict(args.pipeline_kwargs)
         user_callback = pipeline_kwargs.pop("callback_on_step_end", None)  # runs after mlnb's own
         text_to_image_parameters(self.pipe)
-        accepted = set(inspect.signature(runner.__call__).parameters)
-        kwargs = self._call_kwargs(accepted, args.prompt, args.negative_prompt, args.steps, args.guidance, seed,
-                                   width, height, num_images)
-        strength = None
-        if args.inputs is not None:
-            kwargs.update(args.inputs.call_kwargs())
-            strength = args.inputs.strength if args.inputs.strength is not None else _default(runner, "strength")
-            if "width" not in accepted:  # image-to-image: the image's size
-                del kwargs["width"], kwargs["height"]
-            if int(args.steps * strength) < 1:  # the pipeline's own default strength (a given one is checked)
-                raise InvalidArgumentError(
-                    f"{type(runner).__name__}'s default strength {strength:g} of {args.steps} steps runs no "
-                    "denoising step: give more steps or a strength"
-                )
-        steps = _denoising_steps(args.steps, strength)
+        accepted, kwargs, strength, steps = call_arguments(runner, args, seed, width, height)
         timer = StepTimer.on(self.device)
         loop: dict[int, dict[str, int]] = {}  # the allocator's counters after the first and the last step
 
@@ -361,7 +347,7 @@ class ManagedPipeline:
             self._predict_warning_over_budget(work) if self.device.has_memory_counters else (None, None)
         )
         self._make_room(predicted_peak)
-        guidance = args.guidance if args.guidance is not None else _default(runner, "guidance_scale")
+        guidance = args.guidance if args.guidance is not None else call_default(runner, "guidance_scale")
         loras = tuple(a.spec for a in active_loras(self.pipe))
 
         config = self.config
@@ -414,16 +400,6 @@ class ManagedPipeline:
                 f"interrupted while making room on the GPU; {self.model!r} stays loaded"
             ) from None
 
-    def _size(self, args: GenerationArgs) -> tuple[int, int]:
-        """The output's size: the one given, else the start image's (rounded down to a multiple of the VAE's 8),
-        else the model's native size."""
-        if args.inputs is not None:
-            w, h = args.inputs.image.size
-            default_w, default_h = max(8, w // 8 * 8), max(8, h // 8 * 8)
-        else:
-            default_w, default_h = self.default_size()
-        return (default_w if args.width is None else args.width, default_h if args.height is None else args.height)
-
     def _call(self, runner, kwargs: dict, timer: StepTimer, blocks, monitor: MemoryMonitor) -> tuple[
             list, float, float, float]:
         """``runner``'s call inside ``monitor``: (images, when the call started, its seconds, when the monitor's
@@ -461,25 +437,6 @@ class ManagedPipeline:
                 f"generation interrupted; memory freed ({monitor.report.summary() if monitor.report else 'N/A'}), "
                 f"{self.model!r} stays loaded"
             ) from None
-
-    def _call_kwargs(self, accepted: set[str], prompt, negative_prompt, steps, guidance, seed, width, height,
-                     num_images) -> dict:
-        """The pipeline call's own arguments (PIL output, a CPU generator seeded with ``seed``)."""
-        import torch
-
-        kwargs = {
-            "prompt": prompt, "num_inference_steps": steps, "width": width, "height": height,
-            "generator": torch.Generator(device="cpu").manual_seed(seed), "output_type": "pil",
-        }
-        if negative_prompt:
-            kwargs["negative_prompt"] = negative_prompt
-        if guidance is not None and "guidance_scale" in accepted:
-            kwargs["guidance_scale"] = float(guidance)
-        if "num_images_per_prompt" in accepted:
-            kwargs["num_images_per_prompt"] = num_images
-        elif num_images != 1:
-            raise UnsupportedPipelineError(f"{type(self.pipe).__name__} makes one image per call")
-        return kwargs
 
     def _predict_warning_over_budget(self, work: Workload) -> tuple[int | None, float | None]:
         """:meth:`predict`, with a warning when the size asked for needs more than the plan's budget."""
@@ -519,20 +476,6 @@ class ManagedPipeline:
             f"ManagedPipeline({self.model!r}, {dtype_name(self.dtype)}, level {self.level.value}: "
             f"{self.techniques.summary()}{bf16}; {format_bytes(self.weight_bytes)} weights, {state})"
         )
-
-
-def _default(pipe, name: str):
-    """The default of ``pipe``'s call argument ``name``, or None."""
-    parameter = inspect.signature(pipe.__call__).parameters.get(name)
-    if parameter is None or parameter.default is inspect.Parameter.empty:
-        return None
-    return parameter.default
-
-
-def _denoising_steps(steps: int, strength: float | None) -> int:
-    """The denoising steps a call runs: all of them from text, ``int(steps × strength)`` from an image (as
-    diffusers' image-to-image and inpainting pipelines count them)."""
-    return steps if strength is None else max(1, min(steps, int(steps * strength)))
 
 
 def _model_key(pipe, dtype) -> str | None:
