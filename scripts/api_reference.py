@@ -18,6 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = ROOT / "docs" / "api.md"
+if str(ROOT) not in sys.path:  # this checkout's mlnb, whatever else is installed
+    sys.path.insert(0, str(ROOT))
 
 INTRO = """\
 # API reference
