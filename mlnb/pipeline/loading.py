@@ -136,6 +136,7 @@ def _load(source: str, is_local: bool, torch_dtype, setting: MemorySetting, devi
     dname = dtype_name(torch_dtype)
     if is_local:  # a refusal needs no room: checked before a cached copy could go to make it
         check_local_weights(source, allow_pickle)
+        files.check_components(source, given=from_pretrained_kwargs)
     _make_host_room(source, torch_dtype)
     try:
         pipe = files.load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle,
