@@ -25,14 +25,15 @@ def run(ip, source: str):
 
 
 def one_line(ip, source: str, capsys) -> str:
-    """Run a cell that must fail with a UsageError shown as exactly one line, no traceback; return the line."""
+    """Run a cell that must fail with a UsageError shown as exactly one line, no traceback; return the line. What a
+    carriage return overwrote (a progress bar opened and cleared) is not shown, as a terminal or a notebook shows it."""
     from IPython.core.error import UsageError
 
     capsys.readouterr()
     result = run(ip, source)
     assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
     captured = capsys.readouterr()
-    text = (captured.out + captured.err).strip()
+    text = "\n".join(line.rsplit("\r", 1)[-1] for line in (captured.out + captured.err).split("\n")).strip()
     assert "Traceback" not in text and text.count("\n") == 0 and text.startswith("UsageError: "), text
     return text
 
@@ -115,3 +116,114 @@ def test_a_component_passed_as_an_object_needs_no_folder(tiny_sd, tmp_path):
     folder, _ = _broken_model(tiny_sd, tmp_path, "missing-component")
     vae = AutoencoderKL.from_pretrained(tiny_sd / "vae")
     assert mlnb.load_pipeline(folder, level="none", vae=vae).pipe.vae is vae
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The preflight: refused in one line before any work
+
+
+@pytest.fixture
+def no_denoising(monkeypatch):
+    """Fails the test if a pipeline's denoiser runs (a refused request runs nothing)."""
+    from diffusers import UNet2DConditionModel
+
+    def refused(*args, **kwargs):
+        pytest.fail("a refused request ran the denoiser")
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", refused)
+
+
+@pytest.fixture
+def host_ram(monkeypatch):
+    """Set the host RAM available now, as the preflight reads it."""
+    import mlnb.device
+
+    def set_available(nbytes: int) -> None:
+        monkeypatch.setattr(mlnb.device, "host_memory", lambda: (64 * 2**30, nbytes))
+
+    return set_available
+
+
+def test_a_size_and_batch_the_cpu_cannot_hold_is_one_line_with_what_fits(ip, tiny_sd, capsys):
+    assert run(ip, f"%%generate --model {tiny_sd} {FAST} --quiet\na fox").success  # loaded and cached
+    last = mlnb.last_result()
+    text = one_line(ip, f"%%generate --model {tiny_sd} --steps 1 --width 4096 --height 4096 --num-images 16\na fox",
+                    capsys)
+    assert text.startswith("UsageError: 4096×4096 ×16 needs about 1305.6 GiB of host RAM for one denoising step or "
+                           "the decode, and "), text
+    assert " is available; the largest that fits: " in text and "with 16 images" in text
+    assert mlnb.last_result() is last and run(ip, "1 + 1").success
+
+
+def test_the_preflight_names_the_largest_batch_and_size_that_fit(tiny_sd, host_ram, no_denoising):
+    from mlnb.errors import InvalidArgumentError
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    host_ram(24 * 2**30)
+    with pytest.raises(InvalidArgumentError) as info:
+        managed.generate("a fox", steps=1, width=2048, height=2048, num_images=4)
+    assert str(info.value) == (
+        "2048×2048 ×4 needs about 81.6 GiB of host RAM for one denoising step or the decode, and 24.0 GiB is "
+        "available; the largest that fits: 1 image at 2048×2048, or 1104×1104 with 4 images")
+    host_ram(512 * 2**20)
+    with pytest.raises(InvalidArgumentError, match=r"^64×64 ×1 needs about 1\.0 GiB .*not even 8×8 fits"):
+        managed.generate("a fox", steps=1, width=64, height=64)
+
+
+def test_a_size_no_level_fits_on_the_card_is_refused_before_the_gpu_is_touched(tiny_sd, no_denoising):
+    from mlnb.errors import InvalidArgumentError
+    from mlnb.testing import FakeDevice
+    from mlnb.units import GiB
+
+    fake = FakeDevice(total=4 * GiB)
+    managed = mlnb.load_pipeline(tiny_sd, level="ultra", device=fake)
+    with pytest.raises(InvalidArgumentError) as info:
+        managed.generate("a fox", steps=1, width=4096, height=4096, num_images=16)
+    assert str(info.value) == (
+        "4096×4096 ×16 needs about 389.1 GiB of GPU memory for one denoising step, and the Fake GPU has 4.0 GiB in "
+        "all; the largest that fits: 408×408 with 16 images")
+    assert fake.peak_allocated == 0
+
+
+def test_the_dashboard_shows_the_preflight_s_line(board, tiny_sd, host_ram):
+    host_ram(8 * 2**30)
+    mlnb.session.defaults.model = str(tiny_sd)
+    panel = board.generate_panel
+    panel.prompt.value = "a fox"
+    panel.steps.value, panel.seed.value, panel.width.value, panel.height.value = 1, "1", "2048", "2048"
+    panel.button.click()
+    assert panel.wait(timeout=60)
+    line = ("2048×2048 ×1 needs about 20.4 GiB of host RAM for one denoising step or the decode, and 8.0 GiB is "
+            "available; the largest that fits: 1280×1280 with 1 image")
+    assert panel.error == line and html.escape(line) in panel.status.value
+
+
+@pytest.mark.parametrize("steps", ["1001", "1000000000"])
+def test_more_steps_than_the_scheduler_has_are_one_line(ip, tiny_sd, capsys, no_denoising, steps):
+    text = one_line(ip, f"%%generate --model {tiny_sd} --steps {steps} --width 64 --height 64\na fox", capsys)
+    assert text == (f"UsageError: steps must be at most 1000: the scheduler (EulerDiscreteScheduler) has 1000 "
+                    f"training steps, got {steps}")
+
+
+def test_the_steps_bound_is_the_scheduler_s_own(tiny_sd):
+    from mlnb.errors import InvalidArgumentError
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    managed.pipe.scheduler.register_to_config(num_train_timesteps=3)
+    with pytest.raises(InvalidArgumentError, match="^steps must be at most 3: .* got 4$"):
+        managed.generate("a fox", steps=4, width=64, height=64)
+    assert managed.generate("a fox", steps=3, width=64, height=64, seed=1).params["steps"] == 3
+
+
+def test_a_guidance_infinite_in_the_compute_dtype_is_one_line(ip, tiny_sd, capsys, no_denoising):
+    text = one_line(ip, f"%%generate --model {tiny_sd} {FAST} --guidance 1e39\na fox", capsys)
+    assert text == ("UsageError: guidance must be at most 3.403e+38, the largest fp32 number (the pipeline computes "
+                    "in fp32), got 1e+39")
+
+
+def test_a_guidance_is_bounded_by_the_pipeline_s_own_dtype(tiny_sd, no_denoising):
+    from mlnb.errors import InvalidArgumentError
+
+    managed = mlnb.load_pipeline(tiny_sd, level="none", dtype="fp16")
+    with pytest.raises(InvalidArgumentError, match=r"^guidance must be at most 6\.55e\+04, the largest fp16 number"):
+        managed.generate("a fox", steps=1, width=64, height=64, guidance=70000.0)

@@ -27,7 +27,10 @@ from ..units import format_bytes
 from . import cache
 from .files import dtype_name
 from .result import GenerationResult
-from .validation import GenerationArgs, check_progress, text_to_image_parameters
+from .validation import (
+    GenerationArgs, activations_needed, check_activations_fit, check_guidance_for_dtype, check_progress,
+    check_steps_for_scheduler, text_to_image_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +255,7 @@ class ManagedPipeline:
         width = default_w if args.width is None else args.width
         height = default_h if args.height is None else args.height
         steps, num_images = args.steps, args.num_images
+        self._preflight(steps, args.guidance, width, height, num_images)
         seed = secrets.randbits(31) if args.seed is None else args.seed
         pipeline_kwargs = dict(args.pipeline_kwargs)
         user_callback = pipeline_kwargs.pop("callback_on_step_end", None)  # runs after mlnb's own
@@ -312,6 +316,35 @@ class ManagedPipeline:
         )
         cache.remember(result)
         return result
+
+    def _preflight(self, steps: int, guidance: float | None, width: int, height: int, num_images: int) -> None:
+        """Refuse, before any work, what this pipeline cannot run: more steps than its scheduler has, a guidance
+        infinite in its compute dtype, or a size and batch whose activations exceed the memory of its device (the
+        card's whole memory on a GPU, the host RAM available now on a CPU)."""
+        import torch
+
+        scheduler = self.pipe.scheduler
+        train_steps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None)
+        check_steps_for_scheduler(steps, train_steps, type(scheduler).__name__)
+        check_guidance_for_dtype(guidance, torch.finfo(self.dtype).max, dtype_name(self.dtype))
+        on_gpu = self.device.has_memory_counters
+        vae = getattr(self.pipe, "vae", None)
+        tile = getattr(vae, "tile_sample_min_size", None) if getattr(vae, "use_tiling", False) else None
+        one_at_a_time = 1 if getattr(vae, "use_slicing", False) else None
+        vae_fp32 = self.dtype.itemsize >= 4 or vae_needs_upcast(self.pipe)
+        if on_gpu:
+            name, room = self.device.describe()
+            where = f"of GPU memory for one denoising step, and the {name} has {format_bytes(room)} in all"
+        else:
+            from ..device import host_memory
+
+            room = host_memory()[1]
+            where = f"of host RAM for one denoising step or the decode, and {format_bytes(room)} is available"
+        check_activations_fit(
+            width, height, num_images, room,
+            lambda w, h, b: activations_needed(w, h, b, on_gpu, self.dtype.itemsize, vae_fp32, tile, one_at_a_time),
+            where,
+        )
 
     def _make_room(self, predicted_peak: int | None) -> None:
         """Other models' weights out of the way of a plan's predicted peak, when the card is short of room for it;
