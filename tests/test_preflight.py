@@ -227,3 +227,83 @@ def test_a_guidance_is_bounded_by_the_pipeline_s_own_dtype(tiny_sd, no_denoising
     managed = mlnb.load_pipeline(tiny_sd, level="none", dtype="fp16")
     with pytest.raises(InvalidArgumentError, match=r"^guidance must be at most 6\.55e\+04, the largest fp16 number"):
         managed.generate("a fox", steps=1, width=64, height=64, guidance=70000.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The cache serves only what was loaded
+
+
+@pytest.fixture
+def own_model(tiny_sd, tmp_path):
+    """A copy of the tiny SD pipeline the test may change on disk."""
+    folder = tmp_path / "my models" / "tiny sd"
+    shutil.copytree(tiny_sd, folder)
+    return folder
+
+
+def test_a_pipeline_loaded_for_one_device_is_not_returned_for_another(tiny_sd, caplog):
+    from mlnb.device import CpuDevice
+    from mlnb.testing import FakeDevice
+
+    on_cpu = mlnb.load_pipeline(tiny_sd, level="none")
+    fake = FakeDevice()
+    on_fake = mlnb.load_pipeline(tiny_sd, level="none", device=fake)
+    assert on_fake is not on_cpu and on_fake.device is fake
+    assert f"unloading {tiny_sd} (none, on CPU (no CUDA device)) to load it again as none, on Fake GPU" in caplog.text
+    assert mlnb.load_pipeline(tiny_sd, level="none", device=fake) is on_fake  # the same device: the cached one
+    assert mlnb.load_pipeline(tiny_sd, level="none", device=CpuDevice()) is not on_fake
+    auto = mlnb.load_pipeline(tiny_sd)
+    assert auto.device.kind == "cpu" and mlnb.load_pipeline(tiny_sd, device=fake) is not auto
+
+
+def test_weights_changed_on_disk_are_loaded_again_with_a_notice(ip, own_model, caplog):
+    from diffusers import UNet2DConditionModel
+
+    cell = f"%%generate --model '{own_model}' {FAST} --quiet --out r\na fox"
+    assert run(ip, cell).success
+    before, first = ip.user_ns["r"], mlnb.pipeline.cached_pipelines()[0]
+    assert run(ip, cell).success and mlnb.pipeline.cached_pipelines() == [first]  # unchanged: the cached one
+    unet = UNet2DConditionModel.from_pretrained(own_model / "unet")
+    for parameter in unet.parameters():
+        parameter.data.mul_(1.5)
+    unet.save_pretrained(own_model / "unet")  # the same sizes: the modification time tells
+    caplog.clear()
+    assert run(ip, cell).success
+    assert f"weights of {str(own_model)!r} changed on disk since it was loaded: loading it again" in caplog.messages
+    after = ip.user_ns["r"]
+    assert after.images[0].tobytes() != before.images[0].tobytes()
+    assert not first.loaded and mlnb.pipeline.cached_pipelines()[0] is not first
+
+
+def test_a_pipeline_no_longer_whole_is_loaded_again(ip, own_model, caplog):
+    run(ip, f"import mlnb\nfrom pathlib import Path\npipe = mlnb.load_pipeline(Path({str(own_model)!r}), level='none')")
+    assert run(ip, "pipe.pipe.unet = None").success  # the user drops a component
+    caplog.clear()
+    assert run(ip, f"%%generate --model '{own_model}' --level none {FAST} --quiet --out r\na fox").success
+    assert f"{str(own_model)!r} is no longer whole (its unet is None): loading it again" in caplog.messages
+    assert ip.user_ns["r"].images and not ip.user_ns["pipe"].loaded
+    assert run(ip, "again = mlnb.load_pipeline(Path(pipe.model), level='none')\nagain.pipe = None").success
+    assert run(ip, "fresh = mlnb.load_pipeline(Path(pipe.model), level='none')").success  # the advice works
+    assert ip.user_ns["fresh"] is not ip.user_ns["again"] and ip.user_ns["fresh"].loaded
+    assert mlnb.pipeline.cached_pipelines() == [ip.user_ns["fresh"]]
+
+
+def test_a_safety_checker_set_to_none_keeps_the_pipeline_cached(tiny_sd):
+    managed = mlnb.load_pipeline(tiny_sd, level="none")
+    managed.pipe.safety_checker = None  # optional: what users commonly drop
+    assert mlnb.load_pipeline(tiny_sd, level="none") is managed
+
+
+@pytest.mark.parametrize("asks", ["mlnb.unload_all()", "get_ipython().run_line_magic('vram', 'free')"])
+def test_an_unload_asked_for_inside_its_own_generation_runs_when_it_ends(ip, tiny_sd, caplog, asks):
+    cell = (f"import mlnb\npipe = mlnb.load_pipeline({str(tiny_sd)!r}, level='none')\n"
+            "def unload_now(p, i, t, kw):\n"
+            f"    {asks}\n"
+            "    return kw\n"
+            "r = pipe.generate('a fox', steps=2, width=64, height=64, seed=1, callback_on_step_end=unload_now)")
+    caplog.clear()
+    assert run(ip, cell).success
+    said = [line for line in caplog.messages if "generating in this thread" in line]
+    assert said == [f"{tiny_sd} is generating in this thread: it is unloaded when the generation ends"]
+    assert len(ip.user_ns["r"].images) == 1 and not ip.user_ns["pipe"].loaded
+    assert mlnb.pipeline.cached_pipelines() == []

@@ -83,6 +83,8 @@ class ManagedPipeline:
         self.last_used = 0  # the cache's use order (mlnb.pipeline.cache.touch)
         self.unloaded_for: str | None = None  # the model it was unloaded to make room for (mlnb.pipeline.cache)
         self.unloaded_why: str | None = None  # said when it is used after mlnb unloaded it
+        self._generating_in: int | None = None  # the thread generating on it now (see _own_generation)
+        self._unload_when_done = False  # an unload asked for from inside that generation
 
     @property
     def level(self) -> OptimizationLevel:
@@ -241,7 +243,21 @@ class ManagedPipeline:
             f"interrupted while waiting for the generation of {self.model!r} in another thread; nothing was generated"
         )
         with self.hold("this generation", interrupted):  # a second caller (the dashboard's button) waits
-            return self._generate(args, progress, rescued_from, notes)
+            with self._own_generation():
+                return self._generate(args, progress, rescued_from, notes)
+
+    @contextlib.contextmanager
+    def _own_generation(self):
+        """Mark this thread as generating on the pipeline; an unload it asks for meanwhile (a step callback calling
+        ``mlnb.unload_all()`` or ``%vram free``) runs when the generation ends, not under it."""
+        outer, self._generating_in = self._generating_in, threading.get_ident()
+        try:
+            yield
+        finally:
+            self._generating_in = outer
+            if outer is None and self._unload_when_done:
+                self._unload_when_done = False
+                self.unload()
 
     def _generate(self, args: GenerationArgs, progress, rescued_from, notes) -> GenerationResult:
         entered = time.perf_counter()
@@ -425,7 +441,13 @@ class ManagedPipeline:
 
     def unload(self) -> None:
         """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up. A generation running on it
-        in another thread (the dashboard's) finishes first."""
+        in another thread (the dashboard's) finishes first; asked from inside its own generation (a step callback),
+        the unload runs when that generation ends."""
+        if self._generating_in == threading.get_ident():  # asked from inside its own generation
+            if not self._unload_when_done:
+                logger.warning("%s is generating in this thread: it is unloaded when the generation ends", self.model)
+            self._unload_when_done = True
+            return
         interrupted = UnloadInterrupted(
             f"interrupted while waiting for the generation of {self.model!r} in another thread; it stays loaded"
         )
