@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "add", "find", "device_id", "same_device", "stale", "find_one", "forget", "touch", "cached_pipelines", "unload_all", "remember", "last_result",
+    "add", "find", "device_id", "same_device", "stale", "find_one", "forget", "touch", "cached_pipelines",
+    "unload_all", "remember", "last_result",
     "gpu_tensors", "gpu_bytes", "holders", "make_room", "unload_for",
 ]
 
@@ -119,7 +120,8 @@ def stale(managed: "ManagedPipeline") -> str | None:
     components = getattr(pipe, "components", None) or {}
     missing = sorted(name for name in loaded.components if components.get(name) is None)
     if missing:
-        return f"{managed.model!r} is no longer whole (its {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} None)"
+        verb = "is" if len(missing) == 1 else "are"
+        return f"{managed.model!r} is no longer whole (its {', '.join(missing)} {verb} None)"
     if loaded.weight_files is not None and weight_files(managed.model) != loaded.weight_files:
         return f"weights of {managed.model!r} changed on disk since it was loaded"
     return None

@@ -232,7 +232,8 @@ def check_activations_fit(width: int, height: int, batch: int, room: int | None,
         if needed(side, h, batch) <= room:
             fits.append(f"{side}×{h} with {batch} image{'s' if batch > 1 else ''}")
             break
-    what = f"the largest that fits: {', or '.join(fits)}" if fits else "not even 8×8 fits: free memory first (%vram free)"
+    what = (f"the largest that fits: {', or '.join(fits)}" if fits
+            else "not even 8×8 fits: free memory first (%vram free)")
     raise InvalidArgumentError(
         f"{width}×{height} ×{batch} needs about {format_bytes(need)} {where}; {what}"
     )
