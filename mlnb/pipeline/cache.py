@@ -9,6 +9,11 @@ unloaded. Pipelines that hold nothing on the GPU between calls (offloaded levels
 VRAM. A pipeline generating in another thread (the dashboard's) is never unloaded. A model is unloaded whole, host
 copy included: on Colab's 12.7 GB of RAM two models' host copies do not fit either, and loading it again reads its
 files.
+
+A cached pipeline answers a load only while it is what was loaded: on the same device (the cache key names it),
+whole (its ``pipe`` and every component it was loaded with still there: a user may empty it or set a component to
+None), and with its folder's weight files as they were at load (size and modification time); else it is unloaded
+with a one-line notice and read again.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 from ..monitor import cleanup
@@ -29,11 +35,12 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "add", "find", "find_one", "forget", "touch", "cached_pipelines", "unload_all", "remember", "last_result",
+    "add", "find", "device_id", "same_device", "stale", "find_one", "forget", "touch", "cached_pipelines",
+    "unload_all", "remember", "last_result",
     "gpu_tensors", "gpu_bytes", "holders", "make_room", "unload_for",
 ]
 
-_cache: dict[tuple[str, str, str], "ManagedPipeline"] = {}
+_cache: dict[tuple[str, str, str, str], "ManagedPipeline"] = {}
 _lock = threading.RLock()
 _uses = itertools.count()  # the order pipelines were loaded or last used in (room unloads the oldest first)
 _last: list["GenerationResult"] = []
@@ -43,17 +50,81 @@ _last: list["GenerationResult"] = []
 # The cached pipelines
 
 
-def add(managed: "ManagedPipeline") -> None:
-    """Cache ``managed`` under its key, as the most recently used."""
+@dataclass(frozen=True)
+class _Loaded:
+    """What a cached pipeline was when it was loaded, for :func:`stale`."""
+
+    weight_files: dict[str, tuple[int, int]] | None  # component/file: (size, mtime ns); None for a hub model
+    components: frozenset[str]  # the components it had, besides the optional ones (a safety checker)
+
+
+_loaded: dict[tuple[str, str, str, str], _Loaded] = {}
+
+
+def device_id(device: "Device") -> str:
+    """The device part of a cache key: a CUDA card by its index, the CPU as one, any other device (a simulated one)
+    as the object it is."""
+    if device.kind == "cpu":
+        return "cpu"
+    if device.kind == "cuda":
+        return f"cuda:{getattr(device, 'index', None)}"
+    return f"{device.kind}:{id(device)}"
+
+
+def same_device(a: "Device", b: "Device") -> bool:
+    """Whether a pipeline loaded for device ``a`` runs on device ``b``."""
+    return device_id(a) == device_id(b)
+
+
+def _key(managed: "ManagedPipeline") -> tuple[str, str, str, str]:
+    return (*managed.key, device_id(managed.device))
+
+
+def add(managed: "ManagedPipeline", weight_files: dict[str, tuple[int, int]] | None = None) -> None:
+    """Cache ``managed`` under its key and device, as the most recently used.
+
+    Args:
+        managed: the pipeline just loaded.
+        weight_files: its folder's weight files as they were read (:func:`mlnb.pipeline.files.weight_files`); None
+            for a hub model.
+    """
+    pipe = managed.pipe
+    optional = set(getattr(pipe, "_optional_components", None) or ())
+    components = frozenset(name for name, part in (pipe.components.items() if pipe is not None else ())
+                           if part is not None and name not in optional)
     with _lock:
-        _cache[managed.key] = managed
+        _cache[_key(managed)] = managed
+        _loaded[_key(managed)] = _Loaded(weight_files, components)
     touch(managed)
 
 
-def find(key: tuple[str, str, str]) -> "ManagedPipeline | None":
-    """The pipeline cached under ``key``, or None."""
+def find(key: tuple[str, str, str], device: "Device") -> "ManagedPipeline | None":
+    """The pipeline cached under ``key`` for ``device``, or None."""
     with _lock:
-        return _cache.get(key)
+        return _cache.get((*key, device_id(device)))
+
+
+def stale(managed: "ManagedPipeline") -> str | None:
+    """Why a cached pipeline no longer answers a load, or None: it is no longer whole (its ``pipe`` emptied or a
+    component set to None since it was loaded), or its folder's weight files changed on disk (size or modification
+    time)."""
+    from .files import weight_files
+
+    with _lock:
+        loaded = _loaded.get(_key(managed))
+    pipe = managed.pipe
+    if pipe is None:
+        return f"{managed.model!r} is no longer whole (its pipe is None)"
+    if loaded is None:
+        return None
+    components = getattr(pipe, "components", None) or {}
+    missing = sorted(name for name in loaded.components if components.get(name) is None)
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        return f"{managed.model!r} is no longer whole (its {', '.join(missing)} {verb} None)"
+    if loaded.weight_files is not None and weight_files(managed.model) != loaded.weight_files:
+        return f"weights of {managed.model!r} changed on disk since it was loaded"
+    return None
 
 
 def find_one(matches: Callable[["ManagedPipeline"], bool]) -> "ManagedPipeline | None":
@@ -65,8 +136,9 @@ def find_one(matches: Callable[["ManagedPipeline"], bool]) -> "ManagedPipeline |
 def forget(managed: "ManagedPipeline") -> None:
     """Drop ``managed`` from the cache (another pipeline cached under its key since stays)."""
     with _lock:
-        if _cache.get(managed.key) is managed:
-            del _cache[managed.key]
+        if _cache.get(_key(managed)) is managed:
+            del _cache[_key(managed)]
+            _loaded.pop(_key(managed), None)
 
 
 def touch(managed: "ManagedPipeline") -> None:

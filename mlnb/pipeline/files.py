@@ -2,7 +2,9 @@
 unless the user opts in, never remote code by default).
 
 Every failure becomes one line that says what to do: a missing folder, a folder that is not a pipeline, pickle-only
-weights, a corrupt file, a hub id with no network.
+weights, a corrupt file, a hub id with no network. A ``model_index.json`` or a component's ``*config.json`` that is
+not UTF-8, not JSON or not a JSON object, and a component folder the index names but the folder lacks, are each one
+line naming the file, before diffusers reads anything.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "resolve_model",
+    "read_json_object",
+    "read_model_index",
+    "check_components",
+    "weight_files",
     "check_local_weights",
     "pickle_only_components",
     "reads_pickle",
@@ -37,6 +43,9 @@ __all__ = [
 ]
 
 _SAFE = (".safetensors",)
+_JSON_KINDS = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "true or false",
+               type(None): "null"}
+_DAMAGED = "save the pipeline again (pipe.save_pretrained) or download it again"
 _PICKLE = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _NETWORK_HINTS = (
     "offline", "connection", "resolve", "network", "couldn't connect", "could not connect", "max retries",
@@ -60,7 +69,9 @@ def resolve_model(model: str | os.PathLike) -> tuple[str, bool]:
                 f"{text!r} is a folder but not a diffusers pipeline (no model_index.json); "
                 "save one with pipe.save_pretrained(folder)"
             )
-        return str(path.resolve()), True
+        folder = str(path.resolve())
+        read_model_index(folder)
+        return folder, True
     if path.is_file():
         raise ModelNotFoundError(
             f"{text!r} is a single file; mlnb loads diffusers pipeline folders or hub ids (org/name)"
@@ -76,11 +87,85 @@ def resolve_model(model: str | os.PathLike) -> tuple[str, bool]:
     return text, False
 
 
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object a model's file holds.
+
+    Args:
+        path: the file (``model_index.json``, a component's ``config.json``...).
+
+    Raises:
+        ModelLoadError: one line naming the file: it cannot be read, is not UTF-8, not JSON, or not a JSON object.
+    """
+    shown = repr(os.fspath(path))
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ModelLoadError(
+            f"{shown} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at position {exc.start}); {_DAMAGED}"
+        ) from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {shown}: {exc.strerror or exc}") from None
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise ModelLoadError(f"{shown} is not valid JSON ({exc}); {_DAMAGED}") from None
+    if not isinstance(value, dict):
+        kind = _JSON_KINDS.get(type(value), type(value).__name__)
+        raise ModelLoadError(f"{shown} is not a JSON object (it holds {kind}); {_DAMAGED}")
+    return value
+
+
+def read_model_index(folder: str | os.PathLike) -> dict:
+    """A local pipeline's ``model_index.json``, as a dict (one line naming the file when it is damaged)."""
+    return read_json_object(Path(folder) / "model_index.json")
+
+
+def _components(index: dict) -> list[str]:
+    """The components a ``model_index.json`` names with a library and a class (``[null, null]`` is none)."""
+    return [name for name, spec in index.items()
+            if not name.startswith("_") and isinstance(spec, list) and len(spec) == 2 and None not in spec]
+
+
+def check_components(folder: str | os.PathLike, given=()) -> None:
+    """Refuse a local pipeline whose index names a component folder it lacks, or whose component's
+    ``*config.json`` is damaged (not UTF-8, not JSON or not an object); the components in ``given`` (passed to
+    ``from_pretrained`` as objects) are not read from the folder.
+
+    Raises:
+        ModelLoadError: one line naming the folder or the file.
+    """
+    root = Path(folder)
+    for name in _components(read_model_index(root)):
+        if name in given:
+            continue
+        sub = root / name
+        if not sub.is_dir():
+            raise ModelLoadError(
+                f"{str(sub)!r} is missing: {str(root / 'model_index.json')!r} names the component {name!r}; {_DAMAGED}"
+            )
+        for config in sorted(sub.glob("*config.json")):
+            read_json_object(config)
+
+
+def weight_files(folder: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """``{component/file: (size, modification time in ns)}`` for a local pipeline's weight files (safetensors and
+    pickle), what the cache compares to notice weights changed on disk; unreadable entries are left out."""
+    root, found = Path(folder), {}
+    for path in sorted(root.glob("*/*")):
+        if path.name.endswith(_SAFE + _PICKLE):
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            found[f"{path.parent.name}/{path.name}"] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
 def pickle_only_components(folder: str | os.PathLike) -> list[str]:
     """``component/file`` for each component of a local pipeline whose weights are pickle files only (no
     safetensors beside them), in ``model_index.json``'s order."""
     root = Path(folder)
-    index = json.loads((root / "model_index.json").read_text())
+    index = read_model_index(root)
     found = []
     for name, spec in index.items():
         sub = root / name
@@ -134,8 +219,8 @@ def pipeline_parameters(source: str, is_local: bool, from_pretrained_kwargs: dic
             return None
         index_file = Path(cached)
     try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError):
+        index = read_json_object(index_file)
+    except ModelLoadError:
         return None
     import diffusers
 
@@ -180,10 +265,10 @@ def default_dtype(device: Device, local_folder: str | None = None):
         return torch.float32
     if local_folder is not None and device.info().supports_bf16:
         try:
-            index = json.loads((Path(local_folder) / "model_index.json").read_text())
+            index = read_model_index(local_folder)
             if "transformer" in index and "unet" not in index:
                 return torch.bfloat16
-        except (OSError, ValueError):
+        except ModelLoadError:  # said in one line by the load that follows
             pass
     return torch.float16
 
@@ -306,6 +391,7 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
     source, is_local = resolve_model(model)
     if is_local:
         check_local_weights(source, allow_pickle)
+        check_components(source, given=kwargs)
     from diffusers import DiffusionPipeline
 
     kwargs.setdefault("trust_remote_code", False)

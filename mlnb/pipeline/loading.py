@@ -154,7 +154,9 @@ def _load(source: str, is_local: bool, torch_dtype, setting: MemorySetting, devi
     dname = dtype_name(torch_dtype)
     if is_local:  # a refusal needs no room: checked before a cached copy could go to make it
         check_local_weights(source, allow_pickle)
+        files.check_components(source, given=from_pretrained_kwargs)
     _make_host_room(source, torch_dtype)
+    on_disk = files.weight_files(source) if is_local else None  # before reading: a change while it reads is noticed
     try:
         pipe = files.load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle,
                                              **from_pretrained_kwargs)
@@ -179,7 +181,7 @@ def _load(source: str, is_local: bool, torch_dtype, setting: MemorySetting, devi
         tag = f"budget {setting.show_budget(plan.budget)}" if plan is not None else choice.level.value
         for other in cache.cached_pipelines():
             if other.model == source:
-                old, new = _differences(other, tag, dname, from_pretrained_kwargs, allow_pickle)
+                old, new = _differences(other, tag, dname, device, from_pretrained_kwargs, allow_pickle)
                 logger.warning("unloading %s (%s) to load it again as %s", source, old, new)
                 other.unloaded_why = f"to load it again as {new}"
                 other.unload()
@@ -217,7 +219,7 @@ def _load(source: str, is_local: bool, torch_dtype, setting: MemorySetting, devi
         pipe, source, torch_dtype, setting, choice, report, device, load_kwargs, plan=plan, plan_facts=facts,
         read_pickle=reads_pickle(source, is_local, allow_pickle),
     )
-    cache.add(managed)
+    cache.add(managed, on_disk)
     logger.debug("loaded %r", managed)
     return managed
 
@@ -318,17 +320,30 @@ def _cached(source: str, dname: str, setting: MemorySetting, device: Device, kwa
             allow_pickle: bool) -> ManagedPipeline | None:
     """The cached pipeline that answers this load, or None."""
     if not setting.is_auto:
-        hit = cache.find((source, dname, setting.key))
+        hit = cache.find((source, dname, setting.key), device)
     else:
-        # auto: any cached level of this model that auto chose before is reused; on a CPU auto is `none`
-        # (nothing to offload to), so a `none` loaded by name is what auto would load again.
-        hit = cache.find_one(lambda m: m.model == source and dtype_name(m.dtype) == dname and m.choice.auto)
+        # auto: any cached level of this model that auto chose before on this device is reused; on a CPU auto is
+        # `none` (nothing to offload to), so a `none` loaded by name is what auto would load again.
+        hit = cache.find_one(lambda m: m.model == source and dtype_name(m.dtype) == dname and m.choice.auto
+                             and cache.same_device(m.device, device))
         if hit is None and not device.has_memory_counters:  # a CPU: the table says none
-            hit = cache.find((source, dname, MemorySetting(level=OptimizationLevel.NONE).key))
-    if hit is None or not _serves(hit, kwargs, allow_pickle):
+            hit = cache.find((source, dname, MemorySetting(level=OptimizationLevel.NONE).key), device)
+    if hit is None or not _serves(hit, kwargs, allow_pickle) or _dropped_if_stale(hit):
         return None
     cache.touch(hit)  # asked for again: the last to make room
     return hit
+
+
+def _dropped_if_stale(managed: ManagedPipeline) -> bool:
+    """Unload a cached pipeline that is no longer what was loaded (:func:`cache.stale`), saying so in one line;
+    True when it was."""
+    why = cache.stale(managed)
+    if why is None:
+        return False
+    logger.warning("%s: loading it again", why)
+    managed.unloaded_why = f"because {why}"
+    managed.unload()
+    return True
 
 
 def _serves(managed: ManagedPipeline, kwargs: dict, allow_pickle: bool) -> bool:
@@ -342,10 +357,14 @@ def _given(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k != "allow_pickle" and v is not None}
 
 
-def _differences(other: ManagedPipeline, tag: str, dname: str, kwargs: dict, allow_pickle: bool) -> tuple[str, str]:
+def _differences(other: ManagedPipeline, tag: str, dname: str, device: Device, kwargs: dict,
+                 allow_pickle: bool) -> tuple[str, str]:
     """How a cached copy and the load (its ``tag``) replacing it differ, as the unload warning says it: (old, new),
     with secrets (a ``token``) masked."""
     old, new = [other.tag], [tag]
+    if not cache.same_device(other.device, device):
+        old.append(f"on {other.device.describe()[0]}")
+        new.append(f"on {device.describe()[0]}")
     if dtype_name(other.dtype) != dname:
         old.append(dtype_name(other.dtype))
         new.append(dname)

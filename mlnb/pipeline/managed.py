@@ -13,14 +13,13 @@ from typing import Callable
 from ..device import Device
 from ..errors import GenerationInterrupted, InvalidArgumentError, UnloadInterrupted, UnsupportedPipelineError
 from ..levels import LevelChoice, MemoryOptimizationConfig, OptimizationLevel
-from ..monitor import MemoryMonitor, cleanup, frames_pinning, release_exception_frames
+from ..monitor import MemoryMonitor, cleanup
 from ..optimizer import OptimizationReport
 from ..optimizer.offload import vae_needs_upcast
 from ..optimizer.vae import vae_decode_dtype
 from ..optimizer.weights import weight_bytes
 from ..planner import (
     LearningContext, ModelFacts, Plan, StepTimer, Workload, learning, model_key, native_size, room_needed,
-    streamers_of,
 )
 from ..planner.blocks import with_adapters
 from ..setting import MemorySetting
@@ -28,7 +27,7 @@ from ..units import format_bytes
 from . import cache
 from .adapters import ActiveLora, active_loras
 from .adapters import set_loras as apply_loras
-from .call import call_arguments, call_default, output_size
+from .call import call_arguments, call_default, monitored_call, output_size, preflight
 from .files import dtype_name
 from .images import pipeline_for
 from .loras import LoraSpec
@@ -90,6 +89,8 @@ class ManagedPipeline:
         # the LoRAs asked for last, kept past an unload so a reload (the OOM rescue) applies them again
         self.lora_specs: tuple[LoraSpec, ...] = ()
         self.loras_allow_pickle = False
+        self._generating_in: int | None = None  # the thread generating on it now (see _own_generation)
+        self._unload_when_done = False  # an unload asked for from inside that generation
 
     @property
     def level(self) -> OptimizationLevel:
@@ -306,7 +307,21 @@ class ManagedPipeline:
             f"interrupted while waiting for the generation of {self.model!r} in another thread; nothing was generated"
         )
         with self.hold("this generation", interrupted):  # a second caller (the dashboard's button) waits
-            return self._generate(args, progress, rescued_from, notes)
+            with self._own_generation():
+                return self._generate(args, progress, rescued_from, notes)
+
+    @contextlib.contextmanager
+    def _own_generation(self):
+        """Mark this thread as generating on the pipeline; an unload it asks for meanwhile (a step callback calling
+        ``mlnb.unload_all()`` or ``%vram free``) runs when the generation ends, not under it."""
+        outer, self._generating_in = self._generating_in, threading.get_ident()
+        try:
+            yield
+        finally:
+            self._generating_in = outer
+            if outer is None and self._unload_when_done:
+                self._unload_when_done = False
+                self.unload()
 
     def _check_loaded(self) -> None:
         if self.pipe is None:
@@ -322,6 +337,7 @@ class ManagedPipeline:
         runner = pipeline_for(self.pipe, args.task)  # the loaded pipeline, or its img2img/inpaint twin
         width, height = output_size(args, self.default_size())
         num_images = args.num_images
+        preflight(self.pipe, self.dtype, self.device, args.steps, args.guidance, width, height, num_images)
         seed = secrets.randbits(31) if args.seed is None else args.seed
         pipeline_kwargs = dict(args.pipeline_kwargs)
         user_callback = pipeline_kwargs.pop("callback_on_step_end", None)  # runs after mlnb's own
@@ -357,7 +373,8 @@ class ManagedPipeline:
         monitor = MemoryMonitor(
             self.device, collect="if_needed" if config.gc_collect else False, empty_cache=config.cuda_cache_clear
         )
-        images, start, seconds, cleaned = self._call(runner, kwargs, timer, blocks, monitor)
+        images, start, seconds, cleaned = monitored_call(self.pipe, runner, kwargs, timer, blocks, monitor, self.device,
+                                                         self.model)
         allocator_in_steps = {}
         if loop.get(0) and steps > 1 and loop.get(steps - 1):
             allocator_in_steps = {k: v - loop[0][k] for k, v in loop[steps - 1].items()}
@@ -400,44 +417,6 @@ class ManagedPipeline:
                 f"interrupted while making room on the GPU; {self.model!r} stays loaded"
             ) from None
 
-    def _call(self, runner, kwargs: dict, timer: StepTimer, blocks, monitor: MemoryMonitor) -> tuple[
-            list, float, float, float]:
-        """``runner``'s call inside ``monitor``: (images, when the call started, its seconds, when the monitor's
-        cleanup ended). Streamed blocks go home whatever happens; an interrupt is a one-line error. A derived
-        pipeline (image-to-image, inpainting) has no list of model offload's hooks: the loaded pipeline's
-        ``maybe_free_model_hooks`` offloads the last component it ran."""
-        try:
-            with monitor:
-                start = time.perf_counter()
-                try:
-                    timer.begin()
-                    with blocks:
-                        output = runner(**kwargs)
-                    images = list(output.images)
-                    del output
-                    if runner is not self.pipe and hasattr(self.pipe, "maybe_free_model_hooks"):
-                        self.pipe.maybe_free_model_hooks()
-                    timer.finish()
-                    for streamer in streamers_of(self.pipe):  # slots kept across the steps (a decode drops them)
-                        streamer.release()
-                except BaseException as exc:
-                    # The frames that pin memory the cache does not keep (latents, a failing layer's workspace) let
-                    # it go; the others (a user's step callback) keep their locals for %debug.
-                    release_exception_frames(exc, frames_pinning(self.device, spare=(self.pipe,)))
-                    for streamer in streamers_of(self.pipe):  # a prefetched block would stay on the GPU
-                        try:
-                            streamer.offload_all()
-                        except Exception as cleanup_exc:  # the error being raised is the one to report
-                            logger.debug("offloading streamed blocks after an error failed: %s", cleanup_exc)
-                    raise
-                seconds = time.perf_counter() - start
-            return images, start, seconds, time.perf_counter()
-        except KeyboardInterrupt:
-            raise GenerationInterrupted(
-                f"generation interrupted; memory freed ({monitor.report.summary() if monitor.report else 'N/A'}), "
-                f"{self.model!r} stays loaded"
-            ) from None
-
     def _predict_warning_over_budget(self, work: Workload) -> tuple[int | None, float | None]:
         """:meth:`predict`, with a warning when the size asked for needs more than the plan's budget."""
         peak, seconds = self.predict(work)
@@ -453,7 +432,13 @@ class ManagedPipeline:
 
     def unload(self) -> None:
         """Drop the pipeline (hooks, weights, pinned copies) from the cache and clean up. A generation running on it
-        in another thread (the dashboard's) finishes first."""
+        in another thread (the dashboard's) finishes first; asked from inside its own generation (a step callback),
+        the unload runs when that generation ends."""
+        if self._generating_in == threading.get_ident():  # asked from inside its own generation
+            if not self._unload_when_done:
+                logger.warning("%s is generating in this thread: it is unloaded when the generation ends", self.model)
+            self._unload_when_done = True
+            return
         interrupted = UnloadInterrupted(
             f"interrupted while waiting for the generation of {self.model!r} in another thread; it stays loaded"
         )

@@ -1,5 +1,7 @@
 """Argument checks, made once where arguments enter, before any work: generation arguments (:class:`GenerationArgs`),
-the keyword arguments ``load_pipeline`` passes to ``from_pretrained``, and what a pipeline's call must take.
+the keyword arguments ``load_pipeline`` passes to ``from_pretrained``, and what a pipeline's call must take; and the
+preflight of a request against the pipeline that runs it (its scheduler's steps, its compute dtype's range, and the
+activations of its size and batch against the memory of the device it runs on).
 
 Each refusal is an :class:`~mlnb.errors.InvalidArgumentError` (or :class:`~mlnb.errors.UnsupportedPipelineError`)
 whose one line names the argument and the rule it broke.
@@ -14,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from ..errors import InvalidArgumentError, UnsupportedPipelineError
+from ..planner.cost import Workload, decode_reserve, denoise_reserve
+from ..units import format_bytes
 from .images import ImageInputs, ImageTask, image_inputs
 
 __all__ = [
@@ -21,6 +25,10 @@ __all__ = [
     "MAX_SIDE",
     "MAX_IMAGES",
     "check_progress",
+    "check_steps_for_scheduler",
+    "check_guidance_for_dtype",
+    "activations_needed",
+    "check_activations_fit",
     "check_load_keywords",
     "FROM_PRETRAINED_KEYWORDS",
     "LOAD_PIPELINE_KEYWORDS",
@@ -185,6 +193,84 @@ def check_progress(progress) -> None:
     """Refuse a ``progress`` that is not a function of ``(step, total)`` (None is none)."""
     if progress is not None and not callable(progress):
         raise InvalidArgumentError(f"progress must be a function of (step, total), got {type(progress).__name__}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The preflight: what the pipeline that runs a request can take
+
+
+def check_steps_for_scheduler(steps: int, train_steps: int | None, scheduler: str) -> None:
+    """Refuse more denoising steps than the scheduler has training timesteps (it would index past its table at the
+    end of the run, or build a table too large to hold). ``train_steps`` None: the scheduler names no bound."""
+    if train_steps is not None and steps > train_steps:
+        raise InvalidArgumentError(
+            f"steps must be at most {train_steps}: the scheduler ({scheduler}) has {train_steps} training steps, "
+            f"got {steps}"
+        )
+
+
+def check_guidance_for_dtype(guidance: float | None, largest: float, dtype: str) -> None:
+    """Refuse a guidance scale that is infinite in the pipeline's compute dtype (``largest`` is its largest finite
+    value): the noise prediction it scales would be inf, and the image black."""
+    if guidance is not None and guidance > largest:
+        raise InvalidArgumentError(
+            f"guidance must be at most {largest:.4g}, the largest {dtype} number (the pipeline computes in {dtype}), "
+            f"got {guidance!r}"
+        )
+
+
+def activations_needed(width: int, height: int, batch: int, on_gpu: bool, itemsize: int = 2,
+                       vae_fp32: bool = False, decode_tile: int | None = None, decode_batch: int | None = None) -> int:
+    """Bytes a generation needs beyond its weights, from the planner's reserves (:mod:`mlnb.planner.cost`).
+
+    On a GPU: one denoising step's activations, which no level reduces (an offloaded or tiled decode fits beside
+    them, and the OOM rescue tiles it). On a CPU, where nothing is offloaded or rescued: the larger of one denoising
+    step's and the VAE decode's, the decode as the VAE will run it (its tiles, one image at a time when sliced).
+
+    Args:
+        width, height, batch: the request's size and images per prompt.
+        on_gpu: the device is a GPU (the decode does not count, see above).
+        itemsize: bytes per element of the compute dtype (the reserves are for fp16: fp32 doubles them).
+        vae_fp32: the VAE decodes in fp32.
+        decode_tile: the VAE's tile in pixels when it tiles.
+        decode_batch: the images one decode holds at once (1 when the VAE slices); ``batch`` when None.
+    """
+    work = Workload(width, height, batch, steps=1, vae_fp32=vae_fp32)
+    denoise = denoise_reserve(work) * itemsize // 2
+    if on_gpu:
+        return denoise
+    decode = decode_reserve(Workload(width, height, decode_batch or batch, steps=1, vae_fp32=vae_fp32), decode_tile)
+    return max(denoise, decode)
+
+
+def check_activations_fit(width: int, height: int, batch: int, room: int | None, needed: Callable[[int, int, int], int],
+                          where: str) -> None:
+    """Refuse a size and batch whose activations need more than ``room`` bytes, naming the largest batch at this
+    size and the largest size (same shape) at this batch that fit.
+
+    Args:
+        width, height, batch: the request.
+        room: the bytes there are for them (None: unknown, nothing is refused).
+        needed: ``needed(width, height, batch)``, the bytes a request needs (:func:`activations_needed`).
+        where: what ``room`` is, as the message says it (``"of host RAM, 12 GiB available"``).
+    """
+    need = needed(width, height, batch)
+    if room is None or need <= room:
+        return
+    fits = []
+    most = max((b for b in range(1, batch) if needed(width, height, b) <= room), default=0)
+    if most:
+        fits.append(f"{most} image{'s' if most > 1 else ''} at {width}×{height}")
+    for side in range(width - 8, 7, -8):  # the width, and the height in proportion, in steps of 8 px
+        h = max(8, round(height * side / width / 8) * 8)
+        if needed(side, h, batch) <= room:
+            fits.append(f"{side}×{h} with {batch} image{'s' if batch > 1 else ''}")
+            break
+    what = (f"the largest that fits: {', or '.join(fits)}" if fits
+            else "not even 8×8 fits: free memory first (%vram free)")
+    raise InvalidArgumentError(
+        f"{width}×{height} ×{batch} needs about {format_bytes(need)} {where}; {what}"
+    )
 
 
 def text_to_image_parameters(pipe) -> set[str]:
