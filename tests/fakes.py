@@ -108,3 +108,21 @@ def calls_a_twice():
             return self.a(self.b(self.a(x)))
 
     return Twice()
+
+
+def run_cell(ip, source: str):
+    """Run ``source`` as a notebook cell (stored in the history, as Jupyter sends it)."""
+    return ip.run_cell(source, store_history=True)
+
+
+def usage_error(ip, source: str, capsys) -> str:
+    """Run a cell that must fail with a UsageError shown as exactly one line, no traceback; return the line."""
+    from IPython.core.error import UsageError
+
+    capsys.readouterr()
+    result = run_cell(ip, source)
+    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
+    captured = capsys.readouterr()
+    text = (captured.out + captured.err).strip()
+    assert "Traceback" not in text and text.count("\n") == 0 and text.startswith("UsageError: "), text
+    return text

@@ -9,7 +9,6 @@ import time
 
 import numpy as np
 import pytest
-from IPython.core.error import UsageError
 from PIL import Image
 
 import mlnb
@@ -18,6 +17,8 @@ from mlnb.levels import OptimizationLevel as L
 from mlnb.pipeline import ManagedPipeline, cached_pipelines, generate_with_rescue
 from mlnb.pipeline.loras import LoraSpec
 from mlnb.testing import FakeDevice, FakeOutOfMemoryError, tiny_lora
+from fakes import run_cell as run
+from fakes import usage_error
 
 pytestmark = pytest.mark.usefixtures("frozen_heap", "clean_cache")
 
@@ -195,22 +196,8 @@ def test_the_oom_rescue_retries_with_the_same_loras_and_image(tiny_sd, loras, mo
 # The magic
 
 
-def run(ip, source: str):
-    return ip.run_cell(source, store_history=True)
-
-
 def cell(model, extra: str = "") -> str:
     return f"%%generate --model {model} --steps 2 --width 64 --height 64 --seed 0 --guidance 1 --quiet --out r {extra}\na fox"
-
-
-def usage_error(ip, source: str, capsys) -> str:
-    capsys.readouterr()
-    result = run(ip, source)
-    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
-    captured = capsys.readouterr()
-    text = (captured.out + captured.err).strip()
-    assert "Traceback" not in text and text.count("\n") == 0 and text.startswith("UsageError: "), text
-    return text
 
 
 @pytest.mark.usefixtures("fresh_defaults")

@@ -7,7 +7,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from IPython.core.error import UsageError
 
 import mlnb
 from mlnb.device import use_device
@@ -15,27 +14,11 @@ from mlnb.monitor import cell_history
 from mlnb.session import defaults
 from mlnb.testing import FakeDevice
 from mlnb.setting import MemorySetting
-
-
+from fakes import run_cell as run
+from fakes import usage_error
 
 
 pytestmark = pytest.mark.usefixtures("fresh_defaults")
-
-
-def run(ip, source: str):
-    return ip.run_cell(source, store_history=True)
-
-
-def usage_error(ip, source: str, capsys) -> str:
-    """Run a cell that must fail with a UsageError shown as exactly one line, no traceback."""
-    capsys.readouterr()
-    result = run(ip, source)
-    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
-    captured = capsys.readouterr()
-    text = (captured.out + captured.err).strip()
-    assert "Traceback" not in text
-    assert text.count("\n") == 0 and text.startswith("UsageError: "), text
-    return text
 
 
 def gen_cell(model, extra: str = "", prompt: str = "a watercolor fox") -> str:

@@ -13,27 +13,12 @@ import torch
 import mlnb
 from mlnb.device import use_device
 from mlnb.testing import FakeDevice
+from fakes import run_cell as run
+from fakes import usage_error as one_line
 
 pytestmark = pytest.mark.usefixtures("fresh_defaults")
 
 FAST = "--steps 1 --width 64 --height 64 --seed 1"
-
-
-def run(ip, source: str):
-    return ip.run_cell(source, store_history=True)
-
-
-def one_line(ip, source: str, capsys) -> str:
-    """Run a cell that must fail with a UsageError shown as exactly one line, no traceback; return the line."""
-    from IPython.core.error import UsageError
-
-    capsys.readouterr()
-    result = run(ip, source)
-    assert isinstance(result.error_in_exec, UsageError), result.error_in_exec
-    captured = capsys.readouterr()
-    text = (captured.out + captured.err).strip()
-    assert "Traceback" not in text and text.count("\n") == 0 and text.startswith("UsageError: "), text
-    return text
 
 
 @pytest.fixture(scope="module")
