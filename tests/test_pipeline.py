@@ -848,10 +848,11 @@ def test_the_cache_tells_budgets_apart_to_the_byte_and_a_custom_config_from_its_
     user's is its own entry: the same config again is a hit, the plain level is another pipeline."""
     from mlnb.levels import MemoryOptimizationConfig
 
-    first = mlnb.load_pipeline(tiny_sd, budget="3.74GiB", device=FakeDevice())
-    second = mlnb.load_pipeline(tiny_sd, budget="3.70GiB", device=FakeDevice())
+    card = FakeDevice()  # one card: the cache tells devices apart
+    first = mlnb.load_pipeline(tiny_sd, budget="3.74GiB", device=card)
+    second = mlnb.load_pipeline(tiny_sd, budget="3.70GiB", device=card)
     assert second is not first and second.plan.budget == int(3.70 * 2**30) and not first.loaded
-    assert mlnb.load_pipeline(tiny_sd, budget=int(3.70 * 2**30), device=FakeDevice()) is second
+    assert mlnb.load_pipeline(tiny_sd, budget=int(3.70 * 2**30), device=card) is second
     config = MemoryOptimizationConfig.from_level("none", vae_tiling=True, vae_tile_size=64)
     custom = mlnb.load_pipeline(tiny_sd, config=config)
     assert mlnb.load_pipeline(tiny_sd, config=config) is custom  # reloaded (and the handle unloaded) before

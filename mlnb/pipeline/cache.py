@@ -63,12 +63,12 @@ _loaded: dict[tuple[str, str, str, str], _Loaded] = {}
 
 def device_id(device: "Device") -> str:
     """The device part of a cache key: a CUDA card by its index, the CPU as one, any other device (a simulated one)
-    as the object it is."""
+    by its kind and name, else as the object it is."""
     if device.kind == "cpu":
         return "cpu"
     if device.kind == "cuda":
         return f"cuda:{getattr(device, 'index', None)}"
-    return f"{device.kind}:{id(device)}"
+    return f"{device.kind}:{getattr(device, 'name', None) or id(device)}"
 
 
 def same_device(a: "Device", b: "Device") -> bool:
@@ -78,6 +78,11 @@ def same_device(a: "Device", b: "Device") -> bool:
 
 def _key(managed: "ManagedPipeline") -> tuple[str, str, str, str]:
     return (*managed.key, device_id(managed.device))
+
+
+def _cached_under(managed: "ManagedPipeline") -> tuple[str, str, str, str] | None:
+    """The key ``managed`` was cached under, found by identity (its device or plan may be replaced since)."""
+    return next((key for key, cached in _cache.items() if cached is managed), None)
 
 
 def add(managed: "ManagedPipeline", weight_files: dict[str, tuple[int, int]] | None = None) -> None:
@@ -111,7 +116,7 @@ def stale(managed: "ManagedPipeline") -> str | None:
     from .files import weight_files
 
     with _lock:
-        loaded = _loaded.get(_key(managed))
+        loaded = _loaded.get(_cached_under(managed))
     pipe = managed.pipe
     if pipe is None:
         return f"{managed.model!r} is no longer whole (its pipe is None)"
@@ -136,9 +141,10 @@ def find_one(matches: Callable[["ManagedPipeline"], bool]) -> "ManagedPipeline |
 def forget(managed: "ManagedPipeline") -> None:
     """Drop ``managed`` from the cache (another pipeline cached under its key since stays)."""
     with _lock:
-        if _cache.get(_key(managed)) is managed:
-            del _cache[_key(managed)]
-            _loaded.pop(_key(managed), None)
+        key = _cached_under(managed)
+        if key is not None:
+            del _cache[key]
+            _loaded.pop(key, None)
 
 
 def touch(managed: "ManagedPipeline") -> None:
