@@ -45,8 +45,8 @@ class DeviceInfo:
 
     @property
     def native_bf16(self) -> bool:
-        """Whether the card computes bf16 in hardware (compute capability 8.0 and up: A100, H100, L4, RTX 30xx and
-        later). ``supports_bf16`` is also true on a T4, where torch emulates it slowly."""
+        """Whether the card computes bf16 in hardware (compute capability 8.0 and up: the Ampere
+        generation and later). ``supports_bf16`` is also true on a T4, where torch emulates it slowly."""
         return self.compute_capability is not None and tuple(self.compute_capability) >= (8, 0)
 
 

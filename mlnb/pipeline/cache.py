@@ -22,15 +22,30 @@ import itertools
 import logging
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from ..monitor import cleanup
 from ..units import format_bytes
 
 if TYPE_CHECKING:
     from ..device import Device
-    from .managed import ManagedPipeline
     from .result import GenerationResult
+
+
+class Cached(Protocol):
+    """What the cache reads of a pipeline it holds (a :class:`~mlnb.pipeline.managed.ManagedPipeline`)."""
+
+    model: str
+    pipe: object
+    device: "Device"
+    last_used: int
+
+    @property
+    def key(self) -> tuple[str, str, str]: ...
+
+    def busy(self) -> bool: ...
+
+    def unload(self) -> None: ...
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +55,7 @@ __all__ = [
     "gpu_tensors", "gpu_bytes", "holders", "make_room", "unload_for",
 ]
 
-_cache: dict[tuple[str, str, str, str], "ManagedPipeline"] = {}
+_cache: dict[tuple[str, str, str, str], "Cached"] = {}
 _lock = threading.RLock()
 _uses = itertools.count()  # the order pipelines were loaded or last used in (room unloads the oldest first)
 _last: list["GenerationResult"] = []
@@ -76,16 +91,16 @@ def same_device(a: "Device", b: "Device") -> bool:
     return device_id(a) == device_id(b)
 
 
-def _key(managed: "ManagedPipeline") -> tuple[str, str, str, str]:
+def _key(managed: "Cached") -> tuple[str, str, str, str]:
     return (*managed.key, device_id(managed.device))
 
 
-def _cached_under(managed: "ManagedPipeline") -> tuple[str, str, str, str] | None:
+def _cached_under(managed: "Cached") -> tuple[str, str, str, str] | None:
     """The key ``managed`` was cached under, found by identity (its device or plan may be replaced since)."""
     return next((key for key, cached in _cache.items() if cached is managed), None)
 
 
-def add(managed: "ManagedPipeline", weight_files: dict[str, tuple[int, int]] | None = None) -> None:
+def add(managed: "Cached", weight_files: dict[str, tuple[int, int]] | None = None) -> None:
     """Cache ``managed`` under its key and device, as the most recently used.
 
     Args:
@@ -103,13 +118,13 @@ def add(managed: "ManagedPipeline", weight_files: dict[str, tuple[int, int]] | N
     touch(managed)
 
 
-def find(key: tuple[str, str, str], device: "Device") -> "ManagedPipeline | None":
+def find(key: tuple[str, str, str], device: "Device") -> "Cached | None":
     """The pipeline cached under ``key`` for ``device``, or None."""
     with _lock:
         return _cache.get((*key, device_id(device)))
 
 
-def stale(managed: "ManagedPipeline") -> str | None:
+def stale(managed: "Cached") -> str | None:
     """Why a cached pipeline no longer answers a load, or None: it is no longer whole (its ``pipe`` emptied or a
     component set to None since it was loaded), or its folder's weight files changed on disk (size or modification
     time)."""
@@ -132,13 +147,13 @@ def stale(managed: "ManagedPipeline") -> str | None:
     return None
 
 
-def find_one(matches: Callable[["ManagedPipeline"], bool]) -> "ManagedPipeline | None":
+def find_one(matches: Callable[["Cached"], bool]) -> "Cached | None":
     """The first cached pipeline, oldest first, that ``matches``, or None."""
     with _lock:
         return next((m for m in _cache.values() if matches(m)), None)
 
 
-def forget(managed: "ManagedPipeline") -> None:
+def forget(managed: "Cached") -> None:
     """Drop ``managed`` from the cache (another pipeline cached under its key since stays)."""
     with _lock:
         key = _cached_under(managed)
@@ -147,12 +162,12 @@ def forget(managed: "ManagedPipeline") -> None:
             _loaded.pop(key, None)
 
 
-def touch(managed: "ManagedPipeline") -> None:
+def touch(managed: "Cached") -> None:
     """Make ``managed`` the most recently used: the last to be unloaded to make room."""
     managed.last_used = next(_uses)
 
 
-def cached_pipelines() -> list["ManagedPipeline"]:
+def cached_pipelines() -> list["Cached"]:
     """The loaded pipelines, oldest first."""
     with _lock:
         return list(_cache.values())
@@ -183,7 +198,7 @@ def last_result() -> "GenerationResult | None":
 # Room on the GPU
 
 
-def gpu_tensors(managed: "ManagedPipeline", device: "Device | None" = None):
+def gpu_tensors(managed: "Cached", device: "Device | None" = None):
     """Each of ``managed``'s weights and buffers that ``device`` (its own by default) holds now, once (nothing when
     it is unloaded)."""
     pipe, device = managed.pipe, device or managed.device
@@ -200,7 +215,7 @@ def gpu_tensors(managed: "ManagedPipeline", device: "Device | None" = None):
                     yield tensor
 
 
-def gpu_bytes(managed: "ManagedPipeline") -> int:
+def gpu_bytes(managed: "Cached") -> int:
     """Bytes of ``managed``'s weights and buffers on its GPU now (0 when unloaded, or on a CPU)."""
     if not managed.device.has_memory_counters:
         return 0
@@ -212,7 +227,7 @@ def _same_card(a: "Device", b: "Device") -> bool:
     return a is b or (a.is_cuda and b.is_cuda and getattr(a, "index", None) == getattr(b, "index", None))
 
 
-def holders(device: "Device", besides: str) -> list[tuple["ManagedPipeline", int]]:
+def holders(device: "Device", besides: str) -> list[tuple["Cached", int]]:
     """The cached pipelines on ``device``'s card other than model ``besides`` that hold GPU memory and are not
     generating, with their bytes there, the least recently used first."""
     found = []
@@ -225,7 +240,7 @@ def holders(device: "Device", besides: str) -> list[tuple["ManagedPipeline", int
     return found
 
 
-def unload_for(managed: "ManagedPipeline", for_model: str, why: str = "") -> bool:
+def unload_for(managed: "Cached", for_model: str, why: str = "") -> bool:
     """Unload ``managed`` to make room for ``for_model``, warning ``why`` first, unless it has started generating in
     another thread since it was found idle (then False: waiting for that generation would hold up this one)."""
     with managed.hold_if_idle() as idle:
