@@ -300,11 +300,11 @@ def test_the_kept_part_moves_to_the_gpu_a_part_at_a_time_around_the_streamed_blo
 
 
 def test_the_pages_go_back_once_enough_has_moved(monkeypatch):
-    from mlnb.planner import apply
+    from mlnb.planner import host_memory
 
     calls = []
-    monkeypatch.setattr(apply, "release_mapped_weights", lambda: calls.append(1))
-    give_back = apply._GiveBackAsItMoves(step=100)
+    monkeypatch.setattr(host_memory, "release_mapped_weights", lambda: calls.append(1))
+    give_back = host_memory.GiveBackEvery(step=100)
     for nbytes in (30, 30, 30, 30, 250, 10):
         give_back(nbytes)
     assert len(calls) == 2  # at 120 bytes moved, then at 260 more

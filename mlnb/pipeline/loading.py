@@ -36,6 +36,7 @@ from .files import (
 )
 from .loras import parse_loras
 from .managed import ManagedPipeline
+from .mapped import materialize_all, read_pipeline
 from .result import plan_title
 from .validation import FROM_PRETRAINED_KEYWORDS, check_load_keywords, text_to_image_parameters
 
@@ -158,8 +159,8 @@ def _load(source: str, is_local: bool, torch_dtype, setting: MemorySetting, devi
     _make_host_room(source, torch_dtype)
     on_disk = files.weight_files(source) if is_local else None  # before reading: a change while it reads is noticed
     try:
-        pipe = files.load_diffusers_pipeline(source, dtype=torch_dtype, allow_pickle=allow_pickle,
-                                             **from_pretrained_kwargs)
+        # weights whose files hold another dtype stay in the mapping until placed: cast part by part on the way
+        pipe = read_pipeline(source, torch_dtype, allow_pickle=allow_pickle, **from_pretrained_kwargs)
     except KeyboardInterrupt as exc:
         release_exception_frames(exc)  # the half-read weights
         cleanup(device)
@@ -175,6 +176,8 @@ def _load(source: str, is_local: bool, torch_dtype, setting: MemorySetting, devi
             # before planning: a bf16 decode needs half the memory of the fp32 one, so tiles are larger or none
             logger.info("the VAE decodes in bf16 on this card, not upcast to fp32 (half the memory, tensor cores)")
         choice, plan, facts = _choose(pipe, setting, device, torch_dtype)
+        if plan is None or not device.is_cuda:  # not placed by a plan: cast on the host, part by part
+            materialize_all(pipe)
         cfg = setting.config if setting.config is not None else MemoryOptimizationConfig.from_level(choice.level)
         # The same model at another level, dtype or revision: drop the old copy first, a small card cannot hold
         # both (outside the cache's lock: an unload waits for the copy's generation to end).

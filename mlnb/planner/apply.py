@@ -16,6 +16,11 @@ reads them all, and the pages of a file stay resident until its last tensor has 
 into power-of-two buffers one buffer at a time (:mod:`.pinning`: torch rounds each pinned block up to a power of
 two), each pageable original released as soon as it is copied. The process never holds the whole model twice, and
 pinned memory is the streamed bytes, not up to twice them.
+
+A model read from its files in another dtype than it is stored in (:mod:`.deferred`) is cast on the way, part by
+part: a kept part straight from the mapping to the GPU, a streamed unit, an encoder or the VAE into host memory just
+before it is packed into its pinned region. What is pinned is what is copied to the GPU again at every step or image
+(the streamed units, the encoders, the VAE); the kept part leaves no host copy.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from ..optimizer.weights import module_bytes
 from ..units import MiB, format_bytes
 from .blocks import model_units, text_encoders
 from .cost import Plan
-from .host_memory import give_back_host_memory, release_mapped_weights
+from .deferred import materialize
+from .host_memory import GiveBackEvery, give_back_host_memory
 from .streaming import module_streamer, pin_whole, stream_units
 
 logger = logging.getLogger(__name__)
@@ -57,15 +63,18 @@ def plan_level(plan: Plan) -> OptimizationLevel:
 def _move_except(module, prefix: str, streamed: set[str], device, each_part=None) -> None:
     """Move ``module`` to ``device`` except the streamed sub-blocks (named by dotted path). With ``each_part``, the
     rest moves in parts of at most :data:`MOVE_PART` bytes where the module tree allows (a larger module is split
-    into its children), and ``each_part(nbytes)`` runs after each part with its bytes."""
+    into its children), and ``each_part(nbytes)`` runs after each part with its bytes. A tensor still deferred
+    (:mod:`.deferred`) is cast from its mapped source on the way."""
     if prefix in streamed:
         return
     whole = not any(s.startswith(prefix + ".") or not prefix for s in streamed)
     if whole and (each_part is None or (prefix and module_bytes(module) <= MOVE_PART)):
+        cast = materialize(module, device)  # read in another dtype: cast on the way, tensor by tensor
         module.to(device)
         if each_part is not None:
-            each_part(module_bytes(module))
+            each_part(module_bytes(module) + cast)
         return
+    materialize(module, device, recurse=False)
     for name, param in module.named_parameters(recurse=False):
         param.data = param.data.to(device)
     for name, buf in module.named_buffers(recurse=False):
@@ -74,18 +83,10 @@ def _move_except(module, prefix: str, streamed: set[str], device, each_part=None
         _move_except(child, f"{prefix}.{name}" if prefix else name, streamed, device, each_part)
 
 
-class _GiveBackAsItMoves:
-    """An ``each_part`` for :func:`_move_except`: gives back the pages of the mapped weight files read so far once
-    ``step`` bytes have moved since the last time (reading this process's mappings costs a few milliseconds)."""
-
-    def __init__(self, step: int = 64 * MiB) -> None:
-        self.step, self.moved = step, 0
-
-    def __call__(self, nbytes: int) -> None:
-        self.moved += nbytes
-        if self.moved >= self.step:
-            release_mapped_weights()
-            self.moved = 0
+def _on_host(module) -> None:
+    """Cast what is still deferred of ``module`` into host memory (the parts about to be packed into pinned regions),
+    giving the mapped pages read back every 64 MiB."""
+    materialize(module, "cpu", each_part=GiveBackEvery())
 
 
 def _release_before(streamer, pipe) -> None:
@@ -144,7 +145,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     streamed = set(plan.streamed)
     # The pages of the mapped weight files go back as the kept part moves, every 64 MiB: reading the whole kept part
     # first would hold all of it on the host at once.
-    _move_except(denoiser, "", streamed, device, each_part=_GiveBackAsItMoves())
+    _move_except(denoiser, "", streamed, device, each_part=GiveBackEvery())
     gc.collect()
     give_back_host_memory()  # the kept part's host copy is gone: give it back before anything is pinned
     if plan.offload_encoders_vae:
@@ -160,12 +161,14 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
                 vae._mlnb_upcast_on_gpu = True
                 vae.register_to_config(force_upcast=False)  # the pipeline leaves the cast to the onload
                 cast_at_the_vae_s_edges(vae)  # fp16 latents into an fp32 decoder
+            _on_host(vae)
             vae_off = pin_whole(vae, device, copies, copies.host_buffer,
                                 compute_dtype=torch.float32 if upcast else None).offload
         encoders = list(text_encoders(pipe).values())
         for encoder in encoders:
             units = [name for name, _ in model_units(encoder)]
             _move_except(encoder, "", set(units), device)
+            _on_host(encoder)  # its units, packed next
             stream_units(encoder, units, device, copies, copies.copy_stream() if use_stream else None,
                          copies.host_buffer)
         give_back_host_memory()  # the encoders' pageable originals, replaced by packed pinned copies
@@ -184,9 +187,10 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     else:
         for name, module in pipe.components.items():
             if isinstance(module, torch.nn.Module) and module is not denoiser:
-                _move_except(module, "", set(), device, each_part=_GiveBackAsItMoves())
+                _move_except(module, "", set(), device, each_part=GiveBackEvery())
 
     if streamed:
+        _on_host(denoiser)  # the streamed units, packed next
         streamer = stream_units(
             denoiser, plan.streamed, device, copies, copies.copy_stream() if use_stream else None,
             copies.host_buffer, keep_slots=True, slots=plan.slots,
@@ -204,6 +208,9 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
             f"stream {format_bytes(moved)}{' prefetched' if prefetched else ''}, keep {len(plan.resident)} blocks",
         )
 
+    for module in pipe.components.values():  # any other model stays on the host, cast as the plan's dtype says
+        if isinstance(module, torch.nn.Module):
+            _on_host(module)
     steps = cleanup(ctx_device, collect=True, empty_cache=True)
     results[Technique.GC_COLLECT] = applied(
         Technique.GC_COLLECT, "ran after load; runs again on error and after a generation that left GPU memory held"

@@ -25,8 +25,9 @@ import sys
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["trim_host_heap", "release_mapped_weights", "give_back_host_memory"]
+__all__ = ["trim_host_heap", "release_mapped_weights", "give_back_host_memory", "GiveBackEvery"]
 
+_MiB = 2**20
 _MADV_PAGEOUT = 21
 _WEIGHT_FILES = (".safetensors",)
 
@@ -86,3 +87,18 @@ def give_back_host_memory() -> None:
     """Both: the heap's free pages, and the pages of mapped weight files read so far."""
     trim_host_heap()
     release_mapped_weights()
+
+
+class GiveBackEvery:
+    """A callback for code that reads weights part by part (moves to the GPU, casts from the mapping): called with
+    each part's bytes, it gives back the pages of the mapped weight files read so far once ``step`` bytes have been
+    read since the last time (reading this process's mappings costs a few milliseconds, so not at every tensor)."""
+
+    def __init__(self, step: int = 64 * _MiB) -> None:
+        self.step, self.read = step, 0
+
+    def __call__(self, nbytes: int) -> None:
+        self.read += nbytes
+        if self.read >= self.step:
+            release_mapped_weights()
+            self.read = 0
