@@ -257,3 +257,40 @@ def test_a_cell_that_shows_its_own_report_gets_no_line_beside_it(setup):
     finally:
         if before is not None:
             cache.remember(before)
+
+
+def test_a_cell_that_did_not_touch_the_cuda_card_costs_no_synchronize_nvml_or_host_read(monkeypatch):
+    """The per-cell hooks read the allocator's counters only: waiting for the card, asking NVML or reading the
+    host's RSS would cost every cell time it does not need."""
+    from fakes import FakeCuda
+    from mlnb.device import CudaDevice, cuda as cuda_mod
+
+    class IdleCuda(FakeCuda):  # nothing runs: the peaks are the current figures
+        def max_memory_allocated(self, index=None):
+            return self.memory_allocated(index)
+
+        def max_memory_reserved(self, index=None):
+            return self.memory_reserved(index)
+
+    cuda = IdleCuda()
+    monkeypatch.setattr(CudaDevice, "_cuda", staticmethod(lambda: cuda))
+    reads = []
+
+    class Nvml:
+        def memory(self, index):
+            reads.append("nvml")
+            return None, None, "not here"
+
+    monkeypatch.setattr(cuda_mod, "host_rss", lambda: reads.append("rss"))
+    device = CudaDevice(0, nvml=Nvml())
+    shell = FakeShell()
+    lines: list[str] = []
+    monitor = CellMonitor(shell, device=device, echo=lines.append)
+    shell.events.register("pre_run_cell", monitor.pre_run_cell)
+    shell.events.register("post_run_cell", monitor.post_run_cell)
+    cell_history.clear()
+    for n in range(3):
+        shell.run(f"x = {n}", lambda: None)
+    assert "synchronize" not in cuda.calls and "empty_cache" not in cuda.calls
+    assert reads == [] and lines == [] and len(cell_history) == 3
+    assert not release.pending()
