@@ -12,7 +12,8 @@ therefore does neither. It asks for a release instead, which runs in a backgroun
 A generation start and the release exclude each other. :func:`generation_started` advances an epoch and counts the
 generation as running; a release runs only if the epoch is still the one it was scheduled in and no generation runs,
 and a generation that starts while a release is running waits for it to end. So back-to-back generations in one cell
-or loop pay no release between them, and a cell start postpones a due release to that cell's end.
+or loop pay no release between them. A cell start does not postpone a due release: with ``Run All`` the next cell
+starts at once, and memory would otherwise stay cached until the last cell.
 
 A release first calls the idle hooks (:func:`add_idle_hook`: code that keeps GPU buffers for the next image drops them
 here), then runs a full ``gc.collect()`` only when more GPU memory is allocated than before the first generation it
@@ -137,8 +138,6 @@ class _Releaser:
     def cell_started(self) -> None:
         with self._state:
             self._in_cell = True
-            self._epoch += 1
-            self._due = None
 
     def cell_ended(self) -> None:
         with self._state:
@@ -306,7 +305,7 @@ def request(device: Device, baseline: int | None, collect: bool = True, empty_ca
 
 
 def cell_started() -> None:
-    """A cell started: a due release waits for its end (the kernel is not idle)."""
+    """A cell started: a generation that ends inside it leaves its release for the cell's end."""
     _releaser.cell_started()
 
 
