@@ -6,7 +6,7 @@
 #       extension: .py
 #       format_name: percent
 #       format_version: '1.3'
-#       jupytext_version: 1.19.6
+#       jupytext_version: 1.19.7
 #   kernelspec:
 #     display_name: Python 3 (ipykernel)
 #     language: python
@@ -53,6 +53,7 @@ import weakref
 
 import torch
 from mlnb.device import get_device, set_device
+from mlnb.monitor import release
 from mlnb.testing import FakeDevice
 from mlnb.units import format_bytes
 
@@ -77,6 +78,7 @@ def gpu_tensor(mib: int):
 
 
 def show(label: str) -> None:
+    release.wait_idle(1.0)  # the cache goes back in the background once the previous cell has ended
     snap = device.snapshot()
     print(f"{label}: allocated {format_bytes(snap.allocated)}, reserved {format_bytes(snap.reserved)}")
 
@@ -167,8 +169,9 @@ show("after the error, monitor on")
 # ## The caching allocator
 #
 # Memory freed inside a cell goes back to torch's cache, not to the card: other processes (and `nvidia-smi`) still
-# see it used. After a cell that used the GPU, mlnb clears the cache. It does not run `gc.collect()` after every cell
-# (slow in a big session): only after an error, or when a GPU cell ended holding more than it started with.
+# see it used. After a cell that used the GPU, mlnb gives the cache back once the cell has ended, in the background
+# (the cell's line says `freed when idle`; `show` below waits for it). It does not run `gc.collect()` after every
+# cell (slow in a big session): only after an error, or when a GPU cell ended holding more than it started with.
 
 # %%
 def step():
@@ -193,8 +196,8 @@ show("after the cell")
 # %% [markdown]
 # ## Pipelines
 #
-# A generation runs inside its own `MemoryMonitor` and cleans up after itself; the pipeline stays cached for the
-# next cell. `%vram free` unloads it (hooks, weights, pinned copies) and clears the cache. On the simulated card the
+# A generation runs inside its own `MemoryMonitor`, and its memory goes back once the cell has ended (not between
+# the images of a loop); the pipeline stays cached for the next cell. `%vram free` unloads it (hooks, weights, pinned copies) and clears the cache. On the simulated card the
 # weights stay in host RAM (compute runs on the CPU), so here only the unload count tells.
 
 # %%
@@ -205,7 +208,7 @@ a watercolor fox in a snowy forest
 # %vram free
 
 # %% [markdown]
-# In short: mlnb clears the allocator cache after GPU cells, clears the frames of a failed cell's traceback when they
+# In short: mlnb gives the allocator cache back after GPU cells, once the kernel is idle, clears the frames of a failed cell's traceback when they
 # alone hold GPU tensors, points out outputs that pin GPU tensors, and drops them on `%vram free --outputs`. What it leaves
 # to you: your own variables (`del` them, or `%vram free` to unload pipelines).
 #

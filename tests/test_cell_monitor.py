@@ -14,7 +14,7 @@ from IPython.core.interactiveshell import ExecutionResult
 
 from mlnb.device import use_device
 from mlnb.ipython.cell_monitor import CellMonitor
-from mlnb.monitor import MemoryMonitor, cell_history
+from mlnb.monitor import MemoryMonitor, cell_history, release
 from mlnb.session import defaults
 from mlnb.testing import FakeDevice
 
@@ -59,6 +59,7 @@ def setup():
     saved = (defaults.monitor, defaults.verbose)
     with use_device(device):
         yield shell, device, lines
+    release.release_now()  # nothing left for the next test's device counts
     defaults.monitor, defaults.verbose = saved
     for name in ("last_type", "last_value", "last_traceback"):
         if hasattr(sys, name):
@@ -74,8 +75,10 @@ def test_cell_without_gpu_is_silent_but_recorded(setup):
     assert device.empty_cache_calls == 0
 
 
-def test_gpu_cell_gets_a_line_and_the_cache_cleared(setup):
+def test_gpu_cell_gets_a_line_and_the_cache_cleared_once_the_cell_has_ended(setup, monkeypatch):
+    """Not in the hook: the cell's completion does not wait for the cache clear, which runs in the background."""
     shell, device, lines = setup
+    monkeypatch.setattr(release, "CELL_DELAY", 0.3)
 
     def cell():
         device.allocate(512 * 2**20)
@@ -85,9 +88,14 @@ def test_gpu_cell_gets_a_line_and_the_cache_cleared(setup):
     (record,) = cell_history.records()
     assert record.touched_gpu
     assert record.report.peak_allocated == 512 * 2**20
-    assert record.report.freed == 512 * 2**20  # reserved went back to the driver
-    assert device.reserved == 0 and device.empty_cache_calls == 1
+    assert record.report.freed is None and record.report.deferred  # nothing was freed yet
+    assert device.empty_cache_calls == 0 and device.reserved == 512 * 2**20
     assert len(lines) == 1 and lines[0].startswith("[mlnb] cell 1 ·") and "peak 512.0 MiB" in lines[0]
+    assert lines[0].endswith("freed when idle")
+    assert record.row()[5] == "when idle"
+    assert release.wait_idle(2.0)
+    assert device.reserved == 0 and device.empty_cache_calls == 1  # reserved went back to the driver
+    assert release.last_release().freed == 512 * 2**20
 
 
 def test_a_frontend_s_own_execution_is_not_a_numbered_cell(setup):
@@ -158,23 +166,34 @@ def test_output_pinning_gpu_tensor_is_reported(setup):
 
 
 def test_gc_runs_only_when_it_can_free_something(setup, monkeypatch):
+    """After an error at once; after a cell that ended holding more GPU memory than it started with, in the
+    release once the cell has ended; never after a cell that did not touch the GPU."""
     shell, device, lines = setup
     calls = []
     monkeypatch.setattr(gc, "collect", lambda *a: calls.append(1) or 0)
     shell.run("x = 1", lambda: None)
-    assert calls == []  # nothing touched the GPU
+    assert release.wait_idle(2.0) and calls == []  # nothing touched the GPU
 
     def grow():
         device.allocate(2**20)  # ends holding more than it started with
 
     shell.run("keep = alloc()", grow)
-    assert calls == [1]
+    assert release.wait_idle(2.0) and calls == [1]
 
     def fail():
         raise KeyError("x")
 
     shell.run("d['x']", fail)
-    assert calls == [1, 1]
+    assert calls == [1, 1]  # at once, before any release
+
+
+def test_a_release_beside_a_cell_does_not_make_it_a_gpu_cell(setup):
+    """Reserved memory that went down during a cell is the release's doing (it runs in the background)."""
+    shell, device, lines = setup
+    device.allocate(64 * 2**20)
+    device.release(64 * 2**20)
+    shell.run("x = 1", lambda: device.empty_cache() and None)
+    assert lines == [] and not cell_history.records()[-1].touched_gpu
 
 
 def test_nested_generation_monitor_keeps_the_cell_peak(setup):
@@ -238,3 +257,40 @@ def test_a_cell_that_shows_its_own_report_gets_no_line_beside_it(setup):
     finally:
         if before is not None:
             cache.remember(before)
+
+
+def test_a_cell_that_did_not_touch_the_cuda_card_costs_no_synchronize_nvml_or_host_read(monkeypatch):
+    """The per-cell hooks read the allocator's counters only: waiting for the card, asking NVML or reading the
+    host's RSS would cost every cell time it does not need."""
+    from fakes import FakeCuda
+    from mlnb.device import CudaDevice, cuda as cuda_mod
+
+    class IdleCuda(FakeCuda):  # nothing runs: the peaks are the current figures
+        def max_memory_allocated(self, index=None):
+            return self.memory_allocated(index)
+
+        def max_memory_reserved(self, index=None):
+            return self.memory_reserved(index)
+
+    cuda = IdleCuda()
+    monkeypatch.setattr(CudaDevice, "_cuda", staticmethod(lambda: cuda))
+    reads = []
+
+    class Nvml:
+        def memory(self, index):
+            reads.append("nvml")
+            return None, None, "not here"
+
+    monkeypatch.setattr(cuda_mod, "host_rss", lambda: reads.append("rss"))
+    device = CudaDevice(0, nvml=Nvml())
+    shell = FakeShell()
+    lines: list[str] = []
+    monitor = CellMonitor(shell, device=device, echo=lines.append)
+    shell.events.register("pre_run_cell", monitor.pre_run_cell)
+    shell.events.register("post_run_cell", monitor.post_run_cell)
+    cell_history.clear()
+    for n in range(3):
+        shell.run(f"x = {n}", lambda: None)
+    assert "synchronize" not in cuda.calls and "empty_cache" not in cuda.calls
+    assert reads == [] and lines == [] and len(cell_history) == 3
+    assert not release.pending()

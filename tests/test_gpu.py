@@ -75,6 +75,27 @@ def test_monitor_exit_returns_reserved_memory(cuda):
     assert mon.report.cleanup == ("gc_collect", "cuda_cache_clear")
 
 
+def test_a_generation_monitor_leaves_the_cache_to_the_release_which_gives_it_back(cuda):
+    """With ``defer`` the block ends with its cache still reserved (no clear on the critical path); the deferred
+    release then gives it back, within a second, to 64 MiB of what is allocated."""
+    import time
+
+    import torch
+
+    from mlnb.monitor import release
+
+    release.release_now()
+    with MemoryMonitor(cuda, collect="if_needed", defer=True) as mon:
+        block = torch.ones(512 * MiB, dtype=torch.uint8, device=cuda.torch_device)
+        del block
+    ended = time.perf_counter()
+    assert mon.report.deferred and mon.report.cleanup == () and mon.report.cached >= 512 * MiB
+    assert release.wait_idle(5.0) and time.perf_counter() - ended <= 1.0 + release.IDLE_DELAY
+    reserved, allocated = torch.cuda.memory_reserved(cuda.index), torch.cuda.memory_allocated(cuda.index)
+    assert reserved - allocated <= 64 * MiB
+    assert release.last_release().freed >= 512 * MiB
+
+
 def test_nested_monitors_on_the_global_peak_counter(cuda):
     """torch has one peak counter per device: the inner monitor resets it, the outer still sees the 1 GiB spike
     from before the inner, and the inner sees only its own 256 MiB."""

@@ -739,20 +739,29 @@ def test_diffusers_warning_about_an_empty_list_of_fp32_modules_is_dropped_and_a_
 
 def test_a_config_given_to_load_pipeline_is_the_one_generation_cleans_up_with(tiny_sd, clean_cache):
     """``cuda_cache_clear=False`` (or ``gc_collect=False``) given at load holds for each generation's cleanup too,
-    not only the level's settings."""
+    not only the level's settings: the deferred release after it does not clear the cache."""
     from mlnb.levels import MemoryOptimizationConfig
+    from mlnb.monitor import release
 
     device = FakeDevice()
+
+    def activations(managed):
+        managed.pipe.unet.register_forward_hook(lambda *a: (device.allocate(2**20), device.release(2**20)) and None)
+
     config = MemoryOptimizationConfig.from_level("none", cuda_cache_clear=False)
     managed = mlnb.load_pipeline(tiny_sd, config=config, device=device)
     assert managed.config is config
+    activations(managed)
+    release.release_now()
     calls = device.empty_cache_calls
     result = managed.generate("a fox", seed=1, **FAST)
+    assert result.memory.deferred and release.release_now()
     assert device.empty_cache_calls == calls and "cuda_cache_clear" not in result.memory.cleanup
     mlnb.unload_all()
     default = mlnb.load_pipeline(tiny_sd, level="none", device=device)
+    activations(default)
     calls = device.empty_cache_calls
-    assert "cuda_cache_clear" in default.generate("a fox", seed=1, **FAST).memory.cleanup
+    assert default.generate("a fox", seed=1, **FAST).memory.deferred and release.release_now()
     assert device.empty_cache_calls == calls + 1
 
 

@@ -7,6 +7,7 @@ the driver. All sizes are in bytes.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 from .host import host_memory, host_rss
 from .interface import Device, DeviceInfo, MemorySnapshot
@@ -138,16 +139,17 @@ class CudaDevice(Device):
         )
 
     def snapshot(self) -> MemorySnapshot:
-        cuda = self._cuda()
         used, _, _ = self._nvml.memory(self.index)
+        return replace(self.counters(), device_used=used, host_rss=host_rss())
+
+    def counters(self) -> MemorySnapshot:
+        cuda = self._cuda()
         return MemorySnapshot(
             time=time.perf_counter(),
             allocated=int(cuda.memory_allocated(self.index)),
             reserved=int(cuda.memory_reserved(self.index)),
             peak_allocated=int(cuda.max_memory_allocated(self.index)),
             peak_reserved=int(cuda.max_memory_reserved(self.index)),
-            device_used=used,
-            host_rss=host_rss(),
         )
 
     def reset_peak(self) -> None:

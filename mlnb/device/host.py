@@ -6,6 +6,7 @@ All sizes are in bytes.
 
 from __future__ import annotations
 
+import os
 import sys
 
 __all__ = ["host_memory", "host_rss", "host_peak_rss"]
@@ -22,12 +23,18 @@ def host_memory() -> tuple[int | None, int | None]:
         return None, None
 
 
+_process = None  # psutil's handle on this process, made once: making one reads /proc for its start time
+
+
 def host_rss() -> int | None:
     """This process's resident set size in bytes."""
+    global _process
     try:
         import psutil
 
-        return int(psutil.Process().memory_info().rss)
+        if _process is None or _process.pid != os.getpid():  # a forked child reads its own
+            _process = psutil.Process()
+        return int(_process.memory_info().rss)
     except Exception:
         return None
 

@@ -18,6 +18,8 @@ from .streams import CopyStreams
 
 __all__ = ["DeviceInfo", "MemorySnapshot", "Device", "CpuDevice", "is_out_of_memory"]
 
+CPU_NAME = "CPU (no CUDA device)"
+
 
 @dataclass(frozen=True)
 class DeviceInfo:
@@ -96,7 +98,7 @@ class Device:
         total, available = host_memory()
         return DeviceInfo(
             available=False,
-            name="CPU (no CUDA device)",
+            name=CPU_NAME,
             kind=self.kind,
             host_total_bytes=total,
             host_available_bytes=available,
@@ -104,6 +106,11 @@ class Device:
 
     def snapshot(self) -> MemorySnapshot:
         return MemorySnapshot(time=time.perf_counter(), host_rss=host_rss())
+
+    def counters(self) -> MemorySnapshot:
+        """The allocator's counters alone (allocated, reserved and their peaks), cheaply: no NVML, no host RSS, so
+        that a per-cell check costs little. Here the time alone."""
+        return MemorySnapshot(time=time.perf_counter())
 
     def reset_peak(self) -> None:
         """Reset the allocator's peak counters (one global counter per device in torch)."""
@@ -189,3 +196,7 @@ class Device:
 
 class CpuDevice(Device):
     """No CUDA device: GPU fields are N/A, cleanup on the GPU is a no-op."""
+
+    def describe(self) -> tuple[str, int | None]:
+        # Read after every cell: the name is fixed and there is no device total, so the host's RAM is not read.
+        return CPU_NAME, None

@@ -1,14 +1,17 @@
 """Every cell inside a ``MemoryMonitor``, through ``pre_run_cell``/``post_run_cell``.
 
 ``pre_execute``/``post_execute`` also fire for widget comm messages, so they would measure the dashboard, not the
-user's cells. After a cell that touched the GPU the allocator cache is cleared; after an error, the stored
-traceback's frames that alone pin device tensors are cleared (not when the namespace or the output cache holds them
-too: a model's weights seen through a method's ``self`` stay whatever happens), and every other frame keeps its locals
-for ``%debug``; an output that pins device tensors is pointed out. A cell that showed its own memory report (a
+user's cells. The hooks read only the allocator's counters (no synchronize, no NVML), so a cell that did not touch
+the GPU costs little and is silent.
+
+After a cell that touched the GPU, the deferred release (:mod:`mlnb.monitor.release`) gives the allocator's cache
+back in the background once the cell has ended, unless the next cell starts a generation first; its line says
+``freed when idle``. After an error the cleanup runs at once: the stored traceback's frames that alone pin device
+tensors are cleared (not when the namespace or the output cache holds them too: a model's weights seen through a
+method's ``self`` stay whatever happens), every other frame keeps its locals for ``%debug``, then ``gc.collect()``
+and the cache clear. An output that pins device tensors is pointed out. A cell that showed its own memory report (a
 generation's report line, what ``%vram free`` freed, a magic's one-line error) gets no line of its own beside it,
 only the notes. The history keeps each cell's first line with secrets masked.
-``gc.collect()`` runs only when it can free something: after an error, or when a GPU cell ended holding more than it
-started with (a reference cycle may be what holds it). Cells that did not touch the GPU are silent.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from IPython.core.error import UsageError
 
 from ..device import Device, get_device
 from .. import notices
-from ..monitor import CellRecord, MemoryMonitor, Skipped, cell_history, find_device_tensors
+from ..monitor import CellRecord, MemoryMonitor, Skipped, cell_history, find_device_tensors, release
 from ..monitor.history import source_line
 from ..session import FreeReport, defaults
 from ..units import format_bytes
@@ -34,14 +37,14 @@ __all__ = ["CellMonitor", "touched_gpu"]
 
 
 def touched_gpu(report) -> bool:
-    """True if the monitored block allocated, freed or reserved GPU memory."""
+    """True if the monitored block allocated, freed or reserved GPU memory. Reserved memory that went down is not
+    the block's doing: a deferred release can run beside a cell."""
     if not report.gpu:
         return False
     return (
         (report.peak_allocated or 0) > (report.start_allocated or 0)
         or report.end_allocated != report.start_allocated
-        or report.end_reserved != report.start_reserved
-        or bool(report.freed)
+        or (report.end_reserved or 0) > (report.start_reserved or 0)
     )
 
 
@@ -69,6 +72,7 @@ class CellMonitor:
 
     def pre_run_cell(self, info=None) -> None:
         try:
+            release.cell_started()
             if self._monitor is not None:  # the last cell never reached post_run_cell
                 self._monitor.__exit__(None, None, None)
                 self._monitor = None
@@ -82,8 +86,8 @@ class CellMonitor:
                 return
             self._cell = getattr(self.shell, "execution_count", None)
             self._source = source_line(getattr(info, "raw_cell", "") or "")
-            # Cleanup decisions are made after the cell, from what it did; the monitor only measures.
-            self._monitor = MemoryMonitor(self.device, collect=False, empty_cache=False).__enter__()
+            # Cleanup decisions are made after the cell, from what it did; the monitor only measures, cheaply.
+            self._monitor = MemoryMonitor(self.device, collect=False, empty_cache=False, light=True).__enter__()
         except Exception as exc:  # a hook must never break the user's cell
             logger.debug("pre_run_cell failed: %s", exc)
             self._monitor = None
@@ -97,15 +101,17 @@ class CellMonitor:
                 monitor.__exit__(None, None, None)
             except Exception as exc:
                 logger.debug("closing the cell monitor failed: %s", exc)
+        release.cell_ended()  # no post_run_cell will say so
 
     def post_run_cell(self, result=None) -> None:
         monitor, self._monitor = self._monitor, None
-        if monitor is None:
-            return
         try:
-            self._after_cell(monitor, result)
+            if monitor is not None:
+                self._after_cell(monitor, result)
         except Exception as exc:
             logger.debug("post_run_cell failed: %s", exc)
+        finally:
+            release.cell_ended()  # the kernel is idle: a pending release runs in the background
 
     def _after_cell(self, monitor: MemoryMonitor, result) -> None:
         count = getattr(result, "execution_count", None)
@@ -141,14 +147,16 @@ class CellMonitor:
             )
 
         freed_extra = 0
-        if touched or error is not None:
+        if error is not None:  # at once: the error's frames may have held tensors
             before = device.snapshot()
-            if error is not None or (report.end_allocated or 0) > (report.start_allocated or 0):
-                gc.collect()
+            gc.collect()
             device.empty_cache()
             after = device.snapshot()
             if before.reserved is not None and after.reserved is not None:
                 freed_extra = max(0, before.reserved - after.reserved)
+        elif touched:  # once the kernel is idle, in the background
+            release.request(device, report.start_allocated)
+            report = dataclasses.replace(report, freed=None, deferred=True)
         if freed_extra:
             report = _with_freed(report, (report.freed or 0) + freed_extra, after)
 
@@ -176,10 +184,11 @@ class CellMonitor:
 
     @staticmethod
     def line(record: CellRecord) -> str:
-        """The per-cell line, e.g. ``[mlnb] cell 5 · 2.31 s · peak 3.7 GiB · end 0.2 GiB · freed 3.5 GiB``."""
+        """The per-cell line, e.g. ``[mlnb] cell 5 · 2.31 s · peak 3.7 GiB · end 0.2 GiB · freed when idle`` (``freed
+        3.5 GiB`` after an error, which cleans up at once)."""
         r = record.report
         if r.gpu:
-            mem = f"peak {format_bytes(r.peak_allocated)} · end {format_bytes(r.end_allocated)} · freed {format_bytes(r.freed)}"
+            mem = f"peak {format_bytes(r.peak_allocated)} · end {format_bytes(r.end_allocated)} · {r.freed_text()}"
         else:
             mem = f"host RSS {format_bytes(r.host_rss_end)} (peak {format_bytes(r.host_peak_rss)})"
         text = f"[mlnb] cell {record.cell} · {r.seconds:.2f} s · {mem}"

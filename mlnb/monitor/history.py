@@ -61,7 +61,7 @@ class CellRecord:
             start, peak, end = r.host_rss_start, r.host_peak_rss, r.host_rss_end
         return (
             str(self.cell), f"{r.seconds:.2f}", format_bytes(start), format_bytes(peak), format_bytes(end),
-            format_bytes(r.freed), self.error or "", self.source,
+            "when idle" if r.deferred else format_bytes(r.freed), self.error or "", self.source,
         )
 
 

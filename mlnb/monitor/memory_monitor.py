@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 from ..device import Device, MemorySnapshot, get_device, host_peak_rss
 from ..units import format_bytes, format_gib
+from . import release
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ class MemoryReport:
     """What memory did over one monitored block. Bytes; ``None`` is N/A (no GPU, NVML missing).
 
     ``freed`` is what the closing cleanup returned: reserved GPU memory before minus after it (host RSS on a CPU).
+    When the block left its cleanup to the deferred release (``deferred``), nothing was freed when it ended: ``freed``
+    is None, ``cached`` is what the allocator held unused then, and :func:`mlnb.monitor.release.last_release` says
+    what the release gave back once the kernel was idle.
     ``host_peak_rss`` is exact when the process reached a new lifetime peak inside the block, else the larger of
     start and end.
     """
@@ -79,20 +83,33 @@ class MemoryReport:
     # and what the collection then gave back (None when none ran)
     held_after_clear: int | None = None
     collected: int | None = None
+    deferred: bool = False  # the cleanup was left to the deferred release (mlnb.monitor.release)
 
     @property
     def peak(self) -> int | None:
         """The headline peak: allocated on a GPU, host RSS on a CPU."""
         return self.peak_allocated if self.gpu else self.host_peak_rss
 
+    @property
+    def cached(self) -> int | None:
+        """Bytes the allocator held reserved but unused when the block ended (what a cache clear gives back)."""
+        if self.end_reserved is None or self.end_allocated is None:
+            return None
+        return max(0, self.end_reserved - self.end_allocated)
+
+    def freed_text(self) -> str:
+        """``freed 3.6 GiB``, or ``freed when idle`` when the deferred release gives the memory back later."""
+        return "freed when idle" if self.deferred else f"freed {format_bytes(self.freed)}"
+
     def summary(self) -> str:
-        """One line: ``peak 3.7 / 4.0 GiB · freed 3.6 GiB`` (GPU) or ``host RSS peak 1.2 GiB · freed 0 B`` (CPU)."""
+        """One line: ``peak 3.7 / 4.0 GiB · freed 3.6 GiB`` (GPU; ``freed when idle`` when the cleanup is deferred)
+        or ``host RSS peak 1.2 GiB · freed 0 B`` (CPU)."""
         if self.gpu:
             total = f" / {format_gib(self.device_total)}" if self.device_total else ""
             peak = f"peak {format_gib(self.peak_allocated)}{total} GiB"
         else:
             peak = f"host RSS peak {format_bytes(self.host_peak_rss)}"
-        return f"{peak} · freed {format_bytes(self.freed)}"
+        return f"{peak} · {self.freed_text()}"
 
     def rows(self) -> list[tuple[str, str, str, str]]:
         """``(what, start, peak, end)`` rows for tables."""
@@ -124,7 +141,8 @@ class MemoryReport:
 
 
 class MemoryMonitor:
-    """Context manager that measures the peak memory of a block and always cleans up after it.
+    """Context manager that measures the peak memory of a block and always cleans up after it (at once, or, with
+    ``defer``, once the kernel is idle).
 
     On enter it synchronizes, records the start and resets the peak counter. On exit (also on an exception or
     ``KeyboardInterrupt``) it records the peak and end, runs a cleanup phase and computes what was freed. Nesting is
@@ -138,6 +156,14 @@ class MemoryMonitor:
             loaded (about 0.2 s for 400,000 objects). On a device without memory counters there is no GPU memory to
             give back, and Python's own collector finds host cycles: ``"if_needed"`` collects only after an error.
         empty_cache: clear the CUDA caching allocator in the closing cleanup.
+        defer: a generation's monitor: when the block ends without an error, leave the cleanup (the cache clear and
+            the collection ``collect`` allows) to the deferred release (:mod:`mlnb.monitor.release`), which gives
+            the memory back once the kernel is idle, unless another generation starts first. An error or an
+            interrupt still cleans up at once. No release runs while the block does. The report says ``freed when
+            idle``. On a device without memory counters there is nothing to defer.
+        light: measure with the allocator's counters only, without synchronizing, reading NVML or the host's RSS
+            (the per-cell monitor, which reads them itself when a cell touched the GPU). On a device without memory
+            counters the host's RSS is still read: it is what is measured there.
 
     Example:
         ```python
@@ -148,7 +174,8 @@ class MemoryMonitor:
         ```
     """
 
-    def __init__(self, device: Device | None = None, collect: bool | str = True, empty_cache: bool = True) -> None:
+    def __init__(self, device: Device | None = None, collect: bool | str = True, empty_cache: bool = True,
+                 defer: bool = False, light: bool = False) -> None:
         if collect not in (True, False, "if_needed"):
             raise ValueError(f"collect must be True, False or 'if_needed', got {collect!r}")
         if device is not None and not isinstance(device, Device):
@@ -156,6 +183,8 @@ class MemoryMonitor:
         self.device = device or get_device()
         self.collect = collect
         self.empty_cache = empty_cache
+        self.defer = bool(defer) and self.device.has_memory_counters
+        self.light = bool(light)
         self.report: MemoryReport | None = None
         self._start: MemorySnapshot | None = None
         self._peak_allocated: int | None = None
@@ -174,10 +203,26 @@ class MemoryMonitor:
             raise RuntimeError("this MemoryMonitor is already open: nest a new MemoryMonitor() instead")
         dev = self.device
         self._peak_allocated = self._peak_reserved = None  # a monitor used again measures its new block only
-        if dev.has_memory_counters:
+        if self.defer:  # first: a release running now ends before the start is read
+            release.generation_started()
+        try:
+            self._begin(dev)
+        except BaseException:
+            if self.defer:
+                release.generation_ended(dev, None, used=False)
+            raise
+        self._host_peak_at_start = host_peak_rss()
+        self.report = None
+        return self
+
+    def _read(self, dev: Device) -> MemorySnapshot:
+        return dev.counters() if self.light and dev.has_memory_counters else dev.snapshot()
+
+    def _begin(self, dev: Device) -> None:
+        if dev.has_memory_counters and not self.light:
             dev.synchronize()
         with _open_lock:
-            before = dev.snapshot()
+            before = self._read(dev)
             for outer in _open:
                 if outer.device is dev:
                     outer._fold(before)
@@ -187,31 +232,49 @@ class MemoryMonitor:
             self._start = replace(before, peak_allocated=before.allocated, peak_reserved=before.reserved)
             self._fold(self._start)
             _open.append(self)
-        self._host_peak_at_start = host_peak_rss()
-        self.report = None
-        return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        del exc, tb  # the traceback's frames must not outlive this call: the cleanup may need to free them
+        if not self.defer:
+            self._end(exc_type)
+            return False
+        used = False
+        try:
+            self._end(exc_type)
+            used = exc_type is None and self._left_memory()
+        finally:
+            start = self._start.allocated if self._start is not None else None
+            release.generation_ended(self.device, start, used, collect=bool(self.collect),
+                                     empty_cache=self.empty_cache)
+        return False
+
+    def _left_memory(self) -> bool:
+        """The deferred block left something for the release: cached blocks, or more allocated than at its start."""
+        r = self.report
+        return bool(r.cached) or (r.end_allocated or 0) > (r.start_allocated or 0)
+
+    def _end(self, exc_type) -> None:
         dev = self.device
         try:
-            if dev.has_memory_counters:
+            if dev.has_memory_counters and not self.light:
                 dev.synchronize()
         except BaseException as sync_error:  # a failed kernel can make synchronize raise; still clean up
             logger.debug("synchronize failed during monitor exit: %s", sync_error)
         with _open_lock:
-            at_exit = dev.snapshot()
+            at_exit = self._read(dev)
             self._fold(at_exit)
             if self in _open:
                 _open.remove(self)
             for outer in _open:
                 if outer.device is dev:
                     outer._fold(at_exit)
-        # Drop our reference to the traceback's frames before collecting, so the cleanup can free them.
-        del exc, tb
         began = time.perf_counter()
         timings: list = []
         held = collected = None
-        if self.collect == "if_needed" and exc_type is None:
+        deferred = self.defer and exc_type is None
+        if deferred:  # the release cleans up once the kernel is idle
+            steps = []
+        elif self.collect == "if_needed" and exc_type is None:
             steps = cleanup(dev, collect=False, empty_cache=self.empty_cache, timings=timings)
             if dev.has_memory_counters:
                 steps, held, collected = self._collect_if_held(dev, steps, timings)
@@ -220,8 +283,7 @@ class MemoryMonitor:
         cleanup_seconds = time.perf_counter() - began
         end = dev.snapshot() if steps else at_exit  # nothing ran: the state is the one just read
         self.report = self._build_report(at_exit, end, steps, exc_type, cleanup_seconds, tuple(timings), held,
-                                         collected)
-        return False
+                                         collected, deferred)
 
     def _collect_if_held(self, dev: Device, steps: list[str], timings: list):
         """``collect="if_needed"`` after the cache clear: a full collection when more is allocated than at the start
@@ -237,12 +299,15 @@ class MemoryMonitor:
     def _build_report(
         self, at_exit: MemorySnapshot, end: MemorySnapshot, steps, exc_type, cleanup_seconds: float | None = None,
         cleanup_timings: tuple = (), held_after_clear: int | None = None, collected: int | None = None,
+        deferred: bool = False,
     ) -> MemoryReport:
         start = self._start
         assert start is not None
         gpu = self.device.has_memory_counters
         name, total = self.device.describe()
-        if gpu:
+        if deferred:
+            freed = None
+        elif gpu:
             freed = max(0, (at_exit.reserved or 0) - (end.reserved or 0))
         else:
             freed = None if at_exit.host_rss is None or end.host_rss is None else max(0, at_exit.host_rss - end.host_rss)
@@ -274,6 +339,7 @@ class MemoryMonitor:
             error=exc_type.__name__ if exc_type is not None else None,
             held_after_clear=held_after_clear,
             collected=collected,
+            deferred=deferred,
         )
 
     def get_peak_memory(self) -> int | None:

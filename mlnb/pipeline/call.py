@@ -120,8 +120,9 @@ def preflight(pipe, dtype, device: Device, steps: int, guidance: float | None, w
 
 def monitored_call(pipe, runner, kwargs: dict, timer, blocks, monitor: MemoryMonitor, device: Device,
                model: str) -> tuple[list, float, float, float]:
-    """``runner``'s call inside ``monitor`` (``runner`` is ``pipe`` or its image-to-image twin): (images, when the call started, its seconds, when the monitor's
-    cleanup ended). Streamed blocks go home whatever happens; an interrupt is a one-line error. A derived
+    """``runner``'s call inside ``monitor`` (``runner`` is ``pipe`` or its image-to-image twin): (images, when the
+    call started, its seconds, when the monitor closed: its cleanup after an error, the deferred release's request
+    otherwise). Streamed blocks go home whatever happens; an interrupt is a one-line error. A derived
     pipeline (image-to-image, inpainting) has no list of model offload's hooks: the loaded pipeline's
     ``maybe_free_model_hooks`` offloads the last component it ran."""
     try:

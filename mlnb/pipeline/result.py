@@ -35,7 +35,8 @@ class GenerationResult:
         images: PIL images.
         seed: the seed used (drawn at random when none was given).
         params: prompt, negative prompt, steps, guidance, width, height, num_images.
-        memory: the generation's :class:`~mlnb.MemoryReport`.
+        memory: the generation's :class:`~mlnb.MemoryReport` (``memory.deferred``: its cleanup was left to the
+            deferred release, and ``memory.freed`` is None).
         seconds: wall time of the pipeline call.
         level: the level that produced the images.
         techniques: the applied/skipped list of that level.
@@ -53,7 +54,8 @@ class GenerationResult:
         first_step_seconds: seconds from the pipeline call's start to the end of the first step (prompt encoding
             and the first step).
         phase_seconds: wall seconds of :meth:`~mlnb.ManagedPipeline.generate`'s phases: ``before`` the pipeline
-            call (checks, prediction, monitor start), the ``pipeline`` call, the closing ``cleanup`` and ``after``
+            call (checks, prediction, monitor start), the ``pipeline`` call, the monitor's closing ``cleanup``
+            (measuring, and the cleanup itself only after an error) and ``after``
             (recording the card's measurements).
         allocator_in_steps: on CUDA, what the caching allocator did from the end of the first step to the end of the
             last (``num_alloc_retries``, ``num_device_alloc``, ``num_device_free`` ...): frees there synchronized
@@ -120,7 +122,9 @@ class GenerationResult:
         return " · ".join(parts)
 
     def report_line(self) -> str:
-        """``1024×1024 · 30 steps · 41.2 s · peak 3.7 / 4.0 GiB · level ultra (...) · freed 3.6 GiB``."""
+        """``1024×1024 · 30 steps · 41.2 s · peak 3.7 / 4.0 GiB · level ultra (...) · freed when idle``: on a GPU the
+        deferred release gives the memory back once the kernel is idle (``freed 3.6 GiB`` where a cleanup ran at
+        once)."""
         p = self.params
         parts = [f"{p['width']}×{p['height']}"]
         if p.get("num_images", 1) > 1:
@@ -141,7 +145,7 @@ class GenerationResult:
         if self.rescued_from is not None:
             level += f" after OOM at {self.rescued_from.value}"
         parts.append(level)
-        parts.append(f"freed {format_bytes(mem.freed)}")
+        parts.append(mem.freed_text())
         return " · ".join(parts)
 
     def plan_line(self) -> str:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from ..device import Device, DeviceInfo, get_device
 from ..levels import LevelChoice, choose_level, describe_auto
+from ..monitor import release
 from ..setting import MemorySetting
 from ..units import format_bytes
 from .defaults import defaults
@@ -48,6 +49,7 @@ class Status:
     auto: LevelChoice
     default: MemorySetting
     pipelines: tuple[PipelineStatus, ...]
+    idle_release: str | None = None  # what the last deferred release gave back, or that one is pending
 
     def rows(self) -> list[tuple[str, str]]:
         i = self.info
@@ -59,6 +61,8 @@ class Status:
                  + (f"  ({i.nvml_error})" if i.nvml_error else "")),
                 ("torch allocated / reserved", f"{format_bytes(i.allocated_bytes)} / {format_bytes(i.reserved_bytes)}"),
             ]
+        if self.idle_release:
+            rows.append(("last idle release", self.idle_release))
         rows.append((f"default {self.default.kind}", str(self.default)))
         if not self.pipelines:
             rows.append(("pipelines", "none loaded"))
@@ -108,7 +112,16 @@ def status(device: Device | None = None) -> Status:
         )
         for m in cached_pipelines()
     )
-    return Status(info=info, auto=choose_level(info.free_bytes), default=defaults.setting, pipelines=pipes)
+    return Status(info=info, auto=choose_level(info.free_bytes), default=defaults.setting, pipelines=pipes,
+                  idle_release=_idle_release())
+
+
+def _idle_release() -> str | None:
+    """``freed 3.5 GiB when idle (0.31 s)``, what the last deferred release did, or that one is pending."""
+    last = release.last_release()
+    if release.pending():
+        return "pending: runs once the kernel is idle" + (f" (last: {last})" if last is not None else "")
+    return str(last) if last is not None else None
 
 
 @dataclass(frozen=True)

@@ -145,6 +145,15 @@ class FakeDevice(Device):
             host_rss=host_rss(),
         )
 
+    def counters(self) -> MemorySnapshot:
+        return MemorySnapshot(
+            time=time.perf_counter(), allocated=self.allocated, reserved=self.reserved,
+            peak_allocated=self.peak_allocated, peak_reserved=self.peak_reserved,
+        )
+
+    def describe(self) -> tuple[str, int | None]:
+        return self.name, self.total
+
     def peak_allocated_bytes(self) -> int | None:
         return self.peak_allocated
 
