@@ -95,6 +95,41 @@ def generate_64(pipe):
     return np.asarray(out.images[0])
 
 
+def interleaved(sizes=(8, 16, 8, 32, 8, 16)):
+    """Streamed units ``streamed.0`` ... (a Linear(8, 8), or two Linears through ``n`` features, by ``sizes``) with a
+    resident layer ``resident.i`` after each (8 features in and out)."""
+    import torch
+
+    class Interleaved(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.streamed = torch.nn.ModuleList(torch.nn.Linear(8, 8) if n == 8 else torch.nn.Sequential(
+                torch.nn.Linear(8, n), torch.nn.Linear(n, 8)) for n in sizes)
+            self.resident = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in sizes)
+            self.register_buffer("scale", torch.tensor(0.5))
+
+        def forward(self, x):
+            for unit, keep in zip(self.streamed, self.resident):
+                x = torch.tanh(keep(unit(x))) * self.scale * 2
+            return x
+
+    return Interleaved()
+
+
+def log_runs(model, names, log: list) -> None:
+    """Append ``("run", name)`` to ``log`` as each module ``names`` of ``model`` runs its forward: inside a streaming
+    hook, which wraps the forward it finds, so after the unit's copy is waited for."""
+    for name in names:
+        module = dict(model.named_modules())[name]
+
+        def forward(*args, _forward=module.forward, _name=name, **kwargs):
+            log.append(("run", _name))
+            return _forward(*args, **kwargs)
+
+        module.forward = forward
+
+
 def calls_a_twice():
     """A module whose forward runs its layer ``a`` twice: ``a(b(a(x)))`` (4 features)."""
     import torch
