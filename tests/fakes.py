@@ -85,6 +85,23 @@ def tiny_stream_budget(pipe, monkeypatch, max_block: int = 200_000):
     return int(need / 0.92)
 
 
+def tiny_dit_stream_budget(pipe, monkeypatch, max_block: int) -> int:
+    """A budget whose plan streams about half a tiny transformer's units and keeps the rest, with the planner's
+    reserves scaled down to the tiny model (as :func:`tiny_stream_budget` does for the UNets)."""
+    from mlnb.planner import CardFacts, Workload, blocks, cost, search
+
+    monkeypatch.setattr(cost, "denoise_reserve", lambda work: 100_000)
+    monkeypatch.setattr(cost, "decode_reserve", lambda work, tile: 100_000)
+    monkeypatch.setattr(cost, "_ENCODE_ACTIVATIONS", 10_000)
+    monkeypatch.setattr(search, "MIN_STREAMED", 0)
+    monkeypatch.setattr(blocks, "MAX_BLOCK", max_block)
+    facts = blocks.model_facts(pipe)
+    _, decode, _ = cost.phase_terms(facts, None, Workload(64, 64, 1, 2), CardFacts())
+    largest = max(b.nbytes for b in facts.blocks)
+    kept = facts.denoiser_other + sum(b.nbytes for b in facts.blocks) // 2
+    return int((kept + max(decode, 2 * largest + 100_000, facts.encoder_slots + 10_000)) / 0.92)
+
+
 def generate_64(pipe):
     """One 64×64 image in two steps, seed 1, as a uint8 array."""
     import numpy as np

@@ -238,3 +238,52 @@ def test_a_unit_that_runs_twice_keeps_blocking_copies(caplog):
     copies.log.clear()
     assert torch.equal(model(x), expected)
     assert [e[0] for e in copies.log] == ["own copy"] * 3  # no ring, no prefetch: each call copies for itself
+
+
+def _ring_log(log, streamer) -> list:
+    """The entries of a shared log that concern ``streamer``'s ring: its buffers (by size), copies, waits and
+    units' runs, and every mark."""
+    regions = {unit.region.data_ptr() for unit in streamer.units.values()}
+    arrived = {id(event) for event in streamer._arrived}
+    keep = []
+    for event in log:
+        if (event[0] == "buffer" and event[1] == streamer.ring_bytes) or event[0] == "mark" \
+                or (event[0] == "copy" and event[2] in regions) or (event[0] == "wait" and id(event[1]) in arrived) \
+                or (event[0] == "run" and event[1] in streamer.units):
+            keep.append(event)
+    return keep
+
+
+@pytest.mark.parametrize("kind", ["sd", "sdxl", "sd3", "flux"])
+def test_a_planned_pipeline_streams_through_its_rings_and_gives_the_unplanned_images(kind, request, monkeypatch):
+    """Each tiny pipeline with a plan that streams part of its denoiser (and its offloaded text encoders) on the fake
+    device's copy streams: two images identical to the unplanned pipeline's, the denoiser's ring allocated once an
+    image and every unit computing from its own bytes, waited for."""
+    import numpy as np
+    from diffusers import DiffusionPipeline
+
+    from fakes import generate_64 as run, tiny_dit_stream_budget, tiny_stream_budget
+    from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget, streamer_of
+    from mlnb.testing import FakeDevice
+
+    folder = request.getfixturevalue(f"tiny_{kind}")
+    reference = run(DiffusionPipeline.from_pretrained(folder))
+    pipe = DiffusionPipeline.from_pretrained(folder)
+    unet = kind in ("sd", "sdxl")
+    budget = tiny_stream_budget(pipe, monkeypatch) if unet else tiny_dit_stream_budget(pipe, monkeypatch, 20_000)
+    plan = plan_for_budget(budget, model_facts(pipe), CardFacts(), Workload(64, 64, 1, 2))
+    assert plan.strategy == "stream" and len(plan.streamed) >= 2
+    device = FakeDevice(cuda_like=True)
+    copies = device.streams()
+    log_runs(pipe.unet if unet else pipe.transformer, plan.streamed, copies.log)  # under the hooks
+    apply_plan(pipe, plan, "cpu", use_stream=True, ctx_device=device)
+    streamer = streamer_of(pipe)
+    assert np.array_equal(run(pipe), reference)  # records the orders (the denoiser's from its first step on)
+    copies.log.clear()
+    assert np.array_equal(run(pipe), reference)
+    assert streamer.chained and streamer.stream is not None
+    ring_log = _ring_log(copies.log, streamer)
+    assert [e for e in ring_log if e[0] == "buffer"] == [("buffer", streamer.ring_bytes)]  # once for the image
+    assert any(e[0] == "copy" and e[3] is not None for e in ring_log)  # copies waiting for compute, not all of it
+    _check_ring(ring_log, streamer)
+    assert streamer.ring is None and streamer.units_on_device() == ()  # released at the decode
