@@ -95,6 +95,7 @@ class UnitStreamer:
         self._warned = False
         self._ring = None  # the device buffer, while a phase lasts
         self._targets: list = []  # per position: its stretch of the ring, and its tensors' views into it
+        self._regions: list = []  # per position: its host region
         self._arrived: list = []  # per position: the event its copy records (made once)
         self._computed: list = []  # per position: the event the compute stream records after it (made once)
         self._pending: set[int] = set()  # positions whose copies are issued and not yet waited for
@@ -173,30 +174,36 @@ class UnitStreamer:
         unit.point(self._targets[self._position[unit.name]][1], "ring")
 
     def _issue(self) -> None:
-        """Issue, in running order, every copy whose bytes in the ring are free (their blocker has computed)."""
-        layout, count = self.layout, len(self.order)
+        """Issue, in running order, every copy whose bytes in the ring are free (their blocker has computed): the
+        rule of :meth:`.ring.RingLayout.computed_before`, inlined (it runs after every unit)."""
+        back, count, done = self.layout.back, len(self.order), self._done
         # a ring released as the forward ends (an encoder's) takes no copies for a next forward
-        limit = self._done + count if self.keep_slots else count
-        while self._next < limit:
-            use = self._next
-            if not layout.needs_copy(use):  # still in the ring since its first copy
-                self._next += 1
-                continue
-            needed = layout.computed_before(use)
-            if needed > self._done:
-                return
+        limit = done + count if self.keep_slots else count
+        use = self._next
+        while use < limit:
             position = use % count
+            distance = back[position]
+            if distance is None:
+                if use >= count:  # still in the ring since its first copy
+                    use += 1
+                    continue
+                needed = 0
+            else:
+                needed = max(0, use - distance + 1)
+                if needed > done:
+                    break
             after = self._computed[(needed - 1) % count] if needed else None
-            self.device.issue_copy(self.stream, self._targets[position][0], self.units[self.order[position]].region,
-                                   after=after, done=self._arrived[position])
+            self.device.issue_copy(self.stream, self._targets[position][0], self._regions[position], after=after,
+                                   done=self._arrived[position])
             self._pending.add(position)
-            self._next += 1
+            use += 1
+        self._next = use
 
     def _enter(self, unit: PackedUnit) -> None:
         if self._tracing:
             self._trace.append(unit.name)
         position = self._position.get(unit.name)
-        if self._ring is not None and position == self._done % len(self.order) and unit.where == "ring":
+        if self._ring is not None and position == self._done % len(self._regions) and unit.where == "ring":
             if position in self._pending:
                 self._pending.discard(position)
                 self.device.wait_copy(self._arrived[position])
@@ -239,6 +246,7 @@ class UnitStreamer:
         self.order = list(trace)
         self._position = {name: position for position, name in enumerate(trace)}
         self.layout = ring_layout([self.units[name].layout.nbytes for name in trace], self.ring_bytes)
+        self._regions = [self.units[name].region for name in trace]
         self._arrived = [self.device.new_event() for _ in trace]
         self._computed = [self.device.new_event() for _ in trace]
 
