@@ -5,8 +5,8 @@ Usage:
         [--steps 8] [--json out.json]
 
 With diffusers' group offloading hook, the streamed steps of mlnb's plans took the resident step plus the copies on an
-H100 (docs/benchmarks.md, runs 3 and 4). The streaming now allocates its two slots once per forward and orders copies
-and compute by events. Each variant runs in a process of its own (the allocator reads its settings once):
+H100 (docs/benchmarks.md, runs 3 and 4). mlnb's streamer allocates one ring per image for the denoiser's streamed
+blocks, issues each copy as soon as its bytes in the ring are free and orders copies and compute by reused events. Each variant runs in a process of its own (the allocator reads its settings once):
 
 - ``resident``: the model with everything on the GPU (level none): the compute-only step;
 - ``capped``: the plan for the budget, with the budget as the process's memory cap (as ``mlnb bench`` runs it);
@@ -15,8 +15,10 @@ and compute by events. Each variant runs in a process of its own (the allocator 
 - ``headroom``: the plan for 85% of the budget, under the budget's cap: if its step is much shorter than
   ``capped``'s although it streams more, the allocator ran short of room under the cap (each retry frees its
   cache and synchronizes the device);
-- ``capped+expandable``: the cap with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` (only when asked for with
-  ``--variants``: in run 5 it did not separate from the others).
+- ``capped+fixed``: the cap with ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False``: the allocator's fixed
+  segments, which mlnb's device otherwise replaces with expandable ones where the build has them (only when asked
+  for with ``--variants``). Each row says whether expandable segments were on and how often the allocator retried
+  an allocation during the steps (``num_alloc_retries in steps 2..``: 0 is the target).
 
 Prints a table and writes JSON: s/image, median step, the step the planner's schedule replay gives for the plan
 (against the card's resident block timeline), copies per step at the measured bandwidth, and the overlap (0:
@@ -41,7 +43,7 @@ VARIANTS = {
     "capped": {},
     "uncapped": {},
     "headroom": {},
-    "capped+expandable": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+    "capped+fixed": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"},
 }
 
 
@@ -79,6 +81,7 @@ def _child(args) -> dict:
         "streamed_bytes": plan.streamed_bytes if plan is not None else 0,
         "streamed_blocks": len(plan.streamed) if plan is not None else 0,
         "allocator": allocator,
+        "expandable_segments": device.expandable_segments(),
     }
     facts = card_facts(device, managed.model_key, Workload(args.size, args.size, 1, args.steps), measure=True)
     row["bandwidth"] = facts.bandwidth
@@ -185,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{row.get('copies_seconds', 0):>8.3f} {row.get('overlap', float('nan')):>7.2f} "
               f"{(row['peak_reserved'] or 0) / 2**30:>13.2f}  {row['plan'] or 'level none'}")
         if row.get("allocator"):
-            print(f"{'':<18} allocator during the image: " + ", ".join(f"{k} {v}" for k, v in row["allocator"].items()))
+            segments = {True: "expandable", False: "fixed"}.get(row.get("expandable_segments"), "N/A")
+            print(f"{'':<18} allocator during the image ({segments} segments): "
+                  + ", ".join(f"{k} {v}" for k, v in row["allocator"].items()))
         line = row.get("timeline")
         if line and line.get("error"):
             print(f"{'':<18} profile failed: {line['error']}")

@@ -85,6 +85,23 @@ def tiny_stream_budget(pipe, monkeypatch, max_block: int = 200_000):
     return int(need / 0.92)
 
 
+def tiny_dit_stream_budget(pipe, monkeypatch, max_block: int) -> int:
+    """A budget whose plan streams about half a tiny transformer's units and keeps the rest, with the planner's
+    reserves scaled down to the tiny model (as :func:`tiny_stream_budget` does for the UNets)."""
+    from mlnb.planner import CardFacts, Workload, blocks, cost, search
+
+    monkeypatch.setattr(cost, "denoise_reserve", lambda work: 100_000)
+    monkeypatch.setattr(cost, "decode_reserve", lambda work, tile: 100_000)
+    monkeypatch.setattr(cost, "_ENCODE_ACTIVATIONS", 10_000)
+    monkeypatch.setattr(search, "MIN_STREAMED", 0)
+    monkeypatch.setattr(blocks, "MAX_BLOCK", max_block)
+    facts = blocks.model_facts(pipe)
+    _, decode, _ = cost.phase_terms(facts, None, Workload(64, 64, 1, 2), CardFacts())
+    largest = max(b.nbytes for b in facts.blocks)
+    kept = facts.denoiser_other + sum(b.nbytes for b in facts.blocks) // 2
+    return int((kept + max(decode, 2 * largest + 100_000, facts.encoder_slots + 10_000)) / 0.92)
+
+
 def generate_64(pipe):
     """One 64×64 image in two steps, seed 1, as a uint8 array."""
     import numpy as np
@@ -93,6 +110,41 @@ def generate_64(pipe):
     pipe.set_progress_bar_config(disable=True)
     out = pipe("a fox", num_inference_steps=2, width=64, height=64, generator=torch.Generator().manual_seed(1))
     return np.asarray(out.images[0])
+
+
+def interleaved(sizes=(8, 16, 8, 32, 8, 16)):
+    """Streamed units ``streamed.0`` ... (a Linear(8, 8), or two Linears through ``n`` features, by ``sizes``) with a
+    resident layer ``resident.i`` after each (8 features in and out)."""
+    import torch
+
+    class Interleaved(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.streamed = torch.nn.ModuleList(torch.nn.Linear(8, 8) if n == 8 else torch.nn.Sequential(
+                torch.nn.Linear(8, n), torch.nn.Linear(n, 8)) for n in sizes)
+            self.resident = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in sizes)
+            self.register_buffer("scale", torch.tensor(0.5))
+
+        def forward(self, x):
+            for unit, keep in zip(self.streamed, self.resident):
+                x = torch.tanh(keep(unit(x))) * self.scale * 2
+            return x
+
+    return Interleaved()
+
+
+def log_runs(model, names, log: list) -> None:
+    """Append ``("run", name)`` to ``log`` as each module ``names`` of ``model`` runs its forward: inside a streaming
+    hook, which wraps the forward it finds, so after the unit's copy is waited for."""
+    for name in names:
+        module = dict(model.named_modules())[name]
+
+        def forward(*args, _forward=module.forward, _name=name, **kwargs):
+            log.append(("run", _name))
+            return _forward(*args, **kwargs)
+
+        module.forward = forward
 
 
 def calls_a_twice():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fakes import generate_64 as run
+from fakes import generate_64 as run, tiny_dit_stream_budget
 from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget, streamer_of, streamers_of
 from mlnb.planner.blocks import denoiser_units, model_units, text_encoders
 from mlnb.planner.models import EXECUTION_ORDER, execution_order, native_size
@@ -44,23 +44,6 @@ def _first_run_order(pipe, units: dict) -> list[str]:
     for handle in handles:
         handle.remove()
     return order
-
-
-def _stream_budget(pipe, monkeypatch, max_block: int) -> int:
-    """A budget whose plan streams about half the tiny transformer's units and keeps the rest, with the planner's
-    reserves scaled down to the tiny model (as ``fakes.tiny_stream_budget`` does for the UNets)."""
-    from mlnb.planner import blocks, cost, search
-
-    monkeypatch.setattr(cost, "denoise_reserve", lambda work: 100_000)
-    monkeypatch.setattr(cost, "decode_reserve", lambda work, tile: 100_000)
-    monkeypatch.setattr(cost, "_ENCODE_ACTIVATIONS", 10_000)
-    monkeypatch.setattr(search, "MIN_STREAMED", 0)
-    monkeypatch.setattr(blocks, "MAX_BLOCK", max_block)
-    facts = blocks.model_facts(pipe)
-    _, decode, _ = cost.phase_terms(facts, None, Workload(64, 64, 1, 2), CardFacts())
-    largest = max(b.nbytes for b in facts.blocks)
-    kept = facts.denoiser_other + sum(b.nbytes for b in facts.blocks) // 2
-    return int((kept + max(decode, 2 * largest + 100_000, facts.encoder_slots + 10_000)) / 0.92)
 
 
 @pytest.mark.parametrize("max_block", [0, 20_000, 200_000])
@@ -120,7 +103,7 @@ def test_a_budget_plan_applied_on_the_cpu_gives_the_unplanned_image(request, kin
     twice, and every streamer ran with its prefetch chain."""
     reference = run(_pipe(request, kind))
     pipe = _pipe(request, kind)
-    budget = _stream_budget(pipe, monkeypatch, 20_000)
+    budget = tiny_dit_stream_budget(pipe, monkeypatch, 20_000)
     plan = plan_for_budget(budget, model_facts(pipe), CardFacts(), Workload(64, 64, 1, 2))
     assert plan.strategy == "stream" and plan.streamed and plan.resident and not plan.fp8
     report = apply_plan(pipe, plan, "cpu", use_stream=False)
@@ -142,7 +125,7 @@ def test_a_streamed_plan_with_fp8_storage_gives_the_unplanned_image_within_toler
 
     reference = run(_pipe(request, kind)).astype(np.int16)
     pipe = _pipe(request, kind)
-    budget = _stream_budget(pipe, monkeypatch, 20_000)
+    budget = tiny_dit_stream_budget(pipe, monkeypatch, 20_000)
     plan = dataclasses.replace(plan_for_budget(budget, model_facts(pipe), CardFacts(), Workload(64, 64, 1, 2)), fp8=True)
     assert plan.strategy == "stream"
     assert apply_plan(pipe, plan, "cpu", use_stream=False).is_applied("fp8_storage")
@@ -162,7 +145,7 @@ def test_a_budget_plan_through_the_managed_pipeline_gives_the_unplanned_image(re
 
     folder = request.getfixturevalue(f"tiny_{kind}")
     reference = run(DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)).astype(np.int16)
-    budget = _stream_budget(DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16), monkeypatch, 20_000)
+    budget = tiny_dit_stream_budget(DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16), monkeypatch, 20_000)
     managed = mlnb.load_pipeline(folder, budget=budget, device=FakeDevice(cuda_like=True))
     assert managed.plan.strategy == "stream" and managed.plan.streamed
     for _ in range(2):  # the first image records the orders; the second runs the chains
@@ -181,7 +164,7 @@ def test_t5_streams_block_by_block_and_holds_at_most_its_slots(request, kind, mo
     pipe = _pipe(request, kind)
     t5 = _t5(pipe)
     per_block = max(sum(p.numel() * p.element_size() for p in b.parameters()) for b in t5.encoder.block)
-    budget = _stream_budget(pipe, monkeypatch, per_block)
+    budget = tiny_dit_stream_budget(pipe, monkeypatch, per_block)
     assert [n for n, _ in model_units(t5)] == (
         ["encoder.embed_tokens"] + [f"encoder.block.{i}" for i in range(len(t5.encoder.block))]
         + ["encoder.final_layer_norm"])
@@ -189,7 +172,8 @@ def test_t5_streams_block_by_block_and_holds_at_most_its_slots(request, kind, mo
     for name, module in model_units(t5):  # inside the streaming hook, which wraps the forward it finds
 
         def forward(*args, _forward=module.forward, **kwargs):
-            held.append((streamer.slots_in_use, len(streamer.units_on_device())))
+            ring = streamer.ring
+            held.append((streamer.slots_in_use, ring.numel() if ring is not None else None))
             return _forward(*args, **kwargs)
 
         module.forward = forward
@@ -200,7 +184,8 @@ def test_t5_streams_block_by_block_and_holds_at_most_its_slots(request, kind, mo
     held.clear()
     assert np.array_equal(run(pipe), reference)
     assert streamer.chained and streamer.order == list(streamer.units)
-    assert held and max(slots for slots, _ in held) == 2 and max(on for _, on in held) == 1
+    # every unit computes from the ring, which holds two of the largest unit
+    assert held and set(held) == {(2, 2 * streamer.slot_bytes)}
     assert 2 * streamer.slot_bytes < sum(p.numel() * p.element_size() for p in t5.parameters())
     assert streamer.slots_in_use == 0  # released when the encoder's forward ended
 

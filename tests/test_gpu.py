@@ -364,6 +364,75 @@ def test_budget_plan_streams_part_of_the_unet_and_stays_under_its_cap(cuda, mid_
         unload_all(cuda)
 
 
+def test_a_capped_streamed_loop_never_makes_the_allocator_retry(cuda, mid_sd, tmp_path, monkeypatch):
+    """Expandable segments on (where the build supports them), the ring allocated once an image: over the steps
+    after the first, the allocator under the plan's cap never frees its cache to retry an allocation (each retry
+    synchronizes the device)."""
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    unload_all(cuda)
+    expandable = cuda.use_expandable_segments()
+    assert expandable == bool(cuda.expandable_segments())
+    budget = int((0.5 * GiB + 100 * MiB + 0.4 * mid_sd.unet_bytes) / 0.92)
+    cuda.set_memory_cap(budget)
+    try:
+        managed = mlnb.load_pipeline(mid_sd.folder, budget=budget, dtype="fp16", device=cuda)
+        assert managed.plan.strategy == "stream"
+        managed.generate("warm-up", seed=0, steps=2, width=256, height=256)
+        result = managed.generate("a watercolor fox", seed=1, steps=6, width=256, height=256)
+        assert result.allocator_in_steps.get("num_alloc_retries") == 0, result.allocator_in_steps
+        assert result.memory.peak_reserved <= budget
+    finally:
+        cuda.set_memory_cap(None)
+        unload_all(cuda)
+
+
+def test_units_streamed_through_a_cuda_ring_compute_what_they_compute_at_rest(cuda):
+    """A copy stream, events made once and reused, each copy issued as its bytes free: ten steps of units streamed
+    through a kept ring give the unstreamed outputs exactly (a copy racing the compute that reads its bytes would
+    not)."""
+    import torch
+
+    from mlnb.planner import stream_units
+
+    torch.manual_seed(0)
+    width = 1024  # large enough that copies take longer than launching the kernels that read them
+    units = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(8)).half()
+    resident = torch.nn.ModuleList(torch.nn.Linear(width, width) for _ in range(8)).half().to(cuda.torch_device)
+
+    class Chain(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.units, self.resident = units, resident
+
+        def forward(self, x):
+            for unit, keep in zip(self.units, self.resident):
+                x = torch.tanh(keep(unit(x)))
+            return x
+
+    model = Chain()
+    x = torch.randn(64, width, dtype=torch.half, device=cuda.torch_device)
+    units.to(cuda.torch_device)
+    expected = [model(x * (i + 1)) for i in range(10)]
+    units.to("cpu")
+    copies = cuda.streams()
+    made = []
+    new_event = copies.new_event
+    copies.new_event = lambda: made.append(1) or new_event()
+    try:
+        streamer = stream_units(model, [f"units.{i}" for i in range(8)], torch.device(cuda.torch_device), copies,
+                                copies.copy_stream(), copies.host_buffer, keep_slots=True, slots=3)
+        with torch.no_grad():
+            model(x)  # records the order
+            got = [model(x * (i + 1)) for i in range(10)]
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(got, expected))
+        assert len(made) == 16  # two a unit, once
+        streamer.release()
+        assert streamer.units_on_device() == ()
+    finally:
+        del copies.new_event
+
+
 def test_a_budget_load_unloads_another_model_whose_weights_are_in_its_room(cuda, mid_sd, tiny_sdxl, tmp_path,
                                                                             monkeypatch):
     """Real CUDA memory: another model's resident weights leave less free than the plan needs (the card capped so);

@@ -1,296 +1,20 @@
-"""Streaming units through GPU slots: the order recorded, the schedule of copies and waits, results unchanged.
-
-On the CPU every copy is done when it is issued; recording copy streams check the order in which copies, waits and
-units happen, which on a GPU is what keeps a copy from overwriting a slot that queued kernels still read.
-"""
+"""Streaming through a pipeline: the hooks diffusers sees, generations interrupted and planned, the VAE moved whole,
+and the planner's replay of a step against the streamer on a virtual clock (the ring itself: ``test_ring.py``)."""
 
 from __future__ import annotations
-
-import gc
-import weakref
 
 import pytest
 import torch
 
-from fakes import calls_a_twice
+from fakes import interleaved
 from mlnb.device import CopyStreams, CpuDevice
 from mlnb.planner import stream_units, streamer_of
 from mlnb.testing import FakeDevice
 
 
-class Recording(CopyStreams):
-    """Copy streams that copy as the CPU does, and log ``("copy", destination, source)`` (data pointers) and
-    ``("wait", copy)``, so that a test can replay the schedule."""
-
-    def __init__(self) -> None:
-        self.log: list[tuple] = []
-
-    def issue_copy(self, stream, dst, src):
-        super().issue_copy(stream, dst, src)
-        if stream is None:
-            self.log.append(("own copy", src.numel()))
-            return None
-        handle = ("copy", dst.data_ptr(), src.data_ptr())
-        self.log.append(handle)
-        return handle
-
-    def wait_copy(self, handle) -> None:
-        self.log.append(("wait", handle))
-
-
-class Interleaved(torch.nn.Module):
-    """Six streamed units (``s0`` ... ``s5``, of different sizes) with a resident layer after each."""
-
-    def __init__(self, sizes=(8, 16, 8, 32, 8, 16)) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.streamed = torch.nn.ModuleList(torch.nn.Linear(8, 8) if n == 8 else torch.nn.Sequential(
-            torch.nn.Linear(8, n), torch.nn.Linear(n, 8)) for n in sizes)
-        self.resident = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in sizes)
-        self.register_buffer("scale", torch.tensor(0.5))
-
-    def forward(self, x):
-        for unit, keep in zip(self.streamed, self.resident):
-            x = torch.tanh(keep(unit(x))) * self.scale * 2
-        return x
-
-
-def _watch(model, names, log):
-    """Log each unit as its forward runs: inside the streaming hook, which wraps the forward it finds."""
-    for name in names:
-        module = dict(model.named_modules())[name]
-
-        def forward(*args, _forward=module.forward, _name=name, **kwargs):
-            log.append(("run", _name))
-            return _forward(*args, **kwargs)
-
-        module.forward = forward
-
-
 @pytest.fixture
 def model():
-    return Interleaved()
-
-
-def _streamed(model, keep_slots: bool = False):
-    """The model's six units streamed through recording copy streams, each unit logged as it runs; with an input, the
-    unstreamed output for it, the log and the streamer."""
-    names = [f"streamed.{i}" for i in range(6)]
-    x = torch.randn(3, 8)
-    expected = model(x)
-    device = Recording()
-    _watch(model, names, device.log)
-    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object(), keep_slots=keep_slots)
-    return names, x, expected, device.log, streamer
-
-
-def test_units_are_copied_two_ahead_into_alternating_slots_and_waited_for_before_they_run(model):
-    names, x, expected, log, streamer = _streamed(model)
-    assert torch.equal(model(x), expected)
-    assert streamer.chained and streamer.order == names
-    assert [e[0] for e in log] == ["own copy", "run"] * 6  # the first forward records the order, copying blocking
-    for forward in range(2):
-        log.clear()
-        assert torch.equal(model(x), expected)  # every unit computed with its own weights
-        copies = [e for e in log if e[0] == "copy"]
-        regions = [streamer.units[n].region.data_ptr() for n in names]
-        assert [c[2] for c in copies] == regions  # each unit copied once, in order
-        slots = list(dict.fromkeys(c[1] for c in copies))
-        assert [slots.index(c[1]) for c in copies] == [0, 1, 0, 1, 0, 1]  # into two slots, alternating
-        for position, name in enumerate(names):
-            ran = log.index(("run", name))
-            copied = log.index(copies[position])
-            assert log.index(("wait", copies[position])) < ran  # the compute waits for the unit's own copy
-            if position >= 2:  # a slot is refilled only after the unit two places before has run (and left)
-                assert copied > log.index(("run", names[position - 2]))
-                assert copied < log.index(("run", names[position - 1]))  # and as early as that: two ahead
-        assert streamer.slots_in_use == 0 and not streamer.pending_copies  # released when the forward ends
-        assert streamer.units_on_device() == ()
-
-
-def test_kept_slots_carry_over_to_the_next_forward_with_its_first_two_units_already_on_their_way(model):
-    """The denoiser's case: the slots stay from one step to the next, the views into them are made once, and the
-    next step's first two copies are issued as each slot's last unit of a step leaves."""
-    names, x, expected, log, streamer = _streamed(model, keep_slots=True)
-    model(x)  # records the order
-    log.clear()
-    assert torch.equal(model(x), expected)
-    copies = [e for e in log if e[0] == "copy"]
-    at = [i for i, e in enumerate(log) if e[0] == "copy"]
-    assert len(copies) == 8  # 6, then the next forward's first two
-    assert log.index(("run", "streamed.4")) < at[-2] < log.index(("run", "streamed.5")) < at[-1]
-    assert copies[-2][2] == streamer.units["streamed.0"].region.data_ptr()
-    slots = streamer.slot_regions()
-    assert len(slots) == streamer.slots_in_use == 2 and streamer.pending_copies == {0, 1}
-    log.clear()
-    made = []
-    as_strided = torch.Tensor.as_strided
-
-    def counting(self, *args, **kwargs):
-        made.append(1)
-        return as_strided(self, *args, **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(torch.Tensor, "as_strided", counting)
-        assert torch.equal(model(x), expected)
-    assert log[0] == ("wait", copies[-2])  # nothing copied before the first unit: it was already on its way
-    assert [a is b for a, b in zip(streamer.slot_regions(), slots)] == [True, True]  # the same slots, kept
-    assert made == []  # and the units' views into them were made once, in the forward before
-    released = [weakref.ref(slot) for slot in slots]
-    del slots
-    streamer.release()
-    gc.collect()
-    assert streamer.slots_in_use == 0 and not streamer.pending_copies
-    assert [ref() for ref in released] == [None, None]  # nothing (no view into them either) holds the slots
-    assert torch.equal(model(x), expected)  # new slots after a release
-
-
-def _check_slots(log, streamer, names) -> None:
-    """Replay a log against the kept slots: a copy goes only into a slot whose last unit has run, and a unit runs only
-    from the slot its own copy (waited for) went to, with nothing copied into that slot in between."""
-    slots = [slot.data_ptr() for slot in streamer.slot_regions()]
-    unit_of = {streamer.units[name].region.data_ptr(): name for name in names}
-    held: dict[int, list] = {}  # slot -> [unit, waited, ran]
-    for event in log:
-        if event[0] == "copy":
-            slot = slots.index(event[1])
-            assert slot not in held or held[slot][2], f"slot {slot} refilled before {held[slot][0]} ran"
-            held[slot] = [unit_of[event[2]], False, False]
-        elif event[0] == "wait":
-            slot = slots.index(event[1][1])
-            assert held[slot][0] == unit_of[event[1][2]]
-            held[slot][1] = True
-        elif event[0] == "run":
-            found = [slot for slot, state in held.items() if state[0] == event[1] and state[1] and not state[2]]
-            assert found, f"{event[1]} ran without its copy waited for in a slot"
-            held[found[0]][2] = True
-
-
-@pytest.mark.parametrize("count, slots", [(5, 2), (5, 3), (6, 3), (7, 3), (2, 3)])
-def test_any_number_of_units_through_two_or_three_kept_slots_never_overwrites_a_slot_in_use(count, slots):
-    """The next forward's first units are copied as their slots' last units leave: with a unit count that is not a
-    multiple of the slots, the slot a unit is copied into is not the one the unit before it used. On the CPU a copy
-    is done when issued, so a wrong slot would also change the output."""
-    model = Interleaved(sizes=[8, 16, 32, 8, 16, 8, 32][:count])
-    names = [f"streamed.{i}" for i in range(count)]
-    x = torch.randn(3, 8)
-    expected = model(x)
-    device = Recording()
-    _watch(model, names, device.log)
-    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object(), keep_slots=True, slots=slots)
-    model(x)  # records the order
-    device.log.clear()
-    for _ in range(3):
-        assert torch.equal(model(x), expected)
-    assert streamer.slots_in_use == min(slots, count) and streamer.pending_copies == set(range(min(slots, count)))
-    _check_slots(device.log, streamer, names)
-    runs = [i for i, e in enumerate(device.log) if e[0] == "run"]
-    copies = [i for i, e in enumerate(device.log) if e[0] == "copy"]
-    first = min(slots, count)  # issued as the first chained forward starts
-    assert len(copies) == first + 3 * count  # then one a unit: the chain wraps from one forward into the next
-    assert copies[first - 1] < runs[0]
-    for k in range(first, len(copies)):  # the k-th unit's copy, issued as the unit `slots` places before it leaves
-        assert runs[k - first] < copies[k]
-        if k - first + 1 < len(runs):
-            assert copies[k] < runs[k - first + 1]
-    with pytest.raises(ValueError, match="two slots"):
-        stream_units(Interleaved(), ["streamed.0"], torch.device("cpu"), device, slots=1)
-
-
-def test_kept_slots_survive_a_forward_stopped_half_way(model):
-    """Copies issued for units a stopped forward never ran must not be taken for the next forward's: the slot they
-    went to has been refilled since."""
-    names = [f"streamed.{i}" for i in range(6)]
-    x = torch.randn(3, 8)
-    expected = model(x)
-    stream_units(model, names, torch.device("cpu"), Recording(), stream=object(), keep_slots=True)
-    model(x), model(x)
-
-    def stop(module, args):
-        raise RuntimeError("stopped")
-
-    handle = model.resident[3].register_forward_pre_hook(stop)
-    with pytest.raises(RuntimeError):
-        model(x)
-    handle.remove()
-    assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
-
-
-def test_a_slot_holds_the_largest_unit_and_units_point_into_it_only_while_they_run(model):
-    names = [f"streamed.{i}" for i in range(6)]
-    streamer = stream_units(model, names, torch.device("cpu"), CopyStreams())
-    assert streamer.slot_bytes == max(u.layout.nbytes for u in streamer.units.values())
-    model(torch.randn(1, 8))
-    seen: dict[int, list[int]] = {}
-
-    def where(position):
-        def check(module, args):  # a layer inside the unit: runs after the unit's own hook pointed it somewhere
-            pointer = module.weight.data_ptr()
-            regions = streamer.slot_regions()
-            seen[position] = [i for i, s in enumerate(regions) if 0 <= pointer - s.data_ptr() < s.numel()]
-        return check
-
-    for position in (1, 3, 5):  # the units with layers inside (the others are layers themselves)
-        model.streamed[position][1].register_forward_pre_hook(where(position))
-    model(torch.randn(1, 8))
-    assert seen == {1: [1], 3: [1], 5: [1]}
-    for unit in streamer.units.values():  # back on the host after
-        assert all(t.data_ptr() == h.data_ptr() for t, h in zip(unit.tensors, unit.home))
-
-
-def test_a_unit_that_runs_twice_keeps_blocking_copies(caplog):
-    model = calls_a_twice()
-    x = torch.ones(1, 4)
-    expected = model(x)
-    device = Recording()
-    streamer = stream_units(model, ["a", "b"], torch.device("cpu"), device, stream=object())
-    with caplog.at_level("WARNING"):
-        assert torch.equal(model(x), expected)
-    assert not streamer.chained and "twice: ['a']" in caplog.text
-    device.log.clear()
-    assert torch.equal(model(x), expected)
-    assert [e[0] for e in device.log] == ["own copy"] * 3  # no slots, no prefetch: each call copies for itself
-
-
-def test_an_interrupted_forward_leaves_nothing_on_the_device_after_offload_all(model):
-    names = [f"streamed.{i}" for i in range(6)]
-    x = torch.randn(2, 8)
-    expected = model(x)
-    device = Recording()
-    streamer = stream_units(model, names, torch.device("cpu"), device, stream=object())
-    model(x)
-
-    def stop(module, args):
-        raise KeyboardInterrupt
-
-    handle = model.resident[2].register_forward_pre_hook(stop)
-    with pytest.raises(KeyboardInterrupt):
-        model(x)
-    handle.remove()
-    assert streamer.pending_copies  # the copies of the units after the stop were issued and never waited for
-    device.log.clear()
-    assert streamer.offload_all() == 0  # units leave as their forward ends; a unit interrupted inside is counted
-    assert [e[0] for e in device.log] == ["wait"] * len([e for e in device.log])  # unused copies waited, not dropped
-    assert streamer.slots_in_use == 0 and not streamer.pending_copies
-    assert torch.equal(model(x), expected)
-
-
-def test_a_unit_stopped_inside_is_sent_home(model):
-    names = [f"streamed.{i}" for i in range(6)]
-    streamer = stream_units(model, names, torch.device("cpu"), CopyStreams())
-    model(torch.randn(1, 8))
-
-    def stop(module, args):
-        raise RuntimeError("out of memory")
-
-    inner = model.streamed[3][1]
-    handle = inner.register_forward_pre_hook(stop)
-    with pytest.raises(RuntimeError):
-        model(torch.randn(1, 8))
-    handle.remove()
-    assert streamer.units_on_device() == ("streamed.3",)
-    assert streamer.offload_all() == 1
-    assert streamer.units_on_device() == ()
+    return interleaved()
 
 
 def test_the_pipeline_finds_the_onload_device_and_remove_restores_the_model(tiny_sdxl):
@@ -370,9 +94,9 @@ def test_a_vae_that_is_not_upcast_goes_to_the_gpu_in_one_copy_from_pinned_memory
     copies = []
     original = CopyStreams.issue_copy
 
-    def counting(self, stream, dst, src):
+    def counting(self, stream, dst, src, **kwargs):
         copies.append(src.data_ptr())
-        return original(self, stream, dst, src)
+        return original(self, stream, dst, src, **kwargs)
 
     monkeypatch.setattr(CopyStreams, "issue_copy", counting)
     for _ in range(2):
@@ -399,27 +123,42 @@ def test_a_host_that_cannot_lock_the_memory_streams_from_pageable_memory(model, 
     assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
 
 
+class _Mark:
+    """An event of :class:`Timed`: the virtual time of its latest record."""
+
+    time = 0.0
+
+
 class Timed(CpuDevice, CopyStreams):
     """A device with a virtual clock, and its own copy streams: the compute stream advances by each layer's given
     seconds, one copy engine moves ``bandwidth`` bytes a second, a copy starts once the engine is free and the compute
-    queued before it is done, and a wait holds the compute until the copy is in."""
+    it waits for (the mark ``after``, or all queued before it) is done, and a wait holds the compute until the copy is
+    in. Events are reused as on CUDA: a wait or a copy reads an event's latest record."""
 
     def __init__(self, bandwidth: float) -> None:
         super().__init__()
         self.bandwidth, self.clock, self.engine = bandwidth, 0.0, 0.0
 
-    def issue_copy(self, stream, dst, src):
+    def new_event(self):
+        return _Mark()
+
+    def mark_done(self, event) -> None:
+        event.time = self.clock
+
+    def issue_copy(self, stream, dst, src, after=None, done=None):
         super().issue_copy(stream, dst, src)
         seconds = src.numel() * src.element_size() / self.bandwidth
         if stream is None:  # in order on the compute stream
             self.clock += seconds
             return None
-        self.engine = max(self.engine, self.clock) + seconds
-        return self.engine
+        self.engine = max(self.engine, self.clock if after is None else after.time) + seconds
+        done = done or _Mark()
+        done.time = self.engine
+        return done
 
     def wait_copy(self, handle) -> None:
         if handle is not None:
-            self.clock = max(self.clock, handle)
+            self.clock = max(self.clock, handle.time)
 
     def timing_mark(self):
         return self.clock
@@ -430,10 +169,10 @@ class Timed(CpuDevice, CopyStreams):
 
 def _timed(count: int, slots: int):
     """``count`` streamed units and a resident layer after each, every layer computing for a set virtual time, the
-    units streamed through ``slots`` kept slots of a :class:`Timed` device: the model, device, compute seconds by
+    units streamed through a kept ring of ``slots`` of the largest on a :class:`Timed` device: the model, device, compute seconds by
     layer, and streamer."""
-    model = Interleaved(sizes=[8, 16, 32, 8, 16, 32][:count])
-    device = Timed(bandwidth=1e6)  # bytes a second: copies of about 0.5 to 2 ms
+    model = interleaved(sizes=[8, 16, 32, 8, 16, 32][:count])
+    device = Timed(bandwidth=3e5)  # bytes a second: copies of about 3 to 10 ms, a step's compute 4 to 7 ms
     compute = {}
     for i in range(count):
         compute[f"streamed.{i}"] = 0.0004 * (i % 3 + 1)
@@ -451,7 +190,7 @@ def _timed(count: int, slots: int):
     return model, device, compute, streamer
 
 
-@pytest.mark.parametrize("count, slots", [(6, 2), (5, 2), (5, 3), (6, 3)])
+@pytest.mark.parametrize("count, slots", [(6, 2), (5, 2), (5, 3), (6, 3), (4, 2)])
 def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
     """The streamer run on a device with a virtual clock (each layer computing for a set time, copies at a set
     bandwidth) takes, step after step, the time :func:`mlnb.planner.schedule_step` predicts for the same blocks: the
@@ -474,7 +213,9 @@ def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
             rows.append((name, at, compute[name]))
             at += compute[name]
     copies = {n: streamer.units[n].layout.nbytes / device.bandwidth for n in names}
-    assert schedule_step(at, rows, between, copies, slots, steps=6) == pytest.approx(measured, rel=1e-9)
+    sizes = {n: streamer.units[n].layout.nbytes for n in names}
+    assert schedule_step(at, rows, between, copies, slots, steps=6, sizes=sizes) == pytest.approx(measured, rel=1e-9)
+    assert schedule_step(at, rows, between, copies, slots, steps=6) == pytest.approx(measured, rel=1e-9)  # seconds
     assert measured > at + between  # the copies did cost time here: the comparison is not trivially equal
 
 
@@ -685,21 +426,22 @@ def test_the_denoiser_s_kept_slots_are_dropped_before_the_vae_is_copied_to_the_g
     from diffusers import StableDiffusionXLPipeline
 
     from fakes import tiny_stream_budget
-    from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget, streaming
+    from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget
+    from mlnb.planner.packed import PackedUnit
 
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
     budget = tiny_stream_budget(pipe, monkeypatch)
     plan = plan_for_budget(budget, model_facts(pipe, max_block=200_000), CardFacts(), Workload(64, 64, 1, 2))
     assert plan.streamed and plan.offload_encoders_vae
     held_at_vae_copy = []
-    copy = streaming._Unit.copy_to_own
+    copy = PackedUnit.copy_to_own
 
     def watched(self, *args):
         if self.module is pipe.vae:
             held_at_vae_copy.append(streamer_of(pipe).slots_in_use > 0)
         return copy(self, *args)
 
-    monkeypatch.setattr(streaming._Unit, "copy_to_own", watched)
+    monkeypatch.setattr(PackedUnit, "copy_to_own", watched)
     apply_plan(pipe, plan, "cpu", use_stream=False)
     pipe.set_progress_bar_config(disable=True)
     for _ in range(2):  # the first image records the order; the second keeps its slots across the steps

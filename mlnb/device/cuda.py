@@ -6,6 +6,8 @@ the driver. All sizes are in bytes.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import replace
 
@@ -14,11 +16,25 @@ from .interface import Device, DeviceInfo, MemorySnapshot
 from .nvml import Nvml, shared_nvml
 from .streams import CopyStreams
 
+logger = logging.getLogger(__name__)
+
 __all__ = ["CudaDevice", "CudaCopyStreams"]
 
+_ALLOC_CONF = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 _ALLOCATOR_COUNTERS = (
     "num_alloc_retries", "num_oom_rejections", "num_device_alloc", "num_device_free", "num_sync_all_streams",
 )
+
+
+def _allocator_settings() -> str:
+    """The caching allocator's settings as torch reports them (``expandable_segments:True,...``); where this torch
+    cannot report them, what the environment asked for."""
+    import torch
+
+    getter = getattr(torch._C, "_accelerator_getAllocatorSettings", None)
+    if getter is not None:
+        return str(getter())
+    return ",".join(os.environ.get(name, "") for name in _ALLOC_CONF)
 
 
 def _torch_cuda():
@@ -45,6 +61,7 @@ class CudaDevice(Device):
         self._cap: int | None = None  # bytes, from set_memory_cap; free/total figures honour it
         self._described: tuple[str, int] | None = None
         self._streams: CudaCopyStreams | None = None
+        self._expandable: bool | None = None  # set once use_expandable_segments has turned them on
 
     @property
     def torch_device(self) -> str:
@@ -190,6 +207,42 @@ class CudaDevice(Device):
         stats = self._cuda().memory_stats(self.index)
         return {key: int(stats.get(key, 0)) for key in _ALLOCATOR_COUNTERS}
 
+    def expandable_segments(self) -> bool | None:
+        if self._expandable is not None:
+            return self._expandable
+        try:
+            return "expandable_segments:true" in _allocator_settings().replace(" ", "").lower()
+        except Exception:
+            return None
+
+    def use_expandable_segments(self) -> bool:
+        """Let the caching allocator grow and shrink its segments in place where the torch build supports it (the
+        native allocator on Linux), unless ``PYTORCH_ALLOC_CONF`` or ``PYTORCH_CUDA_ALLOC_CONF`` already says
+        ``expandable_segments``. Under a memory cap, an allocator with fixed segments frees its whole cache and
+        retries when a request fits no cached block (a device-wide synchronize, in the middle of a step); expandable
+        segments map more memory onto the segment instead. Segments reserved before this stay as they were, so the
+        device calls it before its first allocation. Returns whether they are on."""
+        import sys
+
+        if any("expandable_segments" in os.environ.get(name, "") for name in _ALLOC_CONF):
+            return bool(self.expandable_segments())
+        if not sys.platform.startswith("linux"):
+            return False
+        try:
+            import torch
+
+            if torch.cuda.memory.get_allocator_backend() != "native":
+                return False
+            setter = getattr(torch._C, "_accelerator_setAllocatorSettings", None)
+            if setter is None:  # torch before the accelerator-wide settings
+                setter = torch.cuda.memory._set_allocator_settings
+            setter("expandable_segments:True")
+        except Exception as exc:  # a build without them answers with an error: fixed segments, as before
+            logger.debug("expandable segments not available: %s", exc)
+            return False
+        self._expandable = True
+        return True
+
     def streams(self) -> CudaCopyStreams:
         if self._streams is None:
             self._streams = CudaCopyStreams(self.index)
@@ -215,7 +268,7 @@ class CudaDevice(Device):
 
 
 class CudaCopyStreams(CopyStreams):
-    """Copies on a side stream from page-locked host memory, ordered with the compute stream by events.
+    """Copies on a side stream from page-locked host memory, ordered with the compute stream by reused events.
 
     Args:
         index: the CUDA device index.
@@ -232,15 +285,27 @@ class CudaCopyStreams(CopyStreams):
 
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
 
-    def issue_copy(self, stream, dst, src):
+    def new_event(self):
+        return _torch_cuda().Event()
+
+    def mark_done(self, event) -> None:
+        event.record(_torch_cuda().current_stream(self.index))
+
+    def issue_copy(self, stream, dst, src, after=None, done=None):
         cuda = _torch_cuda()
         if stream is None:  # in order on the compute stream itself
             dst.copy_(src, non_blocking=src.is_pinned())
-            return None
-        stream.wait_stream(cuda.current_stream(self.index))  # dst may still be read by queued kernels
+            return None  # nothing to wait for: the compute stream reads dst after the copy
+        if after is None:  # dst may still be read by any kernel queued so far
+            stream.wait_stream(cuda.current_stream(self.index))
+        else:  # only by the compute ``after`` marks
+            stream.wait_event(after)
         with cuda.stream(stream):
             dst.copy_(src, non_blocking=True)
-        return stream.record_event()
+        if done is None:
+            return stream.record_event()
+        done.record(stream)
+        return done
 
     def wait_copy(self, handle) -> None:
         if handle is not None:

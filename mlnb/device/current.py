@@ -26,7 +26,9 @@ def _detect() -> Device:
         import torch
 
         if torch.cuda.is_available():
-            return CudaDevice(torch.cuda.current_device())
+            device = CudaDevice(torch.cuda.current_device())
+            device.use_expandable_segments()  # before mlnb allocates anything: no cache flushes under a cap
+            return device
     except Exception as exc:  # a broken CUDA install must not break a notebook
         logger.warning("CUDA probe failed (%s); using the CPU", exc)
     return CpuDevice()

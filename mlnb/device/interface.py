@@ -188,6 +188,16 @@ class Device:
         cache and retry, device mallocs and frees, and synchronisations of every stream. Empty here."""
         return {}
 
+    def expandable_segments(self) -> bool | None:
+        """Whether the caching allocator grows its segments in place (CUDA's ``expandable_segments``), so that under
+        a cap it maps more memory instead of freeing its cache and retrying; None where there is no such allocator."""
+        return None
+
+    def use_expandable_segments(self) -> bool:
+        """Turn expandable segments on where the allocator supports them and the user has not chosen; returns
+        whether they are on (False here)."""
+        return False
+
     def streams(self) -> CopyStreams:
         """The host-to-device copy primitives the weight streamer orders its copies with: synchronous copies from
         plain host memory here, a copy stream and page-locked memory on CUDA."""

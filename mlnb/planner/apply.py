@@ -1,8 +1,9 @@
 """Applying a budget :class:`~mlnb.planner.cost.Plan` to a pipeline: resident blocks on the GPU, the rest streamed.
 
 The pieces are hooks in diffusers' and accelerate's hook systems: one on each streamed denoiser block and on each
-unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, GPU slots (two, or three for the denoiser where
-the plan says), each unit's copy issued on a copy stream as many units ahead), so only streamed weights are pinned;
+unit of an offloaded text encoder (:mod:`.streaming`: pinned memory, a GPU ring of two of the largest unit, or three
+for the denoiser where the plan says, each unit's copy issued on a copy stream as soon as its bytes in the ring are
+free), so only streamed weights are pinned;
 for the VAE, an accelerate hook that copies it whole from one pinned region (cast to fp32 on the GPU when it decodes
 in fp32), which its ``decode`` triggers through diffusers' ``apply_forward_hook`` and which leaves the GPU when the
 next image's encoders or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the
@@ -90,8 +91,8 @@ def _on_host(module) -> None:
 
 
 def _release_before(streamer, pipe) -> None:
-    """Drop the denoiser's kept slots before the VAE decodes and before the encoders run, so that neither phase's
-    peak holds them (the planner counts them in the denoising loop only). A VAE moved whole to the GPU drops them
+    """Drop the denoiser's kept ring before the VAE decodes and before the encoders run, so that neither phase's
+    peak holds it (the planner counts it in the denoising loop only). A VAE moved whole to the GPU drops it
     before its copy, which starts at ``decode``, ahead of its first module."""
     import torch
 

@@ -2,7 +2,8 @@
 (pure; no torch).
 
 A plan keeps as much of the denoiser resident on the GPU as fits beside the activation reserve and streams the rest
-block by block from pinned memory through two or three GPU slots, each block's copy prefetched on a copy stream.
+block by block from pinned memory through a GPU ring of two or three times the largest streamed block, each block's
+copy prefetched on a copy stream as soon as its bytes in the ring are free.
 Text encoders (streamed the same way) and the VAE are on the GPU only while they run, so they never add to the
 denoiser's peak. VAE tiling and fp8 storage are chosen only when they are needed to fit or make the plan faster
 (:mod:`mlnb.planner.search`).
@@ -40,6 +41,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..units import GiB, MiB, format_bytes
+from .ring import ring_layout
 
 __all__ = [
     "Block",
@@ -205,7 +207,7 @@ class Plan:
     streamed_bytes: int
     transfer_once_bytes: int = 0  # encoder and VAE bytes moved to the GPU once per image
     notes: tuple[str, ...] = field(default=())
-    slots: int = 2  # GPU slots the streamed blocks take turns in (each the size of the largest)
+    slots: int = 2  # the streamed blocks' GPU ring holds this many of the largest one
 
     def summary(self) -> str:
         parts = [self.strategy]
@@ -251,9 +253,9 @@ def overlap_measured(compute: float, copies: float, step: float) -> float:
 
 
 def schedule_step(forward: float, blocks, between: float, copies: dict[str, float], slots: int = 2,
-                  steps: int = 8) -> float:
+                  steps: int = 8, sizes: dict[str, int] | None = None) -> float:
     """Seconds of one denoising step with the blocks in ``copies`` streamed, replaying the streamer's schedule
-    (:mod:`mlnb.planner.streaming`) against one measured resident forward.
+    (:mod:`mlnb.planner.streaming`, :mod:`mlnb.planner.ring`) against one measured resident forward.
 
     Args:
         forward: seconds of the resident forward.
@@ -261,12 +263,15 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
             forward's start; the time between blocks is compute outside them: embeddings, convs, norms).
         between: seconds from a forward's end to the next one's start (the scheduler's step).
         copies: seconds of each streamed block's copy.
-        slots: the GPU slots; unit ``k`` (in running order) goes into slot ``k mod slots``.
-        steps: steps replayed; the first (whose first copies start with nothing before them) is left out.
+        slots: the ring holds ``slots`` of the largest streamed block.
+        steps: steps replayed; the first (whose copies start with nothing before them) is left out.
+        sizes: bytes of each streamed block (the streamer's layout sizes); without them, the copy seconds stand in
+            (the same layout when every byte copies at one bandwidth).
 
-    One copy engine moves one unit at a time. A unit's copy starts once the engine is free and the unit ``slots``
-    places before it has computed (the previous step's, for a step's first units: the slot's last unit there).
-    A unit computes once the compute before it and its own copy are done.
+    The streamed blocks sit in the ring at fixed offsets in running order (:func:`.ring.ring_layout`). One copy
+    engine moves one unit at a time, in running order, from the first forward on. A copy starts once the engine is
+    free and the latest earlier block whose bytes it overwrites has computed; a block that shares its bytes with no
+    other is copied in the first forward only. A block computes once the compute before it and its own copy are done.
     """
     if steps < 2 or slots < 1:
         raise ValueError(f"schedule_step replays at least 2 steps (the first is left out) through at least 1 slot, "
@@ -274,33 +279,40 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
     order = [name for name, _, _ in blocks if name in copies]
     if not order:
         return forward + between
+    if sizes is None:  # copy seconds in picoseconds: whole numbers the layout can add up
+        sizes = {name: max(1, round(copies[name] * 1e12)) for name in order}
+    ring = ring_layout([sizes[name] for name in order], slots * max(sizes[name] for name in order))
     count = len(order)
-    slots = min(slots, count)
-    engine = 0.0
-    ready: dict[int, float] = {}
-    for position in range(slots):  # issued before the first step
-        engine += copies[order[position]]
-        ready[position] = engine
+    done: list[float] = []  # when each use (a streamed block's run, counted across steps) computed
+    arrived: dict[int, float] = {}  # use -> when its copy was in
+    engine, issued = 0.0, 0  # the copy engine's free time; the next use whose copy is considered
+
+    def arrival(use: int) -> float:
+        nonlocal engine, issued
+        if not ring.needs_copy(use):  # still in place since its first forward
+            return arrived[use % count]
+        while issued <= use:
+            if ring.needs_copy(issued):
+                blocker = ring.blocker(issued)
+                engine = max(engine, done[blocker] if blocker is not None else 0.0) + copies[order[issued % count]]
+                arrived[issued] = engine
+            issued += 1
+        return arrived[use]
+
     clock = 0.0
     starts = []
     for _ in range(steps):
         starts.append(clock)
-        following: dict[int, float] = {}
-        position, last_end = 0, 0.0
+        last_end = 0.0
         for name, start, seconds in blocks:
             clock += max(0.0, start - last_end)
             last_end = start + seconds
-            if name not in copies:
-                clock += seconds
-                continue
-            clock = max(clock, ready[position]) + seconds
-            after = position + slots
-            target, into = (after, ready) if after < count else (position % slots, following)
-            engine = max(engine, clock) + copies[order[target]]
-            into[target] = engine
-            position += 1
+            if name in copies:
+                clock = max(clock, arrival(len(done)))
+            clock += seconds
+            if name in copies:
+                done.append(clock)
         clock += max(0.0, forward - last_end) + between
-        ready = following
     return (clock - starts[1]) / (steps - 1)
 
 
@@ -316,7 +328,8 @@ def replayed_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, 
     factor = FP8_STEP_FACTOR if fp8 else 1.0
     between = max(0.0, card.step_seconds - forward)
     rows = [(name, start * factor, seconds * factor) for name, start, seconds in rows]
-    step = schedule_step(forward * factor, rows, between, {n: sizes[n] / card.bandwidth for n in streamed}, slots)
+    step = schedule_step(forward * factor, rows, between, {n: sizes[n] / card.bandwidth for n in streamed}, slots,
+                         sizes={n: sizes[n] for n in streamed})
     return step + len(streamed) * (card.unit_overhead or 0.0) if calibrated else step
 
 

@@ -1,28 +1,29 @@
-"""Streaming a plan's units (denoiser blocks, text encoder parts) from pinned host memory through GPU slots.
+"""Streaming a plan's units (denoiser blocks, text encoder parts) from pinned host memory through a GPU ring.
 
-Each streamed unit's weights live on the host in one contiguous page-locked region (:mod:`.pinning`). On the GPU
-there are two slots (or as many as the plan says), each the size of the largest unit, allocated when the model's
-forward starts. A text encoder's are released when its forward ends; the denoiser's are kept from one step to the
-next (``keep_slots``) and released when the VAE starts decoding, the next image's encoders start, or a managed
-generation ends. After the first forward, which records the order in which the units run, the units take the slots
-in turn (unit ``p`` in slot ``p mod slots``):
+Each streamed unit's weights live on the host in one contiguous page-locked region (:mod:`.packed`, :mod:`.pinning`).
+On the GPU the units of a model share one buffer, the ring, of ``slots ×`` the largest unit's bytes (the planner's
+memory model), allocated once when a phase starts: a text encoder's forward, or the denoiser's steps of one image
+(``keep_slots``), whose ring is kept from one step to the next and released when the VAE starts decoding, the next
+image's encoders start, or a managed generation ends. Nothing is allocated or freed in between, so the streaming
+gives the allocator no reason to free cached memory under a cap (which synchronises the device) during a step.
 
-- the forward starts by issuing the copies of the first units, one per slot (with kept slots, the forward before
-  issued them: see below);
-- a unit, as it starts, makes the compute stream wait for its own copy (an event: the host does not wait) and
-  points its parameters at its slot;
-- a unit, as it ends, points its parameters back at the host copy and issues the copy of the unit ``slots`` places
-  after it into the slot it has just used, once the compute queued so far (its own kernels) is done. With kept
-  slots, a slot's last unit of the forward issues the next forward's first unit for that slot instead, which then
-  arrives during the rest of this forward, the scheduler's step and the next forward's first resident blocks.
+The first forward records the order in which the units run, copying each blocking into memory of its own. From the
+next forward on:
 
-A unit therefore arrives while everything between the end of the unit ``slots`` places before it and its own start
-computes: the units in between and every resident block around them. Each copy is one transfer of the whole unit on a
-copy stream (:meth:`mlnb.device.CopyStreams.issue_copy`). The host never waits for the GPU, and the streaming allocates
-and frees nothing between the forward's start and end (with kept slots, nothing between one image's first step and
-its decode), so it gives the allocator no reason to free cached memory under a cap (which synchronises the device)
-in the middle of a step.
-At most ``slots`` units are on the GPU at once, the planner's ``slots × largest streamed block``.
+- every unit has a fixed place in the ring (:func:`.ring.ring_layout`: one after the other in running order, back
+  to byte 0 where a unit would pass the ring's end), and its parameters point at their views of the ring for the
+  whole phase: bound once as the phase starts, pointed home as it ends (:meth:`UnitStreamer.release`), after an
+  error (:meth:`UnitStreamer.offload_all`) and before anything else reads the weights (a LoRA change removes the
+  streamer, :meth:`UnitStreamer.remove`);
+- each copy goes on a copy stream, in running order, as soon as its bytes in the ring are free: once the latest unit
+  whose bytes it overwrites has computed (a reused event the compute stream records after that unit, which the copy
+  stream waits for). Prefetch therefore runs as far ahead as the ring allows, from the end of one forward into the
+  next with a kept ring; a unit larger than the ring's free space waits for the space;
+- a unit, as it starts, makes the compute stream wait for its own copy (its reused event: the host does not wait); a
+  unit whose bytes no other unit shares stays in the ring after its first copy and is not copied again.
+
+The host never waits for the GPU and makes no event per step. The planner's :func:`~mlnb.planner.cost.schedule_step`
+replays the same rule.
 
 The hooks are diffusers' (a ``ModelHook`` in the unit's ``HookRegistry``, under group offloading's name, so the
 pipeline finds the onload device and refuses a second offloading as it does for its own), but not diffusers' group
@@ -31,8 +32,9 @@ and for the copy stream at every onload, allocates every tensor of a unit on the
 into that pool, and issues one copy per tensor, so its copies do not overlap the compute (``docs/benchmarks.md``).
 
 A unit that runs twice in one forward, or not at all, leaves the order unrecorded. Every unit then copies blocking
-into memory of its own when it runs, which is correct and slower; a warning says so. So does a unit that runs
-outside the order in a later forward.
+into memory of its own when it runs, which is correct and slower; a warning says so. A unit that runs outside the
+recorded order in a later forward copies blocking too, with a warning, and the next forward starts the ring's copies
+afresh.
 """
 
 from __future__ import annotations
@@ -40,72 +42,23 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
-from .host_memory import give_back_host_memory
-from .pinning import layout, pack, view_in
+from .packed import PackedUnit, WholeModel, pack_home, pin_whole
+from .ring import RingLayout, ring_layout
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["UnitStreamer", "WholeModel", "pin_whole", "stream_units", "streamer_of", "streamers_of", "module_streamer"]
 
 
-class _Unit:
-    """One streamed module: its tensors, their host copies (views into one pinned region) and that region."""
-
-    def __init__(self, name: str, module) -> None:
-        self.name, self.module = name, module
-        tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-        self.tensors = list(tensors.values())
-        self.layout = layout(self.tensors)
-        self.region = None  # uint8, on the host
-        self.home: list = []  # the host copies, in the order of tensors
-        self.on_device = False
-        self._views: dict = {}  # slot index -> this unit's views into that slot, while the slot lives
-
-    def point_to(self, region, slot: int | None = None) -> None:
-        """Point every tensor at its place in ``region`` (uint8, a multiple of 512 bytes long). The views are one
-        ``as_strided`` of a typed view of the region per tensor; into a kept slot (``slot``) they are made once."""
-        views = self._views.get(slot) if slot is not None else None
-        if views is None:
-            typed: dict = {}
-            views = []
-            for home, offset in zip(self.home, self.layout.offsets):
-                base = typed.get(home.dtype)
-                if base is None:
-                    base = typed[home.dtype] = region.view(home.dtype)
-                views.append(base.as_strided(home.shape, home.stride(), offset // home.element_size()))
-            if slot is not None:
-                self._views[slot] = views
-        for tensor, view in zip(self.tensors, views):
-            tensor.data = view
-        self.on_device = True
-
-    def forget_views(self) -> None:
-        self._views = {}
-
-    def point_home(self) -> None:
-        for tensor, home in zip(self.tensors, self.home):
-            tensor.data = home
-        self.on_device = False
-
-    def copy_to_own(self, onload_device, device) -> None:
-        """Copy the unit into device memory of its own, in order on the compute stream, and point at it; the
-        memory is freed when the unit goes home."""
-        import torch
-
-        own = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=onload_device)
-        device.issue_copy(None, own, self.region)
-        self.point_to(own)
-
-
 def _hook_type():
     from diffusers.hooks import ModelHook
 
     class StreamHook(ModelHook):
-        """Brings one unit to the GPU before its forward and sends it home after."""
+        """Has a unit's copy waited for before its forward, and its compute marked after."""
 
         _is_stateful = False
 
-        def __init__(self, streamer: "UnitStreamer", unit: _Unit, onload_device) -> None:
+        def __init__(self, streamer: "UnitStreamer", unit: PackedUnit, onload_device) -> None:
             super().__init__()
             self.streamer, self.unit = streamer, unit
             self.config = SimpleNamespace(onload_device=onload_device)  # read by diffusers' _execution_device
@@ -122,9 +75,9 @@ def _hook_type():
 
 
 class UnitStreamer:
-    """The streamed units of one model (a denoiser or a text encoder), its slots and the order of its units."""
+    """The streamed units of one model (a denoiser or a text encoder), their ring and the order of the units."""
 
-    def __init__(self, model, units: list[_Unit], onload_device, device, stream, keep_slots: bool = False,
+    def __init__(self, model, units: list[PackedUnit], onload_device, device, stream, keep_slots: bool = False,
                  slots: int = 2) -> None:
         if slots < 2:
             raise ValueError(f"streaming needs at least two slots (one computing, one arriving), got {slots}")
@@ -132,13 +85,22 @@ class UnitStreamer:
         self.onload_device, self.device, self.stream = onload_device, device, stream
         self.keep_slots = keep_slots
         self.slot_count = slots
-        self.order: list[str] | None = None  # execution order, once recorded
         self.slot_bytes = max(unit.layout.nbytes for unit in units)
+        self.ring_bytes = self.slot_bytes * min(slots, len(units))
+        self.order: list[str] | None = None  # execution order, once recorded
+        self.layout: RingLayout | None = None  # each unit's place in the ring, by position in the order
         self._position: dict[str, int] = {}
         self._trace: list[str] = []
         self._tracing = True
-        self._slots: list | None = None  # the device regions (kept between forwards with keep_slots)
-        self._pending: dict[int, object] = {}  # position -> its copy, issued and not yet waited for
+        self._warned = False
+        self._ring = None  # the device buffer, while a phase lasts
+        self._targets: list = []  # per position: its stretch of the ring, and its tensors' views into it
+        self._regions: list = []  # per position: its host region
+        self._arrived: list = []  # per position: the event its copy records (made once)
+        self._computed: list = []  # per position: the event the compute stream records after it (made once)
+        self._pending: set[int] = set()  # positions whose copies are issued and not yet waited for
+        self._done = 0  # uses computed since the ring was filled afresh (use j is position j mod the unit count)
+        self._next = 0  # the next use whose copy is considered
         # Called with a unit's name once the compute stream may run it (its copy waited for): the block timer marks
         # there, to tell a streamed block's wait from its compute.
         self.on_ready = None
@@ -146,7 +108,7 @@ class UnitStreamer:
 
     @property
     def chained(self) -> bool:
-        """Whether units are prefetched into the slots (the order is recorded)."""
+        """Whether units are prefetched into the ring (the order is recorded)."""
         return self.order is not None
 
     def host_copies(self) -> list:
@@ -156,25 +118,27 @@ class UnitStreamer:
     # -- what it holds now (read-only) -----------------------------------------------------------------------------
 
     @property
-    def slots_in_use(self) -> int:
-        """GPU slots allocated now: during a forward, and between forwards with kept slots; 0 once released."""
-        return len(self._slots) if self._slots is not None else 0
+    def ring(self):
+        """The ring's device memory (uint8, :attr:`ring_bytes`) while a phase lasts, else None."""
+        return self._ring
 
-    def slot_regions(self) -> tuple:
-        """The slots' device memory (uint8, :attr:`slot_bytes` each) in slot order; empty while none is allocated."""
-        return tuple(self._slots) if self._slots is not None else ()
+    @property
+    def slots_in_use(self) -> int:
+        """How many of the largest unit the ring allocated now holds: during a phase (a forward, or an image's steps
+        with a kept ring); 0 once released."""
+        return self.ring_bytes // self.slot_bytes if self._ring is not None else 0
 
     @property
     def pending_copies(self) -> frozenset[int]:
-        """Positions (in the recorded order) of the units whose copies are issued and not yet waited for: with kept
-        slots, between forwards, the next forward's first units."""
+        """Positions (in the recorded order) of the units whose copies are issued and not yet waited for: with a kept
+        ring, between forwards, the next forward's first units that the ring had room for."""
         return frozenset(self._pending)
 
     def units_on_device(self) -> tuple[str, ...]:
-        """The units whose weights point at device memory now (a slot, or a copy of their own while they run)."""
+        """The units whose weights point at device memory now (the ring during a phase, or a copy of their own)."""
         return tuple(name for name, unit in self.units.items() if unit.on_device)
 
-    # -- one forward -----------------------------------------------------------------------------------------------
+    # -- one phase -------------------------------------------------------------------------------------------------
 
     def _before(self, module, args) -> None:
         if self._tracing:
@@ -182,65 +146,90 @@ class UnitStreamer:
             return
         if not self.order:
             return
-        count = min(self.slot_count, len(self.order))
-        if self.keep_slots:
-            # copies a forward that stopped half-way issued for units it never ran
-            self._drop_pending(keep=tuple(range(count)))
-        else:
-            self.release()
-        if self._slots is None:
-            import torch
+        if self._ring is None:
+            self._begin_phase()
+        elif self._done % len(self.order):  # the forward before stopped half-way, or skipped a unit
+            self._drop_pending()
+            self._done = self._next = 0
+            for unit in self.units.values():
+                if unit.where == "own":
+                    self._bind(unit)
+            self._issue()
 
-            self._slots = [torch.empty(self.slot_bytes, dtype=torch.uint8, device=self.onload_device)
-                           for _ in range(count)]
-        for position in range(count):
-            if position not in self._pending:  # kept slots: the forward before issued them as it ended
-                self._prefetch(position)
+    def _begin_phase(self) -> None:
+        """Allocate the ring, point every unit at its views of it (once for the phase) and issue the first copies."""
+        self._ring = self.device.device_buffer(self.ring_bytes, self.onload_device)
+        self._targets = []
+        for position, name in enumerate(self.order):
+            unit = self.units[name]
+            start = self.layout.offsets[position]
+            stretch = self._ring[start:start + unit.layout.nbytes]
+            self._targets.append((stretch, unit.views_into(stretch)))
+        for unit in self.units.values():
+            self._bind(unit)
+        self._done = self._next = 0
+        self._issue()
 
-    def _prefetch(self, position: int) -> None:
-        unit = self.units[self.order[position]]
-        slot = self._slots[position % self.slot_count][:unit.layout.nbytes]
-        self._pending[position] = self.device.issue_copy(self.stream, slot, unit.region)
+    def _bind(self, unit: PackedUnit) -> None:
+        unit.point(self._targets[self._position[unit.name]][1], "ring")
 
-    def _enter(self, unit: _Unit) -> None:
+    def _issue(self) -> None:
+        """Issue, in running order, every copy whose bytes in the ring are free (their blocker has computed): the
+        rule of :meth:`.ring.RingLayout.computed_before`, inlined (it runs after every unit)."""
+        back, count, done = self.layout.back, len(self.order), self._done
+        # a ring released as the forward ends (an encoder's) takes no copies for a next forward
+        limit = done + count if self.keep_slots else count
+        use = self._next
+        while use < limit:
+            position = use % count
+            distance = back[position]
+            if distance is None:
+                if use >= count:  # still in the ring since its first copy
+                    use += 1
+                    continue
+                needed = 0
+            else:
+                needed = max(0, use - distance + 1)
+                if needed > done:
+                    break
+            after = self._computed[(needed - 1) % count] if needed else None
+            self.device.issue_copy(self.stream, self._targets[position][0], self._regions[position], after=after,
+                                   done=self._arrived[position])
+            self._pending.add(position)
+            use += 1
+        self._next = use
+
+    def _enter(self, unit: PackedUnit) -> None:
         if self._tracing:
             self._trace.append(unit.name)
         position = self._position.get(unit.name)
-        if self._slots is not None and position in self._pending:
-            self.device.wait_copy(self._pending.pop(position))
-            slot = position % self.slot_count
-            unit.point_to(self._slots[slot], slot if self.keep_slots else None)
+        if self._ring is not None and position == self._done % len(self._regions) and unit.where == "ring":
+            if position in self._pending:
+                self._pending.discard(position)
+                self.device.wait_copy(self._arrived[position])
         else:
-            if self._slots is not None:
+            if self._ring is not None and not self._warned:
+                self._warned = True
                 logger.warning("streamed unit %s ran out of its recorded order: copied blocking", unit.name)
             unit.copy_to_own(self.onload_device, self.device)
         if self.on_ready is not None:
             self.on_ready(unit.name)
 
-    def _leave(self, unit: _Unit) -> None:
-        unit.point_home()
-        position = self._position.get(unit.name)
-        if self._slots is not None and position is not None:
-            after = position + self.slot_count  # into the slot this unit has just used
-            if after < len(self.order):
-                if after not in self._pending:
-                    self._prefetch(after)
-            elif self.keep_slots:
-                # The slot's last unit in this forward: its first unit of the next forward comes now, during this
-                # forward's remaining compute, the scheduler's step and the next forward's start.
-                first = position % self.slot_count
-                if first not in self._pending:
-                    self._prefetch(first)
+    def _leave(self, unit: PackedUnit) -> None:
+        if unit.where == "own":  # a blocking copy for one run: the ring's view again, or home
+            if self._ring is not None:
+                self._bind(unit)
+            else:
+                unit.point_home()
+            return
+        self.device.mark_done(self._computed[self._position[unit.name]])
+        self._done += 1
+        self._issue()
 
     def _after(self, module, args, output) -> None:
         if not self._tracing:
             if not self.keep_slots:
                 self.release()
-            elif self._slots is not None:  # the next forward's first units (issued as their slots' last units left)
-                self._drop_pending(keep=tuple(range(len(self._slots))))  # copies of units this forward skipped
-                for position in range(len(self._slots)):
-                    if position not in self._pending:
-                        self._prefetch(position)
             return
         if not self._trace:
             return
@@ -256,32 +245,36 @@ class UnitStreamer:
             return
         self.order = list(trace)
         self._position = {name: position for position, name in enumerate(trace)}
+        self.layout = ring_layout([self.units[name].layout.nbytes for name in trace], self.ring_bytes)
+        self._regions = [self.units[name].region for name in trace]
+        self._arrived = [self.device.new_event() for _ in trace]
+        self._computed = [self.device.new_event() for _ in trace]
 
-    def _drop_pending(self, keep: tuple[int, ...] = ()) -> None:
-        """Forget issued copies no unit will use (except those at ``keep``); the compute stream waits for each
-        first, so its slot is not written after the memory is handed out again or refilled."""
-        for position in [p for p in self._pending if p not in keep]:
-            self.device.wait_copy(self._pending.pop(position))
+    def _drop_pending(self) -> None:
+        """Forget issued copies no unit will use; the compute stream waits for each first, so that the ring is not
+        written after its memory is handed out again or refilled."""
+        for position in sorted(self._pending):
+            self.device.wait_copy(self._arrived[position])
+        self._pending.clear()
 
     def release(self) -> None:
-        """Drop the slots (and the views into them). A model whose slots are kept (the denoiser, across the steps
-        of one image) is released when the VAE starts decoding, when the next image's encoders start, and when a
-        managed generation ends."""
+        """Point every unit home and drop the ring. A model whose ring is kept (the denoiser, across the steps of one
+        image) is released when the VAE starts decoding, when the next image's encoders start, and when a managed
+        generation ends."""
         self._drop_pending()
-        self._slots = None
         for unit in self.units.values():
-            unit.forget_views()
+            if unit.on_device:
+                unit.point_home()
+        self._ring = None
+        self._targets = []
+        self._done = self._next = 0
 
     # -- after an error --------------------------------------------------------------------------------------------
 
     def offload_all(self) -> int:
-        """Point every unit still on the GPU back at its host copy and drop the slots (after an error or an
-        interrupt stopped a forward half-way); returns how many units were on the GPU."""
-        moved = 0
-        for unit in self.units.values():
-            if unit.on_device:
-                unit.point_home()
-                moved += 1
+        """Point every unit still on the GPU back at its host copy and drop the ring (after an error or an interrupt
+        stopped a forward half-way); returns how many units pointed at device memory."""
+        moved = len(self.units_on_device())
         self.release()
         return moved
 
@@ -297,37 +290,6 @@ class UnitStreamer:
             HookRegistry.check_if_exists_or_initialize(unit.module).remove_hook(_GROUP_OFFLOADING, recurse=False)
 
 
-def _pack_into(units: list[_Unit], allocate) -> int:
-    def moved(group: int, index: int, copy) -> None:
-        units[group].tensors[index].data = copy
-
-    regions, allocated = pack([list(unit.tensors) for unit in units], allocate, done=moved,
-                              filled=give_back_host_memory)
-    for unit, region in zip(units, regions):
-        unit.region = region
-        unit.home = [view_in(region, t, offset) for t, offset in zip(unit.tensors, unit.layout.offsets)]
-    return allocated
-
-
-def _pack_home(units: list[_Unit], host_buffer=None, what: str = "the streamed weights") -> int:
-    """Copy every unit's tensors into its region of packed buffers from ``host_buffer`` and point the tensors there,
-    releasing each original as soon as it is copied. After each buffer the host memory given up so far goes back to
-    the OS (the heap's free pages, and the pages of the mapped weight files read: without that, the peak holds every
-    page of the files beside every pinned copy). Where the host cannot lock that much, the regions are pageable.
-    Returns the bytes allocated."""
-    try:
-        return _pack_into(units, host_buffer or _pageable)
-    except RuntimeError as exc:
-        logger.warning("could not pin %s (%s); they stay in pageable memory", what, exc)
-        return _pack_into(units, _pageable)
-
-
-def _pageable(nbytes: int):
-    import torch
-
-    return torch.empty(nbytes, dtype=torch.uint8)
-
-
 def stream_units(model, names, onload_device, device, stream=None, host_buffer=None,
                  keep_slots: bool = False, slots: int = 2) -> UnitStreamer:
     """Stream the units ``names`` of ``model`` (dotted module paths; ``""`` is the model itself) to
@@ -337,26 +299,25 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
         model: the denoiser or a text encoder, its streamed units still on the host.
         names: the units.
         onload_device: where they compute (a ``torch.device``).
-        device: the mlnb device's copy streams (:meth:`mlnb.device.Device.streams`), whose
-            :meth:`~mlnb.device.CopyStreams.issue_copy` and :meth:`~mlnb.device.CopyStreams.wait_copy` order copies
-            and compute.
+        device: the mlnb device's copy streams (:meth:`mlnb.device.Device.streams`), which allocate the ring, make
+            the events and order copies and compute.
         stream: a copy stream (:meth:`mlnb.device.CopyStreams.copy_stream`); with None, copies are queued on the
             compute stream (on the CPU, where tests run, each is done on return).
         host_buffer: allocates page-locked host memory (:meth:`mlnb.device.CopyStreams.host_buffer`) for the
             units' host regions; without it (or when the host refuses to lock that much) the regions are pageable.
-        keep_slots: keep the slots from one forward to the next (the denoiser's steps): no allocation at each step,
-            views into the slots made once, and the next forward's first units copied as their slots' last units of
-            this one end. The caller releases them (:meth:`UnitStreamer.release`) before anything else needs the
-            memory.
-        slots: GPU slots, each the size of the largest unit; a unit's copy is issued when the unit this many places
-            before it ends, so more slots give each copy more compute to arrive behind, for one more slot's memory.
+        keep_slots: keep the ring, and the parameters bound to it, from one forward to the next (the denoiser's
+            steps): no allocation at each step, and the next forward's first copies issued as soon as the ring has
+            room, during this one. The caller releases it (:meth:`UnitStreamer.release`) before anything else needs
+            the memory.
+        slots: the ring holds this many of the largest unit; a larger ring lets copies run further ahead, for
+            more memory.
     """
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
     modules = dict(model.named_modules())
-    units = [_Unit(name, modules[name]) for name in names]
-    allocated = _pack_home(units, host_buffer)
+    units = [PackedUnit(name, modules[name]) for name in names]
+    allocated = pack_home(units, host_buffer)
     logger.debug("packed %d streamed units in %d bytes", len(units), allocated)
     streamer = UnitStreamer(model, units, onload_device, device, stream, keep_slots, slots)
     hook_type = _hook_type()
@@ -366,66 +327,6 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
         )
     model._mlnb_streamer = streamer
     return streamer
-
-
-class WholeModel:
-    """A model kept in one packed pinned region on the host and copied to the GPU whole, in one transfer, when it
-    runs; sent back by pointing it at its host copy again (nothing is copied back).
-
-    For a VAE: diffusers' ``apply_forward_hook`` calls the accelerate hook's ``pre_forward`` at ``decode``, as it does
-    for accelerate's own ``cpu_offload_with_hook``, which moves the module from pageable memory tensor by tensor and
-    copies it back to new pageable memory when it is offloaded.
-
-    With ``compute_dtype``, the copy on the GPU is cast to that dtype as it arrives, and dropped as it leaves: an fp16
-    SDXL VAE decodes in fp32 so. Left to the pipeline, that cast (``force_upcast``) happens before the decode, while
-    the VAE is still on the host: on the host's cores, to new pageable memory, which then crosses to the GPU at twice
-    the bytes, and which a fixed host copy could not follow.
-    """
-
-    def __init__(self, module, onload_device, device, host_buffer=None, compute_dtype=None) -> None:
-        self.module, self.onload_device, self.device = module, onload_device, device
-        self.compute_dtype = compute_dtype
-        self.before_onload = None  # called before each copy to the GPU (the denoiser's kept slots are dropped there)
-        self.unit = _Unit("", module)
-        _pack_home([self.unit], host_buffer, type(module).__name__)
-
-    @property
-    def on_device(self) -> bool:
-        return self.unit.on_device
-
-    def onload(self) -> None:
-        if not self.unit.on_device:
-            if self.before_onload is not None:
-                self.before_onload()
-            self.unit.copy_to_own(self.onload_device, self.device)
-            if self.compute_dtype is not None:
-                for tensor in self.unit.tensors:
-                    if tensor.is_floating_point():
-                        tensor.data = tensor.data.to(self.compute_dtype)
-
-    def offload(self) -> None:
-        if self.unit.on_device:
-            self.unit.point_home()
-
-
-def pin_whole(module, onload_device, device, host_buffer=None, compute_dtype=None) -> WholeModel:
-    """Keep ``module`` (on the host) as a :class:`WholeModel`, onloaded by an accelerate hook when it runs (its
-    ``forward``, or a method diffusers decorates with ``apply_forward_hook`` such as a VAE's ``decode``), and cast
-    to ``compute_dtype`` on the GPU when given."""
-    from accelerate.hooks import ModelHook, add_hook_to_module
-
-    whole = WholeModel(module, onload_device, device, host_buffer, compute_dtype)
-
-    class Onload(ModelHook):
-        execution_device = onload_device  # read by diffusers' _execution_device
-
-        def pre_forward(self, module, *args, **kwargs):
-            whole.onload()
-            return args, kwargs
-
-    add_hook_to_module(module, Onload())
-    module._mlnb_whole = whole
-    return whole
 
 
 def streamer_of(pipe) -> UnitStreamer | None:

@@ -14,13 +14,76 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..device import Device, DeviceInfo, MemorySnapshot, host_memory, host_rss
+from ..device import CopyStreams, Device, DeviceInfo, MemorySnapshot, host_memory, host_rss
 
-__all__ = ["FakeDevice", "FakeOutOfMemoryError"]
+__all__ = ["FakeDevice", "FakeOutOfMemoryError", "SimulatedCopyStreams"]
 
 
 class FakeOutOfMemoryError(torch.OutOfMemoryError):
     """Raised by :class:`FakeDevice` to simulate a CUDA out-of-memory error on CPU."""
+
+
+class SimulatedEvent:
+    """An event of :class:`SimulatedCopyStreams`: a name, and how often it has been recorded."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.records = name, 0
+
+    def __repr__(self) -> str:
+        return f"<event {self.name}>"
+
+
+class SimulatedCopyStreams(CopyStreams):
+    """The fake device's copy streams: each copy is done when it is issued (on the CPU), and every call is logged in
+    order, so that a test can replay the schedule a GPU would run.
+
+    :attr:`log` holds ``("buffer", nbytes)`` for each device buffer, ``("copy", dst, src, after, done)`` for each copy
+    (``dst`` and ``src`` data pointers; ``after`` and ``done`` events or None), ``("mark", event)`` for the compute
+    marked done and ``("wait", event)`` for each wait of the compute for a copy. :attr:`events_made` counts
+    :meth:`new_event` calls. A copy ``after`` an event never marked, or a wait for one never recorded, raises: on a GPU
+    it would wait for nothing.
+    """
+
+    def __init__(self) -> None:
+        self.log: list[tuple] = []
+        self.events_made = 0
+
+    def copy_stream(self):
+        return "simulated copy stream"
+
+    def device_buffer(self, nbytes: int, device):
+        self.log.append(("buffer", nbytes))
+        return super().device_buffer(nbytes, device)
+
+    def new_event(self):
+        self.events_made += 1
+        return SimulatedEvent(str(self.events_made))
+
+    def mark_done(self, event) -> None:
+        event.records += 1
+        self.log.append(("mark", event))
+
+    def issue_copy(self, stream, dst, src, after=None, done=None):
+        if after is not None and not after.records:
+            raise RuntimeError(f"a copy after {after!r}, which no compute has been marked with")
+        dst.copy_(src)
+        if stream is None:
+            self.log.append(("own copy", src.numel()))
+            return None
+        if done is None:
+            done = SimulatedEvent("one-off")
+        done.records += 1
+        self.log.append(("copy", dst.data_ptr(), src.data_ptr(), after, done))
+        return done
+
+    def wait_copy(self, handle) -> None:
+        if handle is not None and not handle.records:
+            raise RuntimeError(f"a wait for {handle!r}, which no copy has recorded")
+        self.log.append(("wait", handle))
+
+    def entries(self, kind: str) -> list[tuple]:
+        """The logged entries of one kind (``"copy"``, ``"wait"``, ``"mark"``, ``"buffer"``)."""
+        return [entry for entry in self.log if entry[0] == kind]
 
 
 @dataclass
@@ -72,6 +135,11 @@ class FakeDevice(Device):
     def __post_init__(self) -> None:
         # id -> weak reference; tensors compare elementwise, so a WeakSet cannot hold them.
         self._tracked: dict[int, weakref.ref] = {}
+        self._streams = SimulatedCopyStreams()
+
+    def streams(self) -> SimulatedCopyStreams:
+        """The simulated copy streams (one per device, so a test can read their log)."""
+        return self._streams
 
     @property
     def is_cuda(self) -> bool:
