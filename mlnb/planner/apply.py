@@ -7,7 +7,8 @@ for the VAE, an accelerate hook that copies it whole from one pinned region (cas
 in fp32), which its ``decode`` triggers through diffusers' ``apply_forward_hook`` and which leaves the GPU when the
 next image's encoders or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the
 denoiser is moved to the GPU part by part, never whole, so a card smaller than the denoiser never holds it all at
-once.
+once. The kept blocks a plan sends to the host for each decode (:mod:`.decode_room`) are packed into pinned memory
+first and copied from there.
 
 Order matters for host RAM: the kept part goes to the GPU first, a part of at most :data:`MOVE_PART` bytes at a
 time, the pages of the mapped weight files it read handed back to the OS every 64 MiB moved (a copy to the card
@@ -35,6 +36,7 @@ from ..optimizer.weights import module_bytes
 from ..units import MiB, format_bytes
 from .blocks import model_units, text_encoders
 from .cost import Plan
+from .decode_room import make_decode_room
 from .host_memory import give_back_host_memory, release_mapped_weights
 from .streaming import module_streamer, pin_whole, stream_units
 
@@ -143,8 +145,8 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     device = torch.device(onload_device)
     streamed = set(plan.streamed)
     # The pages of the mapped weight files go back as the kept part moves, every 64 MiB: reading the whole kept part
-    # first would hold all of it on the host at once.
-    _move_except(denoiser, "", streamed, device, each_part=_GiveBackAsItMoves())
+    # first would hold all of it on the host at once. The kept blocks that leave for the decode are pinned first.
+    _move_except(denoiser, "", streamed | set(plan.decode_offload), device, each_part=_GiveBackAsItMoves())
     gc.collect()
     give_back_host_memory()  # the kept part's host copy is gone: give it back before anything is pinned
     if plan.offload_encoders_vae:
@@ -178,8 +180,10 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         results[Technique.MODEL_CPU_OFFLOAD] = applied(
             Technique.MODEL_CPU_OFFLOAD,
             "text encoders streamed unit by unit and the VAE moved whole from pinned memory"
-            f"{' (cast to fp32 on the GPU)' if upcast else ''}, each on the GPU only while it runs",
-            "encoders+VAE offload",
+            f"{' (cast to fp32 on the GPU)' if upcast else ''}, each on the GPU only while it runs"
+            + (f"; {len(plan.decode_offload)} kept denoiser blocks ({format_bytes(plan.decode_offload_bytes)}) go "
+               "to their pinned host copy for each decode" if plan.decode_offload else ""),
+            "encoders+VAE offload" + (", kept blocks out for the decode" if plan.decode_offload else ""),
         )
     else:
         for name, module in pipe.components.items():
@@ -203,6 +207,13 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
             f"; {len(plan.resident)} blocks resident",
             f"stream {format_bytes(moved)}{' prefetched' if prefetched else ''}, keep {len(plan.resident)} blocks",
         )
+
+    if plan.decode_offload:
+        # After the streamer's and the VAE's hooks, so that the VAE leaves before the blocks come back.
+        models = list(text_encoders(pipe).values()) + [denoiser]
+        make_decode_room(denoiser, plan.decode_offload, device, copies, copies.copy_stream() if use_stream else None,
+                         copies.host_buffer, vae=vae, models=models)
+        give_back_host_memory()
 
     steps = cleanup(ctx_device, collect=True, empty_cache=True)
     results[Technique.GC_COLLECT] = applied(
