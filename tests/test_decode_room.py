@@ -97,7 +97,6 @@ def _evicting(plan, facts, count: int = 2):
 def test_kept_blocks_sent_to_the_host_for_the_decode_give_the_same_image_on_the_cpu_plan_path(tiny_sdxl, monkeypatch):
     """On the CPU the "GPU" memory is a buffer of its own: during the decode the blocks' weights are their host
     copies, during the steps the copies brought back, and the images are the same as without the plan."""
-    import torch
     from diffusers import DiffusionPipeline
 
     from fakes import generate_64 as run, tiny_stream_budget
