@@ -13,20 +13,26 @@ Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU 
     encode peak  = kept + largest text encoder + 64 MiB   (the encoders run one at a time, beside the kept part;
                                                            streamed unit by unit, their slots instead)
 and the largest of them must fit the budget less 8%, or less the allocator fragmentation the card measured over a
-resident denoising loop of the model when that is more.
+resident denoising loop of the model when that is more. A plan that offloads the VAE may send some kept blocks
+(``Plan.decode_offload``) to their pinned host copy before the decode (:mod:`mlnb.planner.decode_room`); its decode
+peak is then max(kept + VAE, kept − those blocks + VAE + decode reserve(tile)), the VAE arriving first.
 
 Time model (seconds per image), from measured card facts (:mod:`mlnb.planner.cards`):
-    steps × step + decode + other
-For a plan that streams, step is the steady state of :func:`schedule_step`, a replay of the streamer's copies
-(:mod:`mlnb.planner.streaming`) against the card's block timeline (where each block ran in one resident forward),
-plus, per streamed unit, what streamed generations measured beyond their replay. Without a timeline it is
-compute + copies − overlap × min(compute, copies), where compute is a measured resident step, copies = streamed
-bytes / H2D bandwidth, and ``overlap`` (the share of the copies a step hid) is recorded by each streamed generation
-(0 until then: an upper bound). decode is the decode measured in the plan's tiles, or until then the untiled decode
-times the pixels its tiles cover times :data:`TILE_TIME_FACTOR`. other is the rest of a ``generate`` call (encoding,
-moves, the pipeline's own work, the cleanup) as measured by earlier generations with the encoders on the GPU or
-offloaded; until then the rest measured with everything resident, plus (encoder + VAE bytes) / bandwidth for an
-offloaded plan.
+    steps × step + decode + other (+ decode_offload bytes / bandwidth: those blocks copied back once an image)
+    step = max(GPU chain, host chain) + streamed units × unit_overhead
+The GPU chain (:func:`step_chains`) is the measured resident step for a plan that streams nothing; for one that
+streams, the steady state of :func:`schedule_step`, a replay of the streamer's copies (:mod:`mlnb.planner.streaming`)
+against the card's block timeline (where each block ran in one resident forward), or without a timeline the resident
+step plus every copy (streamed bytes / H2D bandwidth: nothing hidden, an upper bound). The host chain is the host's
+time to issue the step: a resident forward's issue time, plus the streamer's host time per streamed unit, plus the
+time between forwards; both issue times are measured on the host clock around the denoiser's forwards
+(:class:`mlnb.planner.timing.BlockTimer`), and the chain is unknown (0) until then. A launch-bound step is the host
+chain however fast the GPU is, and a GPU-bound one the GPU chain however cheap the hooks are. ``unit_overhead`` is
+what streamed steps took beyond the larger chain, per unit (the allocator, the copy engine's own pace). decode is
+the decode measured in the plan's tiles, or until then the untiled decode times the pixels its tiles cover times
+:data:`TILE_TIME_FACTOR`. other is the rest of a ``generate`` call (encoding, moves, the pipeline's own work, the
+cleanup) as measured by earlier generations with the encoders on the GPU or offloaded; until then the rest measured
+with everything resident, plus (encoder + VAE bytes) / bandwidth for an offloaded plan.
 
 Until the card has measured them, the activation reserves come from the plain-diffusers peaks in the design notes
 (fp16, CFG, 20 steps): SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at
@@ -42,25 +48,9 @@ from dataclasses import dataclass, field
 from ..units import GiB, MiB, format_bytes
 
 __all__ = [
-    "Block",
-    "ModelFacts",
-    "CardFacts",
-    "Workload",
-    "Plan",
-    "denoise_reserve",
-    "streamed_denoise_reserve",
-    "decode_reserve",
-    "room_needed",
-    "predict",
-    "schedule_step",
-    "streamed_step",
-    "step_chains",
-    "step_time",
-    "plan_step",
-    "overlap_measured",
-    "FP8_STEP_FACTOR",
-    "TILE_TIME_FACTOR",
-    "TILES",
+    "Block", "ModelFacts", "CardFacts", "Workload", "Plan", "denoise_reserve", "streamed_denoise_reserve",
+    "decode_reserve", "decode_phase", "room_needed", "predict", "schedule_step", "streamed_step", "step_chains",
+    "step_time", "plan_step", "overlap_measured", "FP8_STEP_FACTOR", "TILE_TIME_FACTOR", "TILES",
 ]
 
 # A step with fp8 storage against one in fp16: every layer's weights are upcast before use.
