@@ -168,3 +168,35 @@ def test_through_the_fake_device_the_kept_blocks_are_on_the_host_while_the_vae_d
     learnt = card_facts(device, managed.model_key, Workload(64, 64, 1, 2), measure=False)
     assert learnt.decode_seconds is not None and learnt.decode_seconds_256 is None  # untiled, from the plan
     assert model_facts(managed.pipe, max_block=200_000).blocks  # the pipeline is whole and usable
+
+
+def test_a_plan_with_blocks_out_for_the_decode_learns_its_untiled_decode_and_the_rest_without_their_copy_back(
+        tiny_sd, clean_cache, tmp_path, monkeypatch):
+    """The copy back is charged apart by the time model, so the time besides the steps and the decode that such a
+    plan records leaves it out, and the next prediction adds it once: it is the call's time again."""
+    import mlnb
+    from mlnb.planner import learning
+    from mlnb.planner import StepTimer, card_facts, record_measured
+    from mlnb.testing import FakeDevice
+
+    monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
+    device = FakeDevice(cuda_like=True)
+    managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
+    managed.device = device
+    work = Workload(64, 64, 1, 2)
+    blocks = managed.plan_facts.blocks
+    back_bytes = int(0.03 * device.h2d_bandwidth())  # 30 ms to copy back
+    managed.plan = dataclasses.replace(managed.plan, strategy="offload encoders and VAE", offload_encoders_vae=True,
+                                       transfer_once_bytes=10**6, decode_offload=(blocks[0].name,),
+                                       decode_offload_bytes=back_bytes)
+    record_measured(device, managed.model_key, work, step_seconds=0.05)
+    card_facts(device, managed.model_key, work)  # the bandwidth, measured and cached
+    ticks = iter([0.0, 0.05, 0.10, 0.16])  # two steps of 50 ms, then an untiled decode of 60 ms
+    timer = StepTimer(lambda: None, clock=lambda: next(ticks))
+    timer.mark(), timer.mark(), timer.mark()
+    timer.finish()
+    learning.record(managed.learning_context(), work, timer, None, seconds=0.45)
+    facts = card_facts(device, managed.model_key, work, measure=False)
+    assert facts.decode_seconds == pytest.approx(0.06) and facts.decode_seconds_256 is None
+    assert facts.other_offload_seconds == pytest.approx(0.45 - 0.10 - 0.06 - 0.03)
+    assert managed.predict(work)[1] == pytest.approx(0.45, rel=1e-3)

@@ -52,9 +52,15 @@ class _Held:
         return [id(t) for t in _tensors(self.module)] != [id(t) for t in self.tensors]
 
 
-def _pack(held: list[_Held], host_buffer) -> int:
-    """Pack each block's current tensors into packed host buffers and point them there (releasing each original as
-    it is copied). Returns the bytes allocated."""
+def _pageable(nbytes: int):
+    import torch
+
+    return torch.empty(nbytes, dtype=torch.uint8)
+
+
+def _pack(held: list[_Held], host_buffer) -> None:
+    """Pack each block's current tensors into packed host buffers from ``host_buffer`` and point them there
+    (releasing each original as it is copied)."""
     for unit in held:
         unit.tensors = _tensors(unit.module)
 
@@ -62,21 +68,18 @@ def _pack(held: list[_Held], host_buffer) -> int:
         held[group].tensors[index].data = copy
 
     def allocate(nbytes: int):
-        import torch
-
         try:
             return host_buffer(nbytes)
         except RuntimeError as exc:  # the host cannot lock that much: pageable, correct and slower
             logger.warning("could not pin %d bytes for the decode's kept blocks (%s); they stay pageable", nbytes, exc)
-            return torch.empty(nbytes, dtype=torch.uint8)
+            return _pageable(nbytes)
 
-    regions, allocated = pack([list(unit.tensors) for unit in held], allocate, done=moved,
+    regions, _ = pack([list(unit.tensors) for unit in held], allocate, done=moved,
                               filled=give_back_host_memory)
     for unit, region in zip(held, regions):
         unit.region = region
         unit.home = [view_in(region, t, offset) for t, offset in zip(unit.tensors, layout(unit.tensors).offsets)]
         unit.memory = unit.pending = None
-    return allocated
 
 
 class DecodeRoom:
@@ -95,16 +98,10 @@ class DecodeRoom:
         modules = dict(model.named_modules())
         self.held = [_Held(name, modules[name]) for name in names]
         self.onload_device, self.device, self.stream = onload_device, device, stream
-        self.host_buffer = host_buffer or self._pageable
+        self.host_buffer = host_buffer or _pageable
         _pack(self.held, self.host_buffer)
         self.on_device = False  # the blocks are on the GPU (from one image's start to its decode)
         self._handles: list = []
-
-    @staticmethod
-    def _pageable(nbytes: int):
-        import torch
-
-        return torch.empty(nbytes, dtype=torch.uint8)
 
     @property
     def nbytes(self) -> int:

@@ -183,10 +183,12 @@ def record(context: LearningContext, work: Workload, timer: StepTimer, report, s
         elif plan.decode_offload and plan.vae_tile is None and timer.decode_seconds:
             measured["decode_seconds"] = timer.decode_seconds  # untiled, in the precision the plan decodes in
         if seconds is not None:
-            card = card_facts(device, key, work, measure=False)
             # the kept blocks' copy back is charged apart (plan.decode_offload_bytes), so "other" is the same for
             # every plan
-            back = plan.decode_offload_bytes / card.bandwidth if plan.decode_offload and card.bandwidth else 0.0
+            back = 0.0
+            if plan.decode_offload:
+                bandwidth = card_facts(device, key, work, measure=False).bandwidth
+                back = plan.decode_offload_bytes / bandwidth if bandwidth else 0.0
             other = seconds - work.steps * timer.step_seconds - (timer.decode_seconds or 0.0) - back
             measured["other_offload_seconds" if plan.offload_encoders_vae else "other_seconds"] = max(other, 1e-5)
     denoiser, everything = resident(context)
