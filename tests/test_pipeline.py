@@ -537,29 +537,47 @@ def test_oom_with_a_plan_falls_back_to_ultra_when_no_smaller_plan_fits(tiny_sd, 
     assert result.notes == ("out of memory with the plan for 3 GiB",)
 
 
-def test_a_streamed_generation_records_the_overlap_it_measured(tiny_sd, clean_cache, tmp_path, monkeypatch):
-    """With a resident step time and the bandwidth known for the card, a generation that streamed part of the
-    denoiser records how much of its copies the compute hid; the next prediction uses it."""
-    from mlnb.planner import StepTimer, Workload, card_facts, record_measured
+def test_a_streamed_generation_records_its_host_time_per_unit_and_what_its_step_took_beyond_both_chains(
+        tiny_sd, clean_cache, tmp_path, monkeypatch):
+    """With a resident step, its timeline and its forward's host time known for the card, a generation that streamed
+    two blocks records the host's time per streamed unit beyond the resident forward's (the streamer's hooks), and
+    per unit what its step took beyond the larger of the GPU chain (the replay) and the host chain; the next
+    prediction is that larger chain plus the residual: the step measured."""
+    import torch
+
+    from mlnb.planner import BlockTimer, StepTimer, Workload, card_facts, record_measured, streamed_step
 
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     device = FakeDevice(cuda_like=True)  # measurements are recorded only on a CUDA card
     managed = mlnb.load_pipeline(tiny_sd, budget="3GiB", device=FakeDevice())
     managed.device = device
     work = Workload(64, 64, 1, 4)
-    copies_bytes = int(0.05 * device.h2d_bandwidth())  # 50 ms of copies a step
-    managed.plan = dataclasses.replace(managed.plan, strategy="stream", streamed=("down_blocks.0",),
-                                       streamed_bytes=copies_bytes)
-    assert card_facts(device, managed.model_key, work).bandwidth == device.h2d_bandwidth()  # measured and cached
-    record_measured(device, managed.model_key, work, step_seconds=0.07)  # a resident step: 70 ms of compute
-    ticks = iter([0.0, 0.095, 0.19])  # two streamed steps of 95 ms: 25 of the 50 ms of copies were hidden
+    blocks = managed.plan_facts.blocks
+    managed.plan = dataclasses.replace(managed.plan, strategy="stream", streamed=(blocks[0].name, blocks[1].name),
+                                       streamed_bytes=blocks[0].nbytes + blocks[1].nbytes)
+    rows = tuple((b.name, 0.001 * i, 0.001) for i, b in enumerate(blocks))  # a light forward: the host is longer
+    forward = 0.001 * len(blocks)
+    record_measured(device, managed.model_key, work, step_seconds=forward + 0.002, block_timeline=(forward, rows),
+                    host_forward_seconds=0.02)
+    card = card_facts(device, managed.model_key, work)
+    replay = streamed_step(managed.plan, managed.plan_facts, card, calibrated=False)
+    assert replay < 0.02
+    now = [0.0]
+    issue = torch.nn.Identity()  # stands in for the denoiser: the host's clock around each forward is what counts
+    with BlockTimer(device, issue, None, clock=lambda: now[0]) as issued:
+        for _ in range(3):  # each streamed forward takes the host 30 ms to issue: 5 ms per streamed unit more
+            handle = issue.register_forward_pre_hook(lambda m, a: now.__setitem__(0, now[0] + 0.03))
+            issue(torch.ones(1))
+            handle.remove()
+    assert issued.host_forward_seconds == pytest.approx(0.03)
+    ticks = iter([0.0, 0.04, 0.08])  # streamed steps of 40 ms: 8 ms beyond the host chain's 32
     timer = StepTimer(lambda: None, clock=lambda: next(ticks))
     timer.mark(), timer.mark(), timer.mark()
-    learning.record(managed.learning_context(), work, timer, None)
+    learning.record(managed.learning_context(), work, timer, None, blocks=issued)
     facts = card_facts(device, managed.model_key, work, measure=False)
-    assert facts.overlap == pytest.approx(0.5) and facts.step_seconds == 0.07  # the resident step is kept
-    _, seconds = managed.predict(work)
-    assert seconds == pytest.approx(4 * 0.095 + managed.plan.transfer_once_bytes / device.h2d_bandwidth(), rel=1e-3)
+    assert facts.host_unit_seconds == pytest.approx(0.005) and facts.host_forward_seconds == 0.02
+    assert facts.unit_overhead == pytest.approx(0.004, abs=1e-5) and facts.step_seconds == forward + 0.002
+    assert streamed_step(managed.plan, managed.plan_facts, facts) == pytest.approx(0.04, abs=2e-5)
 
 
 def test_a_plan_records_its_tiled_decode_and_the_rest_and_the_next_prediction_uses_them(tiny_sd, clean_cache, tmp_path,
@@ -579,7 +597,8 @@ def test_a_plan_records_its_tiled_decode_and_the_rest_and_the_next_prediction_us
     before = card_facts(device, managed.model_key, work)
     _, predicted = managed.predict(work)
     assert before.decode(work, 256) == pytest.approx(0.02)  # 64² fits one 256 px tile: its pixels are the image's
-    assert predicted == pytest.approx(2 * 0.05 + 0.02 + managed.plan.transfer_once_bytes / device.h2d_bandwidth())
+    copies = 2 * managed.plan_facts.blocks[0].nbytes / device.h2d_bandwidth()  # down_blocks.0, at both steps
+    assert predicted == pytest.approx(2 * 0.05 + copies + 0.02 + managed.plan.transfer_once_bytes / device.h2d_bandwidth())
     ticks = iter([0.0, 0.05, 0.10, 0.16])  # two steps of 50 ms, then a decode of 60 ms
     timer = StepTimer(lambda: None, clock=lambda: next(ticks))
     timer.mark(), timer.mark(), timer.mark()
@@ -590,7 +609,7 @@ def test_a_plan_records_its_tiled_decode_and_the_rest_and_the_next_prediction_us
     assert facts.decode_seconds_256 == pytest.approx(0.06) and facts.decode_seconds == 0.02  # the untiled one kept
     assert facts.other_offload_seconds == pytest.approx(0.29) and facts.other_seconds is None
     _, predicted = managed.predict(work)
-    assert predicted == pytest.approx(2 * 0.05 + 0.06 + 0.29, rel=1e-3)
+    assert predicted == pytest.approx(2 * 0.05 + copies + 0.06 + 0.29, rel=1e-3)
 
 
 def test_block_timer_gives_each_block_s_start_and_time_in_the_forward_it_timed(tiny_sdxl, clean_cache):
@@ -651,6 +670,7 @@ def test_a_resident_generation_on_a_card_records_its_block_timeline_and_a_stream
     forward, rows = card.block_timeline
     assert {b.name for b in managed.plan_facts.blocks} == {name for name, _, _ in rows}
     assert 0 < forward and card.step_seconds > 0
+    assert card.host_forward_seconds > 0  # the third forward's, timed on the host
     # The same model streaming two blocks: what its step took beyond the replay of its plan, per unit, is recorded.
     streamed = tuple(b.name for b in managed.plan_facts.blocks[:2])
     managed.plan = dataclasses.replace(managed.plan, strategy="stream", streamed=streamed,
@@ -661,8 +681,10 @@ def test_a_resident_generation_on_a_card_records_its_block_timeline_and_a_stream
     timer.mark(), timer.mark(), timer.mark()
     learning.record(managed.learning_context(), work, timer, None)
     after = card_facts(managed.device, managed.model_key, work, measure=False)
+    chains = streamed_step(managed.plan, managed.plan_facts, card)  # the replay, or the host's time if longer
     # stored to 10 µs, as every time in the card facts
-    assert after.unit_overhead == pytest.approx(replayed / 2, abs=1e-5) and after.block_timeline == card.block_timeline
+    assert after.unit_overhead == pytest.approx((2 * replayed - chains) / 2, abs=1e-5)
+    assert after.block_timeline == card.block_timeline
     assert streamed_step(managed.plan, managed.plan_facts, after) == pytest.approx(2 * replayed, abs=2e-5)
 
 

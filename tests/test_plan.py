@@ -142,22 +142,25 @@ def test_measured_card_ranks_by_predicted_time():
             assert plan.predicted_seconds <= other.predicted_seconds
 
 
-@pytest.mark.parametrize("overlap", [None, 0.0, 0.5, 1.0])
-def test_streamed_step_time_follows_the_measured_overlap(overlap):
-    """Unmeasured, copies add to compute (an upper bound); a measured overlap of 1 gives the streaming floor,
-    max(compute, copies). Plus the encoders' and the VAE's one move per image, and the decode scaled by the pixels
-    its tiles cover."""
+@pytest.mark.parametrize("host", [None, 0.01, 0.5])
+def test_streamed_step_time_without_a_timeline_is_compute_plus_copies_or_the_host_s_time(host):
+    """Without a block timeline, copies add to compute (an upper bound); the host's time to issue a step, measured,
+    sets the step where it is longer. Plus the encoders' and the VAE's one move per image, and the decode scaled by
+    the pixels its tiles cover."""
     sdxl = sdxl_like()
     plan = plan_for_budget(4 * GiB, sdxl, CardFacts(bandwidth=20e9, step_seconds=0.2, decode_seconds=0.3), SDXL_WORK)
     assert plan.strategy == "stream" and plan.streamed_bytes and not plan.fp8
     copies = plan.streamed_bytes / 20e9
     assert 0.001 < copies < 0.2
-    decode = 0.3 * cost._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2 * cost.TILE_TIME_FACTOR
+    decode = 0.3 if plan.vae_tile is None else (
+        0.3 * cost._tiled_pixels(SDXL_WORK, plan.vae_tile) / 1024**2 * cost.TILE_TIME_FACTOR)
     for compute in (0.2, 0.001):  # compute-bound, then copy-bound
-        card = CardFacts(bandwidth=20e9, step_seconds=compute, decode_seconds=0.3, overlap=overlap)
-        step = {None: compute + copies, 0.0: compute + copies, 1.0: max(compute, copies)}.get(
-            overlap, compute + copies - 0.5 * min(compute, copies))
-        expected = SDXL_WORK.steps * step + plan.transfer_once_bytes / 20e9 + decode
+        card = CardFacts(bandwidth=20e9, step_seconds=compute, decode_seconds=0.3, host_forward_seconds=host,
+                         host_unit_seconds=0.001)
+        step = max(compute + copies, (host or 0) + len(plan.streamed) * 0.001 if host else 0)
+        # the encoders and the VAE moved once, and the kept blocks that left for the decode copied back
+        once = (plan.transfer_once_bytes + plan.decode_offload_bytes) / 20e9
+        expected = SDXL_WORK.steps * step + once + decode
         assert predict(plan, sdxl, card, SDXL_WORK)[1] == pytest.approx(expected)
 
 
@@ -170,7 +173,8 @@ def test_measured_tiled_decode_and_the_rest_replace_what_the_pixels_and_the_band
     assert base.decode(SDXL_WORK, plan.vae_tile) == pytest.approx(0.2 * share)
     assert base.decode(SDXL_WORK, None) == 0.2
     compute = 0.1 * (cost.FP8_STEP_FACTOR if plan.fp8 else 1.0)
-    steps = SDXL_WORK.steps * (compute + plan.streamed_bytes / 20e9)
+    # the steps, and the kept blocks that left for the decode copied back
+    steps = SDXL_WORK.steps * (compute + plan.streamed_bytes / 20e9) + plan.decode_offload_bytes / 20e9
     assert predict(plan, sdxl, base, SDXL_WORK)[1] == pytest.approx(steps + 0.2 * share + plan.transfer_once_bytes / 20e9)
     measured = dataclasses.replace(base, other_offload_seconds=0.25, other_seconds=9.0,
                                    **{f"decode_seconds_{plan.vae_tile}": 0.7})

@@ -7,7 +7,8 @@ import dataclasses
 import pytest
 
 from mlnb.planner import (
-    Block, BudgetError, CardFacts, ModelFacts, Workload, plan_for_budget, predict, schedule_step, search, streamed_step,
+    Block, BudgetError, CardFacts, ModelFacts, Workload, cost, plan_for_budget, predict, schedule_step, search,
+    streamed_step,
 )
 from mlnb.units import MiB
 
@@ -102,7 +103,7 @@ def test_the_measured_overhead_per_unit_adds_to_the_replay_and_a_timeline_withou
     assert predict(plan, facts, slower, work)[1] == pytest.approx(plan.predicted_seconds + 20 * units * 0.001)
     forward, rows = card.block_timeline
     partial = dataclasses.replace(card, block_timeline=(forward, rows[1:]))  # b0 was not timed
-    assert streamed_step(plan, facts, partial) is None  # back to the measured overlap
+    assert streamed_step(plan, facts, partial) is None  # no replay: the step is compute plus every copy
     fp8 = dataclasses.replace(plan, fp8=True)
     assert streamed_step(fp8, facts, card) > replayed  # fp8 storage upcasts every layer: slower compute
 
@@ -125,3 +126,52 @@ def test_a_measured_fragmentation_above_8_percent_of_the_budget_is_left_unalloca
     with pytest.raises(BudgetError) as error:
         plan_for_budget(int(300 * MiB), facts, fragmented, work)
     assert "give at least" in str(error.value)
+
+
+def test_a_step_is_the_larger_of_the_gpu_chain_and_the_host_s_issue_time():
+    """The GPU chain is the replay (compute and copies); the host chain the resident forward's issue time, the
+    streamer's host time per unit for each streamed unit, and the scheduler's step between forwards. Whichever is
+    longer sets the step; what streamed steps took beyond both adds per unit."""
+    facts, card = _card_with_timeline()
+    work = Workload(512, 512, 1, 20)
+    plan = plan_for_budget(int(940 * MiB), facts, card, work)
+    replay = streamed_step(plan, facts, card, calibrated=False)
+    units = len(plan.streamed)
+    between = card.step_seconds - card.block_timeline[0]
+    assert streamed_step(plan, facts, card) == pytest.approx(replay)  # no host time measured: the GPU chain
+    quick = dataclasses.replace(card, host_forward_seconds=0.01, host_unit_seconds=0.0001)
+    gpu, host = cost.step_chains(quick, dict((b.name, b.nbytes) for b in facts.blocks), plan.streamed, 2, False)
+    assert (gpu, host) == (pytest.approx(replay), pytest.approx(0.01 + units * 0.0001 + between))
+    assert streamed_step(plan, facts, quick) == pytest.approx(replay)  # the GPU is the longer: the host hides
+    launch_bound = dataclasses.replace(card, host_forward_seconds=0.12, host_unit_seconds=0.003)
+    host = 0.12 + units * 0.003 + between
+    assert host > replay
+    assert streamed_step(plan, facts, launch_bound) == pytest.approx(host)  # the host is the longer: it is the step
+    assert predict(plan, facts, launch_bound, work)[1] == pytest.approx(
+        predict(plan, facts, card, work)[1] + 20 * (host - replay))
+    residual = dataclasses.replace(launch_bound, unit_overhead=0.0005)
+    assert streamed_step(plan, facts, residual) == pytest.approx(host + units * 0.0005)
+    assert streamed_step(plan, facts, residual, calibrated=False) == pytest.approx(replay)
+    # A resident plan's step: the measured step, or the host's if that is longer (a forward issued slower than run).
+    sizes = {b.name: b.nbytes for b in facts.blocks}
+    assert cost.step_time(card, sizes, (), 2, False) == card.step_seconds
+    assert cost.step_time(launch_bound, sizes, (), 2, False) == card.step_seconds  # 0.13 s against 0.124
+    slower_host = dataclasses.replace(card, host_forward_seconds=0.2)
+    assert cost.step_time(slower_host, sizes, (), 2, False) == pytest.approx(0.2 + between)
+
+
+def test_without_a_timeline_the_gpu_chain_is_compute_plus_every_copy():
+    """No fitted share of the copies hidden: without a replay, the copies add up (an upper bound), and the host
+    chain still bounds the step from below."""
+    facts, card = _card_with_timeline()
+    blind = dataclasses.replace(card, block_timeline=None)
+    sizes = {b.name: b.nbytes for b in facts.blocks}
+    streamed = ("b0", "b1")
+    copies = 200 * MiB / blind.bandwidth
+    assert cost.step_time(blind, sizes, streamed, 2, False) == pytest.approx(blind.step_seconds + copies)
+    assert cost.step_time(blind, sizes, streamed, 2, True) == pytest.approx(
+        blind.step_seconds * cost.FP8_STEP_FACTOR + copies)
+    slow_host = dataclasses.replace(blind, host_forward_seconds=1.0, host_unit_seconds=0.1)
+    assert cost.step_time(slow_host, sizes, streamed, 2, False) == pytest.approx(1.2)  # no timeline: no between
+    assert cost.step_time(dataclasses.replace(blind, bandwidth=None), sizes, streamed, 2, False) is None
+    assert cost.step_time(CardFacts(), sizes, streamed, 2, False) is None

@@ -164,16 +164,69 @@ def test_step_timer_reserves_are_the_peaks_above_the_weights():
     assert StepTimer(lambda: None).reserves(7_000, 12_000) == (None, None)  # no peak readings
 
 
-def test_overlap_is_recorded_at_zero_too_and_is_the_same_at_every_size(cache):
+def test_host_times_are_the_same_at_every_size_and_a_zero_per_unit_is_a_figure(cache):
     device = FakeDevice()
     work = Workload(1024, 1024, 1, 20)
-    record_measured(device, KEY, work, step_seconds=0.07, overlap=0.6)
-    record_measured(device, KEY, work, overlap=0.0)  # copies that added up replace an earlier, better figure
-    assert card_facts(device, KEY, work).overlap == 0.0
+    record_measured(device, KEY, work, step_seconds=0.07, host_forward_seconds=0.02, host_unit_seconds=0.0001)
+    record_measured(device, KEY, work, host_unit_seconds=0.0)  # hooks that cost nothing replace an earlier figure
+    assert card_facts(device, KEY, work).host_unit_seconds == 0.0
     quarter = card_facts(device, KEY, Workload(512, 512, 1, 20))
-    assert quarter.overlap == 0.0 and quarter.step_seconds == pytest.approx(0.07 / 4)  # a fraction: not scaled
-    record_measured(device, KEY, work, overlap=0.25)
-    assert card_facts(device, KEY, Workload(512, 512, 1, 20)).overlap == 0.25
+    assert quarter.step_seconds == pytest.approx(0.07 / 4)  # the GPU's time scales with the pixels
+    assert (quarter.host_forward_seconds, quarter.host_unit_seconds) == (0.02, 0.0)  # a launch's does not
+    record_measured(device, KEY, work, host_forward_seconds=0.0)  # no time to issue a forward is no measurement
+    assert card_facts(device, KEY, work).host_forward_seconds == 0.02
+
+
+def test_a_cards_file_with_the_retired_overlap_and_no_host_times_loads_and_drops_it_when_written(cache):
+    device = FakeDevice()
+    work = Workload(1024, 1024, 1, 20)
+    old = {"step_seconds": 0.07, "overlap": 0.34, "unit_overhead": 0.0004}
+    cache_path().write_text(json.dumps({"Fake GPU": {"bandwidth": 5e10, "measured": {KEY: {"1024x1024x1": old}}}}))
+    facts = card_facts(device, KEY, work)
+    assert (facts.step_seconds, facts.unit_overhead, facts.bandwidth) == (0.07, 0.0004, 5e10)
+    assert facts.host_forward_seconds is None and not hasattr(facts, "overlap")
+    record_measured(device, KEY, work, host_forward_seconds=0.03)
+    stored = json.loads(cache_path().read_text())["Fake GPU"]["measured"][KEY]["1024x1024x1"]
+    assert stored == {"step_seconds": 0.07, "unit_overhead": 0.0004, "host_forward_seconds": 0.03}
+    with pytest.raises(ValueError, match="unknown measurement"):
+        record_measured(device, KEY, work, overlap=0.5)
+
+
+def test_block_timer_times_each_forward_s_issue_on_the_host_but_the_first_and_the_marked_one():
+    """The host clock at the denoiser's pre- and post-forward hooks, nothing waited for: the first forward (set-up)
+    and the one marked block by block (its marks are host work too) are left out; the median of the rest."""
+    import torch
+
+    from mlnb.planner import BlockTimer
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    durations = iter([9.0, 8.0, 0.3, 0.1, 0.2])  # seconds each forward takes on the host
+    now = [0.0]
+
+    def clock():
+        return now[0]
+
+    def forward_taking(seconds):
+        def pre(module, args):
+            now[0] += seconds  # after the timer's pre-hook: inside the timed interval
+        return pre
+
+    blocks = {"0": model[0], "1": model[1]}
+    with BlockTimer(FakeDevice(), model, blocks, forward=1, clock=clock) as timed:
+        for seconds in durations:
+            handle = model[0].register_forward_pre_hook(forward_taking(seconds))
+            model(torch.ones(1, 4))
+            handle.remove()
+    assert timed.host_forward_seconds == pytest.approx(0.2)  # forwards 2, 3, 4
+    assert timed.timeline() is not None
+    with BlockTimer(FakeDevice(), model, None, clock=clock) as host_only:
+        for seconds in (9.0, 0.5, 0.7, 0.4):
+            handle = model[0].register_forward_pre_hook(forward_taking(seconds))
+            model(torch.ones(1, 4))
+            handle.remove()
+        assert not model[0]._forward_pre_hooks and len(model._forward_pre_hooks) == 1  # the denoiser's alone
+    assert host_only.host_forward_seconds == pytest.approx(0.5) and host_only.timeline() is None
+    assert BlockTimer(FakeDevice(), model, None).host_forward_seconds is None  # nothing ran
 
 
 def test_a_block_timeline_is_stored_read_back_and_scaled_with_the_pixels(cache):

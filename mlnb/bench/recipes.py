@@ -208,6 +208,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
                 Workload(size[0], size[1], 1, call["steps"], vae_fp32=vae_needs_upcast(pipe)),
                 step_seconds=timer.step_seconds, decode_seconds=timer.decode_seconds,
                 denoise_reserve=denoise, decode_reserve=decode, block_timeline=blocks.timeline(),
+                host_forward_seconds=blocks.host_forward_seconds,  # the host's time to issue one forward
                 fragmentation_reserve=timer.fragmentation if empty_cache else None,
                 # encoding, the scheduler and the image's conversion: a planned image's time until it measures its own
                 other_seconds=max(1e-5, seconds - call["steps"] * timer.step_seconds - (timer.decode_seconds or 0.0)),

@@ -102,6 +102,6 @@ def _cleanup_result(tech: Technique, ctx: OptimizeContext, ran: bool, why_not: s
         return not_requested(tech, ctx)
     if ran:
         if tech is Technique.GC_COLLECT:
-            return applied(tech, "ran after load; runs again on unload, on error and after a generation that left GPU memory held")
-        return applied(tech, "ran after load; runs again after each generation, on unload and on error")
+            return applied(tech, "ran after load; runs again on unload, on error, and once idle after generations that left GPU memory held")
+        return applied(tech, "ran after load; runs again once idle after generations, on unload and on error")
     return skipped(tech, why_not)

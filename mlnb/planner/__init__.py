@@ -4,8 +4,9 @@ each generation measures.
 - :mod:`.cost` and :mod:`.search`: the cost model and the placement search (pure; no torch);
 - :mod:`.cards`, :mod:`.blocks` and :mod:`.models`: the facts a plan is made from, measured on the card and read off
   the model (its units in the order they run, its native size);
-- :mod:`.apply`, :mod:`.streaming`, :mod:`.pinning` and :mod:`.host_memory`: a plan applied to a pipeline (resident
-  parts placed, the rest streamed from packed pinned copies, host memory given back as it goes);
+- :mod:`.apply`, :mod:`.streaming`, :mod:`.decode_room`, :mod:`.pinning` and :mod:`.host_memory`: a plan applied to
+  a pipeline (resident parts placed, the rest streamed from packed pinned copies, kept blocks out of the decode's
+  way, host memory given back as it goes);
 - :mod:`.timing` and :mod:`.learning`: what a generation measures, and what the card facts learn from it.
 
 Example:

@@ -8,7 +8,8 @@ for the VAE, an accelerate hook that copies it whole from one pinned region (cas
 in fp32), which its ``decode`` triggers through diffusers' ``apply_forward_hook`` and which leaves the GPU when the
 next image's encoders or denoiser start; ``enable_layerwise_casting`` for fp8 storage. Everything else of the
 denoiser is moved to the GPU part by part, never whole, so a card smaller than the denoiser never holds it all at
-once.
+once. The kept blocks a plan sends to the host for each decode (:mod:`.decode_room`) are packed into pinned memory
+first and copied from there.
 
 Order matters for host RAM: the kept part goes to the GPU first, a part of at most :data:`MOVE_PART` bytes at a
 time, the pages of the mapped weight files it read handed back to the OS every 64 MiB moved (a copy to the card
@@ -41,6 +42,7 @@ from ..optimizer.weights import module_bytes
 from ..units import MiB, format_bytes
 from .blocks import model_units, text_encoders
 from .cost import Plan
+from .decode_room import make_decode_room
 from .deferred import materialize
 from .host_memory import GiveBackEvery, give_back_host_memory
 from .streaming import module_streamer, pin_whole, stream_units
@@ -145,8 +147,9 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     device = torch.device(onload_device)
     streamed = set(plan.streamed)
     # The pages of the mapped weight files go back as the kept part moves, every 64 MiB: reading the whole kept part
-    # first would hold all of it on the host at once.
-    _move_except(denoiser, "", streamed, device, each_part=GiveBackEvery())
+    # first would hold all of it on the host at once. The kept blocks that leave for the decode stay on the host
+    # for now: they are pinned after the streamed units and reach the GPU as the decode room places them.
+    _move_except(denoiser, "", streamed | set(plan.decode_offload), device, each_part=GiveBackEvery())
     gc.collect()
     give_back_host_memory()  # the kept part's host copy is gone: give it back before anything is pinned
     if plan.offload_encoders_vae:
@@ -182,8 +185,10 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         results[Technique.MODEL_CPU_OFFLOAD] = applied(
             Technique.MODEL_CPU_OFFLOAD,
             "text encoders streamed unit by unit and the VAE moved whole from pinned memory"
-            f"{' (cast to fp32 on the GPU)' if upcast else ''}, each on the GPU only while it runs",
-            "encoders+VAE offload",
+            f"{' (cast to fp32 on the GPU)' if upcast else ''}, each on the GPU only while it runs"
+            + (f"; {len(plan.decode_offload)} kept denoiser blocks ({format_bytes(plan.decode_offload_bytes)}) go "
+               "to their pinned host copy for each decode" if plan.decode_offload else ""),
+            "encoders+VAE offload" + (", kept blocks out for the decode" if plan.decode_offload else ""),
         )
     else:
         for name, module in pipe.components.items():
@@ -209,16 +214,24 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
             f"stream {format_bytes(moved)}{' prefetched' if prefetched else ''}, keep {len(plan.resident)} blocks",
         )
 
+    if plan.decode_offload:
+        _on_host(denoiser)  # the blocks that leave for the decode, packed next
+        # After the streamer's and the VAE's hooks, so that the VAE leaves before the blocks come back.
+        models = list(text_encoders(pipe).values()) + [denoiser]
+        make_decode_room(denoiser, plan.decode_offload, device, copies, copies.copy_stream() if use_stream else None,
+                         copies.host_buffer, vae=vae, models=models)
+        give_back_host_memory()
+
     for module in pipe.components.values():  # any other model stays on the host, cast as the plan's dtype says
         if isinstance(module, torch.nn.Module):
             _on_host(module)
     steps = cleanup(ctx_device, collect=True, empty_cache=True)
     results[Technique.GC_COLLECT] = applied(
-        Technique.GC_COLLECT, "ran after load; runs again on error and after a generation that left GPU memory held"
+        Technique.GC_COLLECT, "ran after load; runs again on error, and once idle after generations that left GPU memory held"
     )
     if "cuda_cache_clear" in steps:
         results[Technique.CUDA_CACHE_CLEAR] = applied(
-            Technique.CUDA_CACHE_CLEAR, "ran after load; runs again after each generation"
+            Technique.CUDA_CACHE_CLEAR, "ran after load; runs again once idle after generations"
         )
     for tech in Technique:
         if tech not in results:

@@ -8,12 +8,14 @@
   and the activation bytes above the weights during the denoising loop and during the (untiled) decode. They are
   recorded after every such generation (so the step time is compute alone, with no weights streamed); ``mlnb
   bench`` records them with its uncapped baseline run, a notebook the first time the model runs unoffloaded.
-  ``overlap`` comes from a generation that streamed part of the denoiser: the fraction of the shorter of compute and
-  copies that the copies hid (0: they added up; 1: the step took the longer of the two).
   ``block_timeline`` is where each denoiser block started and how long it took in one resident forward (CUDA
   events, :class:`mlnb.planner.timing.BlockTimer`): the planner replays a streamed plan's copies against it.
-  ``unit_overhead`` is the seconds a streamed step took beyond the step that replay predicted for the same plan,
-  per streamed unit.
+  ``host_forward_seconds`` is the host's wall time to issue one resident forward of the denoiser (from its
+  forward-pre-hook to its forward-hook, nothing waited for); ``host_unit_seconds`` what a streamed forward took on
+  the host beyond that, per streamed unit (the streamer's hooks). Both are the same at every size (a kernel's launch
+  does not grow with its tensors).
+  ``unit_overhead`` is the seconds a streamed step took beyond the larger of its GPU chain (the replay) and its
+  host chain, per streamed unit.
   ``fragmentation_reserve`` is how far the allocator's reserved bytes rose above its allocated peak over a resident
   denoising loop; the planner leaves at least that much of a budget unallocated.
   ``vae_fp32`` says whether the decode measured beside it ran in fp32 (SDXL's upcast VAE). A decode in fp16 or bf16
@@ -47,13 +49,16 @@ __all__ = ["card_facts", "cache_path", "describe_card", "record_measured", "work
 # What generations record (a resident one most of them), and whether each scales with the pixel count when used at
 # another size.
 MEASURED_FIELDS = (
-    "step_seconds", "decode_seconds", "denoise_reserve", "decode_reserve", "overlap",
+    "step_seconds", "decode_seconds", "denoise_reserve", "decode_reserve",
     "decode_seconds_768", "decode_seconds_512", "decode_seconds_256", "other_seconds", "other_offload_seconds",
-    "block_timeline", "unit_overhead", "fragmentation_reserve",
+    "block_timeline", "unit_overhead", "fragmentation_reserve", "host_forward_seconds", "host_unit_seconds",
 )
+# a measured 0 is a figure (nothing beyond the two chains, no host time per unit)
+_ZERO_MEANS = ("unit_overhead", "host_unit_seconds")
 # The same at any size (roughly, for "other").
-_ZERO_MEANS = ("overlap", "unit_overhead")  # a measured 0 is a figure (nothing hidden, nothing beyond the replay)
-_UNSCALED = ("overlap", "other_seconds", "other_offload_seconds", "unit_overhead")
+_UNSCALED = ("other_seconds", "other_offload_seconds", "unit_overhead", "host_forward_seconds", "host_unit_seconds")
+# Fields files written by earlier versions may hold, which nothing reads any more: dropped when an entry is written.
+_RETIRED = ("overlap",)
 
 
 def cache_path() -> Path:
@@ -235,6 +240,8 @@ def record_measured(device: Device, model: str, work: Workload, **values: float 
                                         found.get("vae_fp32"), bool(work.vae_fp32))
             found.update(kept, vae_fp32=bool(work.vae_fp32))
         found.update(fresh)
+        for retired in _RETIRED:
+            found.pop(retired, None)
         if json.dumps(found, sort_keys=True) != before:  # written only when something changed
             store.save()
 

@@ -14,20 +14,26 @@ Memory model (bytes), where "kept" is the denoiser's part that stays on the GPU 
     encode peak  = kept + largest text encoder + 64 MiB   (the encoders run one at a time, beside the kept part;
                                                            streamed unit by unit, their slots instead)
 and the largest of them must fit the budget less 8%, or less the allocator fragmentation the card measured over a
-resident denoising loop of the model when that is more.
+resident denoising loop of the model when that is more. A plan that offloads the VAE may send some kept blocks
+(``Plan.decode_offload``) to their pinned host copy before the decode (:mod:`mlnb.planner.decode_room`); its decode
+peak is then max(kept + VAE, kept − those blocks + VAE + decode reserve(tile)), the VAE arriving first.
 
 Time model (seconds per image), from measured card facts (:mod:`mlnb.planner.cards`):
-    steps × step + decode + other
-For a plan that streams, step is the steady state of :func:`schedule_step`, a replay of the streamer's copies
-(:mod:`mlnb.planner.streaming`) against the card's block timeline (where each block ran in one resident forward),
-plus, per streamed unit, what streamed generations measured beyond their replay. Without a timeline it is
-compute + copies − overlap × min(compute, copies), where compute is a measured resident step, copies = streamed
-bytes / H2D bandwidth, and ``overlap`` (the share of the copies a step hid) is recorded by each streamed generation
-(0 until then: an upper bound). decode is the decode measured in the plan's tiles, or until then the untiled decode
-times the pixels its tiles cover times :data:`TILE_TIME_FACTOR`. other is the rest of a ``generate`` call (encoding,
-moves, the pipeline's own work, the cleanup) as measured by earlier generations with the encoders on the GPU or
-offloaded; until then the rest measured with everything resident, plus (encoder + VAE bytes) / bandwidth for an
-offloaded plan.
+    steps × step + decode + other (+ decode_offload bytes / bandwidth: those blocks copied back once an image)
+    step = max(GPU chain, host chain) + streamed units × unit_overhead
+The GPU chain (:func:`step_chains`) is the measured resident step for a plan that streams nothing; for one that
+streams, the steady state of :func:`schedule_step`, a replay of the streamer's copies (:mod:`mlnb.planner.streaming`)
+against the card's block timeline (where each block ran in one resident forward), or without a timeline the resident
+step plus every copy (streamed bytes / H2D bandwidth: nothing hidden, an upper bound). The host chain is the host's
+time to issue the step: a resident forward's issue time, plus the streamer's host time per streamed unit, plus the
+time between forwards; both issue times are measured on the host clock around the denoiser's forwards
+(:class:`mlnb.planner.timing.BlockTimer`), and the chain is unknown (0) until then. A launch-bound step is the host
+chain however fast the GPU is, and a GPU-bound one the GPU chain however cheap the hooks are. ``unit_overhead`` is
+what streamed steps took beyond the larger chain, per unit (the allocator, the copy engine's own pace). decode is
+the decode measured in the plan's tiles, or until then the untiled decode times the pixels its tiles cover times
+:data:`TILE_TIME_FACTOR`. other is the rest of a ``generate`` call (encoding, moves, the pipeline's own work, the
+cleanup) as measured by earlier generations with the encoders on the GPU or offloaded; until then the rest measured
+with everything resident, plus (encoder + VAE bytes) / bandwidth for an offloaded plan.
 
 Until the card has measured them, the activation reserves come from the plain-diffusers peaks in the design notes
 (fp16, CFG, 20 steps): SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at
@@ -44,22 +50,9 @@ from ..units import GiB, MiB, format_bytes
 from .ring import ring_layout
 
 __all__ = [
-    "Block",
-    "ModelFacts",
-    "CardFacts",
-    "Workload",
-    "Plan",
-    "denoise_reserve",
-    "streamed_denoise_reserve",
-    "decode_reserve",
-    "room_needed",
-    "predict",
-    "schedule_step",
-    "streamed_step",
-    "overlap_measured",
-    "FP8_STEP_FACTOR",
-    "TILE_TIME_FACTOR",
-    "TILES",
+    "Block", "ModelFacts", "CardFacts", "Workload", "Plan", "denoise_reserve", "streamed_denoise_reserve",
+    "decode_reserve", "decode_phase", "room_needed", "predict", "schedule_step", "streamed_step", "step_chains",
+    "step_time", "plan_step", "overlap_measured", "FP8_STEP_FACTOR", "TILE_TIME_FACTOR", "TILES",
 ]
 
 # A step with fp8 storage against one in fp16: every layer's weights are upcast before use.
@@ -129,7 +122,6 @@ class CardFacts:
     decode_seconds: float | None = None
     denoise_reserve: int | None = None
     decode_reserve: int | None = None  # untiled
-    overlap: float | None = None  # share of min(compute, copies) that a streamed step hid
     decode_seconds_768: float | None = None  # a decode in tiles of that many pixels
     decode_seconds_512: float | None = None
     decode_seconds_256: float | None = None
@@ -137,8 +129,13 @@ class CardFacts:
     other_offload_seconds: float | None = None  # the same with the encoders and the VAE offloaded
     # (forward seconds, ((block, start, seconds), ...)): one resident forward, block by block, in the order they ran
     block_timeline: tuple | None = None
-    # seconds a streamed step took beyond the schedule replay, per streamed unit (hooks, allocator, copy engine)
+    # seconds a streamed step took beyond the larger of its GPU chain and its host time, per streamed unit (what
+    # neither chain shows: the allocator, the copy engine's own pace)
     unit_overhead: float | None = None
+    # the host's wall time to issue one resident forward of the denoiser (its kernels launched, nothing waited for)
+    host_forward_seconds: float | None = None
+    # the host's time per streamed unit per forward on top of that (the streamer's hooks, copies and events issued)
+    host_unit_seconds: float | None = None
     # the caching allocator's reserved bytes above its allocated peak over a resident denoising loop (fragmentation)
     fragmentation_reserve: int | None = None
 
@@ -208,6 +205,10 @@ class Plan:
     transfer_once_bytes: int = 0  # encoder and VAE bytes moved to the GPU once per image
     notes: tuple[str, ...] = field(default=())
     slots: int = 2  # the streamed blocks' GPU ring holds this many of the largest one
+    # kept blocks sent to their pinned host copy before the decode (its peak cannot hold them), copied back for the
+    # next image, and their bytes
+    decode_offload: tuple[str, ...] = ()
+    decode_offload_bytes: int = 0
 
     def summary(self) -> str:
         parts = [self.strategy]
@@ -219,6 +220,9 @@ class Plan:
             parts.append("fp8 storage")
         if self.vae_tile:
             parts.append(f"VAE tiles {self.vae_tile}")
+        if self.decode_offload:
+            parts.append(f"{len(self.decode_offload)} kept blocks ({format_bytes(self.decode_offload_bytes)}) to the "
+                         f"host for the {'tiled' if self.vae_tile else 'untiled'} decode")
         return ", ".join(parts)
 
     def prediction(self) -> str:
@@ -245,7 +249,8 @@ def _tiled_pixels(work: Workload, tile: int | None) -> int:
 
 
 def overlap_measured(compute: float, copies: float, step: float) -> float:
-    """The fraction of ``min(compute, copies)`` that a streamed step of ``step`` seconds hid, in [0, 1]."""
+    """The fraction of ``min(compute, copies)`` that a streamed step of ``step`` seconds hid, in [0, 1]: a figure
+    for reading a measurement (``scripts/diagnose_streaming.py`` prints it), not part of the time model."""
     shorter = min(compute, copies)
     if shorter <= 0:
         return 0.0
@@ -333,31 +338,70 @@ def replayed_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, 
     return step + len(streamed) * (card.unit_overhead or 0.0) if calibrated else step
 
 
-def streamed_step(plan: "Plan", model: ModelFacts, card: CardFacts, calibrated: bool = True) -> float | None:
-    """The step ``plan`` is predicted to take by replaying its copies against the card's block timeline (plus the
-    measured ``unit_overhead`` per streamed unit when ``calibrated``); None for a plan that streams nothing, or
-    without a timeline. An overhead per unit, not a ratio: a ratio measured on a plan streaming 48 units would also
-    scale the compute of a plan streaming two."""
-    sizes, _, _ = stored_bytes(model, plan.fp8)
-    return replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated)
+def step_chains(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool
+                ) -> tuple[float | None, float | None]:
+    """``(GPU chain, host chain)``: the seconds one denoising step streaming ``streamed`` (of ``sizes`` bytes each)
+    through ``slots`` keeps the GPU busy, and the seconds the host takes to issue it.
 
-
-def seconds_per_image(card: CardFacts, work: Workload, streamed: int, transfer_once: int, fp8: bool,
-                      tile: int | None = None, schedule: float | None = None) -> float | None:
-    """The time model: seconds of one image streaming ``streamed`` bytes a step and moving ``transfer_once`` bytes
-    once (the offloaded encoders and VAE), with the step ``schedule`` replayed when there is one; None while the card
-    has not measured a step (or the bandwidth a streamed plan needs)."""
+    The GPU chain is the resident step for a plan that streams nothing, else the schedule replay against the card's
+    block timeline (:func:`replayed_step`), or without a timeline the resident step plus every copy (an upper bound:
+    nothing hidden). The host chain is the resident forward's issue time plus the streamer's host time per unit for
+    each streamed unit, plus the time between forwards (the scheduler's step, as the GPU measured it: the host
+    issues it too); None until the card has measured a forward's issue time. Both None before a step is measured;
+    the GPU chain None for a streamed plan without the bandwidth."""
     if card.step_seconds is None:
+        return None, None
+    between = 0.0
+    if card.block_timeline is not None:
+        between = max(0.0, card.step_seconds - card.block_timeline[0])
+    host = None
+    if card.host_forward_seconds is not None:
+        host = card.host_forward_seconds + len(streamed) * (card.host_unit_seconds or 0.0) + between
+    gpu = card.step_seconds * (FP8_STEP_FACTOR if fp8 else 1.0)
+    if streamed:
+        gpu = replayed_step(card, sizes, streamed, slots, fp8, calibrated=False)
+        if gpu is None:
+            if not card.bandwidth:
+                return None, host
+            gpu = card.step_seconds * (FP8_STEP_FACTOR if fp8 else 1.0) + sum(sizes[n] for n in streamed) / card.bandwidth
+    return gpu, host
+
+
+def step_time(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool) -> float | None:
+    """The time model's step: the larger of the GPU chain and the host chain (:func:`step_chains`), plus, per
+    streamed unit, what streamed generations measured beyond that (``unit_overhead``); None without a GPU chain."""
+    gpu, host = step_chains(card, sizes, streamed, slots, fp8)
+    if gpu is None:
         return None
-    step = card.step_seconds * (FP8_STEP_FACTOR if fp8 else 1.0)
-    if schedule is not None:  # replayed against the measured block timeline
-        step = schedule
-    elif streamed:
+    step = max(gpu, host or 0.0)
+    return step + len(streamed) * (card.unit_overhead or 0.0) if streamed else step
+
+
+def streamed_step(plan: "Plan", model: ModelFacts, card: CardFacts, calibrated: bool = True) -> float | None:
+    """The step ``plan`` is predicted to take by replaying its copies against the card's block timeline; None for a
+    plan that streams nothing, or without a timeline. With ``calibrated``, the larger of that replay and the host
+    chain, plus the measured ``unit_overhead`` per streamed unit (:func:`step_time`); without it, the replay alone.
+    An overhead per unit, not a ratio: a ratio measured on a plan streaming 48 units would also scale the compute of
+    a plan streaming two."""
+    sizes, _, _ = stored_bytes(model, plan.fp8)
+    replay = replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated=False)
+    if replay is None or not calibrated:
+        return replay
+    return step_time(card, sizes, plan.streamed, plan.slots, plan.fp8)
+
+
+def seconds_per_image(card: CardFacts, work: Workload, step: float | None, transfer_once: int,
+                      tile: int | None = None, decode_offload: int = 0) -> float | None:
+    """The time model: seconds of one image of ``step``-second steps (:func:`step_time`) that moves
+    ``transfer_once`` bytes once (the offloaded encoders and VAE) and copies ``decode_offload`` bytes of the kept
+    part back after the decode sent them to the host; None without a step (or the bandwidth those moves need)."""
+    if step is None:
+        return None
+    seconds = work.steps * step + (card.decode(work, tile) or 0.0)
+    if decode_offload:  # copied back for the next image, charged whole (it may hide under the encoders)
         if not card.bandwidth:
             return None
-        copies = streamed / card.bandwidth
-        step += copies - (card.overlap or 0.0) * min(step, copies)
-    seconds = work.steps * step + (card.decode(work, tile) or 0.0)
+        seconds += decode_offload / card.bandwidth
     other = card.other_offload_seconds if transfer_once else card.other_seconds
     if other is not None:  # measured: encoding, moves, the pipeline's own work, the cleanup
         return seconds + other
@@ -397,11 +441,20 @@ def phase_terms(model: ModelFacts, tile: int | None, work: Workload, card: CardF
     return enc_max + _ENCODE_ACTIVATIONS, model.vae + dec, den_res
 
 
+def decode_phase(decode: int, vae: int, offloaded: int) -> int:
+    """What the decode phase needs beside the kept part when ``offloaded`` bytes of it go to the host first: the VAE
+    arrives beside the whole kept part, and the decode's activations only once those bytes have left."""
+    return max(vae, decode - offloaded) if offloaded else decode
+
+
 def peak_bytes(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, resident: tuple[str, ...],
-               streamed: tuple[str, ...], work: Workload, card: CardFacts | None = None, slots: int = 2) -> int:
-    """The memory model: the peak of a placement, the largest of its encode, denoise and decode phases."""
+               streamed: tuple[str, ...], work: Workload, card: CardFacts | None = None, slots: int = 2,
+               decode_offload: tuple[str, ...] = ()) -> int:
+    """The memory model: the peak of a placement, the largest of its encode, denoise and decode phases (the
+    decode's without the kept blocks ``decode_offload``, which go to the host before it)."""
     blocks, other, denoiser = stored_bytes(model, fp8)
     encode, decode, den_res = phase_terms(model, tile, work, card)
+    decode = decode_phase(decode, model.vae, sum(blocks[n] for n in decode_offload))
     if strategy == "resident":
         return model.total - (model.denoiser - denoiser) + max(den_res, decode - model.vae)
     if strategy == "offload encoders and VAE":
@@ -410,14 +463,19 @@ def peak_bytes(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, re
     return res_bytes + max(encode, decode, slots * max((blocks[n] for n in streamed), default=0) + den_res)
 
 
+def plan_step(plan: Plan, model: ModelFacts, card: CardFacts) -> float | None:
+    """``plan``'s step by the time model (:func:`step_time`)."""
+    sizes, _, _ = stored_bytes(model, plan.fp8)
+    return step_time(card, sizes, plan.streamed, plan.slots, plan.fp8)
+
+
 def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> tuple[int, float | None]:
     """``(peak bytes, seconds per image)`` of ``plan`` for ``work`` (another size, batch or step count than it was
     made for) with ``card``'s current facts, by the same formulas that chose it."""
     peak = peak_bytes(plan.strategy, model, plan.fp8, plan.vae_tile, plan.resident, plan.streamed, work, card,
-                      plan.slots)
-    schedule = streamed_step(plan, model, card)
-    seconds = seconds_per_image(card, work, plan.streamed_bytes, plan.transfer_once_bytes, plan.fp8, plan.vae_tile,
-                                schedule)
+                      plan.slots, plan.decode_offload)
+    seconds = seconds_per_image(card, work, plan_step(plan, model, card), plan.transfer_once_bytes, plan.vae_tile,
+                                plan.decode_offload_bytes)
     return peak, seconds
 
 

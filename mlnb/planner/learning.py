@@ -3,8 +3,9 @@
 Each function takes a :class:`LearningContext`: the few things of a loaded pipeline that learning reads (its device,
 model key, plan and the facts behind it, the techniques applied, the diffusers pipeline). After each generation on a
 CUDA card, :func:`record` caches the card's measurements for that model (:mod:`mlnb.planner.cards`): a step's time
-and its block timeline, the decode, the activations, how much of a streamed step's copies the compute hid, and a
-plan's time besides its steps. Before a generation, :func:`predict` gives the plan's peak and time from what is
+and its block timeline, the host's time to issue a forward (resident, and per streamed unit beyond that), the
+decode, the activations, what a streamed step took beyond the time model's two chains, and a plan's time besides
+its steps. Before a generation, :func:`predict` gives the plan's peak and time from what is
 cached.
 """
 
@@ -21,7 +22,7 @@ from ..optimizer.context import denoiser_of
 from ..units import MiB, format_bytes
 from .blocks import denoiser_blocks
 from .cards import card_facts, record_measured
-from .cost import TILES, ModelFacts, Plan, Workload, overlap_measured, streamed_denoise_reserve, streamed_step
+from .cost import TILES, ModelFacts, Plan, Workload, streamed_denoise_reserve, streamed_step
 from .cost import predict as predict_plan
 from .streaming import streamer_of
 from .timing import BlockTimer, StepTimer, cache_was_empty
@@ -116,19 +117,21 @@ def _streams_its_denoiser(context: LearningContext) -> bool:
 
 
 def block_timer(context: LearningContext, work: Workload):
-    """A :class:`BlockTimer` of the denoiser's blocks on CUDA, when its timeline is something to learn: the
-    denoiser is resident (each resident generation records its timeline), or streamed by a plan in its own dtype on
-    a card that has no resident step of the model yet (the streamed timeline, its waits for copies taken out, stands
-    in until then); else a context that does nothing."""
+    """A :class:`BlockTimer` of the denoiser on CUDA: its blocks' timeline where that is something to learn (the
+    denoiser is resident: each resident generation records its timeline; or streamed by a plan in its own dtype on
+    a card that has no resident step of the model yet: the streamed timeline, its waits for copies taken out, stands
+    in until then), else the host's time to issue each forward alone (a streamed plan's, for its host time per
+    unit); a context that does nothing where neither is learnt (fp8 storage, a fixed level's offloading)."""
     if not context.learns:
         return contextlib.nullcontext()
+    denoiser = denoiser_of(context.pipe)
     streamed = _streams_its_denoiser(context)
     if streamed:
         if card_facts(context.device, context.model_key, work, measure=False).step_seconds is not None:
-            return contextlib.nullcontext()  # a resident step is known: the streamed timeline would not be used
+            # a resident step is known: the streamed timeline would not be used, the host time per unit would
+            return BlockTimer(context.device, denoiser, None)
     elif not resident(context)[0]:
         return contextlib.nullcontext()
-    denoiser = denoiser_of(context.pipe)
     if context.facts is not None:  # the plan's blocks, which its timeline must name
         modules = dict(denoiser.named_modules())
         blocks = {b.name: modules[b.name] for b in context.facts.blocks}
@@ -138,12 +141,27 @@ def block_timer(context: LearningContext, work: Workload):
     return BlockTimer(context.device, denoiser, blocks, streamer=streamer)
 
 
+def _host_facts(card, plan: Plan, host: float | None) -> dict:
+    """What a streamed generation's host time per forward (``host``) teaches: the host time per streamed unit
+    beyond the resident forward's, or, where only that per-unit time is known (the model never ran resident here),
+    the resident forward's."""
+    if host is None or not plan.streamed:
+        return {}
+    units = len(plan.streamed)
+    if card.host_forward_seconds is not None:
+        return {"host_unit_seconds": max(0.0, host - card.host_forward_seconds) / units}
+    if card.host_unit_seconds is not None:
+        return {"host_forward_seconds": max(1e-5, host - units * card.host_unit_seconds)}
+    return {}
+
+
 def record(context: LearningContext, work: Workload, timer: StepTimer, report, seconds: float | None = None,
            blocks=None) -> None:
-    """Cache this card's measurements for the planner: the step and its block timeline, decode and activations
-    when the denoiser (and, for the rest, everything) ran resident; the overlap of a streamed step and its ratio
-    to the schedule replay (and, until the model runs resident on the card, its compute with the waits for copies
-    taken out, as the step and timeline); and, for a plan, its tiled decode and the time besides its steps and
+    """Cache this card's measurements for the planner: the step, its block timeline and the host's time to issue a
+    forward, decode and activations when the denoiser (and, for the rest, everything) ran resident; for a streamed
+    step, its host time per unit and what it took beyond the time model's two chains (and, until the model runs
+    resident on the card, its compute with the waits for copies taken out, as the step and timeline); and, for a
+    plan, its tiled (or, with kept blocks sent to the host for it, untiled) decode and the time besides its steps and
     decode out of ``seconds``, the call's time up to the end of its cleanup (what a prediction is for).
 
     Args:
@@ -157,27 +175,36 @@ def record(context: LearningContext, work: Workload, timer: StepTimer, report, s
     if not context.learns or timer.step_seconds is None:
         return
     device, key, plan = context.device, context.model_key, context.plan
+    timed = blocks if isinstance(blocks, BlockTimer) else None
     measured: dict = {}
     if plan is not None:
         if plan.vae_tile in TILES and timer.decode_seconds:
             measured[f"decode_seconds_{plan.vae_tile}"] = timer.decode_seconds
+        elif plan.decode_offload and plan.vae_tile is None and timer.decode_seconds:
+            measured["decode_seconds"] = timer.decode_seconds  # untiled, in the precision the plan decodes in
         if seconds is not None:
-            other = seconds - work.steps * timer.step_seconds - (timer.decode_seconds or 0.0)
+            # the kept blocks' copy back is charged apart (plan.decode_offload_bytes), so "other" is the same for
+            # every plan
+            back = 0.0
+            if plan.decode_offload:
+                bandwidth = card_facts(device, key, work, measure=False).bandwidth
+                back = plan.decode_offload_bytes / bandwidth if bandwidth else 0.0
+            other = seconds - work.steps * timer.step_seconds - (timer.decode_seconds or 0.0) - back
             measured["other_offload_seconds" if plan.offload_encoders_vae else "other_seconds"] = max(other, 1e-5)
     denoiser, everything = resident(context)
     if not denoiser:
-        if _streams_its_denoiser(context):  # how much of the copies the compute hid
+        if _streams_its_denoiser(context):
             card = card_facts(device, key, work, measure=False)
-            timeline = blocks.timeline() if isinstance(blocks, BlockTimer) else None
+            timeline = timed.timeline() if timed is not None else None
             if card.step_seconds is None and timeline is not None:
                 # The model has not run whole on this card (it may never fit): its compute, from this step
                 # with the waits for copies taken out, stands in until it does.
-                compute = timer.step_seconds - blocks.stall_seconds
+                compute = timer.step_seconds - timed.stall_seconds
                 measured.update(step_seconds=compute, block_timeline=timeline)
                 card = dataclasses.replace(card, step_seconds=compute, block_timeline=timeline)
-            if card.step_seconds and card.bandwidth:
-                copies = plan.streamed_bytes / card.bandwidth
-                measured["overlap"] = overlap_measured(card.step_seconds, copies, timer.step_seconds)
+            host = _host_facts(card, plan, timed.host_forward_seconds if timed is not None else None)
+            measured.update(host)
+            card = dataclasses.replace(card, **host)
             streamer = streamer_of(context.pipe)
             if card.denoise_reserve is None and streamer is not None and report is not None \
                     and timer.denoise_peak is not None and report.start_allocated is not None:
@@ -188,9 +215,10 @@ def record(context: LearningContext, work: Workload, timer: StepTimer, report, s
                                                    work)
                 if reserve is not None:
                     measured["denoise_reserve"] = reserve
-            replayed = streamed_step(plan, context.facts, card, calibrated=False) if context.facts else None
-            if replayed:  # what the schedule replay did not foresee (hooks, the allocator, the copy engine)
-                measured["unit_overhead"] = max(0.0, timer.step_seconds - replayed) / len(plan.streamed)
+            if context.facts is not None:  # what neither chain foresaw (the allocator, the copy engine's own pace)
+                chains = streamed_step(plan, context.facts, dataclasses.replace(card, unit_overhead=0.0))
+                if chains:
+                    measured["unit_overhead"] = max(0.0, timer.step_seconds - chains) / len(plan.streamed)
     else:
         measured["step_seconds"] = timer.step_seconds
         clean = report is not None and cache_was_empty(report.start_allocated, report.start_reserved)
@@ -198,8 +226,9 @@ def record(context: LearningContext, work: Workload, timer: StepTimer, report, s
             # never below a margin that a plan's steps showed the allocator needed
             known = card_facts(device, key, work, measure=False).fragmentation_reserve or 0
             measured["fragmentation_reserve"] = max(timer.fragmentation, known)
-        if isinstance(blocks, BlockTimer):
-            measured["block_timeline"] = blocks.timeline()
+        if timed is not None:
+            measured["block_timeline"] = timed.timeline()
+            measured["host_forward_seconds"] = timed.host_forward_seconds
         if everything:
             denoise, decode = timer.reserves(report.start_allocated, report.peak_allocated)
             measured.update(decode_seconds=timer.decode_seconds, denoise_reserve=denoise, decode_reserve=decode)

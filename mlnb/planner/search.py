@@ -7,8 +7,12 @@ peak and time. Blocks are kept resident first fit in one of two orders: blocks u
 then largest first (the fewest bytes moved), and among blocks of one size spread evenly over the execution order so
 that each copy has compute beside it; or, with a block timeline on the card, least compute per byte first, so that
 the streamed blocks are those with the most compute to hide the next copies behind. With a timeline each order is
-tried with two and three slots. With measured card facts the fastest plan that fits wins; without them, the one
-that moves and transforms least.
+tried with two and three slots. Where the decode's peak is what limits the kept part (or forces small VAE tiles),
+each placement that offloads the VAE is also tried with the largest kept blocks sent to their pinned host copy for
+the decode (:func:`_decode_offload`), so that more stays resident for the steps and the VAE decodes in larger tiles
+or untiled, for one copy of those blocks back to the GPU per image. With measured card facts the fastest plan that
+fits wins; without them, the one that moves and transforms least (a decode offload only where nothing fits
+without one).
 """
 
 from __future__ import annotations
@@ -25,10 +29,10 @@ from .cost import (
     Workload,
     peak_bytes,
     phase_terms,
-    replayed_step,
     reserves,
     room_needed,
     seconds_per_image,
+    step_time,
     stored_bytes,
     usable_bytes,
 )
@@ -105,45 +109,80 @@ def _residency_orders(blocks: list[Block], card: CardFacts):
             yield _compute_order(blocks, durations)
 
 
+def _decode_offload(kept: list[Block], kept_bytes: int, decode: int, usable: float) -> tuple[str, ...] | None:
+    """The kept blocks to send to the host before the decode so that it fits beside the rest: the fewest, largest
+    first (each one is a hook and a copy back); () when the decode fits beside all of them, None when it fits beside
+    none (the denoiser's other bytes stay)."""
+    need = kept_bytes + decode - usable
+    if need <= 0:
+        return ()
+    chosen, freed = set(), 0
+    for block in sorted(kept, key=lambda b: -b.nbytes):
+        chosen.add(block.name)
+        freed += block.nbytes
+        if freed >= need:
+            return tuple(b.name for b in kept if b.name in chosen)
+    return None
+
+
 def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload):
     usable = usable_bytes(budget, card)
     enc_total = sum(model.encoders.values())
+    once = enc_total + model.vae
     for fp8 in (False, True):
         sizes, other, denoiser = stored_bytes(model, fp8)
         blocks = [Block(name, nbytes) for name, nbytes in sizes.items()]
         every = tuple(sizes)
+        whole = step_time(card, sizes, (), 2, fp8)
         for tile in (None, *TILES):
             if tile is not None and tile >= max(work.width, work.height):
                 continue
             # Everything resident.
             yield Plan(budget, "resident", every, (), False, fp8, tile,
                        peak_bytes("resident", model, fp8, tile, every, (), work, card),
-                       seconds_per_image(card, work, 0, 0, fp8, tile), 0)
-            # Encoders and VAE on the GPU only while they run; the denoiser stays.
-            once = enc_total + model.vae
-            yield Plan(budget, "offload encoders and VAE", every, (), True, fp8, tile,
-                       peak_bytes("offload encoders and VAE", model, fp8, tile, every, (), work, card),
-                       seconds_per_image(card, work, 0, once, fp8, tile), 0, once)
-            # Stream what does not fit, in each order of residency and with two or three slots.
+                       seconds_per_image(card, work, whole, 0, tile), 0)
+            # Encoders and VAE on the GPU only while they run; the denoiser stays (all of it, or all but the blocks
+            # that go to the host for the decode).
             encode, decode, den_res = phase_terms(model, tile, work, card)
+            evicted = _decode_offload(blocks, denoiser, decode, usable)
+            for off in ((), evicted) if evicted else ((),):
+                off_bytes = sum(sizes[n] for n in off)
+                yield Plan(budget, "offload encoders and VAE", every, (), True, fp8, tile,
+                           peak_bytes("offload encoders and VAE", model, fp8, tile, every, (), work, card,
+                                      decode_offload=off),
+                           seconds_per_image(card, work, whole, once, tile, off_bytes), 0, once,
+                           decode_offload=off, decode_offload_bytes=off_bytes)
+            # Stream what does not fit, in each order of residency and with two or three slots; the decode beside
+            # all that is kept, or beside what is left of it once the blocks it cannot hold have gone to the host.
             seen = set()
             for ranked in _residency_orders(blocks, card):
                 for slots in (2, 3) if card.block_timeline else (2,):
-                    resident = {b.name for b in _fill(ranked, other, max(encode, decode), den_res, slots, usable)}
-                    if len(resident) == len(blocks):
-                        continue  # nothing to stream: the plans above cover it
-                    kept = tuple(b.name for b in model.blocks if b.name in resident)
-                    moved_names = tuple(b.name for b in model.blocks if b.name not in resident)
-                    if (moved_names, slots) in seen:
-                        continue
-                    seen.add((moved_names, slots))
-                    moved = sum(sizes[n] for n in moved_names)
-                    schedule = replayed_step(card, sizes, moved_names, slots, fp8)
-                    yield Plan(
-                        budget, "stream", kept, moved_names, True, fp8, tile,
-                        peak_bytes("stream", model, fp8, tile, kept, moved_names, work, card, slots),
-                        seconds_per_image(card, work, moved, once, fp8, tile, schedule), moved, once, slots=slots,
-                    )
+                    for evicts in (False, True):
+                        fixed = max(encode, model.vae) if evicts else max(encode, decode)
+                        kept_blocks = _fill(ranked, other, fixed, den_res, slots, usable)
+                        resident = {b.name for b in kept_blocks}
+                        if len(resident) == len(blocks):
+                            continue  # nothing to stream: the plans above cover it
+                        kept = tuple(b.name for b in model.blocks if b.name in resident)
+                        off = ()
+                        if evicts:
+                            ordered = [Block(n, sizes[n]) for n in kept]
+                            off = _decode_offload(ordered, other + sum(sizes[n] for n in kept), decode, usable)
+                            if not off:
+                                continue  # the decode fits beside the kept part (or beside none of it)
+                        moved_names = tuple(b.name for b in model.blocks if b.name not in resident)
+                        if (moved_names, slots, off) in seen:
+                            continue
+                        seen.add((moved_names, slots, off))
+                        moved = sum(sizes[n] for n in moved_names)
+                        off_bytes = sum(sizes[n] for n in off)
+                        yield Plan(
+                            budget, "stream", kept, moved_names, True, fp8, tile,
+                            peak_bytes("stream", model, fp8, tile, kept, moved_names, work, card, slots, off),
+                            seconds_per_image(card, work, step_time(card, sizes, moved_names, slots, fp8), once, tile,
+                                              off_bytes),
+                            moved, once, slots=slots, decode_offload=off, decode_offload_bytes=off_bytes,
+                        )
 
 
 _PREFERENCE = {"resident": 0, "offload encoders and VAE": 1, "stream": 2}
@@ -190,8 +229,8 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
 
     def rank(p: Plan):
         known = p.predicted_seconds is not None
-        structural = (p.fp8, p.vae_tile is not None, _PREFERENCE[p.strategy], p.streamed_bytes, p.slots,
-                      -(p.vae_tile or 0))
+        structural = (p.fp8, bool(p.decode_offload), p.vae_tile is not None, _PREFERENCE[p.strategy],
+                      p.streamed_bytes, p.slots, -(p.vae_tile or 0))
         return (0, p.predicted_seconds, structural) if known else (1, 0.0, structural)
 
     return min(fitting, key=rank)

@@ -1,5 +1,6 @@
 """``StepTimer``: the seconds of one denoising step and of the decode, read from the pipeline's step callback, and
-the allocator's peak at the end of the denoising loop (before the VAE decodes).
+the allocator's peak at the end of the denoising loop (before the VAE decodes). ``BlockTimer``: where each denoiser
+block ran in one forward, on the GPU, and how long a forward takes the host to issue.
 
 A mark is a point in the device's queue (:meth:`mlnb.device.Device.timing_mark`: a CUDA event), so a step's time is
 the GPU's time, not the time to queue its kernels, and nothing waits for the GPU until the images are back. A
@@ -148,7 +149,8 @@ class StepTimer:
 
 
 class BlockTimer:
-    """Marks where each block of the denoiser starts and ends in one forward, for the planner's schedule of copies.
+    """Marks where each block of the denoiser starts and ends in one forward, for the planner's schedule of copies,
+    and times on the host how long each forward takes to issue.
 
     Hooks on the denoiser and on each block record a mark (:meth:`mlnb.device.Device.timing_mark`) as they start and
     end during the ``forward``-th forward of a generation (the second by default: the first also sets up kernels),
@@ -157,12 +159,19 @@ class BlockTimer:
     (:attr:`stall_seconds` is what the waits added up to). Use it as a context manager around the pipeline call;
     :meth:`timeline` reads the marks once the device is synchronized (after :meth:`StepTimer.finish`).
 
+    The host side: the denoiser's hooks also read the host clock as each forward starts and ends. Nothing waits for
+    the GPU in between, so on CUDA that is the host's time to issue the forward (its kernels launched, a streamer's
+    hooks run), which bounds a launch-bound step from below however fast the GPU is. :attr:`host_forward_seconds`
+    is the median over the forwards after the first, leaving out the one marked block by block (its marks are host
+    work too). With ``blocks=None`` only that is timed (two hooks, no marks).
+
     Args:
         device: the mlnb device whose marks are read.
         denoiser: the UNet or transformer.
-        blocks: its blocks by name (:func:`mlnb.planner.blocks.denoiser_blocks`).
+        blocks: its blocks by name (:func:`mlnb.planner.blocks.denoiser_blocks`), or None to time the host alone.
         forward: which forward to time, counted from 0.
         streamer: the denoiser's :class:`~mlnb.planner.streaming.UnitStreamer`, when a plan streams blocks.
+        clock: the host clock (``time.perf_counter``).
 
     Example:
         ```python
@@ -170,24 +179,35 @@ class BlockTimer:
         ...     pipe(prompt, callback_on_step_end=timer.callback())
         >>> timer.finish()
         >>> blocks.timeline()  # (forward seconds, ((name, start, seconds), ...)) in the order they ran
+        >>> blocks.host_forward_seconds  # the host's time to issue one forward
         ```
     """
 
-    def __init__(self, device, denoiser, blocks: dict, forward: int = 1, streamer=None) -> None:
+    def __init__(self, device, denoiser, blocks: dict | None, forward: int = 1, streamer=None,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.device, self.denoiser, self.blocks, self.forward = device, denoiser, blocks, forward
-        self.streamer = streamer
+        self.streamer = streamer if blocks is not None else None
         self.stall_seconds: float | None = None  # set by timeline()
+        self._clock = clock
         self._count = 0
         self._active = False
         self._marks: list[tuple[str, str, object]] = []  # (name, "start" | "ready" | "end", mark); "" is the forward
         self._handles: list = []
+        self._host_start: float | None = None
+        self._host: list[float] = []  # host seconds of each forward timed on the host
+
+    @property
+    def host_forward_seconds(self) -> float | None:
+        """Median host seconds to issue one forward, over the forwards after the first but the one marked block by
+        block; None with none of those (fewer than three forwards, with blocks)."""
+        return statistics.median(self._host) if self._host else None
 
     def __enter__(self) -> "BlockTimer":
         self._handles = [
             self.denoiser.register_forward_pre_hook(self._forward_starts),
             self.denoiser.register_forward_hook(self._forward_ends),
         ]
-        for name, module in self.blocks.items():
+        for name, module in (self.blocks or {}).items():
             self._handles.append(module.register_forward_pre_hook(lambda m, a, _n=name: self._mark(_n, "start")))
             self._handles.append(module.register_forward_hook(lambda m, a, o, _n=name: self._mark(_n, "end")))
         if self.streamer is not None:
@@ -204,12 +224,17 @@ class BlockTimer:
         return False
 
     def _forward_starts(self, module, args) -> None:
-        self._active = self._count == self.forward
+        self._active = self.blocks is not None and self._count == self.forward
+        # the first forward sets up kernels; the marked one issues marks as well
+        self._host_start = None if self._count == 0 or self._active else self._clock()
         self._count += 1
         if self._active:
             self._marks = [("", "start", self.device.timing_mark())]
 
     def _forward_ends(self, module, args, output) -> None:
+        if self._host_start is not None:
+            self._host.append(self._clock() - self._host_start)
+            self._host_start = None
         if self._active:
             self._marks.append(("", "end", self.device.timing_mark()))
             self._active = False
@@ -223,7 +248,7 @@ class BlockTimer:
         in the order the blocks ran; ``None`` if the forward was not timed whole or a block ran twice or not at
         all."""
         marks = self._marks
-        if len(marks) < 2 or marks[0][:2] != ("", "start") or marks[-1][:2] != ("", "end"):
+        if self.blocks is None or len(marks) < 2 or marks[0][:2] != ("", "start") or marks[-1][:2] != ("", "end"):
             return None
         found: dict[str, dict[str, object]] = {}
         for name, edge, mark in marks[1:-1]:
