@@ -31,7 +31,7 @@ from ..setting import MemorySetting
 from ..units import format_bytes
 from . import cache, files
 from .files import (
-    check_local_weights, default_dtype, dtype_name, parameters_of, parse_dtype, pipeline_parameters, reads_pickle,
+    check_local_weights, dtype_name, load_dtype, model_index, parameters_of, pipeline_parameters, reads_pickle,
     resolve_model,
 )
 from .loras import parse_loras
@@ -129,7 +129,7 @@ def _load_pipeline(model, setting: MemorySetting, dtype, allow_pickle: bool, dev
         # a name only the pipeline's class could take waits for the class when its index is not at hand
         unverified = check_load_keywords(from_pretrained_kwargs,
                                          pipeline_parameters(source, is_local, from_pretrained_kwargs))
-    torch_dtype = parse_dtype(dtype) or default_dtype(device, source if is_local else None)
+    torch_dtype = load_dtype(dtype, device, model_index(source, is_local, from_pretrained_kwargs))
     dname = dtype_name(torch_dtype)
 
     hit = _cached(source, dname, setting, device, from_pretrained_kwargs, allow_pickle)
