@@ -32,7 +32,9 @@ from ..errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelFamily", "model_family", "pipeline_family", "DtypeChoice", "choose_dtype", "say_once", "restore_fp32_modules"]
+__all__ = [
+    "ModelFamily", "model_family", "pipeline_family", "DtypeChoice", "choose_dtype", "say_once", "restore_fp32_modules",
+]
 
 _NATIVE_BF16 = (8, 0)  # compute capability from which the tensor cores compute bf16 (Ampere)
 _said: set[str] = set()
@@ -68,9 +70,9 @@ def model_family(index: dict | None) -> ModelFamily:
     if not index:
         return ModelFamily.UNET
     spec = index.get("transformer")
-    if "unet" in index or not isinstance(spec, list) or len(spec) != 2:
+    if "unet" in index or not isinstance(spec, list) or len(spec) != 2 or not spec[1]:
         return ModelFamily.UNET
-    name = str(spec[1] or "")
+    name = str(spec[1])
     if name.startswith("SD3"):
         return ModelFamily.SD3
     if name.startswith("Flux"):
