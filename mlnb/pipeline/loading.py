@@ -66,8 +66,10 @@ def load_pipeline(
         model: a hub id (``org/name``) or a local diffusers folder.
         level: ``"auto"`` (chosen from free VRAM and the model's size), ``"none"``, ``"balanced"``,
             ``"aggressive"`` or ``"ultra"``.
-        dtype: weights dtype; default fp16 on CUDA (bf16 for transformer pipelines where supported), fp32 on CPU.
-            ``torch_dtype`` is taken as the same argument.
+        dtype: ``"fp16"``, ``"bf16"``, ``"fp32"`` or a ``torch.dtype``; ``torch_dtype`` is taken as the same
+            argument. Default: fp32 on a CPU; bf16 for SD3.5, Flux and other transformer pipelines on a card that
+            computes bf16 in hardware (compute capability 8.0 and up); fp16 otherwise, a T4 included. bf16 given for
+            a card that only emulates it is said once to be slow.
         allow_pickle: accept pickle weights, of the model and of its LoRAs. Off by default: pickle can run code
             when loaded.
         device: the device to use (default: the current device).
