@@ -11,6 +11,7 @@ __all__ = [
     "OfflineError",
     "UnsupportedPipelineError",
     "OutOfMemoryRescueError",
+    "NonFiniteOutputError",
     "GenerationInterrupted",
     "LoadInterrupted",
     "UnloadInterrupted",
@@ -47,6 +48,11 @@ class UnsupportedPipelineError(MlnbError):
 
 class OutOfMemoryRescueError(MlnbError):
     """Out of GPU memory even at the strongest level; the message says what would fit."""
+
+
+class NonFiniteOutputError(MlnbError):
+    """A generation's latents or decoded image held NaN or inf (fp16 overflow, most often); the message names the
+    model, the dtype, where it happened and what to load instead. The pipeline stays loaded."""
 
 
 class GenerationInterrupted(MlnbError):

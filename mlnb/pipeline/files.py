@@ -22,6 +22,7 @@ from ..device import Device
 from ..errors import InvalidArgumentError, ModelLoadError, ModelNotFoundError, OfflineError, UnsafeWeightsError
 from ..monitor import release_exception_frames
 from ..notices import install as install_library_notices
+from .precision import choose_dtype, model_family, restore_fp32_modules, say_once
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ __all__ = [
     "parameters_of",
     "parse_dtype",
     "dtype_name",
-    "default_dtype",
+    "load_dtype",
+    "model_index",
     "load_diffusers_pipeline",
 ]
 
@@ -198,13 +200,9 @@ def reads_pickle(source: str, is_local: bool, allow_pickle: bool) -> bool:
     return allow_pickle and (not is_local or bool(pickle_only_components(source)))
 
 
-def pipeline_parameters(source: str, is_local: bool, from_pretrained_kwargs: dict) -> set[str] | None:
-    """What the pipeline class of ``source`` takes besides ``from_pretrained``'s own arguments (its components, such
-    as ``scheduler``, and its optional settings), read from its ``model_index.json``: a local folder's, or a hub
-    model's already in the Hugging Face cache (nothing is downloaded for it). None when that file is not at hand, or
-    names a class diffusers does not have (a custom pipeline)."""
-    if from_pretrained_kwargs.get("custom_pipeline") is not None:
-        return None
+def model_index(source: str, is_local: bool, from_pretrained_kwargs: dict) -> dict | None:
+    """The ``model_index.json`` of ``source``: a local folder's, or a hub model's already in the Hugging Face cache
+    (nothing is downloaded for it). None when that file is not at hand or is damaged (the load says so)."""
     if is_local:
         index_file = Path(source) / "model_index.json"
     else:
@@ -219,8 +217,19 @@ def pipeline_parameters(source: str, is_local: bool, from_pretrained_kwargs: dic
             return None
         index_file = Path(cached)
     try:
-        index = read_json_object(index_file)
+        return read_json_object(index_file)
     except ModelLoadError:
+        return None
+
+
+def pipeline_parameters(source: str, is_local: bool, from_pretrained_kwargs: dict) -> set[str] | None:
+    """What the pipeline class of ``source`` takes besides ``from_pretrained``'s own arguments (its components, such
+    as ``scheduler``, and its optional settings), read from its ``model_index.json`` (:func:`model_index`). None when
+    that file is not at hand, or names a class diffusers does not have (a custom pipeline)."""
+    if from_pretrained_kwargs.get("custom_pipeline") is not None:
+        return None
+    index = model_index(source, is_local, from_pretrained_kwargs)
+    if index is None:
         return None
     import diffusers
 
@@ -257,20 +266,31 @@ def parse_dtype(dtype):
         raise InvalidArgumentError(f"unknown dtype {dtype!r}: use fp16, bf16 or fp32") from None
 
 
-def default_dtype(device: Device, local_folder: str | None = None):
-    """fp32 on a CPU; fp16 on CUDA, or bf16 for transformer-based pipelines on cards that support it."""
-    import torch
+def load_dtype(dtype, device: Device, index: dict | None = None):
+    """The ``torch.dtype`` a pipeline loads in: ``dtype`` as given, checked against the card, else the default for
+    the card and the model family its ``model_index.json`` names (:func:`~mlnb.pipeline.precision.choose_dtype`:
+    fp32 on a CPU; bf16 for SD3.5 and Flux on a card that computes bf16 in hardware; fp16 otherwise). A slow choice
+    (bf16 asked of a card that only emulates it) is said once.
 
-    if not device.is_cuda:
-        return torch.float32
-    if local_folder is not None and device.info().supports_bf16:
-        try:
-            index = read_model_index(local_folder)
-            if "transformer" in index and "unet" not in index:
-                return torch.bfloat16
-        except ModelLoadError:  # said in one line by the load that follows
-            pass
-    return torch.float16
+    Args:
+        dtype: None, ``"fp16"``, ``"bf16"``, ``"fp32"`` (and their long names) or a ``torch.dtype``.
+        device: the mlnb device the pipeline runs on.
+        index: the pipeline's ``model_index.json``, or None when it is not at hand (counted as a UNet).
+
+    Raises:
+        InvalidArgumentError: an unknown dtype, or bf16 on a card that cannot compute it.
+    """
+    requested = parse_dtype(dtype)
+    info = device.info() if device.is_cuda else None
+    capability = info.compute_capability if info is not None else None
+    choice = choose_dtype(
+        model_family(index), cuda=device.is_cuda, compute_capability=capability,
+        bf16_works=info is None or info.supports_bf16 or capability is None,  # unknown: let torch say
+        requested=dtype_name(requested) if requested is not None else None,
+        card=info.name if info is not None else "the CPU",
+    )
+    say_once(choice)
+    return parse_dtype(choice.dtype)
 
 
 def dtype_name(dtype) -> str:
@@ -436,4 +456,5 @@ def load_diffusers_pipeline(model: str | os.PathLike, dtype=None, allow_pickle: 
         logger.warning("read pickle weights (allow_pickle): %s", ", ".join(pickled.components))
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
+    restore_fp32_modules(pipe)  # a component given already cast to fp16 (T5's wo overflows there)
     return pipe

@@ -31,7 +31,7 @@ from ..setting import MemorySetting
 from ..units import format_bytes
 from . import cache, files
 from .files import (
-    check_local_weights, default_dtype, dtype_name, parameters_of, parse_dtype, pipeline_parameters, reads_pickle,
+    check_local_weights, dtype_name, load_dtype, model_index, parameters_of, pipeline_parameters, reads_pickle,
     resolve_model,
 )
 from .loras import parse_loras
@@ -67,8 +67,10 @@ def load_pipeline(
         model: a hub id (``org/name``) or a local diffusers folder.
         level: ``"auto"`` (chosen from free VRAM and the model's size), ``"none"``, ``"balanced"``,
             ``"aggressive"`` or ``"ultra"``.
-        dtype: weights dtype; default fp16 on CUDA (bf16 for transformer pipelines where supported), fp32 on CPU.
-            ``torch_dtype`` is taken as the same argument.
+        dtype: ``"fp16"``, ``"bf16"``, ``"fp32"`` or a ``torch.dtype``; ``torch_dtype`` is taken as the same
+            argument. Default: fp32 on a CPU; bf16 for SD3.5, Flux and other transformer pipelines on a card that
+            computes bf16 in hardware (compute capability 8.0 and up); fp16 otherwise, a T4 included. bf16 given for
+            a card that only emulates it is said once to be slow.
         allow_pickle: accept pickle weights, of the model and of its LoRAs. Off by default: pickle can run code
             when loaded.
         device: the device to use (default: the current device).
@@ -130,7 +132,7 @@ def _load_pipeline(model, setting: MemorySetting, dtype, allow_pickle: bool, dev
         # a name only the pipeline's class could take waits for the class when its index is not at hand
         unverified = check_load_keywords(from_pretrained_kwargs,
                                          pipeline_parameters(source, is_local, from_pretrained_kwargs))
-    torch_dtype = parse_dtype(dtype) or default_dtype(device, source if is_local else None)
+    torch_dtype = load_dtype(dtype, device, model_index(source, is_local, from_pretrained_kwargs))
     dname = dtype_name(torch_dtype)
 
     hit = _cached(source, dname, setting, device, from_pretrained_kwargs, allow_pickle)

@@ -29,8 +29,10 @@ from .adapters import ActiveLora, active_loras
 from .adapters import set_loras as apply_loras
 from .call import call_arguments, call_default, monitored_call, output_size, preflight
 from .files import dtype_name
+from .finite import FiniteGuard
 from .images import pipeline_for
 from .loras import LoraSpec
+from .precision import pipeline_family
 from .result import GenerationResult
 from .validation import GenerationArgs, check_progress, text_to_image_parameters
 
@@ -354,8 +356,9 @@ class ManagedPipeline:
             if progress is not None:
                 progress(step + 1, steps)
 
+        guard = FiniteGuard(self.model, pipeline_family(self.pipe), dtype_name(self.dtype), self.device, steps)
         if "callback_on_step_end" in accepted:
-            kwargs["callback_on_step_end"] = timer.callback(after, then=user_callback)
+            kwargs["callback_on_step_end"] = timer.callback(after, then=guard.callback(then=user_callback))
         elif user_callback is not None:
             raise UnsupportedPipelineError(f"{type(self.pipe).__name__} takes no callback_on_step_end")
         kwargs.update(pipeline_kwargs)
@@ -377,8 +380,10 @@ class ManagedPipeline:
             self.device, collect="if_needed" if config.gc_collect else False, empty_cache=config.cuda_cache_clear,
             defer=True,
         )
-        images, start, seconds, cleaned = monitored_call(self.pipe, runner, kwargs, timer, blocks, monitor, self.device,
-                                                         self.model)
+        with guard.watching(runner):
+            images, start, seconds, cleaned = monitored_call(self.pipe, runner, kwargs, timer, blocks, monitor,
+                                                             self.device, self.model)
+        guard.check()  # NaN or inf in a step's latents or the decode: one line, the pipeline stays loaded
         allocator_in_steps = {}
         if loop.get(0) and steps > 1 and loop.get(steps - 1):
             allocator_in_steps = {k: v - loop[0][k] for k, v in loop[steps - 1].items()}

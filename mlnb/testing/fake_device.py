@@ -16,7 +16,13 @@ import torch
 
 from ..device import CopyStreams, Device, DeviceInfo, MemorySnapshot, host_memory, host_rss
 
-__all__ = ["FakeDevice", "FakeOutOfMemoryError", "SimulatedCopyStreams"]
+__all__ = ["FakeDevice", "FakeOutOfMemoryError", "SimulatedCopyStreams", "CARDS"]
+
+# The cards FakeDevice.card simulates: what their CudaDevice.info() reports.
+CARDS = {
+    "t4": dict(name="Tesla T4", total=15 * 2**30, compute_capability=(7, 5), supports_bf16=True),
+    "ampere": dict(name="NVIDIA A10G", total=24 * 2**30, compute_capability=(8, 6), supports_bf16=True),
+}
 
 
 class FakeOutOfMemoryError(torch.OutOfMemoryError):
@@ -131,6 +137,27 @@ class FakeDevice(Device):
 
     kind = "fake"
     has_memory_counters = True
+
+    @classmethod
+    def card(cls, name: str, **changes) -> "FakeDevice":
+        """A simulated card from :data:`CARDS`, CUDA-like (``cuda_like=True``) unless ``changes`` say otherwise.
+
+        Args:
+            name: ``"t4"`` (Tesla T4: 15 GiB, compute capability 7.5, bf16 only emulated) or ``"ampere"`` (NVIDIA
+                A10G: 24 GiB, 8.6, bf16 in hardware).
+            **changes: fields to set besides the card's (``total``, ``supports_bf16``...).
+
+        Example:
+            ```python
+            >>> FakeDevice.card("t4").info().native_bf16
+            False
+            ```
+        """
+        try:
+            facts = CARDS[name]
+        except KeyError:
+            raise ValueError(f"unknown card {name!r}: use one of {', '.join(CARDS)}") from None
+        return cls(**{"cuda_like": True, **facts, **changes})
 
     def __post_init__(self) -> None:
         # id -> weak reference; tensors compare elementwise, so a WeakSet cannot hold them.
