@@ -2,11 +2,13 @@
 
 A LoRA's cost (bytes, the two thin matmuls per adapted layer, the time to load and switch it) depends on its rank and
 on the shapes of the layers it adapts, not on its values. :func:`write_loras` builds the denoiser of a pipeline folder
-from its config on the ``meta`` device (no memory, no weights read), injects a rank-``rank`` adapter with peft over
-every attention projection (``to_q``, ``to_k``, ``to_v``, ``to_out.0``, and the joint attention's ``add_*_proj``
-and ``to_add_out`` in SD3 and Flux), takes peft's state dict for its keys and shapes, fills each A and B matrix with
-random values in fp16 and saves it with the pipeline class's ``save_lora_weights`` as ``.safetensors``: a file that
-``pipe.load_lora_weights`` and mlnb's ``loras=`` read as they read a LoRA from the hub. The values are small, so an
+from its config on the ``meta`` device (no memory, no weights read) and gives every attention projection (``to_q``,
+``to_k``, ``to_v``, ``to_out.0``, and the joint attention's ``add_*_proj`` and ``to_add_out`` in SD3 and Flux) an
+A matrix of ``rank × in_features`` and a B matrix of ``out_features × rank`` under peft's keys
+(``PATH.lora_A.weight``: what ``get_peft_model_state_dict`` writes for an adapter peft injects there, without its
+cost, which grows with the square of the layer count), fills them with random values in fp16 and saves them with
+the pipeline class's ``save_lora_weights`` as ``.safetensors``: a file that ``pipe.load_lora_weights`` and mlnb's
+``loras=`` read as they read a LoRA from the hub. The values are small, so an
 image stays finite; they differ from file to file (the seed).
 
 Two sets are written: the LoRAs every LoRA run loads, and as many others that a run switches to and back to time a
@@ -22,7 +24,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ATTENTION_PROJECTIONS", "lora_targets", "write_loras", "lora_sets"]
+__all__ = ["ATTENTION_PROJECTIONS", "lora_targets", "adapter_shapes", "write_loras", "lora_sets"]
 
 # peft target names: matched against the end of each module's path
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
@@ -53,16 +55,18 @@ def lora_targets(model) -> list[str]:
     ]
 
 
-def _adapter_state(model, rank: int) -> dict:
-    """peft's state dict of a rank-``rank`` adapter over the attention projections of ``model`` (meta tensors)."""
-    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-
-    targets = lora_targets(model)
-    if not targets:
+def adapter_shapes(folder: str | Path, rank: int) -> tuple[str, dict[str, tuple[int, ...]]]:
+    """The component a rank-``rank`` LoRA of the pipeline in ``folder`` adapts (``unet`` or ``transformer``), and
+    the shape of each of its A and B matrices under peft's keys; computed on the meta device, nothing allocated."""
+    component, model = _denoiser_on_meta(Path(folder))
+    shapes: dict[str, tuple[int, ...]] = {}
+    for path in lora_targets(model):
+        layer = model.get_submodule(path)
+        shapes[f"{path}.lora_A.weight"] = (rank, layer.in_features)
+        shapes[f"{path}.lora_B.weight"] = (layer.out_features, rank)
+    if not shapes:
         raise ValueError(f"{type(model).__name__} has no attention projections to adapt")
-    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, init_lora_weights=False)
-    inject_adapter_in_model(config, model, adapter_name="bench")
-    return get_peft_model_state_dict(model, adapter_name="bench")
+    return component, shapes
 
 
 def write_loras(folder: str | Path, out: str | Path, count: int, rank: int, seed: int = 0) -> dict:
@@ -86,9 +90,7 @@ def write_loras(folder: str | Path, out: str | Path, count: int, rank: int, seed
         if all(info.get(k) == v for k, v in key.items()):
             return dict(info, reused=True)
     start = time.perf_counter()
-    component, model = _denoiser_on_meta(folder)
-    shapes = {k: tuple(v.shape) for k, v in _adapter_state(model, rank).items()}
-    del model
+    component, shapes = adapter_shapes(folder, rank)
     pipeline_class = getattr(diffusers, json.loads((folder / "model_index.json").read_text())["_class_name"])
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(seed)

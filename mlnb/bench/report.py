@@ -22,7 +22,7 @@ from __future__ import annotations
 from ..levels import activation_reserve
 from ..units import format_bytes, format_gib
 from .recipes import BASELINE
-from .targets import TARGETS, Target, cap_text, evaluate_targets, format_targets
+from .targets import TARGETS, Target, applies, cap_text, evaluate_targets, format_targets
 
 __all__ = [
     "FLOOR_FORMULA",
@@ -32,6 +32,7 @@ __all__ = [
     "add_derived",
     "Target",
     "TARGETS",
+    "applies",
     "evaluate_targets",
     "format_table",
     "format_targets",
@@ -138,7 +139,7 @@ def _lora_cell(row: dict) -> str:
     if not row.get("loras"):
         return "—"
     rank = f"×r{row['lora_rank']}" if row.get("lora_rank") else ""
-    size = f" {format_gib(row['adapter_bytes'], digits=2)} GiB" if row.get("adapter_bytes") else ""
+    size = f" {format_bytes(row['adapter_bytes'])}" if row.get("adapter_bytes") else ""
     return f"{row['loras']}{rank}{size}"
 
 
@@ -264,7 +265,8 @@ def format_loras(items: list[dict]) -> str:
     """One line per run with LoRAs: its time and switch, and the same recipe without LoRAs (the fused step's cost)."""
     lines = []
     for it in items:
-        head = (f"{it['model']} {it['recipe']} cap {cap_text(it['cap_bytes'])} GiB, {it['loras']} LoRAs"
+        cap = "no cap" if it["cap_bytes"] is None else f"cap {cap_text(it['cap_bytes'])} GiB"
+        head = (f"{it['model']} {it['recipe']} {cap}, {it['loras']} LoRAs"
                 + (f" of rank {it['lora_rank']}" if it.get("lora_rank") else "")
                 + (f" ({format_bytes(it['adapter_bytes'])})" if it.get("adapter_bytes") else "") + f", {it['lora_mode']}")
         if it["status"] != "ok" or not it.get("seconds"):
