@@ -397,7 +397,11 @@ def test_lora_runs_are_planned_after_the_runs_without_with_their_own_recipes_and
 
     recipes = parse_recipes("mlnb-auto")
     sets = {"sdxl": (("a.safetensors",), ("b.safetensors",))}
-    plan = LoraPlan(parse_recipes("mlnb-auto,diffusers-group-stream"), {"sdxl": [15 * GiB, 4 * GiB]}, sets, 32, 3)
+    from mlnb.bench.command import _lora_recipes
+
+    lora_recipes, recipe_caps = _lora_recipes("mlnb-auto,diffusers-group-stream@4", recipes)
+    assert recipe_caps == {"diffusers-group-stream": [4 * GiB]}
+    plan = LoraPlan(lora_recipes, {"sdxl": [15 * GiB, 4 * GiB]}, sets, 32, 3, recipe_caps)
     runs = plan_runs([("sd15", "/m/sd15", 512, 512), ("sdxl", "/m/sdxl", 1024, 1024)], recipes,
                      {"sd15": [2 * GiB], "sdxl": [4 * GiB]}, 8, "cuda", loras=plan)
     got = [(r.model, r.recipe, r.cap_bytes and r.cap_bytes // GiB, len(r.loras)) for r in runs]
@@ -405,7 +409,7 @@ def test_lora_runs_are_planned_after_the_runs_without_with_their_own_recipes_and
         ("sd15", BASELINE, None, 0), ("sd15", "mlnb-auto", 2, 0),  # no LoRA files for sd15: no LoRA runs
         ("sdxl", BASELINE, None, 0), ("sdxl", "mlnb-auto", 4, 0),
         ("sdxl", BASELINE, None, 1), ("sdxl", "mlnb-auto", 15, 1), ("sdxl", "mlnb-auto", 4, 1),
-        ("sdxl", "diffusers-group-stream", 15, 1), ("sdxl", "diffusers-group-stream", 4, 1),
+        ("sdxl", "diffusers-group-stream", 4, 1),  # NAME@GiB: under that cap only
     ]
     job = runs[-1].job()
     assert job["loras"] == ("a.safetensors",) and job["switch_loras"] == ("b.safetensors",)

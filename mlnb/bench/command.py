@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     lora.add_argument("--loras", type=int, default=0, metavar="N",
                       help="also run the --lora-recipes with N random LoRAs loaded (default 0: none)")
     lora.add_argument("--lora-rank", type=int, default=32, metavar="R", help="the LoRAs' rank (default %(default)s)")
-    lora.add_argument("--lora-recipes", help="the recipes that also run with the LoRAs (default: --recipes); the "
-                      "uncapped diffusers-none run with them is always added")
+    lora.add_argument("--lora-recipes", help="the recipes that also run with the LoRAs (default: --recipes), each "
+                      "under --lora-caps or, as NAME@GiB, under that cap only; the uncapped diffusers-none run with "
+                      "them is always added")
     lora.add_argument("--lora-caps", help="caps of the runs with LoRAs, as --caps (default: the caps of the others)")
     lora.add_argument("--lora-switches", type=int, default=3, metavar="K",
                       help="switches between two sets of N LoRAs timed in each loaded LoRA run (default %(default)s; "
@@ -150,6 +151,22 @@ def _build_loras(args, sources: list[ModelSource], failed: dict[str, str], devic
                  + (" (reused)" if result.get("reused") else f", {result.get('seconds', 0):.1f} s"))
             sets[source.name] = (tuple(result["loras"]), tuple(result["switch"]))
     return sets, builds
+
+
+def _lora_recipes(text: str | None, recipes: list) -> tuple[list, dict[str, list[int | None]]]:
+    """``--lora-recipes``: the recipes, and the caps of those given as ``NAME@GiB`` (``diffusers-group-stream@4``)."""
+    if not text:
+        return recipes, {}
+    names, caps = [], {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, at, cap = item.partition("@")
+        (recipe,) = parse_recipes(name) if name not in ("diffusers", "mlnb", "all") else (None,)
+        if recipe is None:
+            raise ValueError(f"--lora-recipes {item!r}: name one recipe per entry")
+        names.append(recipe.name)
+        if at:
+            caps.setdefault(recipe.name, []).extend(parse_caps(cap, ["x"])["x"])
+    return parse_recipes(",".join(dict.fromkeys(names))), caps
 
 
 def _check_model(model: str) -> None:
@@ -258,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--size must be a multiple of 8 and at least 64, got {args.size}")
         if args.loras < 0 or args.lora_rank < 1 or args.lora_switches < 0:
             raise ValueError("--loras and --lora-switches must be >= 0 and --lora-rank >= 1")
-        lora_recipes = parse_recipes(args.lora_recipes) if args.lora_recipes else recipes
+        lora_recipes, recipe_caps = _lora_recipes(args.lora_recipes, recipes)
         lora_caps = parse_caps(args.lora_caps, _model_names(args)) if args.lora_caps else caps
     except ValueError as exc:
         parser.error(str(exc))
@@ -299,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
             sets, lora_builds = _build_loras(args, sources, failed, device, work, logs, timeout)
             builds += lora_builds
             caps_with = {s.name: [None] for s in sources} if device == "cpu" else lora_caps
-            lora_plan = LoraPlan(lora_recipes, caps_with, sets, args.lora_rank, args.lora_switches)
+            lora_plan = LoraPlan(lora_recipes, caps_with, sets, args.lora_rank, args.lora_switches,
+                                 {} if device == "cpu" else recipe_caps)
         models = [(s.name, s.path, s.size, s.size) for s in sources]
         runs = plan_runs(models, recipes, caps, steps, device, seed=args.seed, prompt=args.prompt, loras=lora_plan)
         settings = {

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..units import GiB
@@ -64,6 +64,7 @@ class LoraPlan:
         sets: per model, the LoRA files every LoRA run loads and the set it switches to.
         rank: the LoRAs' rank (for the rows).
         switches: switches timed per LoRA run (0: none).
+        recipe_caps: caps of one recipe's LoRA runs instead of ``caps`` (``--lora-recipes NAME@GiB``).
     """
 
     recipes: list[Recipe]
@@ -71,6 +72,7 @@ class LoraPlan:
     sets: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
     rank: int
     switches: int = 3
+    recipe_caps: dict[str, list[int | None]] = field(default_factory=dict)
 
 
 def parse_caps(text: str | None, models: list[str], ignore_other_models: bool = False) -> dict[str, list[int | None]]:
@@ -151,7 +153,9 @@ def plan_runs(
         if loras is None or name not in loras.sets:
             continue
         files, switch = loras.sets[name]
-        with_loras = [(BASELINE, None)] + [(r.name, cap) for r in loras.recipes for cap in loras.caps.get(name, [None])]
+        with_loras = [(BASELINE, None)] + [
+            (r.name, cap) for r in loras.recipes for cap in loras.recipe_caps.get(r.name, loras.caps.get(name, [None]))
+        ]
         for recipe, cap in dict.fromkeys(with_loras):
             runs.append(RunSpec(name, path, recipe, cap, steps, width, height, device, seed, prompt, tuple(files),
                                 tuple(switch), loras.rank, loras.switches))
