@@ -439,6 +439,7 @@ def test_worker_runs_a_recipe_with_loras_and_times_set_switches(tiny_sdxl, clean
     from mlnb.bench.loras import write_loras
     from mlnb.bench.worker import run
 
+    pytest.importorskip("peft", reason="diffusers loads LoRAs through peft, a dependency this environment lacks")
     info = write_loras(tiny_sdxl, tmp_path / "loras", count=2, rank=4)
     assert write_loras(tiny_sdxl, tmp_path / "loras", count=2, rank=4)["reused"] is True
     assert len(info["loras"]) == len(info["switch"]) == 2 and info["component"] == "unet"
