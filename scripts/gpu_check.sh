@@ -1,32 +1,63 @@
 #!/usr/bin/env bash
-# The project's GPU check, in one command, on a machine with a CUDA GPU and its CUDA build of torch already installed:
+# The project's GPU check, on a machine with a CUDA GPU and its CUDA build of torch already installed:
 #
 #   scripts/gpu_check.sh                 # writes everything under $OUT, or ./gpu-out when OUT is unset
 #
+# Where one command may run 10 minutes at most and a session has about 15 minutes of device time, run the two calls
+# below, each on its own (fresh) machine; each builds the models it needs:
+#
+#   MLNB_GPU_CHECK_STEPS=environment,install,bench-loras scripts/gpu_check.sh     # call 1: SDXL + LoRAs
+#   MLNB_GPU_CHECK_STEPS=environment,install,bench-flux scripts/gpu_check.sh      # call 2: FLUX.1-dev
+#
+# Call 1 (bench-loras) builds SDXL (real shapes, random weights) and 5 + 5 random rank-32 LoRAs over its attention
+# projections, then runs at 8 steps: the uncapped plain diffusers baseline, mlnb-auto under 4 GiB without LoRAs, and
+# with the 5 LoRAs loaded: plain diffusers uncapped (load_lora_weights + set_adapters), mlnb-auto under 15, 8 and
+# 4 GiB (loras=), plain diffusers-group-stream under 4 GiB; each LoRA run times up to 3 switches to the other 5
+# LoRAs and back (median; within 20 s). Its targets: SDXL + LoRAs under 4 GiB ≤ 1.1× SDXL alone under 4 GiB, a
+# switch < 1 s; mlnb has unfused adapters only, so the run without LoRAs stands for a fused step.
+# Call 2 (bench-flux) builds FLUX.1-dev (33 GB on disk) and runs the uncapped baseline, mlnb-auto and
+# diffusers-layerwise-fp8 under 15 GiB: the Flux targets (≤ 1.5× uncapped, faster than the best plain recipe, host
+# RSS ≤ 12 GiB) and the planner's budget, peak and time on a transformer.
+# bench-sd35 (SD3.5 medium under 4 and 8 GiB, mlnb-auto beside diffusers-group-stream) is a third call for a
+# session with more device time; SD3.5 large under 15 and 8 GiB through MLNB_GPU_CHECK_SD35_OPTS, e.g.
+# "--device cuda --steps 8 --timeout 300 --models sd35-large --recipes mlnb-auto,diffusers-layerwise-fp8
+# --caps sd35-large:15,sd35-large:8" with MLNB_GPU_CHECK_SD35=sd35-large.
+#
+# Time, an estimate, not a measurement: on an H100 an SDXL run took 25 to 40 s in earlier checks (process start,
+# load, warm-up and timed image; 8 or 20 steps), SD1.5 + SDXL builds and 6 runs 223 s at 8 steps. Counting each LoRA
+# run at about 50 s (5 LoRA loads, up to 20 s of switches), call 1 comes to about 35 s (environment, install) +
+# 40 s (SDXL build and LoRAs) + 25 + 30 s (runs without LoRAs) + 4 × 50 s + 60 s (the group-stream run with LoRAs),
+# about 6.5 minutes; the step's limit is 450 s. Call 2: FLUX.1's build took more than 150 s before (writing 33 GB),
+# and each of its three runs loads 33 GB and generates two 8-step images, about 45 s each: about 35 + 200 + 135 s,
+# some 6.5 minutes; limit 450 s. bench-sd35: about 70 s to build and 5 runs of 35 to 50 s, some 4.5 minutes.
+#
 # Steps: install mlnb (editable, keeping the machine's torch; wheels in ./.whl are installed first when the machine
-# lacks a dependency and has no package index), `mlnb bench --quick` on SD1.5, SDXL, SD3.5 medium and FLUX.1-dev
-# (table, targets, JSON, Markdown, one log per worker; the transformer models at one cap each, SD3.5 medium at 4 GiB
-# and FLUX.1-dev at 15 GiB, beside their uncapped baseline), the GPU tests (`pytest -m gpu`, junit xml), and the
-# per-cell hook overhead on CUDA (scripts/bench_cell_hooks.py). scripts/diagnose_streaming.py on the bench's SDXL
-# folder (the plan for 85% of 4 GiB under a 4 GiB cap, the 4 GiB plan with the allocator's expandable segments, then
-# as the bench ran it; each with its schedule replay and a profile, saved as it ends) runs when named in
-# MLNB_GPU_CHECK_STEPS: the two transformer models' builds (T5-XXL and a 12 B transformer, 33 GB on disk for FLUX.1)
-# and runs take its time. The benchmark comes before the tests: it is the step whose numbers the docs need. A failing
-# step does not stop the next one; a summary with each step's status and time comes last, and the exit status is 1 if
-# any step failed. The default step limits add up to 790 s; on an H100 the check took 342 to 392 s before the
-# transformer models joined the bench, whose share has not been measured yet. Where one command may run 10 minutes at
-# most, run it as two: MLNB_GPU_CHECK_STEPS=environment,install,bench, then install,gpu-tests,cell-hooks.
+# lacks a dependency and has no package index); `bench`: `mlnb bench --quick` on SD1.5, SDXL, SD3.5 medium and
+# FLUX.1-dev (the transformer models at one cap each, SD3.5 medium at 4 GiB and FLUX.1-dev at 15 GiB); bench-loras,
+# bench-flux and bench-sd35 as above; the GPU tests (`pytest -m gpu`, junit xml) and the per-cell hook overhead on
+# CUDA (scripts/bench_cell_hooks.py). scripts/diagnose_streaming.py on the bench's SDXL folder runs when named in
+# MLNB_GPU_CHECK_STEPS. Each bench step writes its table, targets and JSON. A failing step does not stop the next;
+# a summary with each step's status and time comes last, and the exit status is 1 if any step failed. The results
+# come back as at most 8 files: summary.txt, each bench step's JSON, and logs.tar.gz with every log, the Markdown
+# tables, the workers' logs and the other outputs.
 #
 # Environment:
 #   OUT                    where results go (default ./gpu-out); keep large files out of it
 #   MLNB_BENCH_WORK        where the random-weight model folders are built and reused (default /tmp/mlnb-bench-models;
-#                          about 9 GiB for SD1.5 + SDXL in fp16, 16 GiB more for SD3.5 medium, 33 GiB for FLUX.1-dev)
-#   MLNB_GPU_CHECK_BENCH   options for mlnb bench (default: --quick --device cuda --timeout 240
+#                          about 9 GiB for SD1.5 + SDXL in fp16, 16 GiB more for SD3.5 medium, 33 GiB for FLUX.1-dev);
+#                          bench-flux and bench-sd35 delete their folders after their runs unless
+#                          MLNB_GPU_CHECK_KEEP_MODELS=1 (the disk holds 64 GiB)
+#   MLNB_GPU_CHECK_DEVICE  the bench steps' --device (default cuda; cpu runs their options on the tiny stand-ins)
+#   MLNB_GPU_CHECK_BENCH   options for the `bench` step (default: --quick --device cuda --timeout 240
 #                          --models sd15,sdxl,sd35-medium,flux-dev; FLUX.1's build needs more than 150 s)
+#   MLNB_GPU_CHECK_LORAS, MLNB_GPU_CHECK_FLUX, MLNB_GPU_CHECK_SD35_OPTS
+#                          options of bench-loras, bench-flux and bench-sd35 instead of the defaults below
+#   MLNB_GPU_CHECK_SD35    the models of bench-sd35 (default sd35-medium; sd35-large runs uncapped unless
+#                          MLNB_GPU_CHECK_SD35_OPTS gives its caps)
 #   MLNB_WHEELS            a folder of wheels to install with --no-index --no-deps (default ./.whl, if present)
-#   MLNB_CACHE             the planner's card-facts cache (default: a fresh folder, copied to $OUT/cards.json)
+#   MLNB_CACHE             the planner's card-facts cache (default: a fresh folder, copied to cards.json)
 #   MLNB_GPU_CHECK_STEPS   the steps to run, comma-separated (default: environment,install,doctor,bench,gpu-tests,
-#                          cell-hooks; diagnose runs when named); "environment,install,bench" makes a shorter call
+#                          cell-hooks; bench-loras, bench-flux, bench-sd35 and diagnose run when named)
 #   MLNB_GPU_CHECK_VARIANTS the diagnose step's variants, in order (default headroom,capped+expandable,capped: the
 #                          bench's own 4 GiB row is the capped plan already; each variant is saved as it ends)
 set -u
@@ -37,7 +68,16 @@ out=${OUT:-$root/gpu-out}
 mkdir -p "$out" || exit 1
 out=$(cd "$out" && pwd)
 work=${MLNB_BENCH_WORK:-/tmp/mlnb-bench-models}
-bench_opts=${MLNB_GPU_CHECK_BENCH:---quick --device cuda --timeout 240 --models sd15,sdxl,sd35-medium,flux-dev}
+dev=${MLNB_GPU_CHECK_DEVICE:-cuda}
+bench_opts=${MLNB_GPU_CHECK_BENCH:---quick --device $dev --timeout 240 --models sd15,sdxl,sd35-medium,flux-dev}
+# SDXL with 5 + 5 random rank-32 LoRAs: mlnb under 15, 8 and 4 GiB, SDXL alone under 4 GiB, plain diffusers with them
+loras_opts=${MLNB_GPU_CHECK_LORAS:---device $dev --steps 8 --timeout 240 --models sdxl --recipes mlnb-auto --caps sdxl:4 \
+--loras 5 --lora-rank 32 --lora-recipes mlnb-auto,diffusers-group-stream@4 --lora-caps sdxl:15,sdxl:8,sdxl:4 --lora-switches 3}
+flux_opts=${MLNB_GPU_CHECK_FLUX:---device $dev --steps 8 --timeout 300 --models flux-dev \
+--recipes mlnb-auto,diffusers-layerwise-fp8 --caps flux-dev:15}
+sd35_models=${MLNB_GPU_CHECK_SD35:-sd35-medium}
+sd35_opts=${MLNB_GPU_CHECK_SD35_OPTS:---device $dev --steps 8 --timeout 240 --models $sd35_models \
+--recipes mlnb-auto,diffusers-group-stream --caps sd35-medium:4,sd35-medium:8}
 wheels=${MLNB_WHEELS:-$root/.whl}
 # Card facts (bandwidth, step times) start empty, so the planner's predictions come from this run's measurements.
 export MLNB_CACHE=${MLNB_CACHE:-$(mktemp -d /tmp/mlnb-cache-XXXX)}
@@ -165,9 +205,24 @@ bench() {
     --markdown "$out/bench-results.md" --log-dir "$out/bench-logs"
 }
 
+# bench_named NAME OPTIONS MODELS: one bench step's run, into bench-NAME.json/.md and bench-NAME-logs; the folders
+# of MODELS are deleted after it unless MLNB_GPU_CHECK_KEEP_MODELS=1.
+bench_named() {
+  local name=$1 opts=$2 models=$3 rc m
+  mkdir -p "$work"
+  # shellcheck disable=SC2086
+  mlnb_cli bench $opts --work-dir "$work" --json "$out/bench-$name.json" --markdown "$out/bench-$name.md" \
+    --log-dir "$out/bench-$name-logs"
+  rc=$?
+  if [ "${MLNB_GPU_CHECK_KEEP_MODELS:-0}" != 1 ]; then
+    for m in ${models//,/ }; do rm -rf "${work:?}/$m"; done
+  fi
+  return "$rc"
+}
+
 # The steps run in child shells under `timeout`, so they see these as exported functions and variables.
-export python root out work bench_opts
-export -f environment deps_importable install mlnb_cli gpu_tests bench
+export python root out work bench_opts loras_opts flux_opts sd35_opts sd35_models
+export -f environment deps_importable install mlnb_cli gpu_tests bench bench_named
 
 # Wheels carried to a machine without a package index: installed into a folder on PYTHONPATH, before any step.
 if compgen -G "$wheels/*.whl" >/dev/null; then
@@ -193,6 +248,9 @@ wanted environment && run_step environment 20 bash -c environment
 wanted install && run_step install 40 bash -c install
 wanted doctor && run_step doctor 20 bash -c "mlnb_cli doctor"
 wanted bench && run_step bench 560 bash -c bench
+wanted bench-loras && run_step bench-loras 450 bash -c 'bench_named loras "$loras_opts" ""'
+wanted bench-flux && run_step bench-flux 450 bash -c 'bench_named flux "$flux_opts" flux-dev'
+wanted bench-sd35 && run_step bench-sd35 330 bash -c 'bench_named sd35 "$sd35_opts" "$sd35_models"'
 if wanted diagnose && [ -d "$work/sdxl" ]; then  # built by the bench
   # The bench's uncapped baseline cached the resident step and block timeline: no resident variant needed.
   run_step diagnose 110 "$python" scripts/diagnose_streaming.py --folder "$work/sdxl" --budget 4GiB --steps 6 \
@@ -206,13 +264,29 @@ cp "$MLNB_CACHE/cards.json" "$out/cards.json" 2>/dev/null || echo "no card facts
 echo
 echo "=== summary ($((SECONDS - start_all))s in all; results in $out) ==="
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
-if [ -f "$out/bench-results.json" ]; then
-  "$python" - "$out/bench-results.json" <<'EOF' | tee -a "$out/summary.txt"
+for result in "$out"/bench-results.json "$out"/bench-loras.json "$out"/bench-flux.json "$out"/bench-sd35.json; do
+  [ -f "$result" ] || continue
+  "$python" - "$result" <<'EOF' | tee -a "$out/summary.txt"
 import json, sys
 doc = json.load(open(sys.argv[1]))
 print(f"bench: {doc['machine'].get('card')} · {doc['command']} · {doc['date']}")
 for t in doc.get("targets", []):
-    print(f"  [{t['status']}] {t['target']}")
+    print(f"  [{t['status']}] {t['target']}\n      {t['detail']}")
+for item in doc.get("loras") or []:
+    cap = f"cap {item['cap_bytes'] / 2**30:g} GiB" if item.get("cap_bytes") else "no cap"
+    line = f"  LoRAs, {item['model']} {item['recipe']} {cap}: {item['loras']} of rank {item.get('lora_rank')}, {item['status']}"
+    if item.get("seconds"):
+        line += f", {item['seconds']:.2f} s/img"
+    if item.get("switch_seconds") is not None:
+        line += f", switch {item['switch_seconds']:.2f} s"
+    if item.get("unfused_ratio") is not None:
+        line += f", {item['unfused_ratio']:.2f}x the same recipe without LoRAs"
+    print(line)
+for r in doc.get("runs", []):
+    cap = f"cap {r['cap_bytes'] / 2**30:g} GiB" if r.get("cap_bytes") else "no cap"
+    rss = r.get("host_rss_peak")
+    print(f"  row, {r['model']} {r['recipe']}{' +' + str(r['loras']) + ' LoRAs' if r.get('loras') else ''} {cap}: "
+          f"{r.get('status')}, {r.get('seconds') or 0:.2f} s/img, host RSS {(rss or 0) / 2**30:.2f} GiB")
 for r in doc.get("runs", []):
     cap = f"cap {r['cap_bytes'] / 2**30:g} GiB" if r.get("cap_bytes") else "no cap"
     if r.get("allocator"):
@@ -242,7 +316,7 @@ for r in doc.get("runs", []):
 bad = [r for r in doc.get("runs", []) if r.get("status") not in ("ok", "OOM", "skipped")]
 print(f"  runs: {len(doc.get('runs', []))}, with an error: {len(bad)}")
 EOF
-fi
+done
 if [ -f "$out/diagnose-streaming.json" ]; then
   "$python" - "$out/diagnose-streaming.json" <<'EOF' | tee -a "$out/summary.txt"
 import json, sys
@@ -266,4 +340,17 @@ for r in doc.get("rows", []):
     print(line)
 EOF
 fi
+# What comes back is at most 8 files: summary.txt, the bench JSONs, and everything else in logs.tar.gz.
+(
+  cd "$out" || exit 1
+  shopt -s nullglob
+  rest=()
+  for f in *; do
+    case "$f" in summary.txt|bench-results.json|bench-loras.json|bench-flux.json|bench-sd35.json|logs.tar.gz) ;; *) rest+=("$f") ;; esac
+  done
+  if [ ${#rest[@]} -gt 0 ] && tar -czf logs.tar.gz "${rest[@]}"; then
+    rm -rf "${rest[@]}"
+  fi
+)
+ls -la "$out"
 exit "$failed"

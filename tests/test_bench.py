@@ -302,6 +302,190 @@ def test_time_target_judges_the_prediction_made_before_the_first_image():
     assert only_late["status"] == "not measured" and "before its first image" in only_late["detail"]
 
 
+def _dit(model="flux-dev", **kw) -> dict:
+    return _row(model=model, cap_bytes=15 * GiB, **kw)
+
+
+def test_targets_of_models_that_did_not_run_are_left_out():
+    keys = set(_targets([_baseline(), _row()]))
+    assert {"sdxl-4gib", "sdxl-15gib", "host-ram", "plan-budget"} <= keys
+    assert not keys & {"sd15-2gib", "flux-15gib", "sd35m-4gib", "dit-plan-time", "sdxl-loras-4gib", "sdxl-lora-switch"}
+    keys = set(_targets([_baseline(model="flux-dev"), _dit()]))
+    assert {"flux-15gib", "flux-15gib-plain", "flux-15gib-host", "dit-plan-budget", "dit-plan-peak"} <= keys
+    assert not keys & {"sdxl-4gib", "sd35m-8gib"}
+
+
+def test_flux_targets_ratio_with_stretch_faster_than_plain_and_host_bytes():
+    rows = [
+        _baseline(model="flux-dev"),
+        _dit(seconds=1.4, host_rss_peak=11 * GiB),  # 1.4x: met, stretch 1.2x not met
+        _dit(recipe="diffusers-layerwise-fp8", level=None, seconds=1.75),
+        _dit(recipe="diffusers-group-stream", level=None, seconds=2.25),
+        _dit(recipe="diffusers-model-offload", level=None, status="OOM", phase="warm-up", seconds=None),
+    ]
+    t = _targets(rows)
+    assert t["flux-15gib"]["status"] == "met" and "1.40× (limit 1.5×; stretch 1.2×: not met)" in t["flux-15gib"]["detail"]
+    plain = t["flux-15gib-plain"]
+    assert plain["status"] == "met" and "diffusers-layerwise-fp8: 1.75 s/img (0.80×)" in plain["detail"]
+    assert "diffusers-model-offload: OOM in warm-up" in plain["detail"]  # did not run under the cap
+    assert t["flux-15gib-host"]["status"] == "met" and "11.0 GiB (limit 12.0 GiB)" in t["flux-15gib-host"]["detail"]
+    slow = _targets([*rows[:1], _dit(seconds=2.0, host_rss_peak=13 * GiB), *rows[2:]])
+    assert slow["flux-15gib-plain"]["status"] == "not met" and slow["flux-15gib-host"]["status"] == "not met"
+    assert _targets(rows[:2])["flux-15gib-plain"]["status"] == "not measured"  # no plain recipe was tried
+    only_oom = _targets(rows[:2] + rows[4:])["flux-15gib-plain"]
+    assert only_oom["status"] == "met" and "no plain diffusers recipe finished" in only_oom["detail"]
+
+
+def test_transformer_planner_targets_count_only_sd35_and_flux_runs():
+    rows = [
+        _baseline(), _row(seconds=2.0, first_predicted_seconds=1.0, predicted_peak=3 * GiB),  # sdxl: -50%
+        _baseline(model="sd35-medium"),
+        _row(model="sd35-medium", cap_bytes=8 * GiB, seconds=2.0, first_predicted_seconds=1.8,
+             predicted_peak=3 * GiB),  # -10%: within 15%
+    ]
+    t = _targets(rows)
+    assert t["plan-time"]["status"] == "not met" and t["dit-plan-time"]["status"] == "met"
+    assert "sdxl" not in t["dit-plan-time"]["detail"] and t["dit-plan-peak"]["status"] == "met"
+    assert t["sd35m-8gib"]["status"] == "not met" and "2.00×" in t["sd35m-8gib"]["detail"]
+    assert t["sd35m-4gib"]["status"] == "not measured"
+
+
+def _lora(**kw) -> dict:
+    return _row(loras=5, lora_rank=32, adapter_bytes=int(443 * MiB), lora_mode="unfused", **kw)
+
+
+def test_lora_targets_compare_with_the_model_alone_under_the_same_cap_and_time_the_switch():
+    rows = [
+        _baseline(), _row(seconds=3.0, step_seconds=0.110),
+        _lora(seconds=3.2, step_seconds=0.118, lora_switch_seconds=0.6, lora_switch_times=[0.7, 0.6, 0.5]),
+        _lora(cap_bytes=15 * GiB, level="none", seconds=1.7, lora_switch_seconds=0.4, lora_switch_times=[0.4]),
+        _lora(recipe="diffusers-group-stream", level=None, seconds=7.0, lora_switch_seconds=3.0),  # plain: not judged
+    ]
+    t = _targets(rows)
+    ratio, switch = t["sdxl-loras-4gib"], t["sdxl-lora-switch"]
+    assert ratio["status"] == "met", ratio
+    assert ratio["detail"].startswith("sdxl+5 LoRAs 4 GiB / sdxl 4 GiB = 1.07× (target ≤ 1.1×)")
+    assert "of rank 32, 443.0 MiB of adapters (unfused)" in ratio["detail"] and "step 0.118 s vs 0.110 s" in ratio["detail"]
+    assert switch["status"] == "met" and "0.60 s (median of 3, 0.50–0.70 s" in switch["detail"]
+    assert "diffusers" not in switch["detail"]
+    assert t["sdxl-4gib"]["detail"].startswith("mlnb-auto (ultra): 3.00 s/img")  # the run without LoRAs
+    slow = _targets([*rows[:2], _lora(seconds=3.6, lora_switch_seconds=1.2, lora_switch_times=[1.2])])
+    assert slow["sdxl-loras-4gib"]["status"] == "not met" and slow["sdxl-lora-switch"]["status"] == "not met"
+    failed = _targets([*rows[:2], _lora(status="OOM", phase="load", seconds=None)])
+    assert failed["sdxl-loras-4gib"]["status"] == "not met" and "OOM in load" in failed["sdxl-loras-4gib"]["detail"]
+    assert failed["sdxl-lora-switch"]["status"] == "not measured"
+    broken = _targets([*rows[:2], _lora(seconds=3.1, lora_switch_error="error: RuntimeError: boom")])
+    assert broken["sdxl-lora-switch"]["status"] == "not met" and "boom" in broken["sdxl-lora-switch"]["detail"]
+    alone = _targets([_baseline(), _lora(seconds=3.1)])["sdxl-loras-4gib"]
+    assert alone["status"] == "not measured" and "sdxl alone under the same cap did not finish" in alone["detail"]
+
+
+def test_lora_summary_sets_each_lora_run_beside_the_same_recipe_without():
+    rows = report.add_derived([_baseline(), _row(seconds=3.0), _lora(seconds=3.3, lora_switch_seconds=0.6)], None)
+    (item,) = report.lora_summary(rows)
+    assert item["unfused_ratio"] == pytest.approx(1.1) and item["without_seconds"] == 3.0
+    text = report.format_loras([item])
+    assert "sdxl mlnb-auto cap 4 GiB, 5 LoRAs of rank 32 (443.0 MiB), unfused: 3.30 s/img, switch 0.60 s" in text
+    assert "unfused 1.10×" in text
+    table = report.format_table(rows)
+    assert "LoRAs" in table.splitlines()[0] and "5×r32 443.0 MiB" in table and "0.60" in table.splitlines()[-1]
+    assert "LoRAs" not in report.format_table(rows[:2])  # the columns come with LoRA rows only
+
+
+def test_lora_runs_are_planned_after_the_runs_without_with_their_own_recipes_and_caps():
+    from mlnb.bench.runner import LoraPlan
+
+    recipes = parse_recipes("mlnb-auto")
+    sets = {"sdxl": (("a.safetensors",), ("b.safetensors",))}
+    from mlnb.bench.command import _lora_recipes
+
+    lora_recipes, recipe_caps = _lora_recipes("mlnb-auto,diffusers-group-stream@4", recipes)
+    assert recipe_caps == {"diffusers-group-stream": [4 * GiB]}
+    plan = LoraPlan(lora_recipes, {"sdxl": [15 * GiB, 4 * GiB]}, sets, 32, 3, recipe_caps)
+    runs = plan_runs([("sd15", "/m/sd15", 512, 512), ("sdxl", "/m/sdxl", 1024, 1024)], recipes,
+                     {"sd15": [2 * GiB], "sdxl": [4 * GiB]}, 8, "cuda", loras=plan)
+    got = [(r.model, r.recipe, r.cap_bytes and r.cap_bytes // GiB, len(r.loras)) for r in runs]
+    assert got == [
+        ("sd15", BASELINE, None, 0), ("sd15", "mlnb-auto", 2, 0),  # no LoRA files for sd15: no LoRA runs
+        ("sdxl", BASELINE, None, 0), ("sdxl", "mlnb-auto", 4, 0),
+        ("sdxl", BASELINE, None, 1), ("sdxl", "mlnb-auto", 15, 1), ("sdxl", "mlnb-auto", 4, 1),
+        ("sdxl", "diffusers-group-stream", 4, 1),  # NAME@GiB: under that cap only
+    ]
+    job = runs[-1].job()
+    assert job["loras"] == ("a.safetensors",) and job["switch_loras"] == ("b.safetensors",)
+    assert (job["lora_rank"], job["lora_switches"]) == (32, 3) and "+1 LoRAs cap 4 GiB" in runs[-1].label()
+
+
+def test_bench_loras_adapt_every_attention_projection_of_sdxl_with_its_real_shapes(tmp_path):
+    """From the public SDXL UNet config on the meta device: 560 projections (attn1 and attn2 of 70 transformer
+    blocks), 46.4 M parameters at rank 32, under the keys peft gives them."""
+    from mlnb.bench.loras import adapter_shapes
+    from mlnb.bench.models import load_arch
+
+    folder = tmp_path / "sdxl"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text(json.dumps(load_arch("sdxl")["unet"]))
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline",
+                                                          "unet": ["diffusers", "UNet2DConditionModel"]}))
+    component, shapes = adapter_shapes(folder, 32)
+    assert component == "unet" and len(shapes) == 2 * 560
+    assert sum(s[0] * s[1] for s in shapes.values()) == 46_448_640  # 88.6 MiB in fp16
+    cross = next(s for k, s in shapes.items() if k.endswith("attn2.to_k.lora_A.weight"))
+    assert cross == (32, 2048)  # cross-attention reads the 2048 text features
+
+
+@pytest.mark.parametrize("recipe", ["mlnb-auto", BASELINE])
+def test_worker_runs_a_recipe_with_loras_and_times_set_switches(tiny_sdxl, clean_cache, cpu_current, tmp_path, recipe):
+    from mlnb.bench.loras import write_loras
+    from mlnb.bench.worker import run
+
+    pytest.importorskip("peft", reason="diffusers loads LoRAs through peft, a dependency this environment lacks")
+    info = write_loras(tiny_sdxl, tmp_path / "loras", count=2, rank=4)
+    assert write_loras(tiny_sdxl, tmp_path / "loras", count=2, rank=4)["reused"] is True
+    assert len(info["loras"]) == len(info["switch"]) == 2 and info["component"] == "unet"
+    spec = RunSpec("sdxl", str(tiny_sdxl), recipe, None, 1, 64, 64, "cpu", loras=tuple(info["loras"]),
+                   switch_loras=tuple(info["switch"]), lora_rank=4, lora_switches=3)
+    row = run(spec.job())
+    assert row["status"] == "ok", row
+    assert (row["loras"], row["lora_rank"], row["lora_mode"]) == (2, 4, "unfused")
+    assert row["adapter_bytes"] > 0 and row["lora_file_bytes"] == 2 * info["file_bytes"]
+    assert len(row["lora_switch_times"]) == 3 and row["lora_switch_seconds"] > 0
+    assert ("load_lora_weights" in row["detail"]) == (recipe == BASELINE)
+
+
+def test_bench_with_loras_builds_them_and_writes_the_lora_runs(tiny_sdxl, tmp_path, monkeypatch, capsys):
+    """The command line: the LoRAs are written for the model it runs (in-process on a CPU), the LoRA runs planned
+    after the others, and the JSON says what was asked. The runs themselves are stood in for here (the worker test
+    above runs them)."""
+    from mlnb.bench import command
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    os.symlink(tiny_sdxl, cache / "tiny-sdxl")
+    monkeypatch.setenv("MLNB_CACHE", str(cache))
+    jobs = []
+
+    def fake_run_job(job, log, timeout=None):
+        jobs.append(job)
+        return {"status": "ok", "seconds": 1.0 + 0.1 * len(job["loras"]), "loras": len(job["loras"]),
+                "lora_switch_seconds": 0.5 if job["loras"] else None}
+
+    monkeypatch.setattr(command, "run_job", fake_run_job)
+    out = tmp_path / "bench.json"
+    assert main(["--device", "cpu", "--models", "sdxl", "--recipes", "mlnb-auto", "--loras", "2", "--lora-rank", "4",
+                 "--lora-recipes", "mlnb-auto", "--work-dir", str(tmp_path / "work"), "--json", str(out)]) == 0
+    assert [(j["recipe"], len(j["loras"]), len(j["switch_loras"])) for j in jobs] == [
+        (BASELINE, 0, 0), ("mlnb-auto", 0, 0), (BASELINE, 2, 2), ("mlnb-auto", 2, 2)]
+    assert all(os.path.isfile(f) for f in jobs[-1]["loras"] + jobs[-1]["switch_loras"])
+    doc = json.loads(out.read_text())
+    assert doc["settings"]["loras"]["count"] == 2 and doc["settings"]["loras"]["mode"] == "unfused"
+    assert [b["job"] for b in doc["builds"]] == ["loras"] and doc["builds"][0]["layers"] > 0
+    assert [(r["recipe"], r["loras"], r["lora_rank"]) for r in doc["runs"]][2:] == [(BASELINE, 2, 4), ("mlnb-auto", 2, 4)]
+    assert [i["unfused_ratio"] for i in doc["loras"]] == [pytest.approx(1.2)] * 2
+    printed = capsys.readouterr().out
+    assert "writing 2 + 2 random rank-4 LoRAs for sdxl" in printed and "LoRA switch 0.50 s" in printed
+
+
 def test_floor_target_is_not_met_when_its_run_fails():
     t = _targets([_baseline(), _row(status="OOM", phase="load", seconds=None, error="OutOfMemoryError: x")])
     assert t["sdxl-4gib-floor"]["status"] == "not met" and "OOM in load" in t["sdxl-4gib-floor"]["detail"]
@@ -560,7 +744,8 @@ def test_cpu_bench_end_to_end_writes_valid_json(tiny_sd, tmp_path, monkeypatch, 
     assert base["ratio"] == 1.0 and base["seconds"] > 0 and base["host_rss_peak"] > 0
     assert (auto["recipe"], auto["status"], auto["phase"], auto["level"]) == ("mlnb-auto", "OOM", "warm-up", "none")
     assert "out of memory" in auto["error"] and auto["ratio"] is None
-    assert [t["status"] for t in doc["targets"]] == ["not measured"] * len(report.TARGETS)
+    assert [t["key"] for t in doc["targets"]] == [t.key for t in report.TARGETS if report.applies(t, doc["runs"])]
+    assert {t["status"] for t in doc["targets"]} == {"not measured"} and "sd15-2gib" in {t["key"] for t in doc["targets"]}
     assert len(list((tmp_path / "logs").glob("run-*.log"))) == 2 and "| model |" in md.read_text()
 
 

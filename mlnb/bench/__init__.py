@@ -10,10 +10,12 @@ Usage::
     mlnb bench --quick                      # a few minutes on one GPU: the targets
     mlnb bench --models sdxl --recipes diffusers,mlnb-ultra --caps 4,none --steps 20 --json sdxl.json
     python -m mlnb.bench --device cpu       # the harness check on the tiny models
+    mlnb bench --models sdxl --loras 5 --lora-rank 32 --caps sdxl:4   # also with 5 random rank-32 LoRAs
 
-The modules: :mod:`.models` (architectures, building), :mod:`.recipes` (what each recipe sets up),
-:mod:`.worker` (one job in a fresh process), :mod:`.runner` (planning and launching), :mod:`.report` (ratios,
-streaming floor, targets, table) and :mod:`.command` (the command line). See ``docs/benchmarks.md``.
+The modules: :mod:`.models` (architectures, building), :mod:`.loras` (random LoRAs of the real shapes),
+:mod:`.recipes` (what each recipe sets up), :mod:`.worker` (one job in a fresh process), :mod:`.runner` (planning
+and launching), :mod:`.report` (ratios, streaming floor, table), :mod:`.targets` (the verdicts) and
+:mod:`.command` (the command line). See ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations

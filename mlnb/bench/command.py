@@ -22,7 +22,7 @@ from ..units import GiB
 from . import report
 from .models import ARCHS, ModelSource, model_source, native_size, tiny_source
 from .recipes import RECIPES, parse_recipes
-from .runner import DEFAULT_PROMPT, RunSpec, parse_caps, plan_runs, run_job
+from .runner import DEFAULT_PROMPT, LoraPlan, RunSpec, parse_caps, plan_runs, run_job
 
 __all__ = ["main", "build_parser"]
 
@@ -69,6 +69,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", help="keep the built model folders here and reuse them (default: a temp folder, deleted)")
     parser.add_argument("--log-dir", help="keep each worker's log here (default: a temp folder, deleted)")
     parser.add_argument("--timeout", type=float, help="seconds per run before it is stopped (default 900; --quick 300)")
+    lora = parser.add_argument_group("LoRAs", "random LoRAs over the attention projections of the real shapes")
+    lora.add_argument("--loras", type=int, default=0, metavar="N",
+                      help="also run the --lora-recipes with N random LoRAs loaded (default 0: none)")
+    lora.add_argument("--lora-rank", type=int, default=32, metavar="R", help="the LoRAs' rank (default %(default)s)")
+    lora.add_argument("--lora-recipes", help="the recipes that also run with the LoRAs (default: --recipes), each "
+                      "under --lora-caps or, as NAME@GiB, under that cap only; the uncapped diffusers-none run with "
+                      "them is always added")
+    lora.add_argument("--lora-caps", help="caps of the runs with LoRAs, as --caps (default: the caps of the others)")
+    lora.add_argument("--lora-switches", type=int, default=3, metavar="K",
+                      help="switches between two sets of N LoRAs timed in each loaded LoRA run (default %(default)s; "
+                           "0: none)")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT)
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -115,6 +126,49 @@ def _sources(args, device: str, work: Path, logs: Path, timeout: float) -> tuple
     return sources, builds
 
 
+def _build_loras(args, sources: list[ModelSource], failed: dict[str, str], device: str, work: Path, logs: Path,
+                 timeout: float) -> tuple[dict, list[dict]]:
+    """Write the random LoRAs of each model that was built (on the CPU in this process, else in a worker): the sets
+    per model, and how each build went."""
+    sets, builds = {}, []
+    for source in sources:
+        if source.name in failed:
+            continue
+        job = {"job": "loras", "folder": source.path, "out": str(work / f"loras-{source.name}-n{args.loras}-r{args.lora_rank}"),
+               "count": args.loras, "rank": args.lora_rank, "seed": args.seed}
+        _say(f"writing {args.loras} + {args.loras} random rank-{args.lora_rank} LoRAs for {source.name} ...")
+        if device == "cpu":
+            from .worker import build_loras
+
+            result = build_loras(job)
+        else:
+            result = run_job(job, logs / f"loras-{source.name}.log", timeout=timeout)
+        builds.append(dict(result, model=source.name, job="loras"))
+        if result.get("status") == "error":
+            _say(f"  failed: {result.get('error')}")
+        else:
+            _say(f"  {result.get('layers')} layers, {result.get('file_bytes', 0) / 2**20:.1f} MiB each"
+                 + (" (reused)" if result.get("reused") else f", {result.get('seconds', 0):.1f} s"))
+            sets[source.name] = (tuple(result["loras"]), tuple(result["switch"]))
+    return sets, builds
+
+
+def _lora_recipes(text: str | None, recipes: list) -> tuple[list, dict[str, list[int | None]]]:
+    """``--lora-recipes``: the recipes, and the caps of those given as ``NAME@GiB`` (``diffusers-group-stream@4``)."""
+    if not text:
+        return recipes, {}
+    names, caps = [], {}
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        name, at, cap = item.partition("@")
+        (recipe,) = parse_recipes(name) if name not in ("diffusers", "mlnb", "all") else (None,)
+        if recipe is None:
+            raise ValueError(f"--lora-recipes {item!r}: name one recipe per entry")
+        names.append(recipe.name)
+        if at:
+            caps.setdefault(recipe.name, []).extend(parse_caps(cap, ["x"])["x"])
+    return parse_recipes(",".join(dict.fromkeys(names))), caps
+
+
 def _check_model(model: str) -> None:
     """A ``--model`` that names a local folder must exist and be a diffusers pipeline (a hub id is checked when it
     loads)."""
@@ -141,6 +195,7 @@ def _run_all(runs: list[RunSpec], failed_builds: dict[str, str], logs: Path, tim
     rows: list[dict] = []
     for index, spec in enumerate(runs, 1):
         base = {k: getattr(spec, k) for k in ("model", "recipe", "cap_bytes", "steps", "width", "height")}
+        base.update(loras=len(spec.loras), lora_rank=spec.lora_rank)
         if spec.model in failed_builds:
             row = dict(base, status="error", phase="build", error=failed_builds[spec.model])
         else:
@@ -150,6 +205,8 @@ def _run_all(runs: list[RunSpec], failed_builds: dict[str, str], logs: Path, tim
             row = {**base, **{k: v for k, v in row.items() if v is not None or k not in base}}
         rows.append(row)
         seconds = "" if row.get("seconds") is None else f" {row['seconds']:.2f} s/img"
+        if row.get("lora_switch_seconds") is not None:
+            seconds += f", LoRA switch {row['lora_switch_seconds']:.2f} s"
         level = f" ({row['level']})" if row.get("level") and spec.recipe == "mlnb-auto" else ""
         status = row.get("status")
         why = f": {row.get('error')}" if status not in ("ok",) and row.get("error") else ""
@@ -177,6 +234,7 @@ def _document(command, argv, date, machine, settings, builds, rows, device, comp
         "builds": builds,
         "runs": rows,
         "targets": report.evaluate_targets(rows, gpu=device == "cuda"),
+        "loras": report.lora_summary(rows),
         "seconds": round(time.perf_counter() - start, 1),
     }
 
@@ -215,6 +273,10 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--steps must be >= 1, got {args.steps}")
         if args.size is not None and (args.size < 64 or args.size % 8):
             raise ValueError(f"--size must be a multiple of 8 and at least 64, got {args.size}")
+        if args.loras < 0 or args.lora_rank < 1 or args.lora_switches < 0:
+            raise ValueError("--loras and --lora-switches must be >= 0 and --lora-rank >= 1")
+        lora_recipes, recipe_caps = _lora_recipes(args.lora_recipes, recipes)
+        lora_caps = parse_caps(args.lora_caps, _model_names(args)) if args.lora_caps else caps
     except ValueError as exc:
         parser.error(str(exc))
     command = "mlnb bench" + (" " + shlex.join(argv) if argv else "")
@@ -248,11 +310,23 @@ def main(argv: list[str] | None = None) -> int:
             rate = f": pinned host-to-device {bandwidth / 1e9:.1f} GB/s" if bandwidth else ""
             _say(f"{machine.get('card')}{rate}")
         failed = {b["model"]: f"build failed: {b.get('error')}" for b in builds if b.get("status") == "error"}
+        lora_plan = None
+        if args.loras:
+            # a model whose LoRAs could not be written runs without them; the failed build makes the exit status 1
+            sets, lora_builds = _build_loras(args, sources, failed, device, work, logs, timeout)
+            builds += lora_builds
+            caps_with = {s.name: [None] for s in sources} if device == "cpu" else lora_caps
+            lora_plan = LoraPlan(lora_recipes, caps_with, sets, args.lora_rank, args.lora_switches,
+                                 {} if device == "cpu" else recipe_caps)
         models = [(s.name, s.path, s.size, s.size) for s in sources]
-        runs = plan_runs(models, recipes, caps, steps, device, seed=args.seed, prompt=args.prompt)
+        runs = plan_runs(models, recipes, caps, steps, device, seed=args.seed, prompt=args.prompt, loras=lora_plan)
         settings = {
             "device": device, "quick": args.quick, "steps": steps, "recipes": [r.name for r in recipes],
             "caps": caps, "prompt": args.prompt, "seed": args.seed,
+            "loras": None if lora_plan is None else {
+                "count": args.loras, "rank": args.lora_rank, "switches": args.lora_switches, "mode": "unfused",
+                "recipes": [r.name for r in lora_plan.recipes], "caps": lora_plan.caps, "models": sorted(lora_plan.sets),
+            },
             "models": [
                 {"name": s.name, "kind": s.kind, "path": s.path if s.kind == "model" else None, "size": s.size}
                 for s in sources
@@ -275,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.markdown).expanduser().write_text(report.format_markdown(doc) + "\n")
         _say("")
         _say(report.format_table(rows))
+        if doc["loras"]:
+            _say("\n" + report.format_loras(doc["loras"]))
         _say("")
         _say(report.format_targets(targets))
         _say(f"\nwrote {args.json} ({doc['seconds']:.0f} s)")

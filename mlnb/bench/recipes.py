@@ -17,6 +17,13 @@ with ``mlnb.load_pipeline(folder, level=...)`` and generate with ``ManagedPipeli
 does; ``mlnb-plan`` loads it with ``budget=`` the free memory under the cap. On a CUDA card ``auto`` is the budget
 planner for the free memory too, so the two differ only in how they are asked for; the plan's predicted peak and
 time go into the row. Every recipe loads the same saved folder, so loading is the same for all of them.
+
+With LoRAs (``mlnb bench --loras N``), each recipe loads the same ``.safetensors`` files the way its users do.
+mlnb's recipes pass them as ``load_pipeline(folder, ..., loras=[...])`` and switch sets with
+``ManagedPipeline.set_loras``: unfused adapters, the only mode mlnb has. The plain diffusers recipes load each file
+with ``pipe.load_lora_weights(file, adapter_name=...)`` and weight them with ``pipe.set_adapters(names, weights)``
+before the recipe's own set-up (``pipe.to``, the offloads, layerwise casting), as diffusers' LoRA guide does, and
+switch sets with ``pipe.delete_adapters`` then the same two calls for the new files.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from typing import Any, Callable
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Recipe", "RECIPES", "BASELINE", "RecipeSkipped", "Prepared", "parse_recipes", "prepare"]
+__all__ = ["Recipe", "RECIPES", "BASELINE", "RecipeSkipped", "Prepared", "LoraSets", "parse_recipes", "prepare"]
 
 BASELINE = "diffusers-none"
 
@@ -118,6 +125,8 @@ class Prepared:
             and for the budget planner ``predicted_peak`` and ``predicted_seconds``.
         after: adds to ``stats`` what is worked out from the timed image but is no part of making it (the planner's
             replay of the step); the worker calls it once the image is timed.
+        switch: with LoRAs, changes the loaded pipeline from its LoRA set to the other one (each call switches);
+            the worker times it.
     """
 
     generate: Callable[[], Any]
@@ -126,6 +135,44 @@ class Prepared:
     detail: str
     stats: dict = field(default_factory=dict)
     after: Callable[[], None] | None = None
+    switch: Callable[[], None] | None = None
+
+
+@dataclass(frozen=True)
+class LoraSets:
+    """The LoRAs of a run: the files it loads, and the set it switches to (and back from) to time a switch."""
+
+    files: tuple[str, ...]
+    other: tuple[str, ...] = ()
+
+
+def _diffusers_names(files, prefix: str) -> list[str]:
+    # diffusers looks for an adapter's keys by its name in every key: a name no module path contains
+    return [f"bench_{prefix}{i}" for i in range(len(files))]
+
+
+def _load_diffusers_loras(pipe, loras: LoraSets) -> tuple[dict, Callable[[], None]]:
+    """Load the LoRAs the documented way; the stats and a switch to the other set and back."""
+    from ..pipeline.adapters import adapter_bytes
+
+    def load(files, prefix):
+        names = _diffusers_names(files, prefix)
+        for name, file in zip(names, files):
+            pipe.load_lora_weights(file, adapter_name=name)
+        pipe.set_adapters(names, [1.0] * len(names))
+        return names
+
+    start = time.perf_counter()
+    current = {"names": load(loras.files, "a"), "prefix": "a"}
+    stats = {"lora_load_seconds": time.perf_counter() - start, "lora_mode": "unfused",
+             "adapter_bytes": sum(adapter_bytes(pipe, n) for n in current["names"])}
+
+    def switch():
+        prefix = "b" if current["prefix"] == "a" else "a"
+        pipe.delete_adapters(current["names"])
+        current.update(names=load(loras.other if prefix == "b" else loras.files, prefix), prefix=prefix)
+
+    return stats, switch
 
 
 def _fp16_vae_tiles(pipe, tile: int) -> None:
@@ -139,7 +186,7 @@ def _fp16_vae_tiles(pipe, tile: int) -> None:
     set_vae_tiles(vae, tile, blend_at_once=False)
 
 
-def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
+def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict, loras: LoraSets | None) -> Prepared:
     import contextlib
 
     import torch
@@ -153,6 +200,7 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
     if recipe.needs_cuda and not device.is_cuda:
         raise RecipeSkipped(f"{recipe.name} installs offload hooks and needs a CUDA device")
     pipe = load_diffusers_pipeline(path, dtype=dtype)
+    lora_stats, switch = _load_diffusers_loras(pipe, loras) if loras else ({}, None)
     target = device.torch_device
     if recipe.setting == "none":
         pipe.to(target)
@@ -177,11 +225,12 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
     else:  # the table above is the only source of settings
         raise AssertionError(recipe.setting)
 
-    stats: dict = {}
+    stats: dict = dict(lora_stats)
 
     def generate():
         timer = StepTimer.on(device)
-        baseline = recipe.setting == "none" and device.is_cuda
+        # the baseline's step and blocks are the card's facts for the model alone, not with adapters
+        baseline = recipe.setting == "none" and device.is_cuda and not loras
         blocks = BlockTimer(device, denoiser_of(pipe), denoiser_blocks(pipe)) if baseline else contextlib.nullcontext()
         snapshot = device.snapshot()
         start = snapshot.allocated  # the weights: the worker's monitor has just reset the peak
@@ -216,23 +265,33 @@ def _prepare_diffusers(recipe: Recipe, path: str, device, dtype, call: dict) -> 
         return images
 
     stats["vae_decode"] = vae_decode_dtype(pipe)  # SDXL's fp16 VAE decodes in fp32 under diffusers' upcast
-    return Prepared(generate, pipe, None, detail, stats)
+    if loras:
+        detail = f"load_lora_weights × {len(loras.files)}, set_adapters; {detail}"
+    return Prepared(generate, pipe, None, detail, stats, switch=switch)
 
 
-def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
+def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict, loras: LoraSets | None) -> Prepared:
     from ..optimizer.offload import vae_needs_upcast
     from ..optimizer.vae import vae_decode_dtype
     from ..pipeline import load_pipeline
     from ..planner import Workload, card_facts, streamed_step, streamer_of
 
+    extra = {"loras": list(loras.files)} if loras else {}
     if recipe.setting == "plan":
         if not device.is_cuda:
             raise RecipeSkipped("mlnb-plan places weights for a VRAM budget and needs a CUDA device")
-        managed = load_pipeline(path, budget=device.free_bytes(), dtype=dtype, device=device)
+        managed = load_pipeline(path, budget=device.free_bytes(), dtype=dtype, device=device, **extra)
     else:
-        managed = load_pipeline(path, level=recipe.setting, dtype=dtype, device=device)
+        managed = load_pipeline(path, level=recipe.setting, dtype=dtype, device=device, **extra)
 
     stats: dict = {}
+    sets = [list(loras.other), list(loras.files)] if loras else []
+    if loras:
+        stats.update(lora_mode="unfused", adapter_bytes=sum(a.nbytes for a in managed.loras))
+
+    def switch():  # to the other set, and back at the next call
+        managed.set_loras(sets[0])
+        sets.reverse()
 
     def generate():
         result = managed.generate(
@@ -274,10 +333,10 @@ def _prepare_mlnb(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepa
     elif managed.choice.auto:
         detail = f"{managed.choice}: {detail}"
     stats["vae_decode"] = vae_decode_dtype(managed.pipe)  # bf16 for SDXL on a card that computes it
-    return Prepared(generate, managed.pipe, managed.level.value, detail, stats, after)
+    return Prepared(generate, managed.pipe, managed.level.value, detail, stats, after, switch if loras else None)
 
 
-def prepare(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
+def prepare(recipe: Recipe, path: str, device, dtype, call: dict, loras: LoraSets | None = None) -> Prepared:
     """Load ``path`` the way ``recipe`` says and return a :class:`Prepared` that generates one image.
 
     Args:
@@ -286,10 +345,12 @@ def prepare(recipe: Recipe, path: str, device, dtype, call: dict) -> Prepared:
         device: the :class:`mlnb.device.Device` to run on.
         dtype: the weights' torch dtype.
         call: ``prompt``, ``steps``, ``width``, ``height`` and ``seed`` of every generation.
+        loras: the LoRAs to load (and the set to switch to), or None for the model alone.
 
     Raises:
         RecipeSkipped: the recipe cannot run on this device.
     """
-    prepared = (_prepare_diffusers if recipe.family == "diffusers" else _prepare_mlnb)(recipe, path, device, dtype, call)
+    prepare_family = _prepare_diffusers if recipe.family == "diffusers" else _prepare_mlnb
+    prepared = prepare_family(recipe, path, device, dtype, call, loras)
     logger.debug("%s set up: %s", recipe.name, prepared.detail)
     return prepared

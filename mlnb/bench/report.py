@@ -1,4 +1,6 @@
-"""What the benchmark's numbers mean: ratios, the streaming floor, the targets, the table and the JSON. Pure.
+"""What the benchmark's numbers mean: ratios, the streaming floor, the table and the JSON. Pure.
+
+The targets and their verdicts are in :mod:`.targets`.
 
 The streaming floor is the least time a recipe could take under a budget. Compute cannot get faster than the
 uncapped no-offload run, and the denoiser weights that do not fit in the budget must cross the PCIe bus once per
@@ -17,11 +19,10 @@ halves the bytes that really cross the bus, so a recipe using it can beat this f
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from ..levels import activation_reserve
-from ..units import GiB, format_bytes, format_gib
+from ..units import format_bytes, format_gib
 from .recipes import BASELINE
+from .targets import TARGETS, Target, applies, cap_text, evaluate_targets, format_targets
 
 __all__ = [
     "FLOOR_FORMULA",
@@ -31,16 +32,18 @@ __all__ = [
     "add_derived",
     "Target",
     "TARGETS",
+    "applies",
     "evaluate_targets",
     "format_table",
     "format_targets",
     "format_markdown",
+    "lora_summary",
+    "format_loras",
 ]
 
 FLOOR_FORMULA = (
     "floor = max(compute_s, max(0, denoiser_fp16_bytes - max(0, cap - activations)) * steps / h2d_bandwidth)"
 )
-RATIO_TOLERANCE = 0.05  # "1.0x" allows 5% run-to-run timing noise
 
 
 def streamed_bytes(denoiser_bytes: int, budget_bytes: int | None, activation_bytes: int, steps: int) -> int:
@@ -116,257 +119,28 @@ def add_derived(rows: list[dict], bandwidth: float | None) -> list[dict]:
     return out
 
 
-@dataclass(frozen=True)
-class Target:
-    """One of the goals the benchmark checks.
-
-    Args:
-        key: short id.
-        text: the goal in words.
-        model: the model it is about (``None``: every model).
-        size: the image side in pixels.
-        cap_gib: the budget, in GiB.
-        max_ratio: the most seconds per image allowed, as a multiple of the uncapped no-offload run.
-        host_ratio: the most host RSS allowed, as a multiple of the fp16 weight bytes.
-        floor_ratio: the most seconds per image allowed, as a multiple of the streaming floor.
-        kind: ``ratio``, ``host``, ``floor`` or the planner's ``peak``, ``time`` and ``budget`` checks.
-        tolerance: for ``peak`` and ``time``: the largest relative error of prediction against measurement.
-    """
-
-    key: str
-    text: str
-    model: str | None = None
-    size: int | None = None
-    cap_gib: float | None = None
-    max_ratio: float | None = None
-    host_ratio: float | None = None
-    floor_ratio: float | None = None
-    kind: str = "ratio"
-    tolerance: float | None = None
-
-
-TARGETS = (
-    Target(
-        "sdxl-4gib", "SDXL 1024² under a 4 GiB cap fits and takes ≤ 1.5× the uncapped no-offload time",
-        "sdxl", 1024, 4, 1.5,
-    ),
-    Target("sd15-2gib", "SD1.5 512² under a 2 GiB cap takes ≤ 1.3× the uncapped no-offload time", "sd15", 512, 2, 1.3),
-    Target(
-        "sdxl-15gib", "SDXL 1024² under a 15 GiB cap takes 1.0× the uncapped no-offload time (no needless offload)",
-        "sdxl", 1024, 15, 1.0 + RATIO_TOLERANCE,
-    ),
-    Target("host-ram", "host RAM peak ≤ 1.3× the fp16 model bytes (every mlnb run)", host_ratio=1.3, kind="host"),
-    Target(
-        "sdxl-4gib-floor", "SDXL 1024² under a 4 GiB cap takes ≤ 1.2× the streaming floor",
-        "sdxl", 1024, 4, floor_ratio=1.2, kind="floor",
-    ),
-    Target("plan-budget", "the budget planner (mlnb-plan, or auto on CUDA) never exceeds its budget (PyTorch's peak "
-           "reserved ≤ cap, no OOM, error or timeout; the CUDA context and non-PyTorch memory are not counted)",
-           kind="budget"),
-    Target("plan-peak", "the planner's predicted peak is within 10% of the measured peak allocated", kind="peak",
-           tolerance=0.10),
-    Target("plan-time", "the planner's time predicted before a plan's first image is within 25% of the measured time",
-           kind="time", tolerance=0.25),
-)
-
-
-def cap_text(cap_bytes: int | None) -> str:
-    """A cap in GiB as given (``4``, ``3.5``, ``0.3``), or ``none``: never rounded to a whole GiB."""
-    return "none" if cap_bytes is None else f"{cap_bytes / GiB:g}"
-
-
-def _failure(row: dict) -> str:
-    """How a run that is not ``ok`` ended, in words: ``OOM in warm-up: ...``, ``timed out after 150 s``."""
-    error = row.get("error")
-    if row.get("timed_out"):
-        return error or "timed out"
-    where = f" in {row['phase']}" if row.get("phase") else ""
-    return f"{row.get('status') or 'error'}{where}" + (f": {error}" if error else "")
-
-
-def _pick(candidates: list[dict]) -> dict | None:
-    """The row a target is judged on: the budget planner, else ``mlnb-auto``, else the fastest mlnb level."""
-    for recipe in ("mlnb-plan", "mlnb-auto"):
-        for row in candidates:
-            if row.get("recipe") == recipe:
-                return row
-    ok = [r for r in candidates if r.get("status") == "ok" and r.get("seconds")]
-    if ok:
-        return min(ok, key=lambda r: r["seconds"])
-    return candidates[0] if candidates else None
-
-
-def _target_row(target: Target, rows: list[dict]) -> dict | None:
-    """The mlnb run a model/size/cap target is judged on (see :func:`_pick`)."""
-    cap = int(target.cap_gib * GiB)
-    return _pick([
-        r for r in rows
-        if r.get("model") == target.model and r.get("width") == target.size and r.get("height") == target.size
-        and r.get("cap_bytes") == cap and str(r.get("recipe", "")).startswith("mlnb-")
-    ])
-
-
-def _judge_ratio(target: Target, rows: list[dict]) -> tuple[str, str]:
-    row = _target_row(target, rows)
-    if row is None:
-        return "not measured", f"no mlnb run of {target.model} {target.size}² under a {target.cap_gib:g} GiB cap"
-    name = row["recipe"] + (f" ({row['level']})" if row.get("level") and row["recipe"] == "mlnb-auto" else "")
-    if row.get("status") != "ok":
-        return "not met", f"{name}: {_failure(row)}"
-    if row.get("ratio") is None:
-        return "not measured", f"{name} ran, but there is no uncapped {BASELINE} run to compare with"
-    verdict = "met" if row["ratio"] <= target.max_ratio else "not met"
-    return verdict, f"{name}: {row['seconds']:.2f} s/img = {row['ratio']:.2f}× (limit {target.max_ratio:g}×)"
-
-
-def _judge_host(target: Target, rows: list[dict]) -> tuple[str, str]:
-    # Every mlnb run that recorded a host RSS peak, finished or not: a run that failed had still used that memory.
-    # One that failed before counting its parameters is measured against the model's fp16 bytes from another run.
-    weights: dict = {}
-    for r in rows:
-        if r.get("fp16_weight_bytes"):
-            weights.setdefault(r.get("model"), r["fp16_weight_bytes"])
-    measured = [
-        (r, r.get("fp16_weight_bytes") or weights.get(r.get("model"))) for r in rows
-        if str(r.get("recipe", "")).startswith("mlnb-") and r.get("status") != "skipped" and r.get("host_rss_peak")
-    ]
-    measured = [(r, w) for r, w in measured if w]
-    if not measured:
-        return "not measured", "no mlnb run recorded a host RSS figure"
-    worst, fp16 = max(measured, key=lambda rw: rw[0]["host_rss_peak"] / rw[1])
-    ratio = worst["host_rss_peak"] / fp16
-    verdict = "met" if ratio <= target.host_ratio else "not met"
-    ended = "" if worst.get("status") == "ok" else f" ({_failure(worst)})"
-    base = worst.get("host_rss_baseline")
-    # The process's own RSS (python, torch, CUDA context) before loading, shown so the model's share can be read.
-    above = ""
-    if base:
-        above = f"; {format_bytes(worst['host_rss_peak'] - base)} above the process's {format_bytes(base)} before loading"
-    return verdict, (
-        f"worst: {_label(worst)}{ended}: {format_bytes(worst['host_rss_peak'])} = {ratio:.2f}× "
-        f"of {format_bytes(fp16)} (limit {target.host_ratio:g}×){above}"
-    )
-
-
-def _plan_rows(rows: list[dict]) -> list[dict]:
-    """Runs of the budget planner, known by their recipe: ``mlnb-plan``, and ``mlnb-auto`` on CUDA (where auto is
-    the planner), whether they made a plan or stopped before (an OOM while loading, a timeout). The targets are only
-    judged for a CUDA run; a row without a ``device`` (a run that timed out) is one of its runs."""
-    return [
-        r for r in rows
-        if r.get("status") != "skipped"
-        and (r.get("recipe") == "mlnb-plan" or (r.get("recipe") == "mlnb-auto" and r.get("device") != "cpu"))
-    ]
-
-
-def _label(row: dict) -> str:
-    cap = "no cap" if row.get("cap_bytes") is None else f"cap {cap_text(row['cap_bytes'])} GiB"
-    return f"{row.get('model')} {row.get('recipe')} {cap}"
-
-
-def _judge_budget(rows: list[dict]) -> tuple[str, str]:
-    """Peak reserved against the cap, which is what ``set_per_process_memory_fraction`` limits. A real card of the
-    cap's size also holds the CUDA context and memory outside PyTorch: NVML's figure above the worker's baseline is
-    shown beside it, not judged."""
-    runs = [r for r in _plan_rows(rows) if r.get("cap_bytes")]
-    if not runs:
-        return "not measured", "no planner run (mlnb-plan, or mlnb-auto on CUDA) under a cap"
-    parts, bad = [], False
-    for row in runs:
-        nvml = row.get("nvml_above_baseline")
-        device = "" if nvml is None else f", NVML {format_gib(nvml, digits=2)} GiB above the worker's baseline"
-        if row.get("status") != "ok":
-            bad = True
-            parts.append(f"{_label(row)}: {_failure(row)}")
-        elif row.get("peak_reserved") is None:
-            bad = True
-            parts.append(f"{_label(row)}: no peak reserved recorded")
-        else:
-            over = row["peak_reserved"] > row["cap_bytes"]
-            bad = bad or over
-            parts.append(f"{_label(row)}: peak reserved {format_gib(row['peak_reserved'], digits=2)} GiB"
-                         f"{', over the cap' if over else ''}{device}")
-    return ("not met" if bad else "met"), "; ".join(parts)
-
-
-def _judge_prediction(target: Target, rows: list[dict]) -> tuple[str, str]:
-    """Predicted peak against peak allocated, or the time predicted before a plan's first image against the timed
-    image's seconds. The time judged is the warm-up image's prediction (``first_predicted_seconds``): the one beside
-    it (``predicted_seconds``) came after the warm-up recorded its own step, decode and other times on the card, so
-    it would largely check itself; it is shown, not judged. A planned run that ran out of memory fails the peak
-    target (its peak was under-predicted, or it failed before it could be compared)."""
-    peak = target.kind == "peak"
-    field, measured_field = ("predicted_peak", "peak_allocated") if peak else ("first_predicted_seconds", "seconds")
-    runs = _plan_rows(rows)
-    finished = [r for r in runs if r.get("status") == "ok"]
-    oom = [r for r in runs if r.get("status") == "OOM"] if peak else []
-    pairs = [(r, r.get(field), r.get(measured_field)) for r in finished]
-    known = [(r, p, m) for r, p, m in pairs if p and m]
-    fmt = (lambda v: f"{format_gib(v, digits=2)} GiB") if peak else (lambda v: f"{v:.2f} s")
-    what = "predicted peak" if peak else "time predicted before its first image"
-    if not known and not oom:
-        why = "no planner run finished" if not finished else f"no planner run has a {what}"
-        return "not measured", why
-
-    def after(row: dict, measured: float) -> str:  # the time predicted once the warm-up had recorded its own
-        late = None if peak else row.get("predicted_seconds")
-        return f"; after the warm-up {fmt(late)} ({late / measured - 1:+.0%}), not judged" if late else ""
-
-    failed = [
-        f"{_label(r)}: {_failure(r)}" + (f" (predicted {fmt(r['predicted_peak'])})" if r.get("predicted_peak") else "")
-        for r in oom
-    ]
-    each = [f"{_label(r)}: {fmt(p)} vs {fmt(m)} ({p / m - 1:+.0%}{after(r, m)})" for r, p, m in known]
-    within = all(abs(p / m - 1) <= target.tolerance for _, p, m in known)
-    verdict = "met" if within and not oom and len(known) == len(pairs) else "not met"
-    missing = f"; {len(pairs) - len(known)} run(s) without a {what}" if len(known) < len(pairs) else ""
-    heading = "predicted vs measured" if peak else "predicted before the first image vs measured"
-    return verdict, f"{heading}: {'; '.join(failed + each)}{missing}"
-
-
-def _judge_floor(target: Target, rows: list[dict]) -> tuple[str, str]:
-    row = _target_row(target, rows)
-    if row is None:
-        return "not measured", f"no mlnb run of {target.model} {target.size}² under {target.cap_gib:g} GiB"
-    if row.get("status") != "ok":
-        return "not met", f"{row['recipe']}: {_failure(row)}"
-    if not row.get("floor_seconds"):
-        return "not measured", f"{row['recipe']}: the floor is unknown (no baseline or bandwidth)"
-    ratio = row["seconds"] / row["floor_seconds"]
-    verdict = "met" if ratio <= target.floor_ratio else "not met"
-    return verdict, f"{row['recipe']}: {row['seconds']:.2f} s vs floor {row['floor_seconds']:.2f} s = {ratio:.2f}×"
-
-
-def evaluate_targets(rows: list[dict], gpu: bool = True) -> list[dict]:
-    """Each target's status: ``met``, ``not met`` or ``not measured``, with the figures behind it.
-
-    Rows must carry ``ratio`` (see :func:`add_derived`). Without a GPU nothing is measured: CPU runs of the tiny
-    models check the harness, not the targets.
-    """
-    results = []
-    for target in TARGETS:
-        if not gpu:
-            status, detail = "not measured", "CPU run of the tiny models: a harness check, not a measurement"
-        elif target.kind == "host":
-            status, detail = _judge_host(target, rows)
-        elif target.kind == "floor":
-            status, detail = _judge_floor(target, rows)
-        elif target.kind == "budget":
-            status, detail = _judge_budget(rows)
-        elif target.kind in ("peak", "time"):
-            status, detail = _judge_prediction(target, rows)
-        else:
-            status, detail = _judge_ratio(target, rows)
-        results.append({"key": target.key, "target": target.text, "status": status, "detail": detail})
-    return results
-
-
 _COLUMNS = (
     ("model", "model"), ("size", "size"), ("recipe", "recipe"), ("cap", "cap GiB"), ("s", "s/img"),
     ("ratio", "×none"), ("floor", "floor s"), ("step", "step s"), ("replay", "replay s"), ("alloc", "peak alloc GiB"),
     ("reserved", "peak rsrv GiB"), ("pred", "predicted GiB/s"),
     ("nvml", "NVML peak GiB"), ("host", "host RSS GiB"), ("status", "status"),
 )
+# shown when a row has LoRAs: count × rank and the adapters' bytes in the pipeline, and the median set switch
+_LORA_COLUMNS = (("loras", "LoRAs"), ("switch", "switch s"))
+
+
+def _columns(rows: list[dict]) -> tuple:
+    if not any(r.get("loras") for r in rows):
+        return _COLUMNS
+    return _COLUMNS[:3] + _LORA_COLUMNS + _COLUMNS[3:]
+
+
+def _lora_cell(row: dict) -> str:
+    if not row.get("loras"):
+        return "—"
+    rank = f"×r{row['lora_rank']}" if row.get("lora_rank") else ""
+    size = f" {format_bytes(row['adapter_bytes'])}" if row.get("adapter_bytes") else ""
+    return f"{row['loras']}{rank}{size}"
 
 
 def _cells(row: dict) -> dict[str, str]:
@@ -397,6 +171,8 @@ def _cells(row: dict) -> dict[str, str]:
         "nvml": format_gib(row.get("nvml_peak"), na="—", digits=2),
         "host": format_gib(row.get("host_rss_peak"), na="—", digits=2),
         "status": status,
+        "loras": _lora_cell(row),
+        "switch": "failed" if row.get("lora_switch_error") else num(row.get("lora_switch_seconds"), ".2f"),
     }
 
 
@@ -416,19 +192,15 @@ def _predicted(row: dict) -> str:
 def format_table(rows: list[dict]) -> str:
     """The results as a fixed-width text table, one line per run."""
     cells = [_cells(r) for r in rows]
-    widths = {k: max([len(title)] + [len(c[k]) for c in cells]) for k, title in _COLUMNS}
+    columns = _columns(rows)
+    widths = {k: max([len(title)] + [len(c[k]) for c in cells]) for k, title in columns}
     left = {"model", "recipe", "status"}
 
     def line(values: dict[str, str]) -> str:
-        return "  ".join(values[k].ljust(widths[k]) if k in left else values[k].rjust(widths[k]) for k, _ in _COLUMNS).rstrip()
+        return "  ".join(values[k].ljust(widths[k]) if k in left else values[k].rjust(widths[k]) for k, _ in columns).rstrip()
 
-    header = line({k: title for k, title in _COLUMNS})
+    header = line({k: title for k, title in columns})
     return "\n".join([header, "-" * len(header), *(line(c) for c in cells)])
-
-
-def format_targets(targets: list[dict]) -> str:
-    """One line per target: ``[met] SDXL 1024² under ... — mlnb-auto (ultra): 3.10 s/img = 1.42×``."""
-    return "\n".join(f"[{t['status']}] {t['target']}\n    {t['detail']}" for t in targets)
 
 
 def format_markdown(doc: dict) -> str:
@@ -448,9 +220,65 @@ def format_markdown(doc: dict) -> str:
         "",
     ]
     cells = [_cells(r) for r in doc.get("runs", [])]
-    lines.append("| " + " | ".join(title for _, title in _COLUMNS) + " |")
-    lines.append("|" + "|".join("---" for _ in _COLUMNS) + "|")
-    lines += ["| " + " | ".join(c[k] for k, _ in _COLUMNS) + " |" for c in cells]
+    columns = _columns(doc.get("runs", []))
+    lines.append("| " + " | ".join(title for _, title in columns) + " |")
+    lines.append("|" + "|".join("---" for _ in columns) + "|")
+    lines += ["| " + " | ".join(c[k] for k, _ in columns) + " |" for c in cells]
     lines.append("")
+    lines += [f"- {text}" for text in format_loras(doc.get("loras") or []).splitlines()]
+    if doc.get("loras"):
+        lines.append("")
     lines += [f"- **{t['status']}**: {t['target']} ({t['detail']})" for t in doc.get("targets", [])]
+    return "\n".join(lines)
+
+
+def lora_summary(rows: list[dict]) -> list[dict]:
+    """Per model, size and cap with LoRA runs: each run with LoRAs beside the same recipe without them.
+
+    mlnb keeps adapters unfused, the only mode it has. A fused adapter streams and computes exactly the base
+    weights' bytes and FLOPs, so the same recipe without LoRAs under the same cap is what a fused step costs (a
+    fuse, and an unfuse before the next set, come on top at each switch): ``unfused_ratio`` is the unfused run's
+    seconds over it.
+    """
+    out = []
+    for row in rows:
+        if not row.get("loras"):
+            continue
+        alone = next((r for r in rows if not r.get("loras") and all(
+            r.get(k) == row.get(k) for k in ("model", "recipe", "cap_bytes", "width", "height", "steps"))), None)
+        ok = row.get("status") == "ok" and row.get("seconds")
+        base_ok = alone is not None and alone.get("status") == "ok" and alone.get("seconds")
+        out.append({
+            "model": row.get("model"), "recipe": row.get("recipe"), "cap_bytes": row.get("cap_bytes"),
+            "loras": row["loras"], "lora_rank": row.get("lora_rank"), "adapter_bytes": row.get("adapter_bytes"),
+            "lora_mode": row.get("lora_mode") or "unfused", "status": row.get("status"),
+            "seconds": row.get("seconds"), "step_seconds": row.get("step_seconds"),
+            "switch_seconds": row.get("lora_switch_seconds"), "switch_error": row.get("lora_switch_error"),
+            "without_seconds": alone.get("seconds") if alone else None,
+            "without_step_seconds": alone.get("step_seconds") if alone else None,
+            "unfused_ratio": row["seconds"] / alone["seconds"] if ok and base_ok else None,
+        })
+    return out
+
+
+def format_loras(items: list[dict]) -> str:
+    """One line per run with LoRAs: its time and switch, and the same recipe without LoRAs (the fused step's cost)."""
+    lines = []
+    for it in items:
+        cap = "no cap" if it["cap_bytes"] is None else f"cap {cap_text(it['cap_bytes'])} GiB"
+        head = (f"{it['model']} {it['recipe']} {cap}, {it['loras']} LoRAs"
+                + (f" of rank {it['lora_rank']}" if it.get("lora_rank") else "")
+                + (f" ({format_bytes(it['adapter_bytes'])})" if it.get("adapter_bytes") else "") + f", {it['lora_mode']}")
+        if it["status"] != "ok" or not it.get("seconds"):
+            lines.append(f"{head}: {it['status']}")
+            continue
+        text = f"{head}: {it['seconds']:.2f} s/img"
+        if it.get("switch_seconds") is not None:
+            text += f", switch {it['switch_seconds']:.2f} s"
+        elif it.get("switch_error"):
+            text += f", switch failed ({it['switch_error']})"
+        if it.get("unfused_ratio") is not None:
+            text += (f"; without LoRAs (what fused adapters would stream and compute) {it['without_seconds']:.2f} s/img:"
+                     f" unfused {it['unfused_ratio']:.2f}×")
+        lines.append(text)
     return "\n".join(lines)

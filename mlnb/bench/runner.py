@@ -14,13 +14,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..units import GiB
 from .recipes import BASELINE, Recipe
 
-__all__ = ["RunSpec", "parse_caps", "plan_runs", "run_job", "log_tail"]
+__all__ = ["RunSpec", "LoraPlan", "parse_caps", "plan_runs", "run_job", "log_tail"]
 
 DEFAULT_PROMPT = "a watercolor fox in a snowy forest"
 
@@ -39,14 +39,40 @@ class RunSpec:
     device: str
     seed: int = 0
     prompt: str = DEFAULT_PROMPT
+    loras: tuple[str, ...] = ()  # LoRA files loaded before the images (none: the model alone)
+    switch_loras: tuple[str, ...] = ()  # the set switched to and back from to time a switch
+    lora_rank: int | None = None
+    lora_switches: int = 0  # switches timed after the images
 
     def label(self) -> str:
         cap = "no cap" if self.cap_bytes is None else f"cap {self.cap_bytes / GiB:g} GiB"
         size = "native size" if self.width is None or self.height is None else f"{self.width}x{self.height}"
-        return f"{self.model} {size} {self.recipe} {cap}"
+        loras = f" +{len(self.loras)} LoRAs" if self.loras else ""
+        return f"{self.model} {size} {self.recipe}{loras} {cap}"
 
     def job(self) -> dict:
         return dict(asdict(self), job="run")
+
+
+@dataclass(frozen=True)
+class LoraPlan:
+    """The runs with LoRAs loaded: which recipes under which caps, and the LoRA files per model.
+
+    Args:
+        recipes: the recipes that also run with the LoRAs (beside their runs without).
+        caps: caps per model for those runs (:func:`parse_caps`).
+        sets: per model, the LoRA files every LoRA run loads and the set it switches to.
+        rank: the LoRAs' rank (for the rows).
+        switches: switches timed per LoRA run (0: none).
+        recipe_caps: caps of one recipe's LoRA runs instead of ``caps`` (``--lora-recipes NAME@GiB``).
+    """
+
+    recipes: list[Recipe]
+    caps: dict[str, list[int | None]]
+    sets: dict[str, tuple[tuple[str, ...], tuple[str, ...]]]
+    rank: int
+    switches: int = 3
+    recipe_caps: dict[str, list[int | None]] = field(default_factory=dict)
 
 
 def parse_caps(text: str | None, models: list[str], ignore_other_models: bool = False) -> dict[str, list[int | None]]:
@@ -101,6 +127,7 @@ def plan_runs(
     baseline: bool = True,
     seed: int = 0,
     prompt: str = DEFAULT_PROMPT,
+    loras: LoraPlan | None = None,
 ) -> list[RunSpec]:
     """Every (model, recipe, cap) run, each model's uncapped ``diffusers-none`` baseline first.
 
@@ -111,6 +138,9 @@ def plan_runs(
         steps: denoising steps per image.
         device: ``"cuda"`` or ``"cpu"``.
         baseline: add the uncapped baseline when it is not already planned (ratios need it).
+        loras: the runs with LoRAs, after each model's runs without: the uncapped baseline with the LoRAs first
+            (plain diffusers with them on the whole card), then each LoRA recipe under each LoRA cap. A model
+            without LoRA files (``loras.sets``) gets none.
     """
     runs: list[RunSpec] = []
     for name, path, width, height in models:
@@ -120,6 +150,15 @@ def plan_runs(
         planned.sort(key=lambda rc: (rc != (BASELINE, None)))  # baseline first, the rest in the given order
         for recipe, cap in planned:
             runs.append(RunSpec(name, path, recipe, cap, steps, width, height, device, seed, prompt))
+        if loras is None or name not in loras.sets:
+            continue
+        files, switch = loras.sets[name]
+        with_loras = [(BASELINE, None)] + [
+            (r.name, cap) for r in loras.recipes for cap in loras.recipe_caps.get(r.name, loras.caps.get(name, [None]))
+        ]
+        for recipe, cap in dict.fromkeys(with_loras):
+            runs.append(RunSpec(name, path, recipe, cap, steps, width, height, device, seed, prompt, tuple(files),
+                                tuple(switch), loras.rank, loras.switches))
     return runs
 
 

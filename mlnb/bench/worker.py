@@ -25,7 +25,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PeakSampler", "versions", "probe", "build", "run", "classify", "main"]
+__all__ = ["PeakSampler", "versions", "probe", "build", "build_loras", "run", "classify", "main"]
 
 
 class PeakSampler:
@@ -130,6 +130,34 @@ def build(job: dict) -> dict:
     return save_arch_pipeline(job["model"], job["folder"], device=device.torch_device, seed=job.get("seed", 0))
 
 
+def build_loras(job: dict) -> dict:
+    """Write ``job["count"]`` random LoRAs of rank ``job["rank"]`` (and as many to switch to) for the pipeline in
+    ``job["folder"]`` to ``job["out"]``, on the CPU (:func:`mlnb.bench.loras.write_loras`)."""
+    from .loras import write_loras
+
+    try:
+        return write_loras(job["folder"], job["out"], job["count"], job["rank"], seed=job.get("seed", 0))
+    except Exception as exc:  # a model whose denoiser has no attention projections: its LoRA runs fail, not the rest
+        return {"status": "error", "error": _one_line(exc), "traceback": traceback.format_exc(limit=8)[-3000:]}
+
+
+SWITCH_BUDGET_SECONDS = 20.0  # switches stop once they took this long in all (a plain recipe can take tens of seconds)
+
+
+def _time_switches(device, switch, count: int) -> dict:
+    """Seconds of up to ``count`` LoRA set switches in the loaded pipeline (synchronized; at least one, fewer once
+    they took :data:`SWITCH_BUDGET_SECONDS` in all), and their median."""
+    import statistics
+
+    times: list[float] = []
+    while len(times) < count and sum(times) < SWITCH_BUDGET_SECONDS:
+        start = time.perf_counter()
+        switch()
+        device.synchronize()
+        times.append(time.perf_counter() - start)
+    return {"lora_switch_seconds": statistics.median(times), "lora_switch_times": [round(t, 4) for t in times]}
+
+
 def classify(exc: BaseException, device) -> str:
     """``"OOM"`` when ``exc`` (or an exception it came from) is an out-of-memory error, ``"skipped"`` for a recipe
     that cannot run here, else ``"error"``."""
@@ -168,14 +196,21 @@ def run(job: dict) -> dict:
     """Run one recipe: load, one warm-up image, one timed image. Never raises for OOM or a failing recipe.
 
     The job gives ``model``, ``path``, ``recipe``, ``cap_bytes``, ``steps``, ``width``, ``height``, ``prompt``,
-    ``seed`` and ``device``. The result holds the status (``ok``, ``OOM``, ``error``, ``skipped``), the phase where
+    ``seed`` and ``device``, and for a run with LoRAs ``loras`` (files), ``switch_loras``, ``lora_rank`` and
+    ``lora_switches``: the LoRAs are loaded with the model, and after the timed image the pipeline switches to the
+    other set and back ``lora_switches`` times in all, each switch timed. The result holds the status (``ok``, ``OOM``, ``error``, ``skipped``), the phase where
     it stopped, seconds per image, the generation's peak allocated/reserved bytes (MemoryMonitor), the NVML
     device-wide peak over the whole run, the host RSS peak of the process and the parameter counts.
     """
     from ..device import host_peak_rss, host_rss
-    from .recipes import RECIPES, prepare
+    from .recipes import RECIPES, LoraSets, prepare
 
     result: dict = {k: job.get(k) for k in ("model", "recipe", "cap_bytes", "steps", "width", "height")}
+    files = tuple(job.get("loras") or ())
+    loras = LoraSets(files, tuple(job.get("switch_loras") or ())) if files else None
+    result.update(loras=len(files), lora_rank=job.get("lora_rank") if files else None)
+    if files:
+        result["lora_file_bytes"] = sum(Path(f).stat().st_size for f in files)
     result.update(status="ok", phase=None, error=None, level=None, detail=None)
     phase = "setup"
     device = _use(job["device"])
@@ -194,7 +229,7 @@ def run(job: dict) -> dict:
             dtype = torch.float16 if device.is_cuda else torch.float32
             call = {k: job[k] for k in ("prompt", "steps", "width", "height", "seed")}
             start = time.perf_counter()
-            prepared = prepare(RECIPES[job["recipe"]], job["path"], device, dtype, call)
+            prepared = prepare(RECIPES[job["recipe"]], job["path"], device, dtype, call, loras)
             result.update(load_seconds=time.perf_counter() - start, level=prepared.level, detail=prepared.detail)
             result.update(_param_counts(prepared.pipe))
             result["resident_after_load"] = device.snapshot().allocated
@@ -216,6 +251,12 @@ def run(job: dict) -> dict:
             reserved = [r.peak_reserved for r in (warm, timed) if r.peak_reserved is not None]
             result.update(peak_allocated=max(peaks) if peaks else None, peak_reserved=max(reserved) if reserved else None)
             phase = None
+            if prepared.switch is not None and loras.other and job.get("lora_switches"):
+                try:  # the images are measured: a switch that fails is its own result, not the run's
+                    result.update(_time_switches(device, prepared.switch, int(job["lora_switches"])))
+                except Exception as exc:
+                    result["lora_switch_error"] = f"{classify(exc, device)}: {_one_line(exc)}"
+                    logger.info("LoRA switch failed: %s", result["lora_switch_error"])
     except Exception as exc:
         result.update(status=classify(exc, device), phase=phase, error=_one_line(exc))
         logger.info("%s in %s: %s", result["status"], phase, result["error"])
@@ -237,7 +278,7 @@ def _param_counts(pipe) -> dict:
     return {"params": params, "fp16_weight_bytes": 2 * sum(params.values()), "denoiser_fp16_bytes": 2 * denoiser}
 
 
-_JOBS = {"probe": probe, "build": build, "run": run}
+_JOBS = {"probe": probe, "build": build, "loras": build_loras, "run": run}
 
 
 def main(argv: list[str] | None = None) -> int:
