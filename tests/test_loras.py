@@ -317,6 +317,27 @@ def test_a_lora_changes_the_image_scale_zero_is_the_base_two_combine_and_clearin
     assert np.array_equal(image(pipe), base)
 
 
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_a_transformer_lora_changes_the_image_scale_zero_is_the_base_and_clearing_is_bit_exact(request, kind,
+                                                                                                 tmp_path):
+    """SD3's and Flux's loaders hand back the state dict alone (the UNet pipelines' give a tuple): the LoRA is
+    checked, applied to the transformer's attention and cleared as for a UNet."""
+    folder = request.getfixturevalue(f"tiny_{kind}")
+    lora = tiny_lora(folder, tmp_path / "lora", seed=5)
+    pipe = load(folder)
+    base, weights = image(pipe), snapshot(pipe)
+
+    (applied,) = set_loras(pipe, [lora])
+    assert set(applied.components) == {"transformer"}
+    one = image(pipe)
+    assert np.abs(one - base).max() > 0.01
+    set_loras(pipe, [(lora, 0.0)])
+    assert np.array_equal(image(pipe), base)
+    assert set_loras(pipe, []) == () and active_loras(pipe) == ()
+    assert_same_weights(pipe, weights)
+    assert np.array_equal(image(pipe), base)
+
+
 def test_switching_reads_no_base_weight_and_keeps_the_adapters_it_keeps(tiny_sd, loras, tmp_path, monkeypatch):
     import safetensors.torch
 

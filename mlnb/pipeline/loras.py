@@ -399,7 +399,7 @@ def check_lora(pipe, file: LoraFile, tensors: dict) -> LoraWeights:
         out = type(pipe).lora_state_dict(dict(tensors), **kwargs)
     except Exception as exc:
         raise ModelLoadError(f"LoRA {file.shown!r} is not a LoRA diffusers reads: {_one_line(exc)}") from None
-    state_dict = out[0]
+    state_dict = out[0] if isinstance(out, tuple) else out  # SD3's and Flux's loaders return the dict alone
     odd = next((k for k in state_dict if "lora" not in k), None)
     if odd is not None or not state_dict:
         raise ModelLoadError(f"{file.shown!r} is not a LoRA: its key {odd!r} names no LoRA layer")

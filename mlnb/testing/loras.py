@@ -1,5 +1,8 @@
 """Tiny random LoRAs for the tiny pipelines, built with peft and saved in diffusers' LoRA format.
 
+The denoiser's attention projections are adapted: the UNet's for SD1.5 and SDXL, the transformer's for SD3 and Flux
+(their attention layers have the same ``to_q``/``to_k``/``to_v``/``to_out.0`` names).
+
 The adapters are made on models built from a tiny pipeline's own configs (no weights are read), with non-zero B
 matrices so that a LoRA visibly changes the image, and saved with the pipeline class's ``save_lora_weights`` as
 safetensors (or as a pickle ``.bin`` for the refusal tests). A LoRA built for ``"sdxl"`` is a LoRA for another
@@ -27,7 +30,7 @@ def _pipeline_folder(kind_or_model: str | os.PathLike) -> Path:
         return default_tiny_model(str(kind_or_model))
     folder = Path(kind_or_model)
     if not (folder / "model_index.json").is_file():
-        raise ValueError(f"{kind_or_model!r} is neither a tiny kind ('sd', 'sdxl') nor a pipeline folder")
+        raise ValueError(f"{kind_or_model!r} is neither a tiny kind ({', '.join(TINY_KINDS)}) nor a pipeline folder")
     return folder
 
 
@@ -54,13 +57,13 @@ def tiny_lora(
     """Build and save a tiny random LoRA for a tiny pipeline.
 
     Args:
-        kind_or_model: ``"sd"`` or ``"sdxl"`` (the embedded tiny model of that kind gives the shapes), or a tiny
-            pipeline folder made by :func:`mlnb.testing.tiny_pipeline`.
+        kind_or_model: ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` (the embedded tiny model of that kind gives the
+            shapes), or a tiny pipeline folder made by :func:`mlnb.testing.tiny_pipeline`.
         path: the target folder (created); a fresh temporary folder when None.
         rank: the LoRA rank.
         seed: the seed of the random A and B matrices: the same arguments give the same file.
-        targets: the UNet module names the LoRA adapts (peft ``target_modules``).
-        text_encoder: also adapt the text encoder(s)' attention projections.
+        targets: the denoiser's module names the LoRA adapts (peft ``target_modules``).
+        text_encoder: also adapt the CLIP text encoder(s)' attention projections.
         pickle: save ``pytorch_lora_weights.bin`` (pickle) instead of ``.safetensors``.
 
     Returns:
@@ -76,19 +79,19 @@ def tiny_lora(
     import diffusers
     import torch
     import transformers
-    from diffusers import UNet2DConditionModel
-
     folder = _pipeline_folder(kind_or_model)
     out = Path(path) if path is not None else Path(tempfile.mkdtemp(prefix="mlnb-tiny-lora-"))
     out.mkdir(parents=True, exist_ok=True)
     layers: dict[str, dict] = {}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        layers["unet_lora_layers"] = _adapter_state(unet, targets, rank)
         index = json.loads((folder / "model_index.json").read_text())
+        denoiser = "unet" if "unet" in index else "transformer"
+        model_class = getattr(diffusers, index[denoiser][1])
+        model = model_class.from_config(model_class.load_config(folder / denoiser))
+        layers[f"{denoiser}_lora_layers"] = _adapter_state(model, targets, rank)
         for name in ("text_encoder", "text_encoder_2") if text_encoder else ():
-            if name in index:
+            if name in index and index[name][1].startswith("CLIP"):
                 model_class = getattr(transformers, index[name][1])
                 model = model_class(model_class.config_class.from_pretrained(folder / name))
                 # The keys as CLIP LoRAs in the wild have them (``text_model.encoder...``): diffusers strips the
