@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -749,15 +751,35 @@ def test_cpu_bench_end_to_end_writes_valid_json(tiny_sd, tmp_path, monkeypatch, 
     assert len(list((tmp_path / "logs").glob("run-*.log"))) == 2 and "| model |" in md.read_text()
 
 
+def _jobs_in_process(job, log_path, timeout=None):
+    """:func:`mlnb.bench.runner.run_job` without the worker process: the same job file through the worker's ``main``
+    in this process (the end-to-end test above covers the process boundary; a process per job costs each one the
+    imports of torch and diffusers)."""
+    from mlnb.bench import worker
+
+    with tempfile.TemporaryDirectory(prefix="mlnb-bench-job-") as tmp:
+        job = dict(job, result=str(Path(tmp) / "result.json"))
+        job_file = Path(tmp) / "job.json"
+        job_file.write_text(json.dumps(job))
+        assert worker.main([str(job_file)]) == 0
+        result = json.loads(Path(job["result"]).read_text())
+    result["wall_seconds"] = 0.0
+    return result
+
+
 def test_cpu_bench_quick_runs_the_transformer_archs_on_their_tiny_stand_ins(tiny_sd3, tiny_flux, tmp_path,
-                                                                             monkeypatch, capsys):
+                                                                             monkeypatch, capsys, cpu_current):
     """``mlnb bench --device cpu --models sd35-medium,flux-dev --quick``: the tiny SD3 and Flux pipelines stand in,
-    each recipe in its own worker; the offload recipe that needs CUDA is skipped, the others generate 64×64."""
+    each recipe through the worker's entry point; the offload recipe that needs CUDA is skipped, the others generate
+    64×64."""
+    from mlnb.bench import command
+
     cache = tmp_path / "cache"
     cache.mkdir()
     os.symlink(tiny_sd3, cache / "tiny-sd3")
     os.symlink(tiny_flux, cache / "tiny-flux")
     monkeypatch.setenv("MLNB_CACHE", str(cache))
+    monkeypatch.setattr(command, "run_job", _jobs_in_process)
     out = tmp_path / "bench.json"
     argv = ["--device", "cpu", "--models", "sd35-medium,flux-dev", "--quick", "--json", str(out),
             "--log-dir", str(tmp_path / "logs")]
