@@ -69,10 +69,9 @@ class FakeCuda:
         return Event()
 
 
-def tiny_stream_budget(pipe, monkeypatch, max_block: int = 200_000):
-    """A budget for which a tiny pipeline's plan streams part of its UNet, with the planner's reserves and its
-    largest block (``max_block`` bytes, for every pipeline planned while the test runs) scaled down to the tiny model
-    (the real ones are hundreds of MiB), and no block too small to stream."""
+def _tiny_planner(pipe, monkeypatch, max_block: int):
+    """Scale the planner's reserves and largest block down to a tiny model (for the rest of the test), with no
+    block too small to stream; returns the pipeline's model facts under them."""
     from mlnb.planner import blocks, cost, search
 
     monkeypatch.setattr(cost, "denoise_reserve", lambda work: 100_000)
@@ -80,7 +79,14 @@ def tiny_stream_budget(pipe, monkeypatch, max_block: int = 200_000):
     monkeypatch.setattr(cost, "_ENCODE_ACTIVATIONS", 10_000)
     monkeypatch.setattr(search, "MIN_STREAMED", 0)
     monkeypatch.setattr(blocks, "MAX_BLOCK", max_block)
-    facts = blocks.model_facts(pipe)
+    return blocks.model_facts(pipe)
+
+
+def tiny_stream_budget(pipe, monkeypatch, max_block: int = 200_000):
+    """A budget for which a tiny pipeline's plan streams part of its UNet, with the planner's reserves and its
+    largest block (``max_block`` bytes, for every pipeline planned while the test runs) scaled down to the tiny model
+    (the real ones are hundreds of MiB), and no block too small to stream."""
+    facts = _tiny_planner(pipe, monkeypatch, max_block)
     need = facts.denoiser_other + 400_000 + 2 * max(b.nbytes for b in facts.blocks) + facts.vae + 300_000
     return int(need / 0.92)
 
@@ -88,14 +94,9 @@ def tiny_stream_budget(pipe, monkeypatch, max_block: int = 200_000):
 def tiny_dit_stream_budget(pipe, monkeypatch, max_block: int) -> int:
     """A budget whose plan streams about half a tiny transformer's units and keeps the rest, with the planner's
     reserves scaled down to the tiny model (as :func:`tiny_stream_budget` does for the UNets)."""
-    from mlnb.planner import CardFacts, Workload, blocks, cost, search
+    from mlnb.planner import CardFacts, Workload, cost
 
-    monkeypatch.setattr(cost, "denoise_reserve", lambda work: 100_000)
-    monkeypatch.setattr(cost, "decode_reserve", lambda work, tile: 100_000)
-    monkeypatch.setattr(cost, "_ENCODE_ACTIVATIONS", 10_000)
-    monkeypatch.setattr(search, "MIN_STREAMED", 0)
-    monkeypatch.setattr(blocks, "MAX_BLOCK", max_block)
-    facts = blocks.model_facts(pipe)
+    facts = _tiny_planner(pipe, monkeypatch, max_block)
     _, decode, _ = cost.phase_terms(facts, None, Workload(64, 64, 1, 2), CardFacts())
     largest = max(b.nbytes for b in facts.blocks)
     kept = facts.denoiser_other + sum(b.nbytes for b in facts.blocks) // 2

@@ -47,15 +47,22 @@ class FakeShell:
         return result
 
 
-@pytest.fixture
-def setup():
-    device = FakeDevice(total=4 * 2**30)
+def hooked_shell(device):
+    """A fake shell with a CellMonitor on ``device`` registered as mlnb registers it; the history cleared.
+    Returns the shell, the monitor and the list of lines it echoes."""
     shell = FakeShell()
     lines: list[str] = []
     monitor = CellMonitor(shell, device=device, echo=lines.append)
     shell.events.register("pre_run_cell", monitor.pre_run_cell)
     shell.events.register("post_run_cell", monitor.post_run_cell)
     cell_history.clear()
+    return shell, monitor, lines
+
+
+@pytest.fixture
+def setup():
+    device = FakeDevice(total=4 * 2**30)
+    shell, monitor, lines = hooked_shell(device)
     saved = (defaults.monitor, defaults.verbose)
     with use_device(device):
         yield shell, device, lines
@@ -283,12 +290,7 @@ def test_a_cell_that_did_not_touch_the_cuda_card_costs_no_synchronize_nvml_or_ho
 
     monkeypatch.setattr(cuda_mod, "host_rss", lambda: reads.append("rss"))
     device = CudaDevice(0, nvml=Nvml())
-    shell = FakeShell()
-    lines: list[str] = []
-    monitor = CellMonitor(shell, device=device, echo=lines.append)
-    shell.events.register("pre_run_cell", monitor.pre_run_cell)
-    shell.events.register("post_run_cell", monitor.post_run_cell)
-    cell_history.clear()
+    shell, monitor, lines = hooked_shell(device)
     for n in range(3):
         shell.run(f"x = {n}", lambda: None)
     assert "synchronize" not in cuda.calls and "empty_cache" not in cuda.calls
