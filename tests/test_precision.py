@@ -121,6 +121,55 @@ def test_load_dtype_per_fake_card_and_tiny_model(kind, t4, ampere, request):
     assert load_dtype(torch.float16, FakeDevice.card("ampere"), index) == torch.float16
 
 
+def test_on_a_gpu_a_hub_model_s_index_is_fetched_first_so_its_first_load_gets_its_family_s_dtype(tiny_flux,
+                                                                                                    monkeypatch):
+    """A hub Flux not in the cache: on a card with bf16 the index is downloaded before the weights and the load is
+    bf16, as every later load from the cache is; on a CPU nothing is fetched; offline, the index is None."""
+    import huggingface_hub
+
+    from mlnb.pipeline.files import model_index
+
+    fetched = []
+
+    def download(repo, filename, **kwargs):
+        fetched.append((repo, filename))
+        return str(tiny_flux / "model_index.json")
+
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *a, **k: None)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    assert model_index("org/flux", False, {}) is None and fetched == []  # not asked to fetch
+    index = model_index("org/flux", False, {}, fetch=True)
+    assert fetched == [("org/flux", "model_index.json")]
+    assert load_dtype(None, FakeDevice.card("ampere"), index) == torch.bfloat16
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    assert model_index("org/flux", False, {}, fetch=True) is None
+
+
+@pytest.mark.parametrize("device, dtype, fetch", [
+    (FakeDevice.card("ampere"), None, True), (CpuDevice(), None, False), (FakeDevice.card("ampere"), "fp16", False),
+], ids=["fake-ampere", "cpu", "dtype-given"])
+def test_a_load_fetches_the_index_only_on_a_cuda_card_without_a_dtype_given(monkeypatch, device, dtype, fetch):
+    from mlnb.pipeline import loading
+
+    asked = []
+
+    class Stop(Exception):
+        pass
+
+    def index(source, is_local, kwargs, fetch=False):
+        asked.append(fetch)
+        raise Stop
+
+    monkeypatch.setattr(loading, "model_index", index)
+    with pytest.raises(Stop):
+        loading.load_pipeline("org/flux", dtype=dtype, device=device)
+    assert asked == [fetch]
+
+
 def test_bf16_asked_of_a_t4_is_said_once_per_process(tiny_flux, caplog, monkeypatch):
     monkeypatch.setattr(precision, "_said", set())
     with caplog.at_level(logging.DEBUG, logger="mlnb.pipeline.precision"):

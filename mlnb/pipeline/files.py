@@ -200,18 +200,23 @@ def reads_pickle(source: str, is_local: bool, allow_pickle: bool) -> bool:
     return allow_pickle and (not is_local or bool(pickle_only_components(source)))
 
 
-def model_index(source: str, is_local: bool, from_pretrained_kwargs: dict) -> dict | None:
-    """The ``model_index.json`` of ``source``: a local folder's, or a hub model's already in the Hugging Face cache
-    (nothing is downloaded for it). None when that file is not at hand or is damaged (the load says so)."""
+def model_index(source: str, is_local: bool, from_pretrained_kwargs: dict, fetch: bool = False) -> dict | None:
+    """The ``model_index.json`` of ``source``: a local folder's, or a hub model's already in the Hugging Face cache.
+    With ``fetch``, a hub model's index that is not in the cache is downloaded (that one small file, which
+    ``from_pretrained`` would download first anyway). None when that file is not at hand or is damaged (the load says
+    so)."""
     if is_local:
         index_file = Path(source) / "model_index.json"
     else:
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+        where = dict(revision=from_pretrained_kwargs.get("revision"), cache_dir=from_pretrained_kwargs.get("cache_dir"))
         try:
-            cached = try_to_load_from_cache(source, "model_index.json", revision=from_pretrained_kwargs.get("revision"),
-                                            cache_dir=from_pretrained_kwargs.get("cache_dir"))
-        except Exception:  # a name the hub would refuse: from_pretrained says so in its own words
+            cached = try_to_load_from_cache(source, "model_index.json", **where)
+            if not isinstance(cached, str) and fetch:
+                cached = hf_hub_download(source, "model_index.json", token=from_pretrained_kwargs.get("token"),
+                                         **where)
+        except Exception:  # offline, or a name the hub would refuse: from_pretrained says so in its own words
             return None
         if not isinstance(cached, str):
             return None

@@ -132,7 +132,11 @@ def _load_pipeline(model, setting: MemorySetting, dtype, allow_pickle: bool, dev
         # a name only the pipeline's class could take waits for the class when its index is not at hand
         unverified = check_load_keywords(from_pretrained_kwargs,
                                          pipeline_parameters(source, is_local, from_pretrained_kwargs))
-    torch_dtype = load_dtype(dtype, device, model_index(source, is_local, from_pretrained_kwargs))
+    # On a GPU the dtype depends on the model's family (bf16 for SD3.5 and Flux where the card computes it): the
+    # first load of a hub model reads its index before the weights, so it does not load in one dtype and every later
+    # load (index cached) in another.
+    index = model_index(source, is_local, from_pretrained_kwargs, fetch=dtype is None and device.is_cuda)
+    torch_dtype = load_dtype(dtype, device, index)
     dname = dtype_name(torch_dtype)
 
     hit = _cached(source, dname, setting, device, from_pretrained_kwargs, allow_pickle)
