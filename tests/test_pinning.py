@@ -142,6 +142,7 @@ def test_the_host_ram_stand_in_script_plans_applies_and_reports_a_peak(tiny_sd, 
     proc = subprocess.run([sys.executable, str(script), str(tiny_sd), "--budget", "1GiB", "--json", str(out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    result = json.loads(out.read_text())
-    assert result["plan"] == "resident" and f"{result['plan']}: peak RSS" in proc.stdout
-    assert result["rss_peak"] >= result["rss_end"] > 0 and result["peak_over_weights"] > 0
+    (result,) = json.loads(out.read_text())  # one row: one folder, one budget
+    assert result["plan"] == "resident" and result["budget"] == "1GiB" and "after the plan" in proc.stdout
+    assert result["rss_peak"] >= result["rss_end"] > 0 and result["peak_over_fp16_weights"] > 0
+    assert [p["phase"] for p in result["phases"]][:2] == ["start", "from_pretrained"]

@@ -17,7 +17,7 @@ from IPython import get_ipython
 from IPython.testing.globalipapp import start_ipython
 
 from mlnb.device import host_rss, use_device
-from mlnb.monitor import cell_history
+from mlnb.monitor import cell_history, release
 from mlnb.pipeline import cached_pipelines, unload_all
 from mlnb.session import defaults
 from mlnb.testing import FakeDevice
@@ -111,6 +111,8 @@ def test_soak_fake_gpu_memory_back_after_every_cell_and_rss_bounded(session, mon
     cell_history.clear()
 
     def after_cell(i: int) -> None:
+        # the cell's memory goes back once it has ended (the deferred release), within a second
+        assert release.wait_idle(1.0), i
         assert (gpu.allocated, gpu.reserved) == (0, 0), (i, gpu.allocated, gpu.reserved)
 
     with use_device(gpu):
