@@ -43,16 +43,19 @@ The measurements behind the constants here are in ``docs/benchmarks.md``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
 from ..units import GiB, MiB, format_bytes
+from .pinning import packed_bytes
 from .ring import ring_layout
 
 __all__ = [
     "Block", "ModelFacts", "CardFacts", "Workload", "Plan", "denoise_reserve", "streamed_denoise_reserve",
     "decode_reserve", "decode_phase", "room_needed", "predict", "schedule_step", "streamed_step", "step_chains",
-    "step_time", "plan_step", "overlap_measured", "FP8_STEP_FACTOR", "TILE_TIME_FACTOR", "TILES",
+    "step_time", "plan_step", "overlap_measured", "pinned_bytes", "pageable_bandwidth", "mapped_step", "FP8_STEP_FACTOR",
+    "TILE_TIME_FACTOR", "TILES", "PAGEABLE_FRACTION",
 ]
 
 # A step with fp8 storage against one in fp16: every layer's weights are upcast before use.
@@ -67,6 +70,11 @@ _USABLE = 0.92  # keep 8% of the budget for allocator fragmentation, or what the
 # shrink with the tile.
 TILE_OVERHEAD = 192 * MiB
 TILES = (768, 512, 256)  # the VAE tile sizes a plan may choose, largest first
+# An assumption, not a measurement: a copy from pageable memory (a weight left in its file's mapping) runs at this
+# fraction of the pinned bandwidth until the card has measured it (``CardFacts.pageable_bandwidth``). The driver
+# copies pageable memory through a staging buffer of its own, and pages not yet resident fault in on the way; a
+# quarter is on the slow side of what such copies reach from the page cache (pages read from disk again are slower).
+PAGEABLE_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,8 @@ class ModelFacts:
         encoder_slots: when offloaded encoders are streamed unit by unit, the most one holds on the GPU at once:
             its slots, two of its largest unit (one, for an encoder streamed as a single unit), over the encoders;
             None: an offloaded encoder moves to the GPU whole.
+        encoder_units: the bytes of each text encoder's streamed units, by encoder (what its pinned host copy is
+            packed from); None: each encoder is counted as one unit.
     """
 
     encoders: dict[str, int]
@@ -98,6 +108,7 @@ class ModelFacts:
     denoiser_other: int
     bytes_per_param: int = 2
     encoder_slots: int | None = None
+    encoder_units: dict[str, tuple[int, ...]] | None = None
 
     @property
     def denoiser(self) -> int:
@@ -118,6 +129,7 @@ class CardFacts:
     """
 
     bandwidth: float | None = None  # pinned host-to-device bytes/s
+    pageable_bandwidth: float | None = None  # host-to-device bytes/s from pageable memory (mapped weight files)
     step_seconds: float | None = None  # one denoising step, everything resident
     decode_seconds: float | None = None
     denoise_reserve: int | None = None
@@ -209,6 +221,30 @@ class Plan:
     # next image, and their bytes
     decode_offload: tuple[str, ...] = ()
     decode_offload_bytes: int = 0
+    # host RAM: the page-locked bytes of the host copies (packed, :func:`pinned_bytes`) and the RAM they were allowed;
+    # the offloaded components (text encoders, ``"vae"``) whose host copy is pinned; and what is copied to the GPU
+    # from the weight files' mapping instead (pageable): streamed denoiser units, and offloaded components by name
+    pinned_bytes: int = 0
+    host_budget: int | None = None
+    pinned_models: tuple[str, ...] = ()
+    mapped_units: tuple[str, ...] = ()
+    mapped_models: tuple[str, ...] = ()
+    mapped_bytes: int = 0
+
+    def host_summary(self) -> str:
+        """Which host copies are pinned and which parts stay in the weight files' mapping, in a few words ("" for a
+        plan that keeps nothing on the host)."""
+        parts = []
+        if self.pinned_bytes:
+            streamed = len(self.streamed) - len(self.mapped_units)
+            what = ([f"{streamed} streamed blocks"] if streamed else []) + list(self.pinned_models)
+            what += [f"{len(self.decode_offload)} decode blocks"] if self.decode_offload else []
+            parts.append(f"pinned {format_bytes(self.pinned_bytes)} ({', '.join(what)})")
+        if self.mapped_bytes:
+            what = list(self.mapped_models)
+            what += [f"{len(self.mapped_units)} streamed blocks"] if self.mapped_units else []
+            parts.append(f"{format_bytes(self.mapped_bytes)} left mapped from the files ({', '.join(what)})")
+        return ", ".join(parts)
 
     def summary(self) -> str:
         parts = [self.strategy]
@@ -223,6 +259,9 @@ class Plan:
         if self.decode_offload:
             parts.append(f"{len(self.decode_offload)} kept blocks ({format_bytes(self.decode_offload_bytes)}) to the "
                          f"host for the {'tiled' if self.vae_tile else 'untiled'} decode")
+        host = self.host_summary()
+        if host:
+            parts.append(host)
         return ", ".join(parts)
 
     def prediction(self) -> str:
@@ -384,6 +423,10 @@ def streamed_step(plan: "Plan", model: ModelFacts, card: CardFacts, calibrated: 
     An overhead per unit, not a ratio: a ratio measured on a plan streaming 48 units would also scale the compute of
     a plan streaming two."""
     sizes, _, _ = stored_bytes(model, plan.fp8)
+    if plan.mapped_units:  # the replay of the pinned units, and the mapped ones' copies beside it
+        if replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated=False) is None:
+            return None
+        return mapped_step(card, sizes, plan.streamed, plan.slots, plan.fp8, plan.mapped_units, calibrated)
     replay = replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated=False)
     if replay is None or not calibrated:
         return replay
@@ -464,9 +507,78 @@ def peak_bytes(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, re
 
 
 def plan_step(plan: Plan, model: ModelFacts, card: CardFacts) -> float | None:
-    """``plan``'s step by the time model (:func:`step_time`)."""
+    """``plan``'s step by the time model (:func:`step_time`, with its mapped units as :func:`mapped_step` charges
+    them)."""
     sizes, _, _ = stored_bytes(model, plan.fp8)
-    return step_time(card, sizes, plan.streamed, plan.slots, plan.fp8)
+    return mapped_step(card, sizes, plan.streamed, plan.slots, plan.fp8, plan.mapped_units)
+
+
+def pageable_bandwidth(card: CardFacts) -> float | None:
+    """Bytes/s of a copy to the GPU from pageable memory: measured on the card, else the pinned bandwidth times
+    :data:`PAGEABLE_FRACTION` (an assumption); None without either."""
+    if card.pageable_bandwidth:
+        return card.pageable_bandwidth
+    return card.bandwidth * PAGEABLE_FRACTION if card.bandwidth else None
+
+
+def mapped_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool, mapped=(),
+                calibrated: bool = True) -> float | None:
+    """The step of a plan streaming ``streamed``, of which the units ``mapped`` are copied from the weight files'
+    mapping (pageable memory) instead of their pinned copy: the step streaming the pinned units alone
+    (:func:`step_time`, or with ``calibrated`` False the replay alone, :func:`replayed_step`), plus every mapped
+    unit's copy at the pageable bandwidth, none of it hidden (the host waits for each such copy, so it is counted
+    on both chains at once), plus the per-unit host and overhead times of those units. None where a term is
+    unknown."""
+    mapped = tuple(mapped)
+    pinned = tuple(n for n in streamed if n not in set(mapped))
+    if calibrated:
+        step = step_time(card, sizes, pinned, slots, fp8)
+    else:
+        step = (replayed_step(card, sizes, pinned, slots, fp8, calibrated=False) if pinned
+                else step_chains(card, sizes, (), slots, fp8)[0])
+    if step is None or not mapped:
+        return step
+    pageable = pageable_bandwidth(card)
+    if pageable is None:
+        return None
+    per_unit = (card.host_unit_seconds or 0.0) + ((card.unit_overhead or 0.0) if calibrated else 0.0)
+    return step + sum(sizes[n] for n in mapped) / pageable + len(mapped) * per_unit
+
+
+def mapped_once_seconds(card: CardFacts, nbytes: int) -> float | None:
+    """What copying ``nbytes`` of offloaded components (text encoders, VAE) once per image from the weight files'
+    mapping costs beyond copying them from pinned memory; None without the bandwidths."""
+    if not nbytes:
+        return 0.0
+    pageable = pageable_bandwidth(card)
+    if pageable is None or not card.bandwidth:
+        return None
+    return nbytes / pageable - nbytes / card.bandwidth
+
+
+@functools.lru_cache(maxsize=8192)
+def _packed(sizes: tuple[int, ...]) -> int:
+    return packed_bytes(sizes)
+
+
+def pinned_bytes(model: ModelFacts, fp8: bool, streamed, offload_encoders_vae: bool, decode_offload=(),
+                 mapped_units=(), mapped_models=()) -> int:
+    """The page-locked host bytes a placement packs (:func:`.pinning.packed_bytes`: buffers of powers of two, one
+    packing per model): the streamed denoiser units not left mapped; the kept blocks sent to the host for the
+    decode; and, when the encoders and the VAE are offloaded, each text encoder's units and the VAE not left mapped.
+    The kept part leaves no host copy."""
+    sizes, _, _ = stored_bytes(model, fp8)
+    left = set(mapped_units)
+    total = _packed(tuple(sizes[n] for n in streamed if n not in left))
+    total += _packed(tuple(sizes[n] for n in decode_offload))
+    if offload_encoders_vae:
+        units = model.encoder_units or {}
+        for name, nbytes in model.encoders.items():
+            if name not in mapped_models:
+                total += _packed(tuple(units.get(name) or (nbytes,)))
+        if "vae" not in mapped_models:
+            total += _packed((model.vae,))
+    return total
 
 
 def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> tuple[int, float | None]:
@@ -476,7 +588,14 @@ def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> t
                       plan.slots, plan.decode_offload)
     seconds = seconds_per_image(card, work, plan_step(plan, model, card), plan.transfer_once_bytes, plan.vae_tile,
                                 plan.decode_offload_bytes)
-    return peak, seconds
+    once = mapped_once_seconds(card, mapped_once_bytes(plan, model))
+    return peak, (seconds + once if seconds is not None and once is not None else None)
+
+
+def mapped_once_bytes(plan: Plan, model: ModelFacts) -> int:
+    """The bytes of ``plan``'s offloaded components (text encoders, VAE) left in the weight files' mapping."""
+    sizes = dict(model.encoders, vae=model.vae)
+    return sum(sizes.get(name, 0) for name in plan.mapped_models)
 
 
 def room_needed(peak: int, card: CardFacts | None = None) -> int:
