@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from mlnb.planner import CardFacts, Workload, plan_for_budget
-from mlnb.planner.cost import PAGEABLE_FRACTION, Block, ModelFacts, pinned_bytes, predict
+from mlnb.planner.cost import Block, ModelFacts, predict, stored_bytes
+from mlnb.planner.host_ram import PAGEABLE_FRACTION, pinned_bytes
 from mlnb.planner.pinning import BIN_BYTES, packed_bytes
 from mlnb.planner.search import HOST_MARGIN, BudgetError, host_budget, usable_bytes
 from mlnb.units import GiB, MiB
@@ -93,7 +94,7 @@ def test_a_plan_counts_its_pinned_copies(archs, name):
     assert plan.offload_encoders_vae and plan.host_budget is None and not plan.mapped_bytes
     expected = (packed_bytes([dict((b.name, b.nbytes) for b in facts.blocks)[n] for n in plan.streamed])
                 + sum(packed_bytes(units) for units in facts.encoder_units.values()) + packed_bytes([facts.vae]))
-    assert plan.pinned_bytes == expected == pinned_bytes(facts, False, plan.streamed, True)
+    assert plan.pinned_bytes == expected == pinned_bytes(facts, stored_bytes(facts, False)[0], plan.streamed, True)
     assert plan.pinned_bytes >= plan.streamed_bytes + sum(facts.encoders.values()) + facts.vae
     assert f"pinned {plan.pinned_bytes / GiB:.1f} GiB" in plan.summary()
 
@@ -104,8 +105,9 @@ def test_under_a_t4_and_12_gib_of_host_ram_the_plan_fits_both(archs, name):
     plan = plan_for_budget(T4, facts, CardFacts(), WORK, host=HOST)
     assert plan.predicted_peak <= usable_bytes(T4, CardFacts())
     assert plan.pinned_bytes <= HOST and plan.host_budget == HOST
-    assert plan.pinned_bytes == pinned_bytes(facts, plan.fp8, plan.streamed, plan.offload_encoders_vae,
-                                             plan.decode_offload, plan.mapped_units, plan.mapped_models)
+    assert plan.pinned_bytes == pinned_bytes(facts, stored_bytes(facts, plan.fp8)[0], plan.streamed,
+                                             plan.offload_encoders_vae, plan.decode_offload, plan.mapped_units,
+                                             plan.mapped_models)
     assert set(plan.mapped_units) <= set(plan.streamed)
 
 

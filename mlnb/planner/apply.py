@@ -22,7 +22,10 @@ pinned memory is the streamed bytes, not up to twice them.
 A model read from its files in another dtype than it is stored in (:mod:`.deferred`) is cast on the way, part by
 part: a kept part straight from the mapping to the GPU, a streamed unit, an encoder or the VAE into host memory just
 before it is packed into its pinned region. What is pinned is what is copied to the GPU again at every step or image
-(the streamed units, the encoders, the VAE); the kept part leaves no host copy.
+(the streamed units, the encoders, the VAE); the kept part leaves no host copy. The parts a plan leaves in the weight
+files' mapping because the host RAM cannot hold their pinned copies (``Plan.mapped_units``, ``Plan.mapped_models``)
+get none either: they are not read at load, and each copy to the GPU reads them from the mapping, cast on the way,
+its pages given back after it (:class:`.packed.MappedUnit`).
 """
 
 from __future__ import annotations

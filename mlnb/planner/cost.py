@@ -35,6 +35,9 @@ the decode measured in the plan's tiles, or until then the untiled decode times 
 cleanup) as measured by earlier generations with the encoders on the GPU or offloaded; until then the rest measured
 with everything resident, plus (encoder + VAE bytes) / bandwidth for an offloaded plan.
 
+Host RAM (:mod:`.host_ram`): a plan's pinned host copies, and its parts left in the weight files' mapping, whose
+copies :func:`mapped_step` charges at the pageable bandwidth.
+
 Until the card has measured them, the activation reserves come from the plain-diffusers peaks in the design notes
 (fp16, CFG, 20 steps): SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at
 512; SDXL's fp32 (upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
@@ -43,19 +46,18 @@ The measurements behind the constants here are in ``docs/benchmarks.md``.
 
 from __future__ import annotations
 
-import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..units import GiB, MiB, format_bytes
-from .pinning import packed_bytes
+from ..units import GiB, MiB
+from .host_ram import mapped_once_bytes, mapped_once_seconds, with_mapped
+from .plan import Plan
 from .ring import ring_layout
 
 __all__ = [
     "Block", "ModelFacts", "CardFacts", "Workload", "Plan", "denoise_reserve", "streamed_denoise_reserve",
     "decode_reserve", "decode_phase", "room_needed", "predict", "schedule_step", "streamed_step", "step_chains",
-    "step_time", "plan_step", "overlap_measured", "pinned_bytes", "pageable_bandwidth", "mapped_step", "FP8_STEP_FACTOR",
-    "TILE_TIME_FACTOR", "TILES", "PAGEABLE_FRACTION",
+    "step_time", "plan_step", "overlap_measured", "mapped_step", "FP8_STEP_FACTOR", "TILE_TIME_FACTOR", "TILES",
 ]
 
 # A step with fp8 storage against one in fp16: every layer's weights are upcast before use.
@@ -70,13 +72,6 @@ _USABLE = 0.92  # keep 8% of the budget for allocator fragmentation, or what the
 # shrink with the tile.
 TILE_OVERHEAD = 192 * MiB
 TILES = (768, 512, 256)  # the VAE tile sizes a plan may choose, largest first
-# An assumption, not a measurement: a copy from pageable memory (a weight left in its file's mapping) runs at this
-# fraction of the pinned bandwidth until the card has measured it (``CardFacts.pageable_bandwidth``). The driver
-# copies pageable memory through a staging buffer of its own, and pages not yet resident fault in on the way; a
-# quarter is on the slow side of what such copies reach from the page cache (pages read from disk again are slower).
-PAGEABLE_FRACTION = 0.25
-
-
 @dataclass(frozen=True)
 class Block:
     """A streamable piece of the denoiser (e.g. ``down_blocks.1``) and its weight bytes."""
@@ -198,79 +193,6 @@ def decode_reserve(work: Workload, tile: int | None) -> int:
         return int(per_mpix * work.mpix)
     one_tile = min(tile * tile / 2**20, work.width * work.height / 2**20)
     return int(per_mpix * one_tile) + TILE_OVERHEAD
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where each part of the pipeline lives for one budget, and what that is predicted to cost."""
-
-    budget: int
-    strategy: str  # "resident", "offload encoders and VAE", "stream"
-    resident: tuple[str, ...]
-    streamed: tuple[str, ...]
-    offload_encoders_vae: bool
-    fp8: bool
-    vae_tile: int | None
-    predicted_peak: int
-    predicted_seconds: float | None
-    streamed_bytes: int
-    transfer_once_bytes: int = 0  # encoder and VAE bytes moved to the GPU once per image
-    notes: tuple[str, ...] = field(default=())
-    slots: int = 2  # the streamed blocks' GPU ring holds this many of the largest one
-    # kept blocks sent to their pinned host copy before the decode (its peak cannot hold them), copied back for the
-    # next image, and their bytes
-    decode_offload: tuple[str, ...] = ()
-    decode_offload_bytes: int = 0
-    # host RAM: the page-locked bytes of the host copies (packed, :func:`pinned_bytes`) and the RAM they were allowed;
-    # the offloaded components (text encoders, ``"vae"``) whose host copy is pinned; and what is copied to the GPU
-    # from the weight files' mapping instead (pageable): streamed denoiser units, and offloaded components by name
-    pinned_bytes: int = 0
-    host_budget: int | None = None
-    pinned_models: tuple[str, ...] = ()
-    mapped_units: tuple[str, ...] = ()
-    mapped_models: tuple[str, ...] = ()
-    mapped_bytes: int = 0
-
-    def host_summary(self) -> str:
-        """Which host copies are pinned and which parts stay in the weight files' mapping, in a few words ("" for a
-        plan that keeps nothing on the host)."""
-        parts = []
-        if self.pinned_bytes:
-            streamed = len(self.streamed) - len(self.mapped_units)
-            what = ([f"{streamed} streamed blocks"] if streamed else []) + list(self.pinned_models)
-            what += [f"{len(self.decode_offload)} decode blocks"] if self.decode_offload else []
-            parts.append(f"pinned {format_bytes(self.pinned_bytes)} ({', '.join(what)})")
-        if self.mapped_bytes:
-            what = list(self.mapped_models)
-            what += [f"{len(self.mapped_units)} streamed blocks"] if self.mapped_units else []
-            parts.append(f"{format_bytes(self.mapped_bytes)} left mapped from the files ({', '.join(what)})")
-        return ", ".join(parts)
-
-    def summary(self) -> str:
-        parts = [self.strategy]
-        if self.streamed:
-            through = f" through {self.slots} slots" if self.slots != 2 else ""
-            parts.append(f"{len(self.streamed)} blocks streamed ({format_bytes(self.streamed_bytes)}){through}, "
-                         f"{len(self.resident)} resident")
-        if self.fp8:
-            parts.append("fp8 storage")
-        if self.vae_tile:
-            parts.append(f"VAE tiles {self.vae_tile}")
-        if self.decode_offload:
-            parts.append(f"{len(self.decode_offload)} kept blocks ({format_bytes(self.decode_offload_bytes)}) to the "
-                         f"host for the {'tiled' if self.vae_tile else 'untiled'} decode")
-        host = self.host_summary()
-        if host:
-            parts.append(host)
-        return ", ".join(parts)
-
-    def prediction(self) -> str:
-        known = self.predicted_seconds is not None
-        time = f"{self.predicted_seconds:.1f} s" if known else "time unknown until measured"
-        return f"predicted peak {format_bytes(self.predicted_peak)} of {format_bytes(self.budget)}, {time}"
-
-    def __str__(self) -> str:
-        return f"plan for {format_bytes(self.budget)}: {self.summary()}; {self.prediction()}"
 
 
 def _tiled_pixels(work: Workload, tile: int | None) -> int:
@@ -513,72 +435,19 @@ def plan_step(plan: Plan, model: ModelFacts, card: CardFacts) -> float | None:
     return mapped_step(card, sizes, plan.streamed, plan.slots, plan.fp8, plan.mapped_units)
 
 
-def pageable_bandwidth(card: CardFacts) -> float | None:
-    """Bytes/s of a copy to the GPU from pageable memory: measured on the card, else the pinned bandwidth times
-    :data:`PAGEABLE_FRACTION` (an assumption); None without either."""
-    if card.pageable_bandwidth:
-        return card.pageable_bandwidth
-    return card.bandwidth * PAGEABLE_FRACTION if card.bandwidth else None
-
-
 def mapped_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool, mapped=(),
                 calibrated: bool = True) -> float | None:
-    """The step of a plan streaming ``streamed``, of which the units ``mapped`` are copied from the weight files'
-    mapping (pageable memory) instead of their pinned copy: the step streaming the pinned units alone
-    (:func:`step_time`, or with ``calibrated`` False the replay alone, :func:`replayed_step`), plus every mapped
-    unit's copy at the pageable bandwidth, none of it hidden (the host waits for each such copy, so it is counted
-    on both chains at once), plus the per-unit host and overhead times of those units. None where a term is
-    unknown."""
-    mapped = tuple(mapped)
-    pinned = tuple(n for n in streamed if n not in set(mapped))
+    """The step streaming ``streamed`` with the units ``mapped`` copied from the weight files' mapping: the step of
+    the pinned units alone (:func:`step_time`; without ``calibrated``, the bare replay), plus the mapped units'
+    copies (:func:`.host_ram.with_mapped`)."""
+    left = set(mapped)
+    pinned = tuple(n for n in streamed if n not in left)
     if calibrated:
         step = step_time(card, sizes, pinned, slots, fp8)
     else:
         step = (replayed_step(card, sizes, pinned, slots, fp8, calibrated=False) if pinned
                 else step_chains(card, sizes, (), slots, fp8)[0])
-    if step is None or not mapped:
-        return step
-    pageable = pageable_bandwidth(card)
-    if pageable is None:
-        return None
-    per_unit = (card.host_unit_seconds or 0.0) + ((card.unit_overhead or 0.0) if calibrated else 0.0)
-    return step + sum(sizes[n] for n in mapped) / pageable + len(mapped) * per_unit
-
-
-def mapped_once_seconds(card: CardFacts, nbytes: int) -> float | None:
-    """What copying ``nbytes`` of offloaded components (text encoders, VAE) once per image from the weight files'
-    mapping costs beyond copying them from pinned memory; None without the bandwidths."""
-    if not nbytes:
-        return 0.0
-    pageable = pageable_bandwidth(card)
-    if pageable is None or not card.bandwidth:
-        return None
-    return nbytes / pageable - nbytes / card.bandwidth
-
-
-@functools.lru_cache(maxsize=8192)
-def _packed(sizes: tuple[int, ...]) -> int:
-    return packed_bytes(sizes)
-
-
-def pinned_bytes(model: ModelFacts, fp8: bool, streamed, offload_encoders_vae: bool, decode_offload=(),
-                 mapped_units=(), mapped_models=()) -> int:
-    """The page-locked host bytes a placement packs (:func:`.pinning.packed_bytes`: buffers of powers of two, one
-    packing per model): the streamed denoiser units not left mapped; the kept blocks sent to the host for the
-    decode; and, when the encoders and the VAE are offloaded, each text encoder's units and the VAE not left mapped.
-    The kept part leaves no host copy."""
-    sizes, _, _ = stored_bytes(model, fp8)
-    left = set(mapped_units)
-    total = _packed(tuple(sizes[n] for n in streamed if n not in left))
-    total += _packed(tuple(sizes[n] for n in decode_offload))
-    if offload_encoders_vae:
-        units = model.encoder_units or {}
-        for name, nbytes in model.encoders.items():
-            if name not in mapped_models:
-                total += _packed(tuple(units.get(name) or (nbytes,)))
-        if "vae" not in mapped_models:
-            total += _packed((model.vae,))
-    return total
+    return with_mapped(card, step, sum(sizes[n] for n in left), len(left), calibrated)
 
 
 def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> tuple[int, float | None]:
@@ -590,12 +459,6 @@ def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> t
                                 plan.decode_offload_bytes)
     once = mapped_once_seconds(card, mapped_once_bytes(plan, model))
     return peak, (seconds + once if seconds is not None and once is not None else None)
-
-
-def mapped_once_bytes(plan: Plan, model: ModelFacts) -> int:
-    """The bytes of ``plan``'s offloaded components (text encoders, VAE) left in the weight files' mapping."""
-    sizes = dict(model.encoders, vae=model.vae)
-    return sum(sizes.get(name, 0) for name in plan.mapped_models)
 
 
 def room_needed(peak: int, card: CardFacts | None = None) -> int:

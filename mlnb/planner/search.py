@@ -13,6 +13,11 @@ the decode (:func:`_decode_offload`), so that more stays resident for the steps 
 or untiled, for one copy of those blocks back to the GPU per image. With measured card facts the fastest plan that
 fits wins; without them, the one that moves and transforms least (a decode offload only where nothing fits
 without one).
+
+Each placement that fits the GPU must also fit the host RAM it may pin (:func:`plan_for_budget`'s ``host``): where
+its pinned copies (:func:`.cost.pinned_bytes`) do not, the fewest parts that make them fit are left in the weight
+files' mapping, the offloaded components first (copied once per image), then the streamed units (copied at every
+step), and the placement is timed with their copies from pageable memory.
 """
 
 from __future__ import annotations
@@ -28,11 +33,9 @@ from .cost import (
     ModelFacts,
     Plan,
     Workload,
-    mapped_once_seconds,
     mapped_step,
     peak_bytes,
     phase_terms,
-    pinned_bytes,
     reserves,
     room_needed,
     seconds_per_image,
@@ -40,6 +43,7 @@ from .cost import (
     stored_bytes,
     usable_bytes,
 )
+from .host_ram import mapped_once_seconds, pinned_bytes
 
 __all__ = ["BudgetError", "plan_for_budget", "host_budget", "MIN_STREAMED", "HOST_MARGIN"]
 
@@ -238,9 +242,10 @@ def _host_variants(plan: Plan, model: ModelFacts, card: CardFacts, work: Workloa
 
     def variant(count: int) -> Plan:
         models = tuple(n for kind, n in order[:count] if kind == "model")
-        units = tuple(n for n in plan.streamed if ("unit", n) in order[:count])
-        pinned = pinned_bytes(model, plan.fp8, plan.streamed, plan.offload_encoders_vae, plan.decode_offload,
-                              units, models)
+        chosen = set(order[:count])
+        units = tuple(n for n in plan.streamed if ("unit", n) in chosen)
+        pinned = pinned_bytes(model, sizes, plan.streamed, plan.offload_encoders_vae, plan.decode_offload, units,
+                              models)
         return dataclasses.replace(
             plan, pinned_bytes=pinned, host_budget=host, pinned_models=tuple(n for n in offloaded if n not in models),
             mapped_models=models, mapped_units=units,
@@ -306,8 +311,8 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
     on_gpu = [p for p in plans if p.predicted_peak <= usable_bytes(budget, card)]
     fitting = [v for p in on_gpu for v in _host_variants(p, model, card, work, host)]
     if on_gpu and not fitting:
-        least = min(pinned_bytes(model, p.fp8, p.streamed, p.offload_encoders_vae, p.decode_offload,
-                                 mapped_units=p.streamed, mapped_models=_offloaded(p, model)) for p in on_gpu)
+        least = min(pinned_bytes(model, stored_bytes(model, p.fp8)[0], p.streamed, p.offload_encoders_vae,
+                                 p.decode_offload, p.streamed, _offloaded(p, model)) for p in on_gpu)
         raise BudgetError(
             f"no placement fits {format_bytes(budget)} of GPU memory with {format_bytes(max(0, host))} of host RAM "
             f"to pin for {work.width}×{work.height}: the least pinned of those that fit the GPU needs "
