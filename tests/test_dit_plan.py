@@ -295,7 +295,8 @@ def test_a_plan_with_no_host_ram_to_pin_streams_from_the_mapping_and_gives_the_u
     assert len(streamers) == 1 + len(text_encoders(pipe))
     for streamer in streamers:
         assert all(isinstance(unit, MappedUnit) and unit.region is None for unit in streamer.units.values())
-        homes = [t for unit in streamer.units.values() for t in unit.home if t.numel() > 1]
+        homes = [home for unit in streamer.units.values() for t, home in zip(unit.tensors, unit.home)
+                 if isinstance(t, torch.nn.Parameter)]  # buffers such as position ids are made at load
         assert homes and all(any(lo <= t.data_ptr() < hi for lo, hi in files) for t in homes)
     assert isinstance(pipe.vae._mlnb_whole.unit, MappedUnit)
     assert np.array_equal(run(pipe), reference)

@@ -112,15 +112,15 @@ def test_under_a_t4_and_12_gib_of_host_ram_the_plan_fits_both(archs, name):
 
 
 def test_flux_dev_would_pin_more_than_12_gib_and_leaves_t5_in_the_mapping_first(archs):
-    """FLUX.1-dev in 16 bits under 15 GiB pins about 20 GiB (streamed transformer blocks, T5-XXL, CLIP, VAE). With
-    12 GiB of host RAM, T5 (copied once per image) stays in the files' mapping before any streamed block does, and
-    16-bit weights are kept."""
+    """FLUX.1-dev in 16 bits under 15 GiB pins about 26 GiB (streamed transformer blocks, T5-XXL, CLIP, VAE, each
+    packing rounded to powers of two). With 12 GiB of host RAM, T5 (copied once per image) stays in the files'
+    mapping, no streamed block does, and 16-bit weights are kept."""
     facts = archs["flux-dev"]
     free = plan_for_budget(T4, facts, CardFacts(), WORK, host=float("inf"))
-    assert free.pinned_bytes > 18 * GiB
+    assert free.pinned_bytes > 20 * GiB and not free.fp8
     plan = plan_for_budget(T4, facts, CardFacts(), WORK, host=HOST)
     assert "text_encoder_2" in plan.mapped_models and not plan.mapped_units and not plan.fp8
-    assert plan.streamed == free.streamed  # the GPU placement is the same
+    assert plan.strategy == "stream" and plan.streamed_bytes > 8 * GiB
     assert plan.mapped_bytes == facts.encoders["text_encoder_2"]
     assert "left mapped from the files (text_encoder_2)" in plan.summary()
 
