@@ -15,7 +15,7 @@ from fakes import generate_64 as run, tiny_dit_stream_budget
 from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget, streamer_of, streamers_of
 from mlnb.planner.blocks import denoiser_units, model_units, text_encoders
 from mlnb.planner.models import EXECUTION_ORDER, execution_order, native_size
-from mlnb.planner.search import BudgetError
+from mlnb.planner.search import BudgetError, fit_host
 from mlnb.planner.streaming import module_streamer
 from mlnb.testing import FakeDevice
 from mlnb.units import GiB
@@ -285,7 +285,8 @@ def test_a_plan_with_no_host_ram_to_pin_streams_from_the_mapping_and_gives_the_u
     reference = run(_pipe(request, kind))
     pipe = _pipe(request, kind)
     budget = tiny_dit_stream_budget(pipe, monkeypatch, 20_000)
-    plan = plan_for_budget(budget, model_facts(pipe), CardFacts(), Workload(64, 64, 1, 2), host=0)
+    facts, work = model_facts(pipe), Workload(64, 64, 1, 2)
+    plan = fit_host(plan_for_budget(budget, facts, CardFacts(), work), facts, CardFacts(), work, 0)
     assert plan.strategy == "stream" and plan.streamed and plan.pinned_bytes == 0
     assert set(plan.mapped_units) == set(plan.streamed)
     assert set(plan.mapped_models) == set(text_encoders(pipe)) | {"vae"}
@@ -304,29 +305,43 @@ def test_a_plan_with_no_host_ram_to_pin_streams_from_the_mapping_and_gives_the_u
     assert all(s.chained for s in streamers)
 
 
+@pytest.mark.parametrize("kept", [2, 8])
 @pytest.mark.parametrize("kind", KINDS)
-def test_a_managed_plan_with_little_host_ram_casts_mapped_units_as_they_are_copied(request, kind, clean_cache,
-                                                                                 monkeypatch):
+def test_a_managed_plan_with_no_host_ram_casts_mapped_parts_as_they_are_copied(request, kind, kept, clean_cache,
+                                                                             monkeypatch):
     """``load_pipeline(budget=...)`` on a CUDA-like fake device with ``MLNB_HOST_BUDGET`` at nothing: the fp32 files
-    read as fp16 stay in the mapping, every streamed unit, encoder and the VAE is cast as it is copied, on the copy
-    stream, and the image is plain diffusers' in fp16 within tolerance."""
+    read as fp16 stay in the mapping and each part left there is cast as it is copied, on the copy stream. Where half
+    the transformer fits the card, fp8 keeps it all there and the encoders and the VAE are copied from the mapping
+    (each weight cast to fp8 as it is placed); where an eighth does, the streamed units are copied from the mapping
+    too, in 16 bits. The image is plain diffusers' in fp16 within tolerance, twice."""
     from diffusers import DiffusionPipeline
 
     import mlnb
+    from mlnb.planner import cost
     from mlnb.planner.packed import MappedUnit
 
     folder = request.getfixturevalue(f"tiny_{kind}")
-    reference = run(DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)).astype(np.int16)
-    budget = tiny_dit_stream_budget(DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16), monkeypatch, 20_000)
+    pipe16 = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)
+    reference = run(pipe16).astype(np.int16)
+    tiny_dit_stream_budget(pipe16, monkeypatch, 20_000)  # the planner's reserves scaled down to the tiny model
+    facts = model_facts(pipe16)
+    _, decode, _ = cost.phase_terms(facts, None, Workload(64, 64, 1, 2), CardFacts())
+    largest = max(b.nbytes for b in facts.blocks)
+    held = facts.denoiser_other + sum(b.nbytes for b in facts.blocks) // kept
+    budget = int((held + max(decode, 2 * largest + 100_000, facts.encoder_slots + 10_000)) / 0.92)
     monkeypatch.setenv("MLNB_HOST_BUDGET", "0")
     managed = mlnb.load_pipeline(folder, budget=budget, device=FakeDevice(cuda_like=True))
     plan = managed.plan
-    assert plan.strategy == "stream" and plan.mapped_units == plan.streamed and plan.pinned_bytes == 0
+    assert plan.pinned_bytes == 0 and set(plan.mapped_models) == set(text_encoders(managed.pipe)) | {"vae"}
+    if kept == 2:
+        assert plan.fp8 and not plan.streamed
+    else:
+        assert not plan.fp8 and plan.streamed and plan.mapped_units == plan.streamed
     assert "left mapped from the files" in managed.choice.reason
     for _ in range(2):
         result = managed.generate("a fox", steps=2, width=64, height=64, seed=1)
         diff = np.abs(np.asarray(result.images[0]).astype(np.int16) - reference)
         assert diff.max() <= MAX_DIFF and diff.mean() <= MEAN_DIFF, (diff.max(), diff.mean())
     streamers = streamers_of(managed.pipe)
-    assert all(s.chained for s in streamers)
+    assert streamers and all(s.chained for s in streamers)
     assert all(isinstance(u, MappedUnit) for s in streamers for u in s.units.values())

@@ -45,7 +45,7 @@ from .cost import (
 )
 from .host_ram import mapped_once_seconds, pinned_bytes
 
-__all__ = ["BudgetError", "plan_for_budget", "host_budget", "MIN_STREAMED", "HOST_MARGIN"]
+__all__ = ["BudgetError", "plan_for_budget", "fit_host", "host_budget", "MIN_STREAMED", "HOST_MARGIN"]
 
 # A streamed unit's copy is issued when the unit two places before it ends, so a tiny streamed unit (a transformer's
 # norm or 1×1 projection, split off a block too large to stream whole) leaves the next large unit almost no compute
@@ -228,11 +228,11 @@ def _mapped_once(plan: Plan, model: ModelFacts) -> int:
     return sum(sizes.get(name, 0) for name in plan.mapped_models)
 
 
-def _host_variants(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload, host: int | None):
-    """``plan`` with its host copies counted (:func:`.cost.pinned_bytes`): as it is where they fit ``host`` bytes
-    (or there is no limit), else with the fewest parts left in the weight files' mapping that make them fit, in the
-    order :func:`plan_for_budget` gives, its time charged for their pageable copies; nothing where even everything
-    left mapped does not fit."""
+def fit_host(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload, host: int | None) -> Plan | None:
+    """``plan`` (a placement on the GPU) with its host copies counted (:func:`.host_ram.pinned_bytes`): as it is
+    where they fit ``host`` bytes (or ``host`` is None), else with the fewest parts left in the weight files' mapping
+    that make them fit, in the order :func:`plan_for_budget` gives, its time charged for their pageable copies; None
+    where even everything left mapped does not fit."""
     offloaded = _offloaded(plan, model)
     sizes, _, _ = stored_bytes(model, plan.fp8)
     whole = dict(model.encoders, vae=model.vae)
@@ -254,10 +254,9 @@ def _host_variants(plan: Plan, model: ModelFacts, card: CardFacts, work: Workloa
 
     first = variant(0)
     if host is None or first.pinned_bytes <= host:
-        yield first
-        return
+        return first
     if variant(len(order)).pinned_bytes > host:
-        return
+        return None
     low, high = 0, len(order)  # pinned(low) > host >= pinned(high): the fewest parts left mapped that fit
     while high - low > 1:
         middle = (low + high) // 2
@@ -270,7 +269,7 @@ def _host_variants(plan: Plan, model: ModelFacts, card: CardFacts, work: Workloa
     step = mapped_step(card, sizes, chosen.streamed, chosen.slots, chosen.fp8, chosen.mapped_units)
     seconds = seconds_per_image(card, work, step, chosen.transfer_once_bytes, chosen.vae_tile,
                                 chosen.decode_offload_bytes)
-    yield dataclasses.replace(chosen, predicted_seconds=seconds + once if None not in (seconds, once) else None)
+    return dataclasses.replace(chosen, predicted_seconds=seconds + once if None not in (seconds, once) else None)
 
 
 def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = None,
@@ -309,7 +308,7 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
         host = None
     plans = list(_candidates(budget, model, card, work))
     on_gpu = [p for p in plans if p.predicted_peak <= usable_bytes(budget, card)]
-    fitting = [v for p in on_gpu for v in _host_variants(p, model, card, work, host)]
+    fitting = [v for v in (fit_host(p, model, card, work, host) for p in on_gpu) if v is not None]
     if on_gpu and not fitting:
         least = min(pinned_bytes(model, stored_bytes(model, p.fp8)[0], p.streamed, p.offload_encoders_vae,
                                  p.decode_offload, p.streamed, _offloaded(p, model)) for p in on_gpu)
