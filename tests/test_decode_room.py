@@ -153,7 +153,7 @@ def test_through_the_fake_device_the_kept_blocks_are_on_the_host_while_the_vae_d
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path))
     budget = tiny_stream_budget(DiffusionPipeline.from_pretrained(tiny_sdxl), monkeypatch)
     planned = search.plan_for_budget
-    monkeypatch.setattr(search, "plan_for_budget", lambda budget, facts, card=None, work=None: _evicting(
+    monkeypatch.setattr(search, "plan_for_budget", lambda budget, facts, card=None, work=None, host=None: _evicting(
         planned(budget, facts, card, work), facts))
     device = FakeDevice(cuda_like=True)
     managed = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=device)

@@ -15,7 +15,7 @@ from fakes import generate_64 as run, tiny_dit_stream_budget
 from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget, streamer_of, streamers_of
 from mlnb.planner.blocks import denoiser_units, model_units, text_encoders
 from mlnb.planner.models import EXECUTION_ORDER, execution_order, native_size
-from mlnb.planner.search import BudgetError
+from mlnb.planner.search import BudgetError, fit_host
 from mlnb.planner.streaming import module_streamer
 from mlnb.testing import FakeDevice
 from mlnb.units import GiB
@@ -242,9 +242,18 @@ def test_flux_dev_fits_a_t4_by_streaming_its_transformer_in_execution_order(flux
     assert single == ["norm", "proj_mlp", "attn", "proj_out"]  # 270 MiB in bf16: cut, in the order it runs
     assert facts.denoiser > 20 * GiB and facts.encoder_slots < 1 * GiB < facts.encoders["text_encoder_2"]
     work = Workload(1024, 1024, 1, 20)
-    plan = plan_for_budget(15 * GiB, facts, CardFacts(), work)
+    plan = plan_for_budget(15 * GiB, facts, CardFacts(), work, host=float("inf"))
     assert plan.strategy == "stream" and not plan.fp8 and plan.predicted_peak <= 0.92 * 15 * GiB
     assert plan.streamed_bytes > 8 * GiB  # the rest of the 22 GiB stays on the card
+
+
+def test_the_stored_flux_dev_facts_are_the_built_ones(flux_dev_facts):
+    """tests/data/arch_facts.json, which the host RAM plans of tests/test_host_plan.py read, is FLUX.1-dev as built."""
+    import json
+
+    from test_host_plan import FACTS, facts_to_json
+
+    assert json.loads(json.dumps(facts_to_json(flux_dev_facts[0]))) == json.loads(FACTS.read_text())["flux-dev"]
 
 
 def test_flux_dev_is_stored_as_fp8_only_where_16_bit_weights_cannot_fit(flux_dev_facts):
@@ -257,9 +266,82 @@ def test_flux_dev_is_stored_as_fp8_only_where_16_bit_weights_cannot_fit(flux_dev
     for gib in (15, 8, 4, 2, 1.5, 1.2):
         budget = int(gib * GiB)
         try:
-            plan = plan_for_budget(budget, facts, card, work)
+            plan = plan_for_budget(budget, facts, card, work, host=float("inf"))
         except BudgetError:
             continue
         fits_16 = any(p.predicted_peak <= search.usable_bytes(budget, card) and not p.fp8
                       for p in search._candidates(budget, facts, card, work))
         assert plan.fp8 is (not fits_16), gib
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_plan_with_no_host_ram_to_pin_streams_from_the_mapping_and_gives_the_unplanned_image(request, kind, monkeypatch):
+    """With no host RAM to pin, the streamed transformer units, the text encoders (T5 among them) and the VAE are
+    copied from the safetensors files' mapping at every use: no pinned copy is made, their tensors at home are views
+    of the mapped files, and the image is the unplanned one, twice (the second through the prefetch chains)."""
+    from mlnb.planner.host_memory import weight_file_ranges
+    from mlnb.planner.packed import MappedUnit
+
+    reference = run(_pipe(request, kind))
+    pipe = _pipe(request, kind)
+    budget = tiny_dit_stream_budget(pipe, monkeypatch, 20_000)
+    facts, work = model_facts(pipe), Workload(64, 64, 1, 2)
+    plan = fit_host(plan_for_budget(budget, facts, CardFacts(), work), facts, CardFacts(), work, 0)
+    assert plan.strategy == "stream" and plan.streamed and plan.pinned_bytes == 0
+    assert set(plan.mapped_units) == set(plan.streamed)
+    assert set(plan.mapped_models) == set(text_encoders(pipe)) | {"vae"}
+    apply_plan(pipe, plan, "cpu", use_stream=False)
+    files = weight_file_ranges()
+    streamers = streamers_of(pipe)
+    assert len(streamers) == 1 + len(text_encoders(pipe))
+    for streamer in streamers:
+        assert all(isinstance(unit, MappedUnit) and unit.region is None for unit in streamer.units.values())
+        homes = [home for unit in streamer.units.values() for t, home in zip(unit.tensors, unit.home)
+                 if isinstance(t, torch.nn.Parameter)]  # buffers such as position ids are made at load
+        assert homes and all(any(lo <= t.data_ptr() < hi for lo, hi in files) for t in homes)
+    assert isinstance(pipe.vae._mlnb_whole.unit, MappedUnit)
+    assert np.array_equal(run(pipe), reference)
+    assert np.array_equal(run(pipe), reference)
+    assert all(s.chained for s in streamers)
+
+
+@pytest.mark.parametrize("kept", [2, 8])
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_managed_plan_with_no_host_ram_casts_mapped_parts_as_they_are_copied(request, kind, kept, clean_cache,
+                                                                             monkeypatch):
+    """``load_pipeline(budget=...)`` on a CUDA-like fake device with ``MLNB_HOST_BUDGET`` at nothing: the fp32 files
+    read as fp16 stay in the mapping and each part left there is cast as it is copied, on the copy stream. Where half
+    the transformer fits the card, fp8 keeps it all there and the encoders and the VAE are copied from the mapping
+    (each weight cast to fp8 as it is placed); where an eighth does, the streamed units are copied from the mapping
+    too, in 16 bits. The image is plain diffusers' in fp16 within tolerance, twice."""
+    from diffusers import DiffusionPipeline
+
+    import mlnb
+    from mlnb.planner import cost
+    from mlnb.planner.packed import MappedUnit
+
+    folder = request.getfixturevalue(f"tiny_{kind}")
+    pipe16 = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float16)
+    reference = run(pipe16).astype(np.int16)
+    tiny_dit_stream_budget(pipe16, monkeypatch, 20_000)  # the planner's reserves scaled down to the tiny model
+    facts = model_facts(pipe16)
+    _, decode, _ = cost.phase_terms(facts, None, Workload(64, 64, 1, 2), CardFacts())
+    largest = max(b.nbytes for b in facts.blocks)
+    held = facts.denoiser_other + sum(b.nbytes for b in facts.blocks) // kept
+    budget = int((held + max(decode, 2 * largest + 100_000, facts.encoder_slots + 10_000)) / 0.92)
+    monkeypatch.setenv("MLNB_HOST_BUDGET", "0")
+    managed = mlnb.load_pipeline(folder, budget=budget, device=FakeDevice(cuda_like=True))
+    plan = managed.plan
+    assert plan.pinned_bytes == 0 and set(plan.mapped_models) == set(text_encoders(managed.pipe)) | {"vae"}
+    if kept == 2:
+        assert plan.fp8 and not plan.streamed
+    else:
+        assert not plan.fp8 and plan.streamed and plan.mapped_units == plan.streamed
+    assert "left mapped from the files" in managed.choice.reason
+    for _ in range(2):
+        result = managed.generate("a fox", steps=2, width=64, height=64, seed=1)
+        diff = np.abs(np.asarray(result.images[0]).astype(np.int16) - reference)
+        assert diff.max() <= MAX_DIFF and diff.mean() <= MEAN_DIFF, (diff.max(), diff.mean())
+    streamers = streamers_of(managed.pipe)
+    assert streamers and all(s.chained for s in streamers)
+    assert all(isinstance(u, MappedUnit) for s in streamers for u in s.units.values())

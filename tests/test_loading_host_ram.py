@@ -121,3 +121,60 @@ def test_a_plan_placed_from_the_mapping_holds_its_pinned_bytes_plus_a_constant(w
     assert pinned > 0
     # the constant: one pinned buffer filled before its sources go back, and the pages read between two releases
     assert grown <= pinned + BIN_BYTES + 32 * MiB, (grown / MiB, pinned / MiB, unet / MiB)
+
+
+def _file_rss(name: str) -> int:
+    """The resident bytes of this process's mappings of files whose path ends with ``name``."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            head = line.split(None, 1)[0]
+            if not head.endswith(":"):  # a mapping's header: its range, flags and path
+                inside = line.rstrip().endswith(name)
+            elif inside and head == "Rss:":
+                total += int(line.split()[1]) * 1024
+    return total
+
+
+class _FilePeak(_Peak):
+    """The peak of the resident pages of the mapped UNet file while the block runs."""
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _file_rss("unet/diffusion_pytorch_model.safetensors"))
+            self._stop.wait(0.001)
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _file_rss("unet/diffusion_pytorch_model.safetensors"))
+
+
+def test_units_streamed_from_the_mapping_hold_about_one_unit_of_its_pages(wide_sd_fp16, monkeypatch):
+    """With no host RAM to pin, every streamed UNet unit is copied from its file's mapping at every step (fp16 files
+    cast to fp32 on the way) and its pages leave the process after each copy: over two images the UNet file's
+    resident pages stay about one unit's, not the streamed bytes (which each step reads in full)."""
+    import gc
+
+    from fakes import generate_64, tiny_stream_budget
+    from mlnb.pipeline.mapped import read_pipeline
+    from mlnb.planner import CardFacts, Workload, apply_plan, model_facts, plan_for_budget
+    from mlnb.planner.host_memory import give_back_host_memory
+
+    pipe = read_pipeline(wide_sd_fp16, torch.float32)
+    budget = tiny_stream_budget(pipe, monkeypatch, max_block=8 * MiB)
+    facts = model_facts(pipe)
+    budget = facts.denoiser_other + sum(b.nbytes for b in facts.blocks) // 4 + (budget - facts.denoiser_other)
+    plan = plan_for_budget(budget, facts, CardFacts(), Workload(64, 64, 1, 2), host=0)
+    assert plan.mapped_units == plan.streamed and plan.pinned_bytes == 0
+    apply_plan(pipe, plan, "cpu", use_stream=False)
+    gc.collect()
+    give_back_host_memory()
+    sizes = {b.name: b.nbytes for b in facts.blocks}
+    largest = max(sizes[n] for n in plan.streamed) // 2  # fp16 in the file
+    streamed = sum(sizes[n] for n in plan.streamed) // 2
+    assert streamed > 6 * largest
+    with _FilePeak() as peak:
+        for _ in range(2):
+            generate_64(pipe)
+    assert peak.peak <= 2 * largest + 2 * MiB, (peak.peak / MiB, largest / MiB, streamed / MiB)

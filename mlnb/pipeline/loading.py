@@ -315,7 +315,7 @@ def _plan(pipe, budget: int, setting: MemorySetting, device: Device, dtype) -> t
     try:
         facts = blocks.model_facts(pipe)
         card = card_facts(device, blocks.model_key(pipe, dtype), work)
-        plan = search.plan_for_budget(budget, facts, card, work)
+        plan = search.plan_for_budget(budget, facts, card, work, host=_host_budget(device))
     except (search.BudgetError, ValueError) as exc:  # nothing fits, or no UNet/transformer to plan for
         raise InvalidArgumentError(str(exc)) from None
     if device.has_memory_counters:
@@ -323,6 +323,24 @@ def _plan(pipe, budget: int, setting: MemorySetting, device: Device, dtype) -> t
     else:  # a plan is applied on a GPU only: here it is shown, in one line
         logger.warning("%s", plan_not_applied(plan_title(plan, setting)))
     return plan, facts
+
+
+def _host_budget(device: Device) -> int | None:
+    """The host RAM a plan may pin: ``$MLNB_HOST_BUDGET`` when set (``"10GiB"`` or bytes: what a benchmark that
+    stands in for a smaller host gives), else the host's available memory as the device reports it, less the
+    planner's margin (:func:`mlnb.planner.search.host_budget`); None where unknown (no limit)."""
+    from ..units import parse_bytes
+
+    given = os.environ.get("MLNB_HOST_BUDGET", "").strip()
+    if given:
+        try:
+            return parse_bytes(given)
+        except ValueError:
+            raise InvalidArgumentError(f"MLNB_HOST_BUDGET={given!r} is not a size (say 10GiB, or bytes)") from None
+    info = device.info()
+    if info.host_available_bytes is None:
+        return None
+    return search.host_budget(info.host_total_bytes, info.host_available_bytes)
 
 
 def _cached(source: str, dname: str, setting: MemorySetting, device: Device, kwargs: dict,

@@ -22,7 +22,10 @@ pinned memory is the streamed bytes, not up to twice them.
 A model read from its files in another dtype than it is stored in (:mod:`.deferred`) is cast on the way, part by
 part: a kept part straight from the mapping to the GPU, a streamed unit, an encoder or the VAE into host memory just
 before it is packed into its pinned region. What is pinned is what is copied to the GPU again at every step or image
-(the streamed units, the encoders, the VAE); the kept part leaves no host copy.
+(the streamed units, the encoders, the VAE); the kept part leaves no host copy. The parts a plan leaves in the weight
+files' mapping because the host RAM cannot hold their pinned copies (``Plan.mapped_units``, ``Plan.mapped_models``)
+get none either: they are not read at load, and each copy to the GPU reads them from the mapping, cast on the way,
+its pages given back after it (:class:`.packed.MappedUnit`).
 """
 
 from __future__ import annotations
@@ -43,8 +46,9 @@ from ..units import MiB, format_bytes
 from .blocks import model_units, text_encoders
 from .cost import Plan
 from .decode_room import make_decode_room
-from .deferred import materialize
+from .deferred import defer, materialize
 from .host_memory import GiveBackEvery, give_back_host_memory
+from .packed import is_mapped
 from .streaming import module_streamer, pin_whole, stream_units
 
 logger = logging.getLogger(__name__)
@@ -86,10 +90,23 @@ def _move_except(module, prefix: str, streamed: set[str], device, each_part=None
         _move_except(child, f"{prefix}.{name}" if prefix else name, streamed, device, each_part)
 
 
-def _on_host(module) -> None:
+def _on_host(module, mapped=()) -> None:
     """Cast what is still deferred of ``module`` into host memory (the parts about to be packed into pinned regions),
-    giving the mapped pages read back every 64 MiB."""
-    materialize(module, "cpu", each_part=GiveBackEvery())
+    giving the mapped pages read back every 64 MiB; the units named in ``mapped`` (dotted paths), and any module
+    streamed from the mapping already, stay there (cast as they are copied)."""
+    each = GiveBackEvery()
+
+    def walk(sub, prefix: str) -> None:
+        if prefix in mapped or is_mapped(sub):
+            return
+        materialize(sub, "cpu", recurse=False, each_part=each)
+        for name, child in sub.named_children():
+            walk(child, f"{prefix}.{name}" if prefix else name)
+
+    if mapped or any(is_mapped(sub) for sub in module.modules()):
+        walk(module, "")
+    else:
+        materialize(module, "cpu", each_part=each)
 
 
 def _release_before(streamer, pipe) -> None:
@@ -133,6 +150,9 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
     level = plan_level(plan)
 
     if plan.fp8:
+        # Every weight left in the mapping first: layerwise casting then casts placeholders, and each weight is cast
+        # to fp8 as it is placed (on the GPU, or into its pinned copy), not the whole denoiser on the host at once.
+        defer(denoiser, lambda _, tensor: tensor.dtype, same=True)
         store_fp8(denoiser)
         results[Technique.FP8_STORAGE] = applied(
             Technique.FP8_STORAGE, "denoiser weights stored as fp8 (needed to fit or faster)", "fp8 storage"
@@ -165,16 +185,20 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
                 vae._mlnb_upcast_on_gpu = True
                 vae.register_to_config(force_upcast=False)  # the pipeline leaves the cast to the onload
                 cast_at_the_vae_s_edges(vae)  # fp16 latents into an fp32 decoder
-            _on_host(vae)
+            vae_mapped = "vae" in plan.mapped_models
+            if not vae_mapped:
+                _on_host(vae)
             vae_off = pin_whole(vae, device, copies, copies.host_buffer,
-                                compute_dtype=torch.float32 if upcast else None).offload
+                                compute_dtype=torch.float32 if upcast else None, mapped=vae_mapped).offload
         encoders = list(text_encoders(pipe).values())
-        for encoder in encoders:
-            units = [name for name, _ in model_units(encoder)]
+        for name, encoder in text_encoders(pipe).items():
+            units = [unit for unit, _ in model_units(encoder)]
             _move_except(encoder, "", set(units), device)
-            _on_host(encoder)  # its units, packed next
+            mapped = units if name in plan.mapped_models else ()
+            if not mapped:
+                _on_host(encoder)  # its units, packed next
             stream_units(encoder, units, device, copies, copies.copy_stream() if use_stream else None,
-                         copies.host_buffer)
+                         copies.host_buffer, mapped=mapped)
         give_back_host_memory()  # the encoders' pageable originals, replaced by packed pinned copies
         if vae_off is not None:
             def vae_leaves(module, args):
@@ -186,6 +210,8 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
             Technique.MODEL_CPU_OFFLOAD,
             "text encoders streamed unit by unit and the VAE moved whole from pinned memory"
             f"{' (cast to fp32 on the GPU)' if upcast else ''}, each on the GPU only while it runs"
+            + (f"; {', '.join(plan.mapped_models)} copied from the weight files' mapping instead (the host RAM "
+               "cannot hold their pinned copies)" if plan.mapped_models else "")
             + (f"; {len(plan.decode_offload)} kept denoiser blocks ({format_bytes(plan.decode_offload_bytes)}) go "
                "to their pinned host copy for each decode" if plan.decode_offload else ""),
             "encoders+VAE offload" + (", kept blocks out for the decode" if plan.decode_offload else ""),
@@ -196,10 +222,10 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
                 _move_except(module, "", set(), device, each_part=GiveBackEvery())
 
     if streamed:
-        _on_host(denoiser)  # the streamed units, packed next
+        _on_host(denoiser, plan.mapped_units)  # the streamed units to pin, packed next
         streamer = stream_units(
             denoiser, plan.streamed, device, copies, copies.copy_stream() if use_stream else None,
-            copies.host_buffer, keep_slots=True, slots=plan.slots,
+            copies.host_buffer, keep_slots=True, slots=plan.slots, mapped=plan.mapped_units,
         )
         _release_before(streamer, pipe)
         give_back_host_memory()  # the pageable originals the packed pinned copies replaced
@@ -207,9 +233,11 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         moved = plan.streamed_bytes
         how = f" from pinned memory, each prefetched on a copy stream through {plan.slots} slots" if prefetched else (
             ", each copied in order")
+        left = (f" ({len(plan.mapped_units)} of them from the weight files' mapping: the pinned copies would not fit "
+                f"the host RAM)" if plan.mapped_units else "")
         results[Technique.GROUP_OFFLOAD] = applied(
             Technique.GROUP_OFFLOAD,
-            f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed{how}"
+            f"{len(plan.streamed)} denoiser blocks ({format_bytes(moved)}) streamed{how}{left}"
             f"; {len(plan.resident)} blocks resident",
             f"stream {format_bytes(moved)}{' prefetched' if prefetched else ''}, keep {len(plan.resident)} blocks",
         )

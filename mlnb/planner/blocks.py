@@ -111,9 +111,10 @@ def model_facts(pipe, max_block: int | None = None) -> ModelFacts:
     vae = getattr(pipe, "vae", None)
     bytes_per_param = next(denoiser.parameters()).element_size()
     # an offloaded encoder's streamer holds two slots of its largest unit (one when it is a single unit)
-    slots = []
-    for encoder in encoders.values():
+    slots, encoder_units = [], {}
+    for name, encoder in encoders.items():
         units = [module_bytes(unit) for _, unit in model_units(encoder, max_block)]
+        encoder_units[name] = tuple(units)
         if units:
             slots.append(min(2, len(units)) * max(units))
     return ModelFacts(
@@ -123,6 +124,7 @@ def model_facts(pipe, max_block: int | None = None) -> ModelFacts:
         denoiser_other=module_bytes(denoiser) - sum(b.nbytes for b in blocks),
         bytes_per_param=bytes_per_param,
         encoder_slots=max(slots, default=None),
+        encoder_units=encoder_units,
     )
 
 

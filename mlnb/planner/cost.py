@@ -35,6 +35,9 @@ the decode measured in the plan's tiles, or until then the untiled decode times 
 cleanup) as measured by earlier generations with the encoders on the GPU or offloaded; until then the rest measured
 with everything resident, plus (encoder + VAE bytes) / bandwidth for an offloaded plan.
 
+Host RAM (:mod:`.host_ram`): a plan's pinned host copies, and its parts left in the weight files' mapping, whose
+copies :func:`mapped_step` charges at the pageable bandwidth.
+
 Until the card has measured them, the activation reserves come from the plain-diffusers peaks in the design notes
 (fp16, CFG, 20 steps): SD1.5 512² peaks 0.67 GiB above its weights and SDXL 1024² 0.76 GiB with an fp16 VAE tiled at
 512; SDXL's fp32 (upcast) untiled decode at 1024² peaks 5.1 GiB above the weights. They scale with pixels and batch.
@@ -44,15 +47,17 @@ The measurements behind the constants here are in ``docs/benchmarks.md``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from ..units import GiB, MiB, format_bytes
+from ..units import GiB, MiB
+from .host_ram import mapped_once_bytes, mapped_once_seconds, with_mapped
+from .plan import Plan
 from .ring import ring_layout
 
 __all__ = [
     "Block", "ModelFacts", "CardFacts", "Workload", "Plan", "denoise_reserve", "streamed_denoise_reserve",
     "decode_reserve", "decode_phase", "room_needed", "predict", "schedule_step", "streamed_step", "step_chains",
-    "step_time", "plan_step", "overlap_measured", "FP8_STEP_FACTOR", "TILE_TIME_FACTOR", "TILES",
+    "step_time", "plan_step", "overlap_measured", "mapped_step", "FP8_STEP_FACTOR", "TILE_TIME_FACTOR", "TILES",
 ]
 
 # A step with fp8 storage against one in fp16: every layer's weights are upcast before use.
@@ -67,8 +72,6 @@ _USABLE = 0.92  # keep 8% of the budget for allocator fragmentation, or what the
 # shrink with the tile.
 TILE_OVERHEAD = 192 * MiB
 TILES = (768, 512, 256)  # the VAE tile sizes a plan may choose, largest first
-
-
 @dataclass(frozen=True)
 class Block:
     """A streamable piece of the denoiser (e.g. ``down_blocks.1``) and its weight bytes."""
@@ -90,6 +93,8 @@ class ModelFacts:
         encoder_slots: when offloaded encoders are streamed unit by unit, the most one holds on the GPU at once:
             its slots, two of its largest unit (one, for an encoder streamed as a single unit), over the encoders;
             None: an offloaded encoder moves to the GPU whole.
+        encoder_units: the bytes of each text encoder's streamed units, by encoder (what its pinned host copy is
+            packed from); None: each encoder is counted as one unit.
     """
 
     encoders: dict[str, int]
@@ -98,6 +103,7 @@ class ModelFacts:
     denoiser_other: int
     bytes_per_param: int = 2
     encoder_slots: int | None = None
+    encoder_units: dict[str, tuple[int, ...]] | None = None
 
     @property
     def denoiser(self) -> int:
@@ -118,6 +124,7 @@ class CardFacts:
     """
 
     bandwidth: float | None = None  # pinned host-to-device bytes/s
+    pageable_bandwidth: float | None = None  # host-to-device bytes/s from pageable memory (mapped weight files)
     step_seconds: float | None = None  # one denoising step, everything resident
     decode_seconds: float | None = None
     denoise_reserve: int | None = None
@@ -186,52 +193,6 @@ def decode_reserve(work: Workload, tile: int | None) -> int:
         return int(per_mpix * work.mpix)
     one_tile = min(tile * tile / 2**20, work.width * work.height / 2**20)
     return int(per_mpix * one_tile) + TILE_OVERHEAD
-
-
-@dataclass(frozen=True)
-class Plan:
-    """Where each part of the pipeline lives for one budget, and what that is predicted to cost."""
-
-    budget: int
-    strategy: str  # "resident", "offload encoders and VAE", "stream"
-    resident: tuple[str, ...]
-    streamed: tuple[str, ...]
-    offload_encoders_vae: bool
-    fp8: bool
-    vae_tile: int | None
-    predicted_peak: int
-    predicted_seconds: float | None
-    streamed_bytes: int
-    transfer_once_bytes: int = 0  # encoder and VAE bytes moved to the GPU once per image
-    notes: tuple[str, ...] = field(default=())
-    slots: int = 2  # the streamed blocks' GPU ring holds this many of the largest one
-    # kept blocks sent to their pinned host copy before the decode (its peak cannot hold them), copied back for the
-    # next image, and their bytes
-    decode_offload: tuple[str, ...] = ()
-    decode_offload_bytes: int = 0
-
-    def summary(self) -> str:
-        parts = [self.strategy]
-        if self.streamed:
-            through = f" through {self.slots} slots" if self.slots != 2 else ""
-            parts.append(f"{len(self.streamed)} blocks streamed ({format_bytes(self.streamed_bytes)}){through}, "
-                         f"{len(self.resident)} resident")
-        if self.fp8:
-            parts.append("fp8 storage")
-        if self.vae_tile:
-            parts.append(f"VAE tiles {self.vae_tile}")
-        if self.decode_offload:
-            parts.append(f"{len(self.decode_offload)} kept blocks ({format_bytes(self.decode_offload_bytes)}) to the "
-                         f"host for the {'tiled' if self.vae_tile else 'untiled'} decode")
-        return ", ".join(parts)
-
-    def prediction(self) -> str:
-        known = self.predicted_seconds is not None
-        time = f"{self.predicted_seconds:.1f} s" if known else "time unknown until measured"
-        return f"predicted peak {format_bytes(self.predicted_peak)} of {format_bytes(self.budget)}, {time}"
-
-    def __str__(self) -> str:
-        return f"plan for {format_bytes(self.budget)}: {self.summary()}; {self.prediction()}"
 
 
 def _tiled_pixels(work: Workload, tile: int | None) -> int:
@@ -384,6 +345,10 @@ def streamed_step(plan: "Plan", model: ModelFacts, card: CardFacts, calibrated: 
     An overhead per unit, not a ratio: a ratio measured on a plan streaming 48 units would also scale the compute of
     a plan streaming two."""
     sizes, _, _ = stored_bytes(model, plan.fp8)
+    if plan.mapped_units:  # the replay of the pinned units, and the mapped ones' copies beside it
+        if replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated=False) is None:
+            return None
+        return mapped_step(card, sizes, plan.streamed, plan.slots, plan.fp8, plan.mapped_units, calibrated)
     replay = replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated=False)
     if replay is None or not calibrated:
         return replay
@@ -464,9 +429,25 @@ def peak_bytes(strategy: str, model: ModelFacts, fp8: bool, tile: int | None, re
 
 
 def plan_step(plan: Plan, model: ModelFacts, card: CardFacts) -> float | None:
-    """``plan``'s step by the time model (:func:`step_time`)."""
+    """``plan``'s step by the time model (:func:`step_time`, with its mapped units as :func:`mapped_step` charges
+    them)."""
     sizes, _, _ = stored_bytes(model, plan.fp8)
-    return step_time(card, sizes, plan.streamed, plan.slots, plan.fp8)
+    return mapped_step(card, sizes, plan.streamed, plan.slots, plan.fp8, plan.mapped_units)
+
+
+def mapped_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool, mapped=(),
+                calibrated: bool = True) -> float | None:
+    """The step streaming ``streamed`` with the units ``mapped`` copied from the weight files' mapping: the step of
+    the pinned units alone (:func:`step_time`; without ``calibrated``, the bare replay), plus the mapped units'
+    copies (:func:`.host_ram.with_mapped`)."""
+    left = set(mapped)
+    pinned = tuple(n for n in streamed if n not in left)
+    if calibrated:
+        step = step_time(card, sizes, pinned, slots, fp8)
+    else:
+        step = (replayed_step(card, sizes, pinned, slots, fp8, calibrated=False) if pinned
+                else step_chains(card, sizes, (), slots, fp8)[0])
+    return with_mapped(card, step, sum(sizes[n] for n in left), len(left), calibrated)
 
 
 def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> tuple[int, float | None]:
@@ -476,7 +457,8 @@ def predict(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload) -> t
                       plan.slots, plan.decode_offload)
     seconds = seconds_per_image(card, work, plan_step(plan, model, card), plan.transfer_once_bytes, plan.vae_tile,
                                 plan.decode_offload_bytes)
-    return peak, seconds
+    once = mapped_once_seconds(card, mapped_once_bytes(plan, model))
+    return peak, (seconds + once if seconds is not None and once is not None else None)
 
 
 def room_needed(peak: int, card: CardFacts | None = None) -> int:

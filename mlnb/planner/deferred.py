@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-__all__ = ["defer", "materialize", "deferred_bytes", "is_deferred"]
+__all__ = ["defer", "materialize", "deferred_bytes", "is_deferred", "source_of"]
 
 _SOURCE = "_mlnb_source"  # on a placeholder: the mapped tensor it stands for
 _MADE = "_mlnb_made"  # on a placeholder once placed: what it became (for the other modules that share it)
@@ -33,12 +33,14 @@ def _placeholder(source, dtype, parameter: bool):
     return holder
 
 
-def defer(module, dtype_of: Callable[[str, object], object]) -> int:
+def defer(module, dtype_of: Callable[[str, object], object], same: bool = False) -> int:
     """Replace each tensor of ``module`` whose storage dtype differs from its own by a placeholder.
 
     Args:
         module: a model read in its files' dtype (its tensors views of the mapped files).
         dtype_of: ``dtype_of(name, tensor)`` -> the dtype ``name`` is stored in once placed, or None to leave it.
+        same: also a tensor stored in its own dtype, so that a cast decided later (fp8 storage, which casts the
+            placeholder's dtype) happens as the tensor is placed, not on the host beforehand.
 
     Returns:
         The bytes deferred, in the storage dtype.
@@ -54,7 +56,7 @@ def defer(module, dtype_of: Callable[[str, object], object]) -> int:
                     table[name] = made[id(tensor)]
                     continue
                 dtype = dtype_of(f"{prefix}.{name}" if prefix else name, tensor)
-                if dtype is None or dtype == tensor.dtype:
+                if dtype is None or (dtype == tensor.dtype and not same):
                     continue
                 holder = _placeholder(tensor.detach(), dtype, kind == "parameter")
                 made[id(tensor)] = table[name] = holder
@@ -64,6 +66,11 @@ def defer(module, dtype_of: Callable[[str, object], object]) -> int:
 
 def _is_placeholder(tensor) -> bool:
     return tensor is not None and (hasattr(tensor, _SOURCE) or hasattr(tensor, _MADE))
+
+
+def source_of(tensor):
+    """The mapped tensor a placeholder stands for (in its files' dtype), or None for any other tensor."""
+    return getattr(tensor, _SOURCE, None)
 
 
 def is_deferred(module) -> bool:

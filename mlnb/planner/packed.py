@@ -1,20 +1,29 @@
-"""A module's weights packed into one contiguous pinned host region: a streamed unit, or a whole model (the VAE).
+"""A module's weights packed into one contiguous pinned host region: a streamed unit, or a whole model (the VAE);
+or left in the weight files' mapping, where the host RAM cannot hold a pinned copy.
 
 Each tensor of a :class:`PackedUnit` is a view into the unit's host region (:mod:`.pinning`), its *home*. On the GPU
 the tensors point at views into device memory (the streamer's ring, or a copy of the unit's own) and are pointed home
 again by setting ``.data``: nothing is copied back, since the weights never change on the GPU.
+
+A :class:`MappedUnit` has no host copy of its own: its home is the files' mapping, which every copy to the GPU reads
+again, from pageable memory, giving the pages read back to the OS after each copy. It costs no host RAM between
+copies, and each copy runs at the pageable bandwidth with the host waiting for it.
 """
 
 from __future__ import annotations
 
 import logging
 
-from .host_memory import give_back_host_memory
+from .deferred import source_of
+from .host_memory import give_back_host_memory, release_pages, weight_file_ranges
 from .pinning import layout, pack, view_in
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PackedUnit", "WholeModel", "pack_home", "pin_whole"]
+__all__ = ["PackedUnit", "MappedUnit", "WholeModel", "pack_home", "pin_whole", "is_mapped"]
+
+_MAPPED = "_mlnb_mapped"  # on a module streamed from the mapping: streamed again (after a LoRA change) the same way
+_SOURCE = "_mlnb_mapped_source"  # on a mapped unit's tensor read in another dtype: the mapped tensor it is cast from
 
 
 class PackedUnit:
@@ -70,6 +79,83 @@ class PackedUnit:
         self.point(self.views_into(own), "own")
 
 
+class MappedUnit(PackedUnit):
+    """A unit left in its weight files' mapping: its tensors' home is the mapping itself, read again at every copy.
+
+    A tensor read in its files' dtype points at its view of the mapping while at home. One read in another dtype
+    (a placeholder of :mod:`.deferred`) is replaced by a CPU stand-in of its dtype and shape that holds no memory (a
+    zero-stride view of one element) and keeps its mapped source: it is cast on the host, one tensor at a time, on
+    its way to the GPU. Its ``region`` is None: the streamer copies it tensor by tensor (:meth:`fill`), not in one copy. A tensor
+    that is not in the mapping (a LoRA's adapter, a buffer made at load) is copied from host memory the same way."""
+
+    def __init__(self, name: str, module) -> None:
+        _replace_placeholders(module)
+        super().__init__(name, module)
+        self.sources = [getattr(tensor, _SOURCE, None) for tensor in self.tensors]
+        self.sources = [tensor.data if source is None else source for tensor, source in zip(self.tensors, self.sources)]
+        self.home = [tensor.data for tensor in self.tensors]
+        self.files = weight_file_ranges()  # the mappings it reads: their pages go back after each copy
+        setattr(module, _MAPPED, True)
+
+    def views_into(self, region) -> list:
+        """Each tensor's contiguous view of ``region`` at its offset in the layout."""
+        views = []
+        for home, offset in zip(self.home, self.layout.offsets):
+            size = home.element_size()
+            views.append(region[offset:offset + home.numel() * size].view(home.dtype).view(home.shape))
+        return views
+
+    def fill(self, device, stream, views, after=None, done=None):
+        """Copy the unit from the mapping into ``views`` (its tensors' views of device memory) as
+        :meth:`mlnb.device.CopyStreams.issue_copy` copies one tensor (on ``stream`` once the compute ``after`` marks
+        is done, ``done`` recorded after), casting where the files hold another dtype, then give the pages read back;
+        returns what :meth:`~mlnb.device.CopyStreams.wait_copy` takes."""
+        handle = done
+        for view, source in zip(views, self.sources):
+            if source.dtype != view.dtype:
+                source = source.to(view.dtype)  # on the host: one tensor's cast at a time
+            handle = device.issue_copy(stream, view, source, after=after, done=done)
+        release_pages(self.sources, self.files)
+        return handle
+
+    def copy_to_own(self, onload_device, device) -> None:
+        import torch
+
+        own = torch.empty(self.layout.nbytes, dtype=torch.uint8, device=onload_device)
+        views = self.views_into(own)
+        self.fill(device, None, views)
+        self.point(views, "own")
+
+
+def _replace_placeholders(module) -> None:
+    """Put, in place of each placeholder of ``module`` (:mod:`.deferred`: a ``meta`` tensor, which cannot point at
+    host or device memory), a CPU tensor of its dtype and shape that holds no memory (a zero-stride view of one
+    element), its mapped source kept on it."""
+    import torch
+
+    made: dict[int, object] = {}
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for key, tensor in list(table.items()):
+                if tensor is None or tensor.device.type != "meta":
+                    continue
+                if id(tensor) not in made:
+                    source = source_of(tensor)
+                    if source is None:
+                        continue
+                    stand_in = torch.zeros((), dtype=tensor.dtype).expand(tensor.shape)
+                    if isinstance(tensor, torch.nn.Parameter):
+                        stand_in = torch.nn.Parameter(stand_in, requires_grad=False)
+                    setattr(stand_in, _SOURCE, source)
+                    made[id(tensor)] = stand_in
+                table[key] = made[id(tensor)]
+
+
+def is_mapped(module) -> bool:
+    """Whether ``module`` is a unit streamed from the weight files' mapping."""
+    return bool(getattr(module, _MAPPED, False))
+
+
 def _pack_into(units: list[PackedUnit], allocate) -> int:
     def moved(group: int, index: int, copy) -> None:
         units[group].tensors[index].data = copy
@@ -115,12 +201,16 @@ class WholeModel:
     the bytes, and which a fixed host copy could not follow.
     """
 
-    def __init__(self, module, onload_device, device, host_buffer=None, compute_dtype=None) -> None:
+    def __init__(self, module, onload_device, device, host_buffer=None, compute_dtype=None,
+                 mapped: bool = False) -> None:
         self.module, self.onload_device, self.device = module, onload_device, device
         self.compute_dtype = compute_dtype
         self.before_onload = None  # called before each copy to the GPU (the denoiser's ring is dropped there)
-        self.unit = PackedUnit("", module)
-        pack_home([self.unit], host_buffer, type(module).__name__)
+        if mapped:  # copied from the weight files' mapping each time
+            self.unit = MappedUnit("", module)
+        else:
+            self.unit = PackedUnit("", module)
+            pack_home([self.unit], host_buffer, type(module).__name__)
 
     @property
     def on_device(self) -> bool:
@@ -141,13 +231,14 @@ class WholeModel:
             self.unit.point_home()
 
 
-def pin_whole(module, onload_device, device, host_buffer=None, compute_dtype=None) -> WholeModel:
+def pin_whole(module, onload_device, device, host_buffer=None, compute_dtype=None, mapped: bool = False) -> WholeModel:
     """Keep ``module`` (on the host) as a :class:`WholeModel`, onloaded by an accelerate hook when it runs (its
     ``forward``, or a method diffusers decorates with ``apply_forward_hook`` such as a VAE's ``decode``), and cast
-    to ``compute_dtype`` on the GPU when given."""
+    to ``compute_dtype`` on the GPU when given; with ``mapped``, copied from the weight files' mapping each time
+    (:class:`MappedUnit`) instead of a pinned copy."""
     from accelerate.hooks import ModelHook, add_hook_to_module
 
-    whole = WholeModel(module, onload_device, device, host_buffer, compute_dtype)
+    whole = WholeModel(module, onload_device, device, host_buffer, compute_dtype, mapped)
 
     class Onload(ModelHook):
         execution_device = onload_device  # read by diffusers' _execution_device

@@ -18,7 +18,7 @@ from typing import Callable
 
 from ..units import MiB
 
-__all__ = ["Layout", "layout", "pack", "BIN_BYTES"]
+__all__ = ["Layout", "layout", "pack", "packed_bytes", "BIN_BYTES"]
 
 BIN_BYTES = 64 * MiB
 _ALIGN = 512  # bytes; every tensor starts on a boundary a copy engine likes (and any dtype's element size divides)
@@ -58,6 +58,36 @@ def view_in(region, tensor, offset: int):
     return region[offset:offset + _nbytes(tensor)].view(tensor.dtype).view(tensor.shape)
 
 
+def _first_fit(sizes: list[int], bin_bytes: int) -> tuple[list[tuple[int, int]], list[int]]:
+    """First-fit packing of regions of ``sizes`` bytes, largest first, into buffers of ``bin_bytes`` (raised to the
+    largest region's power of two when that is bigger): each region's (buffer, offset), and the bytes used in each
+    buffer."""
+    capacity = max([bin_bytes] + [_pow2_ceil(size) for size in sizes])
+    bins: list[int] = []  # bytes used in each buffer
+    where: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        size = sizes[index]
+        for b, used in enumerate(bins):
+            if used + size <= capacity:
+                break
+        else:
+            bins.append(0)
+            b = len(bins) - 1
+        where[index] = (b, bins[b])
+        bins[b] += size
+    return where, bins
+
+
+def packed_bytes(sizes, bin_bytes: int = BIN_BYTES) -> int:
+    """The page-locked bytes :func:`pack` allocates for units whose regions are ``sizes`` bytes (each buffer the
+    power of two that holds its contents): what the planner counts as a plan's pinned host memory. Region sizes are
+    rounded up to :data:`_ALIGN` here; a unit's region also rounds up each of its tensors, a few hundred bytes each."""
+    sizes = [max(_aligned(int(size)), _ALIGN) for size in sizes if size > 0]
+    if not sizes:
+        return 0
+    return sum(_pow2_ceil(used) for used in _first_fit(sizes, bin_bytes)[1])
+
+
 def pack(groups: list[list], allocate: Callable[[int], object], bin_bytes: int = BIN_BYTES,
          done: Callable[[int, int, object], None] | None = None,
          filled: Callable[[], None] | None = None) -> tuple[list, int]:
@@ -81,19 +111,7 @@ def pack(groups: list[list], allocate: Callable[[int], object], bin_bytes: int =
     """
     layouts = [layout(group) for group in groups]
     sizes = [lay.nbytes for lay in layouts]
-    capacity = max([bin_bytes] + [_pow2_ceil(size) for size in sizes])
-    bins: list[int] = []  # bytes used in each buffer
-    where: list[tuple[int, int]] = [(0, 0)] * len(groups)
-    for index in sorted(range(len(groups)), key=lambda i: -sizes[i]):
-        size = sizes[index]
-        for b, used in enumerate(bins):
-            if used + size <= capacity:
-                break
-        else:
-            bins.append(0)
-            b = len(bins) - 1
-        where[index] = (b, bins[b])
-        bins[b] += size
+    where, bins = _first_fit(sizes, bin_bytes)
     regions: list = [None] * len(groups)
     allocated = 0
     for b, used in enumerate(bins):  # one buffer at a time, filled before the next is locked

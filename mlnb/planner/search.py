@@ -13,13 +13,19 @@ the decode (:func:`_decode_offload`), so that more stays resident for the steps 
 or untiled, for one copy of those blocks back to the GPU per image. With measured card facts the fastest plan that
 fits wins; without them, the one that moves and transforms least (a decode offload only where nothing fits
 without one).
+
+Each placement that fits the GPU must also fit the host RAM it may pin (:func:`plan_for_budget`'s ``host``): where
+its pinned copies (:func:`.cost.pinned_bytes`) do not, the fewest parts that make them fit are left in the weight
+files' mapping, the offloaded components first (copied once per image), then the streamed units (copied at every
+step), and the placement is timed with their copies from pageable memory.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
-from ..units import MiB, format_bytes
+from ..units import GiB, MiB, format_bytes
 from .cost import (
     TILES,
     Block,
@@ -27,6 +33,7 @@ from .cost import (
     ModelFacts,
     Plan,
     Workload,
+    mapped_step,
     peak_bytes,
     phase_terms,
     reserves,
@@ -36,8 +43,9 @@ from .cost import (
     stored_bytes,
     usable_bytes,
 )
+from .host_ram import mapped_once_seconds, pinned_bytes
 
-__all__ = ["BudgetError", "plan_for_budget", "MIN_STREAMED"]
+__all__ = ["BudgetError", "plan_for_budget", "fit_host", "host_budget", "MIN_STREAMED", "HOST_MARGIN"]
 
 # A streamed unit's copy is issued when the unit two places before it ends, so a tiny streamed unit (a transformer's
 # norm or 1×1 projection, split off a block too large to stream whole) leaves the next large unit almost no compute
@@ -45,8 +53,28 @@ __all__ = ["BudgetError", "plan_for_budget", "MIN_STREAMED"]
 MIN_STREAMED = 8 * MiB
 
 
+# Host RAM a default host budget leaves free beside the pinned copies: this much, or a tenth of the host's RAM when
+# that is more. It holds what placing a pipeline reads in passing (a pinned buffer filled before its sources go back,
+# the mapped pages read between two releases, a mapped unit's pages as it is copied) and what the notebook itself
+# allocates afterwards (images, latents, the kernel's own objects).
+HOST_MARGIN = 1 * GiB
+
+
 class BudgetError(ValueError):
     """No placement fits the budget; the message says what would."""
+
+
+def host_budget(total: int | None = None, available: int | None = None) -> int | None:
+    """The host RAM a plan may pin by default: the host's available memory (read through the device layer unless
+    given) less :data:`HOST_MARGIN` or a tenth of its total, whichever is more; None where the host's memory is
+    unknown (no limit)."""
+    if available is None:
+        from ..device import host_memory
+
+        total, available = host_memory()
+    if available is None:
+        return None
+    return int(available - max(HOST_MARGIN, (total or 0) // 10))
 
 
 def _fill(ranked: list[Block], other: int, fixed: int, den_res: int, slots: int, usable: float) -> list[Block]:
@@ -188,16 +216,85 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
 _PREFERENCE = {"resident": 0, "offload encoders and VAE": 1, "stream": 2}
 
 
+def _offloaded(plan: Plan, model: ModelFacts) -> tuple[str, ...]:
+    """The components ``plan`` keeps on the host between their runs (text encoders, then ``"vae"``), by name."""
+    if not plan.offload_encoders_vae:
+        return ()
+    return tuple(model.encoders) + (("vae",) if model.vae else ())
+
+
+def _mapped_once(plan: Plan, model: ModelFacts) -> int:
+    sizes = dict(model.encoders, vae=model.vae)
+    return sum(sizes.get(name, 0) for name in plan.mapped_models)
+
+
+def fit_host(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload, host: int | None) -> Plan | None:
+    """``plan`` (a placement on the GPU) with its host copies counted (:func:`.host_ram.pinned_bytes`): as it is
+    where they fit ``host`` bytes (or ``host`` is None), else with the fewest parts left in the weight files' mapping
+    that make them fit, in the order :func:`plan_for_budget` gives, its time charged for their pageable copies; None
+    where even everything left mapped does not fit."""
+    offloaded = _offloaded(plan, model)
+    sizes, _, _ = stored_bytes(model, plan.fp8)
+    whole = dict(model.encoders, vae=model.vae)
+    # what may be left mapped, cheapest first: components copied once per image, then units copied at every step
+    order = [("model", n) for n in sorted(offloaded, key=lambda n: -whole[n])]
+    order += [("unit", n) for _, _, n in sorted((-sizes[n], -i, n) for i, n in enumerate(plan.streamed))]
+
+    def variant(count: int) -> Plan:
+        models = tuple(n for kind, n in order[:count] if kind == "model")
+        chosen = set(order[:count])
+        units = tuple(n for n in plan.streamed if ("unit", n) in chosen)
+        pinned = pinned_bytes(model, sizes, plan.streamed, plan.offload_encoders_vae, plan.decode_offload, units,
+                              models)
+        return dataclasses.replace(
+            plan, pinned_bytes=pinned, host_budget=host, pinned_models=tuple(n for n in offloaded if n not in models),
+            mapped_models=models, mapped_units=units,
+            mapped_bytes=sum(whole[n] for n in models) + sum(sizes[n] for n in units),
+        )
+
+    first = variant(0)
+    if host is None or first.pinned_bytes <= host:
+        return first
+    if variant(len(order)).pinned_bytes > host:
+        return None
+    low, high = 0, len(order)  # pinned(low) > host >= pinned(high): the fewest parts left mapped that fit
+    while high - low > 1:
+        middle = (low + high) // 2
+        if variant(middle).pinned_bytes <= host:
+            high = middle
+        else:
+            low = middle
+    chosen = variant(high)
+    once = mapped_once_seconds(card, _mapped_once(chosen, model))
+    step = mapped_step(card, sizes, chosen.streamed, chosen.slots, chosen.fp8, chosen.mapped_units)
+    seconds = seconds_per_image(card, work, step, chosen.transfer_once_bytes, chosen.vae_tile,
+                                chosen.decode_offload_bytes)
+    return dataclasses.replace(chosen, predicted_seconds=seconds + once if None not in (seconds, once) else None)
+
+
 def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = None,
-                    work: Workload | None = None) -> Plan:
-    """The fastest plan predicted to fit ``budget`` bytes.
+                    work: Workload | None = None, host: float | None = None) -> Plan:
+    """The fastest plan predicted to fit ``budget`` bytes of GPU memory and ``host`` bytes of pinned host memory.
 
     With measured card facts, plans are ranked by predicted time; without them, by how little they move and
     transform (resident, then offloaded encoders/VAE, then streaming with the most bytes resident; no fp8 or tiling
-    unless needed to fit).
+    unless needed to fit; offloaded components left in the weight files' mapping before fp8, and streamed units left
+    there only after it).
+
+    Each placement's host copies are counted as they are pinned (:func:`.cost.pinned_bytes`). Where they exceed
+    ``host``, the offloaded components (text encoders, then the VAE, largest first: each is copied once per image)
+    and then the streamed units (largest first: copied at every step) are left in the files' mapping, copied from
+    pageable memory, until the rest fits.
+
+    Args:
+        budget: GPU bytes.
+        model, card, work: the pipeline's weights, the card's measured facts, the image.
+        host: the host RAM the plan may pin, in bytes; None (or ``math.inf``): no limit. A load passes the host's
+            available memory less a margin (:func:`host_budget`; the search itself reads nothing of the machine).
 
     Raises:
-        BudgetError: nothing fits; the message gives the smallest budget that would, and a smaller size.
+        BudgetError: nothing fits; the message gives the smallest budget that would, and a smaller size, or, where
+            placements fit the GPU but none the host RAM, the pinned bytes the least of them needs.
 
     Example:
         ```python
@@ -207,8 +304,20 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
     """
     card = card or CardFacts()
     work = work or Workload()
+    if host is not None and math.isinf(host):
+        host = None
     plans = list(_candidates(budget, model, card, work))
-    fitting = [p for p in plans if p.predicted_peak <= usable_bytes(budget, card)]
+    on_gpu = [p for p in plans if p.predicted_peak <= usable_bytes(budget, card)]
+    fitting = [v for v in (fit_host(p, model, card, work, host) for p in on_gpu) if v is not None]
+    if on_gpu and not fitting:
+        least = min(pinned_bytes(model, stored_bytes(model, p.fp8)[0], p.streamed, p.offload_encoders_vae,
+                                 p.decode_offload, p.streamed, _offloaded(p, model)) for p in on_gpu)
+        raise BudgetError(
+            f"no placement fits {format_bytes(budget)} of GPU memory with {format_bytes(max(0, host))} of host RAM "
+            f"to pin for {work.width}×{work.height}: the least pinned of those that fit the GPU needs "
+            f"{format_bytes(least, up=True)} with everything streamed left in the weight files' mapping; free host "
+            f"RAM (a margin of {format_bytes(HOST_MARGIN)} or a tenth of the RAM stays free beside the pinned copies)"
+        )
     if not fitting:
         smallest = min(plans, key=lambda p: p.predicted_peak)
         need = room_needed(smallest.predicted_peak, card)
@@ -229,8 +338,10 @@ def plan_for_budget(budget: int, model: ModelFacts, card: CardFacts | None = Non
 
     def rank(p: Plan):
         known = p.predicted_seconds is not None
-        structural = (p.fp8, bool(p.decode_offload), p.vae_tile is not None, _PREFERENCE[p.strategy],
-                      p.streamed_bytes, p.slots, -(p.vae_tile or 0))
+        mapped_step_bytes = p.mapped_bytes - _mapped_once(p, model)
+        structural = (mapped_step_bytes > 0, p.fp8, bool(p.decode_offload), p.vae_tile is not None,
+                      _PREFERENCE[p.strategy], p.streamed_bytes, mapped_step_bytes, p.mapped_bytes, p.slots,
+                      -(p.vae_tile or 0))
         return (0, p.predicted_seconds, structural) if known else (1, 0.0, structural)
 
     return min(fitting, key=rank)

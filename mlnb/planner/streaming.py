@@ -42,7 +42,7 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
-from .packed import PackedUnit, WholeModel, pack_home, pin_whole
+from .packed import MappedUnit, PackedUnit, WholeModel, is_mapped, pack_home, pin_whole
 from .ring import RingLayout, ring_layout
 
 logger = logging.getLogger(__name__)
@@ -193,8 +193,12 @@ class UnitStreamer:
                 if needed > done:
                     break
             after = self._computed[(needed - 1) % count] if needed else None
-            self.device.issue_copy(self.stream, self._targets[position][0], self._regions[position], after=after,
-                                   done=self._arrived[position])
+            if self._regions[position] is None:  # left in the files' mapping: read from there, tensor by tensor
+                self.units[self.order[position]].fill(self.device, self.stream, self._targets[position][1],
+                                                      after=after, done=self._arrived[position])
+            else:
+                self.device.issue_copy(self.stream, self._targets[position][0], self._regions[position],
+                                       after=after, done=self._arrived[position])
             self._pending.add(position)
             use += 1
         self._next = use
@@ -291,7 +295,7 @@ class UnitStreamer:
 
 
 def stream_units(model, names, onload_device, device, stream=None, host_buffer=None,
-                 keep_slots: bool = False, slots: int = 2) -> UnitStreamer:
+                 keep_slots: bool = False, slots: int = 2, mapped=()) -> UnitStreamer:
     """Stream the units ``names`` of ``model`` (dotted module paths; ``""`` is the model itself) to
     ``onload_device``; the rest of ``model`` is untouched.
 
@@ -311,13 +315,18 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
             the memory.
         slots: the ring holds this many of the largest unit; a larger ring lets copies run further ahead, for
             more memory.
+        mapped: units left in the weight files' mapping (:class:`.packed.MappedUnit`): no pinned copy, each copy
+            read from the mapping; a unit streamed from the mapping before (a LoRA change streams them again) stays
+            so.
     """
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
     modules = dict(model.named_modules())
-    units = [PackedUnit(name, modules[name]) for name in names]
-    allocated = pack_home(units, host_buffer)
+    mapped = set(mapped) | {name for name in names if is_mapped(modules[name])}
+    units = [MappedUnit(name, modules[name]) if name in mapped else PackedUnit(name, modules[name]) for name in names]
+    pinned = [unit for unit in units if not isinstance(unit, MappedUnit)]
+    allocated = pack_home(pinned, host_buffer) if pinned else 0
     logger.debug("packed %d streamed units in %d bytes", len(units), allocated)
     streamer = UnitStreamer(model, units, onload_device, device, stream, keep_slots, slots)
     hook_type = _hook_type()
