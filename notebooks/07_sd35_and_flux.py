@@ -39,14 +39,15 @@ if "google.colab" in sys.modules:  # Colab has torch and diffusers already: add 
 import mlnb
 from mlnb.testing import default_tiny_model, tiny_lora
 
-MODEL = os.environ.get("MLNB_MODEL") or str(default_tiny_model("flux"))
+TINY_FLUX = default_tiny_model("flux")  # the simulated cards below load the tiny Flux whatever MODEL is
+CACHE = TINY_FLUX.parent  # $MLNB_CACHE: the tiny LoRAs and models made below go beside the tiny models
+MODEL = os.environ.get("MLNB_MODEL") or str(TINY_FLUX)
 SD3 = str(default_tiny_model("sd3"))  # the tiny SD3 beside it
-TINY_FLUX = str(default_tiny_model("flux"))  # the simulated cards below load the tiny Flux whatever MODEL is
 TINY = not os.environ.get("MLNB_MODEL")
 SIZE = 64 if TINY else 1024  # pixels; SD3.5 and FLUX.1 are made for 1024²
 STEPS = 2 if TINY else 20
 # a tiny random LoRA for the tiny Flux (a real LoRA is a .safetensors file, a folder holding one, or a hub id)
-LORA = os.environ.get("LORA") or str(tiny_lora(MODEL, seed=1))
+LORA = os.environ.get("LORA") or str(tiny_lora(MODEL, CACHE / "tiny-flux-lora", seed=1))
 PROMPT = "a watercolor fox in a snowy forest"
 
 # %%
@@ -66,9 +67,10 @@ print(flux.plan)
 # %% [markdown]
 # The plan's units are listed in the order the transformer's forward runs them, not the order its modules were
 # registered: first the embedders, then the double-stream `transformer_blocks`, then Flux's single-stream
-# `single_transformer_blocks`, then the output norm and projection. A streamed plan copies them in that order, one
-# step ahead of the compute. The text encoders are cut into units the same way; T5 into its embedding, each block
-# and its final norm, so while it encodes it holds two slots of its largest unit, not the whole encoder.
+# `single_transformer_blocks`, then the output norm and projection. A streamed plan copies them in that order, each
+# as soon as its place in the GPU ring is free. The text encoders are cut into units the same way, T5 into its
+# embedding, its blocks and its final norm, so while it encodes it holds two slots of its largest unit, not the
+# whole encoder. The tiny encoders are small enough to be one unit each; the real T5-XXL's 50 units are further down.
 
 # %%
 from mlnb.planner import denoiser_blocks, model_facts
@@ -77,8 +79,7 @@ from mlnb.units import format_bytes
 
 print("transformer:", ", ".join(denoiser_blocks(flux.pipe)))
 for name, encoder in text_encoders(flux.pipe).items():
-    units = [unit or "(whole)" for unit, _ in model_units(encoder)]
-    print(f"{name} ({type(encoder).__name__}):", ", ".join(units))
+    print(f"{name}: {type(encoder).__name__}, {len(model_units(encoder))} unit(s)")
 print("kept:", len(flux.plan.resident), "units; streamed:", len(flux.plan.streamed))
 
 # %% [markdown]
@@ -111,7 +112,7 @@ print("text encoders:", ", ".join(f"{n} ({type(e).__name__})" for n, e in text_e
 a watercolor fox in a snowy forest
 
 # %%
-sd3 = mlnb.load_pipeline(SD3, budget="8GiB", loras=[(str(tiny_lora(SD3, seed=2)), 0.5)])
+sd3 = mlnb.load_pipeline(SD3, budget="8GiB", loras=[(str(tiny_lora(SD3, CACHE / "tiny-sd3-lora", seed=2)), 0.5)])
 print([(a.spec.scale, a.nbytes) for a in sd3.loras])
 
 # %% [markdown]
@@ -123,8 +124,8 @@ print([(a.spec.scale, a.nbytes) for a in sd3.loras])
 # %% [markdown]
 # ## One model at a time
 #
-# `%vram free` unloads every cached pipeline (here they are tiny; on a T4 a second FLUX.1 would not fit beside the
-# first). The next sections load the tiny Flux on simulated cards, one after the other.
+# `%vram free` unloads every cached pipeline: on a small card, do it before switching to another large model. The
+# next sections load the tiny Flux on simulated cards, one after the other.
 
 # %%
 # %vram free
@@ -136,14 +137,16 @@ print([(a.spec.scale, a.nbytes) for a in sd3.loras])
 # fits, else as much as fits with the rest streamed. On a CPU there is nothing to offload to, so `auto` is level
 # `none` (the `%load_ext` line above says so). `mlnb.testing.FakeDevice` simulates a card on the CPU (its tensors
 # stay in host RAM) to show the choice on a free T4 (15 GiB, no bf16 in hardware) and an A10G (24 GiB, bf16 in
-# hardware): the plan for what is free, and the dtype the card computes in.
+# hardware): the plan for what is free, and the dtype the card computes in. The simulated cards have names of their
+# own, so that what the planner caches about a card (`$MLNB_CACHE/cards.json`) never mixes them up with real ones.
 
 # %%
-import torch
 from mlnb.testing import FakeDevice
+from mlnb.units import GiB
 
-for card in ("t4", "ampere"):
-    device = FakeDevice.card(card)
+t4 = FakeDevice(name="simulated Tesla T4", total=15 * GiB, compute_capability=(7, 5), cuda_like=True)
+a10g = FakeDevice(name="simulated NVIDIA A10G", total=24 * GiB, compute_capability=(8, 6), cuda_like=True)
+for device in (t4, a10g):
     pipe = mlnb.load_pipeline(TINY_FLUX, device=device)
     t5 = pipe.pipe.text_encoder_2
     wo = t5.encoder.block[0].layer[1].DenseReluDense.wo
@@ -189,33 +192,33 @@ print(choose_dtype(ModelFamily.FLUX, cuda=True, compute_capability=(7, 5), card=
 # simulated T4 it loads in fp16 and the CPU computes in fp16, so the overflow is real:
 
 # %%
-from pathlib import Path
+import shutil
 
-from diffusers import DiffusionPipeline
+from safetensors.torch import load_file, save_file
 
 from mlnb.errors import NonFiniteOutputError
 
-HOT = Path(TINY_FLUX).parent / "tiny-flux-overflows-fp16"
-hot = DiffusionPipeline.from_pretrained(TINY_FLUX)
-with torch.no_grad():
-    hot.transformer.proj_out.weight.mul_(1e7)
-hot.save_pretrained(HOT)
-del hot
+HOT = CACHE / "tiny-flux-overflows-fp16"
+shutil.copytree(TINY_FLUX, HOT, dirs_exist_ok=True)
+weights = HOT / "transformer" / "diffusion_pytorch_model.safetensors"
+state = load_file(weights)
+state["proj_out.weight"] *= 1e7
+save_file(state, weights, metadata={"format": "pt"})
 
-t4 = FakeDevice.card("t4")
 try:
-    mlnb.load_pipeline(HOT, level="none", device=t4).generate(PROMPT, steps=2, width=64, height=64, seed=7)
+    mlnb.load_pipeline(HOT, device=t4).generate(PROMPT, steps=2, width=64, height=64, seed=7)
 except NonFiniteOutputError as error:
     print(error)
 
 # %% [markdown]
-# The pipeline stays loaded. The same model in fp32 (twice the memory) stays finite:
+# The pipeline stays loaded (loading the same model in another dtype unloads it, and says so). In fp32, as on this
+# CPU, the same model stays finite, and the guard lets the image through:
 
 # %%
-fp32 = mlnb.load_pipeline(HOT, level="none", dtype="fp32", device=t4)
+fp32 = mlnb.load_pipeline(HOT, dtype="fp32")
 image = fp32.generate(PROMPT, steps=2, width=64, height=64, seed=7).image
-print("fp32:", fp32.dtype, "- image values", image.getextrema())
 mlnb.unload_all()
+print(f"{fp32.dtype}: a {image.width}×{image.height} image")
 
 # %% [markdown]
 # ## The real models, planned from their public configs
@@ -228,7 +231,6 @@ mlnb.unload_all()
 # %%
 from mlnb.bench.models import build_arch_pipeline
 from mlnb.planner import Workload, native_size, plan_for_budget
-from mlnb.units import GiB
 
 REAL = {}
 for name in ("sd35-medium", "sd35-large", "flux-dev"):
