@@ -97,7 +97,7 @@ def test_the_error_line_says_what_to_load_on_each_card():
 
 def test_the_fake_cards_report_what_the_real_ones_do():
     t4, ampere = FakeDevice.card("t4").info(), FakeDevice.card("ampere").info()
-    assert (t4.name, t4.compute_capability, t4.native_bf16, t4.supports_bf16) == ("Tesla T4", (7, 5), False, True)
+    assert (t4.name, t4.compute_capability, t4.native_bf16, t4.supports_bf16) == ("simulated Tesla T4", (7, 5), False, True)
     assert (ampere.compute_capability, ampere.native_bf16) == ((8, 6), True)
     assert FakeDevice.card("t4").is_cuda and not FakeDevice.card("t4", cuda_like=False).is_cuda
     assert FakeDevice.card("ampere", total=8 * 2**30).total == 8 * 2**30
@@ -232,7 +232,7 @@ def test_the_guard_on_a_cuda_card_reads_its_flag_only_at_the_first_step_and_afte
     for step, nan in enumerate([False, False, True, False]):
         guard.step(step, _latents(nan))  # NaN at step 3: noticed after the call, not by a wait at that step
     assert reads == [False]
-    with pytest.raises(NonFiniteOutputError, match="at denoising step 3 of 4: the Tesla T4 has no bf16"):
+    with pytest.raises(NonFiniteOutputError, match="at denoising step 3 of 4: the simulated Tesla T4 has no bf16"):
         guard.check()
     assert reads == [False, True]
     with pytest.raises(NonFiniteOutputError, match="at denoising step 1 of 4"):
@@ -273,8 +273,8 @@ def test_flux_that_overflows_fp16_on_a_t4_says_so_in_one_line_and_runs_in_fp32(h
     with pytest.raises(NonFiniteOutputError) as caught:
         managed.generate("a fox", **FAST)
     line = str(caught.value)
-    assert line.startswith(f"Flux {str(hot_flux)!r} in fp16 produced NaN or inf at denoising step 1 of 2: the Tesla "
-                           "T4 has no bf16") and "dtype='fp32'" in line and "\n" not in line
+    assert line.startswith(f"Flux {str(hot_flux)!r} in fp16 produced NaN or inf at denoising step 1 of 2: the simulated "
+                           "Tesla T4 has no bf16") and "dtype='fp32'" in line and "\n" not in line
     assert any(c is managed for c in cached_pipelines())  # still loaded
     fp32 = mlnb.load_pipeline(hot_flux, level="none", dtype="fp32", device=FakeDevice.card("t4"))
     assert np.isfinite(np.asarray(fp32.generate("a fox", **FAST).images[0], dtype=float)).all()

@@ -18,10 +18,11 @@ from ..device import CopyStreams, Device, DeviceInfo, MemorySnapshot, host_memor
 
 __all__ = ["FakeDevice", "FakeOutOfMemoryError", "SimulatedCopyStreams", "CARDS"]
 
-# The cards FakeDevice.card simulates: what their CudaDevice.info() reports.
+# The cards FakeDevice.card simulates: what their CudaDevice.info() reports, named as simulated ones so that the card
+# facts a test or a tutorial records never stand for a real card's.
 CARDS = {
-    "t4": dict(name="Tesla T4", total=15 * 2**30, compute_capability=(7, 5), supports_bf16=True),
-    "ampere": dict(name="NVIDIA A10G", total=24 * 2**30, compute_capability=(8, 6), supports_bf16=True),
+    "t4": dict(name="simulated Tesla T4", total=15 * 2**30, compute_capability=(7, 5), supports_bf16=True),
+    "ampere": dict(name="simulated NVIDIA A10G", total=24 * 2**30, compute_capability=(8, 6), supports_bf16=True),
 }
 
 
