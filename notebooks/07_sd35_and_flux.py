@@ -225,13 +225,15 @@ print(f"{fp32.dtype}: a {image.width}×{image.height} image")
 #
 # `mlnb.bench.models.build_arch_pipeline(name, device="meta")` builds SD3.5 medium, SD3.5 large and FLUX.1-dev with
 # their real shapes and no weights. The plans below are what the planner makes for them at 1024², 20 steps, with no
-# card measured yet: **computed here, not measured**. A tight budget streams most of the transformer; the text
-# encoders never add more than their slots.
+# card measured yet and 12 GiB of host RAM to pin copies in (a free Colab has 12.7 GB in all): **computed here, not
+# measured**. A tight budget streams most of the transformer; the text encoders never add more than their slots;
+# what does not fit the host's pinned memory is copied from the weight files' mapping instead.
 
 # %%
 from mlnb.bench.models import build_arch_pipeline
 from mlnb.planner import Workload, native_size, plan_for_budget
 
+HOST = 12 * GiB  # host RAM a plan may pin
 REAL = {}
 for name in ("sd35-medium", "sd35-large", "flux-dev"):
     pipe = build_arch_pipeline(name, device="meta")  # 16-bit weights' shapes, no memory
@@ -244,7 +246,7 @@ for name in ("sd35-medium", "sd35-large", "flux-dev"):
           f"{len(facts.blocks)} units; {encoders}")
     work = Workload(*native_size(pipe), batch=1, steps=20)
     for gib in (15, 8, 4):
-        plan = plan_for_budget(gib * GiB, facts, work=work)
+        plan = plan_for_budget(gib * GiB, facts, work=work, host=HOST)
         offloaded = "; encoders and VAE offloaded" if plan.offload_encoders_vae and plan.streamed else ""
         print(f"  {gib:>2} GiB: {plan.summary()}{offloaded}; predicted peak {format_bytes(plan.predicted_peak)}")
 
@@ -254,7 +256,7 @@ for name in ("sd35-medium", "sd35-large", "flux-dev"):
 
 # %%
 pipe, facts = REAL["flux-dev"]
-plan = plan_for_budget(15 * GiB, facts, work=Workload(1024, 1024, 1, 20))
+plan = plan_for_budget(15 * GiB, facts, work=Workload(1024, 1024, 1, 20), host=HOST)
 kept = set(plan.resident)
 order = [b.name for b in facts.blocks]
 for unit in order[:8] + ["..."] + order[-4:]:
@@ -269,7 +271,8 @@ print(f"T5-XXL: {format_bytes(facts.encoders['text_encoder_2'])} in {len(t5_unit
 # ## On a GPU: what the real models need, and how fast they run
 #
 # - **Memory.** In 16 bits FLUX.1-dev's transformer is about 22 GiB and T5-XXL about 9 GiB (above): FLUX.1 does
-#   not fit a T4 whole, and its host copy does not fit Colab's 12.7 GB of host RAM either. The planner keeps SD3.5
+#   not fit a T4 whole, and its host copy does not fit Colab's 12.7 GB of host RAM either: the plans above pin what
+#   the host can hold and copy the rest (T5 first) from the files' mapping once per image. The planner keeps SD3.5
 #   medium's transformer whole on a 15 GiB or an 8 GiB card, its text encoders coming to the card only while they
 #   encode; SD3.5 large's transformer alone is more than a T4 holds. The plans above say what each budget keeps and
 #   streams.
