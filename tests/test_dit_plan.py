@@ -136,6 +136,39 @@ def test_a_streamed_plan_with_fp8_storage_gives_the_unplanned_image_within_toler
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_fp8_streamed_units_compute_from_the_ring_and_hold_no_copy_of_their_own(request, kind, monkeypatch):
+    """Layerwise casting sends each layer back to its storage dtype after its forward with ``module.to``, which gives
+    the weights new memory: a streamed unit must compute from its bytes in the ring at every step, never keep a copy
+    of its own (on a GPU that copy would stay for the rest of the image, beside the ring)."""
+    import dataclasses
+
+    pipe = _pipe(request, kind)
+    budget = tiny_dit_stream_budget(pipe, monkeypatch, 20_000)
+    plan = dataclasses.replace(plan_for_budget(budget, model_facts(pipe), CardFacts(), Workload(64, 64, 1, 2)), fp8=True)
+    apply_plan(pipe, plan, "cpu", use_stream=False)
+    streamer = streamer_of(pipe)
+    modules = dict(pipe.transformer.named_modules())
+    outside: list[str] = []
+
+    def after_step(p, step, timestep, kwargs):
+        ring = streamer.ring
+        if ring is not None and streamer.chained:
+            start, end = ring.data_ptr(), ring.data_ptr() + ring.numel()
+            homes = {h.untyped_storage().data_ptr() for h in streamer.host_copies()}
+            for name in plan.streamed:
+                for key, tensor in modules[name].named_parameters():
+                    ptr = tensor.data_ptr()
+                    if not start <= ptr < end and tensor.untyped_storage().data_ptr() not in homes:
+                        outside.append(f"{name}.{key}")
+        return kwargs
+
+    for _ in range(2):  # the first image records the order; the second computes from the ring
+        pipe("a fox", num_inference_steps=3, width=64, height=64, guidance_scale=1.0, output_type="np",
+             generator=torch.Generator("cpu").manual_seed(0), callback_on_step_end=after_step)
+    assert streamer.chained and not outside, outside[:5]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_budget_plan_through_the_managed_pipeline_gives_the_unplanned_image(request, kind, clean_cache, monkeypatch):
     """The CPU plan path of ``load_pipeline(budget=...)`` on a CUDA-like fake device (no bf16: the weights load in
     fp16, and the budget is sized from the same weights), against plain diffusers in fp16."""

@@ -74,6 +74,17 @@ def _hook_type():
     return StreamHook
 
 
+def _recasts(module) -> bool:
+    """Whether a layer of ``module`` is under diffusers' layerwise casting (fp8 storage)."""
+    from diffusers.hooks.layerwise_casting import _LAYERWISE_CASTING_HOOK
+
+    for layer in module.modules():
+        registry = getattr(layer, "_diffusers_hook", None)
+        if registry is not None and registry.get_hook(_LAYERWISE_CASTING_HOOK) is not None:
+            return True
+    return False
+
+
 class UnitStreamer:
     """The streamed units of one model (a denoiser or a text encoder), their ring and the order of the units."""
 
@@ -98,6 +109,8 @@ class UnitStreamer:
         self._regions: list = []  # per position: its host region
         self._arrived: list = []  # per position: the event its copy records (made once)
         self._computed: list = []  # per position: the event the compute stream records after it (made once)
+        # units with a layer under diffusers' layerwise casting, which re-points its weights at each forward
+        self._recast = frozenset(unit.name for unit in units if _recasts(unit.module))
         self._pending: set[int] = set()  # positions whose copies are issued and not yet waited for
         self._done = 0  # uses computed since the ring was filled afresh (use j is position j mod the unit count)
         self._next = 0  # the next use whose copy is considered
@@ -226,6 +239,10 @@ class UnitStreamer:
             else:
                 unit.point_home()
             return
+        if unit.name in self._recast:
+            # Layerwise casting (fp8 storage) sent the unit's layers back to their storage dtype with ``module.to``,
+            # which gives the weights new memory: point them at the ring again, which frees that copy at once.
+            self._bind(unit)
         self.device.mark_done(self._computed[self._position[unit.name]])
         self._done += 1
         self._issue()
