@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 
+from ..optimizer.context import denoiser_of
 from .host_memory import give_back_host_memory
 from .pinning import layout, pack, view_in
 
@@ -180,8 +181,4 @@ def make_decode_room(model, names, onload_device, device, stream=None, host_buff
 
 def decode_room_of(pipe) -> DecodeRoom | None:
     """The :class:`DecodeRoom` of ``pipe``'s denoiser, if its plan sends kept blocks to the host for the decode."""
-    for name in ("unet", "transformer"):
-        room = getattr(getattr(pipe, name, None), "_mlnb_decode_room", None)
-        if room is not None:
-            return room
-    return None
+    return getattr(denoiser_of(pipe), "_mlnb_decode_room", None)
