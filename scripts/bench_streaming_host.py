@@ -2,10 +2,13 @@
 and step, measured on the CPU.
 
 Usage:
-    python scripts/bench_streaming_host.py [--units 24] [--tensors 20] [--steps 20] [--repeats 5] [--json out.json]
+    python scripts/bench_streaming_host.py [--units 24] [--tensors 20] [--steps 20] [--repeats 5] [--run 1]
+        [--json out.json]
 
 A model of ``--units`` units (each ``--tensors`` small tensors, a transformer block's count, of which its forward reads
-one: the time is the bookkeeping, not the arithmetic) with a resident layer after each runs one phase of ``--steps`` forwards twice: as
+one: the time is the bookkeeping, not the arithmetic) with a resident layer after every ``--run`` of them (1: after
+each; 4: four streamed units in a row, as a text encoder's layers or a run of streamed blocks, which the streamer
+enters and leaves as a group) runs one phase of ``--steps`` forwards twice: as
 it is, and with every unit streamed through kept GPU memory (``keep_slots=True``, as the denoiser streams), on copy
 streams that issue nothing (no bytes move, so the copies' own time is left out). The difference, divided by units
 and steps, is the host time the streaming adds per streamed unit; the phase includes the first forward (which records
@@ -36,7 +39,7 @@ def _copy_streams():
     return NoCopies()
 
 
-def _model(units: int, tensors: int):
+def _model(units: int, tensors: int, run: int):
     import torch
 
     class Unit(torch.nn.Module):
@@ -53,11 +56,13 @@ def _model(units: int, tensors: int):
         def __init__(self) -> None:
             super().__init__()
             self.streamed = torch.nn.ModuleList(Unit() for _ in range(units))
-            self.resident = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(units))
+            self.resident = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(-(-units // run)))
 
         def forward(self, x):
-            for unit, keep in zip(self.streamed, self.resident):
-                x = keep(unit(x))
+            for index, unit in enumerate(self.streamed):
+                x = unit(x)
+                if index % run == run - 1 or index == units - 1:
+                    x = self.resident[index // run](x)
             return x
 
     return Model()
@@ -75,18 +80,18 @@ def _phase(model, x, steps: int, streamer) -> float:
     return time.perf_counter() - start
 
 
-def measure(units: int, tensors: int, steps: int, repeats: int) -> dict:
+def measure(units: int, tensors: int, steps: int, repeats: int, run: int = 1) -> dict:
     import torch
 
     from mlnb.planner import stream_units
 
     x = torch.randn(1, 4)
-    plain = _model(units, tensors)
+    plain = _model(units, tensors, run)
     _phase(plain, x, 2, None)  # warm-up
     without, times = [], []
     for _ in range(repeats):  # alternated, so that a busy moment of a shared machine hits both alike
         without.append(_phase(plain, x, steps, None))
-        model = _model(units, tensors)
+        model = _model(units, tensors, run)
         names = [f"streamed.{i}" for i in range(units)]
         streamer = stream_units(model, names, torch.device("cpu"), _copy_streams(), stream=object(), keep_slots=True)
         model(x)  # the order recorded before the phase, as the first image records it
@@ -96,6 +101,7 @@ def measure(units: int, tensors: int, steps: int, repeats: int) -> dict:
     return {
         "units": units,
         "tensors_per_unit": tensors,
+        "run": run,
         "steps": steps,
         "phase_seconds_unstreamed": base,
         "phase_seconds_streamed": streamed,
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tensors", type=int, default=20)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--run", type=int, default=1, help="streamed units in a row between resident layers")
     parser.add_argument("--label", default="", help="a name for this run in the table (e.g. the branch)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -118,10 +125,12 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlnb
 
-    rows = [measure(args.units, t, args.steps, args.repeats) for t in sorted({2, args.tensors, 4 * args.tensors})]
-    print(f"{'tensors/unit':>12} {'units':>5} {'steps':>5} {'plain ms':>9} {'streamed ms':>11} {'host µs/unit':>12}")
+    rows = [measure(args.units, t, args.steps, args.repeats, args.run)
+            for t in sorted({2, args.tensors, 4 * args.tensors})]
+    print(f"{'tensors/unit':>12} {'units':>5} {'in a row':>8} {'steps':>5} {'plain ms':>9} {'streamed ms':>11} "
+          f"{'host µs/unit':>12}")
     for row in rows:
-        print(f"{row['tensors_per_unit']:>12} {row['units']:>5} {row['steps']:>5} "
+        print(f"{row['tensors_per_unit']:>12} {row['units']:>5} {row['run']:>8} {row['steps']:>5} "
               f"{row['phase_seconds_unstreamed'] * 1e3:>9.2f} {row['phase_seconds_streamed'] * 1e3:>11.2f} "
               f"{row['host_us_per_unit_step']:>12.1f}")
     result = {

@@ -38,45 +38,55 @@ def _streamed(sizes=(8, 16, 8, 32, 8, 16), keep: bool = False, slots: int = 2):
 
 
 def _check_ring(log, streamer) -> None:
-    """Replay a log against the ring, byte by byte: a unit runs only from its place in the ring, with its own copy
-    there, waited for, and not overwritten since; a copy waits for the compute of every unit whose bytes it
-    overwrites (its ``after`` event was marked after their last run)."""
+    """Replay a log against the ring, byte by byte: a unit runs only from its place in the ring, with every piece of
+    its copy there, waited for, and not overwritten since; a copy waits for the compute of every unit whose bytes it
+    overwrites (its ``after`` event was marked after their last run). Copies go on one copy stream, so a wait for one
+    copy waits for every copy issued before it."""
     layout, order = streamer.layout, streamer.order
-    unit_of_region = {streamer.units[name].region.data_ptr(): position for position, name in enumerate(order)}
+    piece_of = {}  # host address of a piece -> (position, piece, its ring interval)
+    for position, name in enumerate(order):
+        at = 0
+        for index, (start, size) in enumerate(layout.pieces(position)):
+            piece_of[streamer.units[name].region.data_ptr() + at] = (position, index, (start, start + size))
+            at += size
     base = None
-    held: dict[int, dict] = {}  # position -> {"waited": bool}, while its bytes hold it
+    held: dict[int, dict[int, int]] = {}  # position -> {piece: index of its copy in the log}, while its bytes hold it
     last_run: dict[int, int] = {}  # position -> index in the log of its last run
     marked: dict[int, int] = {}  # id(event) -> index in the log of its last mark
+    recorded: dict[int, int] = {}  # id(event) -> index in the log of the last copy that records it
+    waited = -1  # copies up to this index in the log are waited for
 
-    def overlaps(p, q):
-        return layout.offsets[p] < layout.offsets[q] + layout.sizes[q] and \
-            layout.offsets[q] < layout.offsets[p] + layout.sizes[p]
+    def overlaps(interval, q):
+        return any(interval[0] < end and start < interval[1]
+                   for start, end in ((s, s + size) for s, size in layout.pieces(q)))
 
     for index, event in enumerate(log):
         if event[0] == "buffer":
             base, held, last_run = None, {}, {}
         elif event[0] == "copy":
-            position = unit_of_region[event[2]]
+            position, piece, interval = piece_of[event[2]]
             if base is None:
-                base = event[1] - layout.offsets[position]
-            assert event[1] - base == layout.offsets[position], "a copy lands where its unit is not laid out"
+                base = event[1] - interval[0]
+            assert event[1] - base == interval[0], "a copy lands where its unit is not laid out"
             after = event[3]
-            for other in [q for q in list(held) + list(last_run) if q != position and overlaps(q, position)]:
+            for other in [q for q in set(held) | set(last_run) if q != position and overlaps(interval, q)]:
                 if other in last_run and after is not None:  # its compute is done before its bytes are overwritten
                     assert marked.get(id(after), -1) > last_run[other], \
                         f"copy of {order[position]} overwrites {order[other]} before its compute is marked done"
                 held.pop(other, None)
-            held[position] = {"waited": False}
+            if piece == 0:
+                held[position] = {}
+            held.setdefault(position, {})[piece] = index
+            recorded[id(event[4])] = index
         elif event[0] == "wait":
-            for position, state in held.items():
-                if streamer._arrived[position] is event[1]:
-                    state["waited"] = True
+            waited = max(waited, recorded.get(id(event[1]), -1))
         elif event[0] == "mark":
             marked[id(event[1])] = index
         elif event[0] == "run" and event[1] in streamer.units:
             position = order.index(event[1])
-            assert position in held, f"{event[1]} ran from bytes that no longer hold it"
-            assert held[position]["waited"], f"{event[1]} ran before its copy was waited for"
+            assert len(held.get(position, {})) == len(layout.pieces(position)), \
+                f"{event[1]} ran from bytes that no longer hold it"
+            assert max(held[position].values()) <= waited, f"{event[1]} ran before its copy was waited for"
             last_run[position] = index
 
 
@@ -129,7 +139,6 @@ def test_a_kept_ring_is_allocated_once_its_copies_wrap_into_the_next_forward_and
     assert streamer.ring_bytes == min(slots, count) * streamer.slot_bytes
     assert copies.events_made == made  # no event made per step
     ring = streamer.layout
-    per_step = sum(ring.shared(p) for p in range(count))
     ahead = set()  # the next forward's copies whose bytes this one has freed, in running order
     for use in range(4 * count, 5 * count):
         if ring.needs_copy(use):
@@ -137,8 +146,10 @@ def test_a_kept_ring_is_allocated_once_its_copies_wrap_into_the_next_forward_and
                 break
             ahead.add(use % count)
     assert streamer.pending_copies == ahead  # issued during this forward, on their way for the next
-    # after the first forward only units that share bytes copy again, and the next forward's first ones already have
-    assert len(copies.entries("copy")) == count + 3 * per_step + len(ahead)
+    # after the first forward only units that share bytes copy again, and the next forward's first ones already have;
+    # a unit split across the ring's end is two copies
+    uses = [use for use in range(4 * count) if ring.needs_copy(use)] + sorted(ahead)
+    assert len(copies.entries("copy")) == sum(len(ring.pieces(use % count)) for use in uses)
     assert len(copies.entries("mark")) == 4 * count
     with pytest.raises(ValueError, match="two slots"):
         stream_units(interleaved(), ["streamed.0"], torch.device("cpu"), copies, slots=1)
@@ -243,7 +254,12 @@ def test_a_unit_that_runs_twice_keeps_blocking_copies(caplog):
 def _ring_log(log, streamer) -> list:
     """The entries of a shared log that concern ``streamer``'s ring: its buffers (by size), copies, waits and
     units' runs, and every mark."""
-    regions = {unit.region.data_ptr() for unit in streamer.units.values()}
+    regions = set()  # the host address of each piece of each unit
+    for position, name in enumerate(streamer.order):
+        at = streamer.units[name].region.data_ptr()
+        for _, size in streamer.layout.pieces(position):
+            regions.add(at)
+            at += size
     arrived = {id(event) for event in streamer._arrived}
     keep = []
     for event in log:

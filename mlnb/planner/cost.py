@@ -47,7 +47,7 @@ import math
 from dataclasses import dataclass, field
 
 from ..units import GiB, MiB, format_bytes
-from .ring import ring_layout
+from .ring import GROUP_SHARE, ring_layout
 
 __all__ = [
     "Block", "ModelFacts", "CardFacts", "Workload", "Plan", "denoise_reserve", "streamed_denoise_reserve",
@@ -258,7 +258,8 @@ def overlap_measured(compute: float, copies: float, step: float) -> float:
 
 
 def schedule_step(forward: float, blocks, between: float, copies: dict[str, float], slots: int = 2,
-                  steps: int = 8, sizes: dict[str, int] | None = None) -> float:
+                  steps: int = 8, sizes: dict[str, int] | None = None, cuts: dict[str, tuple] | None = None,
+                  group_share: float = GROUP_SHARE) -> float:
     """Seconds of one denoising step with the blocks in ``copies`` streamed, replaying the streamer's schedule
     (:mod:`mlnb.planner.streaming`, :mod:`mlnb.planner.ring`) against one measured resident forward.
 
@@ -272,11 +273,15 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
         steps: steps replayed; the first (whose copies start with nothing before them) is left out.
         sizes: bytes of each streamed block (the streamer's layout sizes); without them, the copy seconds stand in
             (the same layout when every byte copies at one bandwidth).
+        cuts: for each streamed block, the offsets where its copy may be split across the ring's end (where its
+            tensors after the first start in its layout); without them no block is split.
+        group_share: the streamer's limit on a group's bytes, as a share of the ring (:data:`.ring.GROUP_SHARE`).
 
-    The streamed blocks sit in the ring at fixed offsets in running order (:func:`.ring.ring_layout`). One copy
-    engine moves one unit at a time, in running order, from the first forward on. A copy starts once the engine is
-    free and the latest earlier block whose bytes it overwrites has computed; a block that shares its bytes with no
-    other is copied in the first forward only. A block computes once the compute before it and its own copy are done.
+    The streamed blocks sit in the ring at fixed offsets in running order (:func:`.ring.ring_layout`), and streamed
+    blocks with no other block between them form the streamer's groups. One copy engine moves one unit at a time, in
+    running order, from the first forward on. A copy starts once the engine is free and the group of the latest
+    earlier block whose bytes it overwrites has computed; a block that shares its bytes with no other is copied in the
+    first forward only. A group's first block computes once the compute before it and its group's copies are done.
     """
     if steps < 2 or slots < 1:
         raise ValueError(f"schedule_step replays at least 2 steps (the first is left out) through at least 1 slot, "
@@ -286,7 +291,12 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
         return forward + between
     if sizes is None:  # copy seconds in picoseconds: whole numbers the layout can add up
         sizes = {name: max(1, round(copies[name] * 1e12)) for name in order}
-    ring = ring_layout([sizes[name] for name in order], slots * max(sizes[name] for name in order))
+    streamed = [name in copies for name, _, _ in blocks] + [False]
+    adjacent = [streamed[i + 1] for i in range(len(blocks)) if streamed[i]]  # the next block streams too
+    ring = ring_layout([sizes[name] for name in order], slots * max(sizes[name] for name in order),
+                       cuts=[cuts[name] for name in order] if cuts else None, adjacent=adjacent,
+                       group_share=group_share)
+    last_of = {first: last for first, last in ring.groups}
     count = len(order)
     done: list[float] = []  # when each use (a streamed block's run, counted across steps) computed
     arrived: dict[int, float] = {}  # use -> when its copy was in
@@ -312,8 +322,9 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
         for name, start, seconds in blocks:
             clock += max(0.0, start - last_end)
             last_end = start + seconds
-            if name in copies:
-                clock = max(clock, arrival(len(done)))
+            if name in copies and len(done) % count in last_of:  # a group starts: all its copies in
+                use = len(done)
+                clock = max([clock] + [arrival(u) for u in range(use, use + last_of[use % count] - use % count + 1)])
             clock += seconds
             if name in copies:
                 done.append(clock)
