@@ -3,12 +3,13 @@ and step, measured on the CPU.
 
 Usage:
     python scripts/bench_streaming_host.py [--units 24] [--tensors 20] [--steps 20] [--repeats 5] [--run 1]
-        [--json out.json]
+        [--group-share S] [--json out.json]
 
 A model of ``--units`` units (each ``--tensors`` small tensors, a transformer block's count, of which its forward reads
 one: the time is the bookkeeping, not the arithmetic) with a resident layer after every ``--run`` of them (1: after
 each; 4: four streamed units in a row, as a text encoder's layers or a run of streamed blocks, which the streamer
-enters and leaves as a group) runs one phase of ``--steps`` forwards twice: as
+enters and leaves as a group when they are small enough next to its ring: ``--group-share`` sets how small, 1 for
+groups of any size, 0 for none) runs one phase of ``--steps`` forwards twice: as
 it is, and with every unit streamed through kept GPU memory (``keep_slots=True``, as the denoiser streams), on copy
 streams that issue nothing (no bytes move, so the copies' own time is left out). The difference, divided by units
 and steps, is the host time the streaming adds per streamed unit; the phase includes the first forward (which records
@@ -80,7 +81,7 @@ def _phase(model, x, steps: int, streamer) -> float:
     return time.perf_counter() - start
 
 
-def measure(units: int, tensors: int, steps: int, repeats: int, run: int = 1) -> dict:
+def measure(units: int, tensors: int, steps: int, repeats: int, run: int = 1, group_share: float | None = None) -> dict:
     import torch
 
     from mlnb.planner import stream_units
@@ -93,7 +94,9 @@ def measure(units: int, tensors: int, steps: int, repeats: int, run: int = 1) ->
         without.append(_phase(plain, x, steps, None))
         model = _model(units, tensors, run)
         names = [f"streamed.{i}" for i in range(units)]
-        streamer = stream_units(model, names, torch.device("cpu"), _copy_streams(), stream=object(), keep_slots=True)
+        shared = {} if group_share is None else {"group_share": group_share}
+        streamer = stream_units(model, names, torch.device("cpu"), _copy_streams(), stream=object(), keep_slots=True,
+                                **shared)
         model(x)  # the order recorded before the phase, as the first image records it
         streamer.release()
         times.append(_phase(model, x, steps, streamer))
@@ -102,6 +105,7 @@ def measure(units: int, tensors: int, steps: int, repeats: int, run: int = 1) ->
         "units": units,
         "tensors_per_unit": tensors,
         "run": run,
+        "groups": len(getattr(streamer.layout, "groups", ())) or None,  # None: a streamer without groups
         "steps": steps,
         "phase_seconds_unstreamed": base,
         "phase_seconds_streamed": streamed,
@@ -116,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--run", type=int, default=1, help="streamed units in a row between resident layers")
+    parser.add_argument("--group-share", type=float, default=None,
+                        help="the streamer's limit on a group's bytes as a share of its ring (default: its own)")
     parser.add_argument("--label", default="", help="a name for this run in the table (e.g. the branch)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
@@ -125,12 +131,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import mlnb
 
-    rows = [measure(args.units, t, args.steps, args.repeats, args.run)
+    rows = [measure(args.units, t, args.steps, args.repeats, args.run, args.group_share)
             for t in sorted({2, args.tensors, 4 * args.tensors})]
-    print(f"{'tensors/unit':>12} {'units':>5} {'in a row':>8} {'steps':>5} {'plain ms':>9} {'streamed ms':>11} "
-          f"{'host µs/unit':>12}")
+    print(f"{'tensors/unit':>12} {'units':>5} {'in a row':>8} {'groups':>6} {'steps':>5} {'plain ms':>9} "
+          f"{'streamed ms':>11} {'host µs/unit':>12}")
     for row in rows:
-        print(f"{row['tensors_per_unit']:>12} {row['units']:>5} {row['run']:>8} {row['steps']:>5} "
+        groups = "" if row["groups"] is None else row["groups"]
+        print(f"{row['tensors_per_unit']:>12} {row['units']:>5} {row['run']:>8} {groups:>6} {row['steps']:>5} "
               f"{row['phase_seconds_unstreamed'] * 1e3:>9.2f} {row['phase_seconds_streamed'] * 1e3:>11.2f} "
               f"{row['host_us_per_unit_step']:>12.1f}")
     result = {

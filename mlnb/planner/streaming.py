@@ -51,7 +51,7 @@ import logging
 from types import SimpleNamespace
 
 from .packed import PackedUnit, WholeModel, pack_home, pin_whole
-from .ring import RingLayout, ring_layout
+from .ring import GROUP_SHARE, RingLayout, ring_layout
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +86,14 @@ class UnitStreamer:
     """The streamed units of one model (a denoiser or a text encoder), their ring and the order of the units."""
 
     def __init__(self, model, units: list[PackedUnit], onload_device, device, stream, keep_slots: bool = False,
-                 slots: int = 2) -> None:
+                 slots: int = 2, group_share: float = GROUP_SHARE) -> None:
         if slots < 2:
             raise ValueError(f"streaming needs at least two slots (one computing, one arriving), got {slots}")
         self.units = {unit.name: unit for unit in units}
         self.onload_device, self.device, self.stream = onload_device, device, stream
         self.keep_slots = keep_slots
         self.slot_count = slots
+        self.group_share = group_share
         self.slot_bytes = max(unit.layout.nbytes for unit in units)
         self.ring_bytes = self.slot_bytes * min(slots, len(units))
         self.order: list[str] | None = None  # execution order, once recorded
@@ -302,7 +303,8 @@ class UnitStreamer:
         # a unit is adjacent to the next when no call of the model's other weighted modules came between them
         adjacent = [edges[p][1] == edges[p + 1][0] for p in range(len(trace) - 1)] + [False]
         self.layout = ring_layout([unit.layout.nbytes for unit in units], self.ring_bytes,
-                                  cuts=[unit.layout.offsets[1:] for unit in units], adjacent=adjacent)
+                                  cuts=[unit.layout.offsets[1:] for unit in units], adjacent=adjacent,
+                                  group_share=self.group_share)
         self._regions = [unit.region for unit in units]
         self._arrived = [self.device.new_event() for _ in trace]
         self._first, self._last, self._computed = [None] * len(trace), [None] * len(trace), [None] * len(trace)
@@ -354,7 +356,7 @@ class UnitStreamer:
 
 
 def stream_units(model, names, onload_device, device, stream=None, host_buffer=None,
-                 keep_slots: bool = False, slots: int = 2) -> UnitStreamer:
+                 keep_slots: bool = False, slots: int = 2, group_share: float = GROUP_SHARE) -> UnitStreamer:
     """Stream the units ``names`` of ``model`` (dotted module paths; ``""`` is the model itself) to
     ``onload_device``; the rest of ``model`` is untouched.
 
@@ -374,6 +376,8 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
             the memory.
         slots: the ring holds this many of the largest unit; a larger ring lets copies run further ahead, for
             more memory.
+        group_share: adjacent units are entered and left as one group of at most this share of the ring's bytes
+            (:data:`.ring.GROUP_SHARE`; 0 makes every unit a group of its own).
     """
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
@@ -382,7 +386,7 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
     units = [PackedUnit(name, modules[name]) for name in names]
     allocated = pack_home(units, host_buffer)
     logger.debug("packed %d streamed units in %d bytes", len(units), allocated)
-    streamer = UnitStreamer(model, units, onload_device, device, stream, keep_slots, slots)
+    streamer = UnitStreamer(model, units, onload_device, device, stream, keep_slots, slots, group_share)
     hook_type = _hook_type()
     for unit in units:
         HookRegistry.check_if_exists_or_initialize(unit.module).register_hook(
