@@ -125,8 +125,10 @@ def test_adjacent_units_form_groups_of_at_most_their_share_of_the_ring_and_copie
     assert ring_layout([1, 1, 1, 1, 4, 1, 1, 1], 8, adjacent=adjacent, group_share=0.25).groups == (
         (0, 1), (2, 3), (4, 4), (5, 6), (7, 7))
     assert ring_layout([1] * 8, 8, group_share=1.0).groups == tuple((p, p) for p in range(8))  # none adjacent
-    # a group ends before a unit whose bytes overlap an earlier unit's of the group: s2 overwrites s0
-    assert ring_layout([2, 2, 2], 4, adjacent=[True, True, False], group_share=1.0).groups == ((0, 1), (2, 2))
+    # a group ends before a unit whose bytes overlap an earlier unit's of the group: s4 overwrites s1 (s2 started
+    # again at byte 0), though the four fit the share
+    assert ring_layout([4, 1, 2, 2, 1], 6, adjacent=[False, True, True, True, False], group_share=1.0).groups == (
+        (0, 0), (1, 3), (4, 4))
 
 
 def test_each_copy_is_issued_as_soon_as_its_bytes_are_free_and_waited_for_before_its_unit_runs():

@@ -181,7 +181,7 @@ class UnitStreamer:
             return
         if self._ring is None:
             self._begin_phase()
-        elif self._done % len(self.order) or self._cursor % len(self.order):  # stopped half-way, or skipped a unit
+        elif self._done % len(self.order):  # a group's end passed in a forward that stopped half-way or skipped a unit
             self._drop_pending()
             self._done = self._next = 0
             for unit in self.units.values():
