@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archs", nargs="+", default=list(BUDGETS))
     parser.add_argument("--ratios", nargs="+", type=float, default=[0.5, 1.0, 2.0])
-    parser.add_argument("--shares", nargs="+", type=float, default=[GROUP_SHARE, 0.25, 0.5],
+    parser.add_argument("--shares", nargs="+", type=float, default=[0.125, GROUP_SHARE, 0.5],
                         help="group limits to compare, as shares of the ring")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)

@@ -10,21 +10,34 @@ would reach its own first part), the whole unit starts again at byte 0 and the e
 every unit has a fixed place, and its parameters can point at their views of the ring for a whole phase (the steps
 of one image) instead of being swapped at every entry and exit.
 
-What the end of the ring would waste without the split, as a share of the bytes the ring passes through in one
-forward (``scripts/ring_waste.py``, the planner's plans without card facts at the native size, fp16 weights):
-3–5 % for SDXL's denoiser and CLIP-G, 8–13 % for SD3.5 medium's, 12–26 % for SD1.5's and T5-XXL's (the split leaves
-0.4–9 %), 12–19 % for SD3.5 large's and 5–17 % for FLUX.1's (mostly one-tensor units there: the split leaves 5–19 %).
-The layout starts again at byte 0 with each forward, so the space after the forward's last unit stays unused too
-(0–13 % more with the split, see the script's table): closing that gap would need a layout that shifts by a
-forward's bytes each step.
+What the end of the ring leaves unused, as a share of the bytes the ring passes through in one forward, whole units
+against split ones (``python scripts/ring_waste.py``: the planner's plans without card facts at the native size, fp16
+weights, the units' real layouts built on the meta device; mlnb 0.1.0, torch 2.13 CPU, diffusers 0.42, 2026-12-07):
+
+=====================  ==============  =============
+ring                   whole           split
+=====================  ==============  =============
+SD1.5 denoiser         12.4–12.5 %     3.5–9.0 %
+SDXL denoiser          2.4–4.9 %       0.6–1.1 %
+SD3.5 medium denoiser  8.4–12.9 %      0.4–1.2 %
+SD3.5 large denoiser   12.0–19.1 %     8.5–19.1 %
+FLUX.1 denoiser        5.1–10.5 %      5.1–10.5 %
+CLIP-G / T5-XXL        5.3 % / 26.1 %  1.8 % / 8.0 %
+=====================  ==============  =============
+
+(SD3.5 large's and FLUX.1's units are mostly one or two large tensors, which leave the split no place to fall.) The
+layout starts again at byte 0 with each forward, so the space after the forward's last unit stays unused too, 0–11
+points more with the split (``+end`` in the script's table): closing that gap would take a layout that shifts by a
+forward's bytes at every step.
 
 Consecutive units that run with nothing of the model between them (no module with weights of its own: a text
 encoder's layers, a run of streamed blocks) form *groups* of at most :data:`GROUP_SHARE` of the ring. The streamer
 waits for a group's copies as its first unit starts and marks the group computed after its last one, so a group
 costs the host one wait and one mark instead of one a unit. The price is overlap: the group's first unit waits for
-its last unit's copy, and the group's bytes are freed only once its last unit has computed. A group of at most an
-eighth of the ring keeps both small next to what the ring has in flight (``docs/planner.md`` has the replayed
-cost). A group never holds two units whose bytes overlap.
+its last unit's copy, and the group's bytes are freed only once its last unit has computed. A quarter of the ring is
+the largest share at which the planner's schedule replay of the same plans shows no cost (half of it costs SDXL's
+3 GiB plan 3 % of its step where compute and copies take as long; ``docs/planner.md``). A group never holds two units
+whose bytes overlap.
 
 The forward runs the units as uses ``0, 1, 2, ...``: use ``j`` is unit ``j mod n`` (``n`` units a forward), and with
 kept memory the count goes on from one forward into the next. The copy for use ``j`` may start once every earlier use
@@ -47,7 +60,7 @@ from dataclasses import dataclass
 
 __all__ = ["GROUP_SHARE", "RingLayout", "ring_layout"]
 
-GROUP_SHARE = 1 / 8  # a group's bytes, at most, as a share of the ring
+GROUP_SHARE = 1 / 4  # a group's bytes, at most, as a share of the ring
 
 
 @dataclass(frozen=True)

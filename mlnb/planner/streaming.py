@@ -16,7 +16,7 @@ next forward on:
   error (:meth:`UnitStreamer.offload_all`) and before anything else reads the weights (a LoRA change removes the
   streamer, :meth:`UnitStreamer.remove`);
 - units that run one right after the other form groups (:mod:`.ring`: a text encoder's layers, a run of streamed
-  blocks, at most an eighth of the ring together); a unit that runs alone is a group of one. The first forward
+  blocks, at most a quarter of the ring together); a unit that runs alone is a group of one. The first forward
   tells which units are adjacent: it counts the calls of the model's modules that have weights of their own outside
   the units, between one unit's end and the next one's start;
 - each copy goes on the one copy stream, in running order, as soon as its bytes in the ring are free: once the group
