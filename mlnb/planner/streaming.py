@@ -12,9 +12,9 @@ next forward on:
 
 - every unit has a fixed place in the ring (:func:`.ring.ring_layout`: one after the other in running order, split
   between two of its tensors where it would pass the ring's end, the rest at byte 0), and its parameters point at
-  their views of the ring for the whole phase: bound once as the phase starts, pointed home as it ends (:meth:`UnitStreamer.release`), after an
-  error (:meth:`UnitStreamer.offload_all`) and before anything else reads the weights (a LoRA change removes the
-  streamer, :meth:`UnitStreamer.remove`);
+  their views of the ring for the whole phase: bound once as the phase starts, pointed home as it ends
+  (:meth:`UnitStreamer.release`), after an error (:meth:`UnitStreamer.offload_all`) and before anything else reads
+  the weights (a LoRA change removes the streamer, :meth:`UnitStreamer.remove`);
 - units that run one right after the other form groups (:mod:`.ring`: a text encoder's layers, a run of streamed
   blocks, at most a quarter of the ring together); a unit that runs alone is a group of one. The first forward
   tells which units are adjacent: it counts the calls of the model's modules that have weights of their own outside
