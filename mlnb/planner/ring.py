@@ -12,7 +12,7 @@ of one image) instead of being swapped at every entry and exit.
 
 What the end of the ring leaves unused, as a share of the bytes the ring passes through in one forward, whole units
 against split ones (``python scripts/ring_waste.py``: the planner's plans without card facts at the native size, fp16
-weights, the units' real layouts built on the meta device; mlnb 0.1.0, torch 2.13 CPU, diffusers 0.42, 2026-12-07):
+weights, the units' real layouts built on the meta device; versions and date in ``docs/planner.md``):
 
 =====================  ==============  =============
 ring                   whole           split
