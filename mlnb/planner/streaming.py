@@ -109,7 +109,7 @@ class UnitStreamer:
         self._regions: list = []  # per position: its host region
         self._arrived: list = []  # per position: the event its copy records (made once)
         self._computed: list = []  # per position: its group's event, recorded after the group's last unit (made once)
-        self._first: list = []  # per position: the last position of its group if it starts one, else None
+        self._first: list = []  # per position: its group's positions, last first, if it starts the group, else None
         self._last: list = []  # per position: the first position of its group if it ends one, else None
         self._pending: set[int] = set()  # positions whose copies are issued and not yet waited for
         self._done = 0  # uses computed since the ring was filled afresh (use j is position j mod the unit count)
@@ -243,17 +243,17 @@ class UnitStreamer:
             self._edges.append((self._calls, self._calls))
         position = self._position.get(unit.name)
         if self._ring is not None and position == self._cursor and unit.where == "ring":
-            self._cursor += 1
-            last = self._first[position]
-            if last is None:  # inside a group: its copy was waited for as the group started
+            self._cursor = position + 1
+            members = self._first[position]
+            if members is None:  # inside a group: its copy was waited for as the group started
                 return
-            waited = None
-            for member in range(position, last + 1):
-                if member in self._pending:
-                    self._pending.discard(member)
-                    waited = member
-            if waited is not None:  # one copy stream: its last copy of the group lands after the others
-                self.device.wait_copy(self._arrived[waited])
+            pending = self._pending
+            for member in members:  # one copy stream: the group's last copy issued lands after the others
+                if member in pending:
+                    self.device.wait_copy(self._arrived[member])
+                    for other in members:
+                        pending.discard(other)
+                    break
         else:
             if self._ring is not None and not self._warned:
                 self._warned = True
@@ -309,7 +309,7 @@ class UnitStreamer:
         self._arrived = [self.device.new_event() for _ in trace]
         self._first, self._last, self._computed = [None] * len(trace), [None] * len(trace), [None] * len(trace)
         for first, last in self.layout.groups:
-            self._first[first], self._last[last] = last, first
+            self._first[first], self._last[last] = tuple(range(last, first - 1, -1)), first
             event = self.device.new_event()
             for position in range(first, last + 1):
                 self._computed[position] = event
