@@ -19,6 +19,9 @@ events and copies, which this leaves out.
 layers or a run of streamed blocks), which the streamer enters and leaves as one group when they are small enough next
 to its ring: ``--group-share`` sets how small (1: any group the ring holds; 0: none; default: the streamer's own).
 
+Beside the time, the table counts what the noise of a shared machine cannot blur: the Python function calls the
+streaming adds per unit and step (a profiled pass), and the copies, waits and marks it queues for the GPU.
+
 Prints a table and writes JSON with the machine, versions, date and command.
 """
 
@@ -95,6 +98,25 @@ def _phase(model, x, steps: int, streamer) -> float:
     return time.process_time() - start
 
 
+def _python_calls(model, x, steps: int) -> int:
+    """Python function calls in ``steps`` forwards (after two unprofiled ones): a count the machine's load cannot
+    blur, where the time differences of a few microseconds drown in a shared machine's noise."""
+    import cProfile
+    import pstats
+
+    import torch
+
+    profile = cProfile.Profile()
+    with torch.no_grad():
+        model(x)
+        model(x)
+        profile.enable()
+        for _ in range(steps):
+            model(x)
+        profile.disable()
+    return pstats.Stats(profile).total_calls
+
+
 def measure(units: int, tensors: int, steps: int, repeats: int, run: int = 1, group_share: float | None = None,
             slots: int = 2) -> dict:
     import torch
@@ -118,6 +140,10 @@ def measure(units: int, tensors: int, steps: int, repeats: int, run: int = 1, gr
         copies.calls = dict.fromkeys(copies.calls, 0)
         times.append(_phase(model, x, steps, streamer))
     base, streamed = min(without), min(times)  # the least disturbed run of each
+    # what a GPU would queue, per unit and step over the last phase (every repeat's are the same)
+    device_calls = {kind: count / (units * steps) for kind, count in copies.calls.items()}
+    calls = (_python_calls(model, x, steps) - _python_calls(plain, x, steps)) / (units * steps)
+    streamer.release()
     return {
         "units": units,
         "tensors_per_unit": tensors,
@@ -128,8 +154,8 @@ def measure(units: int, tensors: int, steps: int, repeats: int, run: int = 1, gr
         "phase_seconds_unstreamed": base,
         "phase_seconds_streamed": streamed,
         "host_us_per_unit_step": (streamed - base) / (units * steps) * 1e6,
-        # per unit and step, over the phase: what a GPU would queue (the last repeat's; each repeat's are the same)
-        "device_calls_per_unit_step": {kind: count / (units * steps) for kind, count in copies.calls.items()},
+        "python_calls_per_unit_step": calls,
+        "device_calls_per_unit_step": device_calls,
     }
 
 
@@ -155,14 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = [measure(args.units, t, args.steps, args.repeats, args.run, args.group_share, args.slots)
             for t in sorted({2, args.tensors, 4 * args.tensors})]
     print(f"{'tensors/unit':>12} {'units':>5} {'in a row':>8} {'groups':>6} {'steps':>5} {'plain ms':>9} "
-          f"{'streamed ms':>11} {'host µs/unit':>12} {'copies/unit':>11} {'waits/unit':>10} {'marks/unit':>10}")
+          f"{'streamed ms':>11} {'host µs/unit':>12} {'Python calls/unit':>17} {'copies/unit':>11} {'waits/unit':>10} "
+          f"{'marks/unit':>10}")
     for row in rows:
         groups = "" if row["groups"] is None else row["groups"]
         calls = row["device_calls_per_unit_step"]
         print(f"{row['tensors_per_unit']:>12} {row['units']:>5} {row['run']:>8} {groups:>6} {row['steps']:>5} "
               f"{row['phase_seconds_unstreamed'] * 1e3:>9.2f} {row['phase_seconds_streamed'] * 1e3:>11.2f} "
-              f"{row['host_us_per_unit_step']:>12.1f} {calls['copy']:>11.2f} {calls['wait']:>10.2f} "
-              f"{calls['mark']:>10.2f}")
+              f"{row['host_us_per_unit_step']:>12.1f} {row['python_calls_per_unit_step']:>17.1f} "
+              f"{calls['copy']:>11.2f} {calls['wait']:>10.2f} {calls['mark']:>10.2f}")
     result = {
         "label": args.label,
         "rows": rows,
