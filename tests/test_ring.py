@@ -221,11 +221,12 @@ def test_a_unit_of_a_group_that_does_not_run_puts_the_later_units_on_blocking_co
         assert torch.equal(model(x), reference(x))
     assert "ran out of its recorded order" in caplog.text
     during = copies.log[before:]
-    assert [e for e in during if e[0] == "own copy"]  # the units after the skipped one
     model.streamed[skipped] = unit
     assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
-    # the skipped forward's units ran from copies of their own, not from the ring
-    log = copies.log[:before] + [e for e in during if e[0] != "run"] + copies.log[before + len(during):]
+    # the units after the skipped one ran from copies of their own (logged right before each), the others from the ring
+    own = [e for i, e in enumerate(during) if e[0] == "run" and i and during[i - 1][0] == "own copy"]
+    assert [e[1] for e in own] == names[skipped + 1:]
+    log = copies.log[:before] + [e for e in during if e not in own] + copies.log[before + len(during):]
     _check_ring(log, streamer)
 
 
