@@ -135,6 +135,29 @@ def interleaved(sizes=(8, 16, 8, 32, 8, 16)):
     return Interleaved()
 
 
+def in_runs(sizes=(8, 8, 16, 8, 32, 8, 8, 8), run: int = 3):
+    """Streamed units ``streamed.0`` ... (sized as :func:`interleaved`'s) in runs of ``run`` with nothing between them,
+    and a resident layer ``resident.j`` after each run (8 features in and out)."""
+    import torch
+
+    class InRuns(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.streamed = torch.nn.ModuleList(torch.nn.Linear(8, 8) if n == 8 else torch.nn.Sequential(
+                torch.nn.Linear(8, n), torch.nn.Linear(n, 8)) for n in sizes)
+            self.resident = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(-(-len(sizes) // run)))
+
+        def forward(self, x):
+            for index, unit in enumerate(self.streamed):
+                x = torch.tanh(unit(x))
+                if index % run == run - 1 or index == len(self.streamed) - 1:
+                    x = self.resident[index // run](x)
+            return x
+
+    return InRuns()
+
+
 def log_runs(model, names, log: list) -> None:
     """Append ``("run", name)`` to ``log`` as each module ``names`` of ``model`` runs its forward: inside a streaming
     hook, which wraps the forward it finds, so after the unit's copy is waited for."""

@@ -14,23 +14,24 @@ import weakref
 import pytest
 import torch
 
-from fakes import calls_a_twice, interleaved, log_runs
+from fakes import calls_a_twice, in_runs, interleaved, log_runs
 from mlnb.planner import stream_units
 from mlnb.planner.ring import ring_layout
 from mlnb.testing.fake_device import SimulatedCopyStreams
 
 
-def _streamed(sizes=(8, 16, 8, 32, 8, 16), keep: bool = False, slots: int = 2):
-    """A model streamed through simulated copy streams, each unit logged as it runs: the model, unit names, an
-    input, the unstreamed output for it, the copy streams and the streamer, the order already recorded."""
-    model = interleaved(sizes)
-    names = [f"streamed.{i}" for i in range(len(sizes))]
+def _streamed(sizes=(8, 16, 8, 32, 8, 16), keep: bool = False, slots: int = 2, model=None, **options):
+    """A model (``interleaved(sizes)`` unless given) streamed through simulated copy streams, each unit logged as it
+    runs: the model, unit names, an input, the unstreamed output for it, the copy streams and the streamer, the order
+    already recorded."""
+    model = interleaved(sizes) if model is None else model
+    names = [f"streamed.{i}" for i in range(len(model.streamed))]
     x = torch.randn(3, 8)
     expected = model(x)
     copies = SimulatedCopyStreams()
     log_runs(model, names, copies.log)
     streamer = stream_units(model, names, torch.device("cpu"), copies, stream=copies.copy_stream(), keep_slots=keep,
-                            slots=slots)
+                            slots=slots, **options)
     assert torch.equal(model(x), expected)  # the first forward records the order, copying blocking
     assert streamer.order == names
     copies.log.clear()
@@ -38,45 +39,55 @@ def _streamed(sizes=(8, 16, 8, 32, 8, 16), keep: bool = False, slots: int = 2):
 
 
 def _check_ring(log, streamer) -> None:
-    """Replay a log against the ring, byte by byte: a unit runs only from its place in the ring, with its own copy
-    there, waited for, and not overwritten since; a copy waits for the compute of every unit whose bytes it
-    overwrites (its ``after`` event was marked after their last run)."""
+    """Replay a log against the ring, byte by byte: a unit runs only from its place in the ring, with every piece of
+    its copy there, waited for, and not overwritten since; a copy waits for the compute of every unit whose bytes it
+    overwrites (its ``after`` event was marked after their last run). Copies go on one copy stream, so a wait for one
+    copy waits for every copy issued before it."""
     layout, order = streamer.layout, streamer.order
-    unit_of_region = {streamer.units[name].region.data_ptr(): position for position, name in enumerate(order)}
+    piece_of = {}  # host address of a piece -> (position, piece, its ring interval)
+    for position, name in enumerate(order):
+        at = 0
+        for index, (start, size) in enumerate(layout.pieces(position)):
+            piece_of[streamer.units[name].region.data_ptr() + at] = (position, index, (start, start + size))
+            at += size
     base = None
-    held: dict[int, dict] = {}  # position -> {"waited": bool}, while its bytes hold it
+    held: dict[int, dict[int, int]] = {}  # position -> {piece: index of its copy in the log}, while its bytes hold it
     last_run: dict[int, int] = {}  # position -> index in the log of its last run
     marked: dict[int, int] = {}  # id(event) -> index in the log of its last mark
+    recorded: dict[int, int] = {}  # id(event) -> index in the log of the last copy that records it
+    waited = -1  # copies up to this index in the log are waited for
 
-    def overlaps(p, q):
-        return layout.offsets[p] < layout.offsets[q] + layout.sizes[q] and \
-            layout.offsets[q] < layout.offsets[p] + layout.sizes[p]
+    def overlaps(interval, q):
+        return any(interval[0] < end and start < interval[1]
+                   for start, end in ((s, s + size) for s, size in layout.pieces(q)))
 
     for index, event in enumerate(log):
         if event[0] == "buffer":
             base, held, last_run = None, {}, {}
         elif event[0] == "copy":
-            position = unit_of_region[event[2]]
+            position, piece, interval = piece_of[event[2]]
             if base is None:
-                base = event[1] - layout.offsets[position]
-            assert event[1] - base == layout.offsets[position], "a copy lands where its unit is not laid out"
+                base = event[1] - interval[0]
+            assert event[1] - base == interval[0], "a copy lands where its unit is not laid out"
             after = event[3]
-            for other in [q for q in list(held) + list(last_run) if q != position and overlaps(q, position)]:
+            for other in [q for q in set(held) | set(last_run) if q != position and overlaps(interval, q)]:
                 if other in last_run and after is not None:  # its compute is done before its bytes are overwritten
                     assert marked.get(id(after), -1) > last_run[other], \
                         f"copy of {order[position]} overwrites {order[other]} before its compute is marked done"
                 held.pop(other, None)
-            held[position] = {"waited": False}
+            if piece == 0:
+                held[position] = {}
+            held.setdefault(position, {})[piece] = index
+            recorded[id(event[4])] = index
         elif event[0] == "wait":
-            for position, state in held.items():
-                if streamer._arrived[position] is event[1]:
-                    state["waited"] = True
+            waited = max(waited, recorded.get(id(event[1]), -1))
         elif event[0] == "mark":
             marked[id(event[1])] = index
         elif event[0] == "run" and event[1] in streamer.units:
             position = order.index(event[1])
-            assert position in held, f"{event[1]} ran from bytes that no longer hold it"
-            assert held[position]["waited"], f"{event[1]} ran before its copy was waited for"
+            assert len(held.get(position, {})) == len(layout.pieces(position)), \
+                f"{event[1]} ran from bytes that no longer hold it"
+            assert max(held[position].values()) <= waited, f"{event[1]} ran before its copy was waited for"
             last_run[position] = index
 
 
@@ -91,6 +102,33 @@ def test_the_layout_puts_units_one_after_the_other_and_back_at_zero_where_one_wo
     assert ring_layout([2, 2], capacity=4).back == (None, None)  # the ring holds every unit: each copied once
     with pytest.raises(ValueError, match="cannot hold"):
         ring_layout([5], capacity=4)
+
+
+def test_a_unit_that_would_pass_the_ring_s_end_is_split_between_two_of_its_tensors():
+    ring = ring_layout([3, 2, 3], capacity=6, cuts=[(1, 2), (1,), (1, 2)])
+    assert ring.offsets == (0, 3, 5) and ring.cuts == (None, None, 1)
+    assert ring.pieces(2) == ((5, 1), (0, 2))  # its first tensor fills the end, the rest starts at byte 0
+    assert ring.back == (1, None, 2)  # s2's rest overwrites s0; s1 shares its bytes with nothing
+    # no split where the first tensor alone passes the end, or where the rest would reach the unit's own first part
+    assert ring_layout([3, 2, 3], 6, cuts=[(), (), (2,)]).offsets == (0, 3, 0)
+    assert ring_layout([1, 6], 6, cuts=[(), (2,)]).cuts == (None, None)
+    assert ring_layout([3, 2, 3], 6).cuts == (None, None, None)  # without cuts, nothing is split
+
+
+def test_adjacent_units_form_groups_of_at_most_their_share_of_the_ring_and_copies_wait_for_a_group_s_end():
+    adjacent = [True] * 7 + [False]
+    ring = ring_layout([1, 1, 1, 1, 4, 1, 1, 1], capacity=8, adjacent=adjacent, group_share=0.5)
+    assert ring.groups == ((0, 3), (4, 4), (5, 7))
+    # s0 of the next forward overwrites s5 (three uses back) and waits for its group's end, s7 (one back)
+    assert ring.back[0] == 3 and ring.computed_before(8) == 8 and ring.blocker(8) == 7
+    assert ring.computed_before(5) == 4  # s5 overwrites s0, whose group ends with s3
+    assert ring_layout([1, 1, 1, 1, 4, 1, 1, 1], 8, adjacent=adjacent, group_share=0.25).groups == (
+        (0, 1), (2, 3), (4, 4), (5, 6), (7, 7))
+    assert ring_layout([1] * 8, 8, group_share=1.0).groups == tuple((p, p) for p in range(8))  # none adjacent
+    # a group ends before a unit whose bytes overlap an earlier unit's of the group: s4 overwrites s1 (s2 started
+    # again at byte 0), though the four fit the share
+    assert ring_layout([4, 1, 2, 2, 1], 6, adjacent=[False, True, True, True, False], group_share=1.0).groups == (
+        (0, 0), (1, 3), (4, 4))
 
 
 def test_each_copy_is_issued_as_soon_as_its_bytes_are_free_and_waited_for_before_its_unit_runs():
@@ -129,7 +167,6 @@ def test_a_kept_ring_is_allocated_once_its_copies_wrap_into_the_next_forward_and
     assert streamer.ring_bytes == min(slots, count) * streamer.slot_bytes
     assert copies.events_made == made  # no event made per step
     ring = streamer.layout
-    per_step = sum(ring.shared(p) for p in range(count))
     ahead = set()  # the next forward's copies whose bytes this one has freed, in running order
     for use in range(4 * count, 5 * count):
         if ring.needs_copy(use):
@@ -137,11 +174,60 @@ def test_a_kept_ring_is_allocated_once_its_copies_wrap_into_the_next_forward_and
                 break
             ahead.add(use % count)
     assert streamer.pending_copies == ahead  # issued during this forward, on their way for the next
-    # after the first forward only units that share bytes copy again, and the next forward's first ones already have
-    assert len(copies.entries("copy")) == count + 3 * per_step + len(ahead)
+    # after the first forward only units that share bytes copy again, and the next forward's first ones already have;
+    # a unit split across the ring's end is two copies
+    uses = [use for use in range(4 * count) if ring.needs_copy(use)] + sorted(ahead)
+    assert len(copies.entries("copy")) == sum(len(ring.pieces(use % count)) for use in uses)
     assert len(copies.entries("mark")) == 4 * count
     with pytest.raises(ValueError, match="two slots"):
         stream_units(interleaved(), ["streamed.0"], torch.device("cpu"), copies, slots=1)
+
+
+def test_adjacent_units_are_entered_as_one_group_with_one_wait_and_left_with_one_mark_and_a_split_unit_works():
+    """Runs of three units with nothing between them: a group each (the share allows any size here), one wait
+    for the group's copies as its first unit starts and one mark after its last; the unit that passes the ring's end
+    arrives in two copies, its tensors in two stretches of the ring. Nothing is overwritten before it has computed."""
+    model, names, x, expected, copies, streamer = _streamed(model=in_runs(), keep=True, group_share=1.0)
+    ring = streamer.layout
+    assert ring.groups == ((0, 2), (3, 5), (6, 7))
+    assert ring.cuts[4] == 1024 and all(cut is None for p, cut in enumerate(ring.cuts) if p != 4)
+    assert copies.events_made == len(names) + len(ring.groups)  # a copy event a unit, a compute event a group
+    ready = []
+    streamer.on_ready = ready.append
+    for _ in range(4):
+        assert torch.equal(model(x), expected)
+    _check_ring(copies.log, streamer)
+    assert ready == [names[0], names[3], names[6]] * 4  # a group's first unit, once its copies are waited for
+    assert len(copies.entries("mark")) == 4 * len(ring.groups)
+    assert len(copies.entries("wait")) <= 4 * len(ring.groups)
+    split = streamer.units[names[4]]
+    start = streamer.ring.data_ptr()
+    assert [t.data_ptr() - start for t in split.tensors] == [5120, 0, 512, 1536]  # [5120, 6144) and [0, 2048)
+
+
+@pytest.mark.parametrize("skipped", [0, 1, 2])
+def test_a_unit_of_a_group_that_does_not_run_puts_the_later_units_on_blocking_copies(skipped, caplog):
+    """A group's first, middle or last unit skipped in one forward: the units after it run from copies of their own
+    (the group's wait or mark never happened), the output is the model's without it, and the next forwards find
+    the ring as it was or start its copies afresh (when part of the group ran)."""
+    model, names, x, expected, copies, streamer = _streamed(model=in_runs(), keep=True, group_share=1.0)
+    model(x)
+    reference = in_runs()
+    reference.streamed[skipped] = torch.nn.Identity()
+    unit = model.streamed[skipped]
+    model.streamed[skipped] = torch.nn.Identity()
+    before = len(copies.log)
+    with caplog.at_level("WARNING"):
+        assert torch.equal(model(x), reference(x))
+    assert "ran out of its recorded order" in caplog.text
+    during = copies.log[before:]
+    model.streamed[skipped] = unit
+    assert torch.equal(model(x), expected) and torch.equal(model(x), expected)
+    # the units after the skipped one ran from copies of their own (logged right before each), the others from the ring
+    own = [e for i, e in enumerate(during) if e[0] == "run" and i and during[i - 1][0] == "own copy"]
+    assert [e[1] for e in own] == names[skipped + 1:]
+    log = copies.log[:before] + [e for e in during if e not in own] + copies.log[before + len(during):]
+    _check_ring(log, streamer)
 
 
 def test_parameters_are_bound_to_the_ring_once_a_phase_and_home_after_it():
@@ -243,7 +329,12 @@ def test_a_unit_that_runs_twice_keeps_blocking_copies(caplog):
 def _ring_log(log, streamer) -> list:
     """The entries of a shared log that concern ``streamer``'s ring: its buffers (by size), copies, waits and
     units' runs, and every mark."""
-    regions = {unit.region.data_ptr() for unit in streamer.units.values()}
+    regions = set()  # the host address of each piece of each unit
+    for position, name in enumerate(streamer.order):
+        at = streamer.units[name].region.data_ptr()
+        for _, size in streamer.layout.pieces(position):
+            regions.add(at)
+            at += size
     arrived = {id(event) for event in streamer._arrived}
     keep = []
     for event in log:

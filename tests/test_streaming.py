@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fakes import interleaved
+from fakes import in_runs, interleaved
 from mlnb.device import CopyStreams, CpuDevice
 from mlnb.planner import stream_units, streamer_of
 from mlnb.testing import FakeDevice
@@ -167,16 +167,21 @@ class Timed(CpuDevice, CopyStreams):
         return self
 
 
-def _timed(count: int, slots: int):
-    """``count`` streamed units and a resident layer after each, every layer computing for a set virtual time, the
-    units streamed through a kept ring of ``slots`` of the largest on a :class:`Timed` device: the model, device, compute seconds by
-    layer, and streamer."""
-    model = interleaved(sizes=[8, 16, 32, 8, 16, 32][:count])
+def _timed(count: int, slots: int, run: int | None = None, group_share: float | None = None,
+           sizes=(8, 16, 32, 8, 16, 32, 8, 8)):
+    """``count`` streamed units and a resident layer after each (or after each ``run`` of them, :func:`fakes.in_runs`),
+    every layer computing for a set virtual time, the units streamed through a kept ring of ``slots`` of the largest
+    on a :class:`Timed` device: the model, device, compute seconds by layer in running order, and streamer."""
+    sizes = list(sizes or (8, 16, 32, 8, 16, 32, 8, 8))[:count]
+    model = interleaved(sizes=sizes) if run is None else in_runs(sizes=sizes, run=run)
     device = Timed(bandwidth=3e5)  # bytes a second: copies of about 3 to 10 ms, a step's compute 4 to 7 ms
     compute = {}
     for i in range(count):
         compute[f"streamed.{i}"] = 0.0004 * (i % 3 + 1)
-        compute[f"resident.{i}"] = 0.0015 if i % 2 else 0.0002
+        if run is None:
+            compute[f"resident.{i}"] = 0.0015 if i % 2 else 0.0002
+        elif i % run == run - 1 or i == count - 1:
+            compute[f"resident.{i // run}"] = 0.0015 if i % 2 else 0.0002
     modules = dict(model.named_modules())
     for name, seconds in compute.items():
         def forward(*args, _forward=modules[name].forward, _seconds=seconds, **kwargs):
@@ -185,19 +190,27 @@ def _timed(count: int, slots: int):
 
         modules[name].forward = forward
     names = [f"streamed.{i}" for i in range(count)]
+    shared = {} if group_share is None else {"group_share": group_share}
     streamer = stream_units(model, names, torch.device("cpu"), device.streams(), stream=object(), keep_slots=True,
-                            slots=slots)
+                            slots=slots, **shared)
     return model, device, compute, streamer
 
 
-@pytest.mark.parametrize("count, slots", [(6, 2), (5, 2), (5, 3), (6, 3), (4, 2)])
-def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
+@pytest.mark.parametrize("count, slots, run, share", [
+    (6, 2, None, None), (5, 2, None, None), (5, 3, None, None), (6, 3, None, None), (4, 2, None, None),
+    (8, 2, 3, 1.0), (8, 3, 3, 0.5), (7, 2, 2, 1.0), (8, 3, 4, 1.0), (8, 2, 3, None),
+    (8, 2, 3, "split"), (8, 2, None, "split"),
+])
+def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots, run, share):
     """The streamer run on a device with a virtual clock (each layer computing for a set time, copies at a set
     bandwidth) takes, step after step, the time :func:`mlnb.planner.schedule_step` predicts for the same blocks: the
-    planner's model of the copies is the streamer's schedule, wrap from one step into the next included."""
+    planner's model of the copies is the streamer's schedule, wrap from one step into the next included, and so are
+    groups of adjacent units (``run`` of them between resident layers) and units split across the ring's end."""
     from mlnb.planner import schedule_step
 
-    model, device, compute, streamer = _timed(count, slots)
+    split = share == "split"  # sizes where a unit passes the ring's end, in groups of any size
+    share = 1.0 if split else share
+    model, device, compute, streamer = _timed(count, slots, run, share, (8, 8, 16, 8, 32, 8, 8, 8) if split else None)
     names = list(streamer.units)
     x, between = torch.randn(2, 8), 0.0003
     model(x)  # records the order
@@ -208,24 +221,30 @@ def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots):
         device.clock += between  # the scheduler's step
     measured = (device.clock - starts[1]) / 5  # as the replay: the steps after the first
     rows, at = [], 0.0
-    for i in range(count):
-        for name in (f"streamed.{i}", f"resident.{i}"):
-            rows.append((name, at, compute[name]))
-            at += compute[name]
+    for name, seconds in compute.items():  # in running order
+        rows.append((name, at, seconds))
+        at += seconds
     copies = {n: streamer.units[n].layout.nbytes / device.bandwidth for n in names}
     sizes = {n: streamer.units[n].layout.nbytes for n in names}
-    assert schedule_step(at, rows, between, copies, slots, steps=6, sizes=sizes) == pytest.approx(measured, rel=1e-9)
-    assert schedule_step(at, rows, between, copies, slots, steps=6) == pytest.approx(measured, rel=1e-9)  # seconds
+    cuts = {n: streamer.units[n].layout.offsets[1:] for n in names}
+    shared = {} if share is None else {"group_share": share}
+    replayed = schedule_step(at, rows, between, copies, slots, steps=6, sizes=sizes, cuts=cuts, **shared)
+    assert replayed == pytest.approx(measured, rel=1e-9)
+    assert any(streamer.layout.cuts) == split
+    if not split:  # without a split, the copy seconds stand in for the bytes
+        assert schedule_step(at, rows, between, copies, slots, steps=6, **shared) == pytest.approx(measured, rel=1e-9)
     assert measured > at + between  # the copies did cost time here: the comparison is not trivially equal
 
 
-def test_a_streamed_forward_s_block_timeline_is_its_compute_with_the_waits_taken_out():
+@pytest.mark.parametrize("run", [None, 3])
+def test_a_streamed_forward_s_block_timeline_is_its_compute_with_the_waits_taken_out(run):
     """On a card where the model never runs whole, a streamed generation times the blocks instead: each streamed
     block's wait for its copy is marked apart from its compute, so the timeline is the compute alone (what the
-    planner replays copies against) and the waits add up to what the step lost to them."""
+    planner replays copies against) and the waits add up to what the step lost to them. A group's first block
+    waits for the group's copies; the others have nothing left to wait for."""
     from mlnb.planner import BlockTimer
 
-    model, device, compute, streamer = _timed(6, 2)
+    model, device, compute, streamer = _timed(6 if run is None else 8, 2, run, None if run is None else 1.0)
     x = torch.randn(2, 8)
     model(x)  # records the order
     modules = dict(model.named_modules())
@@ -242,6 +261,7 @@ def test_a_streamed_forward_s_block_timeline_is_its_compute_with_the_waits_taken
     assert forward == pytest.approx(sum(compute.values()))
     assert timed.stall_seconds == pytest.approx(took - forward) and timed.stall_seconds > 0
     assert streamer.on_ready is None  # unhooked after
+    assert run is None or len(streamer.layout.groups) < len(streamer.order)
 
 
 def test_a_model_that_never_ran_whole_on_the_card_gets_its_time_predicted_from_a_streamed_generation(

@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from ..units import GiB, MiB
 from .host_ram import mapped_once_bytes, mapped_once_seconds, with_mapped
 from .plan import Plan
-from .ring import ring_layout
+from .ring import GROUP_SHARE, ring_layout
 
 __all__ = [
     "Block", "ModelFacts", "CardFacts", "Workload", "Plan", "denoise_reserve", "streamed_denoise_reserve",
@@ -219,7 +219,8 @@ def overlap_measured(compute: float, copies: float, step: float) -> float:
 
 
 def schedule_step(forward: float, blocks, between: float, copies: dict[str, float], slots: int = 2,
-                  steps: int = 8, sizes: dict[str, int] | None = None) -> float:
+                  steps: int = 8, sizes: dict[str, int] | None = None, cuts: dict[str, tuple] | None = None,
+                  group_share: float = GROUP_SHARE) -> float:
     """Seconds of one denoising step with the blocks in ``copies`` streamed, replaying the streamer's schedule
     (:mod:`mlnb.planner.streaming`, :mod:`mlnb.planner.ring`) against one measured resident forward.
 
@@ -233,11 +234,14 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
         steps: steps replayed; the first (whose copies start with nothing before them) is left out.
         sizes: bytes of each streamed block (the streamer's layout sizes); without them, the copy seconds stand in
             (the same layout when every byte copies at one bandwidth).
+        cuts: per streamed block, in bytes with ``sizes``: where a split across the ring's end may fall.
+        group_share: the streamer's limit on a group's bytes, as a share of the ring (:data:`.ring.GROUP_SHARE`).
 
-    The streamed blocks sit in the ring at fixed offsets in running order (:func:`.ring.ring_layout`). One copy
-    engine moves one unit at a time, in running order, from the first forward on. A copy starts once the engine is
-    free and the latest earlier block whose bytes it overwrites has computed; a block that shares its bytes with no
-    other is copied in the first forward only. A block computes once the compute before it and its own copy are done.
+    The streamed blocks sit in the ring at fixed offsets in running order (:func:`.ring.ring_layout`); streamed blocks
+    with no other block between them form the streamer's groups. One copy engine moves one unit at a time, in running
+    order. A copy starts once the engine is free and the group of the latest earlier block whose bytes it overwrites
+    has computed (a block that shares its bytes with no other is copied in the first forward only). A group's first
+    block computes once the compute before it and its group's copies are done.
     """
     if steps < 2 or slots < 1:
         raise ValueError(f"schedule_step replays at least 2 steps (the first is left out) through at least 1 slot, "
@@ -247,7 +251,11 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
         return forward + between
     if sizes is None:  # copy seconds in picoseconds: whole numbers the layout can add up
         sizes = {name: max(1, round(copies[name] * 1e12)) for name in order}
-    ring = ring_layout([sizes[name] for name in order], slots * max(sizes[name] for name in order))
+    streamed = [name in copies for name, _, _ in blocks] + [False]
+    ring = ring_layout([sizes[name] for name in order], slots * max(sizes[name] for name in order),
+                       cuts=cuts and [cuts[name] for name in order], group_share=group_share,
+                       adjacent=[streamed[i + 1] for i in range(len(blocks)) if streamed[i]])  # the next one streams
+    last_of = dict(ring.groups)  # a group's first use in a forward -> its last
     count = len(order)
     done: list[float] = []  # when each use (a streamed block's run, counted across steps) computed
     arrived: dict[int, float] = {}  # use -> when its copy was in
@@ -265,16 +273,15 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
             issued += 1
         return arrived[use]
 
-    clock = 0.0
-    starts = []
+    clock, starts = 0.0, []
     for _ in range(steps):
         starts.append(clock)
         last_end = 0.0
         for name, start, seconds in blocks:
             clock += max(0.0, start - last_end)
             last_end = start + seconds
-            if name in copies:
-                clock = max(clock, arrival(len(done)))
+            if name in copies and (use := len(done)) % count in last_of:  # a group starts: all its copies in
+                clock = max([clock] + [arrival(u) for u in range(use, use + last_of[use % count] - use % count + 1)])
             clock += seconds
             if name in copies:
                 done.append(clock)
@@ -285,7 +292,7 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
 def replayed_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool,
                   calibrated: bool = True) -> float | None:
     """A step streaming ``streamed`` (of ``sizes`` bytes each) through ``slots``, replayed against the card's block
-    timeline (None without one that has every streamed block)."""
+    timeline (None without one that has every streamed block), splitting no block at the ring's end (sizes alone)."""
     if card.block_timeline is None or not card.bandwidth or card.step_seconds is None or not streamed:
         return None
     forward, rows = card.block_timeline

@@ -45,16 +45,20 @@ class PackedUnit:
     def on_device(self) -> bool:
         return self.where is not None
 
-    def views_into(self, region) -> list:
+    def views_into(self, region, rest=None, cut: int | None = None) -> list:
         """Each tensor's view of ``region`` (uint8, the unit's layout size, possibly a stretch of a larger buffer): one
         ``as_strided`` of a typed view of the region per tensor, at the tensor's offset in the layout (``as_strided``
-        counts from the start of the storage, not of the view)."""
+        counts from the start of the storage, not of the view). With ``rest``, the unit is split at the layout offset
+        ``cut`` (a tensor's start): ``region`` holds its first ``cut`` bytes and ``rest`` the others."""
         typed: dict = {}
         views = []
         for home, offset in zip(self.home, self.layout.offsets):
-            base = typed.get(home.dtype)
+            into = region
+            if rest is not None and offset >= cut:
+                into, offset = rest, offset - cut
+            base = typed.get((id(into), home.dtype))
             if base is None:
-                base = typed[home.dtype] = region.view(home.dtype)
+                base = typed[(id(into), home.dtype)] = into.view(home.dtype)
             views.append(base.as_strided(home.shape, home.stride(),
                                          base.storage_offset() + offset // home.element_size()))
         return views
@@ -97,12 +101,16 @@ class MappedUnit(PackedUnit):
         self.files = weight_file_ranges()  # the mappings it reads: their pages go back after each copy
         setattr(module, _MAPPED, True)
 
-    def views_into(self, region) -> list:
-        """Each tensor's contiguous view of ``region`` at its offset in the layout."""
+    def views_into(self, region, rest=None, cut: int | None = None) -> list:
+        """Each tensor's contiguous view of ``region`` at its offset in the layout; with ``rest``, the tensors from
+        layout offset ``cut`` on are in ``rest`` (a unit split at the ring's end)."""
         views = []
         for home, offset in zip(self.home, self.layout.offsets):
+            into = region
+            if rest is not None and offset >= cut:
+                into, offset = rest, offset - cut
             size = home.element_size()
-            views.append(region[offset:offset + home.numel() * size].view(home.dtype).view(home.shape))
+            views.append(into[offset:offset + home.numel() * size].view(home.dtype).view(home.shape))
         return views
 
     def fill(self, device, stream, views, after=None, done=None):
