@@ -9,11 +9,10 @@ Prints a table and writes JSON. Target: the median overhead is at most 1 ms per 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
-import sys
 import time
+
+from provenance import provenance, write_json
 
 
 def _time_cells(shell, cells: int) -> list[float]:
@@ -54,18 +53,13 @@ def main(argv: list[str] | None = None) -> int:
         "target_ms": 1.0,
         "met": med_with - med_without <= 1.0,
         "device": get_device().info().name,
-        "machine": f"{platform.machine()}, {platform.processor() or 'unknown cpu'}, Python {platform.python_version()}",
-        "versions": {"mlnb": mlnb.__version__, "IPython": __import__("IPython").__version__},
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python " + " ".join(sys.argv),
+        **provenance({"mlnb": mlnb.__version__, "IPython": __import__("IPython").__version__}),
     }
     print(f"{'cells':<8}{'without ext (ms)':>18}{'with ext (ms)':>16}{'overhead (ms)':>16}{'target':>9}")
     print(f"{args.cells:<8}{med_without:>18.3f}{med_with:>16.3f}{med_with - med_without:>16.3f}{'<= 1.0':>9}"
           f"  {'met' if result['met'] else 'NOT met'}")
     print(f"device: {result['device']}")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(args.json, result)
     return 0
 
 

@@ -25,10 +25,9 @@ Prints a table and writes JSON with the machine, versions, date and command.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import sys
-import time
+
+from provenance import provenance, write_json
 
 from mlnb.planner.ring import GROUP_SHARE
 
@@ -158,14 +157,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{row['groups'][str(share)]:>6} {cost}")
     result = {
         "rows": rows,
-        "machine": f"{platform.machine()}, {platform.processor() or 'unknown cpu'}, Python {platform.python_version()}",
-        "versions": {"mlnb": mlnb.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
-        "date": time.strftime("%Y-%m-%d"),
-        "command": "python " + " ".join(sys.argv),
+        **provenance({"mlnb": mlnb.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}),
     }
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+    write_json(args.json, result)
     return 0
 
 
