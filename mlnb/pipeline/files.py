@@ -227,13 +227,12 @@ def model_index(source: str, is_local: bool, from_pretrained_kwargs: dict, fetch
         return None
 
 
-def pipeline_parameters(source: str, is_local: bool, from_pretrained_kwargs: dict) -> set[str] | None:
-    """What the pipeline class of ``source`` takes besides ``from_pretrained``'s own arguments (its components, such
-    as ``scheduler``, and its optional settings), read from its ``model_index.json`` (:func:`model_index`). None when
+def pipeline_parameters(index: dict | None, from_pretrained_kwargs: dict) -> set[str] | None:
+    """What the pipeline class a ``model_index.json`` names (``index``, from :func:`model_index`) takes besides
+    ``from_pretrained``'s own arguments (its components, such as ``scheduler``, and its optional settings). None when
     that file is not at hand, or names a class diffusers does not have (a custom pipeline)."""
     if from_pretrained_kwargs.get("custom_pipeline") is not None:
         return None
-    index = model_index(source, is_local, from_pretrained_kwargs)
     if index is None:
         return None
     import diffusers

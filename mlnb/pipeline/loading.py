@@ -127,15 +127,14 @@ def _load_pipeline(model, setting: MemorySetting, dtype, allow_pickle: bool, dev
                    from_pretrained_kwargs: dict, check_keywords: bool) -> ManagedPipeline:
     device = device or get_device()
     source, is_local = resolve_model(model)
-    unverified: frozenset[str] = frozenset()
-    if check_keywords and not FROM_PRETRAINED_KEYWORDS.issuperset(from_pretrained_kwargs):
-        # a name only the pipeline's class could take waits for the class when its index is not at hand
-        unverified = check_load_keywords(from_pretrained_kwargs,
-                                         pipeline_parameters(source, is_local, from_pretrained_kwargs))
     # On a GPU the dtype depends on the model's family (bf16 for SD3.5 and Flux where the card computes it): the
     # first load of a hub model reads its index before the weights, so it does not load in one dtype and every later
     # load (index cached) in another.
     index = model_index(source, is_local, from_pretrained_kwargs, fetch=dtype is None and device.is_cuda)
+    unverified: frozenset[str] = frozenset()
+    if check_keywords and not FROM_PRETRAINED_KEYWORDS.issuperset(from_pretrained_kwargs):
+        # a name only the pipeline's class could take waits for the class when its index is not at hand
+        unverified = check_load_keywords(from_pretrained_kwargs, pipeline_parameters(index, from_pretrained_kwargs))
     torch_dtype = load_dtype(dtype, device, index)
     dname = dtype_name(torch_dtype)
 
