@@ -113,6 +113,14 @@ def generate_64(pipe):
     return np.asarray(out.images[0])
 
 
+def _streamed_units(sizes):
+    """One unit per size: a Linear(8, 8) for 8, else two Linears through that many features."""
+    import torch
+
+    return torch.nn.ModuleList(torch.nn.Linear(8, 8) if n == 8 else torch.nn.Sequential(
+        torch.nn.Linear(8, n), torch.nn.Linear(n, 8)) for n in sizes)
+
+
 def interleaved(sizes=(8, 16, 8, 32, 8, 16)):
     """Streamed units ``streamed.0`` ... (a Linear(8, 8), or two Linears through ``n`` features, by ``sizes``) with a
     resident layer ``resident.i`` after each (8 features in and out)."""
@@ -122,8 +130,7 @@ def interleaved(sizes=(8, 16, 8, 32, 8, 16)):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.streamed = torch.nn.ModuleList(torch.nn.Linear(8, 8) if n == 8 else torch.nn.Sequential(
-                torch.nn.Linear(8, n), torch.nn.Linear(n, 8)) for n in sizes)
+            self.streamed = _streamed_units(sizes)
             self.resident = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in sizes)
             self.register_buffer("scale", torch.tensor(0.5))
 
@@ -144,8 +151,7 @@ def in_runs(sizes=(8, 8, 16, 8, 32, 8, 8, 8), run: int = 3):
         def __init__(self) -> None:
             super().__init__()
             torch.manual_seed(0)
-            self.streamed = torch.nn.ModuleList(torch.nn.Linear(8, 8) if n == 8 else torch.nn.Sequential(
-                torch.nn.Linear(8, n), torch.nn.Linear(n, 8)) for n in sizes)
+            self.streamed = _streamed_units(sizes)
             self.resident = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(-(-len(sizes) // run)))
 
         def forward(self, x):
