@@ -23,16 +23,12 @@ from __future__ import annotations
 import logging
 
 from ..optimizer.context import denoiser_of
-from .host_memory import give_back_host_memory
-from .pinning import layout, pack, view_in
+from .packed import module_tensors, pack_into, pageable
+from .pinning import layout, view_in
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DecodeRoom", "make_decode_room", "decode_room_of"]
-
-
-def _tensors(module) -> list:
-    return list({id(t): t for t in list(module.parameters()) + list(module.buffers())}.values())
 
 
 class _Held:
@@ -42,6 +38,7 @@ class _Held:
     def __init__(self, name: str, module) -> None:
         self.name, self.module = name, module
         self.tensors: list = []
+        self.layout = None  # where each tensor sits in the region
         self.region = None  # uint8, on the host
         self.home: list = []
         self.memory = None  # uint8, on the device, while the block is there
@@ -50,36 +47,25 @@ class _Held:
     @property
     def changed(self) -> bool:
         """Whether the module's tensors are no longer those packed (a LoRA's adapters were added or removed)."""
-        return [id(t) for t in _tensors(self.module)] != [id(t) for t in self.tensors]
-
-
-def _pageable(nbytes: int):
-    import torch
-
-    return torch.empty(nbytes, dtype=torch.uint8)
+        return [id(t) for t in module_tensors(self.module)] != [id(t) for t in self.tensors]
 
 
 def _pack(held: list[_Held], host_buffer) -> None:
     """Pack each block's current tensors into packed host buffers from ``host_buffer`` and point them there
     (releasing each original as it is copied)."""
     for unit in held:
-        unit.tensors = _tensors(unit.module)
-
-    def moved(group: int, index: int, copy) -> None:
-        held[group].tensors[index].data = copy
+        unit.tensors = module_tensors(unit.module)
+        unit.layout = layout(unit.tensors)
 
     def allocate(nbytes: int):
         try:
             return host_buffer(nbytes)
         except RuntimeError as exc:  # the host cannot lock that much: pageable, correct and slower
             logger.warning("could not pin %d bytes for the decode's kept blocks (%s); they stay pageable", nbytes, exc)
-            return _pageable(nbytes)
+            return pageable(nbytes)
 
-    regions, _ = pack([list(unit.tensors) for unit in held], allocate, done=moved,
-                              filled=give_back_host_memory)
-    for unit, region in zip(held, regions):
-        unit.region = region
-        unit.home = [view_in(region, t, offset) for t, offset in zip(unit.tensors, layout(unit.tensors).offsets)]
+    pack_into(held, allocate)
+    for unit in held:
         unit.memory = unit.pending = None
 
 
@@ -99,14 +85,14 @@ class DecodeRoom:
         modules = dict(model.named_modules())
         self.held = [_Held(name, modules[name]) for name in names]
         self.onload_device, self.device, self.stream = onload_device, device, stream
-        self.host_buffer = host_buffer or _pageable
+        self.host_buffer = host_buffer or pageable
         _pack(self.held, self.host_buffer)
         self.on_device = False  # the blocks are on the GPU (from one image's start to its decode)
         self._handles: list = []
 
     @property
     def nbytes(self) -> int:
-        return sum(layout(unit.tensors).nbytes for unit in self.held)
+        return sum(unit.layout.nbytes for unit in self.held)
 
     def units_on_device(self) -> tuple[str, ...]:
         """The blocks whose weights are on the GPU now."""
@@ -139,10 +125,9 @@ class DecodeRoom:
                 _pack([unit], self.host_buffer)  # from wherever its tensors are now, onto the host
             if unit.memory is not None:
                 continue
-            lay = layout(unit.tensors)
-            memory = torch.empty(lay.nbytes, dtype=torch.uint8, device=self.onload_device)
+            memory = torch.empty(unit.layout.nbytes, dtype=torch.uint8, device=self.onload_device)
             unit.pending = self.device.issue_copy(self.stream, memory, unit.region)
-            for tensor, offset in zip(unit.tensors, lay.offsets):
+            for tensor, offset in zip(unit.tensors, unit.layout.offsets):
                 tensor.data = view_in(memory, tensor, offset)
             unit.memory = memory
         self.on_device = True

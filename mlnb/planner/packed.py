@@ -20,7 +20,8 @@ from .pinning import layout, pack, view_in
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PackedUnit", "MappedUnit", "WholeModel", "pack_home", "pin_whole", "is_mapped"]
+__all__ = ["PackedUnit", "MappedUnit", "WholeModel", "module_tensors", "pack_into", "pack_home", "pageable",
+           "pin_whole", "is_mapped"]
 
 _MAPPED = "_mlnb_mapped"  # on a module streamed from the mapping: streamed again (after a LoRA change) the same way
 _SOURCE = "_mlnb_mapped_source"  # on a mapped unit's tensor read in another dtype: the mapped tensor it is cast from
@@ -34,8 +35,7 @@ class PackedUnit:
 
     def __init__(self, name: str, module) -> None:
         self.name, self.module = name, module
-        tensors = {id(t): t for t in list(module.parameters()) + list(module.buffers())}
-        self.tensors = list(tensors.values())
+        self.tensors = module_tensors(module)
         self.layout = layout(self.tensors)
         self.region = None  # uint8, on the host
         self.home: list = []  # the host copies, in the order of tensors
@@ -164,7 +164,14 @@ def is_mapped(module) -> bool:
     return bool(getattr(module, _MAPPED, False))
 
 
-def _pack_into(units: list[PackedUnit], allocate) -> int:
+def module_tensors(module) -> list:
+    """``module``'s parameters and buffers, each once (a tied weight is one tensor), in a fixed order."""
+    return list({id(t): t for t in list(module.parameters()) + list(module.buffers())}.values())
+
+
+def pack_into(units, allocate) -> int:
+    """Copy each unit's ``tensors`` into its region (at its ``layout``'s offsets) of packed buffers from ``allocate``
+    and point the tensors there, setting each unit's ``region`` and ``home``; returns the bytes allocated."""
     def moved(group: int, index: int, copy) -> None:
         units[group].tensors[index].data = copy
 
@@ -183,13 +190,14 @@ def pack_home(units: list[PackedUnit], host_buffer=None, what: str = "the stream
     page of the files beside every pinned copy). Where the host cannot lock that much, the regions are pageable.
     Returns the bytes allocated."""
     try:
-        return _pack_into(units, host_buffer or _pageable)
+        return pack_into(units, host_buffer or pageable)
     except RuntimeError as exc:
         logger.warning("could not pin %s (%s); they stay in pageable memory", what, exc)
-        return _pack_into(units, _pageable)
+        return pack_into(units, pageable)
 
 
-def _pageable(nbytes: int):
+def pageable(nbytes: int):
+    """``nbytes`` of plain (pageable) host memory, where the host cannot lock more."""
     import torch
 
     return torch.empty(nbytes, dtype=torch.uint8)
