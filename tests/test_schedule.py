@@ -108,6 +108,32 @@ def test_the_measured_overhead_per_unit_adds_to_the_replay_and_a_timeline_withou
     assert streamed_step(fp8, facts, card) > replayed  # fp8 storage upcasts every layer: slower compute
 
 
+def test_the_planner_s_replay_splits_blocks_at_the_ring_s_end_where_the_streamer_does():
+    """Blocks of 60 and 100 MiB through a ring of two or three 100 MiB slots: a 60 MiB block reaches past the ring's
+    end. With the blocks' tensor offsets in the facts, the planner's replay splits it there as the streamer does
+    (the same step as the replay given those cuts); without them it replays whole units, a different schedule."""
+    sizes = [60, 100, 60, 100, 60, 100]
+    rows = [(f"b{i}", 0.004 * i, 0.004) for i in range(len(sizes))]
+    offsets = {60: (20, 40), 100: (25, 50, 75)}
+    split = ModelFacts(encoders={"te": 10 * MiB}, vae=10 * MiB, denoiser_other=10 * MiB, blocks=tuple(
+        Block(f"b{i}", size * MiB, tuple(c * MiB for c in offsets[size])) for i, size in enumerate(sizes)))
+    whole = dataclasses.replace(split, blocks=tuple(Block(b.name, b.nbytes) for b in split.blocks))
+    card = CardFacts(bandwidth=20e9, step_seconds=0.026, decode_seconds=0.01, denoise_reserve=50 * MiB,
+                     decode_reserve=50 * MiB, block_timeline=(0.024, tuple(rows)))
+    names = tuple(name for name, _, _ in rows)
+    between = card.step_seconds - 0.024
+    for slots in (2, 3):
+        plan = dataclasses.replace(plan_for_budget(int(2000 * MiB), split, card, Workload(512, 512, 1, 20)),
+                                   strategy="stream", resident=(), streamed=names, slots=slots)
+        copies = {b.name: b.nbytes / card.bandwidth for b in split.blocks}
+        by_cuts = schedule_step(0.024, rows, between, copies, slots, sizes={b.name: b.nbytes for b in split.blocks},
+                                cuts={b.name: b.cuts for b in split.blocks})
+        assert streamed_step(plan, split, card) == pytest.approx(by_cuts)
+        assert streamed_step(plan, whole, card) != pytest.approx(by_cuts)
+    assert cost.stored_cuts(split, True)["b0"] == (10 * MiB, 20 * MiB)  # fp8 halves the blocks and their offsets
+    assert cost.stored_cuts(whole, False) == {}
+
+
 def test_a_measured_fragmentation_above_8_percent_of_the_budget_is_left_unallocated():
     """The allocator reserves above what it allocates; under a cap, a plan that leaves it too little makes it free
     its cache and retry (a device synchronize) as it runs. The planner leaves 8% of the budget, or what the card

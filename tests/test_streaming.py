@@ -9,6 +9,7 @@ import torch
 from fakes import in_runs, interleaved
 from mlnb.device import CopyStreams, CpuDevice
 from mlnb.planner import stream_units, streamer_of
+from mlnb.planner.blocks import unit_block
 from mlnb.testing import FakeDevice
 
 
@@ -231,6 +232,8 @@ def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots, 
     replayed = schedule_step(at, rows, between, copies, slots, steps=6, sizes=sizes, cuts=cuts, **shared)
     assert replayed == pytest.approx(measured, rel=1e-9)
     assert any(streamer.layout.cuts) == split
+    modules = dict(model.named_modules())
+    assert {n: unit_block(n, modules[n]).cuts for n in names} == cuts  # the planner's facts: the streamer's packing
     if not split:  # without a split, the copy seconds stand in for the bytes
         assert schedule_step(at, rows, between, copies, slots, steps=6, **shared) == pytest.approx(measured, rel=1e-9)
     assert measured > at + between  # the copies did cost time here: the comparison is not trivially equal

@@ -19,8 +19,10 @@ from ..optimizer.weights import module_bytes
 from ..units import MiB
 from .cost import Block, ModelFacts
 from .models import denoiser_family, execution_order
+from .packed import module_tensors
+from .pinning import layout
 
-__all__ = ["MAX_BLOCK", "model_facts", "model_key", "denoiser_blocks", "denoiser_units", "model_units",
+__all__ = ["MAX_BLOCK", "model_facts", "model_key", "denoiser_blocks", "denoiser_units", "model_units", "unit_block",
            "text_encoders", "with_adapters"]
 
 MAX_BLOCK = 256 * MiB  # units larger than this are split into their children (read when a pipeline is split)
@@ -93,6 +95,12 @@ def text_encoders(pipe) -> dict:
     }
 
 
+def unit_block(name: str, module) -> Block:
+    """The planner's facts of one streamable unit: its bytes, and where the streamer's packing of its tensors
+    (:func:`.pinning.layout`) lets it split at the ring's end."""
+    return Block(name, module_bytes(module), layout(module_tensors(module)).offsets[1:])
+
+
 def model_facts(pipe, max_block: int | None = None) -> ModelFacts:
     """Weight bytes of ``pipe`` by component and denoiser block (execution order).
 
@@ -106,7 +114,7 @@ def model_facts(pipe, max_block: int | None = None) -> ModelFacts:
     denoiser = denoiser_of(pipe)
     if denoiser is None:
         raise ValueError(f"{type(pipe).__name__} has no unet or transformer to plan for")
-    blocks = [Block(name, module_bytes(module)) for name, module in denoiser_units(denoiser, max_block)]
+    blocks = [unit_block(name, module) for name, module in denoiser_units(denoiser, max_block)]
     encoders = text_encoders(pipe)
     vae = getattr(pipe, "vae", None)
     bytes_per_param = next(denoiser.parameters()).element_size()
@@ -149,7 +157,8 @@ def with_adapters(facts: ModelFacts, pipe) -> ModelFacts:
         return facts
     modules = dict(denoiser.named_modules())
     blocks = tuple(
-        dataclasses.replace(b, nbytes=b.nbytes + _adapter_bytes(modules[b.name])) if b.name in modules else b
+        dataclasses.replace(b, nbytes=b.nbytes + _adapter_bytes(modules[b.name]),
+                            cuts=unit_block(b.name, modules[b.name]).cuts) if b.name in modules else b
         for b in facts.blocks
     )
     in_blocks = sum(b.nbytes for b in blocks) - sum(b.nbytes for b in facts.blocks)

@@ -57,7 +57,7 @@ from .ring import GROUP_SHARE, ring_layout
 __all__ = [
     "Block", "ModelFacts", "CardFacts", "Workload", "Plan", "denoise_reserve", "streamed_denoise_reserve",
     "decode_reserve", "decode_phase", "room_needed", "predict", "schedule_step", "streamed_step", "step_chains",
-    "step_time", "plan_step", "overlap_measured", "mapped_step", "FP8_STEP_FACTOR", "TILE_TIME_FACTOR", "TILES",
+    "step_time", "plan_step", "stored_cuts", "overlap_measured", "mapped_step", "FP8_STEP_FACTOR", "TILE_TIME_FACTOR", "TILES",
 ]
 
 # A step with fp8 storage against one in fp16: every layer's weights are upcast before use.
@@ -74,10 +74,13 @@ TILE_OVERHEAD = 192 * MiB
 TILES = (768, 512, 256)  # the VAE tile sizes a plan may choose, largest first
 @dataclass(frozen=True)
 class Block:
-    """A streamable piece of the denoiser (e.g. ``down_blocks.1``) and its weight bytes."""
+    """A streamable piece of the denoiser (e.g. ``down_blocks.1``), its weight bytes, and where the streamer may
+    split it at the ring's end: the offsets of its tensors after the first in its packed layout (empty when unknown:
+    the schedule replay then splits it nowhere)."""
 
     name: str
     nbytes: int
+    cuts: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -234,7 +237,8 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
         steps: steps replayed; the first (whose copies start with nothing before them) is left out.
         sizes: bytes of each streamed block (the streamer's layout sizes); without them, the copy seconds stand in
             (the same layout when every byte copies at one bandwidth).
-        cuts: per streamed block, in bytes with ``sizes``: where a split across the ring's end may fall.
+        cuts: per streamed block, in bytes with ``sizes``: where a split across the ring's end may fall (a block
+            missing from it is not split).
         group_share: the streamer's limit on a group's bytes, as a share of the ring (:data:`.ring.GROUP_SHARE`).
 
     The streamed blocks sit in the ring at fixed offsets in running order (:func:`.ring.ring_layout`); streamed blocks
@@ -253,7 +257,7 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
         sizes = {name: max(1, round(copies[name] * 1e12)) for name in order}
     streamed = [name in copies for name, _, _ in blocks] + [False]
     ring = ring_layout([sizes[name] for name in order], slots * max(sizes[name] for name in order),
-                       cuts=cuts and [cuts[name] for name in order], group_share=group_share,
+                       cuts=cuts and [cuts.get(name, ()) for name in order], group_share=group_share,
                        adjacent=[streamed[i + 1] for i in range(len(blocks)) if streamed[i]])  # the next one streams
     last_of = dict(ring.groups)  # a group's first use in a forward -> its last
     count = len(order)
@@ -290,9 +294,10 @@ def schedule_step(forward: float, blocks, between: float, copies: dict[str, floa
 
 
 def replayed_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool,
-                  calibrated: bool = True) -> float | None:
+                  calibrated: bool = True, cuts: dict[str, tuple[int, ...]] | None = None) -> float | None:
     """A step streaming ``streamed`` (of ``sizes`` bytes each) through ``slots``, replayed against the card's block
-    timeline (None without one that has every streamed block), splitting no block at the ring's end (sizes alone)."""
+    timeline (None without one that has every streamed block); a block is split at the ring's end where ``cuts``
+    (:func:`stored_cuts`) lets it, as the streamer splits it."""
     if card.block_timeline is None or not card.bandwidth or card.step_seconds is None or not streamed:
         return None
     forward, rows = card.block_timeline
@@ -302,12 +307,12 @@ def replayed_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, 
     between = max(0.0, card.step_seconds - forward)
     rows = [(name, start * factor, seconds * factor) for name, start, seconds in rows]
     step = schedule_step(forward * factor, rows, between, {n: sizes[n] / card.bandwidth for n in streamed}, slots,
-                         sizes={n: sizes[n] for n in streamed})
+                         sizes={n: sizes[n] for n in streamed}, cuts=cuts)
     return step + len(streamed) * (card.unit_overhead or 0.0) if calibrated else step
 
 
-def step_chains(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool
-                ) -> tuple[float | None, float | None]:
+def step_chains(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool,
+                cuts: dict[str, tuple[int, ...]] | None = None) -> tuple[float | None, float | None]:
     """``(GPU chain, host chain)``: the seconds one denoising step streaming ``streamed`` (of ``sizes`` bytes each)
     through ``slots`` keeps the GPU busy, and the seconds the host takes to issue it.
 
@@ -327,7 +332,7 @@ def step_chains(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp
         host = card.host_forward_seconds + len(streamed) * (card.host_unit_seconds or 0.0) + between
     gpu = card.step_seconds * (FP8_STEP_FACTOR if fp8 else 1.0)
     if streamed:
-        gpu = replayed_step(card, sizes, streamed, slots, fp8, calibrated=False)
+        gpu = replayed_step(card, sizes, streamed, slots, fp8, calibrated=False, cuts=cuts)
         if gpu is None:
             if not card.bandwidth:
                 return None, host
@@ -335,10 +340,11 @@ def step_chains(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp
     return gpu, host
 
 
-def step_time(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool) -> float | None:
+def step_time(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool,
+              cuts: dict[str, tuple[int, ...]] | None = None) -> float | None:
     """The time model's step: the larger of the GPU chain and the host chain (:func:`step_chains`), plus, per
     streamed unit, what streamed generations measured beyond that (``unit_overhead``); None without a GPU chain."""
-    gpu, host = step_chains(card, sizes, streamed, slots, fp8)
+    gpu, host = step_chains(card, sizes, streamed, slots, fp8, cuts)
     if gpu is None:
         return None
     step = max(gpu, host or 0.0)
@@ -352,14 +358,15 @@ def streamed_step(plan: "Plan", model: ModelFacts, card: CardFacts, calibrated: 
     An overhead per unit, not a ratio: a ratio measured on a plan streaming 48 units would also scale the compute of
     a plan streaming two."""
     sizes, _, _ = stored_bytes(model, plan.fp8)
+    cuts = stored_cuts(model, plan.fp8)
     if plan.mapped_units:  # the replay of the pinned units, and the mapped ones' copies beside it
-        if replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated=False) is None:
+        if replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated=False, cuts=cuts) is None:
             return None
-        return mapped_step(card, sizes, plan.streamed, plan.slots, plan.fp8, plan.mapped_units, calibrated)
-    replay = replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated=False)
+        return mapped_step(card, sizes, plan.streamed, plan.slots, plan.fp8, plan.mapped_units, calibrated, cuts)
+    replay = replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated=False, cuts=cuts)
     if replay is None or not calibrated:
         return replay
-    return step_time(card, sizes, plan.streamed, plan.slots, plan.fp8)
+    return step_time(card, sizes, plan.streamed, plan.slots, plan.fp8, cuts)
 
 
 def seconds_per_image(card: CardFacts, work: Workload, step: float | None, transfer_once: int,
@@ -390,6 +397,13 @@ def stored_bytes(model: ModelFacts, fp8: bool) -> tuple[dict[str, int], int, int
     blocks = {b.name: int(b.nbytes * scale) for b in model.blocks}
     other = int(model.denoiser_other * scale)
     return blocks, other, other + sum(blocks.values())
+
+
+def stored_cuts(model: ModelFacts, fp8: bool) -> dict[str, tuple[int, ...]]:
+    """Where each block may be split at the ring's end, in its stored bytes (fp8 halves them, as it halves the
+    block)."""
+    scale = 0.5 if fp8 else 1.0
+    return {b.name: tuple(int(cut * scale) for cut in b.cuts) for b in model.blocks if b.cuts}
 
 
 def reserves(work: Workload, tile: int | None, card: CardFacts | None) -> tuple[int, int]:
@@ -439,20 +453,21 @@ def plan_step(plan: Plan, model: ModelFacts, card: CardFacts) -> float | None:
     """``plan``'s step by the time model (:func:`step_time`, with its mapped units as :func:`mapped_step` charges
     them)."""
     sizes, _, _ = stored_bytes(model, plan.fp8)
-    return mapped_step(card, sizes, plan.streamed, plan.slots, plan.fp8, plan.mapped_units)
+    return mapped_step(card, sizes, plan.streamed, plan.slots, plan.fp8, plan.mapped_units,
+                       cuts=stored_cuts(model, plan.fp8))
 
 
 def mapped_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool, mapped=(),
-                calibrated: bool = True) -> float | None:
+                calibrated: bool = True, cuts: dict[str, tuple[int, ...]] | None = None) -> float | None:
     """The step streaming ``streamed`` with the units ``mapped`` copied from the weight files' mapping: the step of
     the pinned units alone (:func:`step_time`; without ``calibrated``, the bare replay), plus the mapped units'
     copies (:func:`.host_ram.with_mapped`)."""
     left = set(mapped)
     pinned = tuple(n for n in streamed if n not in left)
     if calibrated:
-        step = step_time(card, sizes, pinned, slots, fp8)
+        step = step_time(card, sizes, pinned, slots, fp8, cuts)
     else:
-        step = (replayed_step(card, sizes, pinned, slots, fp8, calibrated=False) if pinned
+        step = (replayed_step(card, sizes, pinned, slots, fp8, calibrated=False, cuts=cuts) if pinned
                 else step_chains(card, sizes, (), slots, fp8)[0])
     return with_mapped(card, step, sum(sizes[n] for n in left), len(left), calibrated)
 

@@ -41,6 +41,7 @@ from .cost import (
     seconds_per_image,
     step_time,
     stored_bytes,
+    stored_cuts,
     usable_bytes,
 )
 from .host_ram import mapped_once_seconds, pinned_bytes
@@ -159,6 +160,7 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
     once = enc_total + model.vae
     for fp8 in (False, True):
         sizes, other, denoiser = stored_bytes(model, fp8)
+        cuts = stored_cuts(model, fp8)
         blocks = [Block(name, nbytes) for name, nbytes in sizes.items()]
         every = tuple(sizes)
         whole = step_time(card, sizes, (), 2, fp8)
@@ -207,7 +209,7 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
                         yield Plan(
                             budget, "stream", kept, moved_names, True, fp8, tile,
                             peak_bytes("stream", model, fp8, tile, kept, moved_names, work, card, slots, off),
-                            seconds_per_image(card, work, step_time(card, sizes, moved_names, slots, fp8), once, tile,
+                            seconds_per_image(card, work, step_time(card, sizes, moved_names, slots, fp8, cuts), once, tile,
                                               off_bytes),
                             moved, once, slots=slots, decode_offload=off, decode_offload_bytes=off_bytes,
                         )
@@ -266,7 +268,8 @@ def fit_host(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload, hos
             low = middle
     chosen = variant(high)
     once = mapped_once_seconds(card, _mapped_once(chosen, model))
-    step = mapped_step(card, sizes, chosen.streamed, chosen.slots, chosen.fp8, chosen.mapped_units)
+    step = mapped_step(card, sizes, chosen.streamed, chosen.slots, chosen.fp8, chosen.mapped_units,
+                       cuts=stored_cuts(model, chosen.fp8))
     seconds = seconds_per_image(card, work, step, chosen.transfer_once_bytes, chosen.vae_tile,
                                 chosen.decode_offload_bytes)
     return dataclasses.replace(chosen, predicted_seconds=seconds + once if None not in (seconds, once) else None)
