@@ -10,7 +10,7 @@ import shlex
 import sys
 from pathlib import Path
 
-__all__ = ["main", "doctor_report", "save_new"]
+__all__ = ["main", "doctor_report"]
 
 
 def _version(module: str) -> str:
@@ -125,7 +125,7 @@ def _demo(args) -> int:
     from IPython.core.error import UsageError
     from IPython.testing.globalipapp import start_ipython
 
-    from .pipeline.result import save_paths
+    from .pipeline.saving import save_images
     from .tiny import default_tiny_model
 
     model = args.model or str(default_tiny_model("sd"))
@@ -139,9 +139,8 @@ def _demo(args) -> int:
     except UsageError as exc:  # a bad option or model: one line, as in a notebook
         return _demo_error(str(exc))
     result = shell.user_ns["demo_result"]
-    names = save_paths(out, len(result.images), result.seed)  # mlnb-<seed>-<i>.png, as --save names them
-    try:
-        paths = [save_new(image, name) for image, name in zip(result.images, names)]
+    try:  # mlnb-<seed>-<i>.png, or the first free name beside it, as --save names them in a folder
+        paths = save_images(result.images, out, result.seed)
     except OSError as exc:
         return _demo_error(f"--out: cannot save the image in {str(out)!r}: {exc.strerror or exc}")
     print(shell.run_line_magic("vram", ""))
@@ -153,30 +152,6 @@ def _demo(args) -> int:
 def _demo_error(message: str) -> int:
     print(f"mlnb demo: error: {message}", file=sys.stderr)
     return 2
-
-
-def save_new(image, path: Path, tries: int = 1000) -> Path:
-    """Save ``image`` as a PNG under ``path``'s name, or the first free ``<stem>-<n>.png`` beside it: an existing
-    file or link of that name is never replaced (the file is created exclusively, so a racing writer cannot either).
-
-    Raises:
-        FileExistsError: every name up to ``<stem>-<tries>`` is taken.
-        OSError: the file could not be written (a partly written one is removed).
-    """
-    for n in range(tries + 1):
-        candidate = path if n == 0 else path.with_name(f"{path.stem}-{n}{path.suffix}")
-        try:
-            handle = open(candidate, "xb")
-        except FileExistsError:
-            continue
-        try:
-            with handle:
-                image.save(handle, format="PNG")
-        except BaseException:
-            candidate.unlink(missing_ok=True)
-            raise
-        return candidate
-    raise FileExistsError(f"{str(path)!r} and {tries} numbered names beside it exist")
 
 
 def _bench(argv: list[str]) -> int:

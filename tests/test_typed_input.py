@@ -76,6 +76,26 @@ def test_save_into_a_folder_with_a_space(ip, spaced_model, tmp_path, monkeypatch
     assert (tmp_path / "out dir" / "x.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_a_cell_run_again_into_a_folder_takes_the_next_free_name(ip, spaced_model, tmp_path, monkeypatch, capsys):
+    """In a folder mlnb names the images: the same cell run again (same seed) saves beside its earlier picture
+    instead of failing on it, and a file or a link of the user's under that name is left as it is."""
+    folder = tmp_path / "my pictures"
+    folder.mkdir()
+    monkeypatch.chdir(tmp_path)
+    (folder / "mlnb-1-0-1.png").symlink_to(tmp_path / "nowhere.png")  # a dangling link is a taken name too
+    cell = f'%%generate --model "{spaced_model}" {FAST} --quiet --save "my pictures"\na fox'
+    for _ in range(3):
+        assert run(ip, cell).success
+    assert sorted(p.name for p in folder.iterdir()) == ["mlnb-1-0-1.png", "mlnb-1-0-2.png", "mlnb-1-0-3.png",
+                                                         "mlnb-1-0.png"]
+    assert f"saved my pictures/mlnb-1-0-3.png" in capsys.readouterr().out
+    assert not (tmp_path / "nowhere.png").exists()
+    assert (folder / "mlnb-1-0-2.png").read_bytes().startswith(b"\x89PNG")
+    named = f'%%generate --model "{spaced_model}" {FAST} --quiet --save "my pictures/mlnb-1-0.png"\na fox'
+    assert one_line(ip, named, capsys) == (
+        "UsageError: --save: 'my pictures/mlnb-1-0.png' exists; mlnb never overwrites, choose another name")
+
+
 @pytest.mark.parametrize("options,line", [
     ("--guidance -1", "UsageError: --guidance must be a finite number >= 0, got -1.0"),
     ("--guidance -1e3", "UsageError: --guidance must be a finite number >= 0, got -1000.0"),

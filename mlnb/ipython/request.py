@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 from ..pipeline.loras import LoraSpec, parse_loras
-from ..pipeline.result import check_targets, save_paths
+from ..pipeline.saving import check_targets, save_paths
 from ..pipeline.validation import GenerationArgs
 from ..setting import MemorySetting
 
@@ -136,8 +136,8 @@ def _check_save(path: str, num_images: int, seed: int | None) -> None:
     """``save_images``' own checks, before any work: the folder, the extension, no file or link to write over."""
     target = Path(path).expanduser()
     try:
-        if target.is_dir() and seed is None:
-            return  # the names in a folder carry the seed, drawn when the image is made
+        if target.is_dir():
+            return  # in a folder mlnb names the images, each the first free name for its seed
         # a name without an extension in an existing folder: save_paths would call it a missing folder
         no_name = not target.is_dir() and target.parent.is_dir() and not target.suffix
         if not no_name:

@@ -9,7 +9,8 @@ from .cache import cached_pipelines, last_result, unload_all
 from .loading import load_pipeline
 from .managed import ManagedPipeline
 from .rescue import generate_with_rescue
-from .result import GenerationResult, save_images
+from .result import GenerationResult
+from .saving import save_images
 from .validation import GenerationArgs
 
 __all__ = [

@@ -6,7 +6,6 @@ import base64
 import html
 import io
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,14 +16,13 @@ from ..notices import plan_not_applied
 from ..optimizer import OptimizationReport
 from ..setting import AUTO_SETTING, MemorySetting
 from ..units import format_bytes, format_gib
+from .saving import save_images
 
 if TYPE_CHECKING:
     from ..planner import Plan
     from .loras import LoraSpec
 
-__all__ = ["GenerationResult", "check_targets", "plan_title", "save_images", "save_paths", "IMAGE_SUFFIXES"]
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+__all__ = ["GenerationResult", "plan_title"]
 
 
 @dataclass(frozen=True)
@@ -200,60 +198,3 @@ def _png_b64(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
-
-
-def save_paths(path: str | os.PathLike, count: int, seed: int = 0) -> list[Path]:
-    """Where :func:`save_images` puts ``count`` images: ``mlnb-<seed>-<i>.png`` in an existing folder, else the file
-    name (``name-<i>.png`` for several).
-
-    Raises:
-        FileNotFoundError: the parent folder does not exist, or the path is neither a folder nor a file name.
-        ValueError: a file name whose extension is not an image format mlnb writes (.png, .jpg, .jpeg, .webp).
-    """
-    target = Path(path).expanduser()
-    if target.is_dir():
-        return [target / f"mlnb-{seed}-{i}.png" for i in range(count)]
-    if not target.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(target.parent)!r} does not exist")
-    if target.suffix == "":
-        raise FileNotFoundError(f"folder {str(target)!r} does not exist (give a .png path or a folder)")
-    if target.suffix.lower() not in IMAGE_SUFFIXES:
-        raise ValueError(f"{str(path)!r} is neither an existing folder nor a .png/.jpg/.webp file name")
-    if count == 1:
-        return [target]
-    return [target.with_name(f"{target.stem}-{i}{target.suffix}") for i in range(count)]
-
-
-def check_targets(paths: list[Path], overwrite: bool = False) -> None:
-    """Refuse to write through a symbolic link (a dangling one too), or onto an existing file unless ``overwrite``.
-
-    Raises:
-        FileExistsError: naming the first such path.
-        OSError: a path the system refuses to look at (a name too long, no permission).
-    """
-    for p in paths:
-        try:
-            mode = os.lstat(p).st_mode
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        if stat.S_ISLNK(mode):
-            raise FileExistsError(f"{str(p)!r} is a symbolic link; mlnb never writes through one, choose another name")
-        if not overwrite:
-            raise FileExistsError(f"{str(p)!r} exists; mlnb never overwrites, choose another name")
-
-
-def save_images(images: list, path: str | os.PathLike, seed: int = 0, overwrite: bool = False) -> list[Path]:
-    """Save images to a file (one image) or into an existing folder (``mlnb-<seed>-<i>.png``).
-
-    Never overwrites silently, and never writes through a symbolic link.
-
-    Raises:
-        FileExistsError: a target is a symbolic link, or a target file exists and ``overwrite`` is False.
-        FileNotFoundError: the parent folder does not exist.
-        OSError: the file could not be written.
-    """
-    paths = save_paths(path, len(images), seed)
-    check_targets(paths, overwrite)
-    for image, p in zip(images, paths):
-        image.save(p)
-    return paths
