@@ -331,15 +331,20 @@ def table(out: dict) -> str:
                                     f"{c['copied_per_step_mib']:.0f} MiB a step in {_ms(c['ms_per_step'])}"))
     for key, label in (("U_streamed_uncapped", "U streamed"), ("K_streamed_capped", "K capped")):
         s = out.get(key) or {}
+        alloc = s.get("allocator") or {}
+        parts = [f"step {_ms(s.get('gpu_step_ms'))}", f"host issue {_ms(s.get('host_issue_ms'))} "
+                 f"({_ms(s.get('host_added_ms'))} over resident)", f"hooks {_ms(s.get('hook_host_ms_per_step'))}/step"]
+        if alloc:
+            parts.append(f"retries {alloc.get('num_alloc_retries')}, device allocs/frees "
+                         f"{alloc.get('num_device_alloc')}/{alloc.get('num_device_free')}")
+        if s.get("peak_reserved_gib") is not None:
+            parts.append(f"peak reserved {s['peak_reserved_gib']:.2f} GiB")
+        if s.get("max_abs_diff") is not None:
+            parts.append(f"max |Δ| {s['max_abs_diff']:.3g}")
         if s.get("error"):
-            rows.append((label, f"error: {s['error']}"))
-        elif s:
-            alloc = s.get("allocator") or {}
-            rows.append((label, f"step {_ms(s['gpu_step_ms'])} · host issue {_ms(s['host_issue_ms'])} · hooks "
-                                f"{_ms(s['hook_host_ms_per_step'])}/step · retries {alloc.get('num_alloc_retries', '—')}"
-                                f" · device allocs/frees {alloc.get('num_device_alloc', '—')}/"
-                                f"{alloc.get('num_device_free', '—')}"
-                                + (f" · max |Δ| {s['max_abs_diff']:.3g}" if "max_abs_diff" in s else "")))
+            parts.append(f"error: {s['error']}")
+        if s:
+            rows.append((label, " · ".join(parts)))
     t = out.get("T_trace") or {}
     if t.get("copies"):
         rows.append(("T trace", f"copies {t['copy_seconds'] * 1e3:.1f} ms, {t['hidden']:.0%} under kernels; GPU idle "
@@ -496,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         out["wall_s"] = time.perf_counter() - began
         write_json(args.json, out)
 
+    threads = torch.get_num_threads()
+    if args.tiny:  # one thread: on a busy CPU, threads that wait for each other take many times as long
+        torch.set_num_threads(1)
     try:
         with torch.no_grad():
             run(args, out, save)
@@ -504,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
         save()
         print(table(out))
         raise
+    finally:
+        torch.set_num_threads(threads)
     save()
     print(table(out))
     print(f"{'':<12} {out['wall_s']:.1f} s in all; streamed output vs resident: max |Δ| "
