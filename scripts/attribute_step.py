@@ -15,8 +15,8 @@ each letter answers:
  B  one resident forward block by block (mlnb.planner.BlockTimer) -> the planner's plan for the budget
     (plan_for_budget with SDXL's encoder and VAE bytes, and the card facts measured here: probe bandwidth, step,
     block timeline, host issue time, loop reserve) and the step its schedule replay predicts.
- C  copy-only: each streamed unit's packed pinned region copied to its place in a buffer laid out as the streamer's
-    ring, back to back on the copy stream, nothing computing: GB/s against the device's probe (h2d_bandwidth).
+ C  copy-only: each streamed unit's packed pinned region copied to its place in the streamer's ring, back to back
+    on the copy stream, nothing computing: GB/s against the device's probe (h2d_bandwidth).
     Well below the probe: the packed regions copy slowly (pinning, NUMA, IOMMU), not the schedule.
  U  the plan applied as mlnb applies it (mlnb.planner.apply_plan), uncapped: the step, the host's time inside the
     streamer's per-unit hook methods per step, the allocator's counters over the steps, and the largest difference
@@ -228,14 +228,16 @@ def describe_plan(plan, facts, card) -> dict:
 
 
 def copy_only(streamer, copies, onload_device, cuda: bool, repeats: int = 3) -> dict:
-    """Every streamed unit's packed host region copied to its place in a buffer laid out as the ring (the ring's own
-    size and offsets, from the streamer's layout), in running order on the streamer's copy stream, ``repeats``
-    times, with nothing computing. The streamer's ring is released first (its prefetched copies waited for, its
-    memory freed); the next forward lays it out again."""
+    """Every streamed unit's packed host region copied to its place in the ring (the streamer's layout), in running
+    order on the streamer's copy stream, ``repeats`` times, with nothing computing. The ring's memory is taken from
+    the streamer as it releases it (its prefetched copies waited for, its units pointed home), so these copies
+    overwrite nothing a forward reads; the next forward allocates a ring again and fills it afresh."""
     import torch
 
+    ring = streamer.ring
     streamer.release()
-    buffer = copies.device_buffer(streamer.ring_bytes, onload_device)
+    if ring is None:  # no phase was running: memory of the ring's size
+        ring = copies.device_buffer(streamer.ring_bytes, onload_device)
     pairs, moved, per_step = [], 0, 0
     for position, name in enumerate(streamer.order):
         region = streamer.units[name].region
@@ -243,7 +245,7 @@ def copy_only(streamer, copies, onload_device, cuda: bool, repeats: int = 3) -> 
             continue
         at = 0
         for start, size in streamer.layout.pieces(position):
-            pairs.append((buffer[start:start + size], region[at:at + size]))
+            pairs.append((ring[start:start + size], region[at:at + size]))
             at += size
         moved += at
         per_step += at if streamer.layout.shared(position) else 0  # copied again at every step
@@ -262,7 +264,7 @@ def copy_only(streamer, copies, onload_device, cuda: bool, repeats: int = 3) -> 
         seconds = start.elapsed_time(end) / 1e3
     else:
         seconds = time.perf_counter() - began
-    del buffer, pairs
+    del ring, pairs
     rate = moved * repeats / seconds
     return {"gbps": rate / 1e9, "packed_mib": moved / MiB, "copied_per_step_mib": per_step / MiB,
             "ms_per_step": per_step / rate * 1e3, "pinned": all(h.is_pinned() for h in streamer.host_copies())}
