@@ -16,25 +16,22 @@ each letter answers:
     (plan_for_budget with SDXL's encoder and VAE bytes, and the card facts measured here: probe bandwidth, step,
     block timeline, host issue time, loop reserve) and the step its schedule replay predicts.
  C  copy-only: each streamed unit's packed pinned region copied to its place in the streamer's ring, back to back
-    on the copy stream, nothing computing: GB/s against the device's probe (h2d_bandwidth).
-    Well below the probe: the packed regions copy slowly (pinning, NUMA, IOMMU), not the schedule.
+    on the copy stream, nothing computing, against the device's probe (h2d_bandwidth). Well below the probe: the
+    packed regions copy slowly (pinning, NUMA, IOMMU), whatever the schedule.
  U  the plan applied as mlnb applies it (mlnb.planner.apply_plan), uncapped: the step, the host's time inside the
     streamer's per-unit hook methods per step, the allocator's counters over the steps, and the largest difference
-    between the streamed forward's output and the resident one's for the same inputs (``max_abs_diff``).
- K  the same under the budget as the process's memory cap (as ``mlnb bench`` runs it), the output compared again
-    once the ring has wrapped through every step. K well above U with allocator retries or device frees: the
-    allocator under the cap; K close to U close to B's replay plus the hooks: the schedule and the host work
-    explain the step.
+    between the streamed output and the resident one for the same inputs (``max_abs_diff``).
+ K  the same under the budget as the process's memory cap (as ``mlnb bench`` runs it). K well above U with
+    allocator retries or device frees: the allocator under the cap; K close to U close to B's replay plus the hooks:
+    the schedule and the host work explain the step.
  T  two capped steps under torch.profiler (mlnb.bench.timeline): copy time and its share under kernels, GPU idle.
  X  gc.collect() with the model loaded; an empty_cache (as mlnb's cleanup runs it) of ~7 GiB of cached blocks, and
     growing them again: what a per-image cache clear costs that image and the next.
 
-With ``--tiny`` a UNet of SDXL's layout with tiny widths runs in fp32 on the CPU: every other unit streamed (a tiny
-UNet's blocks are all below the planner's smallest streamed block), no cap, no CUDA graph, profiler on the CPU. The
-planner's SDXL plan is still made, from SDXL's shapes on the meta device, and not applied. Its numbers check the
-control flow, not a card.
-
-Prints a table and writes JSON (after every section, so that a time limit keeps the sections done) with the machine,
+With ``--tiny``, a UNet of SDXL's layout at tiny widths in fp32 on the CPU, every unit but the first streamed (its
+blocks are all below the planner's smallest streamed block), no cap, no CUDA graph, the profiler on the CPU; the
+SDXL plan is made from SDXL's shapes on the meta device, not applied. It checks the control flow, not a card.
+Prints a table and writes JSON (after every section: a time limit keeps the sections done) with the machine,
 versions, date and command.
 """
 
@@ -95,11 +92,6 @@ def forward(unet, io):
     return unet(io["x"], io["t"], io["ctx"], added_cond_kwargs=io["added"], return_dict=False)[0]
 
 
-def max_abs_diff(output, reference) -> float:
-    """The largest difference between a forward's output and the resident forward's (on the host, in fp32)."""
-    return (output.float().cpu() - reference).abs().max().item()
-
-
 def step(unet, io) -> None:
     """One forward, CFG and an Euler-like update of the latents in place."""
     import torch
@@ -112,11 +104,10 @@ def step(unet, io) -> None:
 class HostMeter:
     """The host's time inside the streamer's per-unit hook methods, per step: ``_enter`` (as a unit starts: its
     group's wait for the copies) and ``_leave`` (as it ends: its group's mark and the copies the ring now has room
-    for). The streamer's diffusers hooks call them through the streamer, so wrappers set on the instance are what
-    run."""
+    for). The streamer's diffusers hooks call them through the streamer, so wrappers set on the instance run."""
 
     def __init__(self, streamer) -> None:
-        self.seconds, self.calls, self.steps = 0.0, 0, 0
+        self.reset()
         for name in ("_enter", "_leave"):
             setattr(streamer, name, self._timed(getattr(streamer, name)))
 
@@ -190,17 +181,6 @@ def graph_step_ms(unet, io, n: int) -> float:
     return start.elapsed_time(end) / n
 
 
-def sdxl_facts():
-    """SDXL's weights as the planner sees them (its encoders and VAE included), from its shapes on the meta device,
-    and whether its VAE decodes in fp32."""
-    from mlnb.bench.models import build_arch_pipeline
-    from mlnb.optimizer.offload import vae_needs_upcast
-    from mlnb.planner import model_facts
-
-    pipe = build_arch_pipeline("sdxl", device="meta")
-    return model_facts(pipe), vae_needs_upcast(pipe)
-
-
 def tiny_plan(facts):
     """Every unit of a tiny UNet but the first streamed through two slots, so that units share the ring's bytes
     and are copied at every step: the control flow, not a planner's choice."""
@@ -215,15 +195,19 @@ def tiny_plan(facts):
 
 
 def describe_plan(plan, facts, card) -> dict:
+    """The plan, the step its schedule replay gives against ``card``, and the card facts it was made from."""
     from mlnb.planner import streamed_step
 
     replay = streamed_step(plan, facts, card, calibrated=False)
+    timeline, host = card.block_timeline, card.host_forward_seconds
     return {
         "summary": plan.summary(), "budget_gib": plan.budget / GiB, "units": len(plan.streamed),
         "streamed_mib": plan.streamed_bytes / MiB, "slots": plan.slots, "fp8": plan.fp8, "vae_tile": plan.vae_tile,
         "decode_offload_units": len(plan.decode_offload), "predicted_peak_gib": plan.predicted_peak / GiB,
-        "replay_ms": None if replay is None else replay * 1e3,
+        "replay_ms": None if replay is None else replay * 1e3, "probe_gbps": card.bandwidth / 1e9,
         "copies_ms_at_probe": plan.streamed_bytes / card.bandwidth * 1e3,
+        "timeline_forward_ms": timeline[0] * 1e3 if timeline else None,
+        "host_forward_ms": None if host is None else host * 1e3, "notes": list(plan.notes),
     }
 
 
@@ -249,12 +233,11 @@ def copy_only(streamer, copies, onload_device, cuda: bool, repeats: int = 3) -> 
             at += size
         moved += at
         per_step += at if streamer.layout.shared(position) else 0  # copied again at every step
-    stream = streamer.stream
-    if cuda:
+    stream, began = streamer.stream, time.perf_counter()
+    if cuda:  # the copy stream's own clock
         torch.cuda.synchronize()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(stream)
-    began = time.perf_counter()
     for _ in range(repeats):
         for dst, src in pairs:
             copies.issue_copy(stream, dst, src)
@@ -298,17 +281,19 @@ def cleanup_costs(device, blocks: list[int], onload_device: str) -> dict:
     began = time.perf_counter()
     gc.collect()
     out = {"gc_collect_s": time.perf_counter() - began, "cached_gib": sum(blocks) / GiB}
-    held = [torch.empty(size, dtype=torch.uint8, device=onload_device) for size in blocks]
-    del held
-    device.synchronize()
+
+    def grow() -> float:
+        began = time.perf_counter()
+        held = [torch.empty(size, dtype=torch.uint8, device=onload_device) for size in blocks]
+        device.synchronize()
+        del held  # cached by the allocator from here on
+        return time.perf_counter() - began
+
+    grow()
     began = time.perf_counter()
     out["empty_cache_ran"] = device.empty_cache()
     out["empty_cache_s"] = time.perf_counter() - began
-    began = time.perf_counter()
-    held = [torch.empty(size, dtype=torch.uint8, device=onload_device) for size in blocks]
-    device.synchronize()
-    out["regrow_s"] = time.perf_counter() - began
-    del held
+    out["regrow_s"] = grow()
     return out
 
 
@@ -317,17 +302,15 @@ def _ms(value) -> str:
 
 
 def table(out: dict) -> str:
-    """The short table: one line a section."""
+    """The short table: one line a section, from the JSON (a partial one too)."""
+    r, b, c, t, x = (out.get(key) or {} for key in ("R_resident", "B_plan", "C_copy_only", "T_trace", "X_cleanup"))
     rows = []
-    r = out.get("R_resident") or {}
     if r:
         rows.append(("R resident", f"GPU step {_ms(r.get('gpu_step_ms'))} · host issue {_ms(r.get('host_issue_ms'))}"
                                    f" · CUDA graph {_ms(r.get('graph_step_ms'))}"))
-    b = out.get("B_plan") or {}
     if b:
-        rows.append(("B plan", f"{b['summary']} · replay {_ms(b.get('replay_ms'))} · copies at the probe "
-                               f"{_ms(b.get('copies_ms_at_probe'))} ({b['probe_gbps']:.1f} GB/s)"))
-    c = out.get("C_copy_only") or {}
+        rows.append(("B plan", f"{b['summary']} · replay {_ms(b['replay_ms'])} · copies at the probe "
+                               f"{_ms(b['copies_ms_at_probe'])} ({b['probe_gbps']:.1f} GB/s)"))
     if c:
         rows.append(("C copy only", f"{c['gbps']:.1f} GB/s from the packed regions (pinned: {c['pinned']}) · "
                                     f"{c['copied_per_step_mib']:.0f} MiB a step in {_ms(c['ms_per_step'])}"))
@@ -347,21 +330,23 @@ def table(out: dict) -> str:
             parts.append(f"error: {s['error']}")
         if s:
             rows.append((label, " · ".join(parts)))
-    t = out.get("T_trace") or {}
     if t.get("copies"):
         rows.append(("T trace", f"copies {t['copy_seconds'] * 1e3:.1f} ms, {t['hidden']:.0%} under kernels; GPU idle "
                                 f"{t['idle_seconds'] * 1e3:.1f} of {t['window_seconds'] * 1e3:.1f} ms"))
     elif t:
-        rows.append(("T trace", t.get("error") or f"no pinned copies in the trace ({t.get('memcpy_names')})"))
-    x = out.get("X_cleanup") or {}
+        rows.append(("T trace", f"no pinned copies in the trace ({t.get('memcpy_names')})"))
     if x:
         rows.append(("X cleanup", f"gc.collect {x['gc_collect_s']:.3f} s · empty_cache of {x['cached_gib']:.2f} GiB "
                                   f"{x['empty_cache_s']:.3f} s · regrow {x['regrow_s']:.3f} s"))
+    if out.get("wall_s") is not None:
+        rows.append(("", f"{out['wall_s']:.1f} s in all" + (f"; stopped: {out['error']}" if out.get("error") else "")))
     return "\n".join(f"{name:<12} {text}" for name, text in rows)
 
 
 def run(args, out: dict, save) -> None:
+    from mlnb.bench.models import build_arch_pipeline
     from mlnb.device import CpuDevice, get_device
+    from mlnb.optimizer.offload import vae_needs_upcast
     from mlnb.planner import BlockTimer, CardFacts, Workload, apply_plan, denoiser_blocks, model_facts
     from mlnb.planner import module_streamer, plan_for_budget
 
@@ -401,8 +386,9 @@ def run(args, out: dict, save) -> None:
     card = CardFacts(bandwidth=bandwidth, step_seconds=out["R_resident"]["gpu_step_ms"] / 1e3,
                      block_timeline=timer.timeline(), host_forward_seconds=timer.host_forward_seconds,
                      denoise_reserve=reserve if reserve and reserve > 0 else None)
-    sdxl, vae_fp32 = sdxl_facts()
-    work = Workload(1024, 1024, 1, 20, vae_fp32=vae_fp32)
+    shapes = build_arch_pipeline("sdxl", device="meta")  # SDXL's encoders and VAE too, in no memory
+    sdxl = model_facts(shapes)
+    work = Workload(1024, 1024, 1, 20, vae_fp32=vae_needs_upcast(shapes))
     budget = int(args.budget_gib * GiB)
     if args.tiny:  # SDXL's plan from its shapes, the tiny UNet's blocks unknown to it: planned, not applied
         sdxl_plan = plan_for_budget(budget, sdxl, CardFacts(bandwidth=bandwidth), work)
@@ -411,11 +397,7 @@ def run(args, out: dict, save) -> None:
     else:
         facts = sdxl
         plan = sdxl_plan = plan_for_budget(budget, facts, card, work)
-    out["B_plan"] = {**describe_plan(plan, facts, card), "probe_gbps": bandwidth / 1e9,
-                     "timeline": card.block_timeline is not None,
-                     "timeline_forward_ms": card.block_timeline[0] * 1e3 if card.block_timeline else None,
-                     "host_forward_ms": None if timer.host_forward_seconds is None else timer.host_forward_seconds * 1e3,
-                     "sdxl_plan": str(sdxl_plan), "notes": list(plan.notes)}
+    out["B_plan"] = {**describe_plan(plan, facts, card), "sdxl_plan": str(sdxl_plan)}
     save()
 
     # U: the plan applied as mlnb applies it, uncapped
@@ -427,43 +409,35 @@ def run(args, out: dict, save) -> None:
     if streamer is None:
         raise RuntimeError(f"the plan streams nothing: {plan.summary()}")
     meter = HostMeter(streamer)
-    step(unet, io)  # records the order (blocking copies)
-    for _ in range(3):
+    for _ in range(4):  # the first records the order (blocking copies)
         step(unet, io)
-    out["U_streamed_uncapped"] = {
-        "chained": streamer.chained, "units": len(streamer.order or ()),
-        "groups": len(streamer.layout.groups) if streamer.layout else None, "ring_mib": streamer.ring_bytes / MiB,
-        "max_abs_diff": max_abs_diff(forward(unet, probe), reference),
-        "reference_max_abs": reference.abs().max().item(),
-    }
+
+    def streamed_steps() -> dict:
+        for _ in range(3):
+            step(unet, io)
+        meter.reset()
+        result = timed_steps(unet, io, steps, device, meter)
+        result["host_added_ms"] = result["host_issue_ms"] - out["R_resident"]["host_issue_ms"]
+        # the same inputs as the resident reference, once the ring has wrapped through every step so far
+        result["max_abs_diff"] = (forward(unet, probe).float().cpu() - reference).abs().max().item()
+        return result
 
     # C: copy-only bandwidth from the packed regions (the ring is released and comes back at the next step)
     out["C_copy_only"] = {**copy_only(streamer, copies, onload, cuda), "probe_gbps": bandwidth / 1e9}
     save()
-    for _ in range(2):
-        step(unet, io)
-    meter.reset()
-    out["U_streamed_uncapped"].update(timed_steps(unet, io, steps, device, meter))
-    r_issue = out["R_resident"]["host_issue_ms"]
-    out["U_streamed_uncapped"]["host_added_ms"] = out["U_streamed_uncapped"]["host_issue_ms"] - r_issue
+    out["U_streamed_uncapped"] = {
+        "chained": streamer.chained, "units": len(streamer.order or ()), "ring_mib": streamer.ring_bytes / MiB,
+        "groups": len(streamer.layout.groups) if streamer.layout else None,
+        "reference_max_abs": reference.abs().max().item(), **streamed_steps()}
     save()
 
     # K: under the budget as the process's cap; T: two of those steps profiled
     device.synchronize()
     device.empty_cache()
-    capped = False
     if cuda:
         device.set_memory_cap(budget)
-        capped = True
     try:
-        for _ in range(3):
-            step(unet, io)
-        meter.reset()
-        out["K_streamed_capped"] = {"cap_gib": budget / GiB if capped else None,
-                                    **timed_steps(unet, io, steps, device, meter)}
-        out["K_streamed_capped"]["host_added_ms"] = out["K_streamed_capped"]["host_issue_ms"] - r_issue
-        # after the ring has wrapped through every step so far, and under the cap
-        out["K_streamed_capped"]["max_abs_diff"] = max_abs_diff(forward(unet, probe), reference)
+        out["K_streamed_capped"] = {"cap_gib": budget / GiB if cuda else None, **streamed_steps()}
         save()
         out["T_trace"] = profile_steps(unet, io, 2, cuda, Path(args.trace_dir))
     except Exception as exc:
@@ -471,7 +445,7 @@ def run(args, out: dict, save) -> None:
             raise
         out.setdefault("K_streamed_capped", {})["error"] = f"out of memory: {str(exc)[:300]}"
     finally:
-        if capped:
+        if cuda:
             device.set_memory_cap(None)
     save()
 
@@ -511,15 +485,11 @@ def main(argv: list[str] | None = None) -> int:
             run(args, out, save)
     except Exception as exc:  # the sections done stay in the JSON, with what stopped the rest
         out["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        save()
-        print(table(out))
         raise
     finally:
         torch.set_num_threads(threads)
-    save()
-    print(table(out))
-    print(f"{'':<12} {out['wall_s']:.1f} s in all; streamed output vs resident: max |Δ| "
-          f"{out['U_streamed_uncapped']['max_abs_diff']:.3g}")
+        save()
+        print(table(out))
     return 0
 
 

@@ -300,10 +300,8 @@ import json, sys
 sys.path.insert(0, sys.argv[2])
 from attribute_step import table
 doc = json.load(open(sys.argv[1]))
-print(f"attribute: {doc.get('device')} · {doc.get('command')} · {doc.get('date')} · {doc.get('wall_s') or 0:.0f} s")
+print(f"attribute: {doc.get('device')} · {doc.get('command')} · {doc.get('date')}")
 print("\n".join("  " + line for line in table(doc).splitlines()))
-if doc.get("error"):
-    print(f"  stopped: {doc['error']}")
 EOF
 fi
 for result in "$out"/bench-results.json "$out"/bench-loras.json "$out"/bench-flux.json "$out"/bench-sd35.json; do
