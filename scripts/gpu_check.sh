@@ -52,8 +52,8 @@
 # CUDA (scripts/bench_cell_hooks.py). scripts/diagnose_streaming.py on the bench's SDXL folder runs when named in
 # MLNB_GPU_CHECK_STEPS. Each bench step writes its table, targets and JSON. A failing step does not stop the next;
 # a summary with each step's status and time comes last, and the exit status is 1 if any step failed. The results
-# come back as at most 8 files: summary.txt, attribute-step.json, each bench step's JSON, and logs.tar.gz with every log, the Markdown
-# tables, the workers' logs and the other outputs.
+# come back as at most 8 files: summary.txt, attribute-step.json, each bench step's JSON, and logs.tar.gz with
+# every log, the Markdown tables, the workers' logs and the other outputs.
 #
 # Environment:
 #   OUT                    where results go (default ./gpu-out); keep large files out of it
