@@ -355,7 +355,8 @@ def run(args, out: dict, save) -> None:
     cuda = device.is_cuda
     onload = device.torch_device if cuda else "cpu"
     steps = args.steps or (3 if args.tiny else 10)
-    out.update(device=device.describe()[0], tiny=args.tiny, steps=steps, expandable_segments=device.expandable_segments())
+    out.update(device=device.describe()[0], tiny=args.tiny, steps=steps,
+               expandable_segments=device.expandable_segments())
 
     # R: resident
     unet, dtype = build_unet(args.tiny, onload)
