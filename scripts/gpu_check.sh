@@ -3,43 +3,57 @@
 #
 #   scripts/gpu_check.sh                 # writes everything under $OUT, or ./gpu-out when OUT is unset
 #
-# Where one command may run 10 minutes at most and a session has about 15 minutes of device time, run the two calls
-# below, each on its own (fresh) machine; each builds the models it needs:
+# Where one command may run 10 minutes at most and a session has about 15 minutes of device time, run the calls
+# below, each on its own (fresh) machine; each builds the models it needs. The first call answers first what the
+# streamed step spends its time on; the later ones are for sessions with device time left:
 #
-#   MLNB_GPU_CHECK_STEPS=environment,install,bench-loras scripts/gpu_check.sh     # call 1: SDXL + LoRAs
-#   MLNB_GPU_CHECK_STEPS=environment,install,bench-flux scripts/gpu_check.sh      # call 2: FLUX.1-dev
+#   MLNB_GPU_CHECK_STEPS=environment,install,attribute,bench scripts/gpu_check.sh   # call 1: attribution + SD1.5, SDXL
+#   MLNB_GPU_CHECK_STEPS=environment,install,bench-loras scripts/gpu_check.sh       # call 2: SDXL + LoRAs
+#   MLNB_GPU_CHECK_STEPS=environment,install,bench-flux scripts/gpu_check.sh        # call 3: FLUX.1-dev
+#   MLNB_GPU_CHECK_STEPS=environment,install,bench-sd35 scripts/gpu_check.sh        # call 4: SD3.5 medium
 #
-# Call 1 (bench-loras) builds SDXL (real shapes, random weights) and 5 + 5 random rank-32 LoRAs over its attention
+# Call 1 (attribute, bench): scripts/attribute_step.py on SDXL's UNet alone, in one process (resident step against
+# its host issue time and a CUDA-graph replay; the planner's 4 GiB plan and its schedule replay; copy-only bandwidth
+# from the packed pinned regions against the probe; the plan streamed uncapped and under the 4 GiB cap, with the
+# streamer's hook time and the allocator's counters; a profile of two capped steps; the costs of gc.collect,
+# empty_cache and regrowing the cache), then `mlnb bench --quick` on SD1.5 and SDXL: the uncapped plain diffusers
+# baseline and mlnb-auto under SD1.5's 2 GiB and SDXL's 4 and 15 GiB caps, 8 steps.
+# Call 2 (bench-loras) builds SDXL (real shapes, random weights) and 5 + 5 random rank-32 LoRAs over its attention
 # projections, then runs at 8 steps: the uncapped plain diffusers baseline, mlnb-auto under 4 GiB without LoRAs, and
 # with the 5 LoRAs loaded: plain diffusers uncapped (load_lora_weights + set_adapters), mlnb-auto under 15, 8 and
 # 4 GiB (loras=), plain diffusers-group-stream under 4 GiB; each LoRA run times up to 3 switches to the other 5
 # LoRAs and back (median; within 20 s). Its targets: SDXL + LoRAs under 4 GiB ≤ 1.1× SDXL alone under 4 GiB, a
 # switch < 1 s; mlnb has unfused adapters only, so the run without LoRAs stands for a fused step.
-# Call 2 (bench-flux) builds FLUX.1-dev (33 GB on disk) and runs the uncapped baseline, mlnb-auto and
+# Call 3 (bench-flux) builds FLUX.1-dev (33 GB on disk) and runs the uncapped baseline, mlnb-auto and
 # diffusers-layerwise-fp8 under 15 GiB: the Flux targets (≤ 1.5× uncapped, faster than the best plain recipe, host
 # RSS ≤ 12 GiB) and the planner's budget, peak and time on a transformer.
-# bench-sd35 (SD3.5 medium under 4 and 8 GiB, mlnb-auto beside diffusers-group-stream) is a third call for a
-# session with more device time; SD3.5 large under 15 and 8 GiB through MLNB_GPU_CHECK_SD35_OPTS, e.g.
-# "--device cuda --steps 8 --timeout 300 --models sd35-large --recipes mlnb-auto,diffusers-layerwise-fp8
-# --caps sd35-large:15,sd35-large:8" with MLNB_GPU_CHECK_SD35=sd35-large.
+# Call 4 (bench-sd35): SD3.5 medium under 4 and 8 GiB, mlnb-auto beside diffusers-group-stream; SD3.5 large under 15
+# and 8 GiB through MLNB_GPU_CHECK_SD35_OPTS, e.g. "--device cuda --steps 8 --timeout 300 --models sd35-large
+# --recipes mlnb-auto,diffusers-layerwise-fp8 --caps sd35-large:15,sd35-large:8" with MLNB_GPU_CHECK_SD35=sd35-large.
 #
 # Time, an estimate, not a measurement: on an H100 an SDXL run took 25 to 40 s in earlier checks (process start,
-# load, warm-up and timed image; 8 or 20 steps), SD1.5 + SDXL builds and 6 runs 223 s at 8 steps. Counting each LoRA
-# run at about 50 s (5 LoRA loads, up to 20 s of switches), call 1 comes to about 35 s (environment, install) +
-# 40 s (SDXL build and LoRAs) + 25 + 30 s (runs without LoRAs) + 4 × 50 s + 60 s (the group-stream run with LoRAs),
-# about 6.5 minutes; the step's limit is 450 s. Call 2: FLUX.1's build took more than 150 s before (writing 33 GB),
-# and each of its three runs loads 33 GB and generates two 8-step images, about 45 s each: about 35 + 200 + 135 s,
-# some 6.5 minutes; limit 450 s. bench-sd35: about 70 s to build and 5 runs of 35 to 50 s, some 4.5 minutes.
+# load, warm-up and timed image; 8 or 20 steps), SD1.5 + SDXL builds and 6 runs 223 s at 8 steps, environment and
+# install 34 s. Call 1: about 35 s (environment, install) + 30 to 90 s (attribute: SDXL's UNet built on the GPU,
+# about 60 forwards in all, a 2 GiB pinned copy, a 7 GiB cache regrown; limit 150 s) + about 190 s (the bench: both
+# builds and 5 runs), some 4.5 to 5.5 minutes; the bench's limit is 360 s, so the call ends within 570 s even at
+# every limit. diffusers-group-stream beside mlnb-auto (MLNB_GPU_CHECK_BENCH) adds 3 runs, about 1.5 minutes.
+# Call 2: counting each LoRA run at about 50 s (5 LoRA loads, up to 20 s of switches), about 35 s (environment,
+# install) + 40 s (SDXL build and LoRAs) + 25 + 30 s (runs without LoRAs) + 4 × 50 s + 60 s (the group-stream run
+# with LoRAs), about 6.5 minutes; the step's limit is 450 s. Call 3: FLUX.1's build took more than 150 s before
+# (writing 33 GB), and each of its three runs loads 33 GB and generates two 8-step images, about 45 s each: about
+# 35 + 200 + 135 s, some 6.5 minutes; limit 450 s. Call 4: about 70 s to build and 5 runs of 35 to 50 s, some 4.5
+# minutes.
 #
 # Steps: install mlnb (editable, keeping the machine's torch; wheels in ./.whl are installed first when the machine
-# lacks a dependency and has no package index); `bench`: `mlnb bench --quick` on SD1.5, SDXL, SD3.5 medium and
-# FLUX.1-dev (the transformer models at one cap each, SD3.5 medium at 4 GiB and FLUX.1-dev at 15 GiB); bench-loras,
-# bench-flux and bench-sd35 as above; the GPU tests (`pytest -m gpu`, junit xml) and the per-cell hook overhead on
+# lacks a dependency and has no package index); `attribute`: scripts/attribute_step.py (JSON attribute-step.json,
+# its profiler trace in attribute-trace/; with MLNB_GPU_CHECK_DEVICE=cpu its --tiny run on the CPU); `bench`:
+# `mlnb bench --quick` on SD1.5 and SDXL with mlnb-auto beside the plain diffusers baseline; bench-loras, bench-flux
+# and bench-sd35 as above; the GPU tests (`pytest -m gpu`, junit xml) and the per-cell hook overhead on
 # CUDA (scripts/bench_cell_hooks.py). scripts/diagnose_streaming.py on the bench's SDXL folder runs when named in
 # MLNB_GPU_CHECK_STEPS. Each bench step writes its table, targets and JSON. A failing step does not stop the next;
 # a summary with each step's status and time comes last, and the exit status is 1 if any step failed. The results
-# come back as at most 8 files: summary.txt, each bench step's JSON, and logs.tar.gz with every log, the Markdown
-# tables, the workers' logs and the other outputs.
+# come back as at most 8 files: summary.txt, attribute-step.json, each bench step's JSON, and logs.tar.gz with
+# every log, the Markdown tables, the workers' logs and the other outputs.
 #
 # Environment:
 #   OUT                    where results go (default ./gpu-out); keep large files out of it
@@ -47,19 +61,24 @@
 #                          about 9 GiB for SD1.5 + SDXL in fp16, 16 GiB more for SD3.5 medium, 33 GiB for FLUX.1-dev);
 #                          bench-flux and bench-sd35 delete their folders after their runs unless
 #                          MLNB_GPU_CHECK_KEEP_MODELS=1 (the disk holds 64 GiB)
-#   MLNB_GPU_CHECK_DEVICE  the bench steps' --device (default cuda; cpu runs their options on the tiny stand-ins)
+#   MLNB_GPU_CHECK_DEVICE  the bench steps' --device (default cuda; cpu runs their options on the tiny stand-ins, and
+#                          the attribute step's --tiny run)
 #   MLNB_GPU_CHECK_BENCH   options for the `bench` step (default: --quick --device cuda --timeout 240
-#                          --models sd15,sdxl,sd35-medium,flux-dev; FLUX.1's build needs more than 150 s)
+#                          --models sd15,sdxl --recipes mlnb-auto; the uncapped baseline is always added)
+#   MLNB_GPU_CHECK_BENCH_LIMIT  the `bench` step's limit in seconds (default 360; more for more models or recipes:
+#                          FLUX.1's build alone needs more than 150 s)
+#   MLNB_GPU_CHECK_ATTRIBUTE  options of scripts/attribute_step.py (default none: 10 steps a section, 4 GiB)
 #   MLNB_GPU_CHECK_LORAS, MLNB_GPU_CHECK_FLUX, MLNB_GPU_CHECK_SD35_OPTS
 #                          options of bench-loras, bench-flux and bench-sd35 instead of the defaults below
 #   MLNB_GPU_CHECK_SD35    the models of bench-sd35 (default sd35-medium; sd35-large runs uncapped unless
 #                          MLNB_GPU_CHECK_SD35_OPTS gives its caps)
 #   MLNB_WHEELS            a folder of wheels to install with --no-index --no-deps (default ./.whl, if present)
 #   MLNB_CACHE             the planner's card-facts cache (default: a fresh folder, copied to cards.json)
-#   MLNB_GPU_CHECK_STEPS   the steps to run, comma-separated (default: environment,install,doctor,bench,gpu-tests,
-#                          cell-hooks; bench-loras, bench-flux, bench-sd35 and diagnose run when named)
-#   MLNB_GPU_CHECK_VARIANTS the diagnose step's variants, in order (default headroom,capped+expandable,capped: the
-#                          bench's own 4 GiB row is the capped plan already; each variant is saved as it ends)
+#   MLNB_GPU_CHECK_STEPS   the steps to run, comma-separated (default: environment,install,doctor,attribute,bench,
+#                          gpu-tests,cell-hooks; bench-loras, bench-flux, bench-sd35 and diagnose run when named)
+#   MLNB_GPU_CHECK_VARIANTS the diagnose step's variants, in order (default headroom,capped+fixed,capped: the
+#                          bench's own 4 GiB row is the capped plan already, with expandable segments; capped+fixed
+#                          is the same without them; each variant is saved as it ends)
 set -u
 
 cd "$(dirname "$0")/.." || exit 1
@@ -69,7 +88,9 @@ mkdir -p "$out" || exit 1
 out=$(cd "$out" && pwd)
 work=${MLNB_BENCH_WORK:-/tmp/mlnb-bench-models}
 dev=${MLNB_GPU_CHECK_DEVICE:-cuda}
-bench_opts=${MLNB_GPU_CHECK_BENCH:---quick --device $dev --timeout 240 --models sd15,sdxl,sd35-medium,flux-dev}
+bench_opts=${MLNB_GPU_CHECK_BENCH:---quick --device $dev --timeout 240 --models sd15,sdxl --recipes mlnb-auto}
+bench_limit=${MLNB_GPU_CHECK_BENCH_LIMIT:-360}
+attribute_opts=${MLNB_GPU_CHECK_ATTRIBUTE:-}
 # SDXL with 5 + 5 random rank-32 LoRAs: mlnb under 15, 8 and 4 GiB, SDXL alone under 4 GiB, plain diffusers with them
 loras_opts=${MLNB_GPU_CHECK_LORAS:---device $dev --steps 8 --timeout 240 --models sdxl --recipes mlnb-auto --caps sdxl:4 \
 --loras 5 --lora-rank 32 --lora-recipes mlnb-auto,diffusers-group-stream@4 --lora-caps sdxl:15,sdxl:8,sdxl:4 --lora-switches 3}
@@ -198,6 +219,14 @@ gpu_tests() {
   return "$rc"
 }
 
+attribute() {
+  local tiny=""
+  [ "$dev" = cpu ] && tiny=--tiny  # the control flow on a tiny UNet: no CUDA device to measure
+  # shellcheck disable=SC2086
+  "$python" scripts/attribute_step.py $tiny $attribute_opts --json "$out/attribute-step.json" \
+    --trace-dir "$out/attribute-trace"
+}
+
 bench() {
   mkdir -p "$work"
   # shellcheck disable=SC2086
@@ -221,8 +250,8 @@ bench_named() {
 }
 
 # The steps run in child shells under `timeout`, so they see these as exported functions and variables.
-export python root out work bench_opts loras_opts flux_opts sd35_opts sd35_models
-export -f environment deps_importable install mlnb_cli gpu_tests bench bench_named
+export python root out work dev bench_opts attribute_opts loras_opts flux_opts sd35_opts sd35_models
+export -f environment deps_importable install mlnb_cli gpu_tests attribute bench bench_named
 
 # Wheels carried to a machine without a package index: installed into a folder on PYTHONPATH, before any step.
 if compgen -G "$wheels/*.whl" >/dev/null; then
@@ -238,7 +267,7 @@ fi
 
 # wanted NAME: whether the step NAME is among $MLNB_GPU_CHECK_STEPS (default: all of them).
 wanted() {
-  case ",${MLNB_GPU_CHECK_STEPS:-environment,install,doctor,bench,gpu-tests,cell-hooks}," in
+  case ",${MLNB_GPU_CHECK_STEPS:-environment,install,doctor,attribute,bench,gpu-tests,cell-hooks}," in
     *",$1,"*) return 0 ;;
     *) return 1 ;;
   esac
@@ -247,14 +276,15 @@ wanted() {
 wanted environment && run_step environment 20 bash -c environment
 wanted install && run_step install 40 bash -c install
 wanted doctor && run_step doctor 20 bash -c "mlnb_cli doctor"
-wanted bench && run_step bench 560 bash -c bench
+wanted attribute && run_step attribute 150 bash -c attribute
+wanted bench && run_step bench "$bench_limit" bash -c bench
 wanted bench-loras && run_step bench-loras 450 bash -c 'bench_named loras "$loras_opts" ""'
 wanted bench-flux && run_step bench-flux 450 bash -c 'bench_named flux "$flux_opts" flux-dev'
 wanted bench-sd35 && run_step bench-sd35 330 bash -c 'bench_named sd35 "$sd35_opts" "$sd35_models"'
 if wanted diagnose && [ -d "$work/sdxl" ]; then  # built by the bench
   # The bench's uncapped baseline cached the resident step and block timeline: no resident variant needed.
   run_step diagnose 110 "$python" scripts/diagnose_streaming.py --folder "$work/sdxl" --budget 4GiB --steps 6 \
-    --variants "${MLNB_GPU_CHECK_VARIANTS:-headroom,capped+expandable,capped}" --timeout 60 --profile --trace-dir "$out" \
+    --variants "${MLNB_GPU_CHECK_VARIANTS:-headroom,capped+fixed,capped}" --timeout 60 --profile --trace-dir "$out" \
     --json "$out/diagnose-streaming.json"
 fi
 wanted gpu-tests && run_step gpu-tests 120 bash -c gpu_tests
@@ -264,6 +294,16 @@ cp "$MLNB_CACHE/cards.json" "$out/cards.json" 2>/dev/null || echo "no card facts
 echo
 echo "=== summary ($((SECONDS - start_all))s in all; results in $out) ==="
 printf '%s\n' "${summary[@]}" | tee "$out/summary.txt"
+if [ -f "$out/attribute-step.json" ]; then  # the script's own table, one line a question
+  "$python" - "$out/attribute-step.json" "$root/scripts" <<'EOF' | tee -a "$out/summary.txt"
+import json, sys
+sys.path.insert(0, sys.argv[2])
+from attribute_step import table
+doc = json.load(open(sys.argv[1]))
+print(f"attribute: {doc.get('device')} · {doc.get('command')} · {doc.get('date')}")
+print("\n".join("  " + line for line in table(doc).splitlines()))
+EOF
+fi
 for result in "$out"/bench-results.json "$out"/bench-loras.json "$out"/bench-flux.json "$out"/bench-sd35.json; do
   [ -f "$result" ] || continue
   "$python" - "$result" <<'EOF' | tee -a "$out/summary.txt"
@@ -340,13 +380,14 @@ for r in doc.get("rows", []):
     print(line)
 EOF
 fi
-# What comes back is at most 8 files: summary.txt, the bench JSONs, and everything else in logs.tar.gz.
+# What comes back is at most 8 files: summary.txt, the attribution and bench JSONs, and everything else in
+# logs.tar.gz (the attribution's profiler trace among them).
 (
   cd "$out" || exit 1
   shopt -s nullglob
   rest=()
   for f in *; do
-    case "$f" in summary.txt|bench-results.json|bench-loras.json|bench-flux.json|bench-sd35.json|logs.tar.gz) ;; *) rest+=("$f") ;; esac
+    case "$f" in summary.txt|attribute-step.json|bench-results.json|bench-loras.json|bench-flux.json|bench-sd35.json|logs.tar.gz) ;; *) rest+=("$f") ;; esac
   done
   if [ ${#rest[@]} -gt 0 ] && tar -czf logs.tar.gz "${rest[@]}"; then
     rm -rf "${rest[@]}"
