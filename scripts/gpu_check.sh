@@ -8,9 +8,10 @@
 # streamed step spends its time on; the later ones are for sessions with device time left:
 #
 #   MLNB_GPU_CHECK_STEPS=environment,install,attribute,bench scripts/gpu_check.sh   # call 1: attribution + SD1.5, SDXL
-#   MLNB_GPU_CHECK_STEPS=environment,install,bench-loras scripts/gpu_check.sh       # call 2: SDXL + LoRAs
-#   MLNB_GPU_CHECK_STEPS=environment,install,bench-flux scripts/gpu_check.sh        # call 3: FLUX.1-dev
-#   MLNB_GPU_CHECK_STEPS=environment,install,bench-sd35 scripts/gpu_check.sh        # call 4: SD3.5 medium
+#   MLNB_GPU_CHECK_STEPS=environment,install,gpu-tests,cell-hooks scripts/gpu_check.sh  # call 2: GPU tests, hooks
+#   MLNB_GPU_CHECK_STEPS=environment,install,bench-loras scripts/gpu_check.sh       # call 3: SDXL + LoRAs
+#   MLNB_GPU_CHECK_STEPS=environment,install,bench-flux scripts/gpu_check.sh        # call 4: FLUX.1-dev
+#   MLNB_GPU_CHECK_STEPS=environment,install,bench-sd35 scripts/gpu_check.sh        # call 5: SD3.5 medium
 #
 # Call 1 (attribute, bench): scripts/attribute_step.py on SDXL's UNet alone, in one process (resident step against
 # its host issue time and a CUDA-graph replay; the planner's 4 GiB plan and its schedule replay; copy-only bandwidth
@@ -18,31 +19,34 @@
 # streamer's hook time and the allocator's counters; a profile of two capped steps; the costs of gc.collect,
 # empty_cache and regrowing the cache), then `mlnb bench --quick` on SD1.5 and SDXL: the uncapped plain diffusers
 # baseline and mlnb-auto under SD1.5's 2 GiB and SDXL's 4 and 15 GiB caps, 8 steps.
-# Call 2 (bench-loras) builds SDXL (real shapes, random weights) and 5 + 5 random rank-32 LoRAs over its attention
+# Call 2 (gpu-tests, cell-hooks): the `@pytest.mark.gpu` tests (offloads, the monitor, the deferred release and
+# whether its thread lets the notebook run, a capped streamed loop without allocator retries, the CUDA ring) and the
+# per-cell hook overhead on CUDA; run it right after call 1, on the machine still warm.
+# Call 3 (bench-loras) builds SDXL (real shapes, random weights) and 5 + 5 random rank-32 LoRAs over its attention
 # projections, then runs at 8 steps: the uncapped plain diffusers baseline, mlnb-auto under 4 GiB without LoRAs, and
 # with the 5 LoRAs loaded: plain diffusers uncapped (load_lora_weights + set_adapters), mlnb-auto under 15, 8 and
 # 4 GiB (loras=), plain diffusers-group-stream under 4 GiB; each LoRA run times up to 3 switches to the other 5
 # LoRAs and back (median; within 20 s). Its targets: SDXL + LoRAs under 4 GiB ≤ 1.1× SDXL alone under 4 GiB, a
 # switch < 1 s; mlnb has unfused adapters only, so the run without LoRAs stands for a fused step.
-# Call 3 (bench-flux) builds FLUX.1-dev (33 GB on disk) and runs the uncapped baseline, mlnb-auto and
+# Call 4 (bench-flux) builds FLUX.1-dev (33 GB on disk) and runs the uncapped baseline, mlnb-auto and
 # diffusers-layerwise-fp8 under 15 GiB: the Flux targets (≤ 1.5× uncapped, faster than the best plain recipe, host
 # RSS ≤ 12 GiB) and the planner's budget, peak and time on a transformer.
-# Call 4 (bench-sd35): SD3.5 medium under 4 and 8 GiB, mlnb-auto beside diffusers-group-stream; SD3.5 large under 15
+# Call 5 (bench-sd35): SD3.5 medium under 4 and 8 GiB, mlnb-auto beside diffusers-group-stream; SD3.5 large under 15
 # and 8 GiB through MLNB_GPU_CHECK_SD35_OPTS, e.g. "--device cuda --steps 8 --timeout 300 --models sd35-large
 # --recipes mlnb-auto,diffusers-layerwise-fp8 --caps sd35-large:15,sd35-large:8" with MLNB_GPU_CHECK_SD35=sd35-large.
 #
-# Time, an estimate, not a measurement: on an H100 an SDXL run took 25 to 40 s in earlier checks (process start,
-# load, warm-up and timed image; 8 or 20 steps), SD1.5 + SDXL builds and 6 runs 223 s at 8 steps, environment and
-# install 34 s. Call 1: about 35 s (environment, install) + 30 to 90 s (attribute: SDXL's UNet built on the GPU,
-# about 60 forwards in all, a 2 GiB pinned copy, a 7 GiB cache regrown; limit 150 s) + about 190 s (the bench: both
-# builds and 5 runs), some 4.5 to 5.5 minutes; the bench's limit is 360 s, so the call ends within 570 s even at
-# every limit. diffusers-group-stream beside mlnb-auto (MLNB_GPU_CHECK_BENCH) adds 3 runs, about 1.5 minutes.
-# Call 2: counting each LoRA run at about 50 s (5 LoRA loads, up to 20 s of switches), about 35 s (environment,
-# install) + 40 s (SDXL build and LoRAs) + 25 + 30 s (runs without LoRAs) + 4 × 50 s + 60 s (the group-stream run
-# with LoRAs), about 6.5 minutes; the step's limit is 450 s. Call 3: FLUX.1's build took more than 150 s before
-# (writing 33 GB), and each of its three runs loads 33 GB and generates two 8-step images, about 45 s each: about
-# 35 + 200 + 135 s, some 6.5 minutes; limit 450 s. Call 4: about 70 s to build and 5 runs of 35 to 50 s, some 4.5
-# minutes.
+# Time, an estimate, not a measurement: on an H100 an SDXL run took 25 to 40 s in earlier checks (process start, load,
+# warm-up and timed image; 8 or 20 steps), SD1.5 + SDXL builds and 6 runs 223 s at 8 steps, environment and install
+# 34 s. Call 1: about 35 s (environment, install) + 30 to 90 s (attribute: SDXL's UNet built on the GPU, about 60
+# forwards in all, a 2 GiB pinned copy, a 7 GiB cache regrown; limit 150 s) + about 190 s (the bench: both builds and
+# 5 runs), some 4.5 to 5.5 minutes; the bench's limit is 360 s, so the call ends within 570 s even at every limit.
+# diffusers-group-stream beside mlnb-auto (MLNB_GPU_CHECK_BENCH) adds 3 runs, about 1.5 minutes. Call 2: about 35 s +
+# at most 120 + 30 s (the steps' limits), some 3 minutes. Call 3: counting each LoRA run at about 50 s (5 LoRA loads,
+# up to 20 s of switches), about 35 s (environment, install) + 40 s (SDXL build and LoRAs) + 25 + 30 s (runs without
+# LoRAs) + 4 × 50 s + 60 s (the group-stream run with LoRAs), about 6.5 minutes; the step's limit is 450 s. Call 4:
+# FLUX.1's build took more than 150 s before (writing 33 GB), and each of its three runs loads 33 GB and generates two
+# 8-step images, about 45 s each: about 35 + 200 + 135 s, some 6.5 minutes; limit 450 s. Call 5: about 70 s to build
+# and 5 runs of 35 to 50 s, some 4.5 minutes.
 #
 # Steps: install mlnb (editable, keeping the machine's torch; wheels in ./.whl are installed first when the machine
 # lacks a dependency and has no package index); `attribute`: scripts/attribute_step.py (JSON attribute-step.json,
