@@ -17,7 +17,10 @@ ring, in the order the units run (the UNet's down, mid, up blocks):
 - ``grouped +%``: for the denoiser, what grouping adds to the step in the planner's schedule replay
   (:func:`mlnb.planner.schedule_step`, split units in both), against a stand-in timeline: every block computing for a
   time proportional to its bytes, the forward's compute ``ratio`` times the streamed bytes' copy time (copy-bound
-  below 1), for each ``--ratios``. A stand-in, not a measurement: a card's block timeline gives the real figure.
+  below 1), for each ``--ratios``. A stand-in, not a measurement: a card's block timeline gives the real figure;
+- ``split +%``: for the denoiser, what splitting the units that pass the ring's end adds to the step in the same
+  replay (negative: faster). Filling the ring's end packs the units tighter, so a copy may wait for bytes used more
+  recently; the planner chooses split or whole units by this replay against the card's timeline (``split_units``).
 
 Prints a table and writes JSON with the machine, versions, date and command.
 """
@@ -72,10 +75,9 @@ def _ring_row(label: str, sizes, cuts, slots: int, adjacent, shares) -> dict:
     return row
 
 
-def _replay_cost(blocks, streamed: set, sizes: dict, cuts: dict, slots: int, ratio: float, share: float) -> float:
-    """Step with groups over step without, minus one, in the schedule replay against a stand-in timeline."""
-    from mlnb.planner import schedule_step
-
+def _stand_in(blocks, streamed: set, sizes: dict, ratio: float):
+    """A stand-in timeline: every block computing for a time proportional to its bytes, the forward ``ratio`` times
+    the streamed bytes' copy time. Returns the forward's seconds, its rows and each streamed block's copy seconds."""
     bandwidth = 25e9  # any: the ratio sets compute against copies
     copy_total = sum(sizes[n] for n in streamed) / bandwidth
     total = sum(nbytes for _, nbytes in blocks)
@@ -84,10 +86,27 @@ def _replay_cost(blocks, streamed: set, sizes: dict, cuts: dict, slots: int, rat
         seconds = ratio * copy_total * nbytes / total
         rows.append((name, at, seconds))
         at += seconds
-    copies = {n: sizes[n] / bandwidth for n in streamed}
+    return at, rows, {n: sizes[n] / bandwidth for n in streamed}
+
+
+def _replay_cost(blocks, streamed: set, sizes: dict, cuts: dict, slots: int, ratio: float, share: float) -> float:
+    """Step with groups over step without, minus one, in the schedule replay against a stand-in timeline."""
+    from mlnb.planner import schedule_step
+
+    at, rows, copies = _stand_in(blocks, streamed, sizes, ratio)
     grouped = schedule_step(at, rows, 0.0, copies, slots, sizes=sizes, cuts=cuts, group_share=share)
     alone = schedule_step(at, rows, 0.0, copies, slots, sizes=sizes, cuts=cuts, group_share=0.0)
     return grouped / alone - 1
+
+
+def _split_cost(blocks, streamed: set, sizes: dict, cuts: dict, slots: int, ratio: float) -> float:
+    """Step with the units that pass the ring's end split over the step with whole units, minus one, in the schedule
+    replay against the stand-in timeline (the streamer's groups in both)."""
+    from mlnb.planner import schedule_step
+
+    at, rows, copies = _stand_in(blocks, streamed, sizes, ratio)
+    return schedule_step(at, rows, 0.0, copies, slots, sizes=sizes, cuts=cuts) / \
+        schedule_step(at, rows, 0.0, copies, slots, sizes=sizes) - 1
 
 
 def measure(arch: str, ratios, shares) -> list[dict]:
@@ -122,6 +141,7 @@ def measure(arch: str, ratios, shares) -> list[dict]:
         cut_of = dict(zip(streamed, cuts))
         row["grouped_cost"] = {str(share): {str(r): _replay_cost(blocks, set(streamed), by_name, cut_of, plan.slots,
                                                                  r, share) for r in ratios} for share in shares}
+        row["split_cost"] = {str(r): _split_cost(blocks, set(streamed), by_name, cut_of, plan.slots, r) for r in ratios}
         rows.append({"arch": arch, **row})
     return rows
 
@@ -155,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
                 if "grouped_cost" in row else ""
             print(f"{row['arch']:<12} {row['ring']:<22} {share:>6.3g} {row['units']:>5} "
                   f"{row['groups'][str(share)]:>6} {cost}")
+    print(f"\n{'arch':<12} {'ring':<22} {'units':>5} {ratios}   (split units against whole ones)")
+    for row in rows:
+        if "split_cost" in row:
+            cost = " ".join(f"{100 * row['split_cost'][str(r)]:>9.2f}" for r in args.ratios)
+            print(f"{row['arch']:<12} {row['ring']:<22} {row['units']:>5} {cost}")
     result = {
         "rows": rows,
         **provenance({"mlnb": mlnb.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__}),

@@ -186,8 +186,11 @@ def test_a_kept_ring_is_allocated_once_its_copies_wrap_into_the_next_forward_and
 def test_adjacent_units_are_entered_as_one_group_with_one_wait_and_left_with_one_mark_and_a_split_unit_works():
     """Runs of three units with nothing between them: a group each (the share allows any size here), one wait
     for the group's copies as its first unit starts and one mark after its last; the unit that passes the ring's end
-    arrives in two copies, its tensors in two stretches of the ring. Nothing is overwritten before it has computed."""
-    model, names, x, expected, copies, streamer = _streamed(model=in_runs(), keep=True, group_share=1.0)
+    arrives in two copies, its tensors in two stretches of the ring (with ``split``: the plan asks for it where the
+    replay finds it faster; else the unit starts again at byte 0). Nothing is overwritten before it has computed."""
+    whole = _streamed(model=in_runs(), keep=True, group_share=1.0)[-1].layout
+    assert whole.cuts == (None,) * 8 and whole.offsets[4] == 0
+    model, names, x, expected, copies, streamer = _streamed(model=in_runs(), keep=True, group_share=1.0, split=True)
     ring = streamer.layout
     assert ring.groups == ((0, 2), (3, 5), (6, 7))
     assert ring.cuts[4] == 1024 and all(cut is None for p, cut in enumerate(ring.cuts) if p != 4)
@@ -210,7 +213,7 @@ def test_a_unit_of_a_group_that_does_not_run_puts_the_later_units_on_blocking_co
     """A group's first, middle or last unit skipped in one forward: the units after it run from copies of their own
     (the group's wait or mark never happened), the output is the model's without it, and the next forwards find
     the ring as it was or start its copies afresh (when part of the group ran)."""
-    model, names, x, expected, copies, streamer = _streamed(model=in_runs(), keep=True, group_share=1.0)
+    model, names, x, expected, copies, streamer = _streamed(model=in_runs(), keep=True, group_share=1.0, split=True)
     model(x)
     reference = in_runs()
     reference.streamed[skipped] = torch.nn.Identity()

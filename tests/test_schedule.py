@@ -111,7 +111,8 @@ def test_the_measured_overhead_per_unit_adds_to_the_replay_and_a_timeline_withou
 def test_the_planner_s_replay_splits_blocks_at_the_ring_s_end_where_the_streamer_does():
     """Blocks of 60 and 100 MiB through a ring of two or three 100 MiB slots: a 60 MiB block reaches past the ring's
     end. With the blocks' tensor offsets in the facts, the planner's replay splits it there as the streamer does
-    (the same step as the replay given those cuts); without them it replays whole units, a different schedule."""
+    (the same step as the replay given those cuts); without them it replays whole units, a different schedule. Which
+    is faster depends on the plan: the planner chooses by the replay (two slots here: whole; three: split)."""
     sizes = [60, 100, 60, 100, 60, 100]
     rows = [(f"b{i}", 0.004 * i, 0.004) for i in range(len(sizes))]
     offsets = {60: (20, 40), 100: (25, 50, 75)}
@@ -124,12 +125,22 @@ def test_the_planner_s_replay_splits_blocks_at_the_ring_s_end_where_the_streamer
     between = card.step_seconds - 0.024
     for slots in (2, 3):
         plan = dataclasses.replace(plan_for_budget(int(2000 * MiB), split, card, Workload(512, 512, 1, 20)),
-                                   strategy="stream", resident=(), streamed=names, slots=slots)
+                                   strategy="stream", resident=(), streamed=names, slots=slots, split_units=True)
         copies = {b.name: b.nbytes / card.bandwidth for b in split.blocks}
         by_cuts = schedule_step(0.024, rows, between, copies, slots, sizes={b.name: b.nbytes for b in split.blocks},
                                 cuts={b.name: b.cuts for b in split.blocks})
         assert streamed_step(plan, split, card) == pytest.approx(by_cuts)
-        assert streamed_step(plan, whole, card) != pytest.approx(by_cuts)
+        unsplit = streamed_step(dataclasses.replace(plan, split_units=False), split, card)
+        assert unsplit == pytest.approx(streamed_step(plan, whole, card)) != pytest.approx(by_cuts)
+        assert (by_cuts < unsplit) == (slots == 3)
+    chosen = set()
+    for budget in (300, 350, 400, 450, 500):  # each streamed candidate: split where the replay finds that faster
+        for plan in search._candidates(int(budget * MiB), split, card, Workload(512, 512, 1, 20)):
+            if plan.strategy == "stream":
+                steps = [streamed_step(dataclasses.replace(plan, split_units=s), split, card) for s in (False, True)]
+                assert plan.split_units == (steps[1] < steps[0])
+                chosen.add(plan.split_units)
+    assert chosen == {False, True}
     assert cost.stored_cuts(split, True)["b0"] == (10 * MiB, 20 * MiB)  # fp8 halves the blocks and their offsets
     assert cost.stored_cuts(whole, False) == {}
 

@@ -169,7 +169,7 @@ class Timed(CpuDevice, CopyStreams):
 
 
 def _timed(count: int, slots: int, run: int | None = None, group_share: float | None = None,
-           sizes=(8, 16, 32, 8, 16, 32, 8, 8)):
+           sizes=(8, 16, 32, 8, 16, 32, 8, 8), split: bool = False):
     """``count`` streamed units and a resident layer after each (or after each ``run`` of them, :func:`fakes.in_runs`),
     every layer computing for a set virtual time, the units streamed through a kept ring of ``slots`` of the largest
     on a :class:`Timed` device: the model, device, compute seconds by layer in running order, and streamer."""
@@ -193,7 +193,7 @@ def _timed(count: int, slots: int, run: int | None = None, group_share: float | 
     names = [f"streamed.{i}" for i in range(count)]
     shared = {} if group_share is None else {"group_share": group_share}
     streamer = stream_units(model, names, torch.device("cpu"), device.streams(), stream=object(), keep_slots=True,
-                            slots=slots, **shared)
+                            slots=slots, split=split, **shared)
     return model, device, compute, streamer
 
 
@@ -211,7 +211,8 @@ def test_the_planner_s_replay_of_a_step_is_what_the_streamer_does(count, slots, 
 
     split = share == "split"  # sizes where a unit passes the ring's end, in groups of any size
     share = 1.0 if split else share
-    model, device, compute, streamer = _timed(count, slots, run, share, (8, 8, 16, 8, 32, 8, 8, 8) if split else None)
+    model, device, compute, streamer = _timed(count, slots, run, share, (8, 8, 16, 8, 32, 8, 8, 8) if split else None,
+                                              split)
     names = list(streamer.units)
     x, between = torch.randn(2, 8), 0.0003
     model(x)  # records the order
@@ -342,9 +343,11 @@ def test_a_plan_whose_steps_made_the_allocator_free_memory_leaves_it_more_room_n
     assert card_facts(device, managed.model_key, work, measure=False).fragmentation_reserve == margin
 
 
-def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_cache, tmp_path, monkeypatch):
-    """The whole path with a third slot: the plan applied with ``slots=3``, the streamer's three kept slots and the
-    chain across steps, through the managed pipeline; the image is the one the plan with two slots makes."""
+@pytest.mark.parametrize("split", [False, True])
+def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_cache, tmp_path, monkeypatch, split):
+    """The whole path with a third slot: the plan applied with ``slots=3`` (and with its units split at the ring's
+    end, or not, as the plan says), the streamer's three kept slots and the chain across steps, through the managed
+    pipeline; the image is the one the plan with two slots makes."""
     import dataclasses
 
     import numpy as np
@@ -365,12 +368,15 @@ def test_a_plan_through_three_slots_gives_the_unplanned_image(tiny_sdxl, clean_c
     two.unload()
     monkeypatch.setenv("MLNB_CACHE", str(tmp_path / "again"))  # the same plan again, not one timed by the images
     real = search.plan_for_budget
-    monkeypatch.setattr(search, "plan_for_budget", lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3))
+    monkeypatch.setattr(search, "plan_for_budget",
+                        lambda *a, **k: dataclasses.replace(real(*a, **k), slots=3, split_units=split))
     three = mlnb.load_pipeline(tiny_sdxl, budget=budget, device=FakeDevice(cuda_like=True))
     assert three.plan.slots == 3 and streamer_of(three.pipe).slot_count == 3
     for _ in range(2):  # the first image records the order; the second runs the chain
         assert np.array_equal(np.asarray(three.generate("a fox", **call).images[0]), reference)
-    assert streamer_of(three.pipe).chained
+    streamer = streamer_of(three.pipe)
+    assert streamer.chained and streamer.split == split
+    assert any(streamer.layout.cuts) == split  # this plan has a unit that passes the ring's end
 
 
 def test_a_planned_sdxl_whose_vae_decodes_in_bf16_moves_it_whole_from_pinned_memory_and_gives_the_unplanned_image(

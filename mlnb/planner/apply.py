@@ -225,7 +225,7 @@ def apply_plan(pipe, plan: Plan, onload_device: str, use_stream: bool, ctx_devic
         _on_host(denoiser, plan.mapped_units)  # the streamed units to pin, packed next
         streamer = stream_units(
             denoiser, plan.streamed, device, copies, copies.copy_stream() if use_stream else None,
-            copies.host_buffer, keep_slots=True, slots=plan.slots, mapped=plan.mapped_units,
+            copies.host_buffer, keep_slots=True, slots=plan.slots, mapped=plan.mapped_units, split=plan.split_units,
         )
         _release_before(streamer, pipe)
         give_back_host_memory()  # the pageable originals the packed pinned copies replaced

@@ -358,7 +358,7 @@ def streamed_step(plan: "Plan", model: ModelFacts, card: CardFacts, calibrated: 
     An overhead per unit, not a ratio: a ratio measured on a plan streaming 48 units would also scale the compute of
     a plan streaming two."""
     sizes, _, _ = stored_bytes(model, plan.fp8)
-    cuts = stored_cuts(model, plan.fp8)
+    cuts = stored_cuts(model, plan.fp8) if plan.split_units else None
     if plan.mapped_units:  # the replay of the pinned units, and the mapped ones' copies beside it
         if replayed_step(card, sizes, plan.streamed, plan.slots, plan.fp8, calibrated=False, cuts=cuts) is None:
             return None
@@ -454,7 +454,7 @@ def plan_step(plan: Plan, model: ModelFacts, card: CardFacts) -> float | None:
     them)."""
     sizes, _, _ = stored_bytes(model, plan.fp8)
     return mapped_step(card, sizes, plan.streamed, plan.slots, plan.fp8, plan.mapped_units,
-                       cuts=stored_cuts(model, plan.fp8))
+                       cuts=stored_cuts(model, plan.fp8) if plan.split_units else None)
 
 
 def mapped_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool, mapped=(),

@@ -28,6 +28,9 @@ class Plan:
     transfer_once_bytes: int = 0  # encoder and VAE bytes moved to the GPU once per image
     notes: tuple[str, ...] = field(default=())
     slots: int = 2  # the streamed blocks' GPU ring holds this many of the largest one
+    # a streamed block that passes the ring's end is split between two of its tensors (else it starts again at byte
+    # 0): where the schedule replay finds that faster (:mod:`.ring`)
+    split_units: bool = False
     # kept blocks sent to their pinned host copy before the decode (its peak cannot hold them), copied back for the
     # next image, and their bytes
     decode_offload: tuple[str, ...] = ()

@@ -3,10 +3,13 @@ copy into the ring may start (pure: no torch, no device).
 
 The streamer (:mod:`.streaming`) keeps the streamed units of a model in one GPU buffer, the ring, of ``slots ×``
 the largest unit's bytes (the planner's memory model). The units are laid out in it once, in the order the first
-forward ran them, one after the other. A unit that does not fit before the ring's end is split between two of its
-tensors (each tensor stays contiguous): the tensors that fit fill the ring's end and the rest start again at byte 0,
-so the unit arrives in two copies. Where no split fits (a unit whose first tensor alone passes the end, or whose rest
-would reach its own first part), the whole unit starts again at byte 0 and the end stays unused for that lap. So
+forward ran them, one after the other. A unit that does not fit before the ring's end starts again at byte 0,
+leaving the end unused for that lap; or, given its cuts, it is split between two of its tensors (each tensor stays
+contiguous): the tensors that fit fill the ring's end and the rest start again at byte 0, so the unit arrives in two
+copies. Where no split fits (a unit whose first tensor alone passes the end, or whose rest would reach its own first
+part), the whole unit starts again at byte 0. Splitting leaves less of the ring unused but packs the units tighter,
+so a copy overwrites bytes used more recently and may wait longer for them: the planner replays both layouts against
+the card's block timeline, and the plan says which the streamer uses (``split_units``; ``docs/planner.md``). So
 every unit has a fixed place, and its parameters can point at their views of the ring for a whole phase (the steps
 of one image) instead of being swapped at every entry and exit.
 

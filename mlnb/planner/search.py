@@ -206,13 +206,26 @@ def _candidates(budget: int, model: ModelFacts, card: CardFacts, work: Workload)
                         seen.add((moved_names, slots, off))
                         moved = sum(sizes[n] for n in moved_names)
                         off_bytes = sum(sizes[n] for n in off)
+                        step, split = _ring_step(card, sizes, moved_names, slots, fp8, cuts)
                         yield Plan(
                             budget, "stream", kept, moved_names, True, fp8, tile,
                             peak_bytes("stream", model, fp8, tile, kept, moved_names, work, card, slots, off),
-                            seconds_per_image(card, work, step_time(card, sizes, moved_names, slots, fp8, cuts), once, tile,
-                                              off_bytes),
+                            seconds_per_image(card, work, step, once, tile, off_bytes),
                             moved, once, slots=slots, decode_offload=off, decode_offload_bytes=off_bytes,
+                            split_units=split,
                         )
+
+
+def _ring_step(card: CardFacts, sizes: dict[str, int], streamed, slots: int, fp8: bool, cuts) -> tuple:
+    """``(step, split)``: the step streaming ``streamed`` with whole blocks in the ring, or with the blocks that pass
+    its end split (``split`` True) where the schedule replay against the card's timeline finds that faster. Filling
+    the ring's end packs the blocks tighter, so each copy overwrites more recently used bytes and may wait longer
+    for them: either can be faster, and only the replay tells (without a timeline, whole blocks)."""
+    whole = step_time(card, sizes, streamed, slots, fp8)
+    if not cuts or card.block_timeline is None or whole is None:
+        return whole, False
+    split = step_time(card, sizes, streamed, slots, fp8, cuts)
+    return (split, True) if split is not None and split < whole else (whole, False)
 
 
 _PREFERENCE = {"resident": 0, "offload encoders and VAE": 1, "stream": 2}
@@ -269,7 +282,7 @@ def fit_host(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload, hos
     chosen = variant(high)
     once = mapped_once_seconds(card, _mapped_once(chosen, model))
     step = mapped_step(card, sizes, chosen.streamed, chosen.slots, chosen.fp8, chosen.mapped_units,
-                       cuts=stored_cuts(model, chosen.fp8))
+                       cuts=stored_cuts(model, chosen.fp8) if chosen.split_units else None)
     seconds = seconds_per_image(card, work, step, chosen.transfer_once_bytes, chosen.vae_tile,
                                 chosen.decode_offload_bytes)
     return dataclasses.replace(chosen, predicted_seconds=seconds + once if None not in (seconds, once) else None)

@@ -10,8 +10,9 @@ gives the allocator no reason to free cached memory under a cap (which synchroni
 The first forward records the order in which the units run, copying each blocking into memory of its own. From the
 next forward on:
 
-- every unit has a fixed place in the ring (:func:`.ring.ring_layout`: one after the other in running order, split
-  between two of its tensors where it would pass the ring's end, the rest at byte 0), and its parameters point at
+- every unit has a fixed place in the ring (:func:`.ring.ring_layout`: one after the other in running order; one
+  that would pass the ring's end starts again at byte 0, or with ``split`` is split between two of its tensors, the
+  rest at byte 0), and its parameters point at
   their views of the ring for the whole phase: bound once as the phase starts, pointed home as it ends
   (:meth:`UnitStreamer.release`), after an error (:meth:`UnitStreamer.offload_all`) and before anything else reads
   the weights (a LoRA change removes the streamer, :meth:`UnitStreamer.remove`);
@@ -97,7 +98,7 @@ class UnitStreamer:
     """The streamed units of one model (a denoiser or a text encoder), their ring and the order of the units."""
 
     def __init__(self, model, units: list[PackedUnit], onload_device, device, stream, keep_slots: bool = False,
-                 slots: int = 2, group_share: float = GROUP_SHARE) -> None:
+                 slots: int = 2, group_share: float = GROUP_SHARE, split: bool = False) -> None:
         if slots < 2:
             raise ValueError(f"streaming needs at least two slots (one computing, one arriving), got {slots}")
         self.units = {unit.name: unit for unit in units}
@@ -105,6 +106,7 @@ class UnitStreamer:
         self.keep_slots = keep_slots
         self.slot_count = slots
         self.group_share = group_share
+        self.split = split
         self.slot_bytes = max(unit.layout.nbytes for unit in units)
         self.ring_bytes = self.slot_bytes * min(slots, len(units))
         self.order: list[str] | None = None  # execution order, once recorded
@@ -324,7 +326,8 @@ class UnitStreamer:
         # a unit is adjacent to the next when no call of the model's other weighted modules came between them
         adjacent = [edges[p][1] == edges[p + 1][0] for p in range(len(trace) - 1)] + [False]
         self.layout = ring_layout([unit.layout.nbytes for unit in units], self.ring_bytes,
-                                  cuts=[unit.layout.offsets[1:] for unit in units], adjacent=adjacent,
+                                  cuts=[unit.layout.offsets[1:] for unit in units] if self.split else None,
+                                  adjacent=adjacent,
                                   group_share=self.group_share)
         self._regions = [unit.region for unit in units]
         self._arrived = [self.device.new_event() for _ in trace]
@@ -377,7 +380,8 @@ class UnitStreamer:
 
 
 def stream_units(model, names, onload_device, device, stream=None, host_buffer=None,
-                 keep_slots: bool = False, slots: int = 2, mapped=(), group_share: float = GROUP_SHARE) -> UnitStreamer:
+                 keep_slots: bool = False, slots: int = 2, mapped=(), group_share: float = GROUP_SHARE,
+                 split: bool = False) -> UnitStreamer:
     """Stream the units ``names`` of ``model`` (dotted module paths; ``""`` is the model itself) to
     ``onload_device``; the rest of ``model`` is untouched.
 
@@ -402,6 +406,8 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
             so.
         group_share: adjacent units are entered and left as one group of at most this share of the ring's bytes
             (:data:`.ring.GROUP_SHARE`; 0 makes every unit a group of its own).
+        split: a unit that passes the ring's end is split between two of its tensors instead of starting again at
+            byte 0 (the plan's ``split_units``: where the planner's replay finds it faster).
     """
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
@@ -412,7 +418,7 @@ def stream_units(model, names, onload_device, device, stream=None, host_buffer=N
     pinned = [unit for unit in units if not isinstance(unit, MappedUnit)]
     allocated = pack_home(pinned, host_buffer) if pinned else 0
     logger.debug("packed %d streamed units in %d bytes", len(units), allocated)
-    streamer = UnitStreamer(model, units, onload_device, device, stream, keep_slots, slots, group_share)
+    streamer = UnitStreamer(model, units, onload_device, device, stream, keep_slots, slots, group_share, split)
     hook_type = _hook_type()
     for unit in units:
         HookRegistry.check_if_exists_or_initialize(unit.module).register_hook(
