@@ -11,6 +11,7 @@ class FakeCuda:
     def __init__(self, mem_get_info_fails: bool = False):
         self.mem_get_info_fails = mem_get_info_fails
         self.calls: list[str] = []
+        self.stats_reads = 0  # reads of the allocator's statistics table
 
     def mem_get_info(self, index):
         if self.mem_get_info_fails:
@@ -37,6 +38,14 @@ class FakeCuda:
 
     def max_memory_reserved(self, index=None):
         return 4 * GiB
+
+    def memory_stats_as_nested_dict(self, index=None):  # the table the figures above come from, as torch nests it
+        self.stats_reads += 1
+        return {"allocated_bytes": {"all": {"current": self.memory_allocated(index),
+                                            "peak": self.max_memory_allocated(index)}},
+                "reserved_bytes": {"all": {"current": self.memory_reserved(index),
+                                           "peak": self.max_memory_reserved(index)}},
+                "num_alloc_retries": 0, "num_device_alloc": 7}
 
     def synchronize(self, index=None):
         self.calls.append("synchronize")

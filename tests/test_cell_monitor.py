@@ -295,4 +295,5 @@ def test_a_cell_that_did_not_touch_the_cuda_card_costs_no_synchronize_nvml_or_ho
         shell.run(f"x = {n}", lambda: None)
     assert "synchronize" not in cuda.calls and "empty_cache" not in cuda.calls
     assert reads == [] and lines == [] and len(cell_history) == 3
+    assert cuda.stats_reads == 2 * 3  # one read of the allocator's table as a cell starts, one as it ends
     assert not release.pending()

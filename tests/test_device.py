@@ -226,6 +226,21 @@ def test_cuda_info_survives_a_failing_mem_get_info(monkeypatch):
     assert dev.free_bytes() is None
 
 
+def test_a_cuda_snapshot_reads_the_allocator_s_statistics_once(monkeypatch, fake_cuda):
+    """torch's ``memory_allocated``, ``memory_reserved`` and their peaks each build and flatten the allocator's whole
+    statistics table for one figure: the four figures of a snapshot (read twice a cell by the per-cell hooks) come
+    from one read of it, and so do the allocator's counters."""
+    monkeypatch.setitem(sys.modules, "pynvml", None)
+    dev = CudaDevice(0, nvml=Nvml())
+    counters = dev.counters()
+    assert (counters.allocated, counters.reserved, counters.peak_allocated, counters.peak_reserved) == (
+        1 * GiB, 2 * GiB, 3 * GiB, 4 * GiB)
+    assert fake_cuda.stats_reads == 1
+    dev.snapshot()
+    assert fake_cuda.stats_reads == 2
+    assert dev.allocator_counters()["num_device_alloc"] == 7 and fake_cuda.stats_reads == 3
+
+
 def test_cuda_cleanup_synchronizes_then_empties_the_cache(fake_cuda):
     """The CUDA cache clear is synchronize, ``empty_cache`` and ``ipc_collect``, in that order."""
     dev = CudaDevice(0)

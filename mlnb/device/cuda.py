@@ -126,6 +126,7 @@ class CudaDevice(Device):
         except Exception:
             bf16 = False
         used, nvml_total, nvml_error = self._nvml.memory(self.index)
+        figures = self._allocator_figures()
         try:
             import torch
 
@@ -141,9 +142,9 @@ class CudaDevice(Device):
             free_bytes=None if free is None else int(free),
             nvml_used_bytes=used,
             nvml_total_bytes=nvml_total,
-            allocated_bytes=int(cuda.memory_allocated(self.index)),
-            reserved_bytes=int(cuda.memory_reserved(self.index)),
-            peak_allocated_bytes=int(cuda.max_memory_allocated(self.index)),
+            allocated_bytes=figures[0],
+            reserved_bytes=figures[1],
+            peak_allocated_bytes=figures[2],
             compute_capability=capability,  # type: ignore[arg-type]
             supports_bf16=bf16,
             # fp8 storage only needs the dtype to exist: weights are upcast before compute.
@@ -159,15 +160,20 @@ class CudaDevice(Device):
         used, _, _ = self._nvml.memory(self.index)
         return replace(self.counters(), device_used=used, host_rss=host_rss())
 
+    def _allocator_figures(self) -> tuple[int, int, int, int]:
+        """Allocated and reserved bytes and their peaks, from one read of the caching allocator's statistics.
+        torch's ``memory_allocated`` and its siblings each build the whole statistics table and flatten it in Python
+        for one figure; the per-cell hooks read all four twice a cell."""
+        stats = self._cuda().memory_stats_as_nested_dict(self.index)
+        allocated = stats.get("allocated_bytes", {}).get("all", {})
+        reserved = stats.get("reserved_bytes", {}).get("all", {})
+        return (int(allocated.get("current", 0)), int(reserved.get("current", 0)), int(allocated.get("peak", 0)),
+                int(reserved.get("peak", 0)))
+
     def counters(self) -> MemorySnapshot:
-        cuda = self._cuda()
-        return MemorySnapshot(
-            time=time.perf_counter(),
-            allocated=int(cuda.memory_allocated(self.index)),
-            reserved=int(cuda.memory_reserved(self.index)),
-            peak_allocated=int(cuda.max_memory_allocated(self.index)),
-            peak_reserved=int(cuda.max_memory_reserved(self.index)),
-        )
+        allocated, reserved, peak_allocated, peak_reserved = self._allocator_figures()
+        return MemorySnapshot(time=time.perf_counter(), allocated=allocated, reserved=reserved,
+                              peak_allocated=peak_allocated, peak_reserved=peak_reserved)
 
     def reset_peak(self) -> None:
         self._cuda().reset_peak_memory_stats(self.index)
@@ -204,7 +210,7 @@ class CudaDevice(Device):
         self._cap = None if cap_bytes is None else min(int(cap_bytes), int(total))
 
     def allocator_counters(self) -> dict[str, int]:
-        stats = self._cuda().memory_stats(self.index)
+        stats = self._cuda().memory_stats_as_nested_dict(self.index)  # the counters are its top-level keys
         return {key: int(stats.get(key, 0)) for key in _ALLOCATOR_COUNTERS}
 
     def expandable_segments(self) -> bool | None:
