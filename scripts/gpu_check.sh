@@ -53,7 +53,8 @@
 # its profiler trace in attribute-trace/; with MLNB_GPU_CHECK_DEVICE=cpu its --tiny run on the CPU); `bench`:
 # `mlnb bench --quick` on SD1.5 and SDXL with mlnb-auto beside the plain diffusers baseline; bench-loras, bench-flux
 # and bench-sd35 as above; the GPU tests (`pytest -m gpu`, junit xml) and the per-cell hook overhead on
-# CUDA (scripts/bench_cell_hooks.py). scripts/diagnose_streaming.py on the bench's SDXL folder runs when named in
+# CUDA (scripts/bench_cell_hooks.py; scripts/allocator_reads.py beside it: what torch's allocator reads cost there).
+# scripts/diagnose_streaming.py on the bench's SDXL folder runs when named in
 # MLNB_GPU_CHECK_STEPS. Each bench step writes its table, targets and JSON. A failing step does not stop the next;
 # a summary with each step's status and time comes last, and the exit status is 1 if any step failed. The results
 # come back as at most 8 files: summary.txt, attribute-step.json, each bench step's JSON, and logs.tar.gz with
@@ -293,6 +294,8 @@ if wanted diagnose && [ -d "$work/sdxl" ]; then  # built by the bench
 fi
 wanted gpu-tests && run_step gpu-tests 120 bash -c gpu_tests
 wanted cell-hooks && run_step cell-hooks 30 "$python" scripts/bench_cell_hooks.py --cells 1000 --json "$out/cell-hooks.json"
+wanted cell-hooks && run_step allocator-reads 30 "$python" scripts/allocator_reads.py --reads 5000 \
+  --json "$out/allocator-reads.json"
 cp "$MLNB_CACHE/cards.json" "$out/cards.json" 2>/dev/null || echo "no card facts were cached"
 
 echo
@@ -359,6 +362,18 @@ for r in doc.get("runs", []):
               f"{r['replayed_step_seconds']:.4f} s replayed against the resident block timeline")
 bad = [r for r in doc.get("runs", []) if r.get("status") not in ("ok", "OOM", "skipped")]
 print(f"  runs: {len(doc.get('runs', []))}, with an error: {len(bad)}")
+EOF
+done
+for result in "$out"/cell-hooks.json "$out"/allocator-reads.json; do
+  [ -f "$result" ] || continue
+  "$python" - "$result" <<'EOF' | tee -a "$out/summary.txt"
+import json, sys
+doc = json.load(open(sys.argv[1]))
+if "median_overhead_ms" in doc:
+    print(f"cell hooks on {doc.get('device')}: {doc['median_overhead_ms']:.3f} ms a cell (target <= {doc['target_ms']} ms)")
+else:
+    print(f"allocator reads from {doc['source']}: four figures {doc['four_figures_us']:.1f} us a snapshot, "
+          f"one nested read {doc['one_nested_read_us']:.1f} us")
 EOF
 done
 if [ -f "$out/diagnose-streaming.json" ]; then
