@@ -80,11 +80,27 @@ def test_sources_are_released_as_they_are_copied_and_done_sees_each_copy():
 
 def test_filled_runs_after_each_buffer_once_its_sources_are_dropped():
     """Where the caller gives the freed heap back to the OS: after each buffer, with that buffer's sources gone."""
-    groups = [[torch.zeros(3 * MiB, dtype=torch.uint8)] for _ in range(5)]
+    groups = [[torch.zeros(4 * MiB, dtype=torch.uint8)] for _ in range(5)]
     alive = []
     regions, _ = pack(groups, lambda n: torch.empty(n, dtype=torch.uint8), bin_bytes=8 * MiB,
                       filled=lambda: alive.append(sum(t is not None for g in groups for t in g)))
-    assert alive == [3, 1, 0]  # buffers of two, two and one unit (3 MiB each, 8 MiB buffers), sources dropped as copied
+    assert alive == [3, 1, 0]  # buffers of two, two and one unit (4 MiB each, 8 MiB buffers), sources dropped as copied
+
+
+def test_the_buffer_size_is_the_power_of_two_that_locks_the_fewest_bytes():
+    """Units just over half a buffer leave the rest of it empty: T5-XXL's 240 MiB feed-forward and 128 MiB (and a
+    norm) attention units, in buffers of their own power of two (256 MiB), lock 2 GiB for 1.44 GiB; in 512 MiB
+    buffers two feed-forward units share one and three attention units another: 1.75 GiB. No larger buffer than
+    :data:`MAX_BIN_BYTES` is chosen, and where larger buffers lock no less, the smaller stay."""
+    from mlnb.planner.pinning import MAX_BIN_BYTES, packed_bytes
+
+    t5 = [240 * MiB] * 4 + [128 * MiB + 4096] * 4
+    assert packed_bytes(t5) == 1792 * MiB
+    allocate, sizes = _recording_allocator()
+    pack([[torch.empty(n, dtype=torch.uint8)] for n in t5], allocate)
+    assert sorted(sizes) == [256 * MiB, 512 * MiB, 512 * MiB, 512 * MiB] and max(sizes) <= MAX_BIN_BYTES
+    # 40 MiB units: one a 64 MiB buffer (512 MiB), three a 128 MiB one (384 MiB); 256 MiB ones lock no less
+    assert packed_bytes([40 * MiB] * 8) == 384 * MiB
 
 
 def test_an_allocation_failure_propagates():

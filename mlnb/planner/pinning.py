@@ -5,9 +5,12 @@ power of two. Pinning a model tensor by tensor therefore locks far more host mem
 SDXL projection takes 16 MiB, a 26 MB one 32 MiB, and a whole model up to 1.8× its weights (pytorch/pytorch#95823
 and #150517, vllm-project/vllm#56410). On a host with little RAM (Colab's 12.7 GB) that decides whether a plan fits
 at all. Here the tensors of each streamed unit are laid out one after the other (one region, so a unit moves to the
-GPU in one copy), and the units are packed, largest first, into buffers that are themselves powers of two (64 MiB,
-or the largest unit's power of two if that is bigger), so the allocator has nothing to round. Only the last, partly
-filled buffer is shrunk to the power of two that holds its contents. Each tensor becomes a view into a buffer:
+GPU in one copy), and the units are packed, largest first, into buffers that are themselves powers of two, so the
+allocator has nothing to round. The buffers' size is the power of two, from 64 MiB or the largest unit's (if that is
+bigger) up to :data:`MAX_BIN_BYTES`, at which the packing locks the fewest bytes: units just over half a buffer
+leave the rest of theirs empty (T5-XXL's 128 MiB attention and 240 MiB feed-forward units in 256 MiB buffers lock
+1.38× their bytes, in 512 MiB ones 1.16×). Only the last, partly filled buffer is shrunk to the power of two that
+holds its contents. Each tensor becomes a view into a buffer:
 ``is_pinned()`` is true, and asynchronous copies work as before.
 """
 
@@ -18,9 +21,12 @@ from typing import Callable
 
 from ..units import MiB
 
-__all__ = ["Layout", "layout", "pack", "packed_bytes", "BIN_BYTES"]
+__all__ = ["Layout", "layout", "pack", "packed_bytes", "BIN_BYTES", "MAX_BIN_BYTES"]
 
 BIN_BYTES = 64 * MiB
+# The largest buffer the packing chooses on its own: a buffer is locked whole before the weights it takes are copied
+# and released, so this bounds what packing holds beyond its result (one buffer), against the host's margin.
+MAX_BIN_BYTES = 512 * MiB
 _ALIGN = 512  # bytes; every tensor starts on a boundary a copy engine likes (and any dtype's element size divides)
 
 
@@ -60,9 +66,22 @@ def view_in(region, tensor, offset: int):
 
 def _first_fit(sizes: list[int], bin_bytes: int) -> tuple[list[tuple[int, int]], list[int]]:
     """First-fit packing of regions of ``sizes`` bytes, largest first, into buffers of ``bin_bytes`` (raised to the
-    largest region's power of two when that is bigger): each region's (buffer, offset), and the bytes used in each
-    buffer."""
-    capacity = max([bin_bytes] + [_pow2_ceil(size) for size in sizes])
+    largest region's power of two when that is bigger, and on to the power of two up to :data:`MAX_BIN_BYTES` that
+    locks the fewest bytes): each region's (buffer, offset), and the bytes used in each buffer."""
+    smallest = max([bin_bytes] + [_pow2_ceil(size) for size in sizes])
+    best = None
+    capacity = smallest
+    while True:
+        packed = _fit(sizes, capacity)
+        locked = sum(_pow2_ceil(used) for used in packed[1])
+        if best is None or locked < best[0]:  # a tie keeps the smaller buffers
+            best = (locked, packed)
+        if capacity >= MAX_BIN_BYTES:
+            return best[1]
+        capacity *= 2
+
+
+def _fit(sizes: list[int], capacity: int) -> tuple[list[tuple[int, int]], list[int]]:
     bins: list[int] = []  # bytes used in each buffer
     where: list[tuple[int, int]] = [(0, 0)] * len(sizes)
     for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
