@@ -6,8 +6,9 @@
 FOLDER is a diffusers folder (``mlnb bench`` builds random-weight fp16 SD1.5, SDXL and SD3.5 ones). Each folder and
 budget runs in a process of its own (the peak is a process's). The GPU is stood in for by the meta device, and each
 move to it first reads one element of every page of the tensor, as a copy to a card reads every page of the mapped
-weight file. Page-locked buffers are stood in for by anonymous maps. What is left out is the CUDA context and what
-the driver pins (on an H100 host the process held 0.59 GiB before loading, context included).
+weight file. Page-locked buffers are stood in for by anonymous maps, populated whole as they are made (page-locking
+makes every page of a buffer resident, the unused end of the last one included). What is left out is the CUDA context
+and what the driver pins (on an H100 host the process held 0.59 GiB before loading, context included).
 
 ``--mode mlnb`` loads as ``load_pipeline(budget=...)`` does (:func:`mlnb.pipeline.mapped.read_pipeline`: weights left
 in their files' mapping, cast as they are placed); ``--mode from-pretrained`` loads with diffusers'
@@ -158,7 +159,9 @@ def run_one(folder: str, budget: str, dtype_name: str, mode: str, size: int | No
             return self
 
         def host_buffer(self, nbytes: int):
-            return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=torch.uint8)
+            # populated at once, as page-locking makes every page of a buffer resident, used or not
+            return torch.frombuffer(mmap.mmap(-1, nbytes, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE),
+                                    dtype=torch.uint8)
 
     dtype = parse_dtype(dtype_name)
     _stand_in_for_the_gpu()
