@@ -139,7 +139,7 @@ def _check_save(path: str, num_images: int, seed: int | None) -> None:
         if target.is_dir():
             return  # in a folder mlnb names the images, each the first free name for its seed
         # a name without an extension in an existing folder: save_paths would call it a missing folder
-        no_name = not target.is_dir() and target.parent.is_dir() and not target.suffix
+        no_name = target.parent.is_dir() and not target.suffix
         if not no_name:
             check_targets(save_paths(path, num_images, seed or 0))
     except (OSError, ValueError) as exc:  # no such folder, not an image name, a name the OS refuses, a file there

@@ -33,9 +33,9 @@ from .cost import (
     ModelFacts,
     Plan,
     Workload,
-    mapped_step,
     peak_bytes,
     phase_terms,
+    plan_step,
     reserves,
     room_needed,
     seconds_per_image,
@@ -281,10 +281,8 @@ def fit_host(plan: Plan, model: ModelFacts, card: CardFacts, work: Workload, hos
             low = middle
     chosen = variant(high)
     once = mapped_once_seconds(card, _mapped_once(chosen, model))
-    step = mapped_step(card, sizes, chosen.streamed, chosen.slots, chosen.fp8, chosen.mapped_units,
-                       cuts=stored_cuts(model, chosen.fp8) if chosen.split_units else None)
-    seconds = seconds_per_image(card, work, step, chosen.transfer_once_bytes, chosen.vae_tile,
-                                chosen.decode_offload_bytes)
+    seconds = seconds_per_image(card, work, plan_step(chosen, model, card), chosen.transfer_once_bytes,
+                                chosen.vae_tile, chosen.decode_offload_bytes)
     return dataclasses.replace(chosen, predicted_seconds=seconds + once if None not in (seconds, once) else None)
 
 
